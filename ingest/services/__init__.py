@@ -1,0 +1,1 @@
+"""Long-running units composed from core and io: consumer, backfill worker."""
