@@ -1,1 +1,1 @@
-"""Pure logic: parsing, normalizing, books, gaps, records, rate-limit math. No I/O, no clock reads."""
+"""Pure logic: no sockets, no files, no clock reads. Time is always passed in."""

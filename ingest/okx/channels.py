@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 
 class Endpoint(enum.StrEnum):
@@ -14,11 +16,12 @@ class Endpoint(enum.StrEnum):
     PRIVATE = "/ws/v5/private"
 
 
-_CANDLE_BARS = (
-    "3M 1M 1W 1D 2D 3D 5D 12H 6H 4H 2H 1H 30m 15m 5m 3m 1m 1s "
-    "3Mutc 1Mutc 1Wutc 1Dutc 2Dutc 3Dutc 5Dutc 12Hutc 6Hutc"
-).split()
-CANDLE_BARS: frozenset[str] = frozenset(_CANDLE_BARS)
+CANDLE_BARS: frozenset[str] = frozenset(
+    {
+        "3M", "1M", "1W", "1D", "2D", "3D", "5D", "12H", "6H", "4H", "2H", "1H", "30m", "15m", "5m", "3m", "1m", "1s",
+        "3Mutc", "1Mutc", "1Wutc", "1Dutc", "2Dutc", "3Dutc", "5Dutc", "12Hutc", "6Hutc",
+    }
+)
 _CANDLE_RE = re.compile(r"^(candle|mark-price-candle|index-candle)(?P<bar>[0-9A-Za-z]+)$")
 
 PUBLIC_CHANNELS: frozenset[str] = frozenset(
@@ -85,4 +88,50 @@ def requires_login(channel: str) -> bool:
 
 def is_depth(channel: str) -> bool:
     """True for the 50/400-level depth channels OKX advises spreading (< 30 per connection)."""
-    return channel in {"books", "books-l2-tbt", "books50-l2-tbt"}
+    return channel in INCREMENTAL_BOOK_CHANNELS
+
+
+_ARG_FIELDS = (("inst_id", "instId"), ("inst_type", "instType"), ("inst_family", "instFamily"), ("ccy", "ccy"),
+               ("extra_params", "extraParams"))
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class SubArg:
+    """One subscription arg exactly as OKX takes and echoes it; hashable, so it keys per-stream state."""
+
+    channel: str
+    inst_id: str | None = None
+    inst_type: str | None = None
+    inst_family: str | None = None
+    ccy: str | None = None
+    extra_params: str | None = None
+
+    def to_okx(self) -> dict[str, str]:
+        """The JSON object for a subscribe/unsubscribe request."""
+        out = {"channel": self.channel}
+        for attr, name in _ARG_FIELDS:
+            value = getattr(self, attr)
+            if value is not None:
+                out[name] = value
+        return out
+
+    @classmethod
+    def from_okx(cls, arg: Mapping[str, object]) -> SubArg:
+        """The arg of an ack or push (`arg.uid` on private pushes is not part of the subscription)."""
+        channel = arg.get("channel")
+        if not isinstance(channel, str):
+            raise ValueError(f"arg without a channel: {arg!r}")
+        values = {attr: arg.get(name) for attr, name in _ARG_FIELDS}
+        return cls(channel, **{k: v for k, v in values.items() if isinstance(v, str)})
+
+    @property
+    def endpoint(self) -> Endpoint | None:
+        return endpoint_for(self.channel)
+
+    @property
+    def needs_login(self) -> bool:
+        return requires_login(self.channel)
+
+    def __str__(self) -> str:
+        target = self.inst_id or self.inst_type or self.inst_family or self.ccy or ""
+        return f"{self.channel}:{target}" if target else self.channel

@@ -1,0 +1,68 @@
+"""Configuration errors name the key and the fix; credentials never come from the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ingest.config import load_settings
+from ingest.errors import ConfigError
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_use_the_embedded_broker_without_idempotence() -> None:
+    s = load_settings()
+    assert s.kafka.embedded and s.kafka.idempotence is False
+
+
+def test_real_kafka_turns_idempotence_on_by_default(tmp_path: Path) -> None:
+    s = load_settings(_write(tmp_path, '[kafka]\nbootstrap_servers = "k1:9092,k2:9092"\n'))
+    assert s.kafka.idempotence is True
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "fix"),
+    [
+        ('[kafka]\ncompresion = "zstd"\n', "kafka.compresion", "spelling"),
+        ('[kafka]\ncompression = "brotli"\n', "kafka.compression", "'zstd'"),
+        ('[ws]\nkeepalive_s = 45\n', "ws.keepalive_s", "README"),
+        ('[okx]\napi_key = "x"\n', "okx.api_key", "OKX_API_KEY"),
+        ('[[okx.subscriptions]]\nchannel = "tradez"\ninst_id = "BTC-USDT"\n', "okx.subscriptions.0", "README"),
+        ('[[okx.subscriptions]]\nchannel = "orders"\n', "okx.subscriptions.0", "README"),
+        ('[kafka]\nwire_format = "confluent"\n', "kafka", "README"),
+    ],
+)
+def test_bad_config_names_key_and_fix(tmp_path: Path, text: str, key: str, fix: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(_write(tmp_path, text))
+    assert err.value.key == key
+    assert fix in str(err.value)
+
+
+def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OKX_INGEST__KAFKA__TOPIC_PREFIX", "prod.okx.")
+    s = load_settings(_write(tmp_path, '[kafka]\ntopic_prefix = "file."\n'))
+    assert s.kafka.topic_prefix == "prod.okx."
+
+
+def test_instruments_shorthand_expands_without_duplicates(tmp_path: Path) -> None:
+    s = load_settings(_write(tmp_path, '[okx]\ninstruments = ["BTC-USDT"]\nchannels = ["trades", "books"]\n'
+                                       '[[okx.subscriptions]]\nchannel = "trades"\ninst_id = "BTC-USDT"\n'))
+    assert [(x.channel, x.inst_id) for x in s.okx.all_subscriptions()] == [
+        ("trades", "BTC-USDT"), ("books", "BTC-USDT")]
+
+
+def test_shipped_default_config_is_valid() -> None:
+    s = load_settings(Path(__file__).resolve().parents[2] / "config" / "okx-ingest.toml")
+    assert len(s.okx.all_subscriptions()) >= 3
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "nope.toml")
