@@ -1,1 +1,1 @@
-"""Observability: logging, metrics, Sentry."""
+"""Observability: structured redacting logs, Prometheus metrics, Sentry, health endpoints."""

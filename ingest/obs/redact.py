@@ -1,0 +1,61 @@
+"""One redactor for every output channel: log lines, Sentry events and breadcrumbs, crash output.
+
+`Secret` already hides itself, but a secret can still travel as a plain string: inside a login frame
+that a library logs at DEBUG, in an exception message from a library, in a traceback's locals. So
+every byte that leaves the process through logs or Sentry passes through `Redactor.scrub`, which
+replaces every known secret value, whatever carried it there.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+
+MASK = "***"
+#: Values shorter than this are not scrubbed: masking "1" everywhere would destroy logs, and no real
+#: OKX key, secret or passphrase is that short (the passphrase minimum is 8 characters).
+MIN_SECRET_LEN = 4
+
+
+class Redactor:
+    """Replaces registered secret values in strings and nested containers."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._secrets: tuple[str, ...] = ()
+
+    def set_secrets(self, values: Iterable[str]) -> None:
+        """Replace the registered values (on rotation the old values stay masked too: they may linger)."""
+        fresh = {v for v in values if len(v) >= MIN_SECRET_LEN}
+        with self._lock:
+            merged = set(self._secrets) | fresh
+            # Longest first, so a secret that contains another is masked whole.
+            self._secrets = tuple(sorted(merged, key=len, reverse=True))
+
+    @property
+    def active(self) -> bool:
+        return bool(self._secrets)
+
+    def scrub(self, text: str) -> str:
+        for value in self._secrets:
+            if value in text:
+                text = text.replace(value, MASK)
+        return text
+
+    def scrub_obj(self, obj: object) -> object:
+        """A copy of a JSON-like structure (dicts, lists, tuples, strings) with secrets masked."""
+        if not self._secrets:
+            return obj
+        if isinstance(obj, str):
+            return self.scrub(obj)
+        if isinstance(obj, bytes):
+            return self.scrub(obj.decode("utf-8", "replace")).encode()
+        if isinstance(obj, dict):
+            return {self.scrub(k) if isinstance(k, str) else k: self.scrub_obj(v) for k, v in obj.items()}
+        if isinstance(obj, list | tuple):
+            return type(obj)(self.scrub_obj(v) for v in obj)
+        return obj
+
+
+#: The process-wide redactor: the credential store registers values here, every sink of output uses it.
+REDACTOR = Redactor()
