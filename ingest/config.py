@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from ingest.errors import ConfigError
+from ingest.io.tls import normalize_pin
 from ingest.okx.channels import INST_TYPE_CHANNELS, endpoint_for, is_candle
 from ingest.okx.endpoints import Environment
 
@@ -45,7 +46,7 @@ class Subscription(_Section):
         needs_inst = not (self.channel in INST_TYPE_CHANNELS or self.channel in
                           {"account", "balance_and_position", "fills", "status", "liquidation-warning",
                            "account-greeks"})
-        if needs_inst and self.inst_id is None and not is_candle(self.channel) or (
+        if (needs_inst and self.inst_id is None and not is_candle(self.channel)) or (
             is_candle(self.channel) and self.inst_id is None
         ):
             raise ValueError(f"channel {self.channel!r} needs inst_id")
@@ -76,6 +77,28 @@ class OkxSettings(_Section):
     allow_withdraw_permission: bool = False
     allow_trade_permission: bool = True
     tls_spki_pins: list[str] = Field(default_factory=list, description="base64 sha256 SPKI pins for OKX hosts")
+    rest_max_connections: Annotated[int, Field(gt=0, le=200)] = 20
+    rest_keepalive_s: Annotated[float, Field(gt=0)] = 30.0
+    rest_limit_share: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=1.0, description="fraction of each OKX REST limit this process may use (split it between "
+                                 "processes sharing one IP or API key)")
+    credential_poll_s: Annotated[float, Field(gt=0)] = Field(
+        default=5.0, description="how often the *_FILE credential files are checked for rotation")
+    auth_failure_threshold: Annotated[int, Field(gt=0)] = Field(
+        default=3, description="consecutive authentication failures before signed traffic pauses")
+    auth_pause_initial_s: Annotated[float, Field(gt=0)] = 30.0
+    auth_pause_max_s: Annotated[float, Field(gt=0)] = 900.0
+
+    @field_validator("tls_spki_pins")
+    @classmethod
+    def _pins_are_sha256(cls, pins: list[str]) -> list[str]:
+        return [normalize_pin(p) for p in pins]
+
+    @model_validator(mode="after")
+    def _auth_pause_bounds(self) -> OkxSettings:
+        if self.auth_pause_max_s < self.auth_pause_initial_s:
+            raise ValueError("auth_pause_max_s must be >= auth_pause_initial_s")
+        return self
 
     def all_subscriptions(self) -> list[Subscription]:
         """Explicit subscriptions plus the instruments x channels shorthand, without duplicates."""
@@ -109,11 +132,32 @@ class WsSettings(_Section):
     login_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     subscribe_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     notice_cutover_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    public_url: str | None = Field(default=None, description="full URL of the public endpoint (beats ws_base_url)")
+    business_url: str | None = Field(default=None, description="full URL of the business endpoint")
+    private_url: str | None = Field(default=None, description="full URL of the private endpoint")
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    close_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        default=2.0, description="wait for OKX's close frame before dropping the socket")
+    max_message_bytes: Annotated[int, Field(gt=0)] = Field(
+        default=16 * 1024 * 1024, description="largest inbound message accepted (instrument snapshots are MBs)")
+    subscribe_retries: Annotated[int, Field(ge=0)] = Field(
+        default=3, description="retries of an arg OKX refused with a transient error, before it counts as failed")
+    resubscribe_min_interval_s: Annotated[float, Field(ge=0)] = Field(
+        default=5.0, description="least time between two resubscribes of one arg (book resyncs)")
+    cutover_catchup_s: Annotated[float, Field(gt=0)] = Field(
+        default=5.0, description="after a 64008 replacement's predecessor closed, wait this long at most for the "
+                                 "replacement to deliver what the old connection did before cutting over")
+    shutdown_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        default=10.0, description="on shutdown, time to close sockets and hand their last frames to the pipeline")
 
     @model_validator(mode="after")
     def _bounds(self) -> WsSettings:
         if self.backoff_max_s < self.backoff_min_s:
             raise ValueError("backoff_max_s must be >= backoff_min_s")
+        for key in ("public_url", "business_url", "private_url"):
+            url = getattr(self, key)
+            if url is not None and not url.startswith(("wss://", "ws://")):
+                raise ValueError(f"{key} must be a ws:// or wss:// URL, got {url!r}")
         return self
 
 
@@ -149,6 +193,21 @@ class KafkaSettings(_Section):
     schema_registry_url: str | None = None
     publish_raw: bool = True
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        default="PLAIN", description="with SASL_*; the username/password come from the credential store, never here"
+    )
+    ssl_cafile: Path | None = Field(default=None, description="CA bundle for SSL/SASL_SSL (default: system CAs)")
+    client_id: str = "okx-ingest"
+    request_timeout_ms: Annotated[int, Field(gt=0)] = Field(
+        default=30_000, description="one produce/admin request; a down broker fails a write after about this long"
+    )
+    delivery_timeout_ms: Annotated[int, Field(gt=0)] = Field(
+        default=120_000, description="hard cap on one write (the idempotent producer otherwise retries forever)"
+    )
+    retry_backoff_ms: Annotated[int, Field(gt=0)] = 100
+    reconnect_backoff_max_ms: Annotated[int, Field(gt=0)] = Field(
+        default=5_000, description="cap of the jittered wait between delivery attempts while the broker is down"
+    )
 
     @property
     def embedded(self) -> bool:
@@ -162,17 +221,34 @@ class KafkaSettings(_Section):
     def _registry_matches_format(self) -> KafkaSettings:
         if self.wire_format is WireFormat.CONFLUENT and not self.schema_registry_url:
             raise ValueError("wire_format 'confluent' needs schema_registry_url")
+        if self.delivery_timeout_ms < self.request_timeout_ms:
+            raise ValueError("delivery_timeout_ms must be >= request_timeout_ms")
         return self
 
 
 class JournalSettings(_Section):
-    """The on-disk spill journal used when the broker is slow or down."""
+    """The write-ahead journal and the delivery path (io/delivery.py) that drains it into Kafka."""
 
     dir: Path = Path("./var/journal")
     max_bytes: Annotated[int, Field(gt=0)] = 2 * 1024**3
     segment_bytes: Annotated[int, Field(gt=0)] = 64 * 1024**2
     queue_size: Annotated[int, Field(gt=0)] = 50_000
     fsync: Literal["never", "segment", "batch"] = "batch"
+    cache_bytes: Annotated[int, Field(ge=0)] = Field(
+        default=32 * 1024**2, description="journaled, not yet sent entries kept in memory (beyond: read from disk)"
+    )
+    drain_batch_bytes: Annotated[int, Field(gt=0)] = Field(
+        default=4 * 1024**2, description="most bytes handed to the Kafka sink in one write"
+    )
+    close_timeout_s: Annotated[float, Field(ge=0)] = Field(
+        default=10.0, description="on shutdown, how long to keep draining to Kafka before leaving the rest journaled"
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> JournalSettings:
+        if self.max_bytes < 2 * self.segment_bytes:
+            raise ValueError("max_bytes must be at least 2 * segment_bytes")
+        return self
 
 
 class BackfillSettings(_Section):
@@ -184,6 +260,15 @@ class BackfillSettings(_Section):
     breaker_failures: Annotated[int, Field(gt=0)] = 5
     breaker_cooldown_s: Annotated[float, Field(gt=0)] = 30.0
     request_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    retry_initial_s: Annotated[float, Field(gt=0)] = Field(
+        default=0.25, description="first REST retry delay (full jitter, doubling up to retry_max_s)")
+    retry_max_s: Annotated[float, Field(gt=0)] = 10.0
+
+    @model_validator(mode="after")
+    def _retry_bounds(self) -> BackfillSettings:
+        if self.retry_max_s < self.retry_initial_s:
+            raise ValueError("retry_max_s must be >= retry_initial_s")
+        return self
 
 
 class ObsSettings(_Section):
@@ -197,6 +282,8 @@ class ObsSettings(_Section):
     clock_check_interval_s: Annotated[float, Field(gt=0)] = 300.0
     clock_warn_ms: Annotated[int, Field(gt=0)] = 2000
     clock_fail_ms: Annotated[int, Field(gt=0)] = 25000
+    clock_samples: Annotated[int, Field(gt=0, le=10)] = Field(
+        default=4, description="server-time probes per check; the one with the shortest round trip wins")
 
 
 class Settings(BaseSettings):

@@ -1,26 +1,45 @@
-"""API credentials: only from the environment or from files named by `*_FILE` variables.
+"""API credentials: only from the environment or from secret files, never from the config, never a default.
 
-Never from the config file and never with a default. Values are wrapped in `Secret`, whose repr and
-str are redacted, so a secret cannot reach a log line, an exception message or a Sentry event by
-accident; code that needs the value calls `reveal()` at the one place it signs.
+Sources, per credential (`OKX_API_KEY`, `OKX_API_SECRET`, `OKX_API_PASSPHRASE`):
+* the variable itself, or
+* `<NAME>_FILE`, a file holding the value (Kubernetes secret volumes, Docker secrets). A relative path is
+  resolved against `$CREDENTIALS_DIRECTORY` when systemd set it, so `OKX_API_KEY_FILE=okx_api_key` and
+  `OKX_API_KEY_FILE=%d/okx_api_key` both work with `LoadCredential=okx_api_key:/etc/okx-ingest/key`, or
+* with neither set, `$CREDENTIALS_DIRECTORY/<name in lower case>` (e.g. `okx_api_key`) if systemd provided it.
+
+Values are wrapped in `Secret`, whose repr, str and format are redacted and which refuses to be pickled,
+so a secret cannot reach a log line, an exception message or a Sentry event by accident; code that needs
+the value calls `reveal()` at the one place it signs.
+
+The store re-reads on demand (SIGHUP) or when a watched file changes, keeps the old credentials when the
+new ones are unreadable, and counts authentication failures so a bad key pauses signed traffic instead of
+hammering OKX.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
+import logging
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ingest.config import OkxSettings
+from ingest.core.backoff import full_jitter
 from ingest.errors import CredentialError
 
+log = logging.getLogger(__name__)
+
 ENV_NAMES = ("OKX_API_KEY", "OKX_API_SECRET", "OKX_API_PASSPHRASE")
+SYSTEMD_CREDENTIALS_DIR = "CREDENTIALS_DIRECTORY"
 
 
 class Secret:
-    """A string that never shows itself: repr, str and format all print a redaction."""
+    """A string that never shows itself: repr, str and format print a redaction, pickling is refused."""
 
     __slots__ = ("_value",)
 
@@ -39,13 +58,23 @@ class Secret:
         return repr(self)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
+        return isinstance(other, Secret) and hmac.compare_digest(other._value.encode(), self._value.encode())
 
     def __hash__(self) -> int:
-        return hash(self._value)
+        return hash(hashlib.sha256(self._value.encode()).digest())
 
     def __reduce__(self) -> tuple[object, ...]:
         raise TypeError("a Secret cannot be pickled")
+
+    def __reduce_ex__(self, protocol: object) -> tuple[object, ...]:
+        raise TypeError("a Secret cannot be pickled")
+
+    # Immutable, so copies may share it; without these, copy/deepcopy would hit the pickling refusal.
+    def __copy__(self) -> Secret:
+        return self
+
+    def __deepcopy__(self, memo: object) -> Secret:
+        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +89,11 @@ class Credentials:
     def key_hint(self) -> str:
         return "…" + self.api_key.reveal()[-4:]
 
+    @property
+    def key_id(self) -> str:
+        """A stable, non-reversible id of the API key alone (rate-limit buckets are per key)."""
+        return hashlib.sha256(b"okx-key-id\0" + self.api_key.reveal().encode()).hexdigest()[:16]
+
     def fingerprint(self) -> str:
         """A short digest that changes when any part changes (rotation detection), revealing nothing."""
         h = hashlib.sha256()
@@ -73,28 +107,66 @@ class Credentials:
         return self.api_key.reveal(), self.secret.reveal(), self.passphrase.reveal()
 
 
+def _systemd_file(name: str, env: Mapping[str, str]) -> Path | None:
+    directory = env.get(SYSTEMD_CREDENTIALS_DIR)
+    if not directory:
+        return None
+    return Path(directory) / name.lower()
+
+
+def credential_path(name: str, env: Mapping[str, str]) -> Path | None:
+    """The file a credential is read from: `<NAME>_FILE` (relative to $CREDENTIALS_DIRECTORY), else systemd's."""
+    file_var = f"{name}_FILE"
+    given = env.get(file_var)
+    if given is not None:
+        path = Path(given)
+        directory = env.get(SYSTEMD_CREDENTIALS_DIR)
+        if not path.is_absolute() and directory:
+            path = Path(directory) / path
+        return path
+    if name in env:
+        return None
+    candidate = _systemd_file(name, env)
+    return candidate if candidate is not None and candidate.is_file() else None
+
+
+def _check_value(value: str, where: str) -> str:
+    value = value.strip()
+    if not value:
+        raise CredentialError(f"{where} is empty; put the credential from OKX's API key page in it")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise CredentialError(
+            f"{where} holds more than one line or control characters (a half-written or wrongly formatted "
+            "file?); it must contain the credential alone"
+        )
+    return value
+
+
 def _read_one(name: str, env: Mapping[str, str]) -> str:
     file_var = f"{name}_FILE"
     direct = env.get(name)
-    path = env.get(file_var)
-    if direct is not None and path is not None:
+    if direct is not None and file_var in env:
         raise CredentialError(f"both {name} and {file_var} are set; set only one of them")
+    path = credential_path(name, env)
     if path is not None:
+        where = f"{file_var} ({path})" if file_var in env else f"${SYSTEMD_CREDENTIALS_DIR}/{path.name}"
         try:
-            value = Path(path).read_text(encoding="utf-8").strip()
+            text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise CredentialError(
-                f"{file_var} names {path!r}, which cannot be read ({exc.strerror}); "
-                "mount the secret there or fix the path"
+                f"{where} cannot be read ({exc.strerror}); mount the secret there or fix the path"
             ) from None
-        if not value:
-            raise CredentialError(f"{file_var} names {path!r}, which is empty; put the credential in it")
-        return value
+        except UnicodeDecodeError:
+            raise CredentialError(f"{where} is not UTF-8 text; it must contain the credential alone") from None
+        return _check_value(text, where)
     if direct is None:
-        raise CredentialError(f"{name} is not set; set it (or {file_var} to a file holding it) in the environment")
+        raise CredentialError(
+            f"{name} is not set; set it, or {file_var} to a file holding it, in the environment "
+            f"(under systemd, LoadCredential={name.lower()}:<path> also works)"
+        )
     if not direct.strip():
         raise CredentialError(f"{name} is set but empty; give it the value from OKX's API key page")
-    return direct.strip()
+    return _check_value(direct, name)
 
 
 def load_credentials(env: Mapping[str, str] | None = None) -> Credentials:
@@ -105,9 +177,97 @@ def load_credentials(env: Mapping[str, str] | None = None) -> Credentials:
 
 
 def credentials_present(env: Mapping[str, str] | None = None) -> bool:
-    """True when any credential variable is set, i.e. the operator meant to give a key."""
+    """True when any credential variable (or systemd credential file) is there: the operator meant to give a key."""
     env = os.environ if env is None else env
-    return any(n in env or f"{n}_FILE" in env for n in ENV_NAMES)
+    return any(n in env or f"{n}_FILE" in env or credential_path(n, env) is not None for n in ENV_NAMES)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthStatus:
+    """Authentication health for metrics and the health endpoint."""
+
+    failures_total: int
+    consecutive_failures: int
+    paused_for_s: float
+    last_code: str | None
+
+
+class AuthFailureGuard:
+    """Counts authentication failures and, past a threshold, pauses signed traffic for a growing interval.
+
+    OKX may freeze or rate-limit a key (and an IP) that keeps failing authentication; a daemon restarted by
+    its supervisor with a bad key must not turn into a brute-force loop. A success or a credential rotation
+    resets the count.
+    """
+
+    def __init__(
+        self,
+        threshold: int = 3,
+        initial_pause_s: float = 30.0,
+        max_pause_s: float = 900.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if threshold <= 0:
+            raise ValueError("auth failure threshold must be > 0")
+        self._threshold = threshold
+        self._initial = initial_pause_s
+        self._max = max_pause_s
+        self._monotonic = monotonic
+        self.failures_total = 0
+        self.consecutive = 0
+        self.last_code: str | None = None
+        self._paused_until = 0.0
+        self._pauses = full_jitter(initial_pause_s, max_pause_s, rand=lambda: 1.0)
+
+    def record_failure(self, code: str, key_hint: str) -> float:
+        """Count one failure; return the pause (seconds) now in force, 0.0 below the threshold."""
+        self.failures_total += 1
+        self.consecutive += 1
+        self.last_code = code
+        if self.consecutive < self._threshold:
+            log.warning("okx_auth_failed", extra={"code": code, "key_hint": key_hint,
+                                                  "consecutive_failures": self.consecutive})
+            return 0.0
+        pause = next(self._pauses)
+        self._paused_until = self._monotonic() + pause
+        log.critical(
+            "okx_auth_paused",
+            extra={"alert": True, "code": code, "key_hint": key_hint, "consecutive_failures": self.consecutive,
+                   "pause_s": round(pause, 3),
+                   "fix": "OKX keeps rejecting this API key: check the key, secret, passphrase, environment "
+                          "(demo vs live), IP whitelist and clock; rotate the credential files or send SIGHUP"},
+        )
+        return pause
+
+    def record_success(self) -> None:
+        if self.consecutive:
+            log.info("okx_auth_recovered", extra={"after_failures": self.consecutive})
+        self.reset()
+
+    def reset(self) -> None:
+        self.consecutive = 0
+        self._paused_until = 0.0
+        self._pauses = full_jitter(self._initial, self._max, rand=lambda: 1.0)
+
+    def pause_remaining(self) -> float:
+        """Seconds signed traffic must still wait (0.0 when allowed)."""
+        return max(0.0, self._paused_until - self._monotonic())
+
+    def status(self) -> AuthStatus:
+        return AuthStatus(self.failures_total, self.consecutive, self.pause_remaining(), self.last_code)
+
+
+class AuthPausedError(CredentialError):
+    """Signed traffic is paused after repeated authentication failures; retriable once the pause ends."""
+
+    retriable = True
+
+    def __init__(self, remaining_s: float, consecutive: int, last_code: str | None) -> None:
+        self.remaining_s = remaining_s
+        super().__init__(
+            f"signed OKX requests are paused for {remaining_s:.1f} s after {consecutive} consecutive "
+            f"authentication failures (last code {last_code}); fix or rotate the API key (files or SIGHUP)"
+        )
 
 
 class CredentialStore:
@@ -115,31 +275,59 @@ class CredentialStore:
 
     Connections and the REST client ask for `current()` each time they sign, so a rotation takes effect
     at the next login or request; `wait_changed` lets private connections re-login promptly.
-    A failed re-read keeps the old credentials (and raises), so a half-written secret file cannot take
-    a running daemon down.
+    A failed re-read keeps the old credentials and logs an error, so a half-written secret file cannot
+    take a running daemon down.
     """
 
-    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, env: Mapping[str, str] | None = None, *, auth_guard: AuthFailureGuard | None = None) -> None:
         self._env = env
         self._current = load_credentials(env)
         self.version = 1
         self._changed = asyncio.Condition()
+        self.auth = auth_guard or AuthFailureGuard()
+        self.last_reload_error: CredentialError | None = None
+        self.reload_failures_total = 0
+
+    @classmethod
+    def from_settings(cls, okx: OkxSettings, env: Mapping[str, str] | None = None) -> CredentialStore:
+        """The store with the auth-failure policy of `okx` (threshold and pause bounds)."""
+        guard = AuthFailureGuard(okx.auth_failure_threshold, okx.auth_pause_initial_s, okx.auth_pause_max_s)
+        return cls(env, auth_guard=guard)
 
     def current(self) -> Credentials:
         return self._current
 
+    def _environ(self) -> Mapping[str, str]:
+        return os.environ if self._env is None else self._env
+
     def watched_files(self) -> list[Path]:
-        """The secret files named by `*_FILE` variables (what a file watcher should poll)."""
-        env = os.environ if self._env is None else self._env
-        return [Path(env[f"{n}_FILE"]) for n in ENV_NAMES if f"{n}_FILE" in env]
+        """The secret files in use (`*_FILE` variables and systemd credentials): what a watcher should poll."""
+        env = self._environ()
+        return [p for p in (credential_path(n, env) for n in ENV_NAMES) if p is not None]
 
     async def reload(self) -> bool:
-        """Re-read; True when the credentials changed (and waiters were woken)."""
-        fresh = load_credentials(self._env)
+        """Re-read; True when the credentials changed (and waiters were woken).
+
+        Unreadable, empty or malformed new values keep the current credentials: the error is logged,
+        kept in `last_reload_error` and counted, and False is returned.
+        """
+        try:
+            fresh = load_credentials(self._env)
+        except CredentialError as exc:
+            self.last_reload_error = exc
+            self.reload_failures_total += 1
+            log.error("credentials_reload_failed", extra={"error": str(exc), "kept_key_hint": self._current.key_hint,
+                                                          "version": self.version})
+            return False
+        self.last_reload_error = None
         if fresh.fingerprint() == self._current.fingerprint():
             return False
+        key_changed = fresh.key_id != self._current.key_id
         self._current = fresh
         self.version += 1
+        self.auth.reset()
+        log.info("credentials_rotated", extra={"version": self.version, "key_hint": fresh.key_hint,
+                                               "key_changed": key_changed})
         async with self._changed:
             self._changed.notify_all()
         return True
@@ -149,3 +337,73 @@ class CredentialStore:
         async with self._changed:
             await self._changed.wait_for(lambda: self.version != seen_version)
         return self.version
+
+    def record_auth_failure(self, code: str) -> float:
+        """OKX rejected the current key (REST 501xx or WS login error); returns the pause now in force."""
+        return self.auth.record_failure(code, self._current.key_hint)
+
+    def record_auth_success(self) -> None:
+        self.auth.record_success()
+
+    def check_auth_allowed(self) -> None:
+        """Raise AuthPausedError while signed traffic is paused."""
+        remaining = self.auth.pause_remaining()
+        if remaining > 0:
+            raise AuthPausedError(remaining, self.auth.consecutive, self.auth.last_code)
+
+
+FileState = tuple[int, int, int, str] | None
+
+
+def _file_state(path: Path) -> FileState:
+    """(inode, mtime ns, size, content sha256) of a file, None when it is missing or unreadable."""
+    try:
+        st = path.stat()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size, digest
+
+
+class CredentialFileWatcher:
+    """Polls the store's secret files and reloads when they changed and then stayed unchanged for one poll.
+
+    Polling (inode, mtime, size and a content hash) catches every way secrets get replaced: in-place
+    writes, renames, and Kubernetes' symlink swap of `..data`, which leaves the mtime of the visible
+    path alone. Waiting for one quiet poll avoids reading a file while an operator is still writing it;
+    a file that is empty or missing when read keeps the old credentials (see `CredentialStore.reload`).
+    """
+
+    def __init__(
+        self,
+        store: CredentialStore,
+        interval_s: float = 5.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._store = store
+        self._interval = interval_s
+        self._sleep = sleep
+        self._applied = self._snapshot()
+        self._last_seen = self._applied
+
+    def _snapshot(self) -> dict[Path, FileState]:
+        return {p: _file_state(p) for p in self._store.watched_files()}
+
+    async def poll_once(self) -> bool:
+        """One poll; True when it reloaded changed credentials."""
+        seen = self._snapshot()
+        settled = seen == self._last_seen
+        self._last_seen = seen
+        if seen == self._applied or not settled:
+            return False
+        # Mark as handled even if the reload fails, so a bad file is reported once, not every poll.
+        self._applied = seen
+        return await self._store.reload()
+
+    async def run(self) -> None:
+        """Poll until cancelled (owned by the supervisor's TaskGroup)."""
+        if not self._applied:
+            return
+        while True:
+            await self._sleep(self._interval)
+            await self.poll_once()

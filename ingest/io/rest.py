@@ -1,0 +1,916 @@
+"""The signed OKX REST client: one keep-alive httpx client, per-endpoint limits, retries, breaker, audit log.
+
+* Signing happens in an `httpx.Auth` flow over the request exactly as it goes on the wire (the raw path
+  with the query string this module encoded itself, and the exact body bytes), with OKX time from the
+  shared `ServerClock` (SPEC 8.1).
+* Every request passes a process-wide rate limiter (SPEC 8.3): one `SlidingWindow` per endpoint and IP
+  (public) or per endpoint and API key (private). A slot counts from admission until the response has
+  arrived and is then stamped with the arrival time, so however late a request reaches OKX (a queued
+  connection, a slow network) OKX can never see more than the limit in any window. Waiters queue FIFO.
+* OKX's answer is judged by the body's `code`, not the HTTP status (50011 comes as 200 and as 429); the
+  envelope is parsed defensively (401 without `data`, 404 with a numeric code, proxies' HTML).
+* Retries use full-jitter backoff; authentication failures are never retried blindly; a circuit breaker per
+  endpoint stops hammering a failing endpoint.
+* One audit line per HTTP request (`rest_request`), without headers: no secret can appear in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+import time
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable, Generator, Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
+from urllib.parse import quote, urlsplit
+
+import httpx
+import orjson
+
+from ingest.config import Settings
+from ingest.core.backoff import full_jitter
+from ingest.core.clock import OffsetSample, ServerClock
+from ingest.core.ratelimit import SlidingWindow
+from ingest.credentials import CredentialStore
+from ingest.errors import CredentialError, IngestError, OkxApiError, ProtocolError
+from ingest.io.tls import client_ssl_context, find_pin_error
+from ingest.okx import codes
+from ingest.okx.endpoints import DEMO_HEADER, REST_BASE, Environment
+from ingest.okx.signing import rest_sign, rest_timestamp
+
+log = logging.getLogger(__name__)
+
+TIME_PATH = "/api/v5/public/time"
+ACCOUNT_CONFIG_PATH = "/api/v5/account/config"
+PUBLIC_PREFIXES = ("/api/v5/public/", "/api/v5/market/")
+
+#: Codes that mean "this key (or its use) is rejected": counted by the store's auth-failure guard.
+AUTH_FAILURE_CODES: frozenset[str] = frozenset(
+    {"50100", codes.ENV_MISMATCH, "50103", "50104", "50105", "50106", "50107", "50110", codes.INVALID_ACCESS_KEY,
+     codes.INVALID_ACCESS_TIMESTAMP, codes.INVALID_SIGNATURE, "50114", "50119", codes.REST_TIMESTAMP_EXPIRED}
+)
+#: The endpoint is unwell: retry with backoff and count towards its breaker.
+SERVER_FAILURE_CODES: frozenset[str] = frozenset(
+    {codes.SERVICE_UNAVAILABLE, "50004", codes.SYSTEM_BUSY, codes.SYSTEM_ERROR}
+)
+#: OKX asks us to slow down: retry after the window, without blaming the endpoint.
+SLOW_DOWN_CODES: frozenset[str] = frozenset({codes.RATE_LIMITED, codes.TOO_FREQUENT})
+
+#: What to do about an authentication failure, by code (SPEC 8.2).
+AUTH_FIXES: Mapping[str, str] = {
+    "50100": "the API key is frozen: unfreeze it or create a new one on OKX's API page",
+    "50103": "a signing header was missing (a bug in okx-ingest): report it",
+    "50104": "a signing header was missing (a bug in okx-ingest): report it",
+    "50105": "the passphrase is wrong: check OKX_API_PASSPHRASE",
+    "50106": "a signing header was missing (a bug in okx-ingest): report it",
+    "50107": "a signing header was missing (a bug in okx-ingest): report it",
+    "50110": "this host's IP is not in the key's IP whitelist: add it on OKX's API page",
+    "50111": "OKX does not know this API key: check OKX_API_KEY",
+    "50112": "the timestamp header was malformed (a bug in okx-ingest): report it",
+    "50113": "the signature is wrong: check OKX_API_SECRET (and that it belongs to OKX_API_KEY)",
+    "50114": "the authorization is invalid: check the key, secret and passphrase",
+    "50119": "the API key does not exist (deleted?): create a new one and rotate the credential files",
+}
+
+CODE_TRANSPORT = "transport"
+CODE_TIMEOUT = "timeout"
+CODE_MALFORMED = "malformed"
+
+QueryValue = str | int | float | bool | None
+
+
+# --------------------------------------------------------------------------------------------- limits
+
+
+class Scope(enum.StrEnum):
+    """Whose budget a limit is: OKX counts public endpoints per IP (some per IP and instType), private per user."""
+
+    IP = "ip"
+    IP_INST_TYPE = "ip+instType"
+    USER = "user"
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointLimit:
+    """At most `limit` requests per `window_s` seconds, counted per `scope`."""
+
+    limit: int
+    window_s: float
+    scope: Scope
+
+    @property
+    def private(self) -> bool:
+        return self.scope is Scope.USER
+
+
+#: SPEC 8.3, OKX's documented REST limits ([EN] 2025, unchanged in [ZH] 2026).
+OKX_LIMITS: Mapping[str, EndpointLimit] = {
+    TIME_PATH: EndpointLimit(10, 2.0, Scope.IP),
+    "/api/v5/public/instruments": EndpointLimit(20, 2.0, Scope.IP_INST_TYPE),
+    "/api/v5/market/trades": EndpointLimit(100, 2.0, Scope.IP),
+    "/api/v5/market/history-trades": EndpointLimit(20, 2.0, Scope.IP),
+    "/api/v5/market/candles": EndpointLimit(40, 2.0, Scope.IP),
+    "/api/v5/market/history-candles": EndpointLimit(20, 2.0, Scope.IP),
+    "/api/v5/market/books": EndpointLimit(40, 2.0, Scope.IP),
+    "/api/v5/market/books-full": EndpointLimit(10, 2.0, Scope.IP),
+    "/api/v5/trade/fills": EndpointLimit(60, 2.0, Scope.USER),
+    "/api/v5/trade/fills-history": EndpointLimit(10, 2.0, Scope.USER),
+    "/api/v5/trade/orders-history": EndpointLimit(40, 2.0, Scope.USER),
+    "/api/v5/trade/orders-history-archive": EndpointLimit(20, 2.0, Scope.USER),
+    "/api/v5/account/balance": EndpointLimit(10, 2.0, Scope.USER),
+    "/api/v5/account/positions": EndpointLimit(10, 2.0, Scope.USER),
+    ACCOUNT_CONFIG_PATH: EndpointLimit(5, 2.0, Scope.USER),
+}
+#: For endpoints missing from the table: the smallest documented limit, so an unknown one is never overrun.
+UNKNOWN_LIMIT = EndpointLimit(5, 2.0, Scope.IP)
+
+
+class LimitTable:
+    """The limits this process obeys: OKX's table, optionally shared with other processes or scaled for tests.
+
+    `share` (okx.rest_limit_share) gives this process a fraction of each limit, for several daemons behind
+    one IP or one API key. `window_scale` lengthens (or, against the simulator, shortens) every window.
+    """
+
+    def __init__(
+        self,
+        limits: Mapping[str, EndpointLimit] = OKX_LIMITS,
+        *,
+        share: float = 1.0,
+        window_scale: float = 1.0,
+    ) -> None:
+        if not 0 < share <= 1 or window_scale <= 0:
+            raise ValueError(f"share must be in (0, 1] and window_scale > 0, got {share}, {window_scale}")
+        self._limits = dict(limits)
+        self.share = share
+        self.window_scale = window_scale
+
+    def _adjust(self, base: EndpointLimit) -> EndpointLimit:
+        return EndpointLimit(max(1, int(base.limit * self.share)), base.window_s * self.window_scale, base.scope)
+
+    def lookup(self, path: str) -> EndpointLimit:
+        """The limit of `path`; unknown paths get the smallest documented one, scoped by their prefix."""
+        base = self._limits.get(path)
+        if base is None:
+            scope = Scope.IP if path.startswith(PUBLIC_PREFIXES) else Scope.USER
+            base = EndpointLimit(UNKNOWN_LIMIT.limit, UNKNOWN_LIMIT.window_s, scope)
+        return self._adjust(base)
+
+    def known(self, path: str) -> bool:
+        return path in self._limits
+
+    def items(self) -> list[tuple[str, EndpointLimit]]:
+        return [(p, self._adjust(lim)) for p, lim in sorted(self._limits.items())]
+
+
+@dataclass(frozen=True, slots=True)
+class BucketKey:
+    """One budget: scope, OKX realm (host), endpoint, and the instType or API-key id it is counted for."""
+
+    scope: Scope
+    realm: str
+    path: str
+    qualifier: str = ""
+
+    def label(self) -> str:
+        q = f"[{self.qualifier}]" if self.qualifier else ""
+        return f"{self.scope.value}:{self.realm}{self.path}{q}"
+
+
+_GLOBAL_OKX_HOSTS = frozenset({"okx.com", "www.okx.com", "openapi.okx.com"})
+
+
+def realm_of(base_url: str) -> str:
+    """The budget realm of a base URL: OKX's global hosts are one service (and one IP budget)."""
+    parts = urlsplit(base_url)
+    host = (parts.hostname or "").lower()
+    if host in _GLOBAL_OKX_HOSTS:
+        return "okx.com"
+    return f"{host}:{parts.port}" if parts.port else host
+
+
+class _StampWindow(SlidingWindow):
+    """A SlidingWindow that also tells when its oldest admission leaves the window."""
+
+    __slots__ = ()
+
+    def next_expiry(self, now: float) -> float | None:
+        self._expire(now)
+        return self._times[0] + self.window_s if self._times else None
+
+
+@dataclass(frozen=True, slots=True)
+class BucketStats:
+    """A budget's state for metrics."""
+
+    limit: int
+    window_s: float
+    used: int
+    in_flight: int
+    admitted_total: int
+    wait_s_total: float
+
+
+class RateBucket:
+    """One endpoint budget: FIFO admission, at most `limit` requests in flight or answered within a window."""
+
+    def __init__(self, key: BucketKey, limit: EndpointLimit, monotonic: Callable[[], float],
+                 sleep: Callable[[float], Awaitable[None]]) -> None:
+        self.key = key
+        self.limit = limit
+        self._window = _StampWindow(limit.limit, limit.window_s)
+        self._monotonic = monotonic
+        self._sleep = sleep
+        self.in_flight = 0
+        self.admitted_total = 0
+        self.wait_s_total = 0.0
+        self._blocked_until = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._turn = asyncio.Lock()
+        self._completed = asyncio.Event()
+
+    def _primitives(self) -> tuple[asyncio.Lock, asyncio.Event]:
+        # The registry outlives event loops (one per test); asyncio primitives must not.
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._loop, self._turn, self._completed = loop, asyncio.Lock(), asyncio.Event()
+        return self._turn, self._completed
+
+    async def acquire(self) -> float:
+        """Wait for a slot (FIFO: asyncio.Lock wakes waiters in arrival order); returns the seconds waited.
+
+        The caller must call `release()` exactly once when the response has arrived (or the attempt failed).
+        """
+        turn, completed = self._primitives()
+        start = self._monotonic()
+        async with turn:
+            while True:
+                now = self._monotonic()
+                if now < self._blocked_until:
+                    await self._sleep(self._blocked_until - now)
+                    continue
+                if self._window.remaining(now) - self.in_flight > 0:
+                    self.in_flight += 1
+                    break
+                expiry = self._window.next_expiry(now)
+                if expiry is None:  # every slot is in flight: the first answer starts a window entry
+                    completed.clear()
+                    await completed.wait()
+                else:
+                    await self._sleep(max(0.0, expiry - now))
+        waited = self._monotonic() - start
+        self.admitted_total += 1
+        self.wait_s_total += waited
+        return waited
+
+    def release(self) -> None:
+        """The request is answered (or abandoned): its slot now counts from this moment for one window."""
+        self.in_flight -= 1
+        if not self._window.try_acquire(self._monotonic()):  # cannot happen: used + in_flight <= limit
+            log.error("rate_bucket_overcommitted", extra={"bucket": self.key.label()})
+        if self._loop is not None:
+            self._completed.set()
+
+    def hold(self, seconds: float) -> None:
+        """Admit nothing for `seconds` (OKX said 50011: something else on this IP or key used the budget)."""
+        self._blocked_until = max(self._blocked_until, self._monotonic() + seconds)
+
+    def stats(self) -> BucketStats:
+        now = self._monotonic()
+        return BucketStats(self.limit.limit, self.limit.window_s, self._window.used(now), self.in_flight,
+                           self.admitted_total, self.wait_s_total)
+
+
+class LimiterRegistry:
+    """All rate budgets of the process. Every REST client shares `LimiterRegistry.default()`.
+
+    Tests with fake time build their own, with `monotonic` and `sleep` that move the fake clock.
+    """
+
+    _default: ClassVar[LimiterRegistry | None] = None
+
+    def __init__(self, monotonic: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self.monotonic = monotonic
+        self.sleep = sleep
+        self._buckets: dict[BucketKey, RateBucket] = {}
+
+    @classmethod
+    def default(cls) -> LimiterRegistry:
+        if cls._default is None:
+            cls._default = cls()
+        return cls._default
+
+    def bucket(self, key: BucketKey, limit: EndpointLimit) -> RateBucket:
+        found = self._buckets.get(key)
+        if found is None:
+            found = self._buckets[key] = RateBucket(key, limit, self.monotonic, self.sleep)
+        elif (found.limit.limit, found.limit.window_s) != (limit.limit, limit.window_s):
+            # Two clients with different tables on one budget: the first one's limit stays in force.
+            log.warning("rate_limit_conflict", extra={"bucket": key.label(), "kept": str(found.limit),
+                                                      "ignored": str(limit)})
+        return found
+
+    def stats(self) -> dict[str, BucketStats]:
+        return {k.label(): b.stats() for k, b in self._buckets.items()}
+
+
+# -------------------------------------------------------------------------------------------- breaker
+
+
+class BreakerState(enum.StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class CircuitOpenError(IngestError):
+    """An endpoint failed repeatedly and is paused; retry after `retry_after_s` (or work on another endpoint)."""
+
+    retriable = True
+
+    def __init__(self, endpoint: str, failures: int, retry_after_s: float) -> None:
+        self.endpoint = endpoint
+        self.retry_after_s = retry_after_s
+        super().__init__(
+            f"OKX endpoint {endpoint} is paused after {failures} consecutive failures (5xx, timeouts or "
+            f"busy codes); the next probe is allowed in {retry_after_s:.1f} s. Check OKX's status page and "
+            "the network if this persists."
+        )
+
+
+class CircuitBreaker:
+    """Closed -> open after `failures` consecutive failures -> half-open after `cooldown_s` (one probe).
+
+    The probe's success closes the breaker; its failure opens it for another cooldown. Other callers get
+    CircuitOpenError while open or while the probe is out, so a sick endpoint sees one request per cooldown.
+    """
+
+    def __init__(self, endpoint: str, failures: int, cooldown_s: float, monotonic: Callable[[], float]) -> None:
+        self.endpoint = endpoint
+        self._threshold = failures
+        self._cooldown = cooldown_s
+        self._monotonic = monotonic
+        self.consecutive_failures = 0
+        self._opened_at: float | None = None
+        self._probe_out = False
+        self.opened_total = 0
+
+    @property
+    def state(self) -> BreakerState:
+        if self._opened_at is None:
+            return BreakerState.CLOSED
+        if self._monotonic() - self._opened_at >= self._cooldown:
+            return BreakerState.HALF_OPEN
+        return BreakerState.OPEN
+
+    def before_call(self) -> bool:
+        """Raise CircuitOpenError unless a call may go; True when this call is the half-open probe."""
+        state = self.state
+        if state is BreakerState.CLOSED:
+            return False
+        if state is BreakerState.HALF_OPEN and not self._probe_out:
+            self._probe_out = True
+            log.info("rest_breaker_probe", extra={"endpoint": self.endpoint})
+            return True
+        assert self._opened_at is not None
+        remaining = max(0.0, self._opened_at + self._cooldown - self._monotonic())
+        raise CircuitOpenError(self.endpoint, self.consecutive_failures, remaining)
+
+    def on_success(self) -> None:
+        if self._opened_at is not None:
+            log.info("rest_breaker_closed", extra={"endpoint": self.endpoint})
+        self.consecutive_failures = 0
+        self._opened_at = None
+        self._probe_out = False
+
+    def on_failure(self) -> None:
+        self.consecutive_failures += 1
+        was_probe, self._probe_out = self._probe_out, False
+        if was_probe or (self._opened_at is None and self.consecutive_failures >= self._threshold):
+            self._opened_at = self._monotonic()
+            self.opened_total += 1
+            log.warning("rest_breaker_open", extra={"endpoint": self.endpoint, "failures": self.consecutive_failures,
+                                                    "cooldown_s": self._cooldown})
+
+    def on_neutral(self, was_probe: bool) -> None:
+        """The call proved nothing (rate-limited, cancelled): let the next caller probe."""
+        if was_probe:
+            self._probe_out = False
+
+
+# ------------------------------------------------------------------------------------------- envelope
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """OKX's response envelope as far as it could be read."""
+
+    code: str
+    msg: str
+    data: list[object] | None
+
+
+def parse_envelope(http_status: int, body: bytes) -> Envelope:
+    """Read `{"code","msg","data"}` without trusting its shape (SPEC 8.2).
+
+    `code` becomes a string (the 404 shape has a number); a body that is not a JSON object gets the code
+    `http-<status>` and the start of the body as its message.
+    """
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        doc = None
+    if not isinstance(doc, dict):
+        snippet = body[:200].decode("utf-8", "replace").strip()
+        return Envelope(f"http-{http_status}", f"not an OKX JSON envelope: {snippet!r}", None)
+    raw_code = doc.get("code", doc.get("error_code"))
+    if isinstance(raw_code, bool) or not isinstance(raw_code, str | int):
+        code = CODE_MALFORMED if http_status < 300 else f"http-{http_status}"
+    else:
+        code = str(raw_code)
+    msg = doc.get("msg") or doc.get("error_message") or ""
+    msg = msg if isinstance(msg, str) else str(msg)
+    data = doc.get("data")
+    if not isinstance(data, list):
+        if code == "0":
+            return Envelope(CODE_MALFORMED, f"code 0 without a data array: {body[:200]!r}", None)
+        data = None
+    return Envelope(code, msg, data)
+
+
+@dataclass(frozen=True, slots=True)
+class RestResponse:
+    """A successful OKX answer: its rows and when it was sent and received (local wall clock, epoch ms)."""
+
+    method: str
+    path: str
+    http_status: int
+    data: list[object]
+    sent_ms: int
+    recv_ms: int
+
+    def records(self) -> list[dict[str, object]]:
+        """The rows as JSON objects (most endpoints); ProtocolError if a row is not an object."""
+        rows: list[dict[str, object]] = []
+        for row in self.data:
+            if not isinstance(row, dict):
+                raise ProtocolError(f"{self.method} {self.path} returned a non-object row {row!r:.80}; "
+                                    "use get_arrays() for array rows such as candles")
+            rows.append(row)
+        return rows
+
+    def arrays(self) -> list[list[object]]:
+        """The rows as JSON arrays (candles); ProtocolError if a row is not an array."""
+        rows: list[list[object]] = []
+        for row in self.data:
+            if not isinstance(row, list):
+                raise ProtocolError(f"{self.method} {self.path} returned a non-array row {row!r:.80}; use get()")
+            rows.append(row)
+        return rows
+
+
+def encode_query(params: Mapping[str, QueryValue] | None) -> str:
+    """The query string as sent and signed: given order, None dropped, commas kept (OKX's list separator)."""
+    if not params:
+        return ""
+    parts = []
+    for key, value in params.items():
+        if value is None:
+            continue
+        text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        parts.append(f"{quote(key, safe='')}={quote(text, safe=',')}")
+    return "&".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------- auth
+
+
+class OkxAuth(httpx.Auth):
+    """Signs a request as httpx will send it: OK-ACCESS-KEY/SIGN/TIMESTAMP/PASSPHRASE (SPEC 8.1).
+
+    The prehash takes the raw request target (path and query exactly as on the wire) and the exact body
+    bytes, and the timestamp is OKX time from the shared ServerClock, read at the moment of signing.
+    """
+
+    requires_request_body = True
+
+    def __init__(self, store: CredentialStore, clock: ServerClock) -> None:
+        self._store = store
+        self._clock = clock
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        creds = self._store.current()
+        timestamp = rest_timestamp(self._clock.now_ms())
+        request_path = request.url.raw_path.decode("ascii")
+        body = request.content.decode("utf-8")
+        request.headers["OK-ACCESS-KEY"] = creds.api_key.reveal()
+        request.headers["OK-ACCESS-SIGN"] = rest_sign(creds.secret.reveal(), timestamp, request.method,
+                                                      request_path, body)
+        request.headers["OK-ACCESS-TIMESTAMP"] = timestamp
+        request.headers["OK-ACCESS-PASSPHRASE"] = creds.passphrase.reveal()
+        yield request
+
+
+# --------------------------------------------------------------------------------------------- client
+
+
+class RestTransportError(IngestError):
+    """No usable answer from OKX (timeout, refused connection, broken stream) after the allowed attempts."""
+
+    retriable = True
+
+
+class _Kind(enum.Enum):
+    OK = enum.auto()
+    SLOW_DOWN = enum.auto()
+    SERVER = enum.auto()
+    CLOCK = enum.auto()
+    ENV = enum.auto()
+    AUTH = enum.auto()
+    FATAL = enum.auto()
+
+
+def _classify(http_status: int, env: Envelope) -> _Kind:
+    if env.code == "0" and 200 <= http_status < 300 and env.data is not None:
+        return _Kind.OK
+    if env.code in SLOW_DOWN_CODES or (http_status == 429 and env.code not in SERVER_FAILURE_CODES):
+        return _Kind.SLOW_DOWN
+    if env.code in SERVER_FAILURE_CODES or http_status >= 500:
+        return _Kind.SERVER
+    if env.code == codes.REST_TIMESTAMP_EXPIRED:
+        return _Kind.CLOCK
+    if env.code == codes.ENV_MISMATCH:
+        return _Kind.ENV
+    if env.code in AUTH_FAILURE_CODES:
+        return _Kind.AUTH
+    return _Kind.FATAL
+
+
+@dataclass(frozen=True, slots=True)
+class RestStats:
+    """Counters for metrics and health: requests by (endpoint, code), retries, limiter waits, breakers."""
+
+    requests: Mapping[tuple[str, str], int]
+    retries: Mapping[str, int]
+    limiter_wait_s: Mapping[str, float]
+    breakers: Mapping[str, BreakerState]
+    breaker_opened: Mapping[str, int]
+    in_flight: int
+
+
+@dataclass
+class _Counters:
+    requests: Counter[tuple[str, str]] = field(default_factory=Counter)
+    retries: Counter[str] = field(default_factory=Counter)
+    waits: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
+    in_flight: int = 0
+
+
+class OkxRestClient:
+    """The one REST client of the process: public and signed GETs with limits, retries and a breaker.
+
+    Use `from_settings` in the daemon; the constructor takes every collaborator explicitly so tests can
+    inject a transport, a limiter registry with fake time, or short windows.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: ServerClock,
+        credentials: CredentialStore | None = None,
+        environment: Environment = Environment.PRODUCTION,
+        base_url: str | None = None,
+        limits: LimitTable | None = None,
+        registry: LimiterRegistry | None = None,
+        timeout_s: float = 10.0,
+        max_attempts: int = 8,
+        retry_initial_s: float = 0.25,
+        retry_max_s: float = 10.0,
+        breaker_failures: int = 5,
+        breaker_cooldown_s: float = 30.0,
+        max_connections: int = 20,
+        keepalive_s: float = 30.0,
+        tls_spki_pins: tuple[str, ...] = (),
+        ssl_cafile: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        on_clock_expired: Callable[[], Awaitable[object]] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        if max_attempts <= 0:
+            raise ValueError("max_attempts must be > 0")
+        self.clock = clock
+        self.credentials = credentials
+        self.environment = environment
+        self.base_url = (base_url or REST_BASE).rstrip("/")
+        self.realm = realm_of(self.base_url)
+        self.limits = limits or LimitTable()
+        self.registry = registry or LimiterRegistry.default()
+        self.on_clock_expired = on_clock_expired
+        self._max_attempts = max_attempts
+        self._retry_initial = retry_initial_s
+        self._retry_max = retry_max_s
+        self._breaker_failures = breaker_failures
+        self._breaker_cooldown = breaker_cooldown_s
+        self._monotonic = monotonic
+        self._sleep = sleep
+        self._rand = rand
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self._counters = _Counters()
+        self._warned_unknown: set[str] = set()
+        headers = {"Accept": "application/json", "Content-Type": "application/json", "User-Agent": "okx-ingest"}
+        if environment is Environment.DEMO:
+            headers[DEMO_HEADER[0]] = DEMO_HEADER[1]
+        if transport is None:
+            transport = httpx.AsyncHTTPTransport(
+                verify=client_ssl_context(tls_spki_pins, cafile=ssl_cafile),
+                http1=True,
+                http2=False,
+                retries=0,
+                limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
+                                    keepalive_expiry=keepalive_s),
+            )
+        # trust_env=False: no proxy from the environment may route around the pinned TLS context.
+        # pool=None: admitted requests may queue for a connection; connect/read/write stay bounded.
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, transport=transport, headers=headers, trust_env=False, follow_redirects=False,
+            timeout=httpx.Timeout(timeout_s, pool=None),
+        )
+        self._auth = OkxAuth(credentials, clock) if credentials is not None else None
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        clock: ServerClock,
+        credentials: CredentialStore | None = None,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        registry: LimiterRegistry | None = None,
+        on_clock_expired: Callable[[], Awaitable[object]] | None = None,
+    ) -> OkxRestClient:
+        okx, bf = settings.okx, settings.backfill
+        return cls(
+            clock=clock, credentials=credentials, environment=okx.environment, base_url=okx.rest_base_url,
+            limits=LimitTable(share=okx.rest_limit_share), registry=registry, timeout_s=bf.request_timeout_s,
+            max_attempts=bf.max_attempts, retry_initial_s=bf.retry_initial_s, retry_max_s=bf.retry_max_s,
+            breaker_failures=bf.breaker_failures, breaker_cooldown_s=bf.breaker_cooldown_s,
+            max_connections=okx.rest_max_connections, keepalive_s=okx.rest_keepalive_s,
+            tls_spki_pins=tuple(okx.tls_spki_pins), transport=transport, on_clock_expired=on_clock_expired,
+        )
+
+    async def __aenter__(self) -> OkxRestClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # ---- public API
+
+    async def get(self, path: str, params: Mapping[str, QueryValue] | None = None, *,
+                  signed: bool | None = None) -> list[dict[str, object]]:
+        """GET `path` and return its `data` rows as objects; see `request` for errors."""
+        return (await self.request("GET", path, params, signed=signed)).records()
+
+    async def get_arrays(self, path: str, params: Mapping[str, QueryValue] | None = None, *,
+                         signed: bool | None = None) -> list[list[object]]:
+        """GET `path` whose rows are arrays (candles)."""
+        return (await self.request("GET", path, params, signed=signed)).arrays()
+
+    async def server_time_sample(self) -> OffsetSample:
+        """One `GET /api/v5/public/time` probe for the clock service (local send/receive times and OKX's ts)."""
+        response = await self.request("GET", TIME_PATH, signed=False)
+        rows = response.records()
+        ts = rows[0].get("ts") if rows else None
+        if not isinstance(ts, str) or not ts.isdigit():
+            raise ProtocolError(f"{TIME_PATH} returned no millisecond ts: {rows!r:.120}")
+        return OffsetSample(response.sent_ms, response.recv_ms, int(ts))
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        params: Mapping[str, QueryValue] | None = None,
+        *,
+        body: dict[str, object] | list[object] | None = None,
+        signed: bool | None = None,
+    ) -> RestResponse:
+        """Send one logical request (with retries) and return OKX's successful answer.
+
+        `signed` defaults to whether the endpoint is private. Raises OkxApiError (OKX said no; `retriable`
+        tells whether trying later may help), CredentialError (no key, wrong environment, auth paused),
+        CircuitOpenError, RestTransportError, or TlsPinError (never retried).
+        """
+        method = method.upper()
+        limit = self.limits.lookup(path)
+        if not self.limits.known(path) and path not in self._warned_unknown:
+            self._warned_unknown.add(path)
+            log.warning("rest_limit_unknown", extra={"path": path, "assumed_limit": limit.limit,
+                                                     "window_s": limit.window_s})
+        signed = limit.private if signed is None else signed
+        query = encode_query(params)
+        target = f"{path}?{query}" if query else path
+        content = orjson.dumps(body) if body is not None else b""
+        idempotent = method == "GET"
+        breaker = self._breaker(path)
+        delays = full_jitter(self._retry_initial, self._retry_max, rand=self._rand)
+        clock_resynced = False
+        attempt = 0
+        while True:
+            attempt += 1
+            key_hint, key_id = self._signing_identity(method, path) if signed else (None, "")
+            is_probe = breaker.before_call()
+            decided = False
+            try:
+                bucket = self.registry.bucket(self._bucket_key(path, limit, params, key_id), limit)
+                waited = await bucket.acquire()
+                self._counters.waits[path] += waited
+                self._counters.in_flight += 1
+                try:
+                    sent_ms = self.clock.local_ms()
+                    status, raw, okx_ts, failure = await self._exchange(method, target, content, signed)
+                    recv_ms = self.clock.local_ms()
+                finally:
+                    self._counters.in_flight -= 1
+                    bucket.release()
+                env = parse_envelope(status, raw) if failure is None else None
+                code = env.code if env is not None else (CODE_TIMEOUT if isinstance(failure, httpx.TimeoutException)
+                                                         else CODE_TRANSPORT)
+                self._counters.requests[(path, code)] += 1
+                self._audit(method, path, params, status, code, env, failure, sent_ms, recv_ms, attempt, waited,
+                            signed, key_hint, okx_ts)
+
+                if failure is not None:
+                    pin_error = find_pin_error(failure)
+                    if pin_error is not None:
+                        breaker.on_neutral(is_probe)
+                        decided = True
+                        raise pin_error from None
+                    breaker.on_failure()
+                    decided = True
+                    retry_ok = idempotent or isinstance(failure, httpx.ConnectError | httpx.ConnectTimeout)
+                    if not retry_ok or attempt >= self._max_attempts:
+                        raise RestTransportError(
+                            f"no answer from OKX for {method} {path} after {attempt} attempt(s): "
+                            f"{type(failure).__name__}: {failure}; check the network and OKX's status"
+                        ) from failure
+                    await self._retry_pause(path, next(delays))
+                    continue
+
+                assert env is not None
+                kind = _classify(status, env)
+                if kind is _Kind.OK:
+                    breaker.on_success()
+                    decided = True
+                    if signed and self.credentials is not None:
+                        self.credentials.record_auth_success()
+                    assert env.data is not None
+                    return RestResponse(method, path, status, env.data, sent_ms, recv_ms)
+                if kind is _Kind.SLOW_DOWN:
+                    breaker.on_neutral(is_probe)
+                    decided = True
+                    # OKX counts more than we do (another process on this IP or key): pause the whole budget
+                    # past the window in which the refusal was counted, then retry with jitter on top.
+                    bucket.hold(limit.window_s)
+                    if attempt >= self._max_attempts:
+                        raise self._api_error(env, status, retriable=True)
+                    await self._retry_pause(path, limit.window_s + next(delays))
+                    continue
+                if kind is _Kind.SERVER:
+                    breaker.on_failure()
+                    decided = True
+                    if not idempotent or attempt >= self._max_attempts:
+                        raise self._api_error(env, status, retriable=True)
+                    await self._retry_pause(path, next(delays))
+                    continue
+                # The endpoint answered: it is healthy, whatever it thinks of us.
+                breaker.on_success()
+                decided = True
+                if kind is _Kind.CLOCK and not clock_resynced and self.on_clock_expired is not None:
+                    clock_resynced = True
+                    log.warning("rest_clock_expired", extra={"path": path, "offset_ms": self.clock.offset_ms,
+                                                             "action": "resync the clock and retry once"})
+                    await self.on_clock_expired()
+                    self._counters.retries[path] += 1
+                    continue
+                if signed and kind in (_Kind.CLOCK, _Kind.ENV, _Kind.AUTH) and self.credentials is not None:
+                    self.credentials.record_auth_failure(env.code)
+                if kind is _Kind.ENV:
+                    raise self._environment_error(env)
+                if kind is _Kind.CLOCK:
+                    raise OkxApiError(env.code, f"{env.msg} (the request's OKX-time timestamp was more than 30 s "
+                                      "off OKX's clock even after a resync: fix the host clock with NTP)",
+                                      http_status=status, retriable=False)
+                raise self._api_error(env, status, retriable=False)
+            finally:
+                if not decided:  # cancelled or failed before an outcome: free the probe slot
+                    breaker.on_neutral(is_probe)
+
+    def stats(self) -> RestStats:
+        c = self._counters
+        return RestStats(
+            requests=dict(c.requests), retries=dict(c.retries), limiter_wait_s=dict(c.waits),
+            breakers={p: b.state for p, b in self._breakers.items()},
+            breaker_opened={p: b.opened_total for p, b in self._breakers.items()}, in_flight=c.in_flight,
+        )
+
+    def breaker_state(self, path: str) -> BreakerState:
+        return self._breaker(path).state
+
+    # ---- internals
+
+    def _breaker(self, path: str) -> CircuitBreaker:
+        found = self._breakers.get(path)
+        if found is None:
+            found = self._breakers[path] = CircuitBreaker(path, self._breaker_failures, self._breaker_cooldown,
+                                                          self._monotonic)
+        return found
+
+    def _signing_identity(self, method: str, path: str) -> tuple[str, str]:
+        if self.credentials is None:
+            raise CredentialError(
+                f"{method} {path} is a private endpoint and needs an API key: set OKX_API_KEY, OKX_API_SECRET "
+                "and OKX_API_PASSPHRASE (or their *_FILE variants)"
+            )
+        self.credentials.check_auth_allowed()
+        creds = self.credentials.current()
+        return creds.key_hint, creds.key_id
+
+    def _bucket_key(self, path: str, limit: EndpointLimit, params: Mapping[str, QueryValue] | None,
+                    key_id: str) -> BucketKey:
+        if limit.scope is Scope.USER:
+            return BucketKey(Scope.USER, self.realm, path, key_id)
+        if limit.scope is Scope.IP_INST_TYPE:
+            inst_type = (params or {}).get("instType")
+            return BucketKey(Scope.IP_INST_TYPE, self.realm, path, str(inst_type or ""))
+        return BucketKey(Scope.IP, self.realm, path)
+
+    async def _exchange(
+        self, method: str, target: str, content: bytes, signed: bool
+    ) -> tuple[int, bytes, str | None, httpx.HTTPError | None]:
+        """One HTTP round trip: (status, body, signed timestamp, transport failure)."""
+        request = self._http.build_request(method, target, content=content or None)
+        try:
+            response = await self._http.send(request, auth=self._auth if signed else None)
+        except httpx.TransportError as exc:
+            return 0, b"", None, exc
+        try:
+            okx_ts = response.request.headers.get("OK-ACCESS-TIMESTAMP")
+            return response.status_code, response.content, okx_ts, None
+        finally:
+            await response.aclose()
+
+    async def _retry_pause(self, path: str, delay: float) -> None:
+        self._counters.retries[path] += 1
+        await self._sleep(delay)
+
+    def _api_error(self, env: Envelope, status: int, *, retriable: bool) -> OkxApiError:
+        msg = env.msg or "(no message)"
+        fix = AUTH_FIXES.get(env.code)
+        if fix is not None:
+            msg = f"{msg} ({fix})"
+        return OkxApiError(env.code, msg, http_status=status, retriable=retriable)
+
+    def _environment_error(self, env: Envelope) -> CredentialError:
+        mode, other = (("demo", "live") if self.environment is Environment.DEMO else ("live", "demo"))
+        return CredentialError(
+            f"OKX answered {env.code} ({env.msg or 'APIKey does not match current environment'}): this key "
+            f"belongs to the other environment (demo vs live). okx-ingest runs in {mode} mode, the key was "
+            f"created for {other} trading: use a key made in {mode} trading, or set okx.environment to "
+            f"{'production' if other == 'live' else 'demo'}"
+        )
+
+    def _audit(
+        self, method: str, path: str, params: Mapping[str, QueryValue] | None, status: int, code: str,
+        env: Envelope | None, failure: BaseException | None, sent_ms: int, recv_ms: int, attempt: int,
+        waited_s: float, signed: bool, key_hint: str | None, okx_ts: str | None,
+    ) -> None:
+        extra: dict[str, object] = {
+            "method": method,
+            "path": path,
+            "params": {k: v for k, v in (params or {}).items() if v is not None},
+            "http_status": status or None,
+            "okx_code": code,
+            "duration_ms": recv_ms - sent_ms,
+            "started_at": rest_timestamp(sent_ms),
+            "finished_at": rest_timestamp(recv_ms),
+            "attempt": attempt,
+            "limiter_wait_ms": round(waited_s * 1000, 3),
+            "signed": signed,
+        }
+        if env is not None and env.code != "0":
+            extra["okx_msg"] = env.msg[:200]
+        if failure is not None:
+            extra["error"] = f"{type(failure).__name__}: {failure}"[:300]
+        if signed:
+            extra["key_hint"] = key_hint
+            extra["okx_ts"] = okx_ts
+        log.info("rest_request", extra=extra)
