@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from ingest.io.broker import EmbeddedBroker
+from ingest.sim import SimConfig, SimServer
 
 SHARED_OKX = Path(__file__).resolve().parents[1].parent / "shared" / "okx"
 
@@ -101,3 +103,13 @@ def topic_prefix(request: pytest.FixtureRequest) -> str:
     """A topic prefix unique to the test, so tests sharing the session broker never see each other's data."""
     name = "".join(c if c.isalnum() else "-" for c in request.node.name)[:40]
     return f"t{abs(hash(request.node.nodeid)) % 10**8}-{name}."
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[SimServer]:
+    """The OKX simulator in manual mode (tests drive it with `await sim.tick(n)`), on a free loopback port, with
+    credentials generated for this test only (`sim.config.api_key` / `api_secret` / `passphrase`)."""
+    config = SimConfig(api_key=secrets.token_hex(16), api_secret=secrets.token_hex(32),
+                       passphrase=secrets.token_hex(8), auto_tick_s=None)
+    async with SimServer(config, host="127.0.0.1", port=0) as server:
+        yield server
