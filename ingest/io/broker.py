@@ -60,6 +60,15 @@ async def _metadata_ok(host: str, port: int) -> bool:
             await admin.close()
 
 
+def _spawn(argv: list[str], log_path: Path | None) -> subprocess.Popen[bytes]:
+    """Start the broker process; Popen returns at once (fork+exec), so this is safe on the event loop."""
+    env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
+    if log_path is None:
+        return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env)
+    with open(log_path, "ab") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
 @dataclass
 class EmbeddedBroker:
     """One Tansu broker process on a loopback port; start() returns once it answers metadata."""
@@ -83,11 +92,7 @@ class EmbeddedBroker:
         url = f"tcp://{self.host}:{self.port}"
         argv = [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
                 "--storage-engine", "memory://tansu/"]
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
-        self._proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-        if out is not subprocess.DEVNULL:
-            out.close()
+        self._proc = _spawn(argv, self.log_path)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
