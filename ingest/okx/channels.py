@@ -19,7 +19,7 @@ class Endpoint(enum.StrEnum):
 CANDLE_BARS: frozenset[str] = frozenset(
     {
         "3M", "1M", "1W", "1D", "2D", "3D", "5D", "12H", "6H", "4H", "2H", "1H", "30m", "15m", "5m", "3m", "1m", "1s",
-        "3Mutc", "1Mutc", "1Wutc", "1Dutc", "2Dutc", "3Dutc", "5Dutc", "12Hutc", "6Hutc",
+        "3Mutc", "1Mutc", "1Wutc", "1Dutc", "2Dutc", "3Dutc", "5Dutc", "12Hutc", "6Hutc", "1Yutc",
     }
 )
 _CANDLE_RE = re.compile(r"^(candle|mark-price-candle|index-candle)(?P<bar>[0-9A-Za-z]+)$")

@@ -1,0 +1,345 @@
+"""The data pipeline: every inbound frame becomes records on Kafka, a dead letter, or a counted event.
+
+One task owns all per-shard stream state (books, gap tracker, stream owners, order dedupe) and consumes
+the single queue the WebSocket layer fills, so frames and connection events are seen in exactly the
+order they happened; that order is what makes gap bounds and the 64008 cut-over dedupe right. The
+pure core decides everything; this module only wires it and awaits the outlet (back-pressure).
+
+Per frame: raw record (optional) -> normalize -> for each unit (one trade, one book message, or one
+push otherwise): stream ownership (drop duplicates of an overlap) -> book check (drop deltas of a broken
+book, ask for a resubscribe) -> private dedupe (OKX's repeated order pushes) -> encode -> outlet; gap
+events are published as soon as the tracker closes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ingest.core.avro import RecordEncoder
+from ingest.core.books import BookMessage, BookSet, VerdictKind
+from ingest.core.events import Inbound, InboundFrame, LinkEvent, LinkEventKind, Resubscriber
+from ingest.core.gaps import Gap, GapTracker
+from ingest.core.normalize import BookPush, OkxEvent, RecordPush, TradePush, normalize, raw_frame
+from ingest.core.orders import BoundedSeen, OrderPush, OrderPushDedupe
+from ingest.core.records import (
+    AlgoOrder,
+    BookAction,
+    BookUpdate,
+    DeadLetter,
+    Fill,
+    GapEvent,
+    GapStatus,
+    OkxRecord,
+    Order,
+    Record,
+    StreamPosition,
+    Trade,
+)
+from ingest.core.records import GapKind as RecordGapKind
+from ingest.core.streams import Position, StreamOwners
+from ingest.io.sink import EncodedRecord
+from ingest.okx.channels import INCREMENTAL_BOOK_CHANNELS, SubArg
+
+log = logging.getLogger(__name__)
+
+
+class Outlet(Protocol):
+    """Where encoded records go (io/delivery.Delivery); `put` waits when the outlet is full."""
+
+    async def put(self, record: EncodedRecord) -> None: ...
+
+
+@dataclass
+class PipelineStats:
+    """Counters for metrics and tests; plain ints so the hot path pays nothing for them."""
+
+    frames: int = 0
+    link_events: int = 0
+    records: Counter[str] = field(default_factory=Counter)
+    dead_letters: Counter[str] = field(default_factory=Counter)
+    events: Counter[str] = field(default_factory=Counter)
+    okx_errors: Counter[str] = field(default_factory=Counter)
+    gaps: Counter[str] = field(default_factory=Counter)
+    book_resets: int = 0
+    book_breaks: int = 0
+    book_deltas_dropped: int = 0
+    overlap_duplicates_dropped: int = 0
+    private_repeats_dropped: int = 0
+    resubscribes_requested: int = 0
+    last_frame_ns: int = 0
+
+
+def _position(pos: Position | None) -> StreamPosition | None:
+    if pos is None:
+        return None
+    return StreamPosition(ts=pos.ts, trade_id=pos.trade_id, seq_id=pos.seq_id)
+
+
+def gap_record(gap: Gap, shard: str) -> GapEvent:
+    """The `okx.gaps` record of a gap the tracker found; status open until the backfill worker fills it."""
+    return GapEvent(
+        gap_id=gap.gap_id,
+        kind=RecordGapKind(gap.kind.value),
+        status=GapStatus.OPEN,
+        reason=gap.reason,
+        channel=gap.channel,
+        inst_id=gap.inst_id,
+        inst_type=gap.inst_type,
+        before=_position(gap.before),
+        after=_position(gap.after),
+        opened_ts_ns=gap.opened_ts_ns,
+        detected_ts_ns=gap.detected_ts_ns,
+        conn_id=gap.conn_before,
+        conn_after=gap.conn_after,
+        shard=shard,
+    )
+
+
+def _book_message(rec: BookUpdate) -> BookMessage:
+    return BookMessage(
+        snapshot=rec.action is BookAction.SNAPSHOT,
+        bids=rec.bids,
+        asks=rec.asks,
+        ts=rec.ts,
+        checksum=rec.checksum,
+        seq_id=rec.seq_id,
+        prev_seq_id=rec.prev_seq_id,
+    )
+
+
+def _order_push(rec: Order | AlgoOrder) -> OrderPush:
+    if isinstance(rec, Order):
+        return OrderPush(
+            inst_id=rec.inst_id or "", ord_id=rec.ord_id, state=rec.state or "", u_time=int(rec.u_time or 0),
+            trade_id=rec.trade_id or "", acc_fill_sz=rec.acc_fill_sz or "", px=rec.px or "", sz=rec.sz or "",
+            req_id=rec.req_id or "", amend_result=rec.amend_result or "", code=rec.code or "",
+            detail=(rec.tp_trigger_px or "", rec.sl_trigger_px or "", rec.fill_sz or "", rec.avg_px or ""),
+        )
+    return OrderPush(
+        inst_id=rec.inst_id or "", ord_id=f"algo:{rec.algo_id}", state=rec.state or "", u_time=int(rec.u_time or 0),
+        sz=rec.sz or "", req_id=rec.req_id or "", amend_result=rec.amend_result or "", code=rec.fail_code or "",
+        detail=(rec.trigger_px or "", rec.tp_trigger_px or "", rec.sl_trigger_px or "", rec.actual_sz or "",
+                rec.actual_px or "", rec.ord_px or ""),
+    )
+
+
+#: A unit of stream ownership: the records that share one fate (one trade, or one push's records).
+Unit = tuple[OkxRecord, ...]
+
+
+class Pipeline:
+    """Consumes the shard's inbound queue; see the module docstring for the path of a frame."""
+
+    def __init__(
+        self,
+        inbox: asyncio.Queue[Inbound],
+        outlet: Outlet,
+        encoder: RecordEncoder,
+        *,
+        resubscriber: Resubscriber | None = None,
+        shard: str = "0",
+        publish_raw: bool = True,
+        now_ns: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.inbox = inbox
+        self._outlet = outlet
+        self._encoder = encoder
+        self._resubscriber = resubscriber
+        self.shard = shard
+        self._publish_raw = publish_raw
+        self._now_ns = now_ns
+        self.stats = PipelineStats()
+        self._books = BookSet()
+        self._gaps = GapTracker()
+        self._owners: StreamOwners[Unit] = StreamOwners()
+        self._orders = OrderPushDedupe()
+        self._fills: BoundedSeen[tuple[str, str]] = BoundedSeen(500_000, 7 * 24 * 3600 * 1000)
+        self._out: list[Record] = []
+
+    # ---- driving ------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Process the queue until cancelled; an item is fully published before the next is taken."""
+        while True:
+            item = await self.inbox.get()
+            try:
+                await self.handle(item)
+            finally:
+                self.inbox.task_done()
+
+    async def drain(self) -> int:
+        """Process whatever is queued now (shutdown: after the sockets are closed); returns how many."""
+        n = 0
+        while True:
+            try:
+                item = self.inbox.get_nowait()
+            except asyncio.QueueEmpty:
+                return n
+            try:
+                await self.handle(item)
+                n += 1
+            finally:
+                self.inbox.task_done()
+
+    def open_gaps(self) -> list[Gap]:
+        """Gaps not yet closed by data (reported at shutdown)."""
+        return self._gaps.open_gaps(self._now_ns())
+
+    async def handle(self, item: Inbound) -> None:
+        """One frame or link event; never raises for bad data (bugs in a handler cost one frame, logged)."""
+        out = self._out
+        out.clear()
+        try:
+            if isinstance(item, InboundFrame):
+                self._frame(item)
+            else:
+                self._link(item)
+        except Exception:
+            # A bug must not stop the recorder; the frame is still in okx.raw (published first) for re-normalizing.
+            log.exception("pipeline_item_failed", extra={"item": type(item).__name__})
+        records = self.stats.records
+        for rec in out:
+            records[rec.TOPIC.value] += 1
+            await self._outlet.put(self._encoder.encode(rec))
+        out.clear()
+
+    # ---- link events ----------------------------------------------------------------------------------
+
+    def _link(self, ev: LinkEvent) -> None:
+        self.stats.link_events += 1
+        owned_before = {arg: self._owners.owner(arg) for arg in ev.args}
+        for offer in self._owners.on_link_event(ev):
+            if offer.handover is not None:
+                self._gaps.on_handover(offer.handover)
+            for unit in offer.emit:
+                self._publish_unit(offer.arg, unit)
+        if ev.kind is LinkEventKind.DISCONNECTED:
+            for arg in ev.args:
+                # Only the owner's loss invalidates the book: after a cut-over the old connection's end is harmless.
+                if arg.channel in INCREMENTAL_BOOK_CHANNELS and owned_before.get(arg) in (ev.conn, None):
+                    self._books.invalidate(arg)
+        for gap in self._gaps.on_link_event(ev):
+            self._gap(gap)
+        if ev.kind in (LinkEventKind.DISCONNECTED, LinkEventKind.SUBSCRIBE_FAILED, LinkEventKind.NOTICE):
+            log.info("link_event", extra={"kind": ev.kind.value, "conn": ev.conn, "args": len(ev.args),
+                                          "code": ev.code, "reason": ev.reason})
+
+    # ---- frames ---------------------------------------------------------------------------------------
+
+    def _frame(self, frame: InboundFrame) -> None:
+        self.stats.frames += 1
+        self.stats.last_frame_ns = frame.recv_ts_ns
+        if self._publish_raw:
+            self._out.append(raw_frame(frame))
+        result = normalize(frame)
+        if isinstance(result, TradePush):
+            self._trades(frame, result)
+        elif isinstance(result, BookPush):
+            for rec in result.records:
+                pos = Position(rec.ts, None, rec.seq_id)
+                self._offer(result.arg, frame, pos, (rec,), snapshot=rec.action is BookAction.SNAPSHOT)
+        elif isinstance(result, RecordPush):
+            if result.records:
+                ts = max(r.ts for r in result.records)
+                self._offer(result.arg, frame, Position(ts, None, None), result.records)
+        elif isinstance(result, OkxEvent):
+            self._event(result)
+        else:
+            self._dead(result)
+
+    def _trades(self, frame: InboundFrame, push: TradePush) -> None:
+        for rec, ref in zip(push.records, push.refs, strict=True):
+            self._offer(push.arg, frame, Position(ref.ts, ref.trade_id, ref.seq_id), (rec,))
+
+    def _offer(self, arg: SubArg, frame: InboundFrame, pos: Position, unit: Unit, *, snapshot: bool = False) -> None:
+        offer = self._owners.offer(arg, frame.conn, pos, unit, ts_ns=frame.recv_ts_ns, snapshot=snapshot)
+        self.stats.overlap_duplicates_dropped += offer.dropped
+        if offer.handover is not None:
+            self._gaps.on_handover(offer.handover)
+        for emitted in offer.emit:
+            self._publish_unit(arg, emitted)
+
+    def _publish_unit(self, arg: SubArg, unit: Unit) -> None:
+        """A unit that stream ownership let through: check books, dedupe private repeats, publish, track gaps."""
+        first = unit[0]
+        conn = first.conn_id or ""
+        if isinstance(first, BookUpdate):
+            verdict = self._books.apply(arg, _book_message(first))
+            if verdict.kind is VerdictKind.RESET:
+                self.stats.book_resets += 1
+                log.info("book_sequence_reset", extra={"arg": str(arg), "from": verdict.reset_from,
+                                                       "to": first.seq_id})
+            if not verdict.accepted:
+                if verdict.broken is not None:
+                    self.stats.book_breaks += 1
+                    self._gaps.on_book_break(arg, conn, first.recv_ts_ns, verdict.broken)
+                    log.warning("book_broken", extra={"arg": str(arg), "kind": verdict.broken.kind.value,
+                                                      "expected": verdict.broken.expected,
+                                                      "got": verdict.broken.got, "conn": conn})
+                    self._resubscribe(arg, f"book {verdict.broken.kind.value}")
+                else:
+                    self.stats.book_deltas_dropped += 1
+                return
+            pos = Position(first.ts, None, first.seq_id)
+            self._out.append(first)
+            self._track(arg, conn, pos, first, snapshot=first.action is BookAction.SNAPSHOT)
+            return
+        if isinstance(first, Trade):
+            self._out.append(first)
+            count = int(first.count) if first.count else 1
+            self._track(arg, conn, Position(first.ts, int(first.trade_id), first.seq_id), first, count=count)
+            return
+        kept = [r for r in unit if self._private_first_time(r)]
+        if not kept:
+            return
+        self._out.extend(kept)
+        self._track(arg, conn, Position(max(r.ts for r in unit), None, None), first)
+
+    def _track(self, arg: SubArg, conn: str, pos: Position, rec: OkxRecord, *, snapshot: bool = False,
+               count: int = 1) -> None:
+        for gap in self._gaps.on_record(arg, conn, pos, rec.recv_ts_ns, count=count, snapshot=snapshot,
+                                        inst_type=rec.inst_type):
+            self._gap(gap)
+
+    def _private_first_time(self, rec: OkxRecord) -> bool:
+        """OKX's repeated-push rules for orders/algo orders, and each fill once (SPEC 6)."""
+        if isinstance(rec, Order | AlgoOrder):
+            if self._orders.accept(_order_push(rec), rec.ts).keep:
+                return True
+        elif isinstance(rec, Fill):
+            if self._fills.first_time((rec.inst_id or "", rec.trade_id), rec.ts):
+                return True
+        else:
+            return True
+        self.stats.private_repeats_dropped += 1
+        return False
+
+    def _resubscribe(self, arg: SubArg, reason: str) -> None:
+        if self._resubscriber is not None:
+            self.stats.resubscribes_requested += 1
+            self._resubscriber.request_resubscribe(arg, reason)
+
+    def _gap(self, gap: Gap) -> None:
+        self.stats.gaps[gap.kind.value] += 1
+        log.warning("gap_detected", extra={"gap_id": gap.gap_id, "kind": gap.kind.value, "channel": gap.channel,
+                                           "inst_id": gap.inst_id, "reason": gap.reason,
+                                           "open": gap.after is None})
+        self._out.append(gap_record(gap, self.shard))
+
+    def _event(self, ev: OkxEvent) -> None:
+        self.stats.events[ev.event] += 1
+        if ev.event == "error":
+            self.stats.okx_errors[ev.code or "?"] += 1
+
+    def _dead(self, dead: DeadLetter) -> None:
+        self.stats.dead_letters[dead.reason_code.value] += 1
+        log.warning("dead_letter", extra={"reason_code": dead.reason_code.value, "reason": dead.reason,
+                                          "conn": dead.conn_id, "recv_seq": dead.recv_seq, "channel": dead.channel})
+        self._out.append(dead)
+
