@@ -1,0 +1,475 @@
+"""The one owner of every task of the recorder: build from Settings, run, watch, shut down in order.
+
+Start-up: embedded broker (if configured) -> credentials -> REST client and clock -> key permissions ->
+Kafka sink, topics and delivery (journal recovered first) -> pipeline -> WebSocket connections -> health.
+Shutdown (SIGTERM/SIGINT): close the sockets after every received frame is queued, let the pipeline
+publish all of it, flush delivery to Kafka (or leave it journaled), then stop the broker. SIGHUP re-reads
+credentials. Any task that dies unexpectedly ends the process with a non-zero code so systemd or
+Kubernetes restarts it; nothing fails silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client.core import Metric
+
+from ingest import __version__
+from ingest.config import Settings
+from ingest.core.avro import RecordEncoder
+from ingest.core.clock import ServerClock
+from ingest.core.events import Inbound
+from ingest.core.records import RECORD_TYPES, TopicKind, topic_name
+from ingest.credentials import CredentialFileWatcher, CredentialStore
+from ingest.errors import IngestError
+from ingest.io.broker import EmbeddedBroker
+from ingest.io.delivery import Delivery
+from ingest.io.kafka import KafkaSink
+from ingest.io.rest import OkxRestClient
+from ingest.obs.health import HealthServer, Readiness
+from ingest.obs.logging import setup_logging
+from ingest.obs.metrics import counter, gauge, new_registry
+from ingest.obs.redact import REDACTOR
+from ingest.obs.sentry import init_sentry
+from ingest.okx.channels import SubArg
+from ingest.services.clock import ClockService
+from ingest.services.connections import ConnectionManager, subscription_arg
+from ingest.services.permissions import check_key_permissions
+from ingest.services.pipeline import Pipeline
+
+log = logging.getLogger("ingest.supervisor")
+
+#: Private args recorded when `okx.private = true` (fills needs VIP4+, so it is opt-in via subscriptions).
+PRIVATE_ARGS: tuple[SubArg, ...] = (
+    SubArg("orders", inst_type="ANY"),
+    SubArg("positions", inst_type="ANY"),
+    SubArg("account"),
+    SubArg("balance_and_position"),
+    SubArg("orders-algo", inst_type="ANY"),
+)
+
+
+#: Frames and link events between the sockets and the pipeline; small, because the delivery queue and the
+#: journal behind the pipeline are where records wait, and a full inbox slows the sockets (back-pressure).
+INBOX_SIZE = 10_000
+#: Tasks whose end (even without an exception) means the recorder no longer records.
+ESSENTIAL_TASKS = frozenset({"pipeline", "connections"})
+
+
+def wanted_args(settings: Settings) -> list[SubArg]:
+    """Every arg this shard records: configured subscriptions, plus the private set when enabled."""
+    args = [subscription_arg(s) for s in settings.okx.all_subscriptions()]
+    if settings.okx.private:
+        args += [a for a in PRIVATE_ARGS if a not in args]
+    return args
+
+
+def all_topics(prefix: str) -> list[str]:
+    return [topic_name(prefix, kind) for kind in TopicKind]
+
+
+@dataclass
+class _Parts:
+    """What a running daemon is made of (None until started)."""
+
+    broker: EmbeddedBroker | None = None
+    store: CredentialStore | None = None
+    rest: OkxRestClient | None = None
+    clock_service: ClockService | None = None
+    delivery: Delivery | None = None
+    pipeline: Pipeline | None = None
+    manager: ConnectionManager | None = None
+    health: HealthServer | None = None
+    extra_tasks: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
+
+
+class Daemon:
+    """One recorder process (one shard). `run(stop)` returns the exit code."""
+
+    def __init__(self, settings: Settings, *, env: Mapping[str, str] | None = None) -> None:
+        self.settings = settings
+        self._env = env
+        self.parts = _Parts()
+        self.registry, self._collector = new_registry()
+        self.started = asyncio.Event()
+        self.bootstrap_servers: str | None = None
+        self._args = wanted_args(settings)
+
+    # ---- start-up -------------------------------------------------------------------------------------
+
+    def _needs_credentials(self) -> bool:
+        return self.settings.okx.private or any(a.needs_login for a in self._args)
+
+    async def _start_broker(self) -> str:
+        kafka = self.settings.kafka
+        if not kafka.embedded:
+            return kafka.bootstrap_servers
+        broker = EmbeddedBroker(port=kafka.embedded_port)
+        await broker.start()
+        self.parts.broker = broker
+        log.warning("embedded_broker_started", extra={
+            "bootstrap": broker.bootstrap_servers,
+            "note": "memory only: everything recorded is lost when the process stops; "
+                    "set kafka.bootstrap_servers to a real Kafka for production"})
+        return broker.bootstrap_servers
+
+    def _start_credentials(self) -> CredentialStore | None:
+        if not self._needs_credentials():
+            return None
+        store = CredentialStore.from_settings(self.settings.okx, env=self._env)
+        REDACTOR.set_secrets(store.current().values())
+        log.info("credentials_loaded", extra={"key": store.current().key_hint})
+        return store
+
+    async def _check_permissions(self, rest: OkxRestClient) -> None:
+        """Refuse an over-privileged key before anything private connects; retried while OKX is unreachable."""
+        delay = 1.0
+        while True:
+            try:
+                await check_key_permissions(rest, self.settings.okx)
+                return
+            except IngestError as exc:
+                if not exc.retriable:
+                    raise
+                log.warning("key_permissions_unverified", extra={"error": str(exc), "retry_in_s": delay})
+            await asyncio.sleep(delay)  # waiting out an unreachable OKX, not synchronising tasks
+            delay = min(delay * 2, 60.0)
+
+    async def _start(self) -> None:
+        s = self.settings
+        p = self.parts
+        self.bootstrap_servers = await self._start_broker()
+        p.store = self._start_credentials()
+        clock = ServerClock(lambda: time.time_ns() // 1_000_000)
+        p.rest = OkxRestClient.from_settings(s, clock, p.store)
+        p.clock_service = ClockService.from_settings(p.rest, clock, s.obs)
+        p.rest.on_clock_expired = p.clock_service.resync
+        try:
+            await p.clock_service.measure()
+        except IngestError as exc:
+            log.warning("clock_unmeasured", extra={"error": str(exc), "note": "retrying in the background"})
+        if p.store is not None and s.okx.private:
+            await self._check_permissions(p.rest)
+
+        encoder = RecordEncoder(s.kafka.topic_prefix)
+        if s.kafka.schema_registry_url:
+            encoder = RecordEncoder(s.kafka.topic_prefix, schema_ids=await _register_schemas(s, encoder))
+        sink = KafkaSink(s.kafka, bootstrap_servers=self.bootstrap_servers, topics=all_topics(s.kafka.topic_prefix))
+        # The journal is per shard: replicas sharing a volume never replay each other's records.
+        journal = s.journal.model_copy(update={"dir": s.journal.dir / s.shard})
+        p.delivery = Delivery.from_settings(sink, journal, s.kafka)
+        await p.delivery.start()
+
+        inbox: asyncio.Queue[Inbound] = asyncio.Queue(maxsize=INBOX_SIZE)
+        p.manager = ConnectionManager(s.okx, s.ws, inbox, credentials=p.store, clock=clock,
+                                      resync_clock=p.clock_service.resync, args=self._args)
+        p.pipeline = Pipeline(inbox, p.delivery, encoder, resubscriber=p.manager, shard=s.shard,
+                              publish_raw=s.kafka.publish_raw)
+        self._register_metrics()
+        p.health = HealthServer(self.registry, self.readiness, s.obs.metrics_host, s.obs.metrics_port)
+        await p.health.start()
+
+    # ---- running --------------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> int:
+        """Start, run until `stop` is set or a task dies, shut down in order; the exit code."""
+        try:
+            await self._start()
+        except IngestError as exc:
+            log.error("startup_failed", extra={"error": str(exc)})
+            await self._close_rest_and_broker()
+            return 2
+        p = self.parts
+        assert p.manager is not None and p.pipeline is not None and p.clock_service is not None
+        reload = asyncio.Event()
+        tasks: dict[str, asyncio.Task[None]] = {
+            "pipeline": asyncio.create_task(p.pipeline.run(), name="pipeline"),
+            "connections": asyncio.create_task(p.manager.run(), name="connections"),
+            "clock": asyncio.create_task(p.clock_service.run(), name="clock"),
+        }
+        if p.store is not None:
+            tasks["credential-files"] = asyncio.create_task(
+                CredentialFileWatcher(p.store, self.settings.okx.credential_poll_s).run(), name="credential-files")
+            tasks["credential-reload"] = asyncio.create_task(self._reload_loop(p.store, reload), name="reload")
+            tasks["redactor"] = asyncio.create_task(self._redactor_loop(p.store), name="redactor")
+        for i, extra in enumerate(p.extra_tasks):
+            tasks[f"extra-{i}"] = asyncio.create_task(extra(), name=f"extra-{i}")
+        self._install_signals(stop, reload)
+        log.info("daemon_started", extra={"shard": self.settings.shard, "version": __version__,
+                                          "connections": len(p.manager.connections), "args": len(self._args),
+                                          "kafka": self.bootstrap_servers})
+        self.started.set()
+        stopper = asyncio.create_task(stop.wait(), name="stop")
+        code = await self._watch(stopper, tasks)
+        await self._shutdown(tasks)
+        stopper.cancel()
+        self._remove_signals()
+        log.info("daemon_stopped", extra={"exit_code": code})
+        return code
+
+    async def _watch(self, stopper: asyncio.Task[bool], tasks: dict[str, asyncio.Task[None]]) -> int:
+        """Wait for the stop signal or a task that ends; returns the exit code it implies."""
+        names = {task: name for name, task in tasks.items()}
+        pending: set[asyncio.Task[Any]] = {stopper, *tasks.values()}
+        while True:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if stopper in done:
+                return 0
+            for task in done:
+                name = names[task]
+                died = None if task.cancelled() else task.exception()
+                if died is not None or name in ESSENTIAL_TASKS:
+                    log.error("task_died", extra={"task": name, "error": repr(died)}, exc_info=died)
+                    return 1
+                log.info("task_finished", extra={"task": name})
+
+    async def _shutdown(self, tasks: dict[str, asyncio.Task[None]]) -> None:
+        p = self.parts
+        assert p.pipeline is not None and p.delivery is not None
+        # 1. Sockets: the connection manager closes them after every received frame is in the queue.
+        await _cancel(tasks.pop("connections"))
+        # 2. The pipeline publishes everything queued (it keeps running while we wait for it).
+        pipeline_task = tasks.pop("pipeline")
+        if not pipeline_task.done():
+            try:
+                await asyncio.wait_for(p.pipeline.inbox.join(), self.settings.journal.close_timeout_s)
+            except TimeoutError:
+                log.error("pipeline_drain_timeout", extra={"left": p.pipeline.inbox.qsize()})
+        await _cancel(pipeline_task)
+        open_gaps = p.pipeline.open_gaps()
+        if open_gaps:
+            log.warning("open_gaps_at_shutdown", extra={"count": len(open_gaps),
+                                                        "streams": sorted({g.arg.__str__() for g in open_gaps})})
+        for task in tasks.values():
+            await _cancel(task)
+        # 3. Delivery: flush to Kafka, or leave the rest journaled for the next start.
+        await p.delivery.close()
+        log.info("delivery_closed", extra={"records_in": p.delivery.stats.records_in,
+                                           "records_out": p.delivery.stats.records_out,
+                                           "left_journaled": p.delivery.stats.journal_records})
+        if p.health is not None:
+            await p.health.stop()
+        await self._close_rest_and_broker()
+
+    async def _close_rest_and_broker(self) -> None:
+        p = self.parts
+        if p.delivery is not None:
+            await p.delivery.close()  # idempotent
+        if p.rest is not None:
+            await p.rest.aclose()
+        if p.broker is not None:
+            await p.broker.stop()
+
+    async def _reload_loop(self, store: CredentialStore, reload: asyncio.Event) -> None:
+        while True:
+            await reload.wait()
+            reload.clear()
+            changed = await store.reload()
+            log.info("credentials_reloaded", extra={"changed": changed, "key": store.current().key_hint})
+
+    async def _redactor_loop(self, store: CredentialStore) -> None:
+        """Mask new secrets as soon as any reload (SIGHUP or a changed file) brings them in."""
+        version = store.version
+        while True:
+            version = await store.wait_changed(version)
+            REDACTOR.set_secrets(store.current().values())
+
+    def _install_signals(self, stop: asyncio.Event, reload: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGTERM, stop.set)
+            loop.add_signal_handler(signal.SIGINT, stop.set)
+            loop.add_signal_handler(signal.SIGHUP, reload.set)
+
+    def _remove_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(sig)
+
+    # ---- health and metrics ---------------------------------------------------------------------------
+
+    def readiness(self) -> Readiness:
+        """Ready when data flows end to end; otherwise the reasons, for the operator."""
+        p = self.parts
+        reasons: list[str] = []
+        details: dict[str, object] = {}
+        if p.manager is not None:
+            status = p.manager.status()
+            details["connections_live"] = status.live
+            details["connections"] = {c.name: c.state.value for c in status.connections}
+            if status.live < len(status.connections):
+                reasons.append(f"{len(status.connections) - status.live} of {len(status.connections)} "
+                               "connections not live")
+            if status.stopped:
+                reasons.append(f"connections stopped for good: {status.stopped}")
+        if p.delivery is not None:
+            d = p.delivery.stats
+            details["journal_records"] = d.journal_records
+            if d.failed:
+                reasons.append(f"delivery failed: {d.last_error}")
+            elif not d.broker_up:
+                reasons.append("Kafka unreachable: recording to the journal")
+            if d.journal_full:
+                reasons.append("journal full: back-pressure on the sockets")
+        if p.clock_service is not None and p.clock_service.health().value == "fail":
+            reasons.append("clock offset to OKX above the limit: logins and signed requests fail (fix NTP)")
+        return Readiness(not reasons and p.manager is not None, tuple(reasons), details)
+
+    def _register_metrics(self) -> None:
+        self._collector.add(self._pipeline_metrics)
+        self._collector.add(self._connection_metrics)
+        self._collector.add(self._delivery_metrics)
+        self._collector.add(self._rest_metrics)
+
+    def _pipeline_metrics(self) -> Iterable[Metric]:
+        p = self.parts.pipeline
+        if p is None:
+            return []
+        st = p.stats
+        frames = counter("frames", "Frames received from OKX and processed")
+        frames.add_metric([], st.frames)
+        records = counter("records", "Records produced, by topic kind", ("topic",))
+        for topic, n in st.records.items():
+            records.add_metric([topic], n)
+        dead = counter("dead_letters", "Frames that could not become records, by reason", ("reason",))
+        for reason, n in st.dead_letters.items():
+            dead.add_metric([reason], n)
+        gaps = counter("gaps", "Gap events published, by kind", ("kind",))
+        for kind, n in st.gaps.items():
+            gaps.add_metric([kind], n)
+        okx_errors = counter("okx_errors", "Error events OKX sent, by code", ("code",))
+        for code, n in st.okx_errors.items():
+            okx_errors.add_metric([code], n)
+        book = counter("book_events", "Order-book integrity events", ("event",))
+        book.add_metric(["reset"], st.book_resets)
+        book.add_metric(["break"], st.book_breaks)
+        book.add_metric(["delta_dropped"], st.book_deltas_dropped)
+        book.add_metric(["resubscribe_requested"], st.resubscribes_requested)
+        dups = counter("duplicates_dropped", "Duplicates dropped, by cause", ("cause",))
+        dups.add_metric(["connection_overlap"], st.overlap_duplicates_dropped)
+        dups.add_metric(["private_repeat"], st.private_repeats_dropped)
+        inbox = gauge("inbox_depth", "Frames and events waiting for the pipeline")
+        inbox.add_metric([], p.inbox.qsize())
+        return [frames, records, dead, gaps, okx_errors, book, dups, inbox]
+
+    def _connection_metrics(self) -> Iterable[Metric]:
+        m = self.parts.manager
+        if m is None:
+            return []
+        status = m.status()
+        state = gauge("ws_connection_state", "1 for the state each connection is in", ("conn", "state"))
+        counters = {
+            "connects": counter("ws_connects", "WebSocket connects", ("conn",)),
+            "disconnects": counter("ws_disconnects", "WebSocket disconnects", ("conn",)),
+            "pong_timeouts": counter("ws_pong_timeouts", "Missing pongs that forced a reconnect", ("conn",)),
+            "login_failures": counter("ws_login_failures", "Failed logins (auth failures)", ("conn",)),
+            "subscribe_failures": counter("ws_subscribe_failures", "Args OKX refused", ("conn",)),
+            "resubscribes": counter("ws_resubscribes", "Single-arg resubscribes (book resyncs)", ("conn",)),
+            "notices": counter("ws_notices", "64008 service-upgrade notices", ("conn",)),
+            "requests": counter("ws_requests", "login/subscribe/unsubscribe requests sent", ("conn",)),
+        }
+        budget = gauge("ws_request_budget_remaining", "Requests left in the 480/hour window", ("conn",))
+        for c in status.connections:
+            state.add_metric([c.name, c.state.value], 1)
+            for attr, family in counters.items():
+                family.add_metric([c.name], getattr(c.counters, attr))
+            if c.budget_remaining is not None:
+                budget.add_metric([c.name], c.budget_remaining)
+        live = gauge("ws_connections_live", "Connections live")
+        live.add_metric([], status.live)
+        return [state, *counters.values(), budget, live]
+
+    def _delivery_metrics(self) -> Iterable[Metric]:
+        d = self.parts.delivery
+        if d is None:
+            return []
+        st = d.stats
+        out = counter("delivered_records", "Records acknowledged by Kafka")
+        out.add_metric([], st.records_out)
+        queued = gauge("delivery_queued", "Records in memory waiting for the journal")
+        queued.add_metric([], st.queued)
+        jr = gauge("journal_records", "Records journaled and not yet acknowledged by Kafka")
+        jr.add_metric([], st.journal_records)
+        jb = gauge("journal_bytes", "Journal segment bytes on disk")
+        jb.add_metric([], st.journal_bytes)
+        full = gauge("journal_full", "1 while the journal is full (back-pressure)")
+        full.add_metric([], int(st.journal_full))
+        up = gauge("broker_up", "1 while Kafka accepts writes")
+        up.add_metric([], int(st.broker_up))
+        errors = counter("delivery_errors", "Failed Kafka writes (retried unless permanent)")
+        errors.add_metric([], st.delivery_errors)
+        lag = gauge("delivery_lag_seconds", "Age of the oldest record not yet acknowledged by Kafka")
+        lag.add_metric([], st.drain_lag_s())
+        return [out, queued, jr, jb, full, up, errors, lag]
+
+    def _rest_metrics(self) -> Iterable[Metric]:
+        p = self.parts
+        out: list[Metric] = []
+        if p.rest is not None:
+            st = p.rest.stats()
+            req = counter("rest_requests", "REST requests by endpoint and OKX code", ("endpoint", "code"))
+            for (path, code), n in st.requests.items():
+                req.add_metric([path, code], n)
+            wait = counter("rest_limiter_wait_seconds", "Time spent waiting for rate-limit slots", ("endpoint",))
+            for path, s in st.limiter_wait_s.items():
+                wait.add_metric([path], s)
+            breaker = gauge("rest_breaker_open", "1 while an endpoint's circuit breaker is open", ("endpoint",))
+            for path, state in st.breakers.items():
+                breaker.add_metric([path], int(state.value != "closed"))
+            out += [req, wait, breaker]
+        if p.clock_service is not None:
+            cs = p.clock_service.status()
+            off = gauge("clock_offset_seconds", "OKX server time minus local time")
+            off.add_metric([], cs.offset_ms / 1000)
+            out.append(off)
+        if p.store is not None:
+            auth = counter("auth_failures", "Failed authentications against OKX")
+            auth.add_metric([], p.store.auth.status().failures_total)
+            out.append(auth)
+        return out
+
+
+async def _register_schemas(settings: Settings, encoder: RecordEncoder) -> dict[str, int]:
+    """Register every record schema under `<topic>-value` and return full name -> Schema Registry id."""
+    import orjson
+
+    from ingest.io.registry import SchemaRegistry
+
+    assert settings.kafka.schema_registry_url is not None
+    prefix = settings.kafka.topic_prefix
+    async with SchemaRegistry(settings.kafka.schema_registry_url) as registry:
+        return {
+            cls.AVRO_NAME: await registry.schema_id(
+                topic_name(prefix, cls.TOPIC), orjson.dumps(encoder.schemas[cls.AVRO_NAME].source).decode())
+            for cls in RECORD_TYPES
+        }
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    if not task.done():
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        try:
+            await task
+        except Exception:
+            log.exception("task_failed_during_shutdown", extra={"task": task.get_name()})
+
+
+def _configure_observability(settings: Settings) -> None:
+    setup_logging(settings.obs.log_level, settings.obs.log_format)
+    init_sentry(settings.obs.sentry_dsn, release=f"okx-ingest@{__version__}",
+                environment=settings.okx.environment.value)
+
+
+async def run_daemon(settings: Settings) -> int:
+    """`okx-ingest run`: the recorder until SIGTERM/SIGINT."""
+    _configure_observability(settings)
+    return await Daemon(settings).run(asyncio.Event())
