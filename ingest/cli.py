@@ -59,7 +59,7 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
     try:
         import uvloop
 
-        return uvloop.run(coro)  # type: ignore[no-any-return]
+        return uvloop.run(coro)
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         return asyncio.run(coro)
 
@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ingest.config import load_settings
 
         if args.command == "demo":
-            from ingest.supervisor import run_demo
+            from ingest.demo import run_demo
 
             return _run(run_demo(seconds=args.seconds))
         settings = load_settings(args.config)
@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return _run(run_daemon(settings))
         if args.command == "check":
-            from ingest.supervisor import check
+            from ingest.check import check
 
             return _run(check(settings))
         if args.command == "backfill":

@@ -48,6 +48,14 @@ async def _metadata_ok(host: str, port: int) -> bool:
     """True once the broker answers a Kafka metadata request (not just accepts TCP)."""
     from aiokafka.admin import AIOKafkaAdminClient
 
+    try:  # a plain TCP probe first, so a broker still starting up does not make aiokafka log errors
+        _, writer = await asyncio.open_connection(host, port)
+    except OSError:
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
     admin = AIOKafkaAdminClient(bootstrap_servers=f"{host}:{port}", request_timeout_ms=2000)
     try:
         await admin.start()

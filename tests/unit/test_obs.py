@@ -113,3 +113,20 @@ async def test_health_server_reports_metrics_liveness_and_readiness_reasons() ->
             assert (await client.get("/readyz")).status_code == 200
     finally:
         await server.stop()
+
+
+def test_no_log_call_uses_a_field_name_that_logging_reserves() -> None:
+    """`extra={"args": ...}` raises KeyError at runtime, on exactly the path that was being logged."""
+    import ast
+    from pathlib import Path
+
+    import ingest
+
+    reserved = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+    clashes = []
+    for path in Path(ingest.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.keyword) and node.arg == "extra" and isinstance(node.value, ast.Dict):
+                clashes += [f"{path.name}:{k.lineno} {k.value!r}" for k in node.value.keys
+                            if isinstance(k, ast.Constant) and k.value in reserved]
+    assert clashes == []

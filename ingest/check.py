@@ -1,0 +1,71 @@
+"""`okx-ingest check`: validate everything the daemon needs before it is deployed, then exit.
+
+Settings (already validated on load), credentials (present, readable, accepted by OKX, not over-
+privileged), the clock offset to OKX, and Kafka (reachable; topics present or creatable). Each problem
+is one line saying what is wrong and how to fix it; the exit code is 0 only when everything passed.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+from ingest.config import Settings
+from ingest.core.clock import ServerClock
+from ingest.credentials import CredentialStore, credentials_present
+from ingest.errors import IngestError
+from ingest.io.kafka import KafkaSink
+from ingest.io.rest import OkxRestClient
+from ingest.services.clock import ClockService
+from ingest.services.permissions import check_key_permissions
+from ingest.supervisor import all_topics, wanted_args
+
+
+async def check(settings: Settings, out: TextIO = sys.stdout) -> int:
+    """Run every check, print one line each; 0 when all passed, 2 otherwise."""
+    failures = 0
+
+    def report(ok: bool, what: str) -> None:
+        nonlocal failures
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {what}", file=out)
+
+    args = wanted_args(settings)
+    report(True, f"settings: {len(args)} subscriptions, shard {settings.shard}, "
+                 f"environment {settings.okx.environment.value}")
+    store: CredentialStore | None = None
+    if settings.okx.private or any(a.needs_login for a in args) or credentials_present():
+        try:
+            store = CredentialStore.from_settings(settings.okx)
+            report(True, f"credentials: key {store.current().key_hint}")
+        except IngestError as exc:
+            report(False, f"credentials: {exc}")
+    clock = ServerClock(lambda: time.time_ns() // 1_000_000)
+    async with OkxRestClient.from_settings(settings, clock, store) as rest:
+        service = ClockService.from_settings(rest, clock, settings.obs)
+        try:
+            sample = await service.measure()
+            health = service.health().value
+            report(health in ("ok", "warn"), f"clock: offset to OKX {sample.offset_ms:+d} ms "
+                                             f"(rtt {sample.rtt_ms} ms, {health})")
+        except IngestError as exc:
+            report(False, f"clock: OKX server time unreachable: {exc}")
+        if store is not None:
+            try:
+                info = await check_key_permissions(rest, settings.okx)
+                report(True, f"key permissions: {','.join(info.perms)} (uid {info.uid})")
+            except IngestError as exc:
+                report(False, f"key permissions: {exc}")
+    if settings.kafka.embedded:
+        report(True, "kafka: embedded broker (memory only; started by `okx-ingest run`)")
+    else:
+        sink = KafkaSink(settings.kafka, topics=all_topics(settings.kafka.topic_prefix))
+        try:
+            await sink.start()
+            report(True, f"kafka: {settings.kafka.bootstrap_servers} reachable, {len(sink.topics)} topics ready")
+        except IngestError as exc:
+            report(False, f"kafka: {exc}")
+        finally:
+            await sink.close()
+    return 0 if failures == 0 else 2
