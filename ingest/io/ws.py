@@ -1,0 +1,1078 @@
+"""One logical OKX WebSocket connection: connect, log in, subscribe, keep alive, reconnect, hand over.
+
+What a frame means and which error code calls for what comes from the sans-I/O core
+(`ingest.core.wsproto`); this module owns the sockets, the timers and the queue. A logical connection
+(`Connection`, named e.g. "public-0") lives as long as the daemon and is carried by one physical
+connection (`_Link`, id `conn`) at a time, two during a 64008 make-before-break.
+
+Guarantees to the pipeline (`ingest.core.events`), per physical connection `conn`:
+- every text frame except `pong` is put into the queue (`recv_seq` from 1), awaiting `put` (back-pressure),
+  in arrival order; during a 64008 overlap the replacement's pushes are held until they are known not to
+  repeat the old connection's, so its order is kept per stream (arg), not across streams;
+- `SUBSCRIBED(conn, arg)` directly after the ack frame, so before any push of that arg on `conn`;
+- every SUBSCRIBED is balanced by exactly one later DISCONNECTED(conn, ...), CUTOVER(conn, ...) or
+  SUBSCRIBE_FAILED(conn, ...) naming that arg, after the last frame of `conn` that could carry it;
+- `SUBSCRIBE_FAILED` when OKX refused an arg for good (it is not retried on this connection), or for every
+  arg when the connection stops (a refused key);
+- 64008: NOTICE(old, replacement=new), then the replacement's SUBSCRIBEDs (some may come after CUTOVER if
+  OKX closed the old connection first), then the old connection's last frames, then DISCONNECTED(old,
+  args not proven handed over) if any, then CUTOVER(old, proven args, replacement=new), then the
+  replacement's held pushes. An owner-only consumer sees each push once.
+- on shutdown, every frame already received is handed over before the socket is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import secrets
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from ingest.config import WsSettings
+from ingest.core.backoff import full_jitter
+from ingest.core.clock import ServerClock
+from ingest.core.events import Inbound, InboundFrame, LinkEvent, LinkEventKind
+from ingest.core.plan import PlannedConnection
+from ingest.core.ratelimit import SlidingWindow
+from ingest.core.wsproto import (
+    PING,
+    ArgAction,
+    ArgRefused,
+    ConnCount,
+    FrameKind,
+    LinkProtocol,
+    LoggedIn,
+    LoginAction,
+    LoginRefused,
+    Notice,
+    OkxEvent,
+    OverlapAligner,
+    Request,
+    Resend,
+    Subscribed,
+    Unexpected,
+    Unsubscribed,
+    arg_from_key,
+    classify,
+    push_arg_key,
+)
+from ingest.credentials import CredentialStore
+from ingest.errors import CredentialError, IngestError
+from ingest.io.tls import find_pin_error
+from ingest.okx import codes
+from ingest.okx.channels import Endpoint, SubArg
+
+log = logging.getLogger(__name__)
+
+#: Part of every physical connection id, so an id is never reused, not even across restarts.
+PROCESS_TOKEN = f"{int(time.time()):x}{secrets.token_hex(3)}"
+_HOUR_S = 3600.0
+
+
+class ConnState(enum.StrEnum):
+    """Where a connection stands; every transition is logged as `ws_state`."""
+
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    LOGGING_IN = "logging-in"
+    SUBSCRIBING = "subscribing"
+    LIVE = "live"
+    BACKING_OFF = "backing-off"
+    STOPPED = "stopped"
+    CLOSED = "closed"
+
+
+class LoginRejected(CredentialError):
+    """OKX refused the API key for good (60005/60007/60024/60032); the connection stopped instead of retrying."""
+
+    def __init__(self, name: str, url: str, code: str | None, msg: str, key_hint: str) -> None:
+        self.code = code
+        super().__init__(
+            f"{name}: OKX refused the login at {url} with {code} ({msg}) for API key {key_hint}. Retrying a "
+            "wrong key is pointless and looks like an attack, so this connection stopped. Fix OKX_API_KEY, "
+            "OKX_API_SECRET and OKX_API_PASSPHRASE (or their *_FILE); it restarts on the next credential change."
+        )
+
+
+class ConnectLimiter:
+    """At most `per_second` connection attempts per second for the whole process (OKX: 3 per second per IP).
+
+    Waiters are served in turn, so a reconnect storm of many connections spreads out evenly. A small
+    margin on the window absorbs network jitter between our clock and OKX's count.
+    """
+
+    def __init__(self, per_second: float, monotonic: Callable[[], float] = time.monotonic,
+                 margin_s: float = 0.05) -> None:
+        if per_second <= 0:
+            raise ValueError(f"connects per second must be > 0, got {per_second}")
+        limit, window = (int(per_second), 1.0) if per_second >= 1 else (1, 1.0 / per_second)
+        self.window = SlidingWindow(limit, window + margin_s)
+        self._monotonic = monotonic
+        self._lock = asyncio.Lock()
+        self.admitted = 0
+
+    async def acquire(self) -> None:
+        async with self._lock:
+            while True:
+                now = self._monotonic()
+                if self.window.try_acquire(now):
+                    self.admitted += 1
+                    return
+                await asyncio.sleep(self.window.delay(now))
+
+
+@dataclass(slots=True)
+class ConnectionCounters:
+    """Monotonic counters of one logical connection (all its physical connections)."""
+
+    connects: int = 0
+    connect_failures: int = 0
+    disconnects: int = 0
+    frames: int = 0
+    bytes: int = 0
+    pings: int = 0
+    pongs: int = 0
+    pong_timeouts: int = 0
+    requests: int = 0
+    login_failures: int = 0
+    subscribe_failures: int = 0
+    resubscribes: int = 0
+    notices: int = 0
+    cutovers: int = 0
+    frame_errors: int = 0
+    lost_at_shutdown: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionStatus:
+    """A snapshot for health checks and metrics."""
+
+    name: str
+    endpoint: Endpoint
+    url: str
+    login: bool
+    state: ConnState
+    conn: str | None
+    okx_conn_id: str | None
+    args: int
+    subscribed: int
+    failed: dict[str, str]
+    pending_resubscribe: int
+    budget_remaining: int | None
+    live_for_s: float | None
+    last_error: str | None
+    counters: ConnectionCounters
+
+
+class _LinkFailure(Exception):
+    """Ends one physical connection; `fatal` stops the logical connection too."""
+
+    def __init__(self, reason: str, fatal: IngestError | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.fatal = fatal
+
+
+class _Link:
+    """One physical connection and everything that dies with it."""
+
+    def __init__(self, conn: str, generation: int, replacement: bool, settings: WsSettings) -> None:
+        self.conn = conn
+        self.generation = generation
+        self.replacement = replacement
+        self.proto = LinkProtocol(settings.subscribe_max_bytes)
+        self.budget = SlidingWindow(settings.requests_per_hour, _HOUR_S)
+        self.ws: ClientConnection | None = None
+        self.state = ConnState.IDLE
+        self.recv_seq = 0
+        #: Args this link announced SUBSCRIBED for and has not yet balanced with DISCONNECTED/CUTOVER.
+        self.owned: set[SubArg] = set()
+        self.live_since: float | None = None
+        self.ended_at: float | None = None
+        self.login_result: asyncio.Future[LoggedIn | LoginRefused] = asyncio.get_running_loop().create_future()
+        self.progress = asyncio.Event()
+        self.work = asyncio.Event()
+        self.opened = asyncio.Event()
+        self.live = asyncio.Event()
+        self.finished = asyncio.Event()
+        self.outbox: list[Request] = []
+        self.closer: asyncio.Task[None] | None = None
+        self.end_reason = ""
+        self.close_code: int | None = None
+        self.fatal: IngestError | None = None
+        #: No close frame from the server: frames in flight may have been lost.
+        self.abnormal = False
+        #: Our close frame went first and OKX echoed it: it sent everything it had before closing.
+        self.closed_by_us = False
+        #: The `CredentialStore.version` this link logged in with (None: not logged in yet).
+        self.creds_version: int | None = None
+        self.noticed = False
+
+    @property
+    def role(self) -> str:
+        return "replacement" if self.replacement else "primary"
+
+
+@dataclass(eq=False)
+class _Overlap:
+    """A make-before-break in progress: `old` still owns every stream, `new` is being brought up."""
+
+    old: _Link
+    new: _Link
+    reason: str
+    code: str | None
+    aligner: OverlapAligner[InboundFrame] | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    #: What the replacement held when we started closing the old connection (None: we did not close it).
+    held_at_close: frozenset[SubArg] | None = None
+
+    def update(self) -> None:
+        if self.aligner is not None and self.aligner.ready():
+            self.ready.set()
+        else:
+            self.ready.clear()
+
+
+async def _first_of(aws: list[Coroutine[Any, Any, Any]], limit_s: float | None = None) -> None:
+    """Wait until the first of `aws` completes (or `limit_s` passed), then cancel and reap the others."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, timeout=limit_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _cancel_current_task() -> None:
+    task = asyncio.current_task()
+    if task is not None:
+        task.cancel()
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_error(exc)
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return group.exceptions[0]
+
+
+class Connection:
+    """One logical OKX WebSocket connection that never gives up.
+
+    `run()` connects (through the process-wide `ConnectLimiter`), logs in when the spec says so (a fresh
+    timestamp each time, subscribing only after the `login` ack), subscribes in batches within the
+    480 requests/hour budget of each physical connection, keeps the socket alive with text pings, and
+    reconnects with capped full-jitter backoff that resets only after a connection stayed live for
+    `healthy_after_s`. It ends only when cancelled, or with `LoginRejected` (or a TLS pin failure),
+    which retrying cannot fix.
+    """
+
+    def __init__(
+        self,
+        spec: PlannedConnection,
+        url: str,
+        settings: WsSettings,
+        queue: asyncio.Queue[Inbound],
+        *,
+        limiter: ConnectLimiter,
+        credentials: CredentialStore | None = None,
+        clock: ServerClock | None = None,
+        resync_clock: Callable[[], Awaitable[None]] | None = None,
+        backoff: Callable[[], Iterator[float]] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        ssl_context: ssl.SSLContext | None = None,
+        token: str = PROCESS_TOKEN,
+    ) -> None:
+        if spec.login and credentials is None:
+            raise CredentialError(
+                f"{spec.name} carries {', '.join(map(str, spec.args[:3]))}, which need a login; set OKX_API_KEY, "
+                "OKX_API_SECRET and OKX_API_PASSPHRASE (or their *_FILE)"
+            )
+        self.name = spec.name
+        self.endpoint = spec.endpoint
+        self.login = spec.login
+        self.url = url
+        self.args: tuple[SubArg, ...] = spec.args
+        self.settings = settings
+        self.counters = ConnectionCounters()
+        self._queue = queue
+        self._limiter = limiter
+        self._credentials = credentials
+        self._clock = clock or ServerClock(lambda: time.time_ns() // 1_000_000)
+        self._resync_clock = resync_clock
+        self._backoff_factory = backoff or (lambda: full_jitter(settings.backoff_min_s, settings.backoff_max_s))
+        self._monotonic = monotonic
+        self._ssl = ssl_context if url.startswith("wss://") else None
+        self._token = token
+        self._arg_set = frozenset(spec.args)
+        self._generation = 0
+        self._emit_lock = asyncio.Lock()
+        self._tg: asyncio.TaskGroup | None = None
+        self._primary: _Link | None = None
+        self._overlap: _Overlap | None = None
+        self._backing_off = False
+        self._stopped = False
+        self._shutting_down = False
+        self._last_error: str | None = None
+        #: Args OKX refused for good, with the code (or reason) it gave.
+        self.failed: dict[SubArg, str] = {}
+        self._retry_at: dict[SubArg, float] = {}
+        self._retry_attempts: dict[SubArg, int] = {}
+        self._resub_pending: dict[SubArg, tuple[str, float]] = {}
+        self._resub_last: dict[SubArg, float] = {}
+        self._replace_wanted = asyncio.Event()
+        self._replace_reason: tuple[str, str | None] = ("", None)
+
+    # ------------------------------------------------------------------------------------------ public
+
+    @property
+    def state(self) -> ConnState:
+        if self._stopped:
+            return ConnState.STOPPED
+        if self._backing_off:
+            return ConnState.BACKING_OFF
+        return self._primary.state if self._primary is not None else ConnState.IDLE
+
+    async def run(self) -> None:
+        """Keep the connection up until cancelled; on cancellation, close and hand over every received frame."""
+        self._stopped = False
+        self._shutting_down = False
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                replacer = tg.create_task(self._replacer(), name=f"{self.name}-replacer")
+                try:
+                    await self._supervise()
+                finally:
+                    replacer.cancel()
+        except BaseExceptionGroup as group:
+            raise _first_error(group) from None
+        finally:
+            self._tg = None
+
+    def request_resubscribe(self, arg: SubArg, reason: str) -> bool:
+        """Unsubscribe and subscribe `arg` again (a fresh book snapshot); coalesced, rate-limited, non-blocking.
+
+        Returns False when this connection does not carry `arg` or OKX refused it for good.
+        """
+        if arg not in self._arg_set or arg in self.failed:
+            return False
+        if arg not in self._resub_pending:
+            self._resub_pending[arg] = (reason, self._monotonic())
+            log.info("ws_resubscribe_requested", extra={"ws_name": self.name, "arg": str(arg), "reason": reason})
+        if self._primary is not None:
+            self._primary.work.set()
+        return True
+
+    def on_credentials_changed(self, version: int) -> bool:
+        """Replace the connection (make-before-break) if it logged in with credentials older than `version`."""
+        link = self._primary
+        if link is None or link.creds_version is None or link.creds_version >= version:
+            return False
+        self.request_replace("credentials rotated")
+        return True
+
+    def request_replace(self, reason: str, code: str | None = None) -> None:
+        """Open a replacement connection, move every stream to it without a gap, then close this one."""
+        self._replace_reason = (reason, code)
+        self._replace_wanted.set()
+
+    def status(self) -> ConnectionStatus:
+        link = self._primary
+        now = self._monotonic()
+        return ConnectionStatus(
+            name=self.name,
+            endpoint=self.endpoint,
+            url=self.url,
+            login=self.login,
+            state=self.state,
+            conn=link.conn if link is not None else None,
+            okx_conn_id=link.proto.conn_id if link is not None else None,
+            args=len(self.args),
+            subscribed=len(link.owned) if link is not None else 0,
+            failed={str(a): c for a, c in self.failed.items()},
+            pending_resubscribe=len(self._resub_pending),
+            budget_remaining=link.budget.remaining(now) if link is not None else None,
+            live_for_s=(now - link.live_since) if link is not None and link.live_since is not None
+            and link.ended_at is None else None,
+            last_error=self._last_error,
+            counters=replace(self.counters),
+        )
+
+    # ------------------------------------------------------------------------------------------ supervision
+
+    async def _supervise(self) -> None:
+        """Physical connections one after another, with backoff that resets only after a healthy one."""
+        backoff = self._backoff_factory()
+        while True:
+            link = self._new_link(replacement=False)
+            self._primary = link
+            self._spawn(link)
+            current = link
+            while True:
+                await current.finished.wait()
+                if self._primary is current:
+                    break
+                current = self._primary  # handed over to a replacement: follow it
+            if current.fatal is not None:
+                self._stopped = True
+                self._last_error = str(current.fatal)
+                self._log_state(current, current.state, ConnState.STOPPED, current.end_reason)
+                # No data will come for these until an operator fixes the cause: say so, per arg.
+                await self._emit(LinkEventKind.SUBSCRIBE_FAILED, current,
+                                 tuple(a for a in self.args if a not in self.failed),
+                                 code=getattr(current.fatal, "code", None), reason=str(current.fatal))
+                raise current.fatal
+            ended = current.ended_at or self._monotonic()
+            if current.live_since is not None and ended - current.live_since >= self.settings.healthy_after_s:
+                backoff = self._backoff_factory()
+            delay = next(backoff)
+            self._backing_off = True
+            self._log_state(current, current.state, ConnState.BACKING_OFF, current.end_reason, delay_s=delay)
+            try:
+                await asyncio.sleep(delay)
+            finally:
+                self._backing_off = False
+
+    def _new_link(self, replacement: bool) -> _Link:
+        self._generation += 1
+        return _Link(f"{self.name}#{self._generation}-{self._token}", self._generation, replacement, self.settings)
+
+    def _spawn(self, link: _Link) -> None:
+        assert self._tg is not None
+        self._tg.create_task(self._run_link(link), name=link.conn)
+
+    async def _run_link(self, link: _Link) -> None:
+        try:
+            await self._connect_and_serve(link)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # one link's bug must not take the logical connection down
+            link.end_reason = link.end_reason or f"unexpected {type(exc).__name__}: {exc}"
+            log.exception("ws_link_error", extra={"conn": link.conn, "ws_name": self.name})
+        finally:
+            link.ended_at = self._monotonic()
+            link.finished.set()
+            if link.end_reason:
+                self._last_error = link.end_reason
+
+    def _set_link_state(self, link: _Link, state: ConnState, reason: str = "") -> None:
+        if link.state is not state:
+            self._log_state(link, link.state, state, reason)
+            link.state = state
+
+    def _log_state(self, link: _Link, old: ConnState, new: ConnState, reason: str = "", **fields: object) -> None:
+        log.info("ws_state", extra={"conn": link.conn, "ws_name": self.name, "endpoint": self.endpoint.value,
+                                    "role": link.role, "from": old.value, "to": new.value, "reason": reason,
+                                    **fields})
+
+    # ------------------------------------------------------------------------------------------ one link
+
+    async def _connect_and_serve(self, link: _Link) -> None:
+        self._set_link_state(link, ConnState.CONNECTING)
+        await self._limiter.acquire()
+        try:
+            link.ws = await connect(
+                self.url,
+                ping_interval=None,  # OKX's keepalive is the text `ping`, sent below
+                open_timeout=self.settings.connect_timeout_s,
+                close_timeout=self.settings.close_timeout_s,
+                max_size=self.settings.max_message_bytes,
+                compression="deflate",
+                ssl=self._ssl,
+            )
+        except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
+            self.counters.connect_failures += 1
+            pin = find_pin_error(exc)
+            if pin is not None:
+                link.fatal = pin
+            link.end_reason = f"connect to {self.url} failed: {type(exc).__name__}: {exc}"
+            log.warning("ws_connect_failed", extra={"conn": link.conn, "ws_name": self.name, "url": self.url,
+                                                    "error": f"{type(exc).__name__}: {exc}"})
+            self._set_link_state(link, ConnState.CLOSED, link.end_reason)
+            return
+        self.counters.connects += 1
+        ov = self._overlap
+        if ov is not None and ov.new is link:
+            # From here on, the old connection's frames may also be due on this one (causality).
+            ov.aligner = OverlapAligner()
+        link.opened.set()
+        driver = asyncio.create_task(self._drive(link), name=f"{link.conn}-driver")
+        try:
+            await self._read(link)
+        finally:
+            driver.cancel()
+            await asyncio.gather(driver, return_exceptions=True)
+            await self._teardown(link)
+
+    async def _read(self, link: _Link) -> None:
+        """Read until the socket closes; text `ping` after `keepalive_s` of silence, give up without `pong`."""
+        ws = link.ws
+        assert ws is not None
+        awaiting_pong = False
+        try:
+            while True:
+                wait = self.settings.pong_timeout_s if awaiting_pong else self.settings.keepalive_s
+                try:
+                    async with asyncio.timeout(wait):
+                        data = await ws.recv(decode=False)
+                except TimeoutError:
+                    if awaiting_pong:
+                        self.counters.pong_timeouts += 1
+                        link.end_reason = link.end_reason or f"no pong within {wait}s"
+                        link.abnormal = True
+                        log.warning("ws_pong_timeout", extra={"conn": link.conn, "ws_name": self.name})
+                        ws.transport.abort()
+                        awaiting_pong = False
+                    else:
+                        await ws.send(PING)
+                        self.counters.pings += 1
+                        awaiting_pong = True
+                    continue
+                awaiting_pong = False
+                await self._on_frame(link, data if isinstance(data, bytes) else data.encode())
+        except ConnectionClosed as exc:
+            link.close_code = exc.rcvd.code if exc.rcvd is not None else None
+            if exc.rcvd is None:
+                link.abnormal = True
+            link.closed_by_us = (exc.sent is not None and exc.rcvd is not None and exc.rcvd_then_sent is False
+                                 and exc.rcvd.code == exc.sent.code)
+            if not link.end_reason:
+                link.end_reason = (f"closed by OKX: {exc.rcvd.code} {exc.rcvd.reason}".strip()
+                                   if exc.rcvd is not None else "connection lost (no close frame)")
+        except asyncio.CancelledError:
+            self._shutting_down = True
+            link.end_reason = "shutdown"
+            try:
+                async with asyncio.timeout(self.settings.shutdown_timeout_s):
+                    await self._drain(link)
+            except TimeoutError:
+                log.error("ws_shutdown_drain_incomplete", extra={"conn": link.conn, "ws_name": self.name})
+            raise
+
+    async def _drain(self, link: _Link) -> None:
+        """Close the socket and hand every frame already received to the pipeline."""
+        ws = link.ws
+        assert ws is not None
+        closer = asyncio.create_task(ws.close(1000, "shutdown"))
+        try:
+            while True:
+                data = await ws.recv(decode=False)
+                await self._on_frame(link, data if isinstance(data, bytes) else data.encode())
+        except ConnectionClosed:
+            pass
+        finally:
+            await asyncio.gather(closer, return_exceptions=True)
+
+    def _request_close(self, link: _Link, reason: str, code: int = 1000) -> None:
+        """Start a graceful close without waiting for it (safe from the reader itself)."""
+        if not link.end_reason:
+            link.end_reason = reason
+        if link.closer is None and link.ws is not None:
+            link.closer = asyncio.create_task(link.ws.close(code, reason[:120]), name=f"{link.conn}-close")
+
+    async def _teardown(self, link: _Link) -> None:
+        """After the last frame of `link`: hand over (64008) or balance its SUBSCRIBEDs with DISCONNECTED.
+
+        Runs to the end even when shutdown interrupts a hand-over, bounded by `shutdown_timeout_s`.
+        """
+        cancelled = False
+        try:
+            if link.closer is not None:
+                await asyncio.gather(link.closer, return_exceptions=True)
+            ov = self._overlap
+            if ov is not None and link is ov.old and not self._shutting_down:
+                await self._handover(ov)
+        except asyncio.CancelledError:
+            self._shutting_down = cancelled = True
+        try:
+            async with asyncio.timeout(self.settings.shutdown_timeout_s if self._shutting_down else None):
+                await self._release(link)
+        except TimeoutError:
+            log.error("ws_shutdown_incomplete", extra={"conn": link.conn, "ws_name": self.name,
+                                                       "owned": len(link.owned)})
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _release(self, link: _Link) -> None:
+        ov = self._overlap
+        if ov is not None and (link is ov.new or link is ov.old):
+            async with self._emitting():
+                if self._overlap is ov:
+                    # No hand-over (the replacement failed, or shutdown): held frames still reach the pipeline.
+                    held, _ = ov.aligner.finish() if ov.aligner is not None else ([], set())
+                    for frame in held:
+                        await self._put(frame)
+                    ov.aligner = None
+                    if link is ov.new:
+                        self._overlap = None
+        if link.owned:
+            await self._emit(LinkEventKind.DISCONNECTED, link, tuple(sorted(link.owned)),
+                             code=str(link.close_code) if link.close_code is not None else None,
+                             reason=link.end_reason)
+            link.owned.clear()
+        if link.opened.is_set():
+            self.counters.disconnects += 1
+            log.info("ws_disconnected", extra={"conn": link.conn, "ws_name": self.name, "role": link.role,
+                                               "reason": link.end_reason, "close_code": link.close_code,
+                                               "abnormal": link.abnormal, "frames": link.recv_seq})
+        self._set_link_state(link, ConnState.CLOSED, link.end_reason)
+
+    # ------------------------------------------------------------------------------------------ inbound
+
+    async def _on_frame(self, link: _Link, data: bytes) -> None:
+        recv_ts_ns = time.time_ns()
+        self.counters.frames += 1
+        self.counters.bytes += len(data)
+        c = classify(data)
+        if c.kind is FrameKind.PONG:
+            self.counters.pongs += 1
+            return
+        link.recv_seq += 1
+        ev = c.event
+        frame = InboundFrame(
+            conn=link.conn, name=self.name, endpoint=self.endpoint, recv_seq=link.recv_seq, recv_ts_ns=recv_ts_ns,
+            data=data, okx_conn_id=(ev.conn_id if ev is not None and ev.conn_id else None) or link.proto.conn_id,
+        )
+        if c.kind is FrameKind.PUSH:
+            await self._emit_push(link, frame)
+            return
+        await self._emit_item(frame)  # events and junk reach the pipeline too (dead letters, audit)
+        if ev is None:
+            return
+        try:
+            await self._on_event(link, ev)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a frame we cannot handle is logged, never fatal
+            self.counters.frame_errors += 1
+            log.exception("ws_event_error", extra={"conn": link.conn, "ws_name": self.name, "event": ev.event})
+
+    @contextlib.asynccontextmanager
+    async def _emitting(self) -> AsyncIterator[None]:
+        """Hold the emit lock (sequences of puts stay together); a cancellation while waiting for it is
+        deferred until the emission is done, so shutdown never tears a frame's hand-over apart."""
+        deferred = False
+        while True:
+            try:
+                await self._emit_lock.acquire()
+                break
+            except asyncio.CancelledError:
+                deferred = True
+        try:
+            yield
+        finally:
+            self._emit_lock.release()
+            if deferred:
+                _cancel_current_task()
+
+    async def _put(self, item: Inbound) -> None:
+        """Put one item into the pipeline's queue (back-pressure intended).
+
+        A frame we received is handed over even when shutdown cancels us while the queue is full: the put
+        is completed (bounded by `shutdown_timeout_s`) and the cancellation delivered again afterwards.
+        """
+        try:
+            await self._queue.put(item)
+            return
+        except asyncio.CancelledError:
+            pass
+        try:
+            async with asyncio.timeout(self.settings.shutdown_timeout_s):
+                await self._queue.put(item)
+        except TimeoutError:
+            self.counters.lost_at_shutdown += 1
+            log.error("ws_lost_at_shutdown", extra={"ws_name": self.name, "item": type(item).__name__})
+        finally:
+            _cancel_current_task()
+
+    async def _emit_push(self, link: _Link, frame: InboundFrame) -> None:
+        if self._overlap is None and not self._emit_lock.locked():
+            # Fast path, no hand-over in progress: nothing needs this put to stay next to another.
+            await self._put(frame)
+            return
+        async with self._emitting():
+            ov = self._overlap
+            aligner = ov.aligner if ov is not None else None
+            key = push_arg_key(frame.data) if aligner is not None else None
+            if ov is None or aligner is None or key is None or (link is not ov.old and link is not ov.new):
+                await self._put(frame)
+                return
+            if link is ov.old:
+                await self._put(frame)
+                released = aligner.old_frame(key, frame.data)
+            else:
+                released = aligner.new_frame(key, frame.data, frame)
+            for item in released:
+                await self._put(item)
+            ov.update()
+
+    async def _emit_item(self, item: Inbound) -> None:
+        async with self._emitting():
+            await self._put(item)
+
+    async def _emit(self, kind: LinkEventKind, link: _Link, args: tuple[SubArg, ...], *, code: str | None = None,
+                    reason: str = "", replacement: str | None = None) -> None:
+        event = LinkEvent(kind=kind, conn=link.conn, name=self.name, ts_ns=time.time_ns(), args=args, code=code,
+                          reason=reason, replacement=replacement)
+        await self._emit_item(event)
+        log.info("ws_link_event", extra={"conn": link.conn, "ws_name": self.name, "kind": kind.value,
+                                         "arg_count": len(args), "first_arg": str(args[0]) if args else None,
+                                         "code": code, "reason": reason, "replacement": replacement})
+
+    async def _on_event(self, link: _Link, ev: OkxEvent) -> None:
+        for out in link.proto.receive(ev):
+            if isinstance(out, LoggedIn | LoginRefused):
+                if not link.login_result.done():
+                    link.login_result.set_result(out)
+            elif isinstance(out, Subscribed):
+                await self._on_subscribed(link, out.arg)
+            elif isinstance(out, Unsubscribed):
+                link.progress.set()
+                if out.arg in link.owned:
+                    link.owned.discard(out.arg)
+                    await self._emit(LinkEventKind.DISCONNECTED, link, (out.arg,), reason="resubscribe")
+            elif isinstance(out, ArgRefused):
+                await self._on_refused(link, out)
+            elif isinstance(out, Resend):
+                link.outbox.append(out.request)
+                link.progress.set()
+                link.work.set()
+                log.info("ws_subscribe_split", extra={"conn": link.conn, "ws_name": self.name, "code": out.code,
+                                                      "arg_count": len(out.request.args)})
+            elif isinstance(out, Notice):
+                self.counters.notices += 1
+                link.noticed = True
+                log.warning("ws_notice", extra={"conn": link.conn, "ws_name": self.name, "code": out.code,
+                                                "okx_msg": out.msg})
+                if link is self._primary and (self._overlap is None or self._overlap.old is not link):
+                    self.request_replace(f"{out.code} notice: {out.msg}", out.code)
+            elif isinstance(out, ConnCount):
+                await self._on_conn_count(link, out)
+            elif isinstance(out, Unexpected):
+                log.warning("ws_unexpected_event", extra={"conn": link.conn, "ws_name": self.name,
+                                                          "event": out.event.event, "code": out.event.code,
+                                                          "why": out.why})
+
+    async def _on_subscribed(self, link: _Link, arg: SubArg) -> None:
+        link.progress.set()
+        self._retry_at.pop(arg, None)
+        self._retry_attempts.pop(arg, None)
+        if arg not in self._arg_set or arg in link.owned:
+            return
+        link.owned.add(arg)
+        pending = self._resub_pending.get(arg)
+        if pending is not None and link.live_since is None:
+            # A fresh subscription after a reconnect brings a fresh snapshot: the resubscribe is moot.
+            del self._resub_pending[arg]
+        await self._emit(LinkEventKind.SUBSCRIBED, link, (arg,))
+
+    async def _on_refused(self, link: _Link, out: ArgRefused) -> None:
+        link.progress.set()
+        if out.action is ArgAction.RECONNECT:
+            log.warning("ws_subscribe_needs_reconnect", extra={"conn": link.conn, "ws_name": self.name,
+                                                               "arg": str(out.arg), "code": out.code})
+            self._request_close(link, f"subscribe refused with {out.code} ({out.msg}): reconnecting")
+            return
+        if out.action is ArgAction.RETRY:
+            attempts = self._retry_attempts.get(out.arg, 0) + 1
+            if attempts <= self.settings.subscribe_retries:
+                self._retry_attempts[out.arg] = attempts
+                # 10x the reconnect backoff's floor, doubling: 1 s, 2 s, 4 s with the defaults.
+                delay = min(self.settings.backoff_max_s, self.settings.backoff_min_s * 10 * 2 ** (attempts - 1))
+                self._retry_at[out.arg] = self._monotonic() + delay
+                link.work.set()
+                log.warning("ws_subscribe_retry", extra={"conn": link.conn, "ws_name": self.name,
+                                                         "arg": str(out.arg), "code": out.code,
+                                                         "attempt": attempts, "delay_s": delay})
+                return
+        await self._fail_arg(link, out.arg, out.code, out.msg)
+
+    async def _fail_arg(self, link: _Link, arg: SubArg, code: str | None, msg: str) -> None:
+        self.failed[arg] = code or msg
+        self._retry_at.pop(arg, None)
+        self._retry_attempts.pop(arg, None)
+        self._resub_pending.pop(arg, None)
+        link.owned.discard(arg)
+        self.counters.subscribe_failures += 1
+        log.error("ws_subscribe_failed", extra={"conn": link.conn, "ws_name": self.name, "arg": str(arg),
+                                                "code": code, "okx_msg": msg})
+        await self._emit(LinkEventKind.SUBSCRIBE_FAILED, link, (arg,), code=code, reason=msg)
+
+    async def _on_conn_count(self, link: _Link, out: ConnCount) -> None:
+        if not out.exceeded:
+            log.info("ws_channel_conn_count", extra={"conn": link.conn, "ws_name": self.name,
+                                                     "channel": out.channel, "count": out.count})
+            return
+        dropped = tuple(sorted(a for a in link.proto.held if a.channel == out.channel))
+        link.proto.forget(dropped)
+        reason = f"channel-conn-count-error: {out.count} connections hold {out.channel} (OKX allows 30)"
+        for arg in dropped:
+            self.failed[arg] = "channel-conn-count-error"
+            link.owned.discard(arg)
+        self.counters.subscribe_failures += len(dropped)
+        log.error("ws_subscribe_failed", extra={"conn": link.conn, "ws_name": self.name, "channel": out.channel,
+                                                "arg_count": len(dropped), "okx_msg": reason})
+        if dropped:
+            await self._emit(LinkEventKind.SUBSCRIBE_FAILED, link, dropped, reason=reason)
+
+    # ------------------------------------------------------------------------------------------ outbound
+
+    async def _drive(self, link: _Link) -> None:
+        """Login, subscribe, then serve retries and resubscribes; a failure closes the socket."""
+        try:
+            if self.login:
+                await self._login(link)
+            self._set_link_state(link, ConnState.SUBSCRIBING)
+            link.outbox.extend(link.proto.subscribe([a for a in self.args if a not in self.failed]))
+            await self._pump(link, "subscribe")
+            link.live_since = self._monotonic()
+            self._set_link_state(link, ConnState.LIVE)
+            link.live.set()
+            ov = self._overlap
+            if ov is not None and ov.new is link and ov.aligner is not None:
+                ov.aligner.mark_subscribed()
+                ov.update()
+            await self._serve(link)
+        except _LinkFailure as failure:
+            link.fatal = failure.fatal
+            log.warning("ws_link_failed", extra={"conn": link.conn, "ws_name": self.name, "reason": failure.reason,
+                                                 "fatal": failure.fatal is not None})
+            self._request_close(link, failure.reason)
+        except (ConnectionClosed, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            log.exception("ws_driver_error", extra={"conn": link.conn, "ws_name": self.name})
+            self._request_close(link, f"unexpected {type(exc).__name__}: {exc}")
+
+    async def _send(self, link: _Link, req: Request) -> None:
+        """Send one request within the connection's hourly budget, waiting for the window if it is spent."""
+        ws = link.ws
+        assert ws is not None
+        while not link.budget.try_acquire(self._monotonic()):
+            delay = link.budget.delay(self._monotonic())
+            log.warning("ws_budget_wait", extra={"conn": link.conn, "ws_name": self.name, "op": req.op,
+                                                 "delay_s": round(delay, 3), "limit": link.budget.limit})
+            await asyncio.sleep(delay)
+        await ws.send(req.payload.decode())
+        self.counters.requests += 1
+        log.debug("ws_request", extra={"conn": link.conn, "ws_name": self.name, "op": req.op, "id": req.id,
+                                       "arg_count": len(req.args)})
+
+    async def _login(self, link: _Link) -> None:
+        assert self._credentials is not None
+        self._set_link_state(link, ConnState.LOGGING_IN)
+        creds = self._credentials.current()
+        link.creds_version = self._credentials.version
+        await self._send(link, link.proto.login(creds, self._clock.now_ms()))
+        await asyncio.wait({link.login_result}, timeout=self.settings.login_timeout_s)
+        if not link.login_result.done():
+            self.counters.login_failures += 1
+            raise _LinkFailure(f"no login answer within {self.settings.login_timeout_s}s")
+        result = link.login_result.result()
+        if isinstance(result, LoggedIn):
+            log.info("ws_logged_in", extra={"conn": link.conn, "ws_name": self.name, "key": creds.key_hint,
+                                            "okx_conn_id": result.conn_id})
+            return
+        self.counters.login_failures += 1
+        what = f"login refused with {result.code} ({result.msg})"
+        log.error("ws_login_refused", extra={"conn": link.conn, "ws_name": self.name, "code": result.code,
+                                             "okx_msg": result.msg, "action": result.action.value,
+                                             "key": creds.key_hint})
+        if result.action is LoginAction.FATAL:
+            raise _LinkFailure(what, LoginRejected(self.name, self.url, result.code, result.msg, creds.key_hint))
+        if result.action is LoginAction.RESYNC_CLOCK and self._resync_clock is not None:
+            try:
+                await self._resync_clock()
+                log.info("ws_clock_resynced", extra={"conn": link.conn, "ws_name": self.name,
+                                                     "offset_ms": self._clock.offset_ms})
+            except Exception as exc:  # the retry will tell whether the clock is still off
+                log.warning("ws_clock_resync_failed", extra={"conn": link.conn, "ws_name": self.name,
+                                                             "error": f"{type(exc).__name__}: {exc}"})
+        raise _LinkFailure(what)
+
+    async def _pump(self, link: _Link, op: str) -> None:
+        """Send the outbox and wait until every `op` request is answered (or nothing moved for the timeout)."""
+        timeout = self.settings.subscribe_timeout_s
+        while True:
+            while link.outbox:
+                await self._send(link, link.outbox.pop(0))
+            if not link.proto.in_flight(op):
+                return
+            link.progress.clear()
+            await _first_of([link.progress.wait()], timeout)
+            if link.progress.is_set() or link.outbox:
+                continue
+            left = link.proto.abandon()
+            if op == "subscribe" and left and not link.owned:
+                raise _LinkFailure(f"no answer to subscribe within {timeout}s")
+            for arg in sorted(left):
+                await self._on_refused(link, ArgRefused(arg, None, f"no answer within {timeout}s", ArgAction.RETRY))
+            return
+
+    async def _serve(self, link: _Link) -> None:
+        """While live: retry args after transient refusals and run coalesced resubscribes."""
+        while True:
+            link.work.clear()
+            if link.outbox:
+                await self._pump(link, "subscribe")
+                continue
+            now = self._monotonic()
+            due = sorted(a for a, at in self._retry_at.items() if at <= now and a not in link.proto.held)
+            if due:
+                for a in due:
+                    del self._retry_at[a]
+                link.outbox.extend(link.proto.subscribe([a for a in due if a not in self.failed]))
+                await self._pump(link, "subscribe")
+                continue
+            if link is self._primary and self._overlap is None:
+                resub, next_resub = self._due_resubscribes(link, now)
+                if resub:
+                    await self._resubscribe(link, resub)
+                    continue
+            else:
+                next_resub = None
+            wakeups = [t for t in (*self._retry_at.values(), next_resub) if t is not None]
+            timeout = max(0.0, min(wakeups) - now) if wakeups else None
+            await _first_of([link.work.wait()], timeout)
+
+    def _due_resubscribes(self, link: _Link, now: float) -> tuple[list[SubArg], float | None]:
+        due: list[SubArg] = []
+        later: list[float] = []
+        for arg in list(self._resub_pending):
+            if arg not in link.proto.held:
+                if arg not in link.proto.in_flight():
+                    del self._resub_pending[arg]  # not held: a subscribe (with a fresh snapshot) comes anyway
+                continue
+            allowed = self._resub_last.get(arg, -1e18) + self.settings.resubscribe_min_interval_s
+            if allowed <= now:
+                due.append(arg)
+            else:
+                later.append(allowed)
+        return sorted(due), (min(later) if later else None)
+
+    async def _resubscribe(self, link: _Link, args: list[SubArg]) -> None:
+        now = self._monotonic()
+        reasons = {self._resub_pending.pop(a)[0] for a in args}
+        for a in args:
+            self._resub_last[a] = now
+        self.counters.resubscribes += len(args)
+        log.info("ws_resubscribe", extra={"conn": link.conn, "ws_name": self.name, "arg_count": len(args),
+                                          "first_arg": str(args[0]), "reason": "; ".join(sorted(reasons))[:200]})
+        link.outbox.extend(link.proto.unsubscribe(args))
+        await self._pump(link, "unsubscribe")
+        link.outbox.extend(link.proto.subscribe([a for a in args if a not in self.failed]))
+        await self._pump(link, "subscribe")
+
+    # ------------------------------------------------------------------------------------------ 64008
+
+    async def _replacer(self) -> None:
+        while True:
+            await self._replace_wanted.wait()
+            self._replace_wanted.clear()
+            reason, code = self._replace_reason
+            try:
+                await self._make_before_break(reason, code)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("ws_replace_error", extra={"ws_name": self.name})
+
+    async def _make_before_break(self, reason: str, code: str | None) -> None:
+        """Bring up a replacement while the old connection keeps delivering, then move every stream over."""
+        old = self._primary
+        if old is not None and not old.live.is_set():
+            # Still connecting or subscribing: replace it once it is live; if it fails instead, the
+            # reconnect logs in afresh anyway.
+            await _first_of([old.live.wait(), old.finished.wait()])
+        if old is None or old is not self._primary or old.finished.is_set():
+            log.info("ws_replace_skipped", extra={"ws_name": self.name, "reason": reason,
+                                                  "state": old.state.value if old is not None else None})
+            return
+        backoff = self._backoff_factory()
+        deadline = self._monotonic() + self.settings.notice_cutover_timeout_s
+        while not old.finished.is_set():
+            new = self._new_link(replacement=True)
+            ov = _Overlap(old, new, reason, code)
+            self._overlap = ov
+            # Queued before the replacement can emit anything.
+            await self._emit(LinkEventKind.NOTICE, old, tuple(sorted(old.owned)), code=code, reason=reason,
+                             replacement=new.conn)
+            self._spawn(new)
+            await _first_of([ov.ready.wait(), new.finished.wait(), old.finished.wait()],
+                            max(0.0, deadline - self._monotonic()))
+            if old.finished.is_set():
+                return  # the old connection ended first; its teardown handed over
+            if new.finished.is_set() and new.fatal is not None:
+                # A refused key (e.g. a bad rotation): the old connection keeps serving; retrying would not help.
+                self._last_error = str(new.fatal)
+                log.error("ws_replacement_refused", extra={"ws_name": self.name, "conn": new.conn,
+                                                           "error": str(new.fatal)})
+                return
+            if new.finished.is_set():
+                delay = next(backoff)
+                log.warning("ws_replacement_failed", extra={"ws_name": self.name, "conn": new.conn,
+                                                            "reason": new.end_reason, "delay_s": delay})
+                await _first_of([old.finished.wait()], delay)
+                continue
+            log.info("ws_cutover_start", extra={"ws_name": self.name, "conn": old.conn, "replacement": new.conn,
+                                                "ready": ov.ready.is_set()})
+            ov.held_at_close = frozenset(new.owned)
+            self._request_close(old, "replaced by " + new.conn)
+            await old.finished.wait()
+            return
+
+    async def _handover(self, ov: _Overlap) -> None:
+        """The old connection delivered its last frame: emit CUTOVER once the replacement caught up."""
+        old, new = ov.old, ov.new
+        if new.finished.is_set() or not new.opened.is_set():
+            async with self._emitting():
+                self._overlap = None
+            if not new.finished.is_set():
+                self._primary = new  # still connecting: it carries on as the primary
+            return
+        ov.update()
+        if not ov.ready.is_set():
+            await _first_of([ov.ready.wait(), new.finished.wait()], self.settings.cutover_catchup_s)
+        async with self._emitting():
+            held, aligned_keys = ov.aligner.finish() if ov.aligner is not None else ([], set())
+            aligned = {arg_from_key(k) for k in aligned_keys}
+            if ov.held_at_close is not None and old.closed_by_us:
+                # We closed the old socket gracefully after these acks (and OKX did not close it first):
+                # every push from before them came on the old stream, every later one comes on the new.
+                proven = old.owned & (ov.held_at_close | aligned)
+            else:
+                # OKX closed it (or it died): only streams seen on both sockets are proven continuous.
+                proven = old.owned & new.owned & aligned
+            gone = old.owned - proven
+            now_ns = time.time_ns()
+            if gone:
+                await self._put(LinkEvent(LinkEventKind.DISCONNECTED, old.conn, self.name, now_ns,
+                                          tuple(sorted(gone)), code=str(old.close_code) if old.close_code else None,
+                                          reason=f"{ov.reason}: {old.end_reason}; not proven handed over"))
+            await self._put(LinkEvent(LinkEventKind.CUTOVER, old.conn, self.name, now_ns, tuple(sorted(proven)),
+                                      code=ov.code, reason=ov.reason, replacement=new.conn))
+            for frame in held:
+                await self._put(frame)
+            old.owned.clear()
+            self._overlap = None
+            self._primary = new
+        self.counters.cutovers += 1
+        log.info("ws_cutover", extra={"ws_name": self.name, "conn": old.conn, "replacement": new.conn,
+                                      "carried": len(proven), "not_handed_over": len(gone),
+                                      "held_frames": len(held), "closed_by_us": old.closed_by_us})
+        new.work.set()
+        if new.noticed:
+            self.request_replace("64008 notice received on the replacement", codes.SERVICE_UPGRADE_NOTICE)

@@ -1,0 +1,183 @@
+"""Helpers for the WebSocket-layer scenarios: read the pipeline queue like a consumer, without sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+
+from ingest.config import WsSettings
+from ingest.core.clock import OffsetSample, ServerClock
+from ingest.core.events import Inbound, InboundFrame, LinkEvent, LinkEventKind
+from ingest.credentials import CredentialStore
+from ingest.okx.channels import SubArg
+from ingest.sim import SimConfig
+
+INST = "BTC-USDT"
+TRADES = SubArg("trades", inst_id=INST)
+
+
+def fast_ws(**overrides: object) -> WsSettings:
+    """Short intervals so scenarios run in well under a second each (never used to synchronise)."""
+    base: dict[str, object] = {
+        "keepalive_s": 0.2, "pong_timeout_s": 0.3, "backoff_min_s": 0.01, "backoff_max_s": 0.05,
+        "healthy_after_s": 0.0, "login_timeout_s": 2.0, "subscribe_timeout_s": 2.0, "notice_cutover_timeout_s": 5.0,
+        "cutover_catchup_s": 2.0, "shutdown_timeout_s": 5.0, "close_timeout_s": 1.0,
+    }
+    base.update(overrides)
+    return WsSettings.model_validate(base)
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Throw-away credentials shared by the simulator and the client."""
+
+    api_key: str = field(default_factory=lambda: secrets.token_hex(16))
+    secret: str = field(default_factory=lambda: secrets.token_hex(32))
+    passphrase: str = field(default_factory=lambda: secrets.token_hex(8))
+
+    def sim_config(self, **kw: object) -> SimConfig:
+        base: dict[str, object] = {"instruments": (INST, "ETH-USDT"), "seed": 1, "auto_tick_s": None}
+        base.update(kw)
+        return SimConfig(api_key=self.api_key, api_secret=self.secret, passphrase=self.passphrase,
+                         **base)  # type: ignore[arg-type]
+
+    def store(self) -> CredentialStore:
+        return CredentialStore({"OKX_API_KEY": self.api_key, "OKX_API_SECRET": self.secret,
+                                "OKX_API_PASSPHRASE": self.passphrase})
+
+
+def local_clock() -> ServerClock:
+    return ServerClock(lambda: time.time_ns() // 1_000_000)
+
+
+def rest_resync(rest_base: str, clock: ServerClock) -> Callable[[], Awaitable[None]]:
+    """What the supervisor injects: measure the offset to the server's /api/v5/public/time."""
+
+    async def resync() -> None:
+        async with httpx.AsyncClient(base_url=rest_base) as client:
+            sent = clock.local_ms()
+            body = (await client.get("/api/v5/public/time")).json()
+            clock.update(OffsetSample(sent, clock.local_ms(), int(body["data"][0]["ts"])))
+
+    return resync
+
+
+class Recorder:
+    """Drains the connection layer's queue into a list, like the pipeline would, and wakes waiters."""
+
+    def __init__(self, queue: asyncio.Queue[Inbound]) -> None:
+        self.queue = queue
+        self.items: list[Inbound] = []
+        self._changed = asyncio.Condition()
+
+    async def run(self) -> None:
+        while True:
+            item = await self.queue.get()
+            async with self._changed:
+                self.items.append(item)
+                self._changed.notify_all()
+
+    async def wait_for(self, predicate: Callable[[list[Inbound]], bool], timeout: float = 5.0) -> None:  # noqa: ASYNC109
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(lambda: predicate(self.items))
+
+    def events(self, kind: LinkEventKind | None = None) -> list[LinkEvent]:
+        return [i for i in self.items if isinstance(i, LinkEvent) and (kind is None or i.kind is kind)]
+
+    def frames(self) -> list[InboundFrame]:
+        return [i for i in self.items if isinstance(i, InboundFrame)]
+
+
+def count(kind: LinkEventKind, arg: SubArg | None = None) -> Callable[[list[Inbound]], int]:
+    def n(items: list[Inbound]) -> int:
+        return sum(1 for i in items if isinstance(i, LinkEvent) and i.kind is kind and (arg is None or arg in i.args))
+    return n
+
+
+def trade_ids(frame: InboundFrame) -> Iterator[int]:
+    """Every individual trade id a `trades` push covers (an aggregate with count n ends at tradeId)."""
+    try:
+        msg = orjson.loads(frame.data)
+    except orjson.JSONDecodeError:
+        return  # junk (the tests inject some); the pipeline turns it into a dead letter
+    if not isinstance(msg, dict) or "data" not in msg or msg.get("arg", {}).get("channel") != "trades":
+        return
+    for row in msg["data"]:
+        last = int(row["tradeId"])
+        yield from range(last - int(row.get("count", "1")) + 1, last + 1)
+
+
+def is_push(frame: InboundFrame) -> bool:
+    return frame.data.startswith(b'{"arg"')
+
+
+@contextlib.asynccontextmanager
+async def running(*coros: Coroutine[Any, Any, None]) -> AsyncIterator[list[asyncio.Task[None]]]:
+    """Run `coros` as tasks; on exit cancel them in reverse order (connections first, the recorder last)."""
+    tasks = [asyncio.create_task(c) for c in coros]
+    try:
+        yield tasks
+    finally:
+        for task in reversed(tasks):
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+class LogEvents(logging.Handler):
+    """Counts structured log events by name and lets a test await one (event-based, no polling)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.seen: list[logging.LogRecord] = []
+        self._waiters: list[tuple[str, asyncio.Future[logging.LogRecord]]] = []
+        self._changed = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen.append(record)
+        for name, fut in list(self._waiters):
+            if record.getMessage() == name and not fut.done():
+                fut.set_result(record)
+        self._changed.set()
+
+    async def wait_until(self, predicate: Callable[[list[logging.LogRecord]], bool],
+                         timeout: float = 5.0) -> None:  # noqa: ASYNC109
+        """Re-check `predicate(records)` at every new log record."""
+        async with asyncio.timeout(timeout):
+            while not predicate(self.seen):
+                self._changed.clear()
+                await self._changed.wait()
+
+    def names(self) -> list[str]:
+        return [r.getMessage() for r in self.seen]
+
+    async def wait(self, name: str, timeout: float = 5.0) -> logging.LogRecord:  # noqa: ASYNC109
+        for record in self.seen:
+            if record.getMessage() == name:
+                return record
+        fut: asyncio.Future[logging.LogRecord] = asyncio.get_running_loop().create_future()
+        self._waiters.append((name, fut))
+        async with asyncio.timeout(timeout):
+            return await fut
+
+
+@contextlib.contextmanager
+def log_events() -> Iterator[LogEvents]:
+    handler = LogEvents()
+    logger = logging.getLogger("ingest")
+    old_level = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)

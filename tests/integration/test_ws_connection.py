@@ -1,0 +1,496 @@
+"""One OKX connection against the simulator: reconnects, keepalive, login, refusals, budget, shutdown.
+
+Every scenario waits on events (queue contents, simulator state, log events), never on the clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from websockets.asyncio.server import ServerConnection, serve
+
+from ingest.config import WsSettings
+from ingest.core.backoff import full_jitter
+from ingest.core.clock import ServerClock
+from ingest.core.events import Inbound, InboundFrame, LinkEvent, LinkEventKind
+from ingest.core.plan import PlannedConnection
+from ingest.io.ws import Connection, ConnectLimiter, LoginRejected
+from ingest.okx.channels import Endpoint, SubArg
+from ingest.sim import SimServer
+
+from ._ws_support import (
+    INST,
+    TRADES,
+    Keys,
+    Recorder,
+    count,
+    fast_ws,
+    is_push,
+    local_clock,
+    log_events,
+    rest_resync,
+    running,
+    trade_ids,
+)
+
+SUBSCRIBED = LinkEventKind.SUBSCRIBED
+DISCONNECTED = LinkEventKind.DISCONNECTED
+FAILED = LinkEventKind.SUBSCRIBE_FAILED
+BOOKS = SubArg("books", inst_id=INST)
+ACCOUNT = SubArg("account")
+
+
+def _public(sim: SimServer, queue: asyncio.Queue[Inbound], args: tuple[SubArg, ...] = (TRADES,),
+            ws: WsSettings | None = None, **kw: object) -> Connection:
+    spec = PlannedConnection("public-0", Endpoint.PUBLIC, False, args)
+    return Connection(spec, sim.ws_url(Endpoint.PUBLIC), ws or fast_ws(), queue, limiter=ConnectLimiter(3),
+                      **kw)  # type: ignore[arg-type]
+
+
+def _private(sim: SimServer, queue: asyncio.Queue[Inbound], keys: Keys, args: tuple[SubArg, ...] = (ACCOUNT,),
+             ws: WsSettings | None = None, **kw: object) -> Connection:
+    spec = PlannedConnection("private-0", Endpoint.PRIVATE, True, args)
+    kw.setdefault("credentials", keys.store())
+    return Connection(spec, sim.ws_url(Endpoint.PRIVATE), ws or fast_ws(), queue, limiter=ConnectLimiter(3),
+                      **kw)  # type: ignore[arg-type]
+
+
+def _sim_trade_ids(sim: SimServer) -> list[int]:
+    return [int(t.trade_id) for t in sim.market.trades(INST)]
+
+
+def _seen_ids(rec: Recorder, conn: str | None = None) -> list[int]:
+    return [i for f in rec.frames() if conn is None or f.conn == conn for i in trade_ids(f)]
+
+
+# ---------------------------------------------------------------------------------------------- reconnect
+
+
+@pytest.mark.parametrize(
+    ("kind", "close_code"),
+    [("clean", "1000"), ("abort", None), ("idle", "4004"), ("stall", None)],
+)
+async def test_every_kind_of_drop_is_followed_by_resubscription_and_a_gap_that_brackets_the_missed_trades(
+    kind: str, close_code: str | None
+) -> None:
+    async with SimServer(Keys().sim_config()) as sim:
+        queue: asyncio.Queue[Inbound] = asyncio.Queue(10_000)
+        rec = Recorder(queue)
+        conn = _public(sim, queue)
+        async with running(rec.run(), conn.run()):
+            await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 1)
+            await sim.tick(30)
+            before_drop = max(_sim_trade_ids(sim))
+            await rec.wait_for(lambda i: before_drop in _seen_ids(rec))
+            if kind == "stall":
+                sim.faults.stall(endpoint="public")  # silent: only our pong timeout can tell
+            else:
+                sim.faults.drop(kind, endpoint="public")
+            await sim.tick(30)  # trades nobody receives: the old socket is gone or silent
+            await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 2)
+            await sim.tick(30)
+            after = max(_sim_trade_ids(sim))
+            await rec.wait_for(lambda i: after in _seen_ids(rec))
+
+    first, second = (e.conn for e in rec.events(SUBSCRIBED))
+    assert first != second
+    items = rec.items
+    disc = next(i for i, x in enumerate(items) if isinstance(x, LinkEvent) and x.kind is DISCONNECTED)
+    resub = next(i for i, x in enumerate(items) if isinstance(x, LinkEvent) and x.kind is SUBSCRIBED
+                 and x.conn == second)
+    event = items[disc]
+    assert isinstance(event, LinkEvent)
+    assert (event.conn, event.args, event.code) == (first, (TRADES,), close_code)
+    assert disc < resub
+    assert all(f.conn == first for f in items[:disc] if isinstance(f, InboundFrame))
+    assert not any(isinstance(f, InboundFrame) and is_push(f) for f in items[disc:resub])
+    assert all(f.conn == second for f in items[disc:] if isinstance(f, InboundFrame))
+
+    last_good = max(_seen_ids(rec, first))
+    first_good = min(_seen_ids(rec, second))
+    missed = [t for t in _sim_trade_ids(sim) if last_good < t < first_good]
+    assert missed, "the drop window should have lost trades"
+    # Nothing was lost silently: every trade not received lies strictly inside the reported window.
+    received = set(_seen_ids(rec))
+    assert {t for t in _sim_trade_ids(sim) if t not in received} == set(missed)
+    if kind == "stall":
+        assert conn.counters.pong_timeouts == 1
+
+
+async def test_keepalive_keeps_an_idle_private_connection_alive_past_okx_idle_timeout() -> None:
+    keys = Keys()
+    # OKX closes a connection with nothing to push after 30 s; here 0.4 s, with market ticks only as a wake-up.
+    async with SimServer(keys.sim_config(idle_timeout_s=0.4, auto_tick_s=0.02)) as sim:
+        queue: asyncio.Queue[Inbound] = asyncio.Queue(10_000)
+        rec = Recorder(queue)
+        conn = _private(sim, queue, keys, ws=fast_ws(keepalive_s=0.1, pong_timeout_s=0.3))
+        async with running(rec.run(), conn.run()):
+            [cid] = await sim.wait_logged_in(endpoint="private")
+            await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 1)
+            # Twelve pings, one per 0.1 s of silence: three idle timeouts' worth of no data.
+            await sim.wait_until(lambda: sim.stats.connections[cid].pings >= 12, timeout=10)
+            assert sim.connection(cid).open
+    assert sim.stats.ws_connects == 1
+    assert rec.events(DISCONNECTED)[0].reason == "shutdown"
+    assert conn.counters.pongs >= 12
+
+
+async def test_without_keepalive_okx_drops_the_idle_connection_with_4004_and_it_reconnects() -> None:
+    keys = Keys()
+    async with SimServer(keys.sim_config(idle_timeout_s=0.2)) as sim:
+        queue: asyncio.Queue[Inbound] = asyncio.Queue(10_000)
+        rec = Recorder(queue)
+        conn = _private(sim, queue, keys, ws=fast_ws(keepalive_s=5.0))
+        async with running(rec.run(), conn.run()):
+            await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 2)
+    assert rec.events(DISCONNECTED)[0].code == "4004"
+
+
+async def test_a_connection_that_stays_down_is_retried_forever_within_the_connect_rate() -> None:
+    async with SimServer(Keys().sim_config()) as sim:
+        sim.faults.reject_connects(count=7, status=503)
+        queue: asyncio.Queue[Inbound] = asyncio.Queue(10_000)
+        rec = Recorder(queue)
+        conn = _public(sim, queue)
+        async with running(rec.run(), conn.run()):
+            await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 1)
+    assert conn.counters.connect_failures == 7
+    assert sim.stats.ws_connects_refused_by_fault == 7
+    assert sim.stats.violations == 0
+
+
+# ---------------------------------------------------------------------------------------------- backoff
+
+
+@given(st.floats(0.001, 5), st.floats(0, 100), st.floats(1, 4), st.lists(st.floats(0, 1), min_size=1, max_size=60))
+def test_backoff_delays_stay_within_zero_and_the_cap_and_never_run_out(
+    initial: float, extra: float, factor: float, rands: list[float]
+) -> None:
+    cap = initial + extra
+    draws = iter(rands * 5)
+    delays = full_jitter(initial, cap, factor, rand=lambda: next(draws))
+    for _ in range(len(rands) * 5):
+        assert 0 <= next(delays) <= cap
+
+
+def _recording_backoff() -> tuple[list[list[float]], object]:
+    made: list[list[float]] = []
+
+    def factory() -> Iterator[float]:
+        drawn: list[float] = []
+        made.append(drawn)
+        while True:
+            drawn.append(0.001)
+            yield 0.001
+
+    return made, factory
+
+
+@pytest.mark.parametrize(("healthy_after_s", "generators"), [(3600.0, 1), (0.0, 2)])
+async def test_backoff_resets_only_after_the_connection_stayed_healthy(
+    healthy_after_s: float, generators: int
+) -> None:
+    async with SimServer(Keys().sim_config()) as sim:
+        sim.faults.reject_connects(count=3)
+        queue: asyncio.Queue[Inbound] = asyncio.Queue(10_000)
+        rec = Recorder(queue)
+        made, factory = _recording_backoff()
+        conn = _public(sim, queue, ws=fast_ws(healthy_after_s=healthy_after_s), backoff=factory)
+        async with running(rec.run(), conn.run()):
+            await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 1)
+            sim.faults.drop("abort")
+            await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 2)
+    # Three refused connects and one drop: four delays, from one generator unless the link was healthy.
+    assert len(made) == generators
+    assert sum(len(m) for m in made) == 4
+
+
+# ---------------------------------------------------------------------------------------------- login
+
+
+async def test_a_private_connection_subscribes_only_after_the_login_ack() -> None:
+    keys = Keys()
+    async with SimServer(keys.sim_config()) as sim:
+        queue: asyncio.Queue[Inbound] = asyncio.Queue(10_000)
+        rec = Recorder(queue)
+        conn = _private(sim, queue, keys, args=(ACCOUNT, SubArg("orders", inst_type="ANY")))
+        async with running(rec.run(), conn.run()):
+            await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 2)
+    events = [orjson.loads(f.data) for f in rec.frames() if not is_push(f)]
+    kinds = [e["event"] for e in events]
+    assert kinds.index("login") < kinds.index("subscribe")
+    assert "error" not in kinds
+    [stats] = sim.stats.connections.values()
+    assert (stats.logins, stats.subscribes, stats.requests) == (1, 1, 2)
+
+
+async def test_every_reconnect_logs_in_with_a_fresh_timestamp() -> None:
+    keys = Keys()
+    wall = [0]
+    async with SimServer(keys.sim_config()) as sim:
+        clock = ServerClock(lambda: time.time_ns() // 1_000_000 + wall[0])  # `wall`: time passing
+        queue: asyncio.Queue[Inbound] = asyncio.Queue(10_000)
+        rec = Recorder(queue)
+        conn = _private(sim, queue, keys, clock=clock)
+        async with running(rec.run(), conn.run()):
+            await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 1)
+            # Ten minutes pass on both clocks; a cached login timestamp would now be 60006 "expired".
+            wall[0] = 600_000
+            sim.faults.clock_offset(600_000)
+            sim.faults.drop("abort", endpoint="private")
+            await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 2)
+    assert conn.counters.login_failures == 0
+    assert [c.logins for c in sim.stats.connections.values()] == [1, 1]
+
+
+async def test_a_login_refused_for_clock_skew_resyncs_from_server_time_and_succeeds() -> None:
+    keys = Keys()
+    async with SimServer(keys.sim_config()) as sim:
+        sim.faults.clock_offset(120_000)  # OKX's clock is two minutes ahead of ours
+        clock = local_clock()
+        resync = rest_resync(sim.rest_base, clock)
+        calls = 0
+
+        async def counted_resync() -> None:
+            nonlocal calls
+            calls += 1
+            await resync()
+
+        queue: asyncio.Queue[Inbound] = asyncio.Queue(10_000)
+        rec = Recorder(queue)
+        conn = _private(sim, queue, keys, clock=clock, resync_clock=counted_resync)
+        async with running(rec.run(), conn.run()):
+            await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 1)
+    assert calls == 1
+    assert abs(clock.offset_ms - 120_000) < 2_000
+    assert conn.counters.login_failures == 1
+    errors = [orjson.loads(f.data) for f in rec.frames() if b'"error"' in f.data]
+    assert [e["code"] for e in errors] == ["60006"]
+
+
+@pytest.mark.parametrize("code", ["60005", "60007", "60024", "60032"])
+async def test_a_login_refused_for_a_wrong_key_stops_the_connection_without_retrying(
+    code: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = Keys()
+    client_keys = {
+        "60005": Keys(secret=keys.secret, passphrase=keys.passphrase),
+        "60007": Keys(api_key=keys.api_key, passphrase=keys.passphrase),
+        "60024": Keys(api_key=keys.api_key, secret=keys.secret),
+        "60032": keys,
+    }[code]
+    async with SimServer(keys.sim_config()) as sim:
+        if code == "60032":
+            sim.faults.reject_logins(code="60032", count=None)
+        queue: asyncio.Queue[Inbound] = asyncio.Queue(10_000)
+        rec = Recorder(queue)
+        conn = _private(sim, queue, client_keys, credentials=client_keys.store())
+        async with running(rec.run()):
+            with pytest.raises(LoginRejected) as err:
+                await asyncio.wait_for(conn.run(), timeout=10)
+            await rec.wait_for(lambda i: count(FAILED)(i) == 1)
+    assert err.value.code == code
+    assert "OKX_API_KEY" in str(err.value) and code in str(err.value)
+    assert sim.stats.ws_connects == 1
+    assert [c.logins for c in sim.stats.connections.values()] == [1]
+    failed = rec.events(FAILED)[0]
+    assert (failed.args, failed.code) == ((ACCOUNT,), code)
+    assert conn.status().state.value == "stopped"
+    for secret in (client_keys.api_key, client_keys.secret, client_keys.passphrase):
+        assert secret not in caplog.text and secret not in str(err.value) and secret not in failed.reason
+
+
+async def test_a_login_that_gets_no_answer_times_out_and_is_retried() -> None:
+    # The simulator always answers a login; a server that never does stands in for a stuck OKX gateway.
+    connections = 0
+    second = asyncio.Event()
+
+    async def silent(ws: ServerConnection) -> None:
+        nonlocal connections
+        connections += 1
+        if connections >= 2:
+            second.set()
+        async for _ in ws:
+            pass
+
+    async with serve(silent, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        spec = PlannedConnection("private-0", Endpoint.PRIVATE, True, (ACCOUNT,))
+        queue: asyncio.Queue[Inbound] = asyncio.Queue(10)
+        conn = Connection(spec, f"ws://127.0.0.1:{port}/ws/v5/private", fast_ws(login_timeout_s=0.2), queue,
+                          limiter=ConnectLimiter(3), credentials=Keys().store())
+        async with running(conn.run()):
+            await asyncio.wait_for(second.wait(), timeout=5)
+    assert conn.counters.login_failures >= 1
+    assert queue.empty()  # never subscribed, so nothing to report as disconnected
+
+
+async def test_a_transient_login_failure_is_retried_with_backoff() -> None:
+    keys = Keys()
+    async with SimServer(keys.sim_config()) as sim:
+        sim.faults.reject_logins(code="60009", count=2)
+        queue: asyncio.Queue[Inbound] = asyncio.Queue(10_000)
+        rec = Recorder(queue)
+        conn = _private(sim, queue, keys)
+        async with running(rec.run(), conn.run()):
+            await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 1)
+    assert conn.counters.login_failures == 2
+    assert sim.stats.ws_connects == 3
+    assert rec.events(FAILED) == []
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+
+
+async def test_a_refused_arg_is_reported_once_and_never_retried_while_the_others_stream() -> None:
+    bad = SubArg("trades", inst_id="NOPE-USDT")
+    eth = SubArg("books", inst_id="ETH-USDT")
+    async with SimServer(Keys().sim_config()) as sim:
+        queue: asyncio.Queue[Inbound] = asyncio.Queue(10_000)
+        rec = Recorder(queue)
+        conn = _public(sim, queue, args=(TRADES, bad, eth))
+        async with running(rec.run(), conn.run()):
+            await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 2 and count(FAILED)(i) == 1)
+            sim.faults.drop("abort")
+            await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 4)
+            await sim.tick(20)
+            last = max(_sim_trade_ids(sim))
+            await rec.wait_for(lambda i: last in _seen_ids(rec))
+    [failed] = rec.events(FAILED)
+    assert (failed.args, failed.code) == ((bad,), "60018")
+    assert conn.status().failed == {"trades:NOPE-USDT": "60018"}
+    second = rec.events(SUBSCRIBED)[-1].conn
+    stats = [c for c in sim.stats.connections.values() if c.close_code is None or c.requests]
+    assert stats[-1].requests == 1  # the reconnect asked only for the two good args, in one request
+    assert {a for e in rec.events(SUBSCRIBED) if e.conn == second for a in e.args} == {TRADES, eth}
+
+
+async def test_an_error_naming_no_arg_is_narrowed_down_without_hurting_the_others() -> None:
+    invalid = SubArg("trades")  # no instId: OKX answers 60013 "Invalid args", naming nothing
+    eth = SubArg("books", inst_id="ETH-USDT")
+    async with SimServer(Keys().sim_config()) as sim:
+        queue: asyncio.Queue[Inbound] = asyncio.Queue(10_000)
+        rec = Recorder(queue)
+        conn = _public(sim, queue, args=(TRADES, invalid, eth))
+        async with running(rec.run(), conn.run()):
+            await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 2 and count(FAILED)(i) == 1)
+    [failed] = rec.events(FAILED)
+    assert (failed.args, failed.code) == ((invalid,), "60013")
+    assert sorted(a for e in rec.events(SUBSCRIBED) for a in e.args) == sorted([TRADES, eth])
+    [stats] = sim.stats.connections.values()
+    assert stats.requests <= 3
+
+
+async def test_a_channel_over_okx_connection_cap_is_reported_failed() -> None:
+    keys = Keys()
+    orders = SubArg("orders", inst_type="ANY")
+    async with SimServer(keys.sim_config(conn_cap_per_channel=0)) as sim:
+        queue: asyncio.Queue[Inbound] = asyncio.Queue(10_000)
+        rec = Recorder(queue)
+        conn = _private(sim, queue, keys, args=(ACCOUNT, orders))
+        async with running(rec.run(), conn.run()):
+            await rec.wait_for(lambda i: count(FAILED)(i) >= 1 and count(DISCONNECTED)(i) == 0
+                               and count(SUBSCRIBED)(i) == 2)
+    failed = rec.events(FAILED)
+    assert {a for e in failed for a in e.args} == {ACCOUNT, orders}
+    assert all("channel-conn-count-error" in e.reason for e in failed)
+
+
+# ---------------------------------------------------------------------------------------------- resilience
+
+
+async def test_malformed_unknown_and_stray_frames_never_kill_the_connection() -> None:
+    async with SimServer(Keys().sim_config()) as sim:
+        queue: asyncio.Queue[Inbound] = asyncio.Queue(10_000)
+        rec = Recorder(queue)
+        conn = _public(sim, queue)
+        async with running(rec.run(), conn.run()):
+            await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 1)
+            for raw in ("{not json", '{"event":"weird"}', "pong", '{"event":"error","code":"60012","msg":"x"}',
+                        '{"event":"subscribe","arg":{"channel":7}}', "[1,2,3]",
+                        '{"event":"subscribe","arg":{"channel":"tickers","instId":"X"}}'):
+                sim.faults.send_raw(raw)
+            sim.faults.push_unknown_channel()
+            sim.faults.corrupt("malformed", channel="trades")
+            await sim.tick(30)
+            last = max(_sim_trade_ids(sim))
+            await rec.wait_for(lambda i: any(b"sim-unknown-channel" in f.data for f in rec.frames())
+                               and last in _seen_ids(rec))
+    assert sim.stats.ws_connects == 1
+    assert rec.events(DISCONNECTED)[0].reason == "shutdown"
+    texts = [f.data for f in rec.frames()]
+    assert b"{not json" in texts and b"[1,2,3]" in texts  # junk reaches the pipeline as a dead letter
+    assert b"pong" not in texts
+
+
+# ---------------------------------------------------------------------------------------------- resubscribe
+
+
+async def test_resubscribe_requests_are_coalesced_and_bring_a_fresh_snapshot() -> None:
+    async with SimServer(Keys().sim_config()) as sim:
+        queue: asyncio.Queue[Inbound] = asyncio.Queue(10_000)
+        rec = Recorder(queue)
+        conn = _public(sim, queue, args=(BOOKS,), ws=fast_ws(resubscribe_min_interval_s=3600))
+        async with running(rec.run(), conn.run()):
+            await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 1)
+            for _ in range(5):
+                assert conn.request_resubscribe(BOOKS, "seqId break")
+            await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 2)
+            assert conn.request_resubscribe(BOOKS, "another break")  # within the minimum interval: deferred
+            await sim.tick(5)  # a round trip after the request: the connection had every chance to act
+            await rec.wait_for(lambda i: sum(1 for f in rec.frames() if is_push(f)) >= 3)
+            assert conn.status().pending_resubscribe == 1
+    [stats] = sim.stats.connections.values()
+    assert (stats.subscribes, stats.unsubscribes) == (2, 1)
+    items = rec.items
+    disc = next(i for i, x in enumerate(items) if isinstance(x, LinkEvent) and x.kind is DISCONNECTED)
+    resub = [i for i, x in enumerate(items) if isinstance(x, LinkEvent) and x.kind is SUBSCRIBED][1]
+    assert disc < resub and items[disc].reason == "resubscribe"  # type: ignore[union-attr]
+    after = next(x for x in items[resub:] if isinstance(x, InboundFrame) and is_push(x))
+    assert orjson.loads(after.data)["action"] == "snapshot"
+
+
+async def test_the_hourly_request_budget_is_never_exceeded() -> None:
+    async with SimServer(Keys().sim_config()) as sim:
+        queue: asyncio.Queue[Inbound] = asyncio.Queue(10_000)
+        rec = Recorder(queue)
+        # Three requests per hour: one subscribe and one resubscribe (unsubscribe + subscribe) use them up.
+        conn = _public(sim, queue, args=(BOOKS,), ws=fast_ws(requests_per_hour=3, resubscribe_min_interval_s=0))
+        with log_events() as logs:
+            async with running(rec.run(), conn.run()):
+                await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 1)
+                conn.request_resubscribe(BOOKS, "break 1")
+                await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 2)
+                conn.request_resubscribe(BOOKS, "break 2")
+                wait = await logs.wait("ws_budget_wait")
+                assert conn.status().budget_remaining == 0
+    assert wait.delay_s > 3000  # type: ignore[attr-defined]
+    [stats] = sim.stats.connections.values()
+    assert stats.requests == 3 and stats.budget_violations == 0
+
+
+# ---------------------------------------------------------------------------------------------- shutdown
+
+
+async def test_shutdown_hands_every_received_frame_to_the_pipeline_before_closing() -> None:
+    async with SimServer(Keys().sim_config()) as sim:
+        queue: asyncio.Queue[Inbound] = asyncio.Queue(16)  # small: the reader is throttled by the pipeline
+        rec = Recorder(queue)
+        conn = _public(sim, queue)
+        async with running(rec.run()) as _:
+            task = asyncio.create_task(conn.run())
+            await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 1)
+            await sim.pump_trades(INST, 3000)  # returns once every frame was written to our socket
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            assert task.cancelled()
+    assert sorted(_seen_ids(rec)) == _sim_trade_ids(sim)
+    last = rec.items[-1]
+    assert isinstance(last, LinkEvent) and last.kind is DISCONNECTED and last.reason == "shutdown"
+    assert [c.close_code for c in sim.stats.connections.values()] == [1000]
