@@ -123,6 +123,12 @@ class _Stream:
     open: _Open | None = None
 
 
+def _ascending(last: Position | None, pos: Position) -> bool:
+    """True when `pos` (a positive trade id with a ts) simply extends `last`, so it can stand as the new last."""
+    return pos.ts is not None and (last is None or last.trade_id is None
+                                   or (pos.trade_id is not None and pos.trade_id >= last.trade_id))
+
+
 class GapTracker:
     """Last good position per stream and the gaps between them; one instance per pipeline."""
 
@@ -191,6 +197,15 @@ class GapTracker:
                     out.append(self._make(arg, st, o, None, None, ev.ts_ns))
         return out
 
+    def resolve(self, arg: SubArg, after: Position, conn_after: str | None, ts_ns: int, reason: str) -> Gap | None:
+        """Close the open gap of `arg` because what it lacked was recovered another way (the REST
+        reconciliation of the private streams); the gap, or None when the stream has none open."""
+        st = self._streams.get(arg)
+        if st is None or st.open is None:
+            return None
+        o, st.open = st.open, None
+        return self._make(arg, st, o, after, conn_after, ts_ns, f"{o.reason}; {reason}")
+
     def on_book_break(self, arg: SubArg, conn: str, ts_ns: int, brk: BookBreak) -> None:
         """The book of `arg` broke (`BookVerdict.broken`): a gap until the next snapshot closes it."""
         reason = f"{brk.kind.value}: {brk.detail} (expected {brk.expected}, got {brk.got})"
@@ -224,27 +239,29 @@ class GapTracker:
         `count` is the `trades` aggregation count (1 for `trades-all` and pre-aggregation data);
         `snapshot` marks an incremental book's snapshot, the only record that closes a book's gap.
         """
-        st = self._stream(arg)
-        st.holders.add(conn)
+        st = self._streams.get(arg) or self._stream(arg)
+        if conn not in st.holders:
+            st.holders.add(conn)
         if inst_type is not None:
             st.inst_type = inst_type
         trades = arg.channel in TRADE_CHANNELS
         tid = pos.trade_id
         in_seq = trades and tid is not None and tid > 0
         first = tid - max(count, 1) + 1 if in_seq and tid is not None else None
-        after = replace(pos, trade_id=first) if trades else pos
         out: list[Gap] = []
         if st.open is not None:
             if arg.channel in INCREMENTAL_BOOK_CHANNELS and not snapshot:
                 return out
             o, st.open = st.open, None
-            out.append(self._make(arg, st, o, after, conn, recv_ts_ns))
+            out.append(self._make(arg, st, o, replace(pos, trade_id=first) if trades else pos, conn, recv_ts_ns))
         elif in_seq and first is not None and st.last is not None and st.last.trade_id is not None \
                 and first > st.last.trade_id + 1:
             o = _Open(GapKind.TRADE_HOLE, st.last, st.last_conn, recv_ts_ns,
                       f"tradeIds {st.last.trade_id + 1}..{first - 1} missing")
-            out.append(self._make(arg, st, o, after, conn, recv_ts_ns))
-        st.last = self._advance(st.last, pos, trades, in_seq)
+            out.append(self._make(arg, st, o, replace(pos, trade_id=first), conn, recv_ts_ns))
+        # The common case (an in-sequence trade, or any non-trade record) keeps `pos` itself: no new object.
+        st.last = pos if not trades or (in_seq and _ascending(st.last, pos)) else self._advance(
+            st.last, pos, trades, in_seq)
         st.last_conn = conn
         return out
 

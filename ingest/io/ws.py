@@ -216,6 +216,8 @@ class _Link:
         #: The `CredentialStore.version` this link logged in with (None: not logged in yet).
         self.creds_version: int | None = None
         self.noticed = False
+        #: Loop time of the last inbound frame (pong included): the keepalive watchdog's only input.
+        self.last_rx = 0.0
 
     @property
     def role(self) -> str:
@@ -518,30 +520,17 @@ class Connection:
             await self._teardown(link)
 
     async def _read(self, link: _Link) -> None:
-        """Read until the socket closes; text `ping` after `keepalive_s` of silence, give up without `pong`."""
+        """Read until the socket closes; a watchdog pings after `keepalive_s` of silence and gives up
+        without `pong`. The read loop itself only stamps `last_rx`: no timer per message on the hot path."""
         ws = link.ws
         assert ws is not None
-        awaiting_pong = False
+        loop = asyncio.get_running_loop()
+        link.last_rx = loop.time()
+        watchdog = asyncio.create_task(self._keepalive(link), name=f"{link.conn}-keepalive")
         try:
             while True:
-                wait = self.settings.pong_timeout_s if awaiting_pong else self.settings.keepalive_s
-                try:
-                    async with asyncio.timeout(wait):
-                        data = await ws.recv(decode=False)
-                except TimeoutError:
-                    if awaiting_pong:
-                        self.counters.pong_timeouts += 1
-                        link.end_reason = link.end_reason or f"no pong within {wait}s"
-                        link.abnormal = True
-                        log.warning("ws_pong_timeout", extra={"conn": link.conn, "ws_name": self.name})
-                        ws.transport.abort()
-                        awaiting_pong = False
-                    else:
-                        await ws.send(PING)
-                        self.counters.pings += 1
-                        awaiting_pong = True
-                    continue
-                awaiting_pong = False
+                data = await ws.recv(decode=False)
+                link.last_rx = loop.time()
                 await self._on_frame(link, data if isinstance(data, bytes) else data.encode())
         except ConnectionClosed as exc:
             link.close_code = exc.rcvd.code if exc.rcvd is not None else None
@@ -561,6 +550,35 @@ class Connection:
             except TimeoutError:
                 log.error("ws_shutdown_drain_incomplete", extra={"conn": link.conn, "ws_name": self.name})
             raise
+        finally:
+            watchdog.cancel()
+            await asyncio.gather(watchdog, return_exceptions=True)
+
+    async def _keepalive(self, link: _Link) -> None:
+        """Text `ping` once nothing arrived for `keepalive_s`; abort the socket if nothing (no `pong`, no
+        data) arrives within `pong_timeout_s` after it. Sleeps until the next deadline, never polls."""
+        ws = link.ws
+        assert ws is not None
+        loop = asyncio.get_running_loop()
+        keepalive, pong_timeout = self.settings.keepalive_s, self.settings.pong_timeout_s
+        ping_sent: float | None = None
+        while True:
+            now = loop.time()
+            if ping_sent is not None and link.last_rx >= ping_sent:
+                ping_sent = None  # something arrived after the ping: the connection is alive
+            if ping_sent is not None and now - ping_sent >= pong_timeout:
+                self.counters.pong_timeouts += 1
+                link.end_reason = link.end_reason or f"no pong within {pong_timeout}s"
+                link.abnormal = True
+                log.warning("ws_pong_timeout", extra={"conn": link.conn, "ws_name": self.name})
+                ws.transport.abort()
+                return
+            if ping_sent is None and now - link.last_rx >= keepalive:
+                await ws.send(PING)
+                self.counters.pings += 1
+                ping_sent = loop.time()
+            deadline = ping_sent + pong_timeout if ping_sent is not None else link.last_rx + keepalive
+            await asyncio.sleep(max(0.0, deadline - loop.time()))  # a timer, re-armed only when it fires
 
     async def _drain(self, link: _Link) -> None:
         """Close the socket and hand every frame already received to the pipeline."""

@@ -1,0 +1,352 @@
+"""`make bench`: frames in over a local WebSocket -> records acknowledged by the broker.
+
+The OKX simulator runs in its own process (the feeder) and pushes pre-rendered `trades-all` frames; this
+process runs the recorder's real parts (connection manager, pipeline, delivery with its write-ahead
+journal, Kafka sink) against the embedded broker (a third process). Measured in the same run, so the
+figures are ratios that survive a slower or busier machine:
+
+* floor: a bare `websockets` client that only receives and `orjson.loads` the same frames;
+* throughput: as fast as the feeder can push; msgs/s, daemon CPU per message, receive->ack p50/p99;
+* paced: a fixed rate (default 5,000 msgs/s) for a while; receive->ack p50/p99;
+* soak (`--soak-s`): many instruments at a fixed rate; RSS sampled, start vs end vs peak.
+
+Receive->ack is measured per record, from the receive timestamp of its frame to the moment the broker
+acknowledged the batch that carried it (delivery keeps order end to end, so the two can be matched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import multiprocessing as mp
+import os
+import secrets
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection as Pipe
+from pathlib import Path
+from typing import Any
+
+import orjson
+import websockets
+
+from ingest.config import load_settings
+from ingest.core.avro import RecordEncoder
+from ingest.core.events import Inbound
+from ingest.io.broker import EmbeddedBroker
+from ingest.io.delivery import Delivery
+from ingest.io.kafka import KafkaSink
+from ingest.io.sink import EncodedRecord
+from ingest.okx.channels import SubArg
+from ingest.services.connections import ConnectionManager
+from ingest.services.pipeline import Pipeline
+from ingest.supervisor import all_topics
+
+# ---------------------------------------------------------------------------------------------- feeder process
+
+
+def _feeder_main(pipe: Pipe, instruments: Sequence[str]) -> None:
+    """The simulator in its own process, driven by commands over `pipe`."""
+    asyncio.run(_feeder(pipe, tuple(instruments)))
+
+
+async def _feeder(pipe: Pipe, instruments: tuple[str, ...]) -> None:
+    from ingest.sim import SimConfig, SimServer
+
+    config = SimConfig(instruments=instruments, seed=3, api_key=secrets.token_hex(8),
+                       api_secret=secrets.token_hex(16), passphrase=secrets.token_hex(8),
+                       idle_timeout_s=600.0, max_trades_history=10_000_000, max_queue_frames=10_000_000)
+    loop = asyncio.get_running_loop()
+    async with SimServer(config) as sim:
+        pipe.send(("ready", sim.ws_base))
+        while True:
+            cmd = await loop.run_in_executor(None, pipe.recv)
+            if cmd[0] == "stop":
+                return
+            _, insts, n, rate, subscribers = cmd
+            for inst in insts:
+                await sim.wait_subscribed(SubArg("trades-all", inst), count=subscribers, timeout=60)
+            prepared = [sim.prepare_trades(inst, n) for inst in insts]
+            sent = 0
+            if rate is None:
+                for p in prepared:
+                    sent += await sim.pump(_only_all(p))
+            else:
+                sent = await _paced(sim, prepared, rate)
+            pipe.send(("pumped", sent))
+
+
+def _only_all(prepared: Any) -> Any:
+    """The prepared batch without its aggregated `trades` frames (nobody here subscribes to them)."""
+    return type(prepared)(prepared.inst_id, (), prepared.trades_all)
+
+
+async def _paced(sim: Any, prepared: list[Any], rate: int) -> int:
+    """Push frames round-robin over instruments at `rate` frames/s, in 10 ms slices."""
+    frames = [(p, f) for i in range(max(len(p.trades_all) for p in prepared)) for p in prepared
+              if i < len(p.trades_all) for f in (p.trades_all[i],)]
+    per_slice = max(1, rate // 100)
+    start = time.perf_counter()
+    sent = 0
+    for i in range(0, len(frames), per_slice):
+        chunk = frames[i:i + per_slice]
+        by_inst: dict[str, list[str]] = {}
+        for p, f in chunk:
+            by_inst.setdefault(p.inst_id, []).append(f)
+        for inst, fs in by_inst.items():
+            sent += await sim.pump(type(prepared[0])(inst, (), tuple(fs)))
+        delay = start + (i + per_slice) / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)  # pacing the load generator
+    return sent
+
+
+class Feeder:
+    """Handle on the feeder process."""
+
+    def __init__(self, instruments: Sequence[str]) -> None:
+        ctx = mp.get_context("spawn")
+        self._pipe, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_feeder_main, args=(child, list(instruments)), daemon=True)
+        self._proc.start()
+        ready = self._pipe.recv()
+        self.ws_base: str = ready[1]
+
+    async def pump(self, insts: Sequence[str], n: int, rate: int | None = None, subscribers: int = 1) -> int:
+        self._pipe.send(("pump", list(insts), n, rate, subscribers))
+        reply = await asyncio.get_running_loop().run_in_executor(None, self._pipe.recv)
+        return int(reply[1])
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self._pipe.send(("stop",))
+        self._proc.join(10)
+        if self._proc.is_alive():
+            self._proc.kill()
+
+
+# ---------------------------------------------------------------------------------------------- measurement
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class TimingOutlet:
+    """Between pipeline and delivery: notes, per record, the receive time of the frame it came from."""
+
+    def __init__(self, delivery: Delivery) -> None:
+        self.delivery = delivery
+        self.pipeline: Pipeline | None = None
+        self.recv_ns: deque[int] = deque()
+
+    async def put(self, record: EncodedRecord) -> None:
+        assert self.pipeline is not None
+        self.recv_ns.append(self.pipeline.stats.last_frame_ns)
+        await self.delivery.put(record)
+
+
+class TimingSink:
+    """Around the Kafka sink: when a batch is acknowledged, each of its records' receive->ack latency."""
+
+    name = "kafka-timed"
+
+    def __init__(self, inner: KafkaSink) -> None:
+        self.inner = inner
+        self.outlet: TimingOutlet | None = None
+        self.latencies_ns: list[int] = []
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def write(self, batch: Sequence[EncodedRecord]) -> None:
+        await self.inner.write(batch)
+        now = time.time_ns()
+        assert self.outlet is not None
+        pending = self.outlet.recv_ns
+        for _ in batch:
+            if pending:
+                self.latencies_ns.append(now - pending.popleft())
+
+    async def flush(self) -> None:
+        await self.inner.flush()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+@dataclass
+class Recorder:
+    """The recorder's real parts, wired as the supervisor wires them (minus REST, health, credentials)."""
+
+    manager: ConnectionManager
+    pipeline: Pipeline
+    delivery: Delivery
+    sink: TimingSink
+    tasks: list[asyncio.Task[None]]
+
+    async def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await self.delivery.close()
+
+
+async def start_recorder(ws_base: str, bootstrap: str, insts: Sequence[str], journal: Path,
+                         publish_raw: bool) -> Recorder:
+    subs = [{"channel": "trades-all", "inst_id": i} for i in insts]
+    settings = load_settings(None, okx={"ws_base_url": ws_base, "channels": [], "subscriptions": subs},
+                             kafka={"bootstrap_servers": bootstrap, "enable_idempotence": False,
+                                    "topic_prefix": f"bench{secrets.token_hex(3)}.", "publish_raw": publish_raw},
+                             journal={"dir": str(journal)})
+    sink = TimingSink(KafkaSink(settings.kafka, bootstrap_servers=bootstrap,
+                                topics=all_topics(settings.kafka.topic_prefix)))
+    delivery = Delivery.from_settings(sink, settings.journal, settings.kafka)
+    await delivery.start()
+    outlet = TimingOutlet(delivery)
+    sink.outlet = outlet
+    inbox: asyncio.Queue[Inbound] = asyncio.Queue(maxsize=10_000)
+    manager = ConnectionManager(settings.okx, settings.ws, inbox)
+    pipeline = Pipeline(inbox, outlet, RecordEncoder(settings.kafka.topic_prefix), resubscriber=manager,
+                        publish_raw=publish_raw)
+    outlet.pipeline = pipeline
+    tasks = [asyncio.create_task(pipeline.run()), asyncio.create_task(manager.run())]
+    return Recorder(manager, pipeline, delivery, sink, tasks)
+
+
+def pct(values: list[int], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1e6
+
+
+async def floor_run(feeder: Feeder, inst: str, n: int) -> float:
+    """msgs/s of a bare client that only receives and parses the frames."""
+    async with websockets.connect(f"{feeder.ws_base}/ws/v5/business", max_size=None) as ws:
+        await ws.send(orjson.dumps({"op": "subscribe", "args": [{"channel": "trades-all", "instId": inst}]}).decode())
+        await ws.recv()  # the subscribe ack
+        pump = asyncio.create_task(feeder.pump([inst], n))
+        got = 0
+        start = time.perf_counter()
+        while got < n:
+            msg = await ws.recv()
+            orjson.loads(msg)
+            got += 1
+        elapsed = time.perf_counter() - start
+        await pump
+    return n / elapsed
+
+
+async def throughput_run(rec: Recorder, feeder: Feeder, inst: str, n: int, per_frame: int) -> dict[str, float]:
+    start_out = rec.delivery.stats.records_out
+    rec.sink.latencies_ns.clear()
+    t0, c0 = time.perf_counter(), time.process_time()
+    await feeder.pump([inst], n)
+    await rec.delivery.wait_for(lambda s: s.records_out - start_out >= n * per_frame, 600)
+    t1, c1 = time.perf_counter(), time.process_time()
+    lat = rec.sink.latencies_ns
+    return {"msgs_s": n / (t1 - t0), "cpu_us_per_msg": (c1 - c0) / n * 1e6, "p50_ms": pct(lat, 0.5),
+            "p99_ms": pct(lat, 0.99)}
+
+
+async def paced_run(rec: Recorder, feeder: Feeder, insts: Sequence[str], rate: int, seconds: float,
+                    per_frame: int) -> dict[str, float]:
+    n_per_inst = max(1, int(rate * seconds / len(insts)))
+    start_out = rec.delivery.stats.records_out
+    rec.sink.latencies_ns.clear()
+    rss: list[float] = [rss_mb()]
+    sampling = True
+
+    async def sample() -> None:
+        while sampling:
+            rss.append(rss_mb())
+            await asyncio.sleep(1.0)  # sampling interval
+
+    sampler = asyncio.create_task(sample())
+    sent = await feeder.pump(insts, n_per_inst, rate=rate)
+    await rec.delivery.wait_for(lambda s: s.records_out - start_out >= sent * per_frame, 600)
+    sampling = False
+    await sampler
+    rss.append(rss_mb())
+    lat = rec.sink.latencies_ns
+    return {"rate": rate, "msgs": sent, "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99),
+            "rss_start_mb": rss[0], "rss_end_mb": rss[-1], "rss_peak_mb": max(rss)}
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    insts = [f"BENCH{i}-USDT" for i in range(max(1, args.instruments))]
+    feeder = Feeder(insts)
+    broker = EmbeddedBroker()
+    await broker.start()
+    per_frame = 1 if args.no_raw else 2
+    try:
+        with tempfile.TemporaryDirectory(prefix="okx-bench-") as tmp:
+            floor = await floor_run(feeder, insts[0], args.messages)
+            rec = await start_recorder(feeder.ws_base, broker.bootstrap_servers, insts, Path(tmp),
+                                       not args.no_raw)
+            await throughput_run(rec, feeder, insts[0], min(5_000, args.messages), per_frame)  # warm-up
+            thr = await throughput_run(rec, feeder, insts[0], args.messages, per_frame)
+            paced = await paced_run(rec, feeder, insts[:1], args.rate, args.paced_s, per_frame)
+            soak = None
+            if args.soak_s > 0:
+                soak = await paced_run(rec, feeder, insts, args.soak_rate, args.soak_s, per_frame)
+            await rec.close()
+    finally:
+        feeder.stop()
+        await broker.stop()
+    report(args, floor, thr, paced, soak)
+    return 0
+
+
+def report(args: argparse.Namespace, floor: float, thr: dict[str, float], paced: dict[str, float],
+           soak: dict[str, float] | None) -> None:
+    cores = os.cpu_count()
+    print(f"\nokx-ingest pipeline benchmark ({args.messages:,} trades-all frames, {cores} cores, "
+          f"raw topic {'off' if args.no_raw else 'on'}, Python {sys.version.split()[0]})\n")
+    print(f"{'measure':<44}{'value':>14}{'vs floor':>10}")
+    print(f"{'floor: bare client, receive + orjson.loads':<44}{floor:>10,.0f}/s {1.0:>9.2f}")
+    print(f"{'recorder: receive -> broker ack':<44}{thr['msgs_s']:>10,.0f}/s {thr['msgs_s'] / floor:>9.2f}")
+    print(f"{'recorder CPU per message':<44}{thr['cpu_us_per_msg']:>11.1f} us")
+    print(f"{'receive -> ack p50 / p99 (flat out)':<44}{thr['p50_ms']:>6.1f} / {thr['p99_ms']:.1f} ms")
+    label = f"receive -> ack p50 / p99 at {int(paced['rate']):,} msgs/s"
+    print(f"{label:<44}{paced['p50_ms']:>6.1f} / {paced['p99_ms']:.1f} ms")
+    print(f"{'RSS start / end / peak (paced)':<44}{paced['rss_start_mb']:>6.0f} / {paced['rss_end_mb']:.0f}"
+          f" / {paced['rss_peak_mb']:.0f} MB")
+    if soak is not None:
+        label = f"soak: {args.instruments} instruments, {int(soak['rate']):,}/s, {int(args.soak_s)} s"
+        print(f"{label:<44}p99 {soak['p99_ms']:.1f} ms, RSS {soak['rss_start_mb']:.0f} -> "
+              f"{soak['rss_end_mb']:.0f} MB (peak {soak['rss_peak_mb']:.0f})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="make bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--messages", type=int, default=100_000)
+    p.add_argument("--rate", type=int, default=5_000, help="paced run: msgs/s")
+    p.add_argument("--paced-s", type=float, default=10.0)
+    p.add_argument("--instruments", type=int, default=1, help="instruments in the soak run")
+    p.add_argument("--soak-s", type=float, default=0.0, help="soak run length (e.g. 600 with --instruments 100)")
+    p.add_argument("--soak-rate", type=int, default=5_000)
+    p.add_argument("--no-raw", action="store_true", help="do not publish okx.raw (halves the records per frame)")
+    args = p.parse_args(argv)
+    try:
+        import uvloop
+
+        return uvloop.run(main_async(args))
+    except ImportError:  # pragma: no cover
+        return asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
