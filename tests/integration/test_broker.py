@@ -8,7 +8,7 @@ import time
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.structs import TopicPartition
+from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from ingest.io.broker import EmbeddedBroker
 from tests.conftest import BrokerInfo, docker_engine_reachable
@@ -33,7 +33,7 @@ async def test_records_round_trip_with_key_headers_and_each_codec(
                                 auto_offset_reset="earliest", enable_auto_commit=False)
     await consumer.start()
     try:
-        got = []
+        got: list[ConsumerRecord[bytes, bytes]] = []
         while len(got) < len(sent):
             batch = await consumer.getmany(timeout_ms=5000)
             assert batch, "broker returned nothing within 5 s"
