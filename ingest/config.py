@@ -252,10 +252,11 @@ class JournalSettings(_Section):
 
 
 class BackfillSettings(_Section):
-    """The REST backfill worker."""
+    """The REST backfill worker (`okx-ingest backfill`, services/backfill.py)."""
 
     group_id: str = "okx-ingest-backfill"
-    concurrency: Annotated[int, Field(gt=0)] = 4
+    concurrency: Annotated[int, Field(gt=0)] = Field(
+        default=4, description="streams (channel + instrument) fetched at once within a batch of gaps")
     max_attempts: Annotated[int, Field(gt=0)] = 8
     breaker_failures: Annotated[int, Field(gt=0)] = 5
     breaker_cooldown_s: Annotated[float, Field(gt=0)] = 30.0
@@ -263,11 +264,44 @@ class BackfillSettings(_Section):
     retry_initial_s: Annotated[float, Field(gt=0)] = Field(
         default=0.25, description="first REST retry delay (full jitter, doubling up to retry_max_s)")
     retry_max_s: Annotated[float, Field(gt=0)] = 10.0
+    batch_max_gaps: Annotated[int, Field(gt=0)] = Field(
+        default=500, description="most gap records taken from okx.gaps at once: coalesced, filled and committed "
+                                 "together")
+    poll_timeout_ms: Annotated[int, Field(gt=0)] = 1_000
+    session_timeout_ms: Annotated[int, Field(gt=0)] = Field(
+        default=10_000, description="how long the group waits for a silent (dead) worker before its gaps move on")
+    heartbeat_interval_ms: Annotated[int, Field(gt=0)] = 3_000
+    max_poll_interval_ms: Annotated[int, Field(gt=0)] = Field(
+        default=300_000, description="a worker that does not poll for this long leaves the group (the worker "
+                                     "keeps polling while it fills a long gap)")
+    gap_max_attempts: Annotated[int, Field(gt=0)] = Field(
+        default=5, description="tries per gap while OKX fails transiently (5xx, breaker open, timeouts) before "
+                               "it is reported partial, so no gap is retried forever")
+    gap_retry_max_s: Annotated[float, Field(gt=0)] = Field(
+        default=60.0, description="longest wait between two tries of one gap")
+    max_records_per_gap: Annotated[int, Field(gt=0)] = Field(
+        default=2_000_000, description="rows fetched for one coalesced range at most; beyond, the gap is partial")
+    readback: bool = Field(
+        default=True, description="read the data topic back around each gap and publish only what it lacks "
+                                  "(exactly once across restarts and duplicate gap events)")
+    readback_margin_ms: Annotated[int, Field(ge=0)] = Field(
+        default=60_000, description="read back from this long before a gap's lower time bound (clock skew)")
+    readback_timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    order_lookback_s: Annotated[float, Field(ge=0)] = Field(
+        default=86_400.0, description="orders-history filters on creation time: look this far before a gap for "
+                                      "orders that completed inside it")
+    journal_dir: Path | None = Field(
+        default=None, description="delivery journal of this worker (default <journal.dir>/backfill-<shard>); "
+                                  "its unacknowledged backlog is discarded at start, the consumer offset rules")
+    progress_interval_s: Annotated[float, Field(gt=0)] = Field(
+        default=2.0, description="`backfill --channel` without a terminal: one progress line this often")
 
     @model_validator(mode="after")
     def _retry_bounds(self) -> BackfillSettings:
         if self.retry_max_s < self.retry_initial_s:
             raise ValueError("retry_max_s must be >= retry_initial_s")
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            raise ValueError("heartbeat_interval_ms must be < session_timeout_ms")
         return self
 
 

@@ -1,0 +1,135 @@
+"""The schema registry client against a small fake that follows the Confluent REST API.
+
+The fake is a protocol double of an external service we cannot run here; it implements only what the
+client uses: `POST /subjects/{subject}/versions` with the registry content type, answering `{"id": N}`
+with ids global across subjects (as the real registry does), and its error bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from ingest.io.broker import free_port
+from ingest.io.registry import CONTENT_TYPE, RegistryError, SchemaRegistry, subject_for
+
+TRADE = json.dumps({"type": "record", "name": "Trade", "namespace": "okx.ingest.v1",
+                    "fields": [{"name": "px", "type": "string"}]})
+BOOK = json.dumps({"type": "record", "name": "Book", "namespace": "okx.ingest.v1",
+                   "fields": [{"name": "seqId", "type": "long"}]})
+
+
+@dataclass
+class FakeRegistry:
+    ids: dict[str, int] = field(default_factory=dict)  # schema text -> global id
+    registered: list[tuple[str, int]] = field(default_factory=list)  # (subject, id) per successful call
+    requests: int = 0
+    incompatible: set[str] = field(default_factory=set)  # subjects that refuse new schemas
+    fail_with: list[int] = field(default_factory=list)  # statuses to answer the next requests with
+
+    async def register(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        if request.content_type != CONTENT_TYPE:
+            return self.error(415, 415, f"unsupported content type {request.content_type}")
+        if self.fail_with:
+            return self.error(self.fail_with.pop(0), 50003, "Error while forwarding the request to the leader")
+        subject = request.match_info["subject"]
+        schema = json.loads(await request.read())["schema"]
+        try:
+            json.loads(schema)
+        except ValueError:
+            return self.error(422, 42201, "Invalid schema")
+        if subject in self.incompatible:
+            return self.error(409, 409, "Schema being registered is incompatible with an earlier schema")
+        schema_id = self.ids.setdefault(schema, len(self.ids) + 1)
+        self.registered.append((subject, schema_id))
+        return web.json_response({"id": schema_id}, content_type=CONTENT_TYPE)
+
+    @staticmethod
+    def error(status: int, code: int, message: str) -> web.Response:
+        return web.json_response({"error_code": code, "message": message}, status=status, content_type=CONTENT_TYPE)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[tuple[FakeRegistry, str]]:
+    registry = FakeRegistry()
+    app = web.Application()
+    app.router.add_post("/subjects/{subject}/versions", registry.register)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        yield registry, str(server.make_url(""))
+    finally:
+        await server.close()
+
+
+async def test_registers_under_the_topic_value_subject_and_returns_the_id(fake: tuple[FakeRegistry, str]) -> None:
+    registry, url = fake
+    async with SchemaRegistry(url) as client:
+        assert await client.schema_id("okx.trades", TRADE) == 1
+    assert registry.registered == [("okx.trades-value", 1)]
+    assert subject_for("okx.trades") == "okx.trades-value"
+
+
+async def test_ids_are_cached_and_concurrent_callers_share_one_request(fake: tuple[FakeRegistry, str]) -> None:
+    registry, url = fake
+    async with SchemaRegistry(url) as client:
+        ids = await asyncio.gather(*(client.schema_id("okx.trades", TRADE) for _ in range(10)))
+        assert await client.schema_id("okx.trades", TRADE) == 1
+    assert ids == [1] * 10
+    assert registry.requests == 1
+
+
+async def test_same_schema_on_two_topics_shares_the_id_and_each_subject_is_registered(
+    fake: tuple[FakeRegistry, str]
+) -> None:
+    registry, url = fake
+    async with SchemaRegistry(url) as client:
+        assert await client.schema_id("okx.trades", TRADE) == 1
+        assert await client.schema_id("okx.trades.backfill", TRADE) == 1
+        assert await client.schema_id("okx.books", BOOK) == 2
+    assert [s for s, _ in registry.registered] == ["okx.trades-value", "okx.trades.backfill-value", "okx.books-value"]
+
+
+async def test_an_incompatible_schema_is_a_permanent_error_naming_the_subject_and_the_fix(
+    fake: tuple[FakeRegistry, str]
+) -> None:
+    registry, url = fake
+    registry.incompatible.add("okx.trades-value")
+    async with SchemaRegistry(url) as client:
+        with pytest.raises(RegistryError) as err:
+            await client.schema_id("okx.trades", TRADE)
+    assert not err.value.retriable and err.value.status == 409
+    assert "okx.trades-value" in str(err.value) and "compatib" in str(err.value)
+
+
+async def test_a_server_error_is_retriable_and_not_cached(fake: tuple[FakeRegistry, str]) -> None:
+    registry, url = fake
+    registry.fail_with.append(503)
+    async with SchemaRegistry(url) as client:
+        with pytest.raises(RegistryError) as err:
+            await client.schema_id("okx.trades", TRADE)
+        assert err.value.retriable and err.value.status == 503
+        assert await client.schema_id("okx.trades", TRADE) == 1
+    assert registry.requests == 2
+
+
+async def test_an_unreachable_registry_is_retriable() -> None:
+    async with SchemaRegistry(f"http://127.0.0.1:{free_port()}", timeout_s=2.0) as client:
+        with pytest.raises(RegistryError) as err:
+            await client.schema_id("okx.trades", TRADE)
+    assert err.value.retriable and "unreachable" in str(err.value)
+
+
+async def test_a_schema_that_is_not_json_is_refused_before_any_request(fake: tuple[FakeRegistry, str]) -> None:
+    registry, url = fake
+    async with SchemaRegistry(url) as client:
+        with pytest.raises(RegistryError) as err:
+            await client.schema_id("okx.trades", "{not json")
+    assert not err.value.retriable and registry.requests == 0
