@@ -1,7 +1,8 @@
 """The one owner of every task of the recorder: build from Settings, run, watch, shut down in order.
 
 Start-up: embedded broker (if configured) -> credentials -> REST client and clock -> key permissions ->
-Kafka sink, topics and delivery (journal recovered first) -> pipeline -> WebSocket connections -> health.
+Kafka sink, topics and delivery (journal recovered first) -> private reconciler (with `okx.private`) ->
+pipeline -> WebSocket connections -> health.
 Shutdown (SIGTERM/SIGINT): close the sockets after every received frame is queued, let the pipeline
 publish all of it, flush delivery to Kafka (or leave it journaled), then stop the broker. SIGHUP re-reads
 credentials. Any task that dies unexpectedly ends the process with a non-zero code so systemd or
@@ -43,6 +44,7 @@ from ingest.services.clock import ClockService
 from ingest.services.connections import ConnectionManager, subscription_arg
 from ingest.services.permissions import check_key_permissions
 from ingest.services.pipeline import Pipeline
+from ingest.services.private import PrivateReconciler
 
 log = logging.getLogger("ingest.supervisor")
 
@@ -85,6 +87,7 @@ class _Parts:
     clock_service: ClockService | None = None
     delivery: Delivery | None = None
     pipeline: Pipeline | None = None
+    reconciler: PrivateReconciler | None = None
     manager: ConnectionManager | None = None
     health: HealthServer | None = None
     extra_tasks: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
@@ -170,8 +173,11 @@ class Daemon:
         inbox: asyncio.Queue[Inbound] = asyncio.Queue(maxsize=INBOX_SIZE)
         p.manager = ConnectionManager(s.okx, s.ws, inbox, credentials=p.store, clock=clock,
                                       resync_clock=p.clock_service.resync, args=self._args)
-        p.pipeline = Pipeline(inbox, p.delivery, encoder, resubscriber=p.manager, shard=s.shard,
-                              publish_raw=s.kafka.publish_raw)
+        if s.okx.private and p.store is not None:
+            # Reads the account over REST after every private (re)connect; results enter the same queue.
+            p.reconciler = PrivateReconciler(p.rest, clock, inbox)
+        p.pipeline = Pipeline(inbox, p.delivery, encoder, resubscriber=p.manager, reconciler=p.reconciler,
+                              shard=s.shard, publish_raw=s.kafka.publish_raw)
         self._register_metrics()
         p.health = HealthServer(self.registry, self.readiness, s.obs.metrics_host, s.obs.metrics_port)
         await p.health.start()
@@ -194,6 +200,8 @@ class Daemon:
             "connections": asyncio.create_task(p.manager.run(), name="connections"),
             "clock": asyncio.create_task(p.clock_service.run(), name="clock"),
         }
+        if p.reconciler is not None:
+            tasks["reconciler"] = asyncio.create_task(p.reconciler.run(), name="reconciler")
         if p.store is not None:
             tasks["credential-files"] = asyncio.create_task(
                 CredentialFileWatcher(p.store, self.settings.okx.credential_poll_s).run(), name="credential-files")
@@ -235,6 +243,9 @@ class Daemon:
         assert p.pipeline is not None and p.delivery is not None
         # 1. Sockets: the connection manager closes them after every received frame is in the queue.
         await _cancel(tasks.pop("connections"))
+        # The reconciler next: a read it finishes now still reaches the queue before the drain below.
+        if "reconciler" in tasks:
+            await _cancel(tasks.pop("reconciler"))
         # 2. The pipeline publishes everything queued (it keeps running while we wait for it).
         pipeline_task = tasks.pop("pipeline")
         if not pipeline_task.done():
@@ -329,6 +340,7 @@ class Daemon:
         self._collector.add(self._connection_metrics)
         self._collector.add(self._delivery_metrics)
         self._collector.add(self._rest_metrics)
+        self._collector.add(self._private_metrics)
 
     def _pipeline_metrics(self) -> Iterable[Metric]:
         p = self.parts.pipeline
@@ -357,9 +369,14 @@ class Daemon:
         dups = counter("duplicates_dropped", "Duplicates dropped, by cause", ("cause",))
         dups.add_metric(["connection_overlap"], st.overlap_duplicates_dropped)
         dups.add_metric(["private_repeat"], st.private_repeats_dropped)
+        dups.add_metric(["private_already_recorded"], st.rest_rows_dropped)
+        events = counter("okx_events", "Event messages OKX sent (login, subscribe, channel-conn-count, ...)",
+                         ("event",))
+        for event, n in st.events.items():
+            events.add_metric([event], n)
         inbox = gauge("inbox_depth", "Frames and events waiting for the pipeline")
         inbox.add_metric([], p.inbox.qsize())
-        return [frames, records, dead, gaps, okx_errors, book, dups, inbox]
+        return [frames, records, dead, gaps, okx_errors, events, book, dups, inbox]
 
     def _connection_metrics(self) -> Iterable[Metric]:
         m = self.parts.manager
@@ -436,6 +453,26 @@ class Daemon:
             auth.add_metric([], p.store.auth.status().failures_total)
             out.append(auth)
         return out
+
+    def _private_metrics(self) -> Iterable[Metric]:
+        p = self.parts
+        if p.reconciler is None or p.pipeline is None:
+            return []
+        rs, st = p.reconciler.stats, p.pipeline.stats
+        reads = counter("private_reconcile_reads", "REST reads of the private account after a hole, by outcome",
+                        ("outcome",))
+        reads.add_metric(["ok"], rs.reads)
+        reads.add_metric(["failed"], rs.failures)
+        rows = counter("private_reconcile_rows", "Rows those reads returned, by kind", ("kind",))
+        for kind, n in rs.rows.items():
+            rows.add_metric([kind], n)
+        published = counter("private_reconcile_records", "Records the reads added to the record (source=rest)",
+                            ("topic",))
+        for topic, n in st.rest_records.items():
+            published.add_metric([topic], n)
+        pending = gauge("private_reconcile_pending", "1 while a requested read is waiting or running")
+        pending.add_metric([], int(p.reconciler.pending))
+        return [reads, rows, published, pending]
 
 
 async def _register_schemas(settings: Settings, encoder: RecordEncoder) -> dict[str, int]:

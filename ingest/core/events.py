@@ -1,7 +1,9 @@
 """What the WebSocket layer hands to the data pipeline: frames and connection lifecycle events.
 
 Both travel through one bounded queue, so the pipeline sees a disconnect exactly between the last
-frame before it and the first frame after it; that order is what makes gap bounds right.
+frame before it and the first frame after it; that order is what makes gap bounds right. The private
+reconciler (`services/private.py`) puts `RestRecords` into the same queue, so REST rows meet the same
+dedupe state as the pushes around them, in one order.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import enum
 from dataclasses import dataclass
 from typing import Protocol
 
+from ingest.core.records import DeadLetter, OkxRecord
 from ingest.okx.channels import Endpoint, SubArg
 
 
@@ -60,10 +63,51 @@ class LinkEvent:
     replacement: str | None = None
 
 
-Inbound = InboundFrame | LinkEvent
+@dataclass(frozen=True, slots=True)
+class RestRecords:
+    """Private-stream records read over REST after a hole (a reconnect, a refused subscription, start-up).
+
+    Built by the REST row builders (`source = rest`); the pipeline lets through only what its private
+    dedupe state does not already hold. The read answers every `ReconcileRequest` up to `seq` (it began
+    after they were made); `covers` are their args. `since_ms` is the OKX time the read reaches back to,
+    `fetched_ms` the OKX time it began, `ts_ns` the local time it ended.
+    """
+
+    seq: int
+    reason: str
+    ts_ns: int
+    since_ms: int
+    fetched_ms: int
+    covers: tuple[SubArg, ...]
+    records: tuple[OkxRecord | DeadLetter, ...]
+
+
+Inbound = InboundFrame | LinkEvent | RestRecords
 
 
 class Resubscriber(Protocol):
     """Asks the WebSocket layer to resubscribe one arg (after a book break); never blocks."""
 
     def request_resubscribe(self, arg: SubArg, reason: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileRequest:
+    """The pipeline asks for a REST read of the private account: data of `args` may be missing since
+    `since_ns` (local time). `open_since_ms` is the creation time (OKX ms) of the oldest order the record
+    still shows open: such an order may have completed in the hole, so the order history must reach back
+    to it. `initial` marks the first subscription of the process (nothing recorded yet). `seq` increases
+    with every request, so an answer tells which requests it covers."""
+
+    seq: int
+    reason: str
+    since_ns: int
+    args: frozenset[SubArg]
+    open_since_ms: int | None = None
+    initial: bool = False
+
+
+class Reconciler(Protocol):
+    """Reads the private account over REST and feeds the result back as `RestRecords`; never blocks."""
+
+    def request_reconcile(self, request: ReconcileRequest) -> None: ...

@@ -119,6 +119,7 @@ OKX_LIMITS: Mapping[str, EndpointLimit] = {
     "/api/v5/trade/fills": EndpointLimit(60, 2.0, Scope.USER),
     "/api/v5/trade/fills-history": EndpointLimit(10, 2.0, Scope.USER),
     "/api/v5/trade/orders-history": EndpointLimit(40, 2.0, Scope.USER),
+    "/api/v5/trade/orders-pending": EndpointLimit(60, 2.0, Scope.USER),
     "/api/v5/trade/orders-history-archive": EndpointLimit(20, 2.0, Scope.USER),
     "/api/v5/account/balance": EndpointLimit(10, 2.0, Scope.USER),
     "/api/v5/account/positions": EndpointLimit(10, 2.0, Scope.USER),

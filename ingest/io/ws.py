@@ -75,6 +75,8 @@ log = logging.getLogger(__name__)
 
 #: Part of every physical connection id, so an id is never reused, not even across restarts.
 PROCESS_TOKEN = f"{int(time.time()):x}{secrets.token_hex(3)}"
+#: Login refusals that say nothing about the key (too frequent, repeated login, OKX internal error).
+_NOT_KEY_FAILURES = frozenset({"60023", "60031", "63999"})
 _HOUR_S = 3600.0
 
 
@@ -483,6 +485,8 @@ class Connection:
     # ------------------------------------------------------------------------------------------ one link
 
     async def _connect_and_serve(self, link: _Link) -> None:
+        if self.login:
+            await self._wait_auth_pause(link)
         self._set_link_state(link, ConnState.CONNECTING)
         await self._limiter.acquire()
         try:
@@ -889,6 +893,20 @@ class Connection:
         log.debug("ws_request", extra={"conn": link.conn, "ws_name": self.name, "op": req.op, "id": req.id,
                                        "arg_count": len(req.args)})
 
+    async def _wait_auth_pause(self, link: _Link) -> None:
+        """Wait out a pause of signed traffic (repeated authentication failures, REST or WebSocket:
+        `credentials.AuthFailureGuard`) before connecting, so a bad key is not retried in a loop; a credential
+        rotation ends the pause at once."""
+        store = self._credentials
+        assert store is not None
+        remaining = store.auth.pause_remaining()
+        if remaining <= 0:
+            return
+        self._set_link_state(link, ConnState.BACKING_OFF, "authentication paused")
+        log.warning("ws_login_paused", extra={"conn": link.conn, "ws_name": self.name, "pause_s": round(remaining, 3),
+                                              "key": store.current().key_hint})
+        await _first_of([asyncio.sleep(remaining), store.wait_changed(store.version)])
+
     async def _login(self, link: _Link) -> None:
         assert self._credentials is not None
         self._set_link_state(link, ConnState.LOGGING_IN)
@@ -903,8 +921,12 @@ class Connection:
         if isinstance(result, LoggedIn):
             log.info("ws_logged_in", extra={"conn": link.conn, "ws_name": self.name, "key": creds.key_hint,
                                             "okx_conn_id": result.conn_id})
+            self._credentials.record_auth_success()
             return
         self.counters.login_failures += 1
+        if result.code not in _NOT_KEY_FAILURES:
+            # One count with REST's: past the threshold signed traffic pauses and an alert is logged.
+            self._credentials.record_auth_failure(result.code or "?")
         what = f"login refused with {result.code} ({result.msg})"
         log.error("ws_login_refused", extra={"conn": link.conn, "ws_name": self.name, "code": result.code,
                                              "okx_msg": result.msg, "action": result.action.value,

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
+from types import TracebackType
 from typing import Any, Literal, TextIO
 
 import orjson
@@ -84,9 +86,25 @@ def setup_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    # Libraries are chatty at DEBUG (aiokafka logs every fetch); keep them one notch quieter unless asked.
-    if level != "DEBUG":
-        for noisy in ("aiokafka", "kafka", "websockets", "httpx", "httpcore", "aiohttp.access"):
-            logging.getLogger(noisy).setLevel(max(logging.getLevelName(level), logging.WARNING))
+    # Libraries are chatty at DEBUG (aiokafka logs every fetch); keep them one notch quieter unless asked
+    # (and, when asked, undo an earlier call's quieting: setting up again must give the level requested).
+    for noisy in ("aiokafka", "kafka", "websockets", "httpx", "httpcore", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(
+            logging.NOTSET if level == "DEBUG" else max(logging.getLevelName(level), logging.WARNING))
     logging.captureWarnings(True)
+    # A crash's traceback goes through the same redacting handler instead of raw to stderr.
+    sys.excepthook = _log_crash
+    threading.excepthook = _log_thread_crash
     return handler
+
+
+def _log_crash(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    logging.getLogger("ingest.crash").critical("unhandled_exception", exc_info=(exc_type, exc, tb))
+
+
+def _log_thread_crash(args: threading.ExceptHookArgs) -> None:
+    if args.exc_value is None or args.exc_type is SystemExit:
+        return
+    logging.getLogger("ingest.crash").critical(
+        "unhandled_thread_exception", exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+        extra={"thread_name": args.thread.name if args.thread is not None else None})

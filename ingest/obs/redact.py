@@ -3,11 +3,14 @@
 `Secret` already hides itself, but a secret can still travel as a plain string: inside a login frame
 that a library logs at DEBUG, in an exception message from a library, in a traceback's locals. So
 every byte that leaves the process through logs or Sentry passes through `Redactor.scrub`, which
-replaces every known secret value, whatever carried it there.
+replaces every known secret value, whatever carried it there, and masks the value of every credential field
+(OKX's login `apiKey`/`passphrase`/`sign`, the `OK-ACCESS-*` headers) whatever it holds: a library that logs
+a frame truncated (websockets at DEBUG: `{"apiKey":"073f...`) leaves no whole secret to recognise.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterable
 
@@ -15,6 +18,16 @@ MASK = "***"
 #: Values shorter than this are not scrubbed: masking "1" everywhere would destroy logs, and no real
 #: OKX key, secret or passphrase is that short (the passphrase minimum is 8 characters).
 MIN_SECRET_LEN = 4
+
+
+#: A credential field as JSON or a dict repr shows it (quotes possibly backslash-escaped by a JSON log line):
+#: group 1 is everything up to the value, which runs to the next quote or backslash.
+_CREDENTIAL_FIELD = re.compile(
+    r"""(\\?["'](?:apiKey|passphrase|sign|secretKey|OK-ACCESS-(?:KEY|SIGN|PASSPHRASE))\\?["']\s*:\s*\\?["'])"""
+    r"""[^"'\\]*""",
+    re.IGNORECASE,
+)
+_FIELD_HINTS = ("apikey", "passphrase", "sign", "access-")
 
 
 class Redactor:
@@ -40,6 +53,9 @@ class Redactor:
         for value in self._secrets:
             if value in text:
                 text = text.replace(value, MASK)
+        lowered = text.lower()
+        if any(hint in lowered for hint in _FIELD_HINTS):
+            text = _CREDENTIAL_FIELD.sub(rf"\g<1>{MASK}", text)
         return text
 
     def scrub_obj(self, obj: object) -> object:

@@ -9,6 +9,12 @@ Per frame: raw record (optional) -> normalize -> for each unit (one trade, one b
 push otherwise): stream ownership (drop duplicates of an overlap) -> book check (drop deltas of a broken
 book, ask for a resubscribe) -> private dedupe (OKX's repeated order pushes) -> encode -> outlet; gap
 events are published as soon as the tracker closes them.
+
+Private streams: when one of them loses its connection, or comes up for the first time, the pipeline asks
+the private reconciler (`services/private.py`) for a REST read of the account, without waiting for it. The
+answer comes back through the same queue as `RestRecords`, and the same private state decides what is news
+(`core/ledger.py`: order states, fills by (instId, tradeId)); what the record already holds is dropped, the
+rest is published with `source = rest`, and the hole's disconnect gap is published as filled.
 """
 
 from __future__ import annotations
@@ -21,14 +27,28 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import msgspec
+
 from ingest.core.avro import RecordEncoder
 from ingest.core.books import BookMessage, BookSet, VerdictKind
-from ingest.core.events import Inbound, InboundFrame, LinkEvent, LinkEventKind, Resubscriber
+from ingest.core.events import (
+    Inbound,
+    InboundFrame,
+    LinkEvent,
+    LinkEventKind,
+    Reconciler,
+    ReconcileRequest,
+    RestRecords,
+    Resubscriber,
+)
 from ingest.core.gaps import Gap, GapTracker
+from ingest.core.gaps import GapKind as TrackerGapKind
+from ingest.core.ledger import RECONCILED_CHANNELS, REST_FILLED_CHANNELS, PrivateLedger, reports_fill
 from ingest.core.normalize import BookPush, OkxEvent, RecordPush, TradePush, normalize, raw_frame
 from ingest.core.orders import BoundedSeen, OrderPush, OrderPushDedupe
 from ingest.core.records import (
     AlgoOrder,
+    Balance,
     BookAction,
     BookUpdate,
     DeadLetter,
@@ -42,9 +62,11 @@ from ingest.core.records import (
     Trade,
 )
 from ingest.core.records import GapKind as RecordGapKind
+from ingest.core.records import Position as PositionRecord
 from ingest.core.streams import Position, StreamOwners
 from ingest.io.sink import EncodedRecord
-from ingest.okx.channels import INCREMENTAL_BOOK_CHANNELS, SubArg
+from ingest.okx import codes
+from ingest.okx.channels import INCREMENTAL_BOOK_CHANNELS, Endpoint, SubArg
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +95,11 @@ class PipelineStats:
     private_repeats_dropped: int = 0
     resubscribes_requested: int = 0
     last_frame_ns: int = 0
+    #: Private reconciliation: REST reads asked for, answers handled, rows published (by topic) and dropped.
+    reconcile_requests: int = 0
+    reconciliations: int = 0
+    rest_records: Counter[str] = field(default_factory=Counter)
+    rest_rows_dropped: int = 0
 
 
 def _position(pos: Position | None) -> StreamPosition | None:
@@ -115,9 +142,12 @@ def _book_message(rec: BookUpdate) -> BookMessage:
 
 def _order_push(rec: Order | AlgoOrder) -> OrderPush:
     if isinstance(rec, Order):
+        # Only an update that reports a fill is judged by its tradeId (rule 1): a later update of the order may
+        # still carry its last tradeId (a cancel after a partial fill) and must not pass for a repeat of it.
         return OrderPush(
             inst_id=rec.inst_id or "", ord_id=rec.ord_id, state=rec.state or "", u_time=int(rec.u_time or 0),
-            trade_id=rec.trade_id or "", acc_fill_sz=rec.acc_fill_sz or "", px=rec.px or "", sz=rec.sz or "",
+            trade_id=(rec.trade_id or "") if reports_fill(rec) else "", acc_fill_sz=rec.acc_fill_sz or "",
+            px=rec.px or "", sz=rec.sz or "",
             req_id=rec.req_id or "", amend_result=rec.amend_result or "", code=rec.code or "",
             detail=(rec.tp_trigger_px or "", rec.sl_trigger_px or "", rec.fill_sz or "", rec.avg_px or ""),
         )
@@ -132,6 +162,24 @@ def _order_push(rec: Order | AlgoOrder) -> OrderPush:
 #: A unit of stream ownership: the records that share one fate (one trade, or one push's records).
 Unit = tuple[OkxRecord, ...]
 
+#: Private connections whose last frame time is remembered (older ones are forgotten first).
+_MAX_PRIVATE_CONNS = 64
+
+
+@dataclass(slots=True)
+class _PrivateStream:
+    """Reconciliation state of one private arg."""
+
+    #: Connections that hold it now -> when they acked it (local ns).
+    holders: dict[str, int] = field(default_factory=dict)
+    #: Data may be missing since then (local ns) and no REST read was asked for yet.
+    hole_since_ns: int | None = None
+    #: The last REST read asked for this stream and not yet answered.
+    pending_seq: int | None = None
+    #: Gap events published as open for the pending read's hole; published again as filled by its answer.
+    awaiting: list[GapEvent] = field(default_factory=list)
+    initial: bool = True
+
 
 class Pipeline:
     """Consumes the shard's inbound queue; see the module docstring for the path of a frame."""
@@ -143,6 +191,7 @@ class Pipeline:
         encoder: RecordEncoder,
         *,
         resubscriber: Resubscriber | None = None,
+        reconciler: Reconciler | None = None,
         shard: str = "0",
         publish_raw: bool = True,
         now_ns: Callable[[], int] = time.time_ns,
@@ -161,6 +210,12 @@ class Pipeline:
         self._orders = OrderPushDedupe()
         self._fills: BoundedSeen[tuple[str, str]] = BoundedSeen(500_000, 7 * 24 * 3600 * 1000)
         self._out: list[Record] = []
+        self._reconciler = reconciler
+        self._ledger = PrivateLedger()
+        self._private: dict[SubArg, _PrivateStream] = {}
+        self._private_last_ns: dict[str, int] = {}
+        self._started_ns = now_ns()
+        self._reconcile_seq = 0
 
     # ---- driving ------------------------------------------------------------------------------------
 
@@ -198,8 +253,10 @@ class Pipeline:
         try:
             if isinstance(item, InboundFrame):
                 self._frame(item)
-            else:
+            elif isinstance(item, LinkEvent):
                 self._link(item)
+            else:
+                self._rest(item)
         except Exception:
             # A bug must not stop the recorder; the frame is still in okx.raw (published first) for re-normalizing.
             log.exception("pipeline_item_failed", extra={"item": type(item).__name__})
@@ -226,8 +283,10 @@ class Pipeline:
                     self._books.invalidate(arg)
         for gap in self._gaps.on_link_event(ev):
             self._gap(gap)
+        if self._reconciler is not None:
+            self._private_link(ev)
         if ev.kind in (LinkEventKind.DISCONNECTED, LinkEventKind.SUBSCRIBE_FAILED, LinkEventKind.NOTICE):
-            log.info("link_event", extra={"kind": ev.kind.value, "conn": ev.conn, "args": len(ev.args),
+            log.info("link_event", extra={"kind": ev.kind.value, "conn": ev.conn, "subscriptions": len(ev.args),
                                           "code": ev.code, "reason": ev.reason})
 
     # ---- frames ---------------------------------------------------------------------------------------
@@ -235,6 +294,8 @@ class Pipeline:
     def _frame(self, frame: InboundFrame) -> None:
         self.stats.frames += 1
         self.stats.last_frame_ns = frame.recv_ts_ns
+        if frame.endpoint is Endpoint.PRIVATE:
+            self._private_last_ns[frame.conn] = frame.recv_ts_ns  # where a hole in its streams would begin
         if self._publish_raw:
             self._out.append(raw_frame(frame))
         result = normalize(frame)
@@ -311,7 +372,11 @@ class Pipeline:
         """OKX's repeated-push rules for orders/algo orders, and each fill once (SPEC 6)."""
         if isinstance(rec, Order | AlgoOrder):
             if self._orders.accept(_order_push(rec), rec.ts).keep:
-                return True
+                if not isinstance(rec, Order):
+                    return True
+                if not self._ledger.repeats_rest(rec):  # a state a REST reconciliation already published
+                    self._ledger.push_published(rec, rec.ts)
+                    return True
         elif isinstance(rec, Fill):
             if self._fills.first_time((rec.inst_id or "", rec.trade_id), rec.ts):
                 return True
@@ -330,7 +395,13 @@ class Pipeline:
         log.warning("gap_detected", extra={"gap_id": gap.gap_id, "kind": gap.kind.value, "channel": gap.channel,
                                            "inst_id": gap.inst_id, "reason": gap.reason,
                                            "open": gap.after is None})
-        self._out.append(gap_record(gap, self.shard))
+        record = gap_record(gap, self.shard)
+        self._out.append(record)
+        if gap.channel in REST_FILLED_CHANNELS and gap.after is not None \
+                and gap.kind in (TrackerGapKind.DISCONNECT, TrackerGapKind.CUTOVER):
+            stream = self._private.get(gap.arg)
+            if stream is not None and stream.pending_seq is not None:
+                stream.awaiting.append(record)  # the pending REST read recovers what it lacks
 
     def _event(self, ev: OkxEvent) -> None:
         self.stats.events[ev.event] += 1
@@ -343,3 +414,122 @@ class Pipeline:
                                           "conn": dead.conn_id, "recv_seq": dead.recv_seq, "channel": dead.channel})
         self._out.append(dead)
 
+    # ---- private reconciliation ---------------------------------------------------------------------
+
+    def _private_link(self, ev: LinkEvent) -> None:
+        """Track who holds each private stream; a REST read is asked for when one comes up for the first
+        time, and after every loss once it is held again (at once if another connection holds it)."""
+        kind = ev.kind
+        if kind is LinkEventKind.NOTICE:
+            return
+        for arg in ev.args:
+            if arg.channel not in RECONCILED_CHANNELS:
+                continue
+            st = self._private.get(arg)
+            if st is None:
+                st = self._private[arg] = _PrivateStream(hole_since_ns=self._started_ns)
+            if kind is LinkEventKind.SUBSCRIBED:
+                st.holders[ev.conn] = ev.ts_ns
+                if st.hole_since_ns is not None:
+                    self._ask(arg, st, "first subscription" if st.initial else f"resubscribed on {ev.conn}")
+                continue
+            held = st.holders.pop(ev.conn, None) is not None
+            if kind is LinkEventKind.CUTOVER:
+                continue  # the WebSocket layer proved the replacement carried these on without a hole
+            if held:
+                start = self._private_last_ns.get(ev.conn, ev.ts_ns)
+                st.hole_since_ns = start if st.hole_since_ns is None else min(st.hole_since_ns, start)
+            if kind is LinkEventKind.SUBSCRIBE_FAILED and ev.code in codes.FATAL_LOGIN_CODES:
+                continue  # OKX refused the key itself: a REST read signed with it would be refused too
+            if kind is LinkEventKind.SUBSCRIBE_FAILED and not st.holders:
+                # No data will come for it on this connection: put its current state on record now.
+                if st.hole_since_ns is None:
+                    st.hole_since_ns = self._private_last_ns.get(ev.conn, ev.ts_ns)
+                self._ask(arg, st, f"subscribe failed on {ev.conn} ({ev.code}): {ev.reason}")
+            elif st.holders and st.hole_since_ns is not None:
+                self._ask(arg, st, f"lost on {ev.conn}, still held by {', '.join(sorted(st.holders))}")
+        if kind is not LinkEventKind.SUBSCRIBED and len(self._private_last_ns) > _MAX_PRIVATE_CONNS:
+            for conn in list(self._private_last_ns)[:-_MAX_PRIVATE_CONNS]:
+                del self._private_last_ns[conn]
+
+    def _ask(self, arg: SubArg, st: _PrivateStream, reason: str) -> None:
+        assert self._reconciler is not None and st.hole_since_ns is not None
+        self._reconcile_seq += 1
+        request = ReconcileRequest(seq=self._reconcile_seq, reason=f"{arg}: {reason}", since_ns=st.hole_since_ns,
+                                   args=frozenset({arg}), open_since_ms=self._ledger.open_since_ms(),
+                                   initial=st.initial)
+        st.hole_since_ns = None
+        st.pending_seq = request.seq
+        st.initial = False
+        self.stats.reconcile_requests += 1
+        self._reconciler.request_reconcile(request)
+
+    def _rest(self, item: RestRecords) -> None:
+        """A REST read of the private account: publish what the record lacks, then mark its holes filled."""
+        self.stats.reconciliations += 1
+        held = {arg.channel for arg, st in self._private.items() if st.holders}
+        published: Counter[str] = Counter()
+        dropped = 0
+        for rec in item.records:
+            if isinstance(rec, DeadLetter):
+                self._dead(rec)
+            elif self._rest_is_news(rec, held, item.fetched_ms):
+                self._out.append(rec)
+                published[rec.TOPIC.value] += 1
+            else:
+                dropped += 1
+        self.stats.rest_records.update(published)
+        self.stats.rest_rows_dropped += dropped
+        filled = self._fill_private_gaps(item, sum(n for t, n in published.items() if t in ("orders", "fills")))
+        log.info("private_reconciled", extra={"seq": item.seq, "reason": item.reason[:300], "rows": len(item.records),
+                                              "published": dict(published), "already_recorded": dropped,
+                                              "gaps_filled": filled, "since_ms": item.since_ms})
+
+    def _rest_is_news(self, rec: OkxRecord, held: set[str], fetched_ms: int) -> bool:
+        """Whether one REST row adds to the record (`core/ledger.py`; snapshot channels see the module doc)."""
+        if isinstance(rec, Order):
+            return self._ledger.rest_order_is_news(rec, fetched_ms)
+        if isinstance(rec, Fill):
+            key = (rec.inst_id or "", rec.trade_id)
+            # While the fills channel is recorded okx.fills must hold every fill; otherwise a fill the orders
+            # stream recorded (a push with its tradeId) is on record already.
+            if "fills" not in held and self._ledger.trade_recorded(*key):
+                return False
+            return self._fills.first_time(key, rec.ts)
+        if isinstance(rec, PositionRecord):
+            return "positions" not in held  # a held positions channel sent its snapshot on subscribe
+        if isinstance(rec, Balance):
+            return "account" not in held  # likewise the account channel
+        return True
+
+    def _fill_private_gaps(self, item: RestRecords, recovered: int) -> int:
+        """Publish, as filled, the holes of the streams whose pending read this answer is; returns how many."""
+        note = (f"reconciled from REST back to OKX time {item.since_ms}: {recovered} order states and fills the "
+                "stream missed were published with source=rest (each order's latest state and every fill; an "
+                "order's intermediate states in between are not available over REST)")
+        now = self._now_ns()
+        filled = 0
+        for arg, st in self._private.items():
+            if st.pending_seq is None or st.pending_seq > item.seq:
+                continue
+            st.pending_seq = None
+            if arg.channel not in REST_FILLED_CHANNELS:
+                st.awaiting.clear()
+                continue
+            updates = [msgspec.structs.replace(g, revision=g.revision + 1, status=GapStatus.FILLED, updated_ts_ns=now,
+                                               records_filled=recovered, note=note) for g in st.awaiting]
+            st.awaiting.clear()
+            if st.hole_since_ns is None and st.holders:
+                conn = max(st.holders, key=lambda c: st.holders[c])
+                gap = self._gaps.resolve(arg, Position(item.fetched_ms, None, None), conn, item.ts_ns,
+                                         "filled by the REST reconciliation")
+                if gap is not None:
+                    self.stats.gaps[gap.kind.value] += 1
+                    updates.append(msgspec.structs.replace(gap_record(gap, self.shard), status=GapStatus.FILLED,
+                                                           updated_ts_ns=now, records_filled=recovered, note=note))
+            for record in updates:
+                log.info("gap_filled", extra={"gap_id": record.gap_id, "channel": record.channel,
+                                              "revision": record.revision, "records_filled": recovered})
+            self._out.extend(updates)
+            filled += len(updates)
+        return filled

@@ -32,6 +32,7 @@ REST_LIMITS: Mapping[str, RestLimit] = {
     "/api/v5/trade/fills": RestLimit(60, 2.0, "key"),
     "/api/v5/trade/fills-history": RestLimit(10, 2.0, "key"),
     "/api/v5/trade/orders-history": RestLimit(40, 2.0, "key"),
+    "/api/v5/trade/orders-pending": RestLimit(60, 2.0, "key"),
     "/api/v5/account/balance": RestLimit(10, 2.0, "key"),
     "/api/v5/account/positions": RestLimit(10, 2.0, "key"),
     "/api/v5/account/config": RestLimit(5, 2.0, "key"),

@@ -117,6 +117,7 @@ class RestApi:
             "/api/v5/trade/fills": self._fills,
             "/api/v5/trade/fills-history": self._fills_history,
             "/api/v5/trade/orders-history": self._orders_history,
+            "/api/v5/trade/orders-pending": self._orders_pending,
             "/api/v5/account/config": self._config,
             "/api/v5/account/balance": self._balance,
             "/api/v5/account/positions": self._positions,
@@ -136,8 +137,9 @@ class RestApi:
                 code = str(parsed.get("code", "")) if isinstance(parsed, dict) else ""
             except orjson.JSONDecodeError:
                 code = ""
+        demo = request.headers.get(DEMO_HEADER[0], "") == DEMO_HEADER[1]
         self.stats.rest_log.append(RestRecord(request.method, path, request.query_string, response.status, code,
-                                              key))
+                                              key, demo))
         self.hub.watch.notify()
         return response
 
@@ -344,6 +346,17 @@ class RestApi:
                   if o.inst_type == inst_type and (not inst_id or o.inst_id == inst_id)
                   and (not ord_type or o.ord_type == ord_type) and (not state or o.state == state)
                   and (begin is None or o.c_time >= begin) and (end is None or o.c_time <= end)]
+        page = page_by_key(orders, _ord_id, _int(query, "after"), _int(query, "before"), _limit(query, 100, 100))
+        return [self.account.order_history_row(o) for o in page]
+
+    def _orders_pending(self, query: dict[str, str]) -> list[object]:
+        """Open orders (live, partially_filled), newest first, paged by ordId like orders-history."""
+        inst_type, inst_id = query.get("instType"), query.get("instId")
+        ord_type, state = query.get("ordType"), query.get("state")
+        orders = [o for o in self.account.orders.values()
+                  if not o.final and (not inst_type or o.inst_type == inst_type)
+                  and (not inst_id or o.inst_id == inst_id) and (not ord_type or o.ord_type == ord_type)
+                  and (not state or o.state == state)]
         page = page_by_key(orders, _ord_id, _int(query, "after"), _int(query, "before"), _limit(query, 100, 100))
         return [self.account.order_history_row(o) for o in page]
 

@@ -157,6 +157,17 @@ class SimServer:
         assert ep is not None
         return f"{self.ws_base}{ep.value}"
 
+    # --- credentials -------------------------------------------------------------------------------------------
+    def set_credentials(self, api_key: str, api_secret: str, passphrase: str) -> None:
+        """Rotate the account's API key: from now on only the new key logs in and signs REST requests.
+
+        Connections already logged in stay open (OKX closes them with 4007 only once the old key is deleted:
+        `faults.revoke_login()`), so a client can switch over without a gap.
+        """
+        self.config = replace(self.config, api_key=api_key, api_secret=api_secret, passphrase=passphrase)
+        self.hub.config = self.rest.config = self.account.config = self.config
+        self.hub.watch.notify()
+
     # --- market time ------------------------------------------------------------------------------------------
     async def tick(self, n: int = 1) -> None:
         """Advance the market `n` steps and push the results; returns once written to every socket."""

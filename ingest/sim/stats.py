@@ -34,7 +34,8 @@ class ConnStats:
 
 @dataclass(frozen=True, slots=True)
 class RestRecord:
-    """One REST request as answered: HTTP status and OKX `code` ("" when the body had none)."""
+    """One REST request as answered: HTTP status and OKX `code` ("" when the body had none), and whether it
+    asked for demo trading."""
 
     method: str
     path: str
@@ -42,6 +43,8 @@ class RestRecord:
     status: int
     code: str
     key: str
+    #: Whether the request carried `x-simulated-trading: 1` (demo trading).
+    demo: bool = False
 
 
 @dataclass(slots=True)

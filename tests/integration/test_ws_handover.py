@@ -49,7 +49,7 @@ def owner_only(items: list[Inbound]) -> list[InboundFrame]:
                     holders[arg] = [c for c in holders.get(arg, []) if c != item.conn]
                     if owner.get(arg) == item.conn:
                         owner[arg] = holders[arg][-1] if holders[arg] else None
-        elif is_push(item):
+        elif isinstance(item, InboundFrame) and is_push(item):
             key = push_arg_key(item.data)
             stream = arg_from_key(key) if key is not None else None
             if stream is not None and owner.get(stream) == item.conn:

@@ -130,3 +130,36 @@ def test_no_log_call_uses_a_field_name_that_logging_reserves() -> None:
                 clashes += [f"{path.name}:{k.lineno} {k.value!r}" for k in node.value.keys
                             if isinstance(k, ast.Constant) and k.value in reserved]
     assert clashes == []
+
+
+def test_credential_fields_are_masked_even_in_a_truncated_login_frame() -> None:
+    redactor = Redactor()  # nothing registered: a truncated frame leaves no whole secret to recognise anyway
+    frame = '> TEXT \'{"id":"l1","op":"login","args":[{"apiKey":"073f...addcTJ+bPghbBPdjso="}]}\' [190 bytes]'
+    assert redactor.scrub(frame) == '> TEXT \'{"id":"l1","op":"login","args":[{"apiKey":"***"}]}\' [190 bytes]'
+    as_json = orjson.dumps({"event": frame}).decode()  # the JSON log line escapes the quotes
+    assert "073f" not in redactor.scrub(as_json) and 'apiKey\\":\\"***' in redactor.scrub(as_json)
+    headers = "{'OK-ACCESS-KEY': 'k1', 'OK-ACCESS-SIGN': 's=', 'OK-ACCESS-PASSPHRASE': 'p', 'Accept': 'json'}"
+    assert redactor.scrub(headers) == (
+        "{'OK-ACCESS-KEY': '***', 'OK-ACCESS-SIGN': '***', 'OK-ACCESS-PASSPHRASE': '***', 'Accept': 'json'}")
+    prose = "signed=True design: the passphrase is wrong"
+    assert redactor.scrub(prose) == prose
+
+
+def test_setting_up_logging_at_debug_again_lets_library_debug_through() -> None:
+    import sys
+    import threading
+
+    root = logging.getLogger()
+    saved, level, hooks = list(root.handlers), root.level, (sys.excepthook, threading.excepthook)
+    try:
+        setup_logging("INFO", "json", stream=io.StringIO())
+        assert logging.getLogger("websockets").getEffectiveLevel() == logging.WARNING
+        setup_logging("DEBUG", "json", stream=io.StringIO())
+        assert logging.getLogger("websockets").getEffectiveLevel() == logging.DEBUG
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in saved:
+            root.addHandler(h)
+        root.setLevel(level)
+        sys.excepthook, threading.excepthook = hooks
