@@ -149,10 +149,10 @@ class TimingOutlet:
         self.pipeline: Pipeline | None = None
         self.recv_ns: deque[int] = deque()
 
-    async def put(self, record: EncodedRecord) -> None:
+    async def put_many(self, records: Sequence[EncodedRecord]) -> None:
         assert self.pipeline is not None
-        self.recv_ns.append(self.pipeline.stats.last_frame_ns)
-        await self.delivery.put(record)
+        self.recv_ns.extend([self.pipeline.stats.last_frame_ns] * len(records))
+        await self.delivery.put_many(records)
 
 
 class TimingSink:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from ingest.core.books import BookBreak, BreakKind
 from ingest.core.events import LinkEvent, LinkEventKind
@@ -253,12 +253,12 @@ class GapTracker:
             if arg.channel in INCREMENTAL_BOOK_CHANNELS and not snapshot:
                 return out
             o, st.open = st.open, None
-            out.append(self._make(arg, st, o, replace(pos, trade_id=first) if trades else pos, conn, recv_ts_ns))
+            out.append(self._make(arg, st, o, pos._replace(trade_id=first) if trades else pos, conn, recv_ts_ns))
         elif in_seq and first is not None and st.last is not None and st.last.trade_id is not None \
                 and first > st.last.trade_id + 1:
             o = _Open(GapKind.TRADE_HOLE, st.last, st.last_conn, recv_ts_ns,
                       f"tradeIds {st.last.trade_id + 1}..{first - 1} missing")
-            out.append(self._make(arg, st, o, replace(pos, trade_id=first), conn, recv_ts_ns))
+            out.append(self._make(arg, st, o, pos._replace(trade_id=first), conn, recv_ts_ns))
         # The common case (an in-sequence trade, or any non-trade record) keeps `pos` itself: no new object.
         st.last = pos if not trades or (in_seq and _ascending(st.last, pos)) else self._advance(
             st.last, pos, trades, in_seq)

@@ -1,6 +1,6 @@
 """Sentry error reporting with every secret scrubbed before an event leaves the process.
 
-`send_default_pii` stays off, request bodies and local variables are not attached, and
+PII collection stays at its default (off), request bodies and local variables are not attached, and
 `before_send`/`before_breadcrumb` run every event through the process redactor, so even a secret
 inside a library's exception message is masked.
 """
@@ -33,7 +33,6 @@ def init_sentry(dsn: str | None, *, release: str, environment: str, redactor: Re
         dsn=dsn,
         release=release,
         environment=environment,
-        send_default_pii=False,
         include_local_variables=False,
         max_request_body_size="never",
         before_send=_scrubber(redactor),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class Endpoint(enum.StrEnum):
@@ -105,6 +105,19 @@ class SubArg:
     inst_family: str | None = None
     ccy: str | None = None
     extra_params: str | None = None
+    #: Computed once: every frame looks its stream up in several dicts keyed by SubArg.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        key = (self.channel, self.inst_id, self.inst_type, self.inst_family, self.ccy, self.extra_params)
+        object.__setattr__(self, "_hash", hash(key))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[type[SubArg], tuple[str | None, ...]]:
+        # Rebuilt through __init__, so the cached hash is recomputed in the receiving process (str hashes differ).
+        return SubArg, (self.channel, self.inst_id, self.inst_type, self.inst_family, self.ccy, self.extra_params)
 
     def to_okx(self) -> dict[str, str]:
         """The JSON object for a subscribe/unsubscribe request."""

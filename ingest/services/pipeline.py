@@ -23,7 +23,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -72,9 +72,9 @@ log = logging.getLogger(__name__)
 
 
 class Outlet(Protocol):
-    """Where encoded records go (io/delivery.Delivery); `put` waits when the outlet is full."""
+    """Where encoded records go (io/delivery.Delivery); `put_many` waits when the outlet is full."""
 
-    async def put(self, record: EncodedRecord) -> None: ...
+    async def put_many(self, records: Sequence[EncodedRecord]) -> None: ...
 
 
 @dataclass
@@ -260,11 +260,15 @@ class Pipeline:
         except Exception:
             # A bug must not stop the recorder; the frame is still in okx.raw (published first) for re-normalizing.
             log.exception("pipeline_item_failed", extra={"item": type(item).__name__})
-        records = self.stats.records
-        for rec in out:
-            records[rec.TOPIC.value] += 1
-            await self._outlet.put(self._encoder.encode(rec))
-        out.clear()
+        if out:
+            records = self.stats.records
+            encode = self._encoder.encode
+            encoded = []
+            for rec in out:
+                records[rec.TOPIC.value] += 1
+                encoded.append(encode(rec))
+            out.clear()
+            await self._outlet.put_many(encoded)
 
     # ---- link events ----------------------------------------------------------------------------------
 

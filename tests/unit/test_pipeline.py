@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -28,8 +29,8 @@ class Capture:
     def __init__(self) -> None:
         self.encoded: list[EncodedRecord] = []
 
-    async def put(self, record: EncodedRecord) -> None:
-        self.encoded.append(record)
+    async def put_many(self, records: Sequence[EncodedRecord]) -> None:
+        self.encoded.extend(records)
 
     def records(self, kind: type[R]) -> list[R]:
         return [r for r in (decode(e.value) for e in self.encoded) if isinstance(r, kind)]
