@@ -1,0 +1,559 @@
+"""The backfill worker against the OKX simulator and a real Kafka-protocol broker.
+
+What users buy: after the recorder loses a stretch of a stream, the topic ends up with every tradeId the
+exchange produced, each exactly once; a flood of gaps never breaks an OKX rate limit (the simulator counts
+every violation); workers share the gaps through a consumer group; a worker killed mid-gap loses nothing and
+its successor publishes nothing twice; what cannot be filled is said so, once, and never retried.
+
+Timings: REST windows are scaled down on both sides (`rate_window_scale` / `LimitTable(window_scale=...)`)
+where a test needs many requests; group timings are short (a dead member is noticed after 3 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import random
+import secrets
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import murmur2
+
+from ingest.config import JournalSettings, Settings, load_settings
+from ingest.core.avro import RecordEncoder
+from ingest.core.backfill import FILLS_PATH, TRADES_PATH, covered_trade_ids
+from ingest.core.clock import ServerClock
+from ingest.core.records import (
+    BookUpdate,
+    Candle,
+    Fill,
+    GapEvent,
+    GapKind,
+    GapStatus,
+    Order,
+    Record,
+    Source,
+    StreamPosition,
+    TopicKind,
+    Trade,
+)
+from ingest.credentials import CredentialStore
+from ingest.io.journal import Journal
+from ingest.io.rest import LimiterRegistry, LimitTable, OkxRestClient
+from ingest.io.sink import EncodedRecord
+from ingest.okx.channels import SubArg
+from ingest.services.backfill import BackfillStats, BackfillWorker, backfill_range, discard_backlog
+from ingest.sim import SimConfig, SimServer
+from tests.conftest import BrokerInfo
+from tests.e2e.harness import TopicReader, daemon_settings, running
+
+SCALE = 0.05  # OKX's 2 s windows become 100 ms, in the simulator and in the client alike
+WAIT_S = 60.0  # upper bound for any awaited condition: a hang fails the test instead of blocking the run
+GROUP = {"session_timeout_ms": 3000, "heartbeat_interval_ms": 300, "poll_timeout_ms": 200}
+MAIN = Path(__file__).resolve().parents[2]
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def sim_config(**overrides: Any) -> SimConfig:
+    base: dict[str, Any] = {"api_key": secrets.token_hex(16), "api_secret": secrets.token_hex(32),
+                            "passphrase": secrets.token_hex(8), "auto_tick_s": None, "rate_window_scale": SCALE}
+    base.update(overrides)
+    return SimConfig(**base)
+
+
+def worker_settings(sim: SimServer, broker: BrokerInfo, prefix: str, journal: Path, **backfill: Any) -> Settings:
+    return load_settings(
+        None,
+        okx={"rest_base_url": sim.rest_base},
+        kafka={"bootstrap_servers": broker.bootstrap_servers, "topic_prefix": prefix, "partitions": 4,
+               "enable_idempotence": False, "request_timeout_ms": 5000, "delivery_timeout_ms": 15000},
+        journal={"dir": str(journal)},
+        backfill={"group_id": f"{prefix}backfill", **GROUP, **backfill},
+        obs={"metrics_port": 0, "log_format": "text"},
+    )
+
+
+def rest_for(sim: SimServer, *, credentials: bool = False, scale: float = SCALE) -> OkxRestClient:
+    store = None
+    if credentials:
+        c = sim.config
+        store = CredentialStore({"OKX_API_KEY": c.api_key, "OKX_API_SECRET": c.api_secret,
+                                 "OKX_API_PASSPHRASE": c.passphrase})
+    return OkxRestClient(clock=ServerClock(now_ms), credentials=store, base_url=sim.rest_base,
+                         limits=LimitTable(window_scale=scale), registry=LimiterRegistry(), max_attempts=4,
+                         retry_initial_s=0.01, retry_max_s=0.05, timeout_s=5.0)
+
+
+@dataclass
+class RunningWorker:
+    worker: BackfillWorker
+    task: asyncio.Task[None]
+    stop: asyncio.Event
+
+    async def until(self, predicate: Callable[[BackfillStats], bool], timeout_s: float = WAIT_S) -> BackfillStats:
+        """Wait for `predicate(stats)`, failing at once if the worker died."""
+        waiter = asyncio.create_task(self.worker.wait_for(predicate, timeout_s))
+        await asyncio.wait({waiter, self.task}, return_when=asyncio.FIRST_COMPLETED)
+        if not waiter.done():
+            waiter.cancel()
+            raise AssertionError(f"the worker stopped: {self.task.exception()!r}")
+        waiter.result()
+        return self.worker.stats()
+
+
+async def until_both(a: RunningWorker, b: RunningWorker,
+                     predicate: Callable[[BackfillStats, BackfillStats], bool]) -> None:
+    """Wait for a condition on two workers, re-checked whenever either of them changes state."""
+    def holds(_: BackfillStats) -> bool:
+        return predicate(a.worker.stats(), b.worker.stats())
+
+    waiters = {asyncio.create_task(w.worker.wait_for(holds, WAIT_S)) for w in (a, b)}
+    done, _ = await asyncio.wait({*waiters, a.task, b.task}, return_when=asyncio.FIRST_COMPLETED)
+    for waiter in waiters:
+        waiter.cancel()
+    if a.task in done or b.task in done:
+        raise AssertionError("a worker stopped")
+    for waiter in done:
+        waiter.result()
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings, rest: OkxRestClient, name: str = "w") -> AsyncIterator[RunningWorker]:
+    worker = BackfillWorker(settings, rest, name=name)
+    stop = asyncio.Event()
+    run = RunningWorker(worker, asyncio.create_task(worker.run(stop), name=name), stop)
+    try:
+        yield run
+    finally:
+        stop.set()
+        await asyncio.wait_for(run.task, 30)
+        await rest.aclose()
+
+
+async def publish(bootstrap: str, prefix: str, records: Iterable[Record]) -> None:
+    """Produce records exactly as the recorder would (same encoding, key, headers, timestamp)."""
+    encoder = RecordEncoder(prefix)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for record in records:
+            e = encoder.encode(record)
+            await producer.send(e.topic, e.value, key=e.key, headers=list(e.headers), timestamp_ms=e.ts_ms)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+def trade_gap(gap_id: str, inst: str, lo: tuple[int, int], hi: tuple[int, int], channel: str = "trades-all",
+              **kw: Any) -> GapEvent:
+    """A gap as the recorder's tracker makes it: last good (tradeId, ts) before, first good after."""
+    t = now_ms() * 1_000_000
+    return GapEvent(gap_id=gap_id, kind=GapKind.TRADE_HOLE, status=GapStatus.OPEN, reason="test", channel=channel,
+                    inst_id=inst, before=StreamPosition(ts=lo[1], trade_id=lo[0]),
+                    after=StreamPosition(ts=hi[1], trade_id=hi[0]), opened_ts_ns=t, detected_ts_ns=t, **kw)
+
+
+def time_gap(gap_id: str, channel: str, *, inst: str | None = None, inst_type: str | None = None,
+             lo_ms: int, hi_ms: int) -> GapEvent:
+    t = now_ms() * 1_000_000
+    return GapEvent(gap_id=gap_id, kind=GapKind.DISCONNECT, status=GapStatus.OPEN, reason="test", channel=channel,
+                    inst_id=inst, inst_type=inst_type, before=StreamPosition(ts=lo_ms), after=StreamPosition(ts=hi_ms),
+                    opened_ts_ns=t, detected_ts_ns=t)
+
+
+def log_of(sim: SimServer, inst: str) -> list[tuple[int, int]]:
+    return [(int(r.trade_id), int(r.ts)) for r in sim.market.trades(inst)]
+
+
+def coverage(trades: Iterable[Trade]) -> Counter[int]:
+    """How often each tradeId is covered (an aggregated `trades` record covers count ids)."""
+    out: Counter[int] = Counter()
+    for t in trades:
+        out.update(covered_trade_ids(int(t.trade_id), int(t.count) if t.count else None))
+    return out
+
+
+def updates_by_gap(gaps: Sequence[GapEvent]) -> dict[str, list[GapEvent]]:
+    out: dict[str, list[GapEvent]] = {}
+    for g in gaps:
+        if g.status is not GapStatus.OPEN:
+            out.setdefault(g.gap_id, []).append(g)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+async def test_a_dropped_connection_is_backfilled_so_the_topic_holds_every_trade_id_exactly_once(
+    kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path
+) -> None:
+    insts = ("BTC-USDT", "ETH-USDT")
+    channels = ("trades-all", "trades")  # one id per record, and aggregated records covering `count` ids
+    async with SimServer(sim_config(instruments=insts, seed=7)) as sim:
+        subs = [{"channel": c, "inst_id": i} for c in channels for i in insts]
+        settings = daemon_settings(sim, kafka_broker.bootstrap_servers, topic_prefix, tmp_path / "daemon",
+                                   okx={"channels": [], "subscriptions": subs})
+        async with running(settings) as daemon:
+            for c in channels:
+                for i in insts:
+                    await sim.wait_subscribed(SubArg(c, i), timeout=20)
+            await sim.tick(15)
+            sim.faults.reject_connects(count=1_000_000)  # keep the daemon out while the market moves on
+            sim.faults.drop(kind="abort")
+            await sim.wait_until(lambda: not sim.connections(), timeout=10)
+            await sim.tick(30)
+            sim.faults.clear()
+            for c in channels:
+                for i in insts:
+                    await sim.wait_subscribed(SubArg(c, i), timeout=20)
+            await sim.tick(15)
+            assert await daemon.shutdown() == 0
+        expected = {i: [tid for tid, _ in log_of(sim, i)] for i in insts}
+
+        reader = TopicReader(kafka_broker.bootstrap_servers, topic_prefix)
+        opened = [g for g in await reader.records(TopicKind.GAPS, GapEvent, at_least=4) if g.status is GapStatus.OPEN]
+        assert {(g.channel, g.inst_id) for g in opened} == {(c, i) for c in channels for i in insts}
+        async with running_worker(worker_settings(sim, kafka_broker, topic_prefix, tmp_path / "w"),
+                                  rest_for(sim)) as w:
+            stats = await w.until(lambda s: s.gaps_done >= len(opened))
+        assert sim.stats.violations == 0
+
+    assert stats.gaps_filled == len(opened) and stats.records_total > 0
+    trades = await reader.records(TopicKind.TRADES, Trade)
+    for channel in channels:
+        for inst in insts:
+            stream = [t for t in trades if t.channel == channel and t.inst_id == inst]
+            covered = coverage(stream)
+            assert sorted(covered) == expected[inst], f"{channel} {inst}: a tradeId is missing or foreign"
+            assert set(covered.values()) == {1}, f"{channel} {inst}: a tradeId is in the topic twice"
+            rest = [t for t in stream if t.source is Source.REST]
+            assert rest and all(t.record_id == f"rest:{channel}:{inst}:{t.trade_id}" for t in rest)
+    updates = updates_by_gap(await reader.records(TopicKind.GAPS, GapEvent))
+    for g in opened:
+        (update,) = updates[g.gap_id]
+        assert (update.status, update.revision, update.attempts) == (GapStatus.FILLED, 1, 1)
+        assert g.before is not None and g.after is not None and g.before.trade_id and g.after.trade_id
+        inside = sum(1 for tid in expected[g.inst_id or ""] if g.before.trade_id < tid < g.after.trade_id)
+        assert update.records_filled == inside > 0
+
+
+async def test_a_storm_of_1000_gaps_never_exceeds_a_rate_limit_and_every_gap_is_finished_once(
+    kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path
+) -> None:
+    insts = ("BTC-USDT", "ETH-USDT", "BTC-USDT-SWAP")
+    start = now_ms() - 4 * 3_600_000
+    async with SimServer(sim_config(instruments=insts, start_ms=start, tick_ms=60_000)) as sim:
+        await sim.tick(200)  # 200 one-minute bars of market history
+        for inst in insts:
+            await sim.pump_trades(inst, 2000)
+        logs = {i: log_of(sim, i) for i in insts}
+        rng = random.Random(11)
+        gaps: list[GapEvent] = []
+        windows: dict[str, list[tuple[int, int]]] = {i: [] for i in insts}
+        candle_windows: dict[str, list[tuple[int, int]]] = {i: [] for i in insts}
+        for n in range(1000):
+            inst = rng.choice(insts)
+            if n % 20 == 0:
+                gaps.append(time_gap(f"storm-{n}", rng.choice(["books", "books5"]), inst=inst, lo_ms=start,
+                                     hi_ms=start + 60_000))
+            elif n % 20 == 1:  # candle positions are bar open times
+                lo = (start // 60_000 + rng.randrange(10, 150)) * 60_000
+                hi = lo + 60_000 * rng.randrange(1, 40)
+                candle_windows[inst].append((lo, hi))
+                gaps.append(time_gap(f"storm-{n}", "candle1m", inst=inst, lo_ms=lo, hi_ms=hi))
+            else:
+                log = logs[inst]
+                a = rng.randrange(len(log) - 3)
+                b = min(len(log) - 1, a + rng.randrange(2, 60))
+                windows[inst].append((log[a][0], log[b][0]))
+                gaps.append(trade_gap(f"storm-{n}", inst, log[a], log[b]))
+        duplicates = rng.sample(gaps, 20)  # at-least-once delivery of gap events
+        await publish(kafka_broker.bootstrap_servers, topic_prefix, [*gaps, *duplicates])
+
+        settings = worker_settings(sim, kafka_broker, topic_prefix, tmp_path, batch_max_gaps=250, concurrency=6)
+        async with running_worker(settings, rest_for(sim)) as w:
+            stats = await w.until(lambda s: s.gaps_done >= 1000)
+        assert sim.stats.violations == 0, f"rate limits exceeded: {dict(sim.stats.rest_violations)}"
+
+    assert stats.gaps_done == 1000 and stats.gaps_duplicate == 20 and stats.gaps_failed == 0
+    assert stats.requests[(TRADES_PATH, "0")] < 300  # 900 trade gaps, coalesced into a few walks
+    reader = TopicReader(kafka_broker.bootstrap_servers, topic_prefix)
+    updates = updates_by_gap(await reader.records(TopicKind.GAPS, GapEvent, at_least=2020))
+    assert sorted(updates) == sorted(g.gap_id for g in gaps)
+    assert all(len(u) == 1 and u[0].revision == 1 for u in updates.values())
+    trades = await reader.records(TopicKind.TRADES, Trade)
+    for inst in insts:
+        covered = coverage(t for t in trades if t.inst_id == inst)
+        wanted = {tid for tid, _ in logs[inst] if any(lo < tid < hi for lo, hi in windows[inst])}
+        assert set(covered) == wanted and set(covered.values()) == {1}
+    candles = [c for c in await reader.records(TopicKind.CANDLES, Candle) if c.channel == "candle1m"]
+    for inst in insts:
+        opens = Counter(c.ts for c in candles if c.inst_id == inst)
+        assert set(opens.values()) <= {1} and all(c.confirm for c in candles)
+        wanted_opens = {t for lo, hi in candle_windows[inst] for t in range(lo, hi, 60_000)}
+        assert set(opens) == wanted_opens
+    books = [g for g in gaps if g.channel.startswith("books")]
+    assert all(updates[g.gap_id][0].status is GapStatus.PARTIAL for g in books)
+    assert await reader.records(TopicKind.BOOKS, BookUpdate, at_least=1)
+
+
+# ------------------------------------------------------------------------------------------- the group
+
+
+async def test_two_workers_in_one_group_split_the_gaps_and_each_gap_is_processed_once(
+    kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path
+) -> None:
+    insts = ("BTC-USDT", "ETH-USDT", "BTC-USDT-SWAP")
+    keys = [f"{c}:{i}" for c in ("trades-all", "trades") for i in insts]
+    assert {murmur2(k.encode()) & 0x7FFFFFFF for k in keys}, "precondition"
+    assert len({(murmur2(k.encode()) & 0x7FFFFFFF) % 4 for k in keys}) == 4, "keys must cover all 4 partitions"
+    async with SimServer(sim_config(instruments=insts)) as sim:
+        for inst in insts:
+            await sim.pump_trades(inst, 1000)
+        logs = {i: log_of(sim, i) for i in insts}
+        settings_a = worker_settings(sim, kafka_broker, topic_prefix, tmp_path / "a")
+        settings_b = worker_settings(sim, kafka_broker, topic_prefix, tmp_path / "b")
+        async with running_worker(settings_a, rest_for(sim), "a") as a, \
+                running_worker(settings_b, rest_for(sim), "b") as b:
+            await until_both(a, b, lambda sa, sb: sa.partitions > 0 and sb.partitions > 0
+                             and sa.partitions + sb.partitions == 4)
+            gaps = []
+            for n in range(60):
+                channel = ("trades-all", "trades")[n % 2]
+                inst = insts[n % 3]
+                lo = 30 * (n // 6)
+                gaps.append(trade_gap(f"g{n}", inst, logs[inst][lo], logs[inst][lo + 20], channel=channel))
+            await publish(kafka_broker.bootstrap_servers, topic_prefix, gaps)
+            await until_both(a, b, lambda sa, sb: sa.gaps_done + sb.gaps_done >= 60)
+            done_a, done_b = a.worker.stats().gaps_done, b.worker.stats().gaps_done
+        assert sim.stats.violations == 0
+
+    assert done_a > 0 and done_b > 0 and done_a + done_b == 60
+    reader = TopicReader(kafka_broker.bootstrap_servers, topic_prefix)
+    updates = updates_by_gap(await reader.records(TopicKind.GAPS, GapEvent, at_least=120))
+    assert sorted(updates) == sorted(g.gap_id for g in gaps)
+    assert all(len(u) == 1 and u[0].status is GapStatus.FILLED and u[0].records_filled == 19 for u in updates.values())
+    trades = await reader.records(TopicKind.TRADES, Trade)
+    for channel in ("trades-all", "trades"):
+        assert set(coverage(t for t in trades if t.channel == channel).values()) == {1}
+
+
+async def test_a_worker_killed_mid_gap_loses_nothing_and_its_successor_publishes_nothing_twice(
+    kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path
+) -> None:
+    async with SimServer(sim_config(rate_window_scale=1.0)) as sim:
+        await sim.pump_trades("BTC-USDT", 3000)
+        log = log_of(sim, "BTC-USDT")
+        gap = trade_gap("long", "BTC-USDT", log[4], log[-5])
+        inside = [tid for tid, _ in log[5:-5]]
+        await publish(kafka_broker.bootstrap_servers, topic_prefix, [gap])
+        sim.faults.rest_slow(0.05, count=1_000_000, path=TRADES_PATH)  # so the kill lands mid-gap
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OKX_API", "OKX_INGEST"))}
+        env.update({
+            "OKX_INGEST__OKX__REST_BASE_URL": sim.rest_base,
+            "OKX_INGEST__KAFKA__BOOTSTRAP_SERVERS": kafka_broker.bootstrap_servers,
+            "OKX_INGEST__KAFKA__TOPIC_PREFIX": topic_prefix,
+            "OKX_INGEST__KAFKA__PARTITIONS": "4",
+            "OKX_INGEST__KAFKA__ENABLE_IDEMPOTENCE": "false",
+            "OKX_INGEST__JOURNAL__DIR": str(tmp_path),
+            "OKX_INGEST__BACKFILL__GROUP_ID": f"{topic_prefix}backfill",
+            "OKX_INGEST__BACKFILL__SESSION_TIMEOUT_MS": str(GROUP["session_timeout_ms"]),
+            "OKX_INGEST__BACKFILL__HEARTBEAT_INTERVAL_MS": str(GROUP["heartbeat_interval_ms"]),
+            "OKX_INGEST__BACKFILL__POLL_TIMEOUT_MS": str(GROUP["poll_timeout_ms"]),
+            "OKX_INGEST__OBS__METRICS_PORT": "0",
+            "OKX_INGEST__OBS__LOG_FORMAT": "text",
+        })
+        log_path = tmp_path / "killed-worker.log"
+        with log_path.open("wb") as out:
+            child = await asyncio.create_subprocess_exec(sys.executable, "-m", "ingest.cli", "backfill", env=env,
+                                                         cwd=MAIN, stdout=out, stderr=out)
+        try:
+            reader = TopicReader(kafka_broker.bootstrap_servers, topic_prefix)
+            published = await reader.records(TopicKind.TRADES, Trade, at_least=300)  # some pages acknowledged
+        finally:
+            if child.returncode is None:
+                child.send_signal(signal.SIGKILL)  # no graceful close: no leave-group, no flush, no commit
+            await child.wait()
+        assert child.returncode == -signal.SIGKILL, log_path.read_text()[-3000:]
+        assert len(published) < len(inside), "the first worker finished before it was killed"
+        sim.faults.clear()
+
+        # The successor uses the same journal directory: whatever the killed worker left there is discarded.
+        settings = worker_settings(sim, kafka_broker, topic_prefix, tmp_path)
+        async with running_worker(settings, rest_for(sim, scale=1.0)) as w:
+            stats = await w.until(lambda s: s.gaps_done >= 1)
+        assert sim.stats.violations == 0
+
+    assert stats.gaps_filled == 1 and stats.records_already_present >= 300
+    trades = await TopicReader(kafka_broker.bootstrap_servers, topic_prefix).records(TopicKind.TRADES, Trade)
+    covered = coverage(trades)
+    assert sorted(covered) == inside, "a trade of the gap is missing"
+    assert set(covered.values()) == {1}, "a trade was published twice"
+    (update,) = updates_by_gap(await reader.records(TopicKind.GAPS, GapEvent, at_least=2))["long"]
+    assert update.status is GapStatus.FILLED and update.records_filled == len(inside) - stats.records_already_present
+
+
+async def test_a_restarted_worker_drops_what_its_journal_kept_of_an_uncommitted_batch(tmp_path: Path) -> None:
+    """Replaying it could only duplicate: the batch was not committed, so its partition's owner redoes it."""
+    settings = JournalSettings(dir=tmp_path, max_bytes=1024 * 1024, segment_bytes=64 * 1024)
+    journal = Journal.from_settings(settings)
+    await journal.start()
+    journal.append([EncodedRecord("t.trades", b"BTC-USDT", b"v%d" % i) for i in range(3)])
+    await journal.sync()
+    await journal.close()  # as a SIGKILL leaves it: journaled, never acknowledged
+    assert discard_backlog(tmp_path, settings) == 3
+    assert discard_backlog(tmp_path, settings) == 0
+
+
+# ------------------------------------------------------------------------------------------ unfillable
+
+
+async def test_gaps_that_cannot_be_filled_are_marked_unfillable_with_the_reason_once_and_never_retried(
+    kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path
+) -> None:
+    async with SimServer(sim_config(max_trades_history=300)) as sim:
+        first = sim.market.get("BTC-USDT").next_trade_id + 1
+        await sim.pump_trades("BTC-USDT", 1000)  # OKX (here: the simulator) keeps only the newest trades
+        await sim.pump_trades("ETH-USDT", 100)
+        kept = log_of(sim, "BTC-USDT")
+        t = now_ms()
+        gaps = [
+            trade_gap("trimmed", "BTC-USDT", (first + 5, t), (first + 50, t)),
+            trade_gap("half", "BTC-USDT", (first + 5, t), kept[50]),
+            trade_gap("ancient", "BTC-USDT", (first + 5, t - 100 * 86_400_000), (first + 50, t - 100 * 86_400_000)),
+            time_gap("ticker", "tickers", inst="BTC-USDT", lo_ms=t - 5000, hi_ms=t),
+            time_gap("no-perm", "fills", inst_type="SPOT", lo_ms=t - 5000, hi_ms=t),
+        ]
+        sim.faults.rest_error(count=1, path=FILLS_PATH, status=200, code="50030",
+                              msg="No permission to use this API.")
+        await publish(kafka_broker.bootstrap_servers, topic_prefix, gaps)
+        settings = worker_settings(sim, kafka_broker, topic_prefix, tmp_path)
+        async with running_worker(settings, rest_for(sim, credentials=True)) as w:
+            stats = await w.until(lambda s: s.gaps_done >= len(gaps))
+            btc_requests = sum(1 for r in sim.stats.rest_log if "BTC-USDT" in r.query)
+            fills_requests = sim.stats.rest_count(FILLS_PATH)
+            eth = log_of(sim, "ETH-USDT")
+            later = trade_gap("later", "ETH-USDT", eth[0], eth[9])
+            await publish(kafka_broker.bootstrap_servers, topic_prefix, [later])
+            stats = await w.until(lambda s: s.gaps_done >= len(gaps) + 1 and s.gaps_ignored >= len(gaps))
+            assert sum(1 for r in sim.stats.rest_log if "BTC-USDT" in r.query) == btc_requests
+            assert sim.stats.rest_count(FILLS_PATH) == fills_requests == 1
+
+    updates = updates_by_gap(await TopicReader(kafka_broker.bootstrap_servers, topic_prefix).records(
+        TopicKind.GAPS, GapEvent, at_least=2 * len(gaps) + 2))
+    assert all(len(u) == 1 for u in updates.values())  # decided once, never again
+    status = {gid: (u[0].status, u[0].note or "") for gid, u in updates.items()}
+    assert status["trimmed"][0] is GapStatus.UNFILLABLE and "no longer kept" in status["trimmed"][1]
+    assert status["half"][0] is GapStatus.PARTIAL and "no longer kept" in status["half"][1]
+    assert updates["half"][0].records_filled == 50
+    assert status["ancient"][0] is GapStatus.UNFILLABLE and "older than OKX keeps" in status["ancient"][1]
+    assert status["ticker"][0] is GapStatus.UNFILLABLE and "no history" in status["ticker"][1]
+    assert status["no-perm"][0] is GapStatus.UNFILLABLE and "50030" in status["no-perm"][1]
+    assert status["later"][0] is GapStatus.FILLED
+    assert stats.gaps_unfillable == 4 and stats.gaps_partial == 1 and stats.gaps_failed == 0
+
+
+# ------------------------------------------------------------------------------------- private streams
+
+
+async def test_private_fills_and_orders_are_backfilled_once_next_to_what_the_stream_recorded(
+    kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path
+) -> None:
+    async with SimServer(sim_config()) as sim:
+        await sim.tick(5)
+        t0 = sim.market.now_ms()
+        ord_ids = []
+        for n in range(6):
+            ord_id = await sim.account.place_order("BTC-USDT", "buy", "0.01", px=str(50_000 + n))
+            await sim.account.fill(ord_id, sz="0.005")
+            await sim.account.fill(ord_id)
+            ord_ids.append(ord_id)
+        fills = list(sim.account.fills)
+        t1 = max(f.ts for f in fills)  # account events run on the market clock, each 1 ms after the last
+        # The recorder got the first fill over the stream before the connection dropped.
+        first = fills[0]
+        recorded = Fill(channel="fills", inst_id="BTC-USDT", ts=first.ts, recv_ts_ns=time.time_ns(),
+                        source=Source.WS, conn_id="c1", recv_seq=1, record_id="c1:1:0", trade_id=first.trade_id,
+                        ord_id=first.ord_id, fill_px="1", fill_sz="1", side="buy")
+        gaps = [time_gap("fills", "fills", inst_type="SPOT", lo_ms=t0 - 1, hi_ms=t1 + 1),
+                time_gap("orders", "orders", inst_type="ANY", lo_ms=t0 - 1, hi_ms=t1 + 1)]
+        await publish(kafka_broker.bootstrap_servers, topic_prefix, [recorded, *gaps])
+        settings = worker_settings(sim, kafka_broker, topic_prefix, tmp_path)
+        async with running_worker(settings, rest_for(sim, credentials=True)) as w:
+            stats = await w.until(lambda s: s.gaps_done >= 2)
+        assert sim.stats.violations == 0
+
+    assert stats.gaps_filled == 2
+    reader = TopicReader(kafka_broker.bootstrap_servers, topic_prefix)
+    got_fills = await reader.records(TopicKind.FILLS, Fill, at_least=len(fills))
+    assert Counter((f.ord_id, f.trade_id) for f in got_fills) == Counter((f.ord_id, f.trade_id) for f in fills)
+    assert {f.bill_id for f in got_fills if f.source is Source.REST} == {f.bill_id for f in fills[1:]}
+    orders = await reader.records(TopicKind.ORDERS, Order, at_least=len(ord_ids))
+    assert sorted((o.ord_id, o.state) for o in orders) == sorted((o, "filled") for o in ord_ids)
+
+
+# -------------------------------------------------------------------------------------- range backfill
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+async def test_range_backfill_prints_progress_lines_without_a_terminal_and_publishes_each_trade_once(
+    kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path
+) -> None:
+    start = now_ms() - 3_600_000
+    async with SimServer(sim_config(instruments=("BTC-USDT",), start_ms=start, tick_ms=1000)) as sim:
+        await sim.tick(900)
+        since, until = start + 100_000, start + 800_000
+        wanted = [tid for tid, ts in log_of(sim, "BTC-USDT") if since <= ts < until]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OKX_API", "OKX_INGEST"))}
+        env.update({
+            "OKX_INGEST__OKX__REST_BASE_URL": sim.rest_base,
+            "OKX_INGEST__KAFKA__BOOTSTRAP_SERVERS": kafka_broker.bootstrap_servers,
+            "OKX_INGEST__KAFKA__TOPIC_PREFIX": topic_prefix,
+            "OKX_INGEST__KAFKA__ENABLE_IDEMPOTENCE": "false",
+            "OKX_INGEST__BACKFILL__PROGRESS_INTERVAL_S": "0.001",
+        })
+        argv = [sys.executable, "-m", "ingest.cli", "backfill", "--channel", "trades", "--inst", "BTC-USDT",
+                "--since", _iso(since), "--until", _iso(until)]
+        cli = await asyncio.create_subprocess_exec(*argv, env=env, cwd=MAIN, stdout=asyncio.subprocess.PIPE,
+                                                   stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(cli.communicate(), WAIT_S)
+        text = err.decode()
+        assert cli.returncode == 0, text
+        lines = [ln for ln in text.splitlines() if ln.startswith("backfill trades BTC-USDT: ")]
+        assert len(wanted) > 100 and len(lines) >= 2, text  # progress while walking, then the summary
+        assert "%" in lines[0] and lines[-1] == f"backfill trades BTC-USDT: done, {len(wanted)} records, " \
+                                                f"{sim.stats.rest_count(TRADES_PATH)} requests"
+        assert f"backfilled {len(wanted)} records" in text
+
+        # Again, in-process and on a terminal: the topic has it all, so nothing is published twice.
+        again = worker_settings(sim, kafka_broker, topic_prefix, tmp_path)
+        out = io.StringIO()
+        rest = rest_for(sim)
+        try:
+            n = await backfill_range(again, "trades", "BTC-USDT", since, until, True, out=out, rest=rest)
+        finally:
+            await rest.aclose()
+        assert n == 0 and "backfill trades BTC-USDT" in out.getvalue() and "100%" in out.getvalue()
+        assert sim.stats.violations == 0
+
+    trades = await TopicReader(kafka_broker.bootstrap_servers, topic_prefix).records(TopicKind.TRADES, Trade)
+    assert sorted(int(t.trade_id) for t in trades) == wanted
+    assert all(t.source is Source.REST and t.channel == "trades" for t in trades)
