@@ -34,6 +34,7 @@ from ingest.io.broker import EmbeddedBroker
 from ingest.io.delivery import Delivery
 from ingest.io.kafka import KafkaSink
 from ingest.io.rest import OkxRestClient
+from ingest.io.state import StreamStateFile
 from ingest.obs.health import HealthServer, Readiness
 from ingest.obs.logging import setup_logging
 from ingest.obs.metrics import counter, gauge, new_registry
@@ -61,6 +62,7 @@ PRIVATE_ARGS: tuple[SubArg, ...] = (
 #: Frames and link events between the sockets and the pipeline; small, because the delivery queue and the
 #: journal behind the pipeline are where records wait, and a full inbox slows the sockets (back-pressure).
 INBOX_SIZE = 10_000
+STATE_SAVE_INTERVAL_S = 5.0
 #: Tasks whose end (even without an exception) means the recorder no longer records.
 ESSENTIAL_TASKS = frozenset({"pipeline", "connections"})
 
@@ -90,6 +92,7 @@ class _Parts:
     reconciler: PrivateReconciler | None = None
     manager: ConnectionManager | None = None
     health: HealthServer | None = None
+    state: StreamStateFile | None = None
     extra_tasks: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
 
 
@@ -178,6 +181,12 @@ class Daemon:
             p.reconciler = PrivateReconciler(p.rest, clock, inbox)
         p.pipeline = Pipeline(inbox, p.delivery, encoder, resubscriber=p.manager, reconciler=p.reconciler,
                               shard=s.shard, publish_raw=s.kafka.publish_raw)
+        # Where the previous process of this shard left each stream: the time nobody recorded becomes gaps.
+        p.state = StreamStateFile(s.journal.dir / f"{s.shard}.streams.json")
+        saved = p.state.load()
+        if saved is not None:
+            restored = p.pipeline.restore(saved, self._args)
+            log.info("stream_state_restored", extra={"streams": restored, "saved_at_ns": saved.saved_ts_ns})
         self._register_metrics()
         p.health = HealthServer(self.registry, self.readiness, s.obs.metrics_host, s.obs.metrics_port)
         await p.health.start()
@@ -202,6 +211,9 @@ class Daemon:
         }
         if p.reconciler is not None:
             tasks["reconciler"] = asyncio.create_task(p.reconciler.run(), name="reconciler")
+        tasks["state"] = asyncio.create_task(self._save_state_loop(), name="state")
+        if p.broker is not None:
+            tasks["embedded-broker"] = asyncio.create_task(self._broker_loop(p.broker), name="embedded-broker")
         if p.store is not None:
             tasks["credential-files"] = asyncio.create_task(
                 CredentialFileWatcher(p.store, self.settings.okx.credential_poll_s).run(), name="credential-files")
@@ -254,11 +266,10 @@ class Daemon:
             except TimeoutError:
                 log.error("pipeline_drain_timeout", extra={"left": p.pipeline.inbox.qsize()})
         await _cancel(pipeline_task)
-        open_gaps = p.pipeline.open_gaps()
-        if open_gaps:
-            # Expected on a planned stop: the sockets are closed, so every stream is "missing data" until the
-            # next start; the backfill covers that window from the next start's gap events.
-            log.info("streams_open_at_shutdown", extra={"count": len(open_gaps)})
+        # Expected on a planned stop: the sockets are closed, so every stream has an open gap; it is saved and
+        # the next start of this shard closes it with its first record (and the backfill fills it).
+        log.info("streams_open_at_shutdown", extra={"count": len(p.pipeline.open_gaps())})
+        await self._save_state()
         for task in tasks.values():
             await _cancel(task)
         # 3. Delivery: flush to Kafka, or leave the rest journaled for the next start.
@@ -278,6 +289,27 @@ class Daemon:
             await p.rest.aclose()
         if p.broker is not None:
             await p.broker.stop()
+
+    async def _save_state(self) -> None:
+        p = self.parts
+        if p.state is not None and p.pipeline is not None:
+            streams, private_last_ns = p.pipeline.checkpoint()
+            await asyncio.to_thread(p.state.save, time.time_ns(), streams, private_last_ns)
+
+    async def _save_state_loop(self) -> None:
+        """Save stream positions every few seconds, so even a SIGKILL leaves a recent state behind."""
+        while True:
+            await asyncio.sleep(STATE_SAVE_INTERVAL_S)  # a periodic timer, not synchronisation
+            await self._save_state()
+
+    async def _broker_loop(self, broker: EmbeddedBroker) -> None:
+        """Supervise the embedded broker: if it dies, start it again on the same port (it comes back empty;
+        delivery re-creates the topics and resends from the journal what it had not acknowledged)."""
+        while True:
+            code = await broker.wait()
+            log.error("embedded_broker_died", extra={"exit_code": code, "action": "restarting it (memory only: "
+                                                     "what it held is gone; unacknowledged records are resent)"})
+            await broker.start()
 
     async def _reload_loop(self, store: CredentialStore, reload: asyncio.Event) -> None:
         while True:

@@ -28,13 +28,14 @@ from __future__ import annotations
 import enum
 import hashlib
 from dataclasses import dataclass, field
+from typing import Any
 
 from ingest.core.books import BookBreak, BreakKind
 from ingest.core.events import LinkEvent, LinkEventKind
 from ingest.core.streams import Handover, Position, Proof
 from ingest.okx.channels import INCREMENTAL_BOOK_CHANNELS, SubArg
 
-__all__ = ["Gap", "GapKind", "GapTracker", "Position", "gap_id"]
+__all__ = ["Gap", "GapKind", "GapTracker", "Position", "StreamCheckpoint", "gap_id"]
 
 TRADE_CHANNELS = frozenset({"trades", "trades-all"})
 
@@ -127,6 +128,47 @@ def _ascending(last: Position | None, pos: Position) -> bool:
     """True when `pos` (a positive trade id with a ts) simply extends `last`, so it can stand as the new last."""
     return pos.ts is not None and (last is None or last.trade_id is None
                                    or (pos.trade_id is not None and pos.trade_id >= last.trade_id))
+
+
+@dataclass(frozen=True, slots=True)
+class StreamCheckpoint:
+    """What a restarted recorder needs to know of one stream to report the time it was not running.
+
+    `open` is the stream's gap that was still open when saved (a planned stop opens one for every stream:
+    its sockets closed), kept whole so the restarted process closes the very same gap (same id).
+    """
+
+    arg: SubArg
+    last: Position | None
+    last_conn: str | None
+    inst_type: str | None
+    open_kind: GapKind | None = None
+    open_before: Position | None = None
+    open_conn: str | None = None
+    open_ts_ns: int | None = None
+    open_reason: str = ""
+
+    def to_json(self) -> dict[str, object]:
+        return {"arg": self.arg.to_okx(), "last": list(self.last) if self.last else None,
+                "last_conn": self.last_conn, "inst_type": self.inst_type,
+                "open": None if self.open_kind is None else {
+                    "kind": self.open_kind.value, "before": list(self.open_before) if self.open_before else None,
+                    "conn": self.open_conn, "ts_ns": self.open_ts_ns, "reason": self.open_reason}}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StreamCheckpoint:
+        """Inverse of `to_json`; raises KeyError/ValueError/TypeError on anything malformed."""
+        last = data.get("last")
+        open_ = data.get("open")
+        return cls(
+            SubArg.from_okx(data["arg"]), Position(*last) if last else None, data.get("last_conn"),
+            data.get("inst_type"),
+            GapKind(open_["kind"]) if open_ else None,
+            Position(*open_["before"]) if open_ and open_.get("before") else None,
+            open_.get("conn") if open_ else None,
+            int(open_["ts_ns"]) if open_ and open_.get("ts_ns") is not None else None,
+            str(open_.get("reason", "")) if open_ else "",
+        )
 
 
 class GapTracker:
@@ -275,6 +317,31 @@ class GapTracker:
         if tid is None or (prev_tid is not None and tid < prev_tid):
             tid = prev_tid
         return Position(pos.ts if pos.ts is not None else (last.ts if last else None), tid, pos.seq_id)
+
+    def checkpoint(self) -> list[StreamCheckpoint]:
+        """Every stream's last position and open gap, for a restarted process (`restore`)."""
+        out = []
+        for arg, st in self._streams.items():
+            if st.last is None and st.open is None:
+                continue
+            o = st.open
+            out.append(StreamCheckpoint(
+                arg, st.last, st.last_conn, st.inst_type,
+                o.kind if o else None, o.before if o else None, o.conn_before if o else None,
+                o.opened_ts_ns if o else None, o.reason if o else ""))
+        return out
+
+    def restore(self, cp: StreamCheckpoint, saved_ts_ns: int, reason: str) -> None:
+        """Resume a stream of a previous process: its open gap as it was, or one from its last position
+        (an unclean stop saved no gap: the recorder was not running from `saved_ts_ns` on)."""
+        st = self._stream(cp.arg)
+        st.last, st.last_conn = cp.last, cp.last_conn
+        st.inst_type = st.inst_type or cp.inst_type
+        if cp.open_kind is not None:
+            st.open = _Open(cp.open_kind, cp.open_before, cp.open_conn, cp.open_ts_ns or saved_ts_ns,
+                            cp.open_reason)
+        elif cp.last is not None:
+            st.open = _Open(GapKind.DISCONNECT, cp.last, cp.last_conn, saved_ts_ns, reason)
 
     def open_gaps(self, now_ts_ns: int) -> list[Gap]:
         """Every gap still open, with `after=None` and `detected_ts_ns=now` (publish them at shutdown)."""

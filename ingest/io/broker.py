@@ -91,6 +91,10 @@ class EmbeddedBroker:
         return f"{self.host}:{self.port}"
 
     @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
@@ -112,6 +116,13 @@ class EmbeddedBroker:
             await asyncio.sleep(0.1)  # polling an external process's readiness, not synchronising tasks
         await self.stop()
         raise BrokerError(f"embedded broker on {url} did not answer metadata within {timeout_s:.0f}s")
+
+    async def wait(self) -> int | None:
+        """Return when the broker process exits (its exit code); at once (None) when it is not running."""
+        proc = self._proc
+        if proc is None:
+            return None
+        return await asyncio.to_thread(proc.wait)
 
     async def stop(self) -> None:
         proc, self._proc = self._proc, None

@@ -23,7 +23,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -41,7 +41,7 @@ from ingest.core.events import (
     RestRecords,
     Resubscriber,
 )
-from ingest.core.gaps import Gap, GapTracker
+from ingest.core.gaps import Gap, GapTracker, StreamCheckpoint
 from ingest.core.gaps import GapKind as TrackerGapKind
 from ingest.core.ledger import RECONCILED_CHANNELS, REST_FILLED_CHANNELS, PrivateLedger, reports_fill
 from ingest.core.normalize import BookPush, OkxEvent, RecordPush, TradePush, normalize, raw_frame
@@ -65,6 +65,7 @@ from ingest.core.records import GapKind as RecordGapKind
 from ingest.core.records import Position as PositionRecord
 from ingest.core.streams import Position, StreamOwners
 from ingest.io.sink import EncodedRecord
+from ingest.io.state import SavedState
 from ingest.okx import codes
 from ingest.okx.channels import INCREMENTAL_BOOK_CHANNELS, Endpoint, SubArg
 
@@ -241,6 +242,25 @@ class Pipeline:
                 n += 1
             finally:
                 self.inbox.task_done()
+
+    def checkpoint(self) -> tuple[list[StreamCheckpoint], int | None]:
+        """Every stream's position and open gap, and when private data last arrived (for `restore`)."""
+        return self._gaps.checkpoint(), max(self._private_last_ns.values(), default=None)
+
+    def restore(self, state: SavedState, args: Iterable[SubArg]) -> int:
+        """Continue where a previous process stopped: each stream still subscribed gets its last position and
+        an open gap for the time nobody recorded it (closed by its first record, or filled by the private REST
+        reconciliation). Returns how many streams were restored."""
+        wanted = set(args)
+        restored = 0
+        for cp in state.streams:
+            if cp.arg in wanted:
+                self._gaps.restore(cp, state.saved_ts_ns, "the recorder was not running")
+                restored += 1
+        if state.private_last_ns is not None:
+            # The first private REST read reaches back to the last private frame the previous process saw.
+            self._started_ns = min(self._started_ns, state.private_last_ns)
+        return restored
 
     def open_gaps(self) -> list[Gap]:
         """Gaps not yet closed by data (reported at shutdown)."""

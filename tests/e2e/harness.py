@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaConnectionError
 from aiokafka.structs import TopicPartition
 
 from ingest.config import Settings, load_settings
@@ -89,11 +90,10 @@ class TopicReader:
         there), so it returns as soon as the topic is read, without waiting for silence.
         """
         topic = topic_name(self.prefix, kind)
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None)
-        await consumer.start()
         out: list[tuple[int, bytes | None, Record, dict[str, bytes]]] = []
-        try:
-            async with asyncio.timeout(timeout_s):
+        async with asyncio.timeout(timeout_s):
+            consumer = await self._consumer()
+            try:
                 partitions = consumer.partitions_for_topic(topic)
                 while not partitions:
                     await consumer._client.force_metadata_update()  # the topic may be brand new
@@ -102,6 +102,7 @@ class TopicReader:
                 consumer.assign(tps)
                 await consumer.seek_to_beginning(*tps)
                 while True:
+                    # Tansu reports an end offset inside the last batch; whole batches are kept regardless.
                     ends = await consumer.end_offsets(tps)
                     while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
                         batch = await consumer.getmany(*tps, timeout_ms=200)
@@ -111,9 +112,20 @@ class TopicReader:
                     if len(out) >= at_least:
                         break
                     await asyncio.sleep(0.05)  # polling an external broker for records still in flight
-        finally:
-            await consumer.stop()
+            finally:
+                await consumer.stop()
         return out
+
+    async def _consumer(self) -> AIOKafkaConsumer:
+        """A started consumer; retries while the broker is not (yet) accepting connections."""
+        while True:
+            consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None)
+            try:
+                await consumer.start()
+                return consumer
+            except KafkaConnectionError:
+                await consumer.stop()
+                await asyncio.sleep(0.1)  # polling an external broker that is (re)starting
 
     async def records(self, kind: TopicKind, cls: type[R], *, at_least: int = 0) -> list[R]:
         return [r for _, _, r, _ in await self.read(kind, at_least=at_least) if isinstance(r, cls)]

@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ingest.core.records import BookAction, BookUpdate, DeadLetter, GapEvent, RawFrame, TopicKind, Trade
-from ingest.io.broker import EmbeddedBroker
+from ingest.io.broker import EmbeddedBroker, free_port
 from ingest.okx.channels import SubArg
 from ingest.sim import SimConfig, SimServer
 from ingest.sim.tradelog import TradeRow
@@ -184,3 +184,60 @@ async def test_kafka_outage_mid_stream_loses_nothing_once_the_daemon_drains(
         assert want, "the market moved during the outage; the test would prove nothing otherwise"
         got = [t.trade_id for t in trades if t.inst_id == inst]
         assert got[-len(want):] == want  # every trade since the outage began, once, in order
+
+
+async def test_a_restart_reports_the_time_nobody_recorded_as_a_gap_with_exact_bounds(
+    kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path
+) -> None:
+    channels = ("trades-all",)
+    async with SimServer(_sim_config()) as sim:
+        settings = daemon_settings(sim, kafka_broker.bootstrap_servers, topic_prefix, tmp_path,
+                                   okx={"channels": [], "subscriptions": _subs(*channels)})
+        async with running(settings) as first:
+            await _all_subscribed(sim, channels)
+            await sim.tick(10)
+            assert await first.shutdown() == 0
+        await sim.wait_until(lambda: not sim.connections(), timeout=10)
+        await sim.tick(10)  # trades nobody records: the recorder is not running
+        async with running(settings) as second:  # same shard, same journal directory
+            await _all_subscribed(sim, channels)
+            await sim.tick(10)
+            assert await second.shutdown() == 0
+        expected = {i: [r.trade_id for r in _expected(sim, i)] for i in INSTS}
+
+    reader = TopicReader(kafka_broker.bootstrap_servers, topic_prefix)
+    trades = _by_inst(await reader.records(TopicKind.TRADES, Trade, at_least=1))
+    gaps = await reader.records(TopicKind.GAPS, GapEvent, at_least=len(INSTS))
+    for inst in INSTS:
+        [gap] = [g for g in gaps if g.inst_id == inst]
+        assert gap.kind.value == "disconnect" and gap.before is not None and gap.after is not None
+        assert gap.before.trade_id is not None and gap.after.trade_id is not None
+        inside = [t for t in expected[inst] if gap.before.trade_id < int(t) < gap.after.trade_id]
+        got = [t.trade_id for t in trades[inst]]
+        assert inside and not set(inside) & set(got)
+        assert sorted(set(got) | set(inside), key=int) == expected[inst]
+
+
+async def test_the_embedded_broker_is_restarted_when_it_dies(topic_prefix: str, tmp_path: Path) -> None:
+    channels = ("trades-all",)
+    async with SimServer(_sim_config()) as sim:
+        settings = daemon_settings(sim, "embedded", topic_prefix, tmp_path,
+                                   okx={"channels": [], "subscriptions": _subs(*channels)},
+                                   kafka={"embedded_port": free_port(), "request_timeout_ms": 3000,
+                                          "delivery_timeout_ms": 6000, "reconnect_backoff_max_ms": 500})
+        async with running(settings) as daemon:
+            broker, delivery = daemon.daemon.parts.broker, daemon.daemon.parts.delivery
+            assert broker is not None and delivery is not None
+            await _all_subscribed(sim, channels)
+            first_pid = broker.pid
+            broker.kill()
+            at_kill = {i: len(_expected(sim, i)) for i in INSTS}
+            await sim.tick(10)
+            await delivery.wait_for(lambda s: s.journal_records == 0 and s.broker_up, 60)  # drained again
+            assert broker.running and broker.pid != first_pid  # a new broker process, supervised
+            want = [r.trade_id for i in INSTS for r in _expected(sim, i)[at_kill[i]:]]
+            assert want
+            reader = TopicReader(broker.bootstrap_servers, topic_prefix)
+            got = {t.trade_id for t in await reader.records(TopicKind.TRADES, Trade, at_least=len(want))}
+            assert set(want) <= got  # everything since the broker died reached its successor
+            assert await daemon.shutdown() == 0
