@@ -17,6 +17,7 @@ from ingest.credentials import CredentialStore, credentials_present
 from ingest.errors import IngestError
 from ingest.io.kafka import KafkaSink
 from ingest.io.rest import OkxRestClient
+from ingest.obs.logging import setup_logging
 from ingest.services.clock import ClockService
 from ingest.services.permissions import check_key_permissions
 from ingest.supervisor import all_topics, wanted_args
@@ -24,6 +25,7 @@ from ingest.supervisor import all_topics, wanted_args
 
 async def check(settings: Settings, out: TextIO = sys.stdout) -> int:
     """Run every check, print one line each; 0 when all passed, 2 otherwise."""
+    setup_logging("WARNING", "text")
     failures = 0
 
     def report(ok: bool, what: str) -> None:

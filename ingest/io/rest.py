@@ -333,13 +333,13 @@ class CircuitOpenError(IngestError):
 
     retriable = True
 
-    def __init__(self, endpoint: str, failures: int, retry_after_s: float) -> None:
+    def __init__(self, endpoint: str, failures: int, retry_after_s: float, last_failure: str | None = None) -> None:
         self.endpoint = endpoint
         self.retry_after_s = retry_after_s
+        cause = f" (last: {last_failure})" if last_failure else ""
         super().__init__(
-            f"OKX endpoint {endpoint} is paused after {failures} consecutive failures (5xx, timeouts or "
-            f"busy codes); the next probe is allowed in {retry_after_s:.1f} s. Check OKX's status page and "
-            "the network if this persists."
+            f"OKX endpoint {endpoint} is paused after {failures} consecutive failures{cause}; the next probe is "
+            f"allowed in {retry_after_s:.1f} s. Check the network and OKX's status page if this persists."
         )
 
 
@@ -359,6 +359,7 @@ class CircuitBreaker:
         self._opened_at: float | None = None
         self._probe_out = False
         self.opened_total = 0
+        self.last_failure: str | None = None
 
     @property
     def state(self) -> BreakerState:
@@ -379,7 +380,7 @@ class CircuitBreaker:
             return True
         assert self._opened_at is not None
         remaining = max(0.0, self._opened_at + self._cooldown - self._monotonic())
-        raise CircuitOpenError(self.endpoint, self.consecutive_failures, remaining)
+        raise CircuitOpenError(self.endpoint, self.consecutive_failures, remaining, self.last_failure)
 
     def on_success(self) -> None:
         if self._opened_at is not None:
@@ -388,14 +389,15 @@ class CircuitBreaker:
         self._opened_at = None
         self._probe_out = False
 
-    def on_failure(self) -> None:
+    def on_failure(self, what: str = "") -> None:
         self.consecutive_failures += 1
+        self.last_failure = what or self.last_failure
         was_probe, self._probe_out = self._probe_out, False
         if was_probe or (self._opened_at is None and self.consecutive_failures >= self._threshold):
             self._opened_at = self._monotonic()
             self.opened_total += 1
             log.warning("rest_breaker_open", extra={"endpoint": self.endpoint, "failures": self.consecutive_failures,
-                                                    "cooldown_s": self._cooldown})
+                                                    "cooldown_s": self._cooldown, "last_failure": self.last_failure})
 
     def on_neutral(self, was_probe: bool) -> None:
         """The call proved nothing (rate-limited, cancelled): let the next caller probe."""
@@ -755,7 +757,7 @@ class OkxRestClient:
                         breaker.on_neutral(is_probe)
                         decided = True
                         raise pin_error from None
-                    breaker.on_failure()
+                    breaker.on_failure(f"{type(failure).__name__}: {failure}")
                     decided = True
                     retry_ok = idempotent or isinstance(failure, httpx.ConnectError | httpx.ConnectTimeout)
                     if not retry_ok or attempt >= self._max_attempts:
@@ -786,7 +788,7 @@ class OkxRestClient:
                     await self._retry_pause(path, limit.window_s + next(delays))
                     continue
                 if kind is _Kind.SERVER:
-                    breaker.on_failure()
+                    breaker.on_failure(f"HTTP {status}, OKX code {env.code}: {env.msg}"[:200])
                     decided = True
                     if not idempotent or attempt >= self._max_attempts:
                         raise self._api_error(env, status, retriable=True)
