@@ -1,0 +1,102 @@
+"""The deploy files agree with the code: commands parse, settings load, credentials are where the code looks.
+
+Deploy files are never run here (no systemd, no cluster), so drift between them and the daemon would only
+show in production; these checks make it show in `make test`.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ingest.cli import _parser
+from ingest.config import load_settings
+from ingest.credentials import ENV_NAMES
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+UNITS = sorted((DEPLOY / "systemd").glob("*.service"))
+
+
+def _unit(path: Path) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def _settings_env(pairs: dict[str, str], monkeypatch: pytest.MonkeyPatch, config: Path | None = None) -> None:
+    """Settings load with these OKX_INGEST__ variables set (a wrong key fails with ConfigError)."""
+    for key, value in pairs.items():
+        if key.startswith("OKX_INGEST__"):
+            monkeypatch.setenv(key, value)
+    load_settings(config)
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=[u.name for u in UNITS])
+def test_systemd_units_run_a_valid_command_with_credentials_from_loadcredential(
+        unit: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    u = _unit(unit)
+    [exec_start] = u["ExecStart"]
+    argv = shlex.split(exec_start)
+    assert argv[0].endswith("/okx-ingest")
+    args = _parser().parse_args(argv[1:])
+    assert args.command in ("run", "backfill")
+    env = dict(e.split("=", 1) for e in u.get("Environment", []))
+    loaded = {c.split(":", 1)[0] for c in u["LoadCredential"]}
+    for name in ENV_NAMES:
+        assert env[f"{name}_FILE"] == f"%d/{name.lower()}"  # %d is systemd's credentials directory
+        assert name.lower() in loaded
+    assert u["ExecReload"] == ["/bin/kill -HUP $MAINPID"]  # SIGHUP re-reads credentials
+    assert u["KillSignal"] == ["SIGTERM"]
+    _settings_env(env, monkeypatch)
+
+
+def _docs() -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    return docs
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    kustomization = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
+    files = {p.name for p in (DEPLOY / "k8s").glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == files
+
+
+def test_kubernetes_config_loads_and_containers_find_their_credentials(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    docs = _docs()
+    [configmap] = [d for d in docs if d["kind"] == "ConfigMap"]
+    config = tmp_path / "okx-ingest.toml"
+    config.write_text(configmap["data"]["okx-ingest.toml"])
+    workloads = [d for d in docs if d["kind"] in ("StatefulSet", "Deployment")]
+    assert {w["metadata"]["name"] for w in workloads} == {"okx-ingest", "okx-ingest-backfill"}
+    for w in workloads:
+        spec = w["spec"]["template"]["spec"]
+        [container] = spec["containers"]
+        args = _parser().parse_args(container["args"])
+        assert args.command in ("run", "backfill")
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        secret_volumes = {v["name"] for v in spec["volumes"] if "secret" in v}
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        for name in ENV_NAMES:
+            path = Path(env[f"{name}_FILE"])
+            assert mounts.get(str(path.parent)) in secret_volumes, f"{name}_FILE is not on a secret volume"
+        probes = {container["livenessProbe"]["httpGet"]["path"], container["readinessProbe"]["httpGet"]["path"]}
+        assert probes == {"/healthz", "/readyz"}
+        _settings_env({k: v for k, v in env.items() if v is not None}, monkeypatch, config)
+
+
+def test_dockerfile_default_command_parses() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    cmd = next(line for line in text.splitlines() if line.startswith("CMD "))
+    args = yaml.safe_load(cmd.removeprefix("CMD "))  # the exec form is a JSON (YAML) list
+    assert _parser().parse_args(args).command == "run"
