@@ -25,6 +25,7 @@ import secrets
 import sys
 import tempfile
 import time
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection as Pipe
@@ -70,13 +71,12 @@ async def _feeder(pipe: Pipe, instruments: tuple[str, ...]) -> None:
             _, insts, n, rate, subscribers = cmd
             for inst in insts:
                 await sim.wait_subscribed(SubArg("trades-all", inst), count=subscribers, timeout=60)
-            prepared = [sim.prepare_trades(inst, n) for inst in insts]
-            sent = 0
             if rate is None:
-                for p in prepared:
-                    sent += await sim.pump(_only_all(p))
+                sent = 0
+                for inst in insts:
+                    sent += await sim.pump(_only_all(sim.prepare_trades(inst, n)))
             else:
-                sent = await _paced(sim, prepared, rate)
+                sent = await _paced(sim, insts, n, rate)
             pipe.send(("pumped", sent))
 
 
@@ -85,21 +85,21 @@ def _only_all(prepared: Any) -> Any:
     return type(prepared)(prepared.inst_id, (), prepared.trades_all)
 
 
-async def _paced(sim: Any, prepared: list[Any], rate: int) -> int:
-    """Push frames round-robin over instruments at `rate` frames/s, in 10 ms slices."""
-    frames = [(p, f) for i in range(max(len(p.trades_all) for p in prepared)) for p in prepared
-              if i < len(p.trades_all) for f in (p.trades_all[i],)]
+async def _paced(sim: Any, insts: tuple[str, ...], n_per_inst: int, rate: int) -> int:
+    """Push `n_per_inst` frames per instrument, round-robin, at `rate` frames/s in 10 ms slices; frames are made
+    slice by slice, so a long soak holds only one slice in memory."""
     per_slice = max(1, rate // 100)
+    total = n_per_inst * len(insts)
     start = time.perf_counter()
     sent = 0
-    for i in range(0, len(frames), per_slice):
-        chunk = frames[i:i + per_slice]
-        by_inst: dict[str, list[str]] = {}
-        for p, f in chunk:
-            by_inst.setdefault(p.inst_id, []).append(f)
-        for inst, fs in by_inst.items():
-            sent += await sim.pump(type(prepared[0])(inst, (), tuple(fs)))
-        delay = start + (i + per_slice) / rate - time.perf_counter()
+    turn = 0
+    while sent < total:
+        quota = min(per_slice, total - sent)
+        for _ in range(quota):
+            inst = insts[turn % len(insts)]
+            turn += 1
+            sent += await sim.pump(_only_all(sim.prepare_trades(inst, 1)))
+        delay = start + sent / rate - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)  # pacing the load generator
     return sent
@@ -166,7 +166,7 @@ class TimingSink:
     def __init__(self, inner: KafkaSink) -> None:
         self.inner = inner
         self.inbox: TimingInbox | None = None
-        self.latencies_ns: list[int] = []
+        self.latencies_ns = array("q")  # 8 bytes a sample: a long soak must not grow the recorder's RSS
 
     async def start(self) -> None:
         await self.inner.start()
@@ -180,7 +180,8 @@ class TimingSink:
             return
         for record in batch:
             record_id = record.headers[1][1]  # (schema, record_id, source): "conn:recv_seq[:index]"
-            recv_ns = recv.get(record_id if record_id.count(b":") == 1 else record_id.rpartition(b":")[0])
+            # pop: the first record of a sampled frame is measured, and the map stays small over a long soak
+            recv_ns = recv.pop(record_id if record_id.count(b":") == 1 else record_id.rpartition(b":")[0], None)
             if recv_ns is not None:
                 self.latencies_ns.append(now - recv_ns)
 
@@ -210,9 +211,10 @@ class Recorder:
 
 
 async def start_recorder(ws_base: str, bootstrap: str, insts: Sequence[str], journal: Path,
-                         publish_raw: bool) -> Recorder:
+                         publish_raw: bool, compression: bool) -> Recorder:
     subs = [{"channel": "trades-all", "inst_id": i} for i in insts]
     settings = load_settings(None, okx={"ws_base_url": ws_base, "channels": [], "subscriptions": subs},
+                             ws={"compression": compression},
                              kafka={"bootstrap_servers": bootstrap, "enable_idempotence": False,
                                     "topic_prefix": f"bench{secrets.token_hex(3)}.", "publish_raw": publish_raw},
                              journal={"dir": str(journal)})
@@ -229,16 +231,17 @@ async def start_recorder(ws_base: str, bootstrap: str, insts: Sequence[str], jou
     return Recorder(manager, pipeline, delivery, sink, tasks)
 
 
-def pct(values: list[int], q: float) -> float:
+def pct(values: Sequence[int], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1e6
 
 
-async def floor_run(feeder: Feeder, inst: str, n: int) -> float:
-    """msgs/s of a bare client that only receives and parses the frames."""
-    async with websockets.connect(f"{feeder.ws_base}/ws/v5/business", max_size=None) as ws:
+async def floor_run(feeder: Feeder, inst: str, n: int, compression: bool) -> float:
+    """msgs/s of a bare client that only receives and parses the frames (same compression as the recorder)."""
+    async with websockets.connect(f"{feeder.ws_base}/ws/v5/business", max_size=None,
+                                  compression="deflate" if compression else None) as ws:
         await ws.send(orjson.dumps({"op": "subscribe", "args": [{"channel": "trades-all", "instId": inst}]}).decode())
         await ws.recv()  # the subscribe ack
         pump = asyncio.create_task(feeder.pump([inst], n))
@@ -255,7 +258,7 @@ async def floor_run(feeder: Feeder, inst: str, n: int) -> float:
 
 async def throughput_run(rec: Recorder, feeder: Feeder, inst: str, n: int, per_frame: int) -> dict[str, float]:
     start_out = rec.delivery.stats.records_out
-    rec.sink.latencies_ns.clear()
+    del rec.sink.latencies_ns[:]
     t0, c0 = time.perf_counter(), time.process_time()
     await feeder.pump([inst], n)
     await rec.delivery.wait_for(lambda s: s.records_out - start_out >= n * per_frame, 600)
@@ -269,7 +272,7 @@ async def paced_run(rec: Recorder, feeder: Feeder, insts: Sequence[str], rate: i
                     per_frame: int) -> dict[str, float]:
     n_per_inst = max(1, int(rate * seconds / len(insts)))
     start_out = rec.delivery.stats.records_out
-    rec.sink.latencies_ns.clear()
+    del rec.sink.latencies_ns[:]
     rss: list[float] = [rss_mb()]
     sampling = True
 
@@ -297,9 +300,9 @@ async def main_async(args: argparse.Namespace) -> int:
     per_frame = 1 if args.no_raw else 2
     try:
         with tempfile.TemporaryDirectory(prefix="okx-bench-") as tmp:
-            floor = await floor_run(feeder, insts[0], args.messages)
+            floor = await floor_run(feeder, insts[0], args.messages, not args.no_compression)
             rec = await start_recorder(feeder.ws_base, broker.bootstrap_servers, insts, Path(tmp),
-                                       not args.no_raw)
+                                       not args.no_raw, not args.no_compression)
             await throughput_run(rec, feeder, insts[0], min(5_000, args.messages), per_frame)  # warm-up
             thr = await throughput_run(rec, feeder, insts[0], args.messages, per_frame)
             paced = await paced_run(rec, feeder, insts[:1], args.rate, args.paced_s, per_frame)
@@ -318,7 +321,8 @@ def report(args: argparse.Namespace, floor: float, thr: dict[str, float], paced:
            soak: dict[str, float] | None) -> None:
     cores = os.cpu_count()
     print(f"\nokx-ingest pipeline benchmark ({args.messages:,} trades-all frames, {cores} cores, "
-          f"raw topic {'off' if args.no_raw else 'on'}, Python {sys.version.split()[0]})\n")
+          f"raw topic {'off' if args.no_raw else 'on'}, permessage-deflate {'off' if args.no_compression else 'on'}, "
+          f"Python {sys.version.split()[0]})\n")
     print(f"{'measure':<44}{'value':>14}{'vs floor':>10}")
     print(f"{'floor: bare client, receive + orjson.loads':<44}{floor:>10,.0f}/s {1.0:>9.2f}")
     print(f"{'recorder: receive -> broker ack':<44}{thr['msgs_s']:>10,.0f}/s {thr['msgs_s'] / floor:>9.2f}")
@@ -344,6 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--soak-s", type=float, default=0.0, help="soak run length (e.g. 600 with --instruments 100)")
     p.add_argument("--soak-rate", type=int, default=5_000)
     p.add_argument("--no-raw", action="store_true", help="do not publish okx.raw (halves the records per frame)")
+    p.add_argument("--no-compression", action="store_true", help="no permessage-deflate (ws.compression = false)")
     args = p.parse_args(argv)
     try:
         import uvloop

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from ingest.core.avro import RecordEncoder
 from ingest.core.clock import ServerClock
 from ingest.core.events import Inbound
 from ingest.core.records import RECORD_TYPES, TopicKind, topic_name
-from ingest.credentials import CredentialFileWatcher, CredentialStore
+from ingest.credentials import CredentialStore
 from ingest.errors import IngestError
 from ingest.io.broker import EmbeddedBroker
 from ingest.io.delivery import Delivery
@@ -36,16 +35,15 @@ from ingest.io.kafka import KafkaSink
 from ingest.io.rest import OkxRestClient
 from ingest.io.state import StreamStateFile
 from ingest.obs.health import HealthServer, Readiness
-from ingest.obs.logging import setup_logging
 from ingest.obs.metrics import counter, gauge, new_registry
 from ingest.obs.redact import REDACTOR
-from ingest.obs.sentry import init_sentry
 from ingest.okx.channels import SubArg
 from ingest.services.clock import ClockService
 from ingest.services.connections import ConnectionManager, subscription_arg
 from ingest.services.permissions import check_key_permissions
 from ingest.services.pipeline import Pipeline
 from ingest.services.private import PrivateReconciler
+from ingest.services.process import configure_observability, install_signals, keep_credentials
 
 log = logging.getLogger("ingest.supervisor")
 
@@ -215,13 +213,11 @@ class Daemon:
         if p.broker is not None:
             tasks["embedded-broker"] = asyncio.create_task(self._broker_loop(p.broker), name="embedded-broker")
         if p.store is not None:
-            tasks["credential-files"] = asyncio.create_task(
-                CredentialFileWatcher(p.store, self.settings.okx.credential_poll_s).run(), name="credential-files")
-            tasks["credential-reload"] = asyncio.create_task(self._reload_loop(p.store, reload), name="reload")
-            tasks["redactor"] = asyncio.create_task(self._redactor_loop(p.store), name="redactor")
+            tasks["credentials"] = asyncio.create_task(
+                keep_credentials(p.store, self.settings.okx.credential_poll_s, reload), name="credentials")
         for i, extra in enumerate(p.extra_tasks):
             tasks[f"extra-{i}"] = asyncio.create_task(extra(), name=f"extra-{i}")
-        self._install_signals(stop, reload)
+        remove_signals = install_signals(stop, reload)
         log.info("daemon_started", extra={"shard": self.settings.shard, "version": __version__,
                                           "connections": len(p.manager.connections), "subscriptions": len(self._args),
                                           "kafka": self.bootstrap_servers})
@@ -230,7 +226,7 @@ class Daemon:
         code = await self._watch(stopper, tasks)
         await self._shutdown(tasks)
         stopper.cancel()
-        self._remove_signals()
+        remove_signals()
         log.info("daemon_stopped", extra={"exit_code": code})
         return code
 
@@ -310,33 +306,6 @@ class Daemon:
             log.error("embedded_broker_died", extra={"exit_code": code, "action": "restarting it (memory only: "
                                                      "what it held is gone; unacknowledged records are resent)"})
             await broker.start()
-
-    async def _reload_loop(self, store: CredentialStore, reload: asyncio.Event) -> None:
-        while True:
-            await reload.wait()
-            reload.clear()
-            changed = await store.reload()
-            log.info("credentials_reloaded", extra={"changed": changed, "key": store.current().key_hint})
-
-    async def _redactor_loop(self, store: CredentialStore) -> None:
-        """Mask new secrets as soon as any reload (SIGHUP or a changed file) brings them in."""
-        version = store.version
-        while True:
-            version = await store.wait_changed(version)
-            REDACTOR.set_secrets(store.current().values())
-
-    def _install_signals(self, stop: asyncio.Event, reload: asyncio.Event) -> None:
-        loop = asyncio.get_running_loop()
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(signal.SIGTERM, stop.set)
-            loop.add_signal_handler(signal.SIGINT, stop.set)
-            loop.add_signal_handler(signal.SIGHUP, reload.set)
-
-    def _remove_signals(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.remove_signal_handler(sig)
 
     # ---- health and metrics ---------------------------------------------------------------------------
 
@@ -533,13 +502,7 @@ async def _cancel(task: asyncio.Task[None]) -> None:
             log.exception("task_failed_during_shutdown", extra={"task": task.get_name()})
 
 
-def _configure_observability(settings: Settings) -> None:
-    setup_logging(settings.obs.log_level, settings.obs.log_format)
-    init_sentry(settings.obs.sentry_dsn, release=f"okx-ingest@{__version__}",
-                environment=settings.okx.environment.value)
-
-
 async def run_daemon(settings: Settings) -> int:
     """`okx-ingest run`: the recorder until SIGTERM/SIGINT."""
-    _configure_observability(settings)
+    configure_observability(settings)
     return await Daemon(settings).run(asyncio.Event())

@@ -496,7 +496,7 @@ class Connection:
                 open_timeout=self.settings.connect_timeout_s,
                 close_timeout=self.settings.close_timeout_s,
                 max_size=self.settings.max_message_bytes,
-                compression="deflate",
+                compression="deflate" if self.settings.compression else None,
                 ssl=self._ssl,
             )
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:

@@ -47,7 +47,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
 import tempfile
 import time
@@ -1039,16 +1038,12 @@ async def run_worker(settings: Settings) -> int:
     server-time offset measured, and follows credential rotation (secret files polled, SIGHUP re-reads).
     """
     from ingest.obs.health import HealthServer, Readiness
-    from ingest.obs.logging import setup_logging
     from ingest.obs.metrics import new_registry
+    from ingest.services.process import configure_observability, install_signals, keep_credentials
 
-    setup_logging(settings.obs.log_level, settings.obs.log_format)
+    configure_observability(settings)
     stop, reload = asyncio.Event(), asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set, signal.SIGHUP: reload.set}
-    for sig, handler in signals.items():
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, handler)
+    remove_signals = install_signals(stop, reload)
     rest, clock_service = await _rest_client(settings, private=False)
     tasks: list[asyncio.Task[None]] = []
     health: HealthServer | None = None
@@ -1070,8 +1065,8 @@ async def run_worker(settings: Settings) -> int:
         await health.start()
         tasks.append(asyncio.create_task(clock_service.run(), name="clock"))
         if rest.credentials is not None:
-            tasks.append(asyncio.create_task(_keep_credentials(rest.credentials, settings.okx.credential_poll_s,
-                                                               reload), name="credentials"))
+            tasks.append(asyncio.create_task(keep_credentials(rest.credentials, settings.okx.credential_poll_s,
+                                                              reload), name="credentials"))
         await worker.run(stop)
         return 0
     except IngestError as exc:
@@ -1084,32 +1079,7 @@ async def run_worker(settings: Settings) -> int:
         if health is not None:
             await health.stop()
         await rest.aclose()
-        for sig in signals:
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.remove_signal_handler(sig)
-
-
-async def _keep_credentials(store: CredentialStore, poll_s: float, reload: asyncio.Event) -> None:
-    """Rotation without a restart: secret files polled, SIGHUP re-reads them, new secrets masked in logs."""
-    from ingest.credentials import CredentialFileWatcher
-    from ingest.obs.redact import REDACTOR
-
-    async def on_sighup() -> None:
-        while True:
-            await reload.wait()
-            reload.clear()
-            await store.reload()
-
-    async def mask() -> None:
-        version = store.version
-        while True:
-            version = await store.wait_changed(version)
-            REDACTOR.set_secrets(store.current().values())
-
-    async with asyncio.TaskGroup() as tg:
-        tg.create_task(CredentialFileWatcher(store, poll_s).run(), name="credential-files")
-        tg.create_task(on_sighup(), name="credential-reload")
-        tg.create_task(mask(), name="credential-mask")
+        remove_signals()
 
 
 def backfill_metrics(stats: BackfillStats) -> list[Any]:
