@@ -150,7 +150,7 @@ class WsSettings(_Section):
     shutdown_timeout_s: Annotated[float, Field(gt=0)] = Field(
         default=10.0, description="on shutdown, time to close sockets and hand their last frames to the pipeline")
     compression: bool = Field(
-        default=True, description="offer permessage-deflate: about a third of the bandwidth, about 4 us more CPU "
+        default=True, description="offer permessage-deflate: less bandwidth, about 4.5 us more CPU "
                                   "per message (make bench); turn off when CPU, not the link, is the limit")
 
     @model_validator(mode="after")
