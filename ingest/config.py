@@ -195,6 +195,10 @@ class KafkaSettings(_Section):
     wire_format: WireFormat = WireFormat.SINGLE_OBJECT
     schema_registry_url: str | None = None
     publish_raw: bool = True
+    max_record_bytes: Annotated[int, Field(gt=1024)] = Field(
+        default=1_000_000, description="largest record value produced; bigger ones (a raw frame of a huge snapshot) "
+                                       "become a dead letter holding their start, since Kafka would refuse them "
+                                       "(broker message.max.bytes is about 1 MB by default)")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
         default="PLAIN", description="with SASL_*; the username/password come from the credential store, never here"

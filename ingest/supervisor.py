@@ -40,7 +40,7 @@ from ingest.obs.redact import REDACTOR
 from ingest.okx.channels import SubArg
 from ingest.services.clock import ClockService
 from ingest.services.connections import ConnectionManager, subscription_arg
-from ingest.services.permissions import check_key_permissions
+from ingest.services.permissions import require_safe_key
 from ingest.services.pipeline import Pipeline
 from ingest.services.private import PrivateReconciler
 from ingest.services.process import configure_observability, install_signals, keep_credentials
@@ -132,20 +132,6 @@ class Daemon:
         log.info("credentials_loaded", extra={"key": store.current().key_hint})
         return store
 
-    async def _check_permissions(self, rest: OkxRestClient) -> None:
-        """Refuse an over-privileged key before anything private connects; retried while OKX is unreachable."""
-        delay = 1.0
-        while True:
-            try:
-                await check_key_permissions(rest, self.settings.okx)
-                return
-            except IngestError as exc:
-                if not exc.retriable:
-                    raise
-                log.warning("key_permissions_unverified", extra={"error": str(exc), "retry_in_s": delay})
-            await asyncio.sleep(delay)  # waiting out an unreachable OKX, not synchronising tasks
-            delay = min(delay * 2, 60.0)
-
     async def _start(self) -> None:
         s = self.settings
         p = self.parts
@@ -159,8 +145,8 @@ class Daemon:
             await p.clock_service.measure()
         except IngestError as exc:
             log.warning("clock_unmeasured", extra={"error": str(exc), "note": "retrying in the background"})
-        if p.store is not None and s.okx.private:
-            await self._check_permissions(p.rest)
+        if p.store is not None:  # refuse an over-privileged key before anything logs in with it
+            await require_safe_key(p.rest, s.okx)
 
         encoder = RecordEncoder(s.kafka.topic_prefix)
         if s.kafka.schema_registry_url:
@@ -178,7 +164,7 @@ class Daemon:
             # Reads the account over REST after every private (re)connect; results enter the same queue.
             p.reconciler = PrivateReconciler(p.rest, clock, inbox)
         p.pipeline = Pipeline(inbox, p.delivery, encoder, resubscriber=p.manager, reconciler=p.reconciler,
-                              shard=s.shard, publish_raw=s.kafka.publish_raw)
+                              shard=s.shard, publish_raw=s.kafka.publish_raw, max_record_bytes=s.kafka.max_record_bytes)
         # Where the previous process of this shard left each stream: the time nobody recorded becomes gaps.
         p.state = StreamStateFile(s.journal.dir / f"{s.shard}.streams.json")
         saved = p.state.load()
@@ -193,15 +179,34 @@ class Daemon:
 
     async def run(self, stop: asyncio.Event) -> int:
         """Start, run until `stop` is set or a task dies, shut down in order; the exit code."""
+        reload = asyncio.Event()
+        remove_signals = install_signals(stop, reload)  # before start-up: a SIGTERM then still cleans up
         try:
-            await self._start()
+            return await self._run(stop, reload)
+        finally:
+            remove_signals()
+
+    async def _run(self, stop: asyncio.Event, reload: asyncio.Event) -> int:
+        starting = asyncio.create_task(self._start(), name="start")
+        stopper = asyncio.create_task(stop.wait(), name="stop")
+        try:
+            await asyncio.wait({starting, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():  # asked to stop while still starting (e.g. waiting for OKX to answer)
+                await _cancel(starting)
+                await self._release()
+                log.info("daemon_stopped", extra={"exit_code": 0, "during": "start-up"})
+                return 0
+            starting.result()
         except IngestError as exc:
             log.error("startup_failed", extra={"error": str(exc)})
-            await self._close_rest_and_broker()
+            await self._release()
             return 2
+        except BaseException:
+            # Anything else (a port in use, a bug): never leave the embedded broker or the journal behind.
+            await self._release()
+            raise
         p = self.parts
         assert p.manager is not None and p.pipeline is not None and p.clock_service is not None
-        reload = asyncio.Event()
         tasks: dict[str, asyncio.Task[None]] = {
             "pipeline": asyncio.create_task(p.pipeline.run(), name="pipeline"),
             "connections": asyncio.create_task(p.manager.run(), name="connections"),
@@ -213,20 +218,23 @@ class Daemon:
         if p.broker is not None:
             tasks["embedded-broker"] = asyncio.create_task(self._broker_loop(p.broker), name="embedded-broker")
         if p.store is not None:
+            rest, okx = p.rest, self.settings.okx
+            assert rest is not None
+
+            async def recheck() -> None:
+                await require_safe_key(rest, okx)
+
             tasks["credentials"] = asyncio.create_task(
-                keep_credentials(p.store, self.settings.okx.credential_poll_s, reload), name="credentials")
+                keep_credentials(p.store, okx.credential_poll_s, reload, on_rotated=recheck), name="credentials")
         for i, extra in enumerate(p.extra_tasks):
             tasks[f"extra-{i}"] = asyncio.create_task(extra(), name=f"extra-{i}")
-        remove_signals = install_signals(stop, reload)
         log.info("daemon_started", extra={"shard": self.settings.shard, "version": __version__,
                                           "connections": len(p.manager.connections), "subscriptions": len(self._args),
                                           "kafka": self.bootstrap_servers})
         self.started.set()
-        stopper = asyncio.create_task(stop.wait(), name="stop")
         code = await self._watch(stopper, tasks)
         await self._shutdown(tasks)
         stopper.cancel()
-        remove_signals()
         log.info("daemon_stopped", extra={"exit_code": code})
         return code
 
@@ -273,12 +281,13 @@ class Daemon:
         log.info("delivery_closed", extra={"records_in": p.delivery.stats.records_in,
                                            "records_out": p.delivery.stats.records_out,
                                            "left_journaled": p.delivery.stats.journal_records})
+        await self._release()
+
+    async def _release(self) -> None:
+        """Release what start-up acquired (each step is idempotent, so it is safe after a partial start)."""
+        p = self.parts
         if p.health is not None:
             await p.health.stop()
-        await self._close_rest_and_broker()
-
-    async def _close_rest_and_broker(self) -> None:
-        p = self.parts
         if p.delivery is not None:
             await p.delivery.close()  # idempotent
         if p.rest is not None:
@@ -287,10 +296,18 @@ class Daemon:
             await p.broker.stop()
 
     async def _save_state(self) -> None:
+        """Save stream positions, but only positions whose records are journaled: a position saved ahead of
+        its records would hide the records a SIGKILL lost from the gap the next start reports."""
         p = self.parts
-        if p.state is not None and p.pipeline is not None:
-            streams, private_last_ns = p.pipeline.checkpoint()
-            await asyncio.to_thread(p.state.save, time.time_ns(), streams, private_last_ns)
+        if p.state is None or p.pipeline is None or p.delivery is None:
+            return
+        await p.pipeline.between_batches()
+        streams, private_last_ns = p.pipeline.checkpoint()  # no await since: it matches what delivery holds
+        saved_at, accepted = time.time_ns(), p.delivery.stats.records_in
+        await p.delivery.wait_for(lambda d: d.records_in - d.queued >= accepted or d.failed)
+        if p.delivery.stats.failed:
+            return
+        await asyncio.to_thread(p.state.save, saved_at, streams, private_last_ns)
 
     async def _save_state_loop(self) -> None:
         """Save stream positions every few seconds, so even a SIGKILL leaves a recent state behind."""

@@ -80,6 +80,9 @@ class RestRecords:
     fetched_ms: int
     covers: tuple[SubArg, ...]
     records: tuple[OkxRecord | DeadLetter, ...]
+    #: The read failed for good (e.g. the key lost its read permission): nothing was recovered, so the
+    #: holes of `covers` must stay open rather than be reported filled.
+    failed: bool = False
 
 
 Inbound = InboundFrame | LinkEvent | RestRecords

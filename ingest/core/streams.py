@@ -286,7 +286,10 @@ class StreamOwners(Generic[T]):
         if last is None:
             return Proof.NONE
         if pos.seq_id is not None and last.seq_id is not None:
-            return Proof.OVERLAP if pos.seq_id <= last.seq_id else Proof.NONE
+            # A lower seqId with a later ts is OKX restarting its sequence (maintenance), not an overlap:
+            # the snapshot proves nothing about what was missed in between.
+            overlaps = pos.seq_id <= last.seq_id and (pos.ts is None or last.ts is None or pos.ts <= last.ts)
+            return Proof.OVERLAP if overlaps else Proof.NONE
         if pos.ts is not None and last.ts is not None:
             return Proof.OVERLAP if pos.ts <= last.ts else Proof.NONE
         return Proof.NONE

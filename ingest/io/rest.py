@@ -863,7 +863,7 @@ class OkxRestClient:
         request = self._http.build_request(method, target, content=content or None)
         try:
             response = await self._http.send(request, auth=self._auth if signed else None)
-        except httpx.TransportError as exc:
+        except httpx.HTTPError as exc:  # transport errors, and a body that cannot be decoded (bad encoding)
             return 0, b"", None, exc
         try:
             okx_ts = response.request.headers.get("OK-ACCESS-TIMESTAMP")

@@ -12,8 +12,10 @@ Guarantees to the pipeline (`ingest.core.events`), per physical connection `conn
 - `SUBSCRIBED(conn, arg)` directly after the ack frame, so before any push of that arg on `conn`;
 - every SUBSCRIBED is balanced by exactly one later DISCONNECTED(conn, ...), CUTOVER(conn, ...) or
   SUBSCRIBE_FAILED(conn, ...) naming that arg, after the last frame of `conn` that could carry it;
-- `SUBSCRIBE_FAILED` when OKX refused an arg for good (it is not retried on this connection), or for every
-  arg when the connection stops (a refused key);
+- `SUBSCRIBE_FAILED` when OKX refused an arg for good (60018, 64003: never retried), when OKX ended it with
+  `channel-conn-count-error` (retried from 60 s on, doubling to 30 min), or for every arg when the
+  connection stops (a refused key). Transient refusals (64007, 60014, 63999, no answer) emit nothing: after
+  their quick retries the arg is retried the same slow way while its stream's gap stays open;
 - 64008: NOTICE(old, replacement=new), then the replacement's SUBSCRIBEDs (some may come after CUTOVER if
   OKX closed the old connection first), then the old connection's last frames, then DISCONNECTED(old,
   args not proven handed over) if any, then CUTOVER(old, proven args, replacement=new), then the
@@ -175,6 +177,11 @@ class ConnectionStatus:
     counters: ConnectionCounters
 
 
+#: A transiently refused arg, once its quick retries are spent, is retried this long later, doubling to the cap.
+_PARK_FIRST_S = 60.0
+_PARK_MAX_S = 1800.0
+
+
 class _LinkFailure(Exception):
     """Ends one physical connection; `fatal` stops the logical connection too."""
 
@@ -334,6 +341,8 @@ class Connection:
         self.failed: dict[SubArg, str] = {}
         self._retry_at: dict[SubArg, float] = {}
         self._retry_attempts: dict[SubArg, int] = {}
+        #: Args refused transiently beyond their quick retries: (times parked, last code); retried much later.
+        self._parked: dict[SubArg, tuple[int, str]] = {}
         self._resub_pending: dict[SubArg, tuple[str, float]] = {}
         self._resub_last: dict[SubArg, float] = {}
         self._replace_wanted = asyncio.Event()
@@ -406,7 +415,8 @@ class Connection:
             okx_conn_id=link.proto.conn_id if link is not None else None,
             args=len(self.args),
             subscribed=len(link.owned) if link is not None else 0,
-            failed={str(a): c for a, c in self.failed.items()},
+            failed={**{str(a): c for a, c in self.failed.items()},
+                    **{str(a): f"{c} (retrying)" for a, (_, c) in self._parked.items()}},
             pending_resubscribe=len(self._resub_pending),
             budget_remaining=link.budget.remaining(now) if link is not None else None,
             live_for_s=(now - link.live_since) if link is not None and link.live_since is not None
@@ -792,6 +802,8 @@ class Connection:
         link.progress.set()
         self._retry_at.pop(arg, None)
         self._retry_attempts.pop(arg, None)
+        if self._parked.pop(arg, None) is not None:
+            log.info("ws_subscribe_recovered", extra={"conn": link.conn, "ws_name": self.name, "arg": str(arg)})
         if arg not in self._arg_set or arg in link.owned:
             return
         link.owned.add(arg)
@@ -820,7 +832,22 @@ class Connection:
                                                          "arg": str(out.arg), "code": out.code,
                                                          "attempt": attempts, "delay_s": delay})
                 return
+            # A transient refusal (64007, 60014, 63999, no answer) never fails an arg for good: keep trying,
+            # far less often. The stream's open gap stays open and closes with its first record.
+            self._park(link, out.arg, out.code or out.msg)
+            return
         await self._fail_arg(link, out.arg, out.code, out.msg)
+
+    def _park(self, link: _Link, arg: SubArg, why: str) -> None:
+        times = self._parked.get(arg, (0, ""))[0] + 1
+        self._parked[arg] = (times, why)
+        delay = min(_PARK_MAX_S, _PARK_FIRST_S * 2 ** (times - 1))
+        self._retry_attempts.pop(arg, None)
+        self._retry_at[arg] = self._monotonic() + delay
+        link.work.set()
+        self.counters.subscribe_failures += 1
+        log.error("ws_subscribe_parked", extra={"conn": link.conn, "ws_name": self.name, "arg": str(arg),
+                                                "code": why, "retry_in_s": delay, "times": times})
 
     async def _fail_arg(self, link: _Link, arg: SubArg, code: str | None, msg: str) -> None:
         self.failed[arg] = code or msg
@@ -842,9 +869,9 @@ class Connection:
         link.proto.forget(dropped)
         reason = f"channel-conn-count-error: {out.count} connections hold {out.channel} (OKX allows 30)"
         for arg in dropped:
-            self.failed[arg] = "channel-conn-count-error"
             link.owned.discard(arg)
-        self.counters.subscribe_failures += len(dropped)
+            # Other connections may go away: try again later rather than never (the cap is per sub-account).
+            self._park(link, arg, "channel-conn-count-error")
         log.error("ws_subscribe_failed", extra={"conn": link.conn, "ws_name": self.name, "channel": out.channel,
                                                 "arg_count": len(dropped), "okx_msg": reason})
         if dropped:

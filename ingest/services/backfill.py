@@ -134,7 +134,7 @@ class BackfillError(IngestError):
 
 
 class ReadbackError(IngestError):
-    """Reading a data topic back did not finish in time; the batch is retried, nothing is committed."""
+    """Reading a data topic back did not finish in time; retried like a gap, then the gap is reported partial."""
 
     retriable = True
 
@@ -394,12 +394,39 @@ class GapFiller:
         """Read the topic back once for the stream, then run its jobs in order; one result per member gap."""
         present = Present()
         if self.readback is not None and stream.kind is not DataKind.BOOKS:
-            present = await self.readback.present(ReadbackScope.of(stream, jobs, self.settings.readback_margin_ms))
+            try:
+                present = await self._read_back(stream, jobs)
+            except ReadbackError as exc:
+                # Without knowing what the topic holds, publishing could duplicate it: report the gaps as not
+                # filled (partial, with the reason) instead of retrying the batch forever.
+                failure = f"could not read the topic back after {self.settings.gap_max_attempts} attempts: {exc}"
+                unread: dict[int, GapResult] = {}
+                for job in jobs:
+                    unread.update(self._results(_JobState(job, self._walks(job)), self.settings.gap_max_attempts,
+                                                failure, True))
+                return unread
             log.debug("backfill_readback", extra={"stream": str(stream), "present": len(present)})
         results: dict[int, GapResult] = {}
         for job in jobs:
             results.update(await self.run_job(job, present))
         return results
+
+    async def _read_back(self, stream: Stream, jobs: Sequence[Job]) -> Present:
+        """The topic's keys for the stream, retried like a gap (`gap_max_attempts`), never forever."""
+        assert self.readback is not None
+        s = self.settings
+        delays = full_jitter(s.retry_initial_s, s.gap_retry_max_s)
+        for attempt in range(1, s.gap_max_attempts + 1):
+            try:
+                return await self.readback.present(ReadbackScope.of(stream, jobs, s.readback_margin_ms))
+            except ReadbackError as exc:
+                if attempt >= s.gap_max_attempts:
+                    raise
+                delay = min(next(delays), s.gap_retry_max_s)
+                log.warning("backfill_readback_retry", extra={"stream": str(stream), "attempt": attempt,
+                                                              "error": str(exc), "retry_in_s": round(delay, 3)})
+                await self._sleep(delay)
+        raise AssertionError("unreachable")
 
     async def run_job(self, job: Job, present: Present) -> dict[int, GapResult]:
         """One job with the per-gap retry policy (module docstring). Raises only what stops the worker:
@@ -1039,6 +1066,7 @@ async def run_worker(settings: Settings) -> int:
     """
     from ingest.obs.health import HealthServer, Readiness
     from ingest.obs.metrics import new_registry
+    from ingest.services.permissions import require_safe_key
     from ingest.services.process import configure_observability, install_signals, keep_credentials
 
     configure_observability(settings)
@@ -1048,6 +1076,8 @@ async def run_worker(settings: Settings) -> int:
     tasks: list[asyncio.Task[None]] = []
     health: HealthServer | None = None
     try:
+        if rest.credentials is not None:  # refuse an over-privileged key before any signed request
+            await require_safe_key(rest, settings.okx)
         worker = BackfillWorker(settings, rest, encoder=await _encoder(settings))
         registry, collector = new_registry()
 
@@ -1065,9 +1095,26 @@ async def run_worker(settings: Settings) -> int:
         await health.start()
         tasks.append(asyncio.create_task(clock_service.run(), name="clock"))
         if rest.credentials is not None:
+            async def recheck() -> None:
+                await require_safe_key(rest, settings.okx)
+
             tasks.append(asyncio.create_task(keep_credentials(rest.credentials, settings.okx.credential_poll_s,
-                                                              reload), name="credentials"))
+                                                              reload, on_rotated=recheck), name="credentials"))
+        helper_failures: list[BaseException] = []
+
+        def stop_on_failure(task: asyncio.Task[None]) -> None:
+            # A helper that dies (a rotated key that may withdraw) stops the worker: fail closed, exit 1.
+            exc = None if task.cancelled() else task.exception()
+            if exc is not None:
+                helper_failures.append(exc)
+                stop.set()
+
+        for task in tasks:
+            task.add_done_callback(stop_on_failure)
         await worker.run(stop)
+        if helper_failures:
+            log.error("backfill_stopped", extra={"error": repr(helper_failures[0])})
+            return 1
         return 0
     except IngestError as exc:
         log.error("backfill_failed", extra={"error": str(exc)})

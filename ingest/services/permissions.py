@@ -1,17 +1,20 @@
 """Least privilege: refuse an API key that can do more than okx-ingest needs (it only reads).
 
-A leaked read-only key exposes account data; a leaked withdraw key empties the account. The daemon reads
-`GET /api/v5/account/config` at startup and refuses withdraw (and, if configured, trade) permission.
+A leaked read-only key exposes account data; a leaked withdraw key empties the account. Every process that
+holds a key (recorder and backfill worker) reads `GET /api/v5/account/config` at startup and after each
+rotation, and refuses withdraw (and, if configured, trade) permission.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from ingest.config import OkxSettings
-from ingest.errors import CredentialError, ProtocolError
+from ingest.errors import CredentialError, IngestError, ProtocolError
 from ingest.io.rest import ACCOUNT_CONFIG_PATH, OkxRestClient
 
 log = logging.getLogger(__name__)
@@ -108,3 +111,20 @@ async def check_key_permissions(client: OkxRestClient, settings: OkxSettings) ->
             "bind the key to this host's IPs on OKX's API page (OKX also deletes unbound trade/withdraw keys "
             "after 14 days without use)")})
     return info
+
+
+async def require_safe_key(
+    client: OkxRestClient, settings: OkxSettings, *, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+) -> KeyInfo:
+    """`check_key_permissions`, retried with backoff while OKX cannot be reached (a key is never assumed safe
+    just because OKX did not answer); raises KeyPermissionError or any other refusal at once."""
+    delay = 1.0
+    while True:
+        try:
+            return await check_key_permissions(client, settings)
+        except IngestError as exc:
+            if not exc.retriable:
+                raise
+            log.warning("key_permissions_unverified", extra={"error": str(exc), "retry_in_s": delay})
+        await sleep(delay)
+        delay = min(delay * 2, 60.0)

@@ -52,12 +52,15 @@ from ingest.core.records import (
     BookAction,
     BookUpdate,
     DeadLetter,
+    DeadLetterReason,
     Fill,
     GapEvent,
     GapStatus,
     OkxRecord,
     Order,
+    RawFrame,
     Record,
+    Source,
     StreamPosition,
     Trade,
 )
@@ -95,6 +98,7 @@ class PipelineStats:
     overlap_duplicates_dropped: int = 0
     private_repeats_dropped: int = 0
     resubscribes_requested: int = 0
+    oversize_records: int = 0
     last_frame_ns: int = 0
     #: Private reconciliation: REST reads asked for, answers handled, rows published (by topic) and dropped.
     reconcile_requests: int = 0
@@ -198,6 +202,7 @@ class Pipeline:
         reconciler: Reconciler | None = None,
         shard: str = "0",
         publish_raw: bool = True,
+        max_record_bytes: int = 1_000_000,
         now_ns: Callable[[], int] = time.time_ns,
     ) -> None:
         self.inbox = inbox
@@ -214,6 +219,10 @@ class Pipeline:
         self._orders = OrderPushDedupe()
         self._fills: BoundedSeen[tuple[str, str]] = BoundedSeen(500_000, 7 * 24 * 3600 * 1000)
         self._out: list[Record] = []
+        self._max_record_bytes = max_record_bytes
+        #: Set while no put_many is in progress (see between_batches).
+        self._putting = asyncio.Event()
+        self._putting.set()
         self._reconciler = reconciler
         self._ledger = PrivateLedger()
         self._private: dict[SubArg, _PrivateStream] = {}
@@ -282,12 +291,48 @@ class Pipeline:
         if out:
             records = self.stats.records
             encode = self._encoder.encode
+            limit = self._max_record_bytes
             encoded = []
             for rec in out:
+                enc = encode(rec)
+                if len(enc.value) > limit:
+                    rec = self._oversize(rec, len(enc.value))
+                    enc = encode(rec)
                 records[rec.TOPIC.value] += 1
-                encoded.append(encode(rec))
+                encoded.append(enc)
             out.clear()
-            await self._outlet.put_many(encoded)
+            self._putting.clear()
+            try:
+                await self._outlet.put_many(encoded)
+            finally:
+                self._putting.set()
+
+    def _oversize(self, rec: Record, size: int) -> DeadLetter:
+        """A record Kafka would refuse for its size, as a dead letter with the start of its content.
+
+        Sending it would fail delivery for good and, resent from the journal at every start, wedge it; a dead
+        letter saying what was cut keeps everything else flowing (a raw frame's records are still published).
+        """
+        keep = self._max_record_bytes // 2
+        payload = rec.payload if isinstance(rec, RawFrame) else self._encoder.value(rec)
+        self.stats.oversize_records += 1
+        log.error("record_too_large", extra={"schema": rec.AVRO_NAME, "bytes": size, "limit": self._max_record_bytes,
+                                             "record_id": rec.emission_id()})
+        return DeadLetter(
+            reason_code=DeadLetterReason.OTHER,
+            reason=(f"{rec.AVRO_NAME} of {size} bytes exceeds kafka.max_record_bytes ({self._max_record_bytes}); "
+                    f"raw holds its first {min(keep, len(payload))} of {len(payload)} bytes"),
+            raw=payload[:keep], source=Source.WS, conn_id=getattr(rec, "conn_id", None),
+            endpoint=getattr(rec, "endpoint", None), recv_seq=getattr(rec, "recv_seq", None),
+            recv_ts_ns=getattr(rec, "recv_ts_ns", None) or self._now_ns(), channel=getattr(rec, "channel", None),
+            inst_id=getattr(rec, "inst_id", None), record_id=f"oversize:{rec.emission_id()}",
+        )
+
+    async def between_batches(self) -> None:
+        """Return at a moment when every record of the items processed so far was handed to the outlet (so a
+        checkpoint taken right after matches what the outlet holds); the caller must not await before using it."""
+        while not self._putting.is_set():
+            await self._putting.wait()
 
     # ---- link events ----------------------------------------------------------------------------------
 
@@ -532,10 +577,19 @@ class Pipeline:
                 "order's intermediate states in between are not available over REST)")
         now = self._now_ns()
         filled = 0
+        covers = set(item.covers)
         for arg, st in self._private.items():
-            if st.pending_seq is None or st.pending_seq > item.seq:
+            # Only the streams this read was for: another stream's pending read may still fail.
+            if st.pending_seq is None or st.pending_seq > item.seq or arg not in covers:
                 continue
             st.pending_seq = None
+            if item.failed:
+                # Nothing recovered: the holes stay open (their gaps were published open), and the next
+                # (re)subscription asks again from where this hole began.
+                since_ns = item.since_ms * 1_000_000
+                st.hole_since_ns = since_ns if st.hole_since_ns is None else min(st.hole_since_ns, since_ns)
+                st.awaiting.clear()
+                continue
             if arg.channel not in REST_FILLED_CHANNELS:
                 st.awaiting.clear()
                 continue

@@ -174,6 +174,11 @@ class PrivateReconciler:
                         "seq": request.seq, "reason": request.reason[:300], "error": str(exc), "retry": False,
                         "fix": "the private record may miss what happened while the stream was down; check the "
                                "key's read permission and the error, then restart or resubscribe"})
+                    # Tell the pipeline, so it keeps those holes open instead of reporting them filled.
+                    await self._inbox.put(RestRecords(
+                        seq=request.seq, reason=f"{request.reason}: failed: {exc}", ts_ns=self._now_ns(),
+                        since_ms=request.since_ns // 1_000_000, fetched_ms=self._clock.now_ms(),
+                        covers=tuple(sorted(request.args)), records=(), failed=True))
                     continue
                 delays = delays or full_jitter(self._retry_initial_s, self._retry_max_s)
                 wait = next(delays)

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from ingest import __version__
 from ingest.config import Settings
@@ -46,9 +46,11 @@ def install_signals(stop: asyncio.Event, reload: asyncio.Event) -> Callable[[], 
     return remove
 
 
-async def keep_credentials(store: CredentialStore, poll_s: float, reload: asyncio.Event) -> None:
+async def keep_credentials(store: CredentialStore, poll_s: float, reload: asyncio.Event, *,
+                           on_rotated: Callable[[], Awaitable[None]] | None = None) -> None:
     """Rotation without a restart: secret files polled, SIGHUP (`reload`) re-reads them, and new secret values
-    are masked in every log line from the moment they are loaded. Runs until cancelled."""
+    are masked in every log line from the moment they are loaded. `on_rotated` runs after each change (the key
+    permission check): if it raises, this task ends with that error (fail closed). Runs until cancelled."""
 
     async def on_reload() -> None:
         while True:
@@ -62,6 +64,8 @@ async def keep_credentials(store: CredentialStore, poll_s: float, reload: asynci
         while True:
             version = await store.wait_changed(version)
             REDACTOR.set_secrets(store.current().values())
+            if on_rotated is not None:
+                await on_rotated()
 
     async with asyncio.TaskGroup() as tg:
         tg.create_task(CredentialFileWatcher(store, poll_s).run(), name="credential-files")

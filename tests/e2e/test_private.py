@@ -11,6 +11,7 @@ refused, a skewed clock corrected, and demo trading marked as such on every requ
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -460,3 +461,22 @@ async def test_a_live_key_in_demo_mode_is_refused_with_an_error_that_says_so(
         assert [(r.code, r.demo) for r in sim.stats.rest_log if r.key] == [("50101", True)]
     error = _log_text(caplog, "startup_failed")
     assert "50101" in error and "runs in demo mode" in error and "created for live trading" in error
+
+
+async def test_a_rotation_to_a_key_that_can_withdraw_stops_the_recorder(
+    kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path
+) -> None:
+    """Least privilege holds after a rotation too: the new key is checked, and refused by stopping (exit 1)."""
+    old, new = Keys.new(), Keys.new()
+    secret_dir = tmp_path / "secrets"
+    env = old.write_files(secret_dir)
+    async with SimServer(old.sim()) as sim:
+        settings = private_settings(sim, kafka_broker.bootstrap_servers, topic_prefix, tmp_path,
+                                    okx={"credential_poll_s": 0.05})
+        async with running(settings, env=env) as run:
+            await private_up(sim)
+            sim.set_credentials(*new.values())
+            sim.config = sim.rest.config = dataclasses.replace(sim.config, perm="read_only,withdraw,trade")
+            new.write_files(secret_dir)
+            code = await asyncio.wait_for(run.task, 30)
+        assert code == 1

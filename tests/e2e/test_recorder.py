@@ -7,16 +7,21 @@ letters, and nothing lost while Kafka is down.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import secrets
+import socket
 from collections import defaultdict
 from pathlib import Path
+
+import pytest
 
 from ingest.core.records import BookAction, BookUpdate, DeadLetter, GapEvent, RawFrame, TopicKind, Trade
 from ingest.io.broker import EmbeddedBroker, free_port
 from ingest.okx.channels import SubArg
 from ingest.sim import SimConfig, SimServer
 from ingest.sim.tradelog import TradeRow
+from ingest.supervisor import Daemon
 from tests.conftest import BrokerInfo
 from tests.e2e.harness import TopicReader, daemon_settings, running
 
@@ -237,3 +242,19 @@ async def test_the_embedded_broker_is_restarted_when_it_dies(topic_prefix: str, 
             got = {t.trade_id for t in await reader.records(TopicKind.TRADES, Trade, at_least=len(want))}
             assert set(want) <= got  # everything since the broker died reached its successor
             assert await daemon.shutdown() == 0
+
+
+async def test_a_failed_start_leaves_no_embedded_broker_behind(topic_prefix: str, tmp_path: Path) -> None:
+    """A start that fails late (the metrics port is taken) must not orphan the broker it already started."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        async with SimServer(_sim_config()) as sim:
+            settings = daemon_settings(sim, "embedded", topic_prefix, tmp_path,
+                                       okx={"channels": [], "subscriptions": _subs("trades-all")},
+                                       kafka={"embedded_port": free_port()},
+                                       obs={"metrics_port": taken.getsockname()[1]})
+            daemon = Daemon(settings)
+            with pytest.raises(OSError):
+                await daemon.run(asyncio.Event())
+    assert daemon.parts.broker is not None and not daemon.parts.broker.running

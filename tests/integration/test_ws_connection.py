@@ -331,6 +331,45 @@ async def test_a_login_that_gets_no_answer_times_out_and_is_retried() -> None:
     assert queue.empty()  # never subscribed, so nothing to report as disconnected
 
 
+async def test_transient_subscribe_refusals_never_fail_an_arg_for_good() -> None:
+    """A minute of OKX internal errors (64007) must not end a stream for the life of the process."""
+    attempts: list[int] = []
+
+    async def hiccup(ws: ServerConnection) -> None:
+        conn = len(attempts)
+        attempts.append(0)
+        async for msg in ws:
+            if msg == "ping":
+                await ws.send("pong")
+                continue
+            req = orjson.loads(msg)
+            attempts[conn] += 1
+            if conn == 0:  # every try on the first connection fails, then OKX recycles the connection
+                await ws.send(orjson.dumps({"event": "error", "code": "64007", "msg": "Internal error",
+                                            "id": req.get("id")}).decode())
+                if attempts[0] == 4:
+                    await ws.close()
+                continue
+            for a in req["args"]:
+                await ws.send(orjson.dumps({"event": "subscribe", "arg": a, "id": req.get("id")}).decode())
+
+    async with serve(hiccup, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        spec = PlannedConnection("public-0", Endpoint.PUBLIC, False, (TRADES,))
+        queue: asyncio.Queue[Inbound] = asyncio.Queue()
+        conn = Connection(spec, f"ws://127.0.0.1:{port}/ws/v5/public", fast_ws(subscribe_retries=3), queue,
+                          limiter=ConnectLimiter(3))
+        events: list[LinkEvent] = []
+        async with running(conn.run()):
+            while not any(e.kind is SUBSCRIBED for e in events):
+                item = await asyncio.wait_for(queue.get(), timeout=10)
+                if isinstance(item, LinkEvent):
+                    events.append(item)
+    assert attempts[0] == 4 and len(attempts) >= 2  # quick retries spent, then the next connection tried again
+    assert [e.kind for e in events] == [SUBSCRIBED]  # never reported as failed for good
+    assert conn.failed == {}
+
+
 async def test_a_transient_login_failure_is_retried_with_backoff() -> None:
     keys = Keys()
     async with SimServer(keys.sim_config()) as sim:

@@ -392,3 +392,36 @@ def test_emissions_of_one_gap_are_recognised_as_duplicates() -> None:
     a = gap(after=StreamPosition(ts=NOW, trade_id=9))
     assert emission_key(a) == emission_key(gap(after=StreamPosition(ts=NOW, trade_id=9)))
     assert emission_key(a) != emission_key(gap(after=None))  # the same gap closed later is new work
+
+
+async def test_a_topic_that_cannot_be_read_back_ends_the_gap_as_partial_after_bounded_retries() -> None:
+    """A slow or unreachable Kafka must not make the worker redo one batch forever (gap_max_attempts)."""
+    from types import SimpleNamespace
+
+    from ingest.config import BackfillSettings
+    from ingest.core.avro import RecordEncoder
+    from ingest.core.clock import ServerClock
+    from ingest.services.backfill import GapFiller, ReadbackError, _Counters
+
+    class Unreadable:
+        calls = 0
+
+        async def present(self, scope: ReadbackScope) -> Present:
+            self.calls += 1
+            raise ReadbackError("reading okx.trades back took over 120 s")
+
+    sleeps: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        sleeps.append(delay)
+
+    readback = Unreadable()
+    rest = SimpleNamespace(clock=ServerClock(lambda: NOW))  # only its clock is consulted before any request
+    filler = GapFiller(rest, None, RecordEncoder(), readback, BackfillSettings(gap_max_attempts=3),  # type: ignore[arg-type]
+                       _Counters(), sleep=sleep)
+    g = gap(before=StreamPosition(ts=NOW - 50_000, trade_id=100), after=StreamPosition(ts=NOW - 40_000, trade_id=200))
+    [job] = plan_jobs([(7, g)], NOW).jobs
+    result = (await filler.fill(job.stream, [job]))[7]
+    assert readback.calls == 3 and len(sleeps) == 2
+    assert result.failed and result.outcome.status is not GapStatus.FILLED
+    assert "could not read the topic back" in result.outcome.note

@@ -79,6 +79,9 @@ def test_kubernetes_config_loads_and_containers_find_their_credentials(
     config.write_text(configmap["data"]["okx-ingest.toml"])
     workloads = [d for d in docs if d["kind"] in ("StatefulSet", "Deployment")]
     assert {w["metadata"]["name"] for w in workloads} == {"okx-ingest", "okx-ingest-backfill"}
+    # OKX's REST limits are per IP and per key across processes: their shares must not add up past 1.
+    processes = sum(w["spec"]["replicas"] for w in workloads)
+    assert load_settings(config).okx.rest_limit_share * processes <= 1.0
     for w in workloads:
         spec = w["spec"]["template"]["spec"]
         [container] = spec["containers"]

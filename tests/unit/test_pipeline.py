@@ -177,3 +177,43 @@ async def test_events_are_counted_not_published() -> None:
     await pipe.handle(frame(b'{"event":"error","code":"60018","msg":"Wrong URL","connId":"a1"}'))
     assert cap.encoded == []
     assert pipe.stats.events["subscribe"] == 1 and pipe.stats.okx_errors["60018"] == 1
+
+
+async def test_a_record_kafka_would_refuse_for_its_size_becomes_a_dead_letter_and_the_rest_flows() -> None:
+    cap = Capture()
+    inbox: asyncio.Queue[Inbound] = asyncio.Queue()
+    pipe = Pipeline(inbox, cap, RecordEncoder("okx."), publish_raw=True, max_record_bytes=4_000)
+    big = orjson.dumps(trade(1)).replace(b'"seqId"', b'"note":"' + b"x" * 6_000 + b'","seqId"')
+    await pipe.handle(frame(big))
+    await pipe.handle(frame(trade(2)))
+    assert all(len(e.value) <= 4_000 for e in cap.encoded)
+    dead = cap.records(DeadLetter)
+    assert len(dead) == 2  # the raw frame and the trade carrying the huge unknown field
+    assert all(d.reason_code.value == "other" and "exceeds kafka.max_record_bytes" in d.reason for d in dead)
+    assert any(d.raw == big[:2_000] for d in dead)  # the raw frame's start is kept
+    assert [t.trade_id for t in cap.records(Trade)] == ["2"]
+    assert pipe.stats.oversize_records == 2
+
+
+async def test_between_batches_waits_while_records_are_still_being_handed_over() -> None:
+    """A checkpoint must never be taken while a batch's positions are ahead of what the outlet accepted."""
+    entered, gate = asyncio.Event(), asyncio.Event()
+
+    class Slow(Capture):
+        async def put_many(self, records: Sequence[EncodedRecord]) -> None:
+            entered.set()
+            await gate.wait()  # the outlet is full (back-pressure)
+            await super().put_many(records)
+
+    out = Slow()
+    pipe = Pipeline(asyncio.Queue(), out, RecordEncoder("okx."), publish_raw=False)
+    handing = asyncio.create_task(pipe.handle(frame(trade(1))))
+    await entered.wait()
+    waiter = asyncio.create_task(pipe.between_batches())
+    for _ in range(10):  # let every ready task run; the waiter must still be blocked
+        await asyncio.sleep(0)
+    assert not waiter.done() and out.encoded == []
+    gate.set()
+    await asyncio.wait_for(waiter, 5)
+    await handing
+    assert len(out.encoded) == 1

@@ -174,3 +174,36 @@ async def test_rest_balances_are_published_while_the_account_channel_is_not_held
     await pipe.handle(answer(reqs.asked[-1].seq, *balances, covers=(ACCOUNT,)))
     assert [(b.ccy, b.cash_bal, b.source.value) for b in cap.records(Balance)] == [
         (None, None, "rest"), ("USDT", "5", "rest")]
+
+
+async def test_an_answer_for_one_stream_never_reports_another_streams_hole_filled() -> None:
+    pipe, cap, reqs = make()
+    positions = SubArg("positions", inst_type="ANY")
+    await pipe.handle(link(LinkEventKind.SUBSCRIBED, "private-0#1", ORDERS, positions))
+    await pipe.handle(answer(reqs.asked[-1].seq, covers=(ORDERS, positions)))
+    await pipe.handle(link(LinkEventKind.DISCONNECTED, "private-0#1", ORDERS, positions, ts_ns=T0 + 1))
+    await pipe.handle(link(LinkEventKind.SUBSCRIBED, "private-0#2", ORDERS, ts_ns=T0 + 2))
+    orders_read = reqs.asked[-1]
+    await pipe.handle(link(LinkEventKind.SUBSCRIBED, "private-0#2", positions, ts_ns=T0 + 3))
+    positions_read = reqs.asked[-1]
+    assert positions_read.seq > orders_read.seq
+    cap.encoded.clear()
+    await pipe.handle(answer(positions_read.seq, covers=(positions,)))  # the orders read is still out (or failed)
+    assert [g for g in cap.records(GapEvent) if g.channel == "orders" and g.status.value == "filled"] == []
+
+
+async def test_a_read_that_failed_for_good_leaves_the_hole_open_and_is_asked_again() -> None:
+    pipe, cap, reqs = make()
+    await pipe.handle(link(LinkEventKind.SUBSCRIBED, "private-0#1", ORDERS))
+    await pipe.handle(answer(reqs.asked[-1].seq))
+    await pipe.handle(link(LinkEventKind.DISCONNECTED, "private-0#1", ORDERS, ts_ns=T0 + 1))
+    await pipe.handle(link(LinkEventKind.SUBSCRIBED, "private-0#2", ORDERS, ts_ns=T0 + 2))
+    failed_read = reqs.asked[-1]
+    cap.encoded.clear()
+    await pipe.handle(RestRecords(seq=failed_read.seq, reason="test: failed", ts_ns=T0 + 9, since_ms=500,
+                                  fetched_ms=5_000, covers=(ORDERS,), records=(), failed=True))
+    assert [g for g in cap.records(GapEvent) if g.status.value == "filled"] == []
+    await pipe.handle(link(LinkEventKind.DISCONNECTED, "private-0#2", ORDERS, ts_ns=T0 + 10))
+    await pipe.handle(link(LinkEventKind.SUBSCRIBED, "private-0#3", ORDERS, ts_ns=T0 + 11))
+    again = reqs.asked[-1]
+    assert again.seq > failed_read.seq and again.since_ns <= 500 * 1_000_000  # reaches back over the old hole

@@ -146,6 +146,16 @@ async def test_transport_failures_end_in_a_retriable_transport_error(
     assert info.value.retriable
 
 
+async def test_an_undecodable_body_is_a_retriable_transport_failure_not_a_crash(
+        make_client: Callable[..., OkxRestClient]) -> None:
+    """A proxy or CDN answering with a broken Content-Encoding must not kill the task that asked."""
+    broken = httpx.Response(200, headers={"Content-Encoding": "gzip"}, stream=httpx.ByteStream(b"not gzip"))
+    script = Script(broken, json(200, OK))
+    async with make_client(script) as client:
+        assert await client.get(BOOKS) == [{"ok": "1"}]
+    assert len(script.requests) == 2
+
+
 async def test_business_errors_are_not_retried(make_client: Callable[..., OkxRestClient]) -> None:
     script = Script(json(200, {"code": "51001", "msg": "Instrument ID does not exist", "data": []}))
     async with make_client(script) as client:

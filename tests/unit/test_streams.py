@@ -277,3 +277,23 @@ def test_candles_through_a_switch_lose_nothing_and_repeat_at_most_the_state_at_t
     collapsed = [u for i, u in enumerate(out) if i == 0 or out[i - 1] != u]
     assert [u.index for u in collapsed] == [u.index for u in items]
     assert len(out) - len(collapsed) <= 1
+
+
+def test_a_reconnect_snapshot_after_a_sequence_restart_does_not_prove_overlap() -> None:
+    """OKX restarts seqIds at maintenance: a later snapshot with a lower seqId must keep the disconnect gap."""
+    from ingest.core.events import LinkEvent, LinkEventKind
+    from ingest.core.streams import Handover, Position, Proof, StreamOwners
+    from ingest.okx.channels import SubArg
+
+    arg = SubArg("books", "BTC-USDT")
+    owners: StreamOwners[str] = StreamOwners()
+    owners.offer(arg, "a#1", Position(1_000, None, 9_000), "snap-a", ts_ns=1, snapshot=True)
+    owners.on_link_event(LinkEvent(LinkEventKind.DISCONNECTED, "a#1", "a", 2, (arg,)))
+    restarted = owners.offer(arg, "a#2", Position(600_000, None, 7), "snap-b", ts_ns=3, snapshot=True)
+    assert restarted.emit == ("snap-b",)
+    assert isinstance(restarted.handover, Handover) and restarted.handover.proof is Proof.NONE
+    replayed = StreamOwners[str]()
+    replayed.offer(arg, "a#1", Position(1_000, None, 9_000), "snap-a", ts_ns=1, snapshot=True)
+    replayed.on_link_event(LinkEvent(LinkEventKind.DISCONNECTED, "a#1", "a", 2, (arg,)))
+    same_image = replayed.offer(arg, "a#2", Position(1_000, None, 9_000), "snap-c", ts_ns=3, snapshot=True)
+    assert same_image.handover is not None and same_image.handover.proof is Proof.OVERLAP
