@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import httpx
 
 from ingest.credentials import Secret
 from ingest.errors import IngestError
+from ingest.obs.redact import REDACTOR
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,21 @@ def subject_for(topic: str) -> str:
     return f"{topic}-value"
 
 
+def _split_userinfo(url: str, username: str | None, password: Secret | None) -> tuple[str, str | None, Secret | None]:
+    """`https://user:pass@host` is how registry credentials are often given: use them for basic auth, mask the
+    password in every log line, and keep them out of the URL that logs and error messages show."""
+    parts = urlsplit(url)
+    if parts.username is None:
+        return url, username, password
+    user, secret = unquote(parts.username), unquote(parts.password or "")
+    REDACTOR.set_secrets([secret])
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc = f"{netloc}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc)), username or user, password or Secret(secret)
+
+
 class SchemaRegistry:
     """Registers schemas and caches their ids. Pass `transport` to swap the network (tests, proxies)."""
 
@@ -64,8 +80,9 @@ class SchemaRegistry:
         password: Secret | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        url, username, password = _split_userinfo(url, username, password)
         auth = httpx.BasicAuth(username, password.reveal()) if username and password else None
-        self.url = url.rstrip("/")
+        self.url = url.rstrip("/")  # without userinfo: this is what logs and errors show
         self._client = httpx.AsyncClient(base_url=self.url, timeout=timeout_s, auth=auth, transport=transport,
                                          headers={"Accept": CONTENT_TYPE})
         self._ids: dict[tuple[str, str], int] = {}

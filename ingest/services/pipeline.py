@@ -362,7 +362,7 @@ class Pipeline:
     def _frame(self, frame: InboundFrame) -> None:
         self.stats.frames += 1
         self.stats.last_frame_ns = frame.recv_ts_ns
-        if frame.endpoint is Endpoint.PRIVATE:
+        if frame.endpoint is Endpoint.PRIVATE and self._reconciler is not None:
             self._private_last_ns[frame.conn] = frame.recv_ts_ns  # where a hole in its streams would begin
         if self._publish_raw:
             self._out.append(raw_frame(frame))

@@ -30,11 +30,13 @@ class FakeRegistry:
     ids: dict[str, int] = field(default_factory=dict)  # schema text -> global id
     registered: list[tuple[str, int]] = field(default_factory=list)  # (subject, id) per successful call
     requests: int = 0
+    authorization: list[str | None] = field(default_factory=list)
     incompatible: set[str] = field(default_factory=set)  # subjects that refuse new schemas
     fail_with: list[int] = field(default_factory=list)  # statuses to answer the next requests with
 
     async def register(self, request: web.Request) -> web.Response:
         self.requests += 1
+        self.authorization.append(request.headers.get("Authorization"))
         if request.content_type != CONTENT_TYPE:
             return self.error(415, 415, f"unsupported content type {request.content_type}")
         if self.fail_with:
@@ -133,3 +135,24 @@ async def test_a_schema_that_is_not_json_is_refused_before_any_request(fake: tup
         with pytest.raises(RegistryError) as err:
             await client.schema_id("okx.trades", "{not json")
     assert not err.value.retriable and registry.requests == 0
+
+
+async def test_credentials_in_the_url_authenticate_and_never_show_in_errors_or_logs(
+        fake: tuple[FakeRegistry, str], caplog: pytest.LogCaptureFixture) -> None:
+    import base64
+    import logging
+    import secrets
+
+    caplog.set_level(logging.DEBUG)
+    registry, url = fake
+    password = secrets.token_hex(12)
+    with_userinfo = url.replace("http://", f"http://svc-okx:{password}@")
+    async with SchemaRegistry(with_userinfo) as client:
+        assert password not in client.url
+        await client.schema_id("okx.trades", TRADE)
+        registry.incompatible.add("okx.books-value")
+        with pytest.raises(RegistryError) as err:
+            await client.schema_id("okx.books", BOOK)
+    assert registry.authorization[0] == "Basic " + base64.b64encode(f"svc-okx:{password}".encode()).decode()
+    assert "schema_registered" in caplog.text  # the registry URL was logged, without the password
+    assert password not in str(err.value) and password not in caplog.text

@@ -36,6 +36,7 @@ def test_real_kafka_turns_idempotence_on_by_default(tmp_path: Path) -> None:
         ('[[okx.subscriptions]]\nchannel = "tradez"\ninst_id = "BTC-USDT"\n', "okx.subscriptions.0", "README"),
         ('[[okx.subscriptions]]\nchannel = "orders"\n', "okx.subscriptions.0", "README"),
         ('[kafka]\nwire_format = "confluent"\n', "kafka", "README"),
+        ('[kafka]\nsecurity_protocol = "SASL_SSL"\n', "kafka.security_protocol", "README"),
     ],
 )
 def test_bad_config_names_key_and_fix(tmp_path: Path, text: str, key: str, fix: str) -> None:
