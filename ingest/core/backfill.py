@@ -364,20 +364,15 @@ def coalesce(stream: Stream, windows: Sequence[Window], *, merge_ids: int = 100)
 # ---------------------------------------------------------------------------------------------- walks
 
 
-class TradeWalk:
-    """A newest-first walk of /market/history-trades down through a job's span (type 2 first page only when
-    the span's upper bound is a time)."""
+class _Walk:
+    """What every history walk tracks: its cursor, the pages it read, and why it ended (if it has)."""
 
-    path = TRADES_PATH
-
-    def __init__(self, inst_id: str, span: Window, limit: int = PAGE_LIMIT[TRADES_PATH]) -> None:
-        self.inst_id = inst_id
-        self.span = span
+    def __init__(self, limit: int) -> None:
         self.limit = limit
         self.cursor: int | None = None
-        self.min_id: int | None = None
         self.min_ts: int | None = None
         self.pages = 0
+        #: Reached the lower bound / history ran out before it / the cursor stopped moving / told to stop.
         self.complete = False
         self.exhausted = False
         self.stalled = False
@@ -386,6 +381,19 @@ class TradeWalk:
     @property
     def done(self) -> bool:
         return self.complete or self.exhausted or self.stalled or self.stopped
+
+
+class TradeWalk(_Walk):
+    """A newest-first walk of /market/history-trades down through a job's span (type 2 first page only when
+    the span's upper bound is a time)."""
+
+    path = TRADES_PATH
+
+    def __init__(self, inst_id: str, span: Window, limit: int = PAGE_LIMIT[TRADES_PATH]) -> None:
+        super().__init__(limit)
+        self.inst_id = inst_id
+        self.span = span
+        self.min_id: int | None = None
 
     def query(self) -> dict[str, str] | None:
         """The next request's parameters, or None when the walk is over."""
@@ -425,26 +433,15 @@ class TradeWalk:
         self.stopped = True
 
 
-class CandleWalk:
+class CandleWalk(_Walk):
     """A newest-first walk of /market/(history-)candles by bar open time down to the span's lower bound."""
 
     def __init__(self, inst_id: str, bar: str, span: Window, path: str) -> None:
+        super().__init__(PAGE_LIMIT[path])
         self.inst_id = inst_id
         self.bar = bar
         self.span = span
         self.path = path
-        self.limit = PAGE_LIMIT[path]
-        self.cursor: int | None = None
-        self.min_ts: int | None = None
-        self.pages = 0
-        self.complete = False
-        self.exhausted = False
-        self.stalled = False
-        self.stopped = False
-
-    @property
-    def done(self) -> bool:
-        return self.complete or self.exhausted or self.stalled or self.stopped
 
     def query(self) -> dict[str, str] | None:
         if self.done:
@@ -473,25 +470,16 @@ class CandleWalk:
         self.stopped = True
 
 
-class CursorWalk:
+class CursorWalk(_Walk):
     """A newest-first walk by id cursor (`after` = billId / ordId) within server-side begin/end filters:
-    complete on a page shorter than the limit."""
+    complete on a page shorter than the limit (it is never `exhausted`: the filters bound it)."""
 
     def __init__(self, path: str, params: Mapping[str, str], floor_ts: int | None = None) -> None:
+        super().__init__(PAGE_LIMIT[path])
         self.path = path
         self.params = dict(params)
-        self.limit = PAGE_LIMIT[path]
         #: The oldest time the endpoint still keeps: windows reaching below it are not covered.
         self.floor_ts = floor_ts
-        self.cursor: int | None = None
-        self.pages = 0
-        self.complete = False
-        self.stalled = False
-        self.stopped = False
-
-    @property
-    def done(self) -> bool:
-        return self.complete or self.stalled or self.stopped
 
     def query(self) -> dict[str, str] | None:
         if self.done:
