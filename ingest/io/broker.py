@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +22,8 @@ from pathlib import Path
 from ingest.errors import IngestError
 
 log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class BrokerError(IngestError):
@@ -68,13 +73,26 @@ async def _metadata_ok(host: str, port: int) -> bool:
             await admin.close()
 
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGKILL when the daemon dies, so a SIGKILLed daemon leaves no broker."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def _spawn(argv: list[str], log_path: Path | None) -> subprocess.Popen[bytes]:
-    """Start the broker process; Popen returns at once (fork+exec), so this is safe on the event loop."""
+    """Start the broker process; Popen returns at once (fork+exec), so this is safe on the event loop.
+
+    Its own session: a Ctrl-C or a SIGTERM sent to the daemon's process group must reach the daemon only, which
+    then flushes its journal into the broker before stopping it; the broker itself dies with the daemon.
+    """
     env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
+    preexec = _die_with_parent if sys.platform.startswith("linux") else None
     if log_path is None:
-        return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True, preexec_fn=preexec)
     with open(log_path, "ab") as out:
-        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                preexec_fn=preexec)
 
 
 @dataclass

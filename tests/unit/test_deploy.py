@@ -54,7 +54,7 @@ def test_systemd_units_run_a_valid_command_with_credentials_from_loadcredential(
         assert env[f"{name}_FILE"] == f"%d/{name.lower()}"  # %d is systemd's credentials directory
         assert name.lower() in loaded
     assert u["ExecReload"] == ["/bin/kill -HUP $MAINPID"]  # SIGHUP re-reads credentials
-    assert u["KillSignal"] == ["SIGTERM"]
+    assert u["KillSignal"] == ["SIGTERM"] and u["KillMode"] == ["mixed"]  # the daemon drains, then stops children
     _settings_env(env, monkeypatch)
 
 
