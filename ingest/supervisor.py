@@ -340,6 +340,10 @@ class Daemon:
                                "connections not live")
             if status.stopped:
                 reasons.append(f"connections stopped for good: {status.stopped}")
+            refused = {arg: code for c in status.connections for arg, code in c.failed.items()}
+            if refused:
+                details["subscriptions_refused"] = refused
+                reasons.append(f"{len(refused)} subscriptions refused by OKX (see subscriptions_refused)")
         if p.delivery is not None:
             d = p.delivery.stats
             details["journal_records"] = d.journal_records

@@ -24,6 +24,7 @@ from ingest.sim.tradelog import TradeRow
 from ingest.supervisor import Daemon
 from tests.conftest import BrokerInfo
 from tests.e2e.harness import TopicReader, daemon_settings, running
+from tests.integration._ws_support import log_events
 
 INSTS = ("BTC-USDT", "ETH-USDT")
 
@@ -258,3 +259,25 @@ async def test_a_failed_start_leaves_no_embedded_broker_behind(topic_prefix: str
             with pytest.raises(OSError):
                 await daemon.run(asyncio.Event())
     assert daemon.parts.broker is not None and not daemon.parts.broker.running
+
+
+async def test_readiness_names_a_subscription_okx_refused_while_the_others_record(
+    kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path
+) -> None:
+    subs = [*_subs("trades-all"), {"channel": "trades-all", "inst_id": "NOPE-USDT"}]  # an instrument OKX lacks
+    async with SimServer(_sim_config()) as sim:
+        settings = daemon_settings(sim, kafka_broker.bootstrap_servers, topic_prefix, tmp_path,
+                                   okx={"channels": [], "subscriptions": subs})
+        with log_events() as logs:
+            async with running(settings) as daemon:
+                await logs.wait("ws_subscribe_failed", timeout=20)
+                await _all_subscribed(sim, ("trades-all",))
+                ready = daemon.daemon.readiness()
+                assert not ready.ready
+                assert ready.details["subscriptions_refused"] == {"trades-all:NOPE-USDT": "60018"}
+                assert any("1 subscriptions refused" in r for r in ready.reasons)
+                await sim.tick(5)
+                assert await daemon.shutdown() == 0
+    trades = await TopicReader(kafka_broker.bootstrap_servers, topic_prefix).records(TopicKind.TRADES, Trade,
+                                                                                     at_least=1)
+    assert {t.inst_id for t in trades} == set(INSTS)  # the refusal hurt no other stream
