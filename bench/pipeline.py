@@ -38,6 +38,7 @@ import websockets
 from ingest.config import load_settings
 from ingest.core.avro import RecordEncoder
 from ingest.core.events import Inbound, InboundFrame
+from ingest.core.records import TopicKind, topic_name
 from ingest.io.broker import EmbeddedBroker
 from ingest.io.delivery import Delivery
 from ingest.io.kafka import KafkaSink
@@ -158,13 +159,15 @@ class TimingInbox(asyncio.Queue[Inbound]):
 
 
 class TimingSink:
-    """Around the Kafka sink: when a batch is acknowledged, each record's receive->ack latency, found by the
-    (conn, recv_seq) its record_id header starts with."""
+    """Around the Kafka sink: counts acknowledged trades, and when a batch is acknowledged, each sampled
+    trade's receive->ack latency, found by the (conn, recv_seq) its record_id header starts with."""
 
     name = "kafka-timed"
 
-    def __init__(self, inner: KafkaSink) -> None:
+    def __init__(self, inner: KafkaSink, trades_topic: str) -> None:
         self.inner = inner
+        self.trades_topic = trades_topic
+        self.trades_acked = 0
         self.inbox: TimingInbox | None = None
         self.latencies_ns = array("q")  # 8 bytes a sample: a long soak must not grow the recorder's RSS
 
@@ -176,12 +179,15 @@ class TimingSink:
         now = time.time_ns()
         assert self.inbox is not None
         recv = self.inbox.recv_ns
+        topic = self.trades_topic
+        trades = [r for r in batch if r.topic == topic]
+        self.trades_acked += len(trades)
         if not recv:
             return
-        for record in batch:
-            record_id = record.headers[1][1]  # (schema, record_id, source): "conn:recv_seq[:index]"
-            # pop: the first record of a sampled frame is measured, and the map stays small over a long soak
-            recv_ns = recv.pop(record_id if record_id.count(b":") == 1 else record_id.rpartition(b":")[0], None)
+        for record in trades:
+            record_id = record.headers[1][1]  # (schema, record_id, source): "conn:recv_seq:index"
+            # pop: the first trade of a sampled frame is measured, and the map stays small over a long soak
+            recv_ns = recv.pop(record_id.rpartition(b":")[0], None)
             if recv_ns is not None:
                 self.latencies_ns.append(now - recv_ns)
 
@@ -219,7 +225,8 @@ async def start_recorder(ws_base: str, bootstrap: str, insts: Sequence[str], jou
                                     "topic_prefix": f"bench{secrets.token_hex(3)}.", "publish_raw": publish_raw},
                              journal={"dir": str(journal)})
     sink = TimingSink(KafkaSink(settings.kafka, bootstrap_servers=bootstrap,
-                                topics=all_topics(settings.kafka.topic_prefix)))
+                                topics=all_topics(settings.kafka.topic_prefix)),
+                      topic_name(settings.kafka.topic_prefix, TopicKind.TRADES))
     delivery = Delivery.from_settings(sink, settings.journal, settings.kafka)
     await delivery.start()
     inbox = TimingInbox(maxsize=10_000)
@@ -256,12 +263,13 @@ async def floor_run(feeder: Feeder, inst: str, n: int, compression: bool) -> flo
     return n / elapsed
 
 
-async def throughput_run(rec: Recorder, feeder: Feeder, inst: str, n: int, per_frame: int) -> dict[str, float]:
-    start_out = rec.delivery.stats.records_out
+async def throughput_run(rec: Recorder, feeder: Feeder, inst: str, n: int) -> dict[str, float]:
+    start_out = rec.sink.trades_acked
     del rec.sink.latencies_ns[:]
     t0, c0 = time.perf_counter(), time.process_time()
     await feeder.pump([inst], n)
-    await rec.delivery.wait_for(lambda s: s.records_out - start_out >= n * per_frame, 600)
+    # trades are acknowledged after the okx.raw records of their frames (delivery keeps order)
+    await rec.delivery.wait_for(lambda s: rec.sink.trades_acked - start_out >= n, 600)
     t1, c1 = time.perf_counter(), time.process_time()
     lat = rec.sink.latencies_ns
     return {"msgs_s": n / (t1 - t0), "cpu_us_per_msg": (c1 - c0) / n * 1e6, "p50_ms": pct(lat, 0.5),
@@ -269,9 +277,9 @@ async def throughput_run(rec: Recorder, feeder: Feeder, inst: str, n: int, per_f
 
 
 async def paced_run(rec: Recorder, feeder: Feeder, insts: Sequence[str], rate: int, seconds: float,
-                    per_frame: int) -> dict[str, float]:
+                    ) -> dict[str, float]:
     n_per_inst = max(1, int(rate * seconds / len(insts)))
-    start_out = rec.delivery.stats.records_out
+    start_out = rec.sink.trades_acked
     del rec.sink.latencies_ns[:]
     rss: list[float] = [rss_mb()]
     sampling = True
@@ -283,7 +291,7 @@ async def paced_run(rec: Recorder, feeder: Feeder, insts: Sequence[str], rate: i
 
     sampler = asyncio.create_task(sample())
     sent = await feeder.pump(insts, n_per_inst, rate=rate)
-    await rec.delivery.wait_for(lambda s: s.records_out - start_out >= sent * per_frame, 600)
+    await rec.delivery.wait_for(lambda s: rec.sink.trades_acked - start_out >= sent, 600)
     sampling = False
     await sampler
     rss.append(rss_mb())
@@ -297,18 +305,17 @@ async def main_async(args: argparse.Namespace) -> int:
     feeder = Feeder(insts)
     broker = EmbeddedBroker()
     await broker.start()
-    per_frame = 1 if args.no_raw else 2
     try:
         with tempfile.TemporaryDirectory(prefix="okx-bench-") as tmp:
             floor = await floor_run(feeder, insts[0], args.messages, not args.no_compression)
             rec = await start_recorder(feeder.ws_base, broker.bootstrap_servers, insts, Path(tmp),
                                        not args.no_raw, not args.no_compression)
-            await throughput_run(rec, feeder, insts[0], min(5_000, args.messages), per_frame)  # warm-up
-            thr = await throughput_run(rec, feeder, insts[0], args.messages, per_frame)
-            paced = await paced_run(rec, feeder, insts[:1], args.rate, args.paced_s, per_frame)
+            await throughput_run(rec, feeder, insts[0], min(5_000, args.messages))  # warm-up
+            thr = await throughput_run(rec, feeder, insts[0], args.messages)
+            paced = await paced_run(rec, feeder, insts[:1], args.rate, args.paced_s)
             soak = None
             if args.soak_s > 0:
-                soak = await paced_run(rec, feeder, insts, args.soak_rate, args.soak_s, per_frame)
+                soak = await paced_run(rec, feeder, insts, args.soak_rate, args.soak_s)
             await rec.close()
     finally:
         feeder.stop()

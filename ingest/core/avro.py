@@ -419,7 +419,31 @@ class _TextGen(_CodeGen):
             self.emit(depth, "else:")
             self.emit(depth + 1, f"{piece} = N0")
             return f"{{{piece}}}"
+        if kind == "array":
+            # Records (okx.raw's frames): one generated text function per item, joined like strings above.
+            items = schema["items"]
+            full = self.full_name(str(items["name"]), str(items.get("namespace", namespace))) \
+                if isinstance(items, dict) and items.get("type") == "record" else \
+                self.full_name(items, namespace) if isinstance(items, str) else ""
+            item_schema = items if isinstance(items, dict) else self.named.get(full)
+            if item_schema is None or item_schema.get("type") != "record":
+                raise _Unsupported(schema)
+            self.named[full] = item_schema
+            item = self.const(self.item_function(item_schema, full))
+            self.emit(depth, f'{piece} = zs(len({v})) + "".join([{item}(x) for x in {v}]) + N0 if {v} else N0')
+            return f"{{{piece}}}"
         raise _Unsupported(schema)
+
+    def item_function(self, schema: _Json, full: str) -> Callable[[object], str]:
+        """A function giving one nested record's text; raises IndexError/ValueError like the outer encoder."""
+        sub = _TextGen(self.schema)
+        sub.named = self.named
+        fragment = sub.text_record(schema, "r", 1, full)
+        params = ", ".join(f"{k}={k}" for k in sub.consts)
+        source = f"def item(r, {params}):\n" + "\n".join(sub.lines) + f'\n    return f"{fragment}"\n'
+        namespace: dict[str, object] = dict(sub.consts)
+        exec(compile(source, f"<avro fast encoder {full}>", "exec"), namespace)
+        return cast(Callable[[object], str], namespace["item"])
 
     def text_named(self, schema: _Json, v: str, depth: int, full: str) -> str:
         if schema["type"] == "enum":

@@ -18,7 +18,7 @@ import enum
 import math
 import re
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import Annotated, Any, NoReturn, TypeVar, cast
 
@@ -46,6 +46,7 @@ from ingest.core.records import (
     Position,
     PriceLimit,
     RawFrame,
+    RawFrames,
     Source,
     Ticker,
     Trade,
@@ -1153,10 +1154,35 @@ def _dead(frame: InboundFrame, code: DeadLetterReason, reason: str, path: str | 
                       record_id=f"{frame.conn}:{frame.recv_seq}:dlq")
 
 
-def raw_frame(frame: InboundFrame) -> RawFrame:
-    """The okx.raw record of a frame: its bytes exactly as received."""
-    return RawFrame(conn_id=frame.conn, name=frame.name, endpoint=str(frame.endpoint), recv_seq=frame.recv_seq,
-                    recv_ts_ns=frame.recv_ts_ns, okx_conn_id=frame.okx_conn_id, payload=frame.data)
+def raw_frames(frames: Iterable[InboundFrame], max_payload_bytes: int) -> list[RawFrames]:
+    """The okx.raw records of `frames`, each frame's bytes exactly as received.
+
+    One record per connection (in order of first appearance), its frames in receive order, split where OKX's
+    connId changes or where the payload would pass `max_payload_bytes` (a bigger frame gets a record alone).
+    Per connection, the records hold its frames in order, each once.
+    """
+    runs: dict[str, list[list[InboundFrame]]] = {}
+    sizes: dict[str, int] = {}
+    for frame in frames:
+        conn = frame.conn
+        chunks = runs.get(conn)
+        size = len(frame.data)
+        if chunks is None:
+            runs[conn] = [[frame]]
+        else:
+            last = chunks[-1]
+            if last[-1].okx_conn_id == frame.okx_conn_id and sizes[conn] + size <= max_payload_bytes:
+                last.append(frame)
+                sizes[conn] += size
+                continue
+            chunks.append([frame])
+        sizes[conn] = size
+    return [
+        RawFrames(conn_id=chunk[0].conn, name=chunk[0].name, endpoint=str(chunk[0].endpoint),
+                  okx_conn_id=chunk[0].okx_conn_id,
+                  frames=tuple([RawFrame(recv_seq=f.recv_seq, recv_ts_ns=f.recv_ts_ns, payload=f.data) for f in chunk]))
+        for chunks in runs.values() for chunk in chunks
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- REST rows

@@ -44,7 +44,7 @@ from ingest.core.events import (
 from ingest.core.gaps import Gap, GapTracker, StreamCheckpoint
 from ingest.core.gaps import GapKind as TrackerGapKind
 from ingest.core.ledger import RECONCILED_CHANNELS, REST_FILLED_CHANNELS, PrivateLedger, reports_fill
-from ingest.core.normalize import BookPush, OkxEvent, RecordPush, TradePush, normalize, raw_frame
+from ingest.core.normalize import BookPush, OkxEvent, RecordPush, TradePush, normalize, raw_frames
 from ingest.core.orders import BoundedSeen, OrderPush, OrderPushDedupe
 from ingest.core.records import (
     AlgoOrder,
@@ -58,7 +58,7 @@ from ingest.core.records import (
     GapStatus,
     OkxRecord,
     Order,
-    RawFrame,
+    RawFrames,
     Record,
     Source,
     StreamPosition,
@@ -220,6 +220,8 @@ class Pipeline:
         self._fills: BoundedSeen[tuple[str, str]] = BoundedSeen(500_000, 7 * 24 * 3600 * 1000)
         self._out: list[Record] = []
         self._max_record_bytes = max_record_bytes
+        #: Payload per okx.raw record: half the record limit leaves ample room for the per-frame fields.
+        self._raw_payload_bytes = max_record_bytes // 2
         #: Set while no put_many is in progress (see between_batches).
         self._putting = asyncio.Event()
         self._putting.set()
@@ -276,6 +278,9 @@ class Pipeline:
     async def handle_many(self, items: Sequence[Inbound]) -> None:
         """Items in order, then their records to the outlet in one call (which may wait: back-pressure)."""
         out = self._out
+        if self._publish_raw:
+            # Before anything else looks at them: whatever happens to a frame later, its bytes are on okx.raw.
+            out.extend(raw_frames([i for i in items if isinstance(i, InboundFrame)], self._raw_payload_bytes))
         for item in items:
             try:
                 if isinstance(item, InboundFrame):
@@ -314,7 +319,8 @@ class Pipeline:
         letter saying what was cut keeps everything else flowing (a raw frame's records are still published).
         """
         keep = self._max_record_bytes // 2
-        payload = rec.payload if isinstance(rec, RawFrame) else self._encoder.value(rec)
+        first = rec.frames[0] if isinstance(rec, RawFrames) else None
+        payload = first.payload if first is not None else self._encoder.value(rec)
         self.stats.oversize_records += 1
         log.error("record_too_large", extra={"schema": rec.AVRO_NAME, "bytes": size, "limit": self._max_record_bytes,
                                              "record_id": rec.emission_id()})
@@ -323,9 +329,11 @@ class Pipeline:
             reason=(f"{rec.AVRO_NAME} of {size} bytes exceeds kafka.max_record_bytes ({self._max_record_bytes}); "
                     f"raw holds its first {min(keep, len(payload))} of {len(payload)} bytes"),
             raw=payload[:keep], source=Source.WS, conn_id=getattr(rec, "conn_id", None),
-            endpoint=getattr(rec, "endpoint", None), recv_seq=getattr(rec, "recv_seq", None),
-            recv_ts_ns=getattr(rec, "recv_ts_ns", None) or self._now_ns(), channel=getattr(rec, "channel", None),
-            inst_id=getattr(rec, "inst_id", None), record_id=f"oversize:{rec.emission_id()}",
+            endpoint=getattr(rec, "endpoint", None),
+            recv_seq=first.recv_seq if first is not None else getattr(rec, "recv_seq", None),
+            recv_ts_ns=(first.recv_ts_ns if first is not None else getattr(rec, "recv_ts_ns", None)) or self._now_ns(),
+            channel=getattr(rec, "channel", None), inst_id=getattr(rec, "inst_id", None),
+            record_id=f"oversize:{rec.emission_id()}",
         )
 
     async def between_batches(self) -> None:
@@ -364,8 +372,6 @@ class Pipeline:
         self.stats.last_frame_ns = frame.recv_ts_ns
         if frame.endpoint is Endpoint.PRIVATE and self._reconciler is not None:
             self._private_last_ns[frame.conn] = frame.recv_ts_ns  # where a hole in its streams would begin
-        if self._publish_raw:
-            self._out.append(raw_frame(frame))
         result = normalize(frame)
         if isinstance(result, TradePush):
             self._trades(frame, result)

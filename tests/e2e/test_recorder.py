@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ingest.core.records import BookAction, BookUpdate, DeadLetter, GapEvent, RawFrame, TopicKind, Trade
+from ingest.core.records import BookAction, BookUpdate, DeadLetter, GapEvent, RawFrames, TopicKind, Trade
 from ingest.io.broker import EmbeddedBroker, free_port
 from ingest.okx.channels import SubArg
 from ingest.sim import SimConfig, SimServer
@@ -85,8 +85,16 @@ async def test_every_trade_once_in_order_with_exact_strings_and_intact_book_chai
             assert cur.prev_seq_id == prev.seq_id, f"{inst}: chain broken at seqId {cur.seq_id}"
     assert await reader.records(TopicKind.GAPS, GapEvent) == []
     assert await reader.records(TopicKind.DLQ, DeadLetter) == []
-    raw = await reader.records(TopicKind.RAW, RawFrame, at_least=1)
-    assert all(b"login" not in r.payload for r in raw)  # login frames are outbound and never recorded
+    raw = await reader.records(TopicKind.RAW, RawFrames, at_least=1)
+    frames = {(r.conn_id, f.recv_seq): f.payload for r in raw for f in r.frames}
+    assert len(frames) == sum(len(r.frames) for r in raw)  # each frame once
+    for conn in {r.conn_id for r in raw}:  # every frame of every connection, none missing
+        seqs = sorted(s for c, s in frames if c == conn)
+        assert seqs == list(range(1, len(seqs) + 1)), conn
+    for t in (t for ts in trades.values() for t in ts):  # each trade's frame, verbatim, on okx.raw
+        assert t.conn_id is not None and t.recv_seq is not None
+        assert f'"tradeId":"{t.trade_id}"'.encode() in frames[(t.conn_id, t.recv_seq)]
+    assert all(b"login" not in p for p in frames.values())  # login frames are outbound and never recorded
 
 
 async def test_disconnect_window_is_reported_as_a_gap_that_bounds_exactly_the_missed_trades(

@@ -35,6 +35,8 @@ from ingest.core.records import (
     GapEvent,
     GapKind,
     GapStatus,
+    RawFrame,
+    RawFrames,
     Record,
     Source,
     StreamPosition,
@@ -234,6 +236,16 @@ def test_bytes_fields_survive_the_round_trip() -> None:
     dead = DeadLetter(reason_code=DeadLetterReason.NOT_UTF8, reason="r", raw=b"\xff\x00\xc3\x01", source=Source.WS,
                       conn_id="c", recv_ts_ns=1, record_id="c:1:dlq")
     assert decode(RecordEncoder().value(dead)) == dead
+
+
+@pytest.mark.parametrize("sizes", [[0], [1, 4095], [4096], [70_000, 3], [200] * 256])
+def test_raw_frames_of_any_payload_size_are_encoded_exactly(sizes: list[int]) -> None:
+    frames = tuple(RawFrame(recv_seq=i + 1, recv_ts_ns=1786540436001234567 + i, payload=bytes([i % 256]) * n)
+                   for i, n in enumerate(sizes))
+    record = RawFrames(conn_id="public-0#1", name="public-0", endpoint="/ws/v5/public", okx_conn_id="é1",
+                       frames=frames)
+    assert encoder_of(record.AVRO_NAME, True)(record, b"") == fastavro_body(record)
+    assert decode(RecordEncoder().value(record)) == record
 
 
 def test_decode_fields_names_the_schema() -> None:

@@ -33,7 +33,7 @@ from ingest.core.normalize import (
     normalize,
     order_from_rest,
     position_from_rest,
-    raw_frame,
+    raw_frames,
     trade_from_rest,
 )
 from ingest.core.records import (
@@ -536,10 +536,41 @@ def test_unknown_fields_of_every_record_shape_are_kept() -> None:
     assert ticker.extra == {"newPx": '"2"'}
 
 
-def test_raw_frame_record_keeps_the_frame_exactly() -> None:
-    record = raw_frame(InboundFrame(CONN, "public-0", Endpoint.PUBLIC, 5, RECV_NS, b"\x00anything", "a4d3ae55"))
-    assert (record.conn_id, record.name, record.endpoint, record.recv_seq, record.recv_ts_ns, record.okx_conn_id,
-            record.payload) == (CONN, "public-0", "/ws/v5/public", 5, RECV_NS, "a4d3ae55", b"\x00anything")
+def test_raw_frames_record_keeps_each_frame_exactly() -> None:
+    frames = [InboundFrame(CONN, "public-0", Endpoint.PUBLIC, 5, RECV_NS, b"\x00anything", "a4d3ae55"),
+              InboundFrame(CONN, "public-0", Endpoint.PUBLIC, 6, RECV_NS + 7, b'{"event":"x"}', "a4d3ae55")]
+    (record,) = raw_frames(frames, 1_000)
+    assert (record.conn_id, record.name, record.endpoint, record.okx_conn_id) == (
+        CONN, "public-0", "/ws/v5/public", "a4d3ae55")
+    assert [(f.recv_seq, f.recv_ts_ns, f.payload) for f in record.frames] == [
+        (5, RECV_NS, b"\x00anything"), (6, RECV_NS + 7, b'{"event":"x"}')]
+    assert record.emission_id() == f"{CONN}:5-6"
+    assert record.kafka_key() == CONN.encode()
+    assert record.kafka_ts_ms() == (RECV_NS + 7) // 1_000_000
+    body = RecordEncoder("okx.").encode(record).value
+    assert decode(body) == record
+
+
+_raw_inputs = st.lists(st.tuples(st.sampled_from(["public-0#1", "business-0#1", "private-0#2"]),
+                                 st.sampled_from([None, "a1", "b2"]), st.binary(max_size=40)), max_size=60)
+
+
+@given(_raw_inputs, st.integers(min_value=1, max_value=120))
+def test_raw_frames_hold_every_frame_once_in_order_per_connection(
+        spec: list[tuple[str, str | None, bytes]], cap: int) -> None:
+    seqs: dict[str, int] = {}
+    frames = []
+    for conn, okx_conn, data in spec:
+        seqs[conn] = seqs.get(conn, 0) + 1
+        frames.append(InboundFrame(conn, conn.partition("#")[0], Endpoint.PUBLIC, seqs[conn], RECV_NS, data, okx_conn))
+    records = raw_frames(frames, cap)
+    for conn in seqs:
+        theirs = [r for r in records if r.conn_id == conn]
+        got = [(f.recv_seq, f.payload, r.okx_conn_id) for r in theirs for f in r.frames]
+        assert got == [(f.recv_seq, f.data, f.okx_conn_id) for f in frames if f.conn == conn]
+    for r in records:
+        assert r.frames
+        assert len(r.frames) == 1 or sum(len(f.payload) for f in r.frames) <= cap
 
 
 # ------------------------------------------------------------------------------------------------ properties

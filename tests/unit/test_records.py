@@ -35,6 +35,7 @@ from ingest.core.records import (
     Order,
     Position,
     RawFrame,
+    RawFrames,
     Record,
     Source,
     TopicKind,
@@ -146,7 +147,7 @@ def test_every_record_enum_and_field_has_a_doc() -> None:
 def test_decimal_rationale_is_in_the_docs_of_every_okx_record() -> None:
     for path in SCHEMA_FILES:
         schema = load(path)
-        if schema["name"] not in ("GapEvent", "DeadLetter", "RawFrame"):
+        if schema["name"] not in ("GapEvent", "DeadLetter", "RawFrames"):
             assert "exact strings OKX sent" in schema["doc"] and "decimal.Decimal" in schema["doc"], path.name
 
 
@@ -156,7 +157,7 @@ COMMON = ["exchange", "channel", "instId", "instType", "ts", "recvTsNs", "source
 def test_every_market_and_private_record_starts_with_the_common_fields_and_ends_with_extra() -> None:
     for path in SCHEMA_FILES:
         schema = load(path)
-        if schema["name"] in ("GapEvent", "DeadLetter", "RawFrame"):
+        if schema["name"] in ("GapEvent", "DeadLetter", "RawFrames"):
             continue
         names = [f["name"] for f in schema["fields"]]
         assert names[: len(COMMON)] == COMMON, path.name
@@ -292,8 +293,8 @@ def test_kafka_keys_keep_what_must_stay_ordered_in_one_partition() -> None:
     dead = DeadLetter(reason_code=DeadLetterReason.BAD_JSON, reason="r", raw=b"{", source=Source.WS,
                       conn_id="public-0#2", recv_ts_ns=3_000_000, record_id="public-0#2:1:dlq")
     assert dead.kafka_key() == b"public-0#2"
-    raw = RawFrame(conn_id="public-0#2", name="public-0", endpoint="/ws/v5/public", recv_seq=4,
-                   recv_ts_ns=3_000_000, payload=b"{}")
+    raw = RawFrames(conn_id="public-0#2", name="public-0", endpoint="/ws/v5/public",
+                    frames=(RawFrame(recv_seq=4, recv_ts_ns=3_000_000, payload=b"{}"),))
     assert raw.kafka_key() == b"public-0#2"
 
 
@@ -302,8 +303,10 @@ def test_record_id_header_values_identify_one_emission() -> None:
                    channel="trades", detected_ts_ns=7_000_000, updated_ts_ns=9_000_000)
     assert gap.emission_id() == "gap:g1:2"
     assert gap.kafka_ts_ms() == 9
-    raw = RawFrame(conn_id="c", name="n", endpoint="/ws/v5/public", recv_seq=4, recv_ts_ns=3_000_000, payload=b"")
-    assert raw.emission_id() == "c:4"
+    raw = RawFrames(conn_id="c", name="n", endpoint="/ws/v5/public",
+                    frames=(RawFrame(recv_seq=4, recv_ts_ns=3_000_000, payload=b""),
+                            RawFrame(recv_seq=5, recv_ts_ns=4_000_000, payload=b"{}")))
+    assert raw.emission_id() == "c:4-5" and raw.kafka_ts_ms() == 4
     trade = Trade(**COMMON_VALUES, inst_id="BTC-USDT", trade_id="1", px="1", sz="1", side="buy")
     assert trade.emission_id() == "c:1:0" and trade.kafka_ts_ms() == 1 and trade.source_header() == "ws"
 
