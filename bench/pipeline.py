@@ -41,12 +41,13 @@ from ingest.core.events import Inbound, InboundFrame
 from ingest.core.records import TopicKind, topic_name
 from ingest.io.broker import EmbeddedBroker
 from ingest.io.delivery import Delivery
+from ingest.io.inbox import Inbox
 from ingest.io.kafka import KafkaSink
 from ingest.io.sink import EncodedRecord
 from ingest.okx.channels import SubArg
 from ingest.services.connections import ConnectionManager
 from ingest.services.pipeline import Pipeline
-from ingest.supervisor import all_topics
+from ingest.supervisor import INBOX_SIZE, all_topics
 
 # ---------------------------------------------------------------------------------------------- feeder process
 
@@ -145,11 +146,11 @@ def rss_mb() -> float:
 SAMPLE = 16
 
 
-class TimingInbox(asyncio.Queue[Inbound]):
+class TimingInbox(Inbox):
     """The pipeline's inbox, noting the receive time of sampled frames by `conn:recv_seq` as they are queued."""
 
-    def __init__(self, maxsize: int) -> None:
-        super().__init__(maxsize)
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
         self.recv_ns: dict[bytes, int] = {}
 
     def put_nowait(self, item: Inbound) -> None:
@@ -229,7 +230,7 @@ async def start_recorder(ws_base: str, bootstrap: str, insts: Sequence[str], jou
                       topic_name(settings.kafka.topic_prefix, TopicKind.TRADES))
     delivery = Delivery.from_settings(sink, settings.journal, settings.kafka)
     await delivery.start()
-    inbox = TimingInbox(maxsize=10_000)
+    inbox = TimingInbox(INBOX_SIZE)
     sink.inbox = inbox
     manager = ConnectionManager(settings.okx, settings.ws, inbox)
     pipeline = Pipeline(inbox, delivery, RecordEncoder(settings.kafka.topic_prefix), resubscriber=manager,

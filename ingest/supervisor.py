@@ -25,12 +25,12 @@ from ingest import __version__
 from ingest.config import Settings
 from ingest.core.avro import RecordEncoder
 from ingest.core.clock import ServerClock
-from ingest.core.events import Inbound
 from ingest.core.records import RECORD_TYPES, TopicKind, topic_name
 from ingest.credentials import CredentialStore
 from ingest.errors import IngestError
 from ingest.io.broker import EmbeddedBroker
 from ingest.io.delivery import Delivery
+from ingest.io.inbox import Inbox
 from ingest.io.kafka import KafkaSink
 from ingest.io.rest import OkxRestClient
 from ingest.io.state import StreamStateFile
@@ -58,7 +58,7 @@ PRIVATE_ARGS: tuple[SubArg, ...] = (
 
 
 #: Frames and link events between the sockets and the pipeline; small, because the delivery queue and the
-#: journal behind the pipeline are where records wait, and a full inbox slows the sockets (back-pressure).
+#: journal behind the pipeline are where records wait, and a full inbox pauses the sockets (back-pressure).
 INBOX_SIZE = 10_000
 STATE_SAVE_INTERVAL_S = 5.0
 #: Tasks whose end (even without an exception) means the recorder no longer records.
@@ -157,7 +157,7 @@ class Daemon:
         p.delivery = Delivery.from_settings(sink, journal, s.kafka)
         await p.delivery.start()
 
-        inbox: asyncio.Queue[Inbound] = asyncio.Queue(maxsize=INBOX_SIZE)
+        inbox = Inbox(INBOX_SIZE)
         p.manager = ConnectionManager(s.okx, s.ws, inbox, credentials=p.store, clock=clock,
                                       resync_clock=p.clock_service.resync, args=self._args)
         if s.okx.private and p.store is not None:

@@ -77,6 +77,11 @@ def _opt_str(value: object) -> str | None:
     return value if isinstance(value, str) else str(value)
 
 
+def is_push(data: bytes) -> bool:
+    """What `classify` calls a PUSH, without the rest of it (the WebSocket layer's fast lane)."""
+    return data.startswith(_PUSH_PREFIX)
+
+
 def classify(data: bytes) -> Classified:
     """Classify one inbound text frame.
 

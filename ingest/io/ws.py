@@ -38,6 +38,8 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.frames import Frame, Opcode
+from websockets.protocol import Event
 
 from ingest.config import WsSettings
 from ingest.core.backoff import full_jitter
@@ -65,10 +67,12 @@ from ingest.core.wsproto import (
     Unsubscribed,
     arg_from_key,
     classify,
+    is_push,
     push_arg_key,
 )
 from ingest.credentials import CredentialStore
 from ingest.errors import CredentialError, IngestError
+from ingest.io.inbox import Inbox
 from ingest.io.tls import find_pin_error
 from ingest.okx import codes
 from ingest.okx.channels import Endpoint, SubArg
@@ -182,6 +186,37 @@ _PARK_FIRST_S = 60.0
 _PARK_MAX_S = 1800.0
 
 
+class _TapConnection(ClientConnection):
+    """websockets' client connection with a fast lane for complete data frames.
+
+    From `data_received`, each complete data frame is offered to `tap` first, synchronously; when `tap`
+    takes it, websockets' message queue (Assembler), `recv()` and a wake-up of the reader task per frame
+    are skipped, which is most of a frame's cost in this layer. Whatever `tap` declines (events, pongs,
+    a full pipeline queue, a hand-over in progress) and fragmented messages take the usual path, read by
+    `recv()`. A frame may take the fast lane only while no earlier message is on the usual one
+    (`slow_pending`), so frames are handed over in arrival order either way.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tap: Callable[[bytes], bool] | None = None
+        #: Messages given to the Assembler and not yet fully handled by the reader.
+        self.slow_pending = 0
+
+    def process_event(self, event: Event) -> None:
+        tap = self.tap
+        if tap is not None and type(event) is Frame:
+            opcode = event.opcode
+            if opcode is Opcode.TEXT or opcode is Opcode.BINARY or opcode is Opcode.CONT:
+                if event.fin and opcode is not Opcode.CONT and not self.slow_pending and tap(bytes(event.data)):
+                    return
+                if event.fin:
+                    self.slow_pending += 1
+                self.recv_messages.put(event)
+                return
+        super().process_event(event)
+
+
 class _LinkFailure(Exception):
     """Ends one physical connection; `fatal` stops the logical connection too."""
 
@@ -200,7 +235,7 @@ class _Link:
         self.replacement = replacement
         self.proto = LinkProtocol(settings.subscribe_max_bytes)
         self.budget = SlidingWindow(settings.requests_per_hour, _HOUR_S)
-        self.ws: ClientConnection | None = None
+        self.ws: _TapConnection | None = None
         self.state = ConnState.IDLE
         self.recv_seq = 0
         #: Args this link announced SUBSCRIBED for and has not yet balanced with DISCONNECTED/CUTOVER.
@@ -227,10 +262,26 @@ class _Link:
         self.noticed = False
         #: Loop time of the last inbound frame (pong included): the keepalive watchdog's only input.
         self.last_rx = 0.0
+        #: Reading is paused because the inbox is over its limit: silence is ours, not the connection's.
+        self.paused = False
+        #: Shutting down: read to the end, never pause.
+        self.draining = False
 
     @property
     def role(self) -> str:
         return "replacement" if self.replacement else "primary"
+
+    def pause_reading(self) -> None:
+        """Stop reading the socket while the inbox is over its limit (see ingest.io.inbox)."""
+        if self.ws is not None and not self.paused:
+            self.paused = True
+            self.ws.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Read the socket again after the inbox paused it (a no-op once it is closing)."""
+        self.paused = False
+        if self.ws is not None and not self.ws.transport.is_closing():
+            self.ws.transport.resume_reading()
 
 
 @dataclass(eq=False)
@@ -319,6 +370,8 @@ class Connection:
         self.settings = settings
         self.counters = ConnectionCounters()
         self._queue = queue
+        #: The inbox when it is one (fast lane pauses sockets instead of waiting); a plain queue otherwise.
+        self._inbox = queue if isinstance(queue, Inbox) else None
         self._limiter = limiter
         self._credentials = credentials
         self._clock = clock or ServerClock(lambda: time.time_ns() // 1_000_000)
@@ -500,7 +553,7 @@ class Connection:
         self._set_link_state(link, ConnState.CONNECTING)
         await self._limiter.acquire()
         try:
-            link.ws = await connect(
+            ws = await connect(
                 self.url,
                 ping_interval=None,  # OKX's keepalive is the text `ping`, sent below
                 open_timeout=self.settings.connect_timeout_s,
@@ -508,7 +561,10 @@ class Connection:
                 max_size=self.settings.max_message_bytes,
                 compression="deflate" if self.settings.compression else None,
                 ssl=self._ssl,
+                create_connection=_TapConnection,
             )
+            assert isinstance(ws, _TapConnection)
+            link.ws = ws
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
             self.counters.connect_failures += 1
             pin = find_pin_error(exc)
@@ -541,11 +597,15 @@ class Connection:
         loop = asyncio.get_running_loop()
         link.last_rx = loop.time()
         watchdog = asyncio.create_task(self._keepalive(link), name=f"{link.conn}-keepalive")
+        ws.tap = lambda data: self._fast_push(link, data, loop)
         try:
             while True:
                 data = await ws.recv(decode=False)
                 link.last_rx = loop.time()
-                await self._on_frame(link, data if isinstance(data, bytes) else data.encode())
+                try:
+                    await self._on_frame(link, data if isinstance(data, bytes) else data.encode())
+                finally:
+                    ws.slow_pending -= 1
         except ConnectionClosed as exc:
             link.close_code = exc.rcvd.code if exc.rcvd is not None else None
             if exc.rcvd is None:
@@ -565,6 +625,9 @@ class Connection:
                 log.error("ws_shutdown_drain_incomplete", extra={"conn": link.conn, "ws_name": self.name})
             raise
         finally:
+            ws.tap = None  # nothing of this link reaches the pipeline after its reader ends
+            if self._inbox is not None:
+                self._inbox.forget(link)
             watchdog.cancel()
             await asyncio.gather(watchdog, return_exceptions=True)
 
@@ -578,6 +641,8 @@ class Connection:
         ping_sent: float | None = None
         while True:
             now = loop.time()
+            if link.paused:
+                link.last_rx = now  # frames are waiting in our socket buffer; a ping's pong could not be read
             if ping_sent is not None and link.last_rx >= ping_sent:
                 ping_sent = None  # something arrived after the ping: the connection is alive
             if ping_sent is not None and now - ping_sent >= pong_timeout:
@@ -598,11 +663,19 @@ class Connection:
         """Close the socket and hand every frame already received to the pipeline."""
         ws = link.ws
         assert ws is not None
+        link.draining = True  # the close handshake and the last frames must be read, whatever the inbox holds
+        if link.paused:
+            if self._inbox is not None:
+                self._inbox.forget(link)
+            link.resume_reading()
         closer = asyncio.create_task(ws.close(1000, "shutdown"))
         try:
             while True:
                 data = await ws.recv(decode=False)
-                await self._on_frame(link, data if isinstance(data, bytes) else data.encode())
+                try:
+                    await self._on_frame(link, data if isinstance(data, bytes) else data.encode())
+                finally:
+                    ws.slow_pending -= 1
         except ConnectionClosed:
             pass
         finally:
@@ -664,6 +737,27 @@ class Connection:
 
     # ------------------------------------------------------------------------------------------ inbound
 
+    def _fast_push(self, link: _Link, data: bytes, loop: asyncio.AbstractEventLoop) -> bool:
+        """The fast lane (`_TapConnection.tap`, called from the socket's data_received): a push is handed
+        to the pipeline at once when nothing needs it to wait; False sends the frame the usual way."""
+        queue = self._queue
+        if not is_push(data) or self._overlap is not None or self._emit_lock.locked() or queue.full():
+            return False
+        recv_ts_ns = time.time_ns()
+        link.last_rx = loop.time()
+        counters = self.counters
+        counters.frames += 1
+        counters.bytes += len(data)
+        link.recv_seq += 1
+        queue.put_nowait(InboundFrame(conn=link.conn, name=self.name, endpoint=self.endpoint, recv_seq=link.recv_seq,
+                                      recv_ts_ns=recv_ts_ns, data=data, okx_conn_id=link.proto.conn_id))
+        inbox = self._inbox
+        if inbox is not None and inbox.over() and not link.draining:
+            # Back-pressure without waiting: stop reading this socket until the pipeline has caught up.
+            link.pause_reading()
+            inbox.pause_until_room(link, link.resume_reading)
+        return True
+
     async def _on_frame(self, link: _Link, data: bytes) -> None:
         recv_ts_ns = time.time_ns()
         self.counters.frames += 1
@@ -710,6 +804,14 @@ class Connection:
             if deferred:
                 _cancel_current_task()
 
+    async def _enqueue(self, item: Inbound) -> None:
+        inbox = self._inbox
+        if inbox is None:
+            await self._queue.put(item)
+            return
+        await inbox.room()  # an Inbox never refuses an item: waiting for room is the back-pressure here
+        inbox.put_nowait(item)
+
     async def _put(self, item: Inbound) -> None:
         """Put one item into the pipeline's queue (back-pressure intended).
 
@@ -717,13 +819,13 @@ class Connection:
         is completed (bounded by `shutdown_timeout_s`) and the cancellation delivered again afterwards.
         """
         try:
-            await self._queue.put(item)
+            await self._enqueue(item)
             return
         except asyncio.CancelledError:
             pass
         try:
             async with asyncio.timeout(self.settings.shutdown_timeout_s):
-                await self._queue.put(item)
+                await self._enqueue(item)
         except TimeoutError:
             self.counters.lost_at_shutdown += 1
             log.error("ws_lost_at_shutdown", extra={"ws_name": self.name, "item": type(item).__name__})

@@ -107,13 +107,21 @@ class SubArg:
     extra_params: str | None = None
     #: Computed once: every frame looks its stream up in several dicts keyed by SubArg.
     _hash: int = field(init=False, repr=False, compare=False)
+    _key: tuple[str | None, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         key = (self.channel, self.inst_id, self.inst_type, self.inst_family, self.ccy, self.extra_params)
+        object.__setattr__(self, "_key", key)
         object.__setattr__(self, "_hash", hash(key))
 
     def __hash__(self) -> int:
         return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        # Those dict lookups compare equal args that are distinct objects: one tuple comparison, not six.
+        if other.__class__ is SubArg:
+            return self._key == other._key
+        return NotImplemented
 
     def __reduce__(self) -> tuple[type[SubArg], tuple[str | None, ...]]:
         # Rebuilt through __init__, so the cached hash is recomputed in the receiving process (str hashes differ).

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import orjson
 import pytest
@@ -20,6 +20,7 @@ from ingest.core.backoff import full_jitter
 from ingest.core.clock import ServerClock
 from ingest.core.events import Inbound, InboundFrame, LinkEvent, LinkEventKind
 from ingest.core.plan import PlannedConnection
+from ingest.io.inbox import Inbox
 from ingest.io.ws import Connection, ConnectLimiter, LoginRejected
 from ingest.okx.channels import Endpoint, SubArg
 from ingest.sim import SimServer
@@ -533,3 +534,60 @@ async def test_shutdown_hands_every_received_frame_to_the_pipeline_before_closin
     last = rec.items[-1]
     assert isinstance(last, LinkEvent) and last.kind is DISCONNECTED and last.reason == "shutdown"
     assert [c.close_code for c in sim.stats.connections.values()] == [1000]
+
+
+# ---------------------------------------------------------------------------------------------- back-pressure
+
+
+class _WatchedInbox(Inbox):
+    """The daemon's inbox, noting its largest size and when it first paused a socket."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.largest = 0
+        self.paused = asyncio.Event()
+
+    def put_nowait(self, item: Inbound) -> None:
+        super().put_nowait(item)
+        self.largest = max(self.largest, self.qsize())
+
+    def pause_until_room(self, key: object, resume: Callable[[], None]) -> None:
+        super().pause_until_room(key, resume)
+        self.paused.set()
+
+
+async def test_a_busy_pipeline_pauses_the_socket_and_every_frame_still_arrives_once_in_order() -> None:
+    total, limit = 20_000, 100
+    async with SimServer(Keys().sim_config()) as sim:
+        inbox = _WatchedInbox(limit)
+        rec = Recorder(inbox)
+        # Keepalive 0.2 s: a paused socket must not pass for a dead one. No deflate, so that one socket read
+        # holds about a thousand frames rather than ten thousand and the bound below says something.
+        conn = _public(sim, inbox, ws=fast_ws(compression=False))
+        async with running(conn.run()):
+            while count(SUBSCRIBED)(rec.items) == 0:  # the ack, then SUBSCRIBED; then the pipeline stalls
+                rec.items.append(await inbox.get())
+            pump = asyncio.create_task(sim.pump_trades(INST, total))
+            await asyncio.wait_for(inbox.paused.wait(), 30)  # the socket is paused, not the inbox overrun
+            async with running(rec.run()):
+                await pump
+                last = _sim_trade_ids(sim)[-1]
+                await rec.wait_for(lambda _: last in _seen_ids(rec), timeout=60)
+    assert _seen_ids(rec) == _sim_trade_ids(sim)  # every trade once, in the order OKX sent them
+    assert [f.recv_seq for f in rec.frames()] == list(range(1, len(rec.frames()) + 1))
+    assert inbox.pauses >= 1
+    # Bounded by the limit plus one socket read, not by what OKX sends while the pipeline is stalled.
+    assert inbox.largest < total // 4
+
+
+async def test_frames_keep_their_order_when_a_full_plain_queue_sends_some_the_slow_way() -> None:
+    async with SimServer(Keys().sim_config()) as sim:
+        queue: asyncio.Queue[Inbound] = asyncio.Queue(8)  # full most of the time: the fast lane declines
+        rec = Recorder(queue)
+        conn = _public(sim, queue)
+        async with running(rec.run(), conn.run()):
+            await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 1)
+            await sim.pump_trades(INST, 3_000)
+            last = _sim_trade_ids(sim)[-1]
+            await rec.wait_for(lambda _: last in _seen_ids(rec), timeout=30)
+    assert _seen_ids(rec) == _sim_trade_ids(sim)
