@@ -811,10 +811,10 @@ class DeadLetter(Record, frozen=True, kw_only=True):
         return self.source
 
 
-class RawFrame(msgspec.Struct, frozen=True, kw_only=True, rename=avro_field_name, gc=False):
-    """Avro record `RawFrame` (nested in RawFrames): one WebSocket text frame exactly as received."""
+class RawFrameEntry(msgspec.Struct, frozen=True, kw_only=True, rename=avro_field_name, gc=False):
+    """Avro record `RawFrameEntry` (nested in RawFrames): one WebSocket text frame exactly as received."""
 
-    AVRO_NAME: ClassVar[str] = "okx.ingest.v1.RawFrame"
+    AVRO_NAME: ClassVar[str] = "okx.ingest.v1.RawFrameEntry"
 
     recv_seq: int
     recv_ts_ns: int
@@ -836,7 +836,7 @@ class RawFrames(Record, frozen=True, kw_only=True):
     name: str
     endpoint: str
     okx_conn_id: str | None = None
-    frames: tuple[RawFrame, ...]
+    frames: tuple[RawFrameEntry, ...]
 
     def kafka_key(self) -> bytes:
         return self.conn_id.encode()
@@ -851,13 +851,43 @@ class RawFrames(Record, frozen=True, kw_only=True):
         return Source.WS.value
 
 
+class RawFrame(Record, frozen=True, kw_only=True):
+    """Legacy okx.raw record (one frame per record), written by builds before RawFrames; decode only."""
+
+    AVRO_NAME: ClassVar[str] = "okx.ingest.v1.RawFrame"
+    TOPIC: ClassVar[TopicKind] = TopicKind.RAW
+
+    exchange: str = "okx"
+    conn_id: str
+    name: str
+    endpoint: str
+    recv_seq: int
+    recv_ts_ns: int
+    okx_conn_id: str | None = None
+    payload: bytes
+
+    def kafka_key(self) -> bytes:
+        return self.conn_id.encode()
+
+    def kafka_ts_ms(self) -> int:
+        return self.recv_ts_ns // 1_000_000
+
+    def emission_id(self) -> str:
+        return f"{self.conn_id}:{self.recv_seq}"
+
+    def source_header(self) -> str:
+        return Source.WS.value
+
+
 #: Every top-level record type, in schema-file order of docs/RECORDS.md.
 RECORD_TYPES: tuple[type[Record], ...] = (
     Trade, BookUpdate, Ticker, Candle, MarkPrice, IndexTicker, FundingRate, OpenInterest, Liquidation, PriceLimit,
     Instrument, Order, Fill, Position, Balance, AlgoOrder, GapEvent, DeadLetter, RawFrames,
 )
+#: Record types no longer produced whose schemas stay in schemas/, so data written by older builds decodes.
+LEGACY_RECORD_TYPES: tuple[type[Record], ...] = (RawFrame,)
 #: Avro full name -> Struct type, for every record and nested record.
 STRUCT_BY_AVRO_NAME: dict[str, type[msgspec.Struct]] = {
-    **{cls.AVRO_NAME: cls for cls in RECORD_TYPES}, StreamPosition.AVRO_NAME: StreamPosition,
-    RawFrame.AVRO_NAME: RawFrame,
+    **{cls.AVRO_NAME: cls for cls in RECORD_TYPES + LEGACY_RECORD_TYPES}, StreamPosition.AVRO_NAME: StreamPosition,
+    RawFrameEntry.AVRO_NAME: RawFrameEntry,
 }

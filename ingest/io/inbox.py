@@ -11,9 +11,12 @@ back-pressure.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Hashable
 
 from ingest.core.events import Inbound
+
+log = logging.getLogger(__name__)
 
 
 class Inbox(asyncio.Queue[Inbound]):
@@ -52,11 +55,19 @@ class Inbox(asyncio.Queue[Inbound]):
             self._room.clear()
             await self._room.wait()
 
+    async def put(self, item: Inbound) -> None:
+        """For producers that can wait (events, REST answers): wait for room, then put."""
+        await self.room()
+        self.put_nowait(item)
+
     def get_nowait(self) -> Inbound:
         item = super().get_nowait()  # Queue.get() ends here too
         if self.qsize() <= self._low and not self._room.is_set():
             self._room.set()
             paused, self._paused = self._paused, {}
             for resume in paused.values():
-                resume()
+                try:
+                    resume()
+                except Exception:  # one producer's failure must not cost the item or the others' resume
+                    log.exception("inbox_resume_failed")
         return item

@@ -6,9 +6,11 @@ What a frame means and which error code calls for what comes from the sans-I/O c
 connection (`_Link`, id `conn`) at a time, two during a 64008 make-before-break.
 
 Guarantees to the pipeline (`ingest.core.events`), per physical connection `conn`:
-- every text frame except `pong` is put into the queue (`recv_seq` from 1), awaiting `put` (back-pressure),
-  in arrival order; during a 64008 overlap the replacement's pushes are held until they are known not to
-  repeat the old connection's, so its order is kept per stream (arg), not across streams;
+- every text frame except `pong` is put into the queue (`recv_seq` from 1), in arrival order; pushes go
+  straight from the socket's `data_received` (`_TapConnection`), everything else through `recv()`, and a
+  full `Inbox` pauses the socket rather than making anyone wait (back-pressure); during a 64008 overlap
+  the replacement's pushes are held until they are known not to repeat the old connection's, so its order
+  is kept per stream (arg), not across streams;
 - `SUBSCRIBED(conn, arg)` directly after the ack frame, so before any push of that arg on `conn`;
 - every SUBSCRIBED is balanced by exactly one later DISCONNECTED(conn, ...), CUTOVER(conn, ...) or
   SUBSCRIBE_FAILED(conn, ...) naming that arg, after the last frame of `conn` that could carry it;
@@ -146,6 +148,8 @@ class ConnectionCounters:
     connect_failures: int = 0
     disconnects: int = 0
     frames: int = 0
+    #: Frames handed over by the fast lane (the rest went through websockets' recv()).
+    fast_lane: int = 0
     bytes: int = 0
     pings: int = 0
     pongs: int = 0
@@ -192,9 +196,12 @@ class _TapConnection(ClientConnection):
     From `data_received`, each complete data frame is offered to `tap` first, synchronously; when `tap`
     takes it, websockets' message queue (Assembler), `recv()` and a wake-up of the reader task per frame
     are skipped, which is most of a frame's cost in this layer. Whatever `tap` declines (events, pongs,
-    a full pipeline queue, a hand-over in progress) and fragmented messages take the usual path, read by
-    `recv()`. A frame may take the fast lane only while no earlier message is on the usual one
+    a hand-over in progress), frames before `tap` is set and fragmented messages take the usual path, read
+    by `recv()`. A frame may take the fast lane only while no earlier message is on the usual one
     (`slow_pending`), so frames are handed over in arrival order either way.
+
+    Reading is paused for two owners, websockets' Assembler (its queue is full) and the inbox (over its
+    limit): `holds` names who holds it, and the socket reads again only when neither does.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -202,16 +209,41 @@ class _TapConnection(ClientConnection):
         self.tap: Callable[[bytes], bool] | None = None
         #: Messages given to the Assembler and not yet fully handled by the reader.
         self.slow_pending = 0
+        self.holds: set[str] = set()
+        #: The Assembler's flow control could be routed through `hold` (websockets 14-17 internals).
+        self.fast_lane = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assembler = self.recv_messages
+        if hasattr(assembler, "pause") and hasattr(assembler, "resume"):
+            assembler.pause = lambda: self.hold("assembler")
+            assembler.resume = lambda: self.release("assembler")
+            self.fast_lane = True
+
+    def hold(self, owner: str) -> None:
+        """Stop reading the socket on behalf of `owner`."""
+        if not self.holds:
+            self.transport.pause_reading()
+        self.holds.add(owner)
+
+    def release(self, owner: str) -> None:
+        """`owner` no longer needs the socket paused; it reads again once nobody does."""
+        if owner in self.holds:
+            self.holds.discard(owner)
+            if not self.holds and not self.transport.is_closing():
+                self.transport.resume_reading()
 
     def process_event(self, event: Event) -> None:
-        tap = self.tap
-        if tap is not None and type(event) is Frame:
+        if type(event) is Frame:
             opcode = event.opcode
             if opcode is Opcode.TEXT or opcode is Opcode.BINARY or opcode is Opcode.CONT:
-                if event.fin and opcode is not Opcode.CONT and not self.slow_pending and tap(bytes(event.data)):
+                tap = self.tap
+                if (tap is not None and event.fin and opcode is not Opcode.CONT and not self.slow_pending
+                        and tap(bytes(event.data))):
                     return
                 if event.fin:
-                    self.slow_pending += 1
+                    self.slow_pending += 1  # whether or not `tap` is set yet: the reader counts every message
                 self.recv_messages.put(event)
                 return
         super().process_event(event)
@@ -262,9 +294,7 @@ class _Link:
         self.noticed = False
         #: Loop time of the last inbound frame (pong included): the keepalive watchdog's only input.
         self.last_rx = 0.0
-        #: Reading is paused because the inbox is over its limit: silence is ours, not the connection's.
-        self.paused = False
-        #: Shutting down: read to the end, never pause.
+        #: Closing or shutting down: read to the end, never pause for the inbox.
         self.draining = False
 
     @property
@@ -273,15 +303,18 @@ class _Link:
 
     def pause_reading(self) -> None:
         """Stop reading the socket while the inbox is over its limit (see ingest.io.inbox)."""
-        if self.ws is not None and not self.paused:
-            self.paused = True
-            self.ws.transport.pause_reading()
+        if self.ws is not None:
+            self.ws.hold("inbox")
 
     def resume_reading(self) -> None:
         """Read the socket again after the inbox paused it (a no-op once it is closing)."""
-        self.paused = False
-        if self.ws is not None and not self.ws.transport.is_closing():
-            self.ws.transport.resume_reading()
+        if self.ws is not None:
+            self.ws.release("inbox")
+
+    @property
+    def backlogged(self) -> bool:
+        """Frames wait on our side (socket paused, or a message not yet handed over): silence is ours."""
+        return self.ws is not None and (bool(self.ws.holds) or self.ws.slow_pending > 0)
 
 
 @dataclass(eq=False)
@@ -597,7 +630,8 @@ class Connection:
         loop = asyncio.get_running_loop()
         link.last_rx = loop.time()
         watchdog = asyncio.create_task(self._keepalive(link), name=f"{link.conn}-keepalive")
-        ws.tap = lambda data: self._fast_push(link, data, loop)
+        if ws.fast_lane:
+            ws.tap = lambda data: self._fast_push(link, data, loop)
         try:
             while True:
                 data = await ws.recv(decode=False)
@@ -641,8 +675,8 @@ class Connection:
         ping_sent: float | None = None
         while True:
             now = loop.time()
-            if link.paused:
-                link.last_rx = now  # frames are waiting in our socket buffer; a ping's pong could not be read
+            if link.backlogged:
+                link.last_rx = now  # frames wait on our side; a pong behind them could not be seen yet
             if ping_sent is not None and link.last_rx >= ping_sent:
                 ping_sent = None  # something arrived after the ping: the connection is alive
             if ping_sent is not None and now - ping_sent >= pong_timeout:
@@ -663,11 +697,7 @@ class Connection:
         """Close the socket and hand every frame already received to the pipeline."""
         ws = link.ws
         assert ws is not None
-        link.draining = True  # the close handshake and the last frames must be read, whatever the inbox holds
-        if link.paused:
-            if self._inbox is not None:
-                self._inbox.forget(link)
-            link.resume_reading()
+        self._read_to_the_end(link)  # the close handshake and the last frames must be read
         closer = asyncio.create_task(ws.close(1000, "shutdown"))
         try:
             while True:
@@ -681,10 +711,18 @@ class Connection:
         finally:
             await asyncio.gather(closer, return_exceptions=True)
 
+    def _read_to_the_end(self, link: _Link) -> None:
+        """A closing link reads whatever the inbox holds: its close handshake must get through."""
+        link.draining = True
+        if self._inbox is not None:
+            self._inbox.forget(link)
+        link.resume_reading()
+
     def _request_close(self, link: _Link, reason: str, code: int = 1000) -> None:
         """Start a graceful close without waiting for it (safe from the reader itself)."""
         if not link.end_reason:
             link.end_reason = reason
+        self._read_to_the_end(link)
         if link.closer is None and link.ws is not None:
             link.closer = asyncio.create_task(link.ws.close(code, reason[:120]), name=f"{link.conn}-close")
 
@@ -747,6 +785,7 @@ class Connection:
         link.last_rx = loop.time()
         counters = self.counters
         counters.frames += 1
+        counters.fast_lane += 1
         counters.bytes += len(data)
         link.recv_seq += 1
         queue.put_nowait(InboundFrame(conn=link.conn, name=self.name, endpoint=self.endpoint, recv_seq=link.recv_seq,
@@ -804,14 +843,6 @@ class Connection:
             if deferred:
                 _cancel_current_task()
 
-    async def _enqueue(self, item: Inbound) -> None:
-        inbox = self._inbox
-        if inbox is None:
-            await self._queue.put(item)
-            return
-        await inbox.room()  # an Inbox never refuses an item: waiting for room is the back-pressure here
-        inbox.put_nowait(item)
-
     async def _put(self, item: Inbound) -> None:
         """Put one item into the pipeline's queue (back-pressure intended).
 
@@ -819,13 +850,13 @@ class Connection:
         is completed (bounded by `shutdown_timeout_s`) and the cancellation delivered again afterwards.
         """
         try:
-            await self._enqueue(item)
+            await self._queue.put(item)
             return
         except asyncio.CancelledError:
             pass
         try:
             async with asyncio.timeout(self.settings.shutdown_timeout_s):
-                await self._enqueue(item)
+                await self._queue.put(item)
         except TimeoutError:
             self.counters.lost_at_shutdown += 1
             log.error("ws_lost_at_shutdown", extra={"ws_name": self.name, "item": type(item).__name__})

@@ -220,8 +220,8 @@ class Pipeline:
         self._fills: BoundedSeen[tuple[str, str]] = BoundedSeen(500_000, 7 * 24 * 3600 * 1000)
         self._out: list[Record] = []
         self._max_record_bytes = max_record_bytes
-        #: Payload per okx.raw record: half the record limit leaves ample room for the per-frame fields.
-        self._raw_payload_bytes = max_record_bytes // 2
+        #: Frames per okx.raw record, in bytes: half the record limit leaves room for the record's own fields.
+        self._raw_bytes = max_record_bytes // 2
         #: Set while no put_many is in progress (see between_batches).
         self._putting = asyncio.Event()
         self._putting.set()
@@ -280,7 +280,7 @@ class Pipeline:
         out = self._out
         if self._publish_raw:
             # Before anything else looks at them: whatever happens to a frame later, its bytes are on okx.raw.
-            out.extend(raw_frames([i for i in items if isinstance(i, InboundFrame)], self._raw_payload_bytes))
+            out.extend(raw_frames([i for i in items if isinstance(i, InboundFrame)], self._raw_bytes))
         for item in items:
             try:
                 if isinstance(item, InboundFrame):
@@ -319,6 +319,7 @@ class Pipeline:
         letter saying what was cut keeps everything else flowing (a raw frame's records are still published).
         """
         keep = self._max_record_bytes // 2
+        # A RawFrames record is too big only when it holds one frame: raw_frames caps batches at half the limit.
         first = rec.frames[0] if isinstance(rec, RawFrames) else None
         payload = first.payload if first is not None else self._encoder.value(rec)
         self.stats.oversize_records += 1

@@ -94,6 +94,9 @@ async def test_every_trade_once_in_order_with_exact_strings_and_intact_book_chai
     for t in (t for ts in trades.values() for t in ts):  # each trade's frame, verbatim, on okx.raw
         assert t.conn_id is not None and t.recv_seq is not None
         assert f'"tradeId":"{t.trade_id}"'.encode() in frames[(t.conn_id, t.recv_seq)]
+    for b in books:  # and each book update's, up to the last frame any connection delivered
+        assert b.conn_id is not None and b.recv_seq is not None
+        assert f'"seqId":{b.seq_id}'.encode() in frames[(b.conn_id, b.recv_seq)]
     assert all(b"login" not in p for p in frames.values())  # login frames are outbound and never recorded
 
 

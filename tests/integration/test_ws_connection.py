@@ -569,6 +569,9 @@ async def test_a_busy_pipeline_pauses_the_socket_and_every_frame_still_arrives_o
                 rec.items.append(await inbox.get())
             pump = asyncio.create_task(sim.pump_trades(INST, total))
             await asyncio.wait_for(inbox.paused.wait(), 30)  # the socket is paused, not the inbox overrun
+            # The stall outlasts keepalive_s + pong_timeout_s (0.5 s): what is under test is that time passing
+            # while we hold the socket does not make the watchdog take the connection for dead.
+            await asyncio.sleep(1.0)
             async with running(rec.run()):
                 await pump
                 last = _sim_trade_ids(sim)[-1]
@@ -578,6 +581,7 @@ async def test_a_busy_pipeline_pauses_the_socket_and_every_frame_still_arrives_o
     assert inbox.pauses >= 1
     # Bounded by the limit plus one socket read, not by what OKX sends while the pipeline is stalled.
     assert inbox.largest < total // 4
+    assert sim.stats.ws_connects == 1 and conn.counters.pong_timeouts == 0  # the stall cost no reconnect
 
 
 async def test_frames_keep_their_order_when_a_full_plain_queue_sends_some_the_slow_way() -> None:
@@ -591,3 +595,5 @@ async def test_frames_keep_their_order_when_a_full_plain_queue_sends_some_the_sl
             last = _sim_trade_ids(sim)[-1]
             await rec.wait_for(lambda _: last in _seen_ids(rec), timeout=30)
     assert _seen_ids(rec) == _sim_trade_ids(sim)
+    pushes = sum(1 for f in rec.frames() if is_push(f))
+    assert 0 < conn.counters.fast_lane < pushes  # both lanes carried pushes, and their order still holds

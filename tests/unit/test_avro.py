@@ -27,6 +27,7 @@ from ingest.core.avro import (
     read_framing,
 )
 from ingest.core.records import (
+    LEGACY_RECORD_TYPES,
     RECORD_TYPES,
     BookAction,
     BookUpdate,
@@ -35,7 +36,7 @@ from ingest.core.records import (
     GapEvent,
     GapKind,
     GapStatus,
-    RawFrame,
+    RawFrameEntry,
     RawFrames,
     Record,
     Source,
@@ -125,7 +126,7 @@ def test_fingerprints_match_fastavro_for_every_schema_and_are_distinct() -> None
                                                "CRC-64-AVRO")
         assert schema.fingerprint == bytes.fromhex(expected)
         seen.add(schema.fingerprint)
-    assert len(seen) == len(RECORD_TYPES)
+    assert len(seen) == len(RECORD_TYPES) + len(LEGACY_RECORD_TYPES)
 
 
 def consumer_decode(value: bytes) -> dict[str, Any]:
@@ -240,7 +241,7 @@ def test_bytes_fields_survive_the_round_trip() -> None:
 
 @pytest.mark.parametrize("sizes", [[0], [1, 4095], [4096], [70_000, 3], [200] * 256])
 def test_raw_frames_of_any_payload_size_are_encoded_exactly(sizes: list[int]) -> None:
-    frames = tuple(RawFrame(recv_seq=i + 1, recv_ts_ns=1786540436001234567 + i, payload=bytes([i % 256]) * n)
+    frames = tuple(RawFrameEntry(recv_seq=i + 1, recv_ts_ns=1786540436001234567 + i, payload=bytes([i % 256]) * n)
                    for i, n in enumerate(sizes))
     record = RawFrames(conn_id="public-0#1", name="public-0", endpoint="/ws/v5/public", okx_conn_id="é1",
                        frames=frames)

@@ -64,3 +64,31 @@ async def test_room_waits_until_the_consumer_has_caught_up() -> None:
 def test_a_limit_below_two_is_refused() -> None:
     with pytest.raises(ValueError, match="at least 2"):
         Inbox(limit=1)
+
+
+async def test_put_waits_for_room_like_a_bounded_queue() -> None:
+    inbox = Inbox(limit=2)
+    await inbox.put(item(1))
+    await inbox.put(item(2))
+    putter = asyncio.create_task(inbox.put(item(3)))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not putter.done() and inbox.qsize() == 2
+    inbox.get_nowait()
+    await asyncio.wait_for(putter, 5)
+    assert [conn_of(inbox.get_nowait()) for _ in range(2)] == ["c2", "c3"]
+
+
+async def test_a_failing_resume_costs_neither_the_item_nor_the_other_resumes() -> None:
+    inbox = Inbox(limit=2)
+    resumed: list[str] = []
+    inbox.put_nowait(item(1))
+    inbox.put_nowait(item(2))
+
+    def broken() -> None:
+        raise RuntimeError("transport gone")
+
+    inbox.pause_until_room("broken", broken)
+    inbox.pause_until_room("fine", lambda: resumed.append("fine"))
+    assert conn_of(inbox.get_nowait()) == "c1"
+    assert resumed == ["fine"]

@@ -17,8 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingest.core.avro import default_schemas, schema_directory
+from ingest.core.avro import RecordEncoder, decode, default_schemas, schema_directory
 from ingest.core.records import (
+    LEGACY_RECORD_TYPES,
     NAMESPACE,
     RECORD_TYPES,
     STRUCT_BY_AVRO_NAME,
@@ -35,6 +36,7 @@ from ingest.core.records import (
     Order,
     Position,
     RawFrame,
+    RawFrameEntry,
     RawFrames,
     Record,
     Source,
@@ -101,15 +103,15 @@ def records_of(cls: type[Record]) -> st.SearchStrategy[Record]:
     return avro_values(schema, {}, NAMESPACE).map(lambda fields: msgspec.convert(fields, cls))
 
 
-any_record = st.sampled_from(RECORD_TYPES).flatmap(records_of)
+any_record = st.sampled_from(RECORD_TYPES + LEGACY_RECORD_TYPES).flatmap(records_of)
 
 # ------------------------------------------------------------------------------------------------ contract
 
 
 def test_there_is_one_schema_file_per_record_type_and_no_other() -> None:
     names = {full_name(load(p)) for p in SCHEMA_FILES}
-    assert names == {cls.AVRO_NAME for cls in RECORD_TYPES}
-    assert len(SCHEMA_FILES) == len(RECORD_TYPES)
+    assert names == {cls.AVRO_NAME for cls in RECORD_TYPES + LEGACY_RECORD_TYPES}
+    assert len(SCHEMA_FILES) == len(RECORD_TYPES) + len(LEGACY_RECORD_TYPES)
 
 
 def test_every_schema_is_in_the_okx_ingest_v1_namespace_and_parses_alone() -> None:
@@ -147,7 +149,7 @@ def test_every_record_enum_and_field_has_a_doc() -> None:
 def test_decimal_rationale_is_in_the_docs_of_every_okx_record() -> None:
     for path in SCHEMA_FILES:
         schema = load(path)
-        if schema["name"] not in ("GapEvent", "DeadLetter", "RawFrames"):
+        if schema["name"] not in ("GapEvent", "DeadLetter", "RawFrames", "RawFrame"):
             assert "exact strings OKX sent" in schema["doc"] and "decimal.Decimal" in schema["doc"], path.name
 
 
@@ -157,7 +159,7 @@ COMMON = ["exchange", "channel", "instId", "instType", "ts", "recvTsNs", "source
 def test_every_market_and_private_record_starts_with_the_common_fields_and_ends_with_extra() -> None:
     for path in SCHEMA_FILES:
         schema = load(path)
-        if schema["name"] in ("GapEvent", "DeadLetter", "RawFrames"):
+        if schema["name"] in ("GapEvent", "DeadLetter", "RawFrames", "RawFrame"):
             continue
         names = [f["name"] for f in schema["fields"]]
         assert names[: len(COMMON)] == COMMON, path.name
@@ -222,7 +224,7 @@ def assert_mirrors(cls: type[msgspec.Struct], schema: Mapping[str, Any], named: 
 
 
 def test_every_struct_mirrors_its_schema_field_for_field_in_order_with_types_nullability_and_defaults() -> None:
-    for cls in RECORD_TYPES:
+    for cls in RECORD_TYPES + LEGACY_RECORD_TYPES:
         schema = default_schemas()[cls.AVRO_NAME].source
         named: dict[str, Any] = {}
         assert_mirrors(cls, schema, named)
@@ -269,6 +271,13 @@ def test_every_topic_kind_has_exactly_one_record_type() -> None:
     assert sorted(cls.TOPIC for cls in RECORD_TYPES) == sorted(TopicKind)
 
 
+def test_okx_raw_written_by_older_builds_still_decodes() -> None:
+    old = RawFrame(conn_id="public-0#2", name="public-0", endpoint="/ws/v5/public", recv_seq=4,
+                   recv_ts_ns=3_000_000, payload=b"{}")
+    assert decode(RecordEncoder().value(old)) == old
+    assert RawFrame.TOPIC is RawFrames.TOPIC and RawFrame not in RECORD_TYPES  # read, never produced
+
+
 COMMON_VALUES: dict[str, Any] = {"channel": "x", "ts": 1, "recv_ts_ns": 2, "source": Source.WS, "record_id": "c:1:0"}
 
 
@@ -294,7 +303,7 @@ def test_kafka_keys_keep_what_must_stay_ordered_in_one_partition() -> None:
                       conn_id="public-0#2", recv_ts_ns=3_000_000, record_id="public-0#2:1:dlq")
     assert dead.kafka_key() == b"public-0#2"
     raw = RawFrames(conn_id="public-0#2", name="public-0", endpoint="/ws/v5/public",
-                    frames=(RawFrame(recv_seq=4, recv_ts_ns=3_000_000, payload=b"{}"),))
+                    frames=(RawFrameEntry(recv_seq=4, recv_ts_ns=3_000_000, payload=b"{}"),))
     assert raw.kafka_key() == b"public-0#2"
 
 
@@ -304,8 +313,8 @@ def test_record_id_header_values_identify_one_emission() -> None:
     assert gap.emission_id() == "gap:g1:2"
     assert gap.kafka_ts_ms() == 9
     raw = RawFrames(conn_id="c", name="n", endpoint="/ws/v5/public",
-                    frames=(RawFrame(recv_seq=4, recv_ts_ns=3_000_000, payload=b""),
-                            RawFrame(recv_seq=5, recv_ts_ns=4_000_000, payload=b"{}")))
+                    frames=(RawFrameEntry(recv_seq=4, recv_ts_ns=3_000_000, payload=b""),
+                            RawFrameEntry(recv_seq=5, recv_ts_ns=4_000_000, payload=b"{}")))
     assert raw.emission_id() == "c:4-5" and raw.kafka_ts_ms() == 4
     trade = Trade(**COMMON_VALUES, inst_id="BTC-USDT", trade_id="1", px="1", sz="1", side="buy")
     assert trade.emission_id() == "c:1:0" and trade.kafka_ts_ms() == 1 and trade.source_header() == "ws"
