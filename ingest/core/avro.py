@@ -420,7 +420,7 @@ class _TextGen(_CodeGen):
             self.emit(depth + 1, f"{piece} = N0")
             return f"{{{piece}}}"
         if kind == "array":
-            # Records (okx.raw's frames): one generated text function per item, joined like strings above.
+            # Records of longs and bytes (okx.raw's frames): one f-string per item, joined like strings above.
             items = schema["items"]
             full = self.full_name(str(items["name"]), str(items.get("namespace", namespace))) \
                 if isinstance(items, dict) and items.get("type") == "record" else \
@@ -429,27 +429,35 @@ class _TextGen(_CodeGen):
             if item_schema is None or item_schema.get("type") != "record":
                 raise _Unsupported(schema)
             self.named[full] = item_schema
-            item = self.const(self.item_function(item_schema, full))
-            self.emit(depth, f'{piece} = zs(len({v})) + "".join([{item}(x) for x in {v}]) + N0 if {v} else N0')
+            inline = _inline_item(item_schema, full)
+            if inline is None:
+                raise _Unsupported(schema)
+            self.emit(depth, f'{piece} = zs(len({v})) + "".join([f"{inline}" for x in {v}]) + N0 if {v} else N0')
             return f"{{{piece}}}"
         raise _Unsupported(schema)
-
-    def item_function(self, schema: _Json, full: str) -> Callable[[object], str]:
-        """A function giving one nested record's text; raises IndexError/ValueError like the outer encoder."""
-        sub = _TextGen(self.schema)
-        sub.named = self.named
-        fragment = sub.text_record(schema, "r", 1, full)
-        params = ", ".join(f"{k}={k}" for k in sub.consts)
-        source = f"def item(r, {params}):\n" + "\n".join(sub.lines) + f'\n    return f"{fragment}"\n'
-        namespace: dict[str, object] = dict(sub.consts)
-        exec(compile(source, f"<avro fast encoder {full}>", "exec"), namespace)
-        return cast(Callable[[object], str], namespace["item"])
 
     def text_named(self, schema: _Json, v: str, depth: int, full: str) -> str:
         if schema["type"] == "enum":
             table = self.const({s: _zigzag_varint(i).decode("latin-1") for i, s in enumerate(schema["symbols"])})
             return f"{{{table}[{v}]}}"
         return self.text_record(schema, v, depth, full)
+
+
+def _inline_item(schema: _Json, full: str) -> str | None:
+    """The f-string text of a nested record `x` whose fields are all longs or bytes (okx.raw's frames),
+    or None when a field needs a statement (a check, a conversion) and the item function is used instead."""
+    cls = STRUCT_BY_AVRO_NAME[full]
+    attrs = {f.encode_name: f.name for f in msgspec.structs.fields(cls)}
+    parts = []
+    for fdef in schema["fields"]:
+        value = f"x.{attrs[fdef['name']]}"
+        if fdef["type"] == "long":
+            parts.append(f"{{zs({value})}}")
+        elif fdef["type"] == "bytes":
+            parts.append(f"{{C[len({value})]}}{{{value}.decode('latin-1')}}")
+        else:
+            return None
+    return "".join(parts)
 
 
 def compile_encoder(schema: AvroSchema, *, fast: bool = True) -> Encoder:
