@@ -597,3 +597,28 @@ async def test_frames_keep_their_order_when_a_full_plain_queue_sends_some_the_sl
     assert _seen_ids(rec) == _sim_trade_ids(sim)
     pushes = sum(1 for f in rec.frames() if is_push(f))
     assert 0 < conn.counters.fast_lane < pushes  # both lanes carried pushes, and their order still holds
+
+
+async def test_shutdown_while_the_inbox_holds_the_socket_still_hands_over_every_received_frame() -> None:
+    async with SimServer(Keys().sim_config()) as sim:
+        inbox = _WatchedInbox(16)
+        rec = Recorder(inbox)
+        conn = _public(sim, inbox, ws=fast_ws(compression=False))
+        task = asyncio.create_task(conn.run())
+        while count(SUBSCRIBED)(rec.items) == 0:  # then the pipeline stalls
+            rec.items.append(await inbox.get())
+        await sim.pump_trades(INST, 3_000)  # returns once every frame was written to our socket
+        await asyncio.wait_for(inbox.paused.wait(), 30)
+        task.cancel()  # shutdown while the socket is paused: it must read to the end anyway
+        # The pipeline stays stalled for longer than close_timeout_s (1 s): what is under test is that the
+        # socket is read to the end anyway; a paused one would never see OKX's close frame, be aborted when
+        # close_timeout_s ran out, and lose the frames still in its buffer.
+        await asyncio.sleep(1.5)
+        async with running(rec.run()):
+            await asyncio.gather(task, return_exceptions=True)
+            await rec.wait_for(lambda i: bool(rec.events(DISCONNECTED)))
+    assert task.cancelled()
+    assert _seen_ids(rec) == _sim_trade_ids(sim)
+    last = rec.items[-1]
+    assert isinstance(last, LinkEvent) and last.kind is DISCONNECTED and last.reason == "shutdown"
+    assert [c.close_code for c in sim.stats.connections.values()] == [1000] and conn.counters.lost_at_shutdown == 0
