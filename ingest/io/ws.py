@@ -210,7 +210,7 @@ class _TapConnection(ClientConnection):
         #: Messages given to the Assembler and not yet fully handled by the reader.
         self.slow_pending = 0
         self.holds: set[str] = set()
-        #: The Assembler's flow control could be routed through `hold` (websockets 14-17 internals).
+        #: The Assembler's flow control could be routed through `hold` (websockets 15-17 internals).
         self.fast_lane = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
