@@ -91,7 +91,7 @@ def classify(data: bytes) -> Classified:
     """
     if data == PONG:
         return _PONG
-    if data.startswith(_PUSH_PREFIX):
+    if is_push(data):
         return _PUSH
     try:
         obj = orjson.loads(data)

@@ -636,10 +636,7 @@ class Connection:
             while True:
                 data = await ws.recv(decode=False)
                 link.last_rx = loop.time()
-                try:
-                    await self._on_frame(link, data if isinstance(data, bytes) else data.encode())
-                finally:
-                    ws.slow_pending -= 1
+                await self._on_slow_message(link, ws, data)
         except ConnectionClosed as exc:
             link.close_code = exc.rcvd.code if exc.rcvd is not None else None
             if exc.rcvd is None:
@@ -701,11 +698,7 @@ class Connection:
         closer = asyncio.create_task(ws.close(1000, "shutdown"))
         try:
             while True:
-                data = await ws.recv(decode=False)
-                try:
-                    await self._on_frame(link, data if isinstance(data, bytes) else data.encode())
-                finally:
-                    ws.slow_pending -= 1
+                await self._on_slow_message(link, ws, await ws.recv(decode=False))
         except ConnectionClosed:
             pass
         finally:
@@ -796,6 +789,14 @@ class Connection:
             link.pause_reading()
             inbox.pause_until_room(link, link.resume_reading)
         return True
+
+    async def _on_slow_message(self, link: _Link, ws: _TapConnection, data: str | bytes) -> None:
+        """A message read with recv() (the usual path): handled, then no longer pending, so the fast lane
+        may take the frames behind it (the only place `slow_pending` goes down)."""
+        try:
+            await self._on_frame(link, data if isinstance(data, bytes) else data.encode())
+        finally:
+            ws.slow_pending -= 1
 
     async def _on_frame(self, link: _Link, data: bytes) -> None:
         recv_ts_ns = time.time_ns()
