@@ -224,6 +224,16 @@ class KafkaSettings(_Section):
                              "store); use PLAINTEXT or SSL (mutual TLS via the broker's listener)")
         return v
 
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _bootstrap_named(cls, v: str) -> str:
+        # The production config (config/production.toml, the image's) leaves it empty on purpose: it must be named.
+        if not v.strip():
+            raise ValueError("no Kafka brokers named: set host:port[,host:port...] (e.g. "
+                             "OKX_INGEST__KAFKA__BOOTSTRAP_SERVERS=kafka-0:9092), or 'embedded' for a memory-only "
+                             "broker that loses everything when the process stops (demos only)")
+        return v.strip()
+
     @property
     def embedded(self) -> bool:
         return self.bootstrap_servers == "embedded"
