@@ -133,3 +133,17 @@ async def test_every_metric_the_dashboard_and_alerts_query_is_exported_with_its_
     for status in ("filled", "partial", "unfillable"):
         assert bf[("okx_ingest_backfill_gaps_total", (("status", status),))] == 0
     assert bf[("okx_ingest_backfill_backlog_gaps", ())] == 0  # no gaps: nothing behind
+
+
+async def test_readiness_and_metrics_say_when_the_memory_only_broker_is_in_use(
+        sim: SimServer, topic_prefix: str, tmp_path: Path) -> None:
+    settings = daemon_settings(sim, "embedded", topic_prefix, tmp_path,
+                               okx={"channels": [], "subscriptions": SUBS[:1]})
+    async with running(settings) as run:
+        health = run.daemon.parts.health
+        assert health is not None and health.port is not None
+        async with httpx.AsyncClient(timeout=5) as client:
+            ready = (await client.get(f"http://127.0.0.1:{health.port}/readyz")).json()
+        samples = {s.name: s.value for s in await _scrape(health.port)}
+    assert "memory only" in ready["kafka"]
+    assert samples["okx_ingest_kafka_embedded"] == 1
