@@ -73,6 +73,9 @@ async def check(settings: Settings, out: TextIO = sys.stdout, *, offline: bool =
         try:
             await sink.start()
             report(True, f"kafka: {settings.kafka.bootstrap_servers} reachable, {len(sink.topics)} topics ready")
+            for topic, drift in sink.topic_drift.items():
+                if drift:  # advice, not a failure: existing topics are never changed
+                    print(f"warn kafka: topic {topic} differs from its settings: {'; '.join(drift)}", file=out)
         except IngestError as exc:
             report(False, f"kafka: {exc}")
         finally:

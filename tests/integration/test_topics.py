@@ -4,6 +4,7 @@ admin API (the embedded broker stores and describes topic configs as Kafka does)
 
 from __future__ import annotations
 
+import io
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,9 +12,11 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from ingest.check import check
 from ingest.config import DEFAULT_TOPIC_CONFIGS, KafkaSettings, load_settings
 from ingest.errors import ConfigError
 from ingest.io.kafka import KafkaSink
+from ingest.sim import SimServer
 from tests.conftest import BrokerInfo
 
 
@@ -87,3 +90,17 @@ def test_topic_settings_name_an_unknown_kind_and_the_valid_ones() -> None:
     with pytest.raises(ConfigError) as err:
         load_settings(kafka={"bootstrap_servers": "k:9092", "topics": {"trade": {"partitions": 3}}})
     assert "kafka.topics" in str(err.value) and "'trade'" in str(err.value) and "trades" in str(err.value)
+
+
+async def test_check_warns_about_a_topic_that_differs_and_still_passes(
+        kafka_broker: BrokerInfo, admin: AIOKafkaAdminClient, sim: SimServer, topic_prefix: str) -> None:
+    await admin.create_topics([NewTopic(f"{topic_prefix}gaps", 3, 1, topic_configs={"cleanup.policy": "delete"})])
+    settings = load_settings(okx={"rest_base_url": sim.rest_base, "ws_base_url": sim.ws_base},
+                             kafka={"bootstrap_servers": kafka_broker.bootstrap_servers, "topic_prefix": topic_prefix,
+                                    "partitions": 3, "enable_idempotence": False})
+    out = io.StringIO()
+    assert await check(settings, out) == 0
+    lines = out.getvalue().splitlines()
+    assert f"warn kafka: topic {topic_prefix}gaps differs from its settings: cleanup.policy=delete (settings: " \
+           "compact)" in "\n".join(lines)
+    assert not [line for line in lines if line.startswith("FAIL")]
