@@ -32,6 +32,7 @@ simulate: $(STAMP)  ## the OKX simulator alone on 127.0.0.1:8765
 	$(BIN)/okx-ingest simulate --host 127.0.0.1 --port 8765
 
 test: $(STAMP)
+	@bash tests/tools.sh
 	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: $(STAMP)
