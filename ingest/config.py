@@ -22,6 +22,16 @@ from ingest.okx.channels import INST_TYPE_CHANNELS, endpoint_for, is_candle
 from ingest.okx.endpoints import Environment
 
 _FORBIDDEN_KEYS = {"api_key", "apikey", "secret", "api_secret", "passphrase", "password"}
+#: Secret-looking keys beyond those: any `*password`, `*_secret` or `*_token` (the environment variable to use
+#: instead is named in the error, see `_SECRET_ENV`).
+_FORBIDDEN_SUFFIXES = ("password", "_secret", "_token")
+_SECRET_ENV = {
+    "sasl_password": "KAFKA_SASL_PASSWORD", "sasl_plain_password": "KAFKA_SASL_PASSWORD",
+    "ssl_password": "KAFKA_SSL_KEY_PASSWORD", "ssl_key_password": "KAFKA_SSL_KEY_PASSWORD",
+    "key_password": "KAFKA_SSL_KEY_PASSWORD", "client_secret": "KAFKA_OAUTH_CLIENT_SECRET",
+    "sasl_oauth_client_secret": "KAFKA_OAUTH_CLIENT_SECRET", "oauth_client_secret": "KAFKA_OAUTH_CLIENT_SECRET",
+    "schema_registry_password": "SCHEMA_REGISTRY_PASSWORD", "schema_registry_token": "SCHEMA_REGISTRY_TOKEN",
+}
 
 
 class _Section(BaseModel):
@@ -235,8 +245,8 @@ class KafkaSettings(_Section):
                                        "become a dead letter holding their start, since Kafka would refuse them "
                                        "(broker message.max.bytes is about 1 MB by default)")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
-        default="PLAIN", description="with SASL_*; the username/password come from the credential store, never here"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] = Field(
+        default="PLAIN", description="with SASL_*; the password comes from KAFKA_SASL_PASSWORD(_FILE), never here"
     )
     ssl_cafile: Path | None = Field(default=None, description="CA bundle for SSL/SASL_SSL (default: system CAs)")
     client_id: str = "okx-ingest"
@@ -254,13 +264,34 @@ class KafkaSettings(_Section):
         default_factory=dict, description="per topic kind (`raw`, `gaps`, ...): partitions, replication_factor, "
                                           "config; see DEFAULT_TOPIC_CONFIGS for what is set without them")
 
-    @field_validator("security_protocol")
-    @classmethod
-    def _no_sasl_yet(cls, v: str) -> str:
-        if v.startswith("SASL"):
-            raise ValueError("SASL is not supported yet (its credentials are not wired through the credential "
-                             "store); use PLAINTEXT or SSL (mutual TLS via the broker's listener)")
-        return v
+    # Security (io/kafka_security.py). Secrets never live here: KAFKA_SASL_PASSWORD, KAFKA_SSL_KEY_PASSWORD,
+    # KAFKA_OAUTH_CLIENT_SECRET, SCHEMA_REGISTRY_PASSWORD and SCHEMA_REGISTRY_TOKEN (or *_FILE) do.
+    ssl_certfile: Path | None = Field(default=None, description="client certificate (PEM) for mutual TLS")
+    ssl_keyfile: Path | None = Field(
+        default=None, description="its private key (PEM); if encrypted, the password is KAFKA_SSL_KEY_PASSWORD")
+    ssl_check_hostname: bool = Field(
+        default=True, description="check that the broker's certificate names the host connected to")
+    sasl_username: str | None = Field(
+        default=None, description="SASL PLAIN/SCRAM user (else KAFKA_SASL_USERNAME from the environment)")
+    sasl_oauth_provider: str = Field(
+        default="aws-msk-iam", description="OAUTHBEARER token source: 'aws-msk-iam', 'oidc' (client credentials "
+                                           "grant) or 'module:factory' returning an aiokafka AbstractTokenProvider")
+    sasl_oauth_token_url: str | None = Field(default=None, description="'oidc': the token endpoint")
+    sasl_oauth_client_id: str | None = Field(
+        default=None, description="'oidc': client id (its secret is KAFKA_OAUTH_CLIENT_SECRET)")
+    sasl_oauth_scope: str | None = Field(default=None, description="'oidc': scope requested, if the IdP wants one")
+    sasl_oauth_extensions: dict[str, str] = Field(
+        default_factory=dict, description="SASL extensions sent with the token (Confluent Cloud: logicalCluster, "
+                                          "identityPoolId)")
+    aws_region: str | None = Field(
+        default=None, description="'aws-msk-iam': the cluster's region (default: AWS_REGION from the environment)")
+    schema_registry_username: str | None = Field(
+        default=None, description="registry basic-auth user (password: SCHEMA_REGISTRY_PASSWORD); or set "
+                                  "SCHEMA_REGISTRY_TOKEN for a bearer token")
+    schema_registry_cafile: Path | None = Field(default=None, description="CA bundle of the registry's HTTPS")
+    schema_registry_certfile: Path | None = Field(default=None, description="client certificate for the registry")
+    schema_registry_keyfile: Path | None = Field(
+        default=None, description="its key (password: SCHEMA_REGISTRY_SSL_KEY_PASSWORD, if encrypted)")
 
     @field_validator("topics")
     @classmethod
@@ -305,6 +336,23 @@ class KafkaSettings(_Section):
             raise ValueError("wire_format 'confluent' needs schema_registry_url")
         if self.delivery_timeout_ms < self.request_timeout_ms:
             raise ValueError("delivery_timeout_ms must be >= request_timeout_ms")
+        return self
+
+    @model_validator(mode="after")
+    def _security_consistent(self) -> KafkaSettings:
+        tls = self.security_protocol in ("SSL", "SASL_SSL")
+        for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            if getattr(self, key) is not None and not tls:
+                raise ValueError(f"{key} is set but security_protocol is {self.security_protocol}; "
+                                 "use SSL or SASL_SSL for TLS")
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            raise ValueError("ssl_keyfile needs ssl_certfile (the client certificate)")
+        if self.security_protocol.startswith("SASL") and self.sasl_mechanism == "OAUTHBEARER":
+            known = ("aws-msk-iam", "oidc")
+            if self.sasl_oauth_provider not in known and ":" not in self.sasl_oauth_provider:
+                raise ValueError("sasl_oauth_provider must be 'aws-msk-iam', 'oidc' or 'module:factory'")
+            if self.sasl_oauth_provider == "oidc" and not (self.sasl_oauth_token_url and self.sasl_oauth_client_id):
+                raise ValueError("sasl_oauth_provider 'oidc' needs sasl_oauth_token_url and sasl_oauth_client_id")
         return self
 
 
@@ -449,7 +497,7 @@ def _find_secret_keys(data: Any, path: str = "") -> list[str]:
     if isinstance(data, dict):
         for k, v in data.items():
             p = f"{path}.{k}" if path else str(k)
-            if str(k).lower() in _FORBIDDEN_KEYS:
+            if str(k).lower() in _FORBIDDEN_KEYS or str(k).lower().endswith(_FORBIDDEN_SUFFIXES):
                 found.append(p)
             found.extend(_find_secret_keys(v, p))
     elif isinstance(data, list):
@@ -471,7 +519,9 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
             raise ConfigError(str(path), f"not valid TOML ({exc})", "fix the syntax at that line") from None
     secret_keys = _find_secret_keys(data)
     if secret_keys:
+        env_name = _SECRET_ENV.get(secret_keys[0].rsplit(".", 1)[-1].lower())
         raise ConfigError(secret_keys[0], "credentials are not read from the config file",
+                          f"remove it and set {env_name} (or {env_name}_FILE) instead" if env_name else
                           "remove it and set OKX_API_KEY/OKX_API_SECRET/OKX_API_PASSPHRASE (or *_FILE) instead")
     for k, v in overrides.items():
         data[k] = v

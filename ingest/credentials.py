@@ -31,6 +31,7 @@ from pathlib import Path
 from ingest.config import OkxSettings
 from ingest.core.backoff import full_jitter
 from ingest.errors import CredentialError
+from ingest.obs.redact import REDACTOR
 
 log = logging.getLogger(__name__)
 
@@ -407,3 +408,31 @@ class CredentialFileWatcher:
         while True:
             await self._sleep(self._interval)
             await self.poll_once()
+
+
+# -- secrets of other services (Kafka SASL, TLS key, OAuth, Schema Registry) -------------------------------
+
+#: Every secret besides the OKX key that the process may read, each from `<NAME>` or `<NAME>_FILE` exactly like
+#: the OKX credentials (and so from systemd credentials too). Read at each connection, so a rotated file is used
+#: from the next connection on; every value read is registered with the log redactor before it is returned.
+SERVICE_SECRET_NAMES = ("KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD", "KAFKA_SSL_KEY_PASSWORD",
+                        "KAFKA_OAUTH_CLIENT_SECRET", "SCHEMA_REGISTRY_PASSWORD", "SCHEMA_REGISTRY_TOKEN",
+                        "SCHEMA_REGISTRY_SSL_KEY_PASSWORD")
+
+
+def secret_present(name: str, env: Mapping[str, str] | None = None) -> bool:
+    """True when `name` is given in any of its forms (variable, `_FILE`, systemd credential)."""
+    env = os.environ if env is None else env
+    return name in env or f"{name}_FILE" in env or credential_path(name, env) is not None
+
+
+def read_secret(name: str, env: Mapping[str, str] | None = None) -> Secret:
+    """The current value of `name` (variable or `_FILE`); CredentialError names the variable and the fix."""
+    value = _read_one(name, os.environ if env is None else env)
+    REDACTOR.set_secrets([value])
+    return Secret(value)
+
+
+def read_optional_secret(name: str, env: Mapping[str, str] | None = None) -> Secret | None:
+    """`read_secret`, or None when the secret is not given at all (a given but unreadable one still raises)."""
+    return read_secret(name, env) if secret_present(name, env) else None

@@ -545,7 +545,7 @@ async def _register_schemas(settings: Settings, encoder: RecordEncoder) -> dict[
 
     assert settings.kafka.schema_registry_url is not None
     prefix = settings.kafka.topic_prefix
-    async with SchemaRegistry(settings.kafka.schema_registry_url) as registry:
+    async with SchemaRegistry.from_settings(settings.kafka) as registry:
         return {
             cls.AVRO_NAME: await registry.schema_id(
                 topic_name(prefix, cls.TOPIC), orjson.dumps(encoder.schemas[cls.AVRO_NAME].source).decode())

@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,13 +38,12 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, KafkaTimeoutError, ProducerClosed, for_code
-from aiokafka.helpers import create_ssl_context
 from aiokafka.partitioner import murmur2
 
 from ingest.config import Compression, KafkaSettings, TopicSpec
-from ingest.credentials import Secret
 from ingest.errors import ConfigError, DeliveryError
 from ingest.io.aiokafka_compat import stop_producer
+from ingest.io.kafka_security import describe_security, diagnose_tls, kafka_client_kwargs
 from ingest.io.sink import EncodedRecord
 
 log = logging.getLogger(__name__)
@@ -94,6 +93,24 @@ def is_retriable(exc: BaseException | None) -> bool:
     return False
 
 
+def sasl_failed(kafka: KafkaSettings, exc: BaseException) -> bool:
+    """True when `exc` is a refused SASL login (aiokafka raises a bare KeyError('v') when a SCRAM server answers
+    `e=unknown-user` or `e=invalid-proof` instead of its signature)."""
+    if not kafka.security_protocol.startswith("SASL"):
+        return False
+    return isinstance(exc, KeyError) or "authentication" in type(exc).__name__.lower() or (
+        "sasl" in str(exc).lower() and "unsupportedsasl" not in str(exc).lower())
+
+
+def sasl_error(kafka: KafkaSettings, bootstrap: str, exc: BaseException) -> DeliveryError:
+    """The non-retriable error of a refused SASL login, naming what to check."""
+    who = f"user {kafka.sasl_username!r}" if kafka.sasl_username else "the user of KAFKA_SASL_USERNAME"
+    what = (f"the OAUTHBEARER token of {kafka.sasl_oauth_provider!r}" if kafka.sasl_mechanism == "OAUTHBEARER"
+            else f"{who} with KAFKA_SASL_PASSWORD")
+    return delivery_error(f"Kafka at {bootstrap} refused the SASL {kafka.sasl_mechanism} login ({describe(exc)}): "
+                          f"check {what}, and that the mechanism is one the cluster enables", retriable=False)
+
+
 @dataclass(frozen=True, slots=True)
 class ProducerOptions:
     """What the producer is configured with (logged at connect, inspected by tests); no secrets."""
@@ -120,15 +137,11 @@ class KafkaSink:
         *,
         bootstrap_servers: str | None = None,
         topics: Iterable[str] = (),
-        sasl_username: str | None = None,
-        sasl_password: Secret | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         if bootstrap_servers is None and settings.embedded:
             raise ConfigError("kafka.bootstrap_servers", "is 'embedded' but no running broker address was given",
                               "start ingest.io.broker.EmbeddedBroker and pass its bootstrap_servers")
-        if settings.security_protocol.startswith("SASL") and not (sasl_username and sasl_password):
-            raise ConfigError("kafka.security_protocol", f"{settings.security_protocol} needs SASL credentials",
-                              "provide the Kafka username/password through the credential store")
         self.settings = settings
         self.options = ProducerOptions(
             bootstrap_servers=bootstrap_servers or settings.bootstrap_servers,
@@ -141,8 +154,7 @@ class KafkaSink:
             delivery_timeout_ms=settings.delivery_timeout_ms,
             security_protocol=settings.security_protocol,
         )
-        self._sasl_username = sasl_username
-        self._sasl_password = sasl_password
+        self._env = env  # where secrets are read (default os.environ), at each connect: rotation applies then
         self._topics: dict[str, None] = dict.fromkeys(topics)  # every topic we write to, in first-seen order
         self._ready: set[str] = set()  # topics created/checked since the current producer connected
         self._partitions: dict[str, list[int]] = {}
@@ -162,21 +174,7 @@ class KafkaSink:
     # -- client configuration -------------------------------------------------------------------------
 
     def _client_kwargs(self) -> dict[str, Any]:
-        s = self.settings
-        kwargs: dict[str, Any] = {
-            "bootstrap_servers": self.options.bootstrap_servers,
-            "client_id": s.client_id,
-            "request_timeout_ms": s.request_timeout_ms,
-            "retry_backoff_ms": s.retry_backoff_ms,
-            "security_protocol": s.security_protocol,
-        }
-        if s.security_protocol in ("SSL", "SASL_SSL"):
-            kwargs["ssl_context"] = create_ssl_context(cafile=str(s.ssl_cafile) if s.ssl_cafile else None)
-        if s.security_protocol.startswith("SASL") and self._sasl_username and self._sasl_password:
-            kwargs["sasl_mechanism"] = s.sasl_mechanism
-            kwargs["sasl_plain_username"] = self._sasl_username
-            kwargs["sasl_plain_password"] = self._sasl_password.reveal()
-        return kwargs
+        return kafka_client_kwargs(self.settings, bootstrap_servers=self.options.bootstrap_servers, env=self._env)
 
     def _producer_kwargs(self) -> dict[str, Any]:
         o = self.options
@@ -226,6 +224,12 @@ class KafkaSink:
             await stop_producer(producer, self.settings.request_timeout_ms / 1000)
             if isinstance(exc, Exception):
                 hint = ""
+                if sasl_failed(self.settings, exc):
+                    raise sasl_error(self.settings, self.options.bootstrap_servers, exc) from exc
+                tls = await diagnose_tls(self.settings, self.options.bootstrap_servers, env=self._env)
+                if tls is not None:
+                    raise delivery_error(f"Kafka producer could not connect to {self.options.bootstrap_servers}: "
+                                         f"{tls}", retriable=False) from exc
                 if self.options.idempotence and not is_retriable(exc):
                     hint = (" (the broker may not support the idempotent producer, as the embedded one does not: "
                             "set kafka.enable_idempotence = false for it)")
@@ -237,7 +241,8 @@ class KafkaSink:
         self._partitions.clear()
         log.info("kafka_connected", extra={"bootstrap": self.options.bootstrap_servers,
                                            "compression": self.options.compression,
-                                           "idempotence": self.options.idempotence})
+                                           "idempotence": self.options.idempotence,
+                                           **describe_security(self.settings)})
         await self._ensure(list(self._topics))
         return producer
 

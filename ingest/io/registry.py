@@ -16,14 +16,19 @@ schema, bad credentials (401/403) or a wrong URL (404) are not, and the message 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
+import ssl
+from collections.abc import Generator, Mapping
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import httpx
 
-from ingest.credentials import Secret
-from ingest.errors import IngestError
+from ingest.config import KafkaSettings
+from ingest.credentials import Secret, read_optional_secret, read_secret, secret_present
+from ingest.errors import ConfigError, IngestError
+from ingest.io.kafka_security import tls_context
 from ingest.obs.redact import REDACTOR
 
 log = logging.getLogger(__name__)
@@ -79,14 +84,42 @@ class SchemaRegistry:
         username: str | None = None,
         password: Secret | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        auth: httpx.Auth | None = None,
+        verify: ssl.SSLContext | None = None,
     ) -> None:
         url, username, password = _split_userinfo(url, username, password)
-        auth = httpx.BasicAuth(username, password.reveal()) if username and password else None
+        if auth is None and username and password:
+            auth = httpx.BasicAuth(username, password.reveal())
         self.url = url.rstrip("/")  # without userinfo: this is what logs and errors show
         self._client = httpx.AsyncClient(base_url=self.url, timeout=timeout_s, auth=auth, transport=transport,
-                                         headers={"Accept": CONTENT_TYPE})
+                                         headers={"Accept": CONTENT_TYPE}, verify=verify or True)
         self._ids: dict[tuple[str, str], int] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    @classmethod
+    def from_settings(cls, kafka: KafkaSettings, *, env: Mapping[str, str] | None = None,
+                      transport: httpx.AsyncBaseTransport | None = None) -> SchemaRegistry:
+        """The registry of `kafka.schema_registry_url`, with the credential store's basic auth or bearer token
+        (SCHEMA_REGISTRY_PASSWORD / SCHEMA_REGISTRY_TOKEN, read at each request: rotation applies at once) and
+        its own CA and client certificate."""
+        if not kafka.schema_registry_url:
+            raise ConfigError("kafka.schema_registry_url", "is not set", "set it to the registry's base URL")
+        auth: httpx.Auth | None = None
+        if secret_present("SCHEMA_REGISTRY_TOKEN", env):
+            auth = StoreAuth(None, "SCHEMA_REGISTRY_TOKEN", env)
+        elif kafka.schema_registry_username is not None:
+            auth = StoreAuth(kafka.schema_registry_username, "SCHEMA_REGISTRY_PASSWORD", env)
+        verify: ssl.SSLContext | None = None
+        if kafka.schema_registry_cafile or kafka.schema_registry_certfile:
+            key_password = (read_optional_secret("SCHEMA_REGISTRY_SSL_KEY_PASSWORD", env)
+                            if kafka.schema_registry_certfile else None)
+            verify = tls_context(
+                cafile=kafka.schema_registry_cafile, certfile=kafka.schema_registry_certfile,
+                keyfile=kafka.schema_registry_keyfile,
+                key_password=(key_password or Secret("")) if kafka.schema_registry_certfile else None,
+                keys=("kafka.schema_registry_cafile", "kafka.schema_registry_certfile",
+                      "kafka.schema_registry_keyfile"), password_var="SCHEMA_REGISTRY_SSL_KEY_PASSWORD")
+        return cls(kafka.schema_registry_url, auth=auth, verify=verify, transport=transport)
 
     async def __aenter__(self) -> SchemaRegistry:
         return self
@@ -119,6 +152,23 @@ class SchemaRegistry:
                                                      "registry": self.url})
         return cached
 
+    async def schema_text(self, schema_id: int) -> str:
+        """The schema (Avro JSON text) registered under `schema_id`: what a Confluent-framed record was written with."""
+        try:
+            resp = await self._client.get(f"/schemas/ids/{schema_id}")
+        except httpx.HTTPError as exc:
+            raise RegistryError(f"schema registry {self.url} unreachable while reading schema id {schema_id}: "
+                                f"{exc!r}", retriable=True) from exc
+        if resp.status_code != 200:
+            status = resp.status_code
+            raise RegistryError(f"schema registry has no schema id {schema_id} (HTTP {status}: {_message(resp)})",
+                                status=status, retriable=status == 429 or status >= 500)
+        try:
+            return str(resp.json()["schema"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RegistryError(f"schema registry answered {resp.text[:200]!r} for id {schema_id}",
+                                status=resp.status_code, retriable=False) from exc
+
     async def _post(self, subject: str, schema: str) -> int:
         path = f"/subjects/{quote(subject, safe='')}/versions"
         try:
@@ -143,6 +193,25 @@ class SchemaRegistry:
             raise RegistryError(f"schema registry returned a non-integer id {schema_id!r} for {subject}",
                                 status=resp.status_code, retriable=False)
         return schema_id
+
+
+class StoreAuth(httpx.Auth):
+    """Basic auth (a user) or a bearer token (no user) whose secret is read from the credential store at each
+    request, so a rotated secret file takes effect without a restart."""
+
+    def __init__(self, username: str | None, secret_name: str, env: Mapping[str, str] | None) -> None:
+        self.username = username
+        self.secret_name = secret_name
+        self._env = env
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        secret = read_secret(self.secret_name, self._env)
+        if self.username is None:
+            request.headers["Authorization"] = f"Bearer {secret.reveal()}"
+        else:
+            pair = f"{self.username}:{secret.reveal()}".encode()
+            request.headers["Authorization"] = f"Basic {base64.b64encode(pair).decode()}"
+        yield request
 
 
 def _message(resp: httpx.Response) -> str:

@@ -23,11 +23,12 @@ MIN_SECRET_LEN = 4
 #: A credential field as JSON or a dict repr shows it (quotes possibly backslash-escaped by a JSON log line):
 #: group 1 is everything up to the value, which runs to the next quote or backslash.
 _CREDENTIAL_FIELD = re.compile(
-    r"""(\\?["'](?:apiKey|passphrase|sign|secretKey|OK-ACCESS-(?:KEY|SIGN|PASSPHRASE))\\?["']\s*:\s*\\?["'])"""
+    r"""(\\?["'](?:apiKey|passphrase|sign|secretKey|OK-ACCESS-(?:KEY|SIGN|PASSPHRASE)|sasl_plain_password|password|"""
+    r"""client_secret|access_token)\\?["']\s*:\s*\\?["'])"""
     r"""[^"'\\]*""",
     re.IGNORECASE,
 )
-_FIELD_HINTS = ("apikey", "passphrase", "sign", "access-")
+_FIELD_HINTS = ("apikey", "passphrase", "sign", "access-", "password", "client_secret", "access_token")
 
 
 class Redactor:

@@ -60,7 +60,6 @@ from typing import Any, Protocol, TextIO, TypeAlias
 from aiokafka import AIOKafkaConsumer
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
-from aiokafka.helpers import create_ssl_context
 from aiokafka.partitioner import murmur2
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
@@ -104,6 +103,7 @@ from ingest.errors import ConfigError, CredentialError, DeliveryError, IngestErr
 from ingest.io.delivery import Delivery
 from ingest.io.journal import Journal
 from ingest.io.kafka import KafkaSink, describe
+from ingest.io.kafka_security import kafka_client_kwargs
 from ingest.io.rest import AUTH_FAILURE_CODES, CircuitOpenError, OkxRestClient
 from ingest.io.sink import EncodedRecord
 from ingest.okx.channels import candle_bar
@@ -213,17 +213,8 @@ def bootstrap_of(kafka: KafkaSettings) -> str:
 
 
 def consumer_options(kafka: KafkaSettings, bootstrap: str) -> dict[str, Any]:
-    """Connection options for the worker's consumers, matching the sink's (PLAINTEXT or SSL)."""
-    if kafka.security_protocol.startswith("SASL"):
-        raise ConfigError("kafka.security_protocol", f"{kafka.security_protocol} is not supported by the backfill "
-                          "worker yet", "use PLAINTEXT or SSL for the worker's Kafka connection")
-    options: dict[str, Any] = {"bootstrap_servers": bootstrap, "client_id": f"{kafka.client_id}-backfill",
-                               "request_timeout_ms": kafka.request_timeout_ms,
-                               "retry_backoff_ms": kafka.retry_backoff_ms,
-                               "security_protocol": kafka.security_protocol}
-    if kafka.security_protocol == "SSL":
-        options["ssl_context"] = create_ssl_context(cafile=str(kafka.ssl_cafile) if kafka.ssl_cafile else None)
-    return options
+    """Connection options for the worker's consumers: the sink's (TLS, SASL), under the worker's client id."""
+    return kafka_client_kwargs(kafka, bootstrap_servers=bootstrap, client_id=f"{kafka.client_id}-backfill")
 
 
 def discard_backlog(directory: Path, journal: JournalSettings) -> int:
@@ -1060,7 +1051,7 @@ async def _encoder(settings: Settings) -> RecordEncoder:
     from ingest.core.records import RECORD_TYPES
     from ingest.io.registry import SchemaRegistry
 
-    async with SchemaRegistry(settings.kafka.schema_registry_url) as registry:
+    async with SchemaRegistry.from_settings(settings.kafka) as registry:
         ids = {cls.AVRO_NAME: await registry.schema_id(topic_name(prefix, cls.TOPIC),
                                                        orjson.dumps(encoder.schemas[cls.AVRO_NAME].source).decode())
                for cls in RECORD_TYPES}

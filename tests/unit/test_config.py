@@ -36,7 +36,16 @@ def test_real_kafka_turns_idempotence_on_by_default(tmp_path: Path) -> None:
         ('[[okx.subscriptions]]\nchannel = "tradez"\ninst_id = "BTC-USDT"\n', "okx.subscriptions.0", "README"),
         ('[[okx.subscriptions]]\nchannel = "orders"\n', "okx.subscriptions.0", "README"),
         ('[kafka]\nwire_format = "confluent"\n', "kafka", "README"),
-        ('[kafka]\nsecurity_protocol = "SASL_SSL"\n', "kafka.security_protocol", "README"),
+        ('[kafka]\nsecurity_protocol = "SASL_SSL"\nsasl_password = "x"\n', "kafka.sasl_password",
+         "KAFKA_SASL_PASSWORD"),
+        ('[kafka]\nschema_registry_token = "x"\n', "kafka.schema_registry_token", "SCHEMA_REGISTRY_TOKEN"),
+        ('[kafka]\nssl_key_password = "x"\n', "kafka.ssl_key_password", "KAFKA_SSL_KEY_PASSWORD"),
+        ('[kafka]\nsasl_oauth_client_secret = "x"\n', "kafka.sasl_oauth_client_secret", "KAFKA_OAUTH_CLIENT_SECRET"),
+        ('[kafka]\nssl_certfile = "c.pem"\n', "kafka", "SSL or SASL_SSL"),
+        ('[kafka]\nsecurity_protocol = "SASL_SSL"\nsasl_mechanism = "SCRAM-SHA-1"\n', "kafka.sasl_mechanism",
+         "'SCRAM-SHA-512'"),
+        ('[kafka]\nsecurity_protocol = "SASL_SSL"\nsasl_mechanism = "OAUTHBEARER"\nsasl_oauth_provider = "oidc"\n',
+         "kafka", "sasl_oauth_token_url"),
     ],
 )
 def test_bad_config_names_key_and_fix(tmp_path: Path, text: str, key: str, fix: str) -> None:
