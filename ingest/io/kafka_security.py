@@ -117,17 +117,26 @@ def tls_context(
         try:
             ctx.load_cert_chain(certfile, keyfile, password=password)
         except ssl.SSLError as exc:
-            reason = exc.reason or str(exc)
-            if "BAD_DECRYPT" in reason.upper() or "PASSWORD" in reason.upper():
-                raise ConfigError(key_key if keyfile else cert_key, "the private key could not be decrypted",
+            # OpenSSL says "PEM lib" for a wrong password and a broken file alike: tell them apart here.
+            key_path = keyfile if keyfile is not None else certfile
+            if _encrypted_pem(key_path):
+                problem = ("the private key is encrypted and no password was given" if not password else
+                           "the private key's password is wrong")
+                raise ConfigError(key_key if keyfile else cert_key, problem,
                                   f"set {password_var} (or {password_var}_FILE) to the key's password") from None
-            raise ConfigError(cert_key, f"client certificate/key could not be loaded ({reason})",
+            raise ConfigError(cert_key, f"client certificate/key could not be loaded ({exc.reason or exc})",
                               f"give the certificate in PEM form and its matching key in {key_key}") from None
-        except TypeError:  # an encrypted key and no password: OpenSSL would prompt on the terminal, refused
-            raise ConfigError(key_key, "the private key is encrypted and no password was given",
-                              f"set {password_var} (or {password_var}_FILE)") from None
     ctx.check_hostname = check_hostname
     return ctx
+
+
+def _encrypted_pem(path: os.PathLike[str] | str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return b"ENCRYPTED" in head
 
 
 def _no_prompt(key_password: Secret | None) -> Secret | None:
