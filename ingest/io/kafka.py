@@ -233,6 +233,9 @@ class KafkaSink:
                 if self.options.idempotence and not is_retriable(exc):
                     hint = (" (the broker may not support the idempotent producer, as the embedded one does not: "
                             "set kafka.enable_idempotence = false for it)")
+                elif self.settings.security_protocol.startswith("SASL"):
+                    hint = (f" (if it is up, it may have refused the SASL {self.settings.sasl_mechanism} login or the "
+                            "protocol: check kafka.security_protocol, kafka.sasl_mechanism and the credentials)")
                 raise delivery_error(f"Kafka producer could not connect to {self.options.bootstrap_servers}{hint}",
                                      exc) from exc
             raise
