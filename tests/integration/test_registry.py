@@ -8,16 +8,22 @@ with ids global across subjects (as the real registry does), and its error bodie
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import secrets
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from ingest.config import KafkaSettings
 from ingest.io.broker import free_port
 from ingest.io.registry import CONTENT_TYPE, RegistryError, SchemaRegistry, subject_for
+from tests.integration.tls_support import make_pki
 
 TRADE = json.dumps({"type": "record", "name": "Trade", "namespace": "okx.ingest.v1",
                     "fields": [{"name": "px", "type": "string"}]})
@@ -156,3 +162,53 @@ async def test_credentials_in_the_url_authenticate_and_never_show_in_errors_or_l
     assert registry.authorization[0] == "Basic " + base64.b64encode(f"svc-okx:{password}".encode()).decode()
     assert "schema_registered" in caplog.text  # the registry URL was logged, without the password
     assert password not in str(err.value) and password not in caplog.text
+
+
+async def test_bearer_token_comes_from_the_credential_store_and_rotates(
+        fake: tuple[FakeRegistry, str], tmp_path: Path) -> None:
+    registry, url = fake
+    token_file = tmp_path / "registry-token"
+    first, second = secrets.token_hex(16), secrets.token_hex(16)
+    token_file.write_text(first)
+    kafka = KafkaSettings(schema_registry_url=url)
+    async with SchemaRegistry.from_settings(kafka, env={"SCHEMA_REGISTRY_TOKEN_FILE": str(token_file)}) as client:
+        await client.schema_id("okx.trades", TRADE)
+        token_file.write_text(second)
+        await client.schema_id("okx.books", BOOK)
+    assert registry.authorization == [f"Bearer {first}", f"Bearer {second}"]
+
+
+async def test_basic_auth_user_from_settings_password_from_the_store(fake: tuple[FakeRegistry, str]) -> None:
+    registry, url = fake
+    password = secrets.token_hex(12)
+    kafka = KafkaSettings(schema_registry_url=url, schema_registry_username="sr-user")
+    async with SchemaRegistry.from_settings(kafka, env={"SCHEMA_REGISTRY_PASSWORD": password}) as client:
+        await client.schema_id("okx.trades", TRADE)
+    assert registry.authorization == ["Basic " + base64.b64encode(f"sr-user:{password}".encode()).decode()]
+
+
+async def test_https_registry_with_its_own_ca_and_a_client_certificate(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path, ("127.0.0.1",))
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca))
+    server_ctx.load_cert_chain(pki.server_cert, pki.server_key)
+    server_ctx.verify_mode = ssl.CERT_REQUIRED  # mutual TLS: no client certificate, no answer
+    registry = FakeRegistry()
+    app = web.Application()
+    app.router.add_post("/subjects/{subject}/versions", registry.register)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=server_ctx).start()
+    try:
+        url = f"https://127.0.0.1:{port}"
+        with_cert = KafkaSettings(schema_registry_url=url, schema_registry_cafile=pki.ca,
+                                  schema_registry_certfile=pki.client_cert, schema_registry_keyfile=pki.client_key)
+        async with SchemaRegistry.from_settings(with_cert, env={}) as client:
+            assert await client.schema_id("okx.trades", TRADE) == 1
+        without = KafkaSettings(schema_registry_url=url, schema_registry_cafile=pki.ca)
+        async with SchemaRegistry.from_settings(without, env={}) as client:
+            with pytest.raises(RegistryError) as err:
+                await client.schema_id("okx.books", BOOK)
+        assert err.value.retriable
+    finally:
+        await runner.cleanup()
