@@ -29,7 +29,7 @@ def _iso_ms(value: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="okx-ingest", description=__doc__)
+    p = argparse.ArgumentParser(prog="okx-ingest")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="record OKX streams into Kafka")
@@ -55,7 +55,83 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--offline", action="store_true",
                        help="only what needs no network: settings, credentials present, files named "
                             "(e.g. okx-ingest check --offline --config deploy/compose/recorder.toml)")
+
+    tail = sub.add_parser("tail", help="print the decoded records of topics (like kcat -C, with our schemas)")
+    tail.add_argument("topics", nargs="+", metavar="TOPIC",
+                      help="topic name, or a kind the topic prefix is added to (trades, books, gaps, dlq, ...)")
+    tail.add_argument("--config", type=Path, default=None, help="TOML settings file (Kafka address and security)")
+    tail.add_argument("--bootstrap", help="Kafka address, overriding the settings (e.g. the demo's 127.0.0.1:PORT)")
+    tail.add_argument("--inst", help="only records of this instId, e.g. BTC-USDT")
+    start = tail.add_mutually_exclusive_group()
+    start.add_argument("--from", dest="from_ms", type=_iso_ms, metavar="ISO",
+                       help="start at this time (ISO-8601, UTC when no zone), e.g. 2026-11-24T10:00:00Z")
+    start.add_argument("--last", type=_positive_int, metavar="N", help="only the last N records (of all partitions)")
+    tail.add_argument("--follow", "-f", action="store_true", help="keep printing new records until Ctrl-C")
+    tail.add_argument("--format", choices=("table", "json"), default="table",
+                      help="table (default) for reading, json for one object per line")
+    _user_help(p)
     return p
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {n}")
+    return n
+
+
+DESCRIPTION = """Record OKX market data and your account's streams into Kafka as validated Avro records,
+and fill every gap from OKX's REST API.
+
+Start with `okx-ingest demo` (no account or Kafka needed), look at what it recorded with
+`okx-ingest tail`, then point a config file at your Kafka and run `okx-ingest check` and `okx-ingest run`.
+Credentials come from the environment (OKX_API_KEY, OKX_API_SECRET, OKX_API_PASSPHRASE, or *_FILE)."""
+
+#: One or more examples per subcommand, shown at the end of its --help.
+EXAMPLES = {
+    None: """examples:
+  okx-ingest demo                                  try everything offline
+  okx-ingest check --config okx-ingest.toml        validate settings, credentials and Kafka
+  okx-ingest run --config okx-ingest.toml          record
+  okx-ingest tail trades --inst BTC-USDT --last 20  look at the data
+run `okx-ingest COMMAND --help` for a command's options.""",
+    "run": """example:
+  OKX_API_KEY_FILE=/run/secrets/okx_key ... okx-ingest run --config /etc/okx-ingest/okx-ingest.toml""",
+    "demo": """examples:
+  okx-ingest demo                    record from the built-in simulator until Ctrl-C
+  okx-ingest demo --seconds 30 --keep  record 30 s, then keep the broker up to look at the data""",
+    "simulate": """example:
+  okx-ingest simulate --port 8765    then set okx.ws_base_url = "ws://127.0.0.1:8765" and
+                                     okx.rest_base_url = "http://127.0.0.1:8765" in a config""",
+    "backfill": """examples:
+  okx-ingest backfill --config okx-ingest.toml      fill the gaps the recorder reports, until stopped
+  okx-ingest backfill --config okx-ingest.toml --channel trades --inst BTC-USDT \\
+      --since 2026-11-24T10:00:00Z --until 2026-11-24T11:00:00Z""",
+    "check": """example:
+  okx-ingest check --config okx-ingest.toml   exit code 0 when everything is ready to record""",
+    "tail": """examples:
+  okx-ingest tail trades --inst BTC-USDT --last 20
+  okx-ingest tail okx.gaps okx.dlq --from 2026-11-24T10:00:00Z
+  okx-ingest tail books --follow --format json --config okx-ingest.toml | jq .value.seqId
+  okx-ingest tail trades --bootstrap 127.0.0.1:39092 --follow      (the address `demo` prints)""",
+}
+
+
+def _user_help(parser: argparse.ArgumentParser) -> None:
+    """Put the user-facing description and the examples on the parser and each subcommand."""
+    parser.description = DESCRIPTION
+    parser.epilog = EXAMPLES[None]
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                sub.epilog = EXAMPLES.get(name)
+                sub.formatter_class = argparse.RawDescriptionHelpFormatter
+                if sub.description is None:
+                    sub.description = next((c.help for c in action._choices_actions if c.dest == name), None)
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:
@@ -103,12 +179,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _run(_count_to_rc(backfill_range(settings, args.channel, args.inst, args.since,
                                                         args.until, sys.stderr.isatty())))
             return _run(run_worker(settings))
+        if args.command == "tail":
+            return _run(_tail(settings, args))
     except IngestError as exc:
         print(f"okx-ingest: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     return 2
+
+
+async def _tail(settings: Any, args: argparse.Namespace) -> int:
+    """`tail` until the end (or Ctrl-C with --follow); exit code 0, also when nothing matched."""
+    import signal
+
+    from ingest.tail import tail
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await tail(settings, args.topics, out=sys.stdout, inst=args.inst, from_ms=args.from_ms, last=args.last,
+               follow=args.follow, fmt=args.format, bootstrap=args.bootstrap, stop=stop)
+    return 0
 
 
 async def _count_to_rc(coro: Coroutine[Any, Any, int]) -> int:
