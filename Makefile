@@ -25,8 +25,8 @@ lock: $(STAMP)  ## re-pin both locks after changing dependencies in pyproject.to
 run: $(STAMP)  ## the daemon against OKX, writing to the embedded broker unless configured otherwise
 	$(BIN)/okx-ingest run --config $(CONFIG)
 
-demo: $(STAMP)  ## offline: the daemon against the local simulator and the embedded broker
-	$(BIN)/okx-ingest demo
+demo: $(STAMP)  ## offline: the daemon against the local simulator and the embedded broker (DEMO_ARGS=--keep)
+	$(BIN)/okx-ingest demo $(DEMO_ARGS)
 
 simulate: $(STAMP)  ## the OKX simulator alone on 127.0.0.1:8765
 	$(BIN)/okx-ingest simulate --host 127.0.0.1 --port 8765

@@ -35,8 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="record OKX streams into Kafka")
     run.add_argument("--config", type=Path, default=None, help="TOML settings file")
 
-    demo = sub.add_parser("demo", help="offline: the daemon against the local simulator and embedded broker")
+    demo = sub.add_parser("demo", help="try it offline: record from a built-in OKX simulator into a local broker")
     demo.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: until Ctrl-C)")
+    demo.add_argument("--keep", action="store_true",
+                      help="after the recording stops, keep the broker and its data up until Ctrl-C")
 
     sim = sub.add_parser("simulate", help="run the OKX simulator (WebSocket + REST on one port)")
     sim.add_argument("--host", default="127.0.0.1")
@@ -159,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from ingest.demo import run_demo
 
-            return _run(run_demo(seconds=args.seconds))
+            return _run(run_demo(seconds=args.seconds, keep=args.keep))
         settings = load_settings(args.config)
         if args.command == "run":
             from ingest.supervisor import run_daemon

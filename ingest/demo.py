@@ -3,7 +3,8 @@
 The OKX simulator (ticking by itself, with a scripted account that trades), the embedded broker on a free
 port, and the real daemon recording public and private streams from the simulator into it. Credentials
 are made up for this run only and shared with the simulator in memory; nothing leaves the machine.
-Prints what is being recorded every few seconds and a summary at the end.
+Prints where the data is and the `okx-ingest tail` commands that show it, what is being recorded every few
+seconds and a summary at the end; `--keep` leaves the broker and its data up after the recording stops.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import shutil
 import signal
+import sys
 import tempfile
 from pathlib import Path
+from typing import TextIO
 
 from ingest.config import load_settings
-from ingest.io.broker import free_port
+from ingest.io.broker import EmbeddedBroker, free_port
 from ingest.obs.logging import setup_logging
 from ingest.sim import SimConfig, SimServer
 from ingest.supervisor import Daemon
@@ -60,48 +64,102 @@ async def _report(daemon: Daemon, stop: asyncio.Event, every_s: float = 5.0) -> 
                                              "dead_letters": sum(pipeline.stats.dead_letters.values())})
 
 
-async def run_demo(seconds: float = 0.0) -> int:
-    """Run until Ctrl-C (or for `seconds`); the exit code of the daemon."""
+def command_name(argv0: str | None = None) -> str:
+    """How the user can run okx-ingest again: `okx-ingest` when that is on PATH, else the path used now
+    (`make demo` runs `.venv/bin/okx-ingest`, which is not)."""
+    argv0 = argv0 if argv0 is not None else sys.argv[0]
+    if Path(argv0).name != "okx-ingest":
+        return "okx-ingest"
+    found = shutil.which("okx-ingest")
+    return "okx-ingest" if found is not None and Path(found).resolve() == Path(argv0).resolve() else argv0
+
+
+def how_to_look(bootstrap: str, command: str | None = None) -> str:
+    """What the demo prints: where its data is and the exact commands that show it."""
+    cmd = command or command_name()
+    return (f"\nThe demo records into a local Kafka broker at {bootstrap} (memory only).\n"
+            "Look at the data from another terminal:\n"
+            f"  {cmd} tail trades --bootstrap {bootstrap} --inst BTC-USDT --follow\n"
+            f"  {cmd} tail books --bootstrap {bootstrap} --last 5\n"
+            f"  {cmd} tail orders fills gaps dlq --bootstrap {bootstrap}\n"
+            f"Any Kafka client works too (bootstrap {bootstrap}, topics okx.*; values are Avro, see schemas/).\n")
+
+
+async def run_demo(seconds: float = 0.0, *, keep: bool = False, out: TextIO | None = None,
+                   release: asyncio.Event | None = None) -> int:
+    """Run until Ctrl-C (or for `seconds`); the exit code of the daemon.
+
+    The demo owns the broker (not the daemon), so with `keep` the broker and its data stay up after the recording
+    stops, until the next Ctrl-C (or `release`, for tests).
+    """
+    out = out or sys.stdout
     setup_logging("INFO", "text")
     key, secret, passphrase = secrets.token_hex(16), secrets.token_hex(32), secrets.token_hex(8)
     config = SimConfig(instruments=DEMO_INSTRUMENTS, auto_tick_s=0.1, api_key=key, api_secret=secret,
                        passphrase=passphrase, initial_balances=(("USDT", "100000"), ("BTC", "2")))
     stop = asyncio.Event()
+    release = release or asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        # The first Ctrl-C stops the recording; with --keep, the next one releases the broker.
+        (release if stop.is_set() else stop).set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    with tempfile.TemporaryDirectory(prefix="okx-ingest-demo-") as tmp:
-        async with SimServer(config, host="127.0.0.1", port=0) as sim:
-            settings = load_settings(
-                None,
-                okx={"ws_base_url": sim.ws_base, "rest_base_url": sim.rest_base, "private": True,
-                     "instruments": list(DEMO_INSTRUMENTS), "channels": list(DEMO_CHANNELS),
-                     "subscriptions": [{"channel": "trades-all", "inst_id": "BTC-USDT"},
-                                       {"channel": "candle1m", "inst_id": "BTC-USDT"}]},
-                kafka={"bootstrap_servers": "embedded", "embedded_port": free_port()},
-                journal={"dir": str(Path(tmp) / "journal")},
-                obs={"log_format": "text", "metrics_port": 0},
-            )
-            env = {"OKX_API_KEY": key, "OKX_API_SECRET": secret, "OKX_API_PASSPHRASE": passphrase}
-            daemon = Daemon(settings, env=env)
-            log.info("demo_starting", extra={"simulator": sim.ws_base, "instruments": ",".join(DEMO_INSTRUMENTS),
-                                             "stop": "Ctrl-C" if seconds <= 0 else f"after {seconds:g} s"})
-            helpers = [asyncio.create_task(_trade_on_the_account(sim, stop)),
-                       asyncio.create_task(_report(daemon, stop))]
-            if seconds > 0:
-                loop.call_later(seconds, stop.set)
-            try:
-                code = await daemon.run(stop)
-            finally:
-                stop.set()
-                for task in helpers:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-            if daemon.parts.pipeline is not None:
-                st = daemon.parts.pipeline.stats
-                log.info("demo_finished", extra={"exit_code": code, "frames": st.frames,
-                                                 "records": dict(sorted(st.records.items())),
-                                                 "gaps": dict(st.gaps), "dead_letters": dict(st.dead_letters)})
-            return code
+            loop.add_signal_handler(sig, on_signal)
+    broker = EmbeddedBroker(port=free_port())
+    await broker.start()
+    try:
+        with tempfile.TemporaryDirectory(prefix="okx-ingest-demo-") as tmp:
+            code = await _record(sim_config=config, broker=broker, tmp=Path(tmp), seconds=seconds, stop=stop,
+                                 env={"OKX_API_KEY": key, "OKX_API_SECRET": secret, "OKX_API_PASSPHRASE": passphrase},
+                                 out=out)
+        if keep:
+            print(f"\nRecording stopped. The broker at {broker.bootstrap_servers} keeps the data until Ctrl-C.",
+                  how_to_look(broker.bootstrap_servers), sep="\n", file=out, flush=True)
+            await release.wait()
+        return code
+    finally:
+        await broker.stop()
+
+
+async def _record(*, sim_config: SimConfig, broker: EmbeddedBroker, tmp: Path, seconds: float,
+                  stop: asyncio.Event, env: dict[str, str], out: TextIO) -> int:
+    """The recording part: simulator + daemon into `broker` until `stop`."""
+    loop = asyncio.get_running_loop()
+    async with SimServer(sim_config, host="127.0.0.1", port=0) as sim:
+        settings = load_settings(
+            None,
+            okx={"ws_base_url": sim.ws_base, "rest_base_url": sim.rest_base, "private": True,
+                 "instruments": list(DEMO_INSTRUMENTS), "channels": list(DEMO_CHANNELS),
+                 "subscriptions": [{"channel": "trades-all", "inst_id": "BTC-USDT"},
+                                   {"channel": "candle1m", "inst_id": "BTC-USDT"}]},
+            # The demo's own broker, given by address: the embedded one refuses the idempotent producer.
+            kafka={"bootstrap_servers": broker.bootstrap_servers, "enable_idempotence": False},
+            journal={"dir": str(tmp / "journal")},
+            obs={"log_format": "text", "metrics_port": 0},
+        )
+        daemon = Daemon(settings, env=env)
+        log.info("demo_starting", extra={"simulator": sim.ws_base, "instruments": ",".join(DEMO_INSTRUMENTS),
+                                         "kafka": broker.bootstrap_servers,
+                                         "stop": "Ctrl-C" if seconds <= 0 else f"after {seconds:g} s"})
+        print(how_to_look(broker.bootstrap_servers), file=out, flush=True)
+        helpers = [asyncio.create_task(_trade_on_the_account(sim, stop)),
+                   asyncio.create_task(_report(daemon, stop))]
+        if seconds > 0:
+            loop.call_later(seconds, stop.set)
+        try:
+            code = await daemon.run(stop)
+        finally:
+            stop.set()
+            for task in helpers:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if daemon.parts.pipeline is not None:
+            st = daemon.parts.pipeline.stats
+            log.info("demo_finished", extra={"exit_code": code, "frames": st.frames,
+                                             "records": dict(sorted(st.records.items())),
+                                             "gaps": dict(st.gaps), "dead_letters": dict(st.dead_letters)})
+        return code
