@@ -98,6 +98,19 @@ class OkxSettings(_Section):
         default=3, description="consecutive authentication failures before signed traffic pauses")
     auth_pause_initial_s: Annotated[float, Field(gt=0)] = 30.0
     auth_pause_max_s: Annotated[float, Field(gt=0)] = 900.0
+    ca_bundle: Path | None = Field(
+        default=None, description="extra CA certificates (PEM) trusted for OKX besides the public roots: the CA of a "
+                                  "TLS-inspecting corporate proxy (SPKI pins, if set, still apply)")
+    proxy: str | None = Field(
+        default=None, description="HTTP(S) proxy for OKX REST and WebSocket (http://host:port, CONNECT tunnels); "
+                                  "unset: HTTPS_PROXY/HTTP_PROXY and NO_PROXY from the environment; 'direct': none")
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy_url(cls, v: str | None) -> str | None:
+        if v is not None and v != "direct" and not v.startswith(("http://", "https://")):
+            raise ValueError(f"proxy must be an http:// or https:// URL or 'direct', got {v!r}")
+        return v
 
     @field_validator("tls_spki_pins")
     @classmethod

@@ -36,6 +36,7 @@ from ingest.core.clock import OffsetSample, ServerClock
 from ingest.core.ratelimit import SlidingWindow
 from ingest.credentials import CredentialStore
 from ingest.errors import CredentialError, IngestError, OkxApiError, ProtocolError
+from ingest.io.proxy import describe_proxy, proxy_for
 from ingest.io.tls import client_ssl_context, find_pin_error
 from ingest.okx import codes
 from ingest.okx.endpoints import DEMO_HEADER, REST_BASE, Environment
@@ -599,6 +600,8 @@ class OkxRestClient:
         keepalive_s: float = 30.0,
         tls_spki_pins: tuple[str, ...] = (),
         ssl_cafile: str | None = None,
+        extra_cafile: str | None = None,
+        proxy: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         on_clock_expired: Callable[[], Awaitable[object]] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
@@ -631,14 +634,18 @@ class OkxRestClient:
             headers[DEMO_HEADER[0]] = DEMO_HEADER[1]
         if transport is None:
             transport = httpx.AsyncHTTPTransport(
-                verify=client_ssl_context(tls_spki_pins, cafile=ssl_cafile),
+                verify=client_ssl_context(tls_spki_pins, cafile=ssl_cafile, extra_cafile=extra_cafile),
+                proxy=proxy,  # a CONNECT tunnel: TLS and pins stay end to end with OKX
                 http1=True,
                 http2=False,
                 retries=0,
                 limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
                                     keepalive_expiry=keepalive_s),
             )
-        # trust_env=False: no proxy from the environment may route around the pinned TLS context.
+        if proxy is not None:
+            log.info("okx_rest_proxy", extra={"proxy": describe_proxy(proxy), "base_url": self.base_url})
+        # trust_env=False: the proxy is chosen explicitly (io/proxy.py, HTTPS_PROXY/NO_PROXY included), never by
+        # httpx's own reading of the environment (.netrc, SSL_CERT_FILE would route around the pinned context).
         # pool=None: admitted requests may queue for a connection; connect/read/write stay bounded.
         self._http = httpx.AsyncClient(
             base_url=self.base_url, transport=transport, headers=headers, trust_env=False, follow_redirects=False,
@@ -665,6 +672,8 @@ class OkxRestClient:
             breaker_failures=bf.breaker_failures, breaker_cooldown_s=bf.breaker_cooldown_s,
             max_connections=okx.rest_max_connections, keepalive_s=okx.rest_keepalive_s,
             tls_spki_pins=tuple(okx.tls_spki_pins), transport=transport, on_clock_expired=on_clock_expired,
+            extra_cafile=str(okx.ca_bundle) if okx.ca_bundle else None,
+            proxy=proxy_for(okx.rest_base_url or REST_BASE, okx.proxy),
         )
 
     async def __aenter__(self) -> OkxRestClient:

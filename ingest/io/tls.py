@@ -23,7 +23,7 @@ import certifi
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ingest.errors import IngestError
+from ingest.errors import ConfigError, IngestError
 
 PIN_PREFIX = "sha256/"
 
@@ -151,12 +151,14 @@ class PinnedSSLContext(ssl.SSLContext):
 
 
 def client_ssl_context(
-    pins: Iterable[str] = (), *, cafile: str | None = None, cadata: str | None = None
+    pins: Iterable[str] = (), *, cafile: str | None = None, cadata: str | None = None,
+    extra_cafile: str | None = None,
 ) -> PinnedSSLContext:
     """The TLS context for every OKX connection, REST and WebSocket alike.
 
-    Certificates are verified against certifi's roots (or `cafile`/`cadata`, for tests with a local CA)
-    and the host name is checked; there is deliberately no switch to turn verification off.
+    Certificates are verified against certifi's roots (or `cafile`/`cadata`, for tests with a local CA), plus
+    `extra_cafile` (`okx.ca_bundle`: a TLS-inspecting proxy's CA), and the host name is checked; there is
+    deliberately no switch to turn verification off.
     """
     ctx = PinnedSSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -166,6 +168,12 @@ def client_ssl_context(
         ctx.load_verify_locations(cafile=certifi.where())
     else:
         ctx.load_verify_locations(cafile=cafile, cadata=cadata)
+    if extra_cafile is not None:
+        try:
+            ctx.load_verify_locations(cafile=extra_cafile)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError("okx.ca_bundle", f"{extra_cafile} cannot be loaded ({exc})",
+                              "point it at a PEM file of CA certificates") from None
     ctx.spki_pins = frozenset(normalize_pin(p) for p in pins)
     return ctx
 

@@ -389,6 +389,7 @@ class Connection:
         monotonic: Callable[[], float] = time.monotonic,
         ssl_context: ssl.SSLContext | None = None,
         token: str = PROCESS_TOKEN,
+        proxy: str | None = None,
     ) -> None:
         if spec.login and credentials is None:
             raise CredentialError(
@@ -412,6 +413,9 @@ class Connection:
         self._backoff_factory = backoff or (lambda: full_jitter(settings.backoff_min_s, settings.backoff_max_s))
         self._monotonic = monotonic
         self._ssl = ssl_context if url.startswith("wss://") else None
+        #: The HTTP(S) proxy to tunnel through (io/proxy.py decides); None connects directly, never by websockets'
+        #: own reading of the environment.
+        self._proxy = proxy
         self._token = token
         self._arg_set = frozenset(spec.args)
         self._generation = 0
@@ -594,6 +598,7 @@ class Connection:
                 max_size=self.settings.max_message_bytes,
                 compression="deflate" if self.settings.compression else None,
                 ssl=self._ssl,
+                proxy=self._proxy,
                 create_connection=_TapConnection,
             )
             assert isinstance(ws, _TapConnection)

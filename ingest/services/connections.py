@@ -22,6 +22,7 @@ from ingest.core.events import Inbound
 from ingest.core.plan import PlanLimits, plan_connections
 from ingest.credentials import CredentialStore
 from ingest.errors import CredentialError, IngestError
+from ingest.io.proxy import describe_proxy, proxy_for
 from ingest.io.tls import client_ssl_context
 from ingest.io.ws import Connection, ConnectionStatus, ConnectLimiter, ConnState, LoginRejected
 from ingest.okx.channels import Endpoint, SubArg
@@ -92,11 +93,16 @@ class ConnectionManager:
         self.limiter = ConnectLimiter(ws.connects_per_s, monotonic)
         urls = {c.name: endpoint_url(okx, ws, c.endpoint) for c in self.plan}
         if ssl_context is None and any(u.startswith("wss://") for u in urls.values()):
-            ssl_context = client_ssl_context(okx.tls_spki_pins)
+            ssl_context = client_ssl_context(okx.tls_spki_pins,
+                                             extra_cafile=str(okx.ca_bundle) if okx.ca_bundle else None)
+        proxies = {name: proxy_for(url, okx.proxy) for name, url in urls.items()}
+        for name, proxy in proxies.items():
+            if proxy is not None:
+                log.info("okx_ws_proxy", extra={"ws_name": name, "proxy": describe_proxy(proxy)})
         self.connections = tuple(
             Connection(spec, urls[spec.name], ws, queue, limiter=self.limiter, credentials=credentials,
                        clock=self._clock, resync_clock=resync_clock, backoff=backoff, monotonic=monotonic,
-                       ssl_context=ssl_context)
+                       ssl_context=ssl_context, proxy=proxies[spec.name])
             for spec in self.plan
         )
         self._by_arg = {arg: conn for conn in self.connections for arg in conn.args}

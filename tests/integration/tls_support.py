@@ -155,31 +155,42 @@ def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
 
 
 @contextlib.asynccontextmanager
-async def tls_kafka(directory: Path, *, mutual: bool, server_names: Sequence[str] = ("localhost",),
-                    advertised_host: str = "localhost") -> AsyncIterator[TlsKafka]:
-    """The embedded broker behind stunnel on a free port; with `mutual`, clients must show a certificate of
-    the test CA."""
-    pki = make_pki(directory / "pki", server_names)
-    tls_port, plain_port = free_port(), free_port()
-    log = directory / "stunnel.log"
-    conf = directory / "stunnel.conf"
-    lines = ["foreground = yes", "pid =", f"output = {log}", "debug = 5", "[kafka]",
-             f"accept = 127.0.0.1:{tls_port}", f"connect = 127.0.0.1:{plain_port}",
+async def stunnel(directory: Path, pki: Pki, target_port: int, *, mutual: bool = False) -> AsyncIterator[int]:
+    """TLS on a free loopback port (yielded) in front of `target_port` (plain TCP), with the PKI's server
+    certificate; with `mutual`, clients must show a certificate of the PKI's CA."""
+    tls_port = free_port()
+    log = directory / f"stunnel-{tls_port}.log"
+    conf = directory / f"stunnel-{tls_port}.conf"
+    lines = ["foreground = yes", "pid =", f"output = {log}", "debug = 5", "[tls]",
+             f"accept = 127.0.0.1:{tls_port}", f"connect = 127.0.0.1:{target_port}",
              f"cert = {pki.server_cert}", f"key = {pki.server_key}"]
     if mutual:
         lines += [f"CAfile = {pki.ca}", "verifyChain = yes", "requireCert = yes"]
     conf.write_text("\n".join(lines) + "\n")
     proc = _spawn([stunnel_binary(), str(conf)])
-    broker = EmbeddedBroker(port=plain_port, advertised=f"{advertised_host}:{tls_port}")
     try:
         await _wait_listening(tls_port, proc, log)
-        await broker.start()
-        yield TlsKafka(f"{advertised_host}:{tls_port}", tls_port, pki, broker)
+        yield tls_port
     finally:
-        await broker.stop()
         proc.terminate()
         try:
             await asyncio.to_thread(proc.wait, 10)
         except subprocess.TimeoutExpired:
             proc.kill()
             await asyncio.to_thread(proc.wait, 10)
+
+
+@contextlib.asynccontextmanager
+async def tls_kafka(directory: Path, *, mutual: bool, server_names: Sequence[str] = ("localhost",),
+                    advertised_host: str = "localhost") -> AsyncIterator[TlsKafka]:
+    """The embedded broker behind stunnel on a free port; with `mutual`, clients must show a certificate of
+    the test CA."""
+    pki = make_pki(directory / "pki", server_names)
+    plain_port = free_port()
+    async with stunnel(directory, pki, plain_port, mutual=mutual) as tls_port:
+        broker = EmbeddedBroker(port=plain_port, advertised=f"{advertised_host}:{tls_port}")
+        try:
+            await broker.start()
+            yield TlsKafka(f"{advertised_host}:{tls_port}", tls_port, pki, broker)
+        finally:
+            await broker.stop()
