@@ -36,7 +36,7 @@ from ingest.config import Settings
 from ingest.core.avro import DecodeError, decode_fields, read_framing
 from ingest.core.records import TopicKind
 from ingest.errors import ConfigError, IngestError
-from ingest.io.kafka_security import kafka_client_kwargs
+from ingest.io.kafka_security import diagnose_tls, kafka_client_kwargs
 from ingest.io.registry import RegistryError, SchemaRegistry
 
 log = logging.getLogger(__name__)
@@ -272,8 +272,9 @@ async def tail(settings: Settings, topics: Sequence[str], *, out: TextIO, inst: 
     except (KafkaError, OSError, TimeoutError) as exc:
         with contextlib.suppress(Exception):
             await consumer.stop()
-        raise TailError(f"cannot reach Kafka at {address}: {exc or type(exc).__name__} (a local demo prints its "
-                        "address; pass it with --bootstrap)") from None
+        why = await diagnose_tls(settings.kafka, address)
+        raise TailError(f"cannot reach Kafka at {address}: {why or exc or type(exc).__name__}"
+                        + ("" if why else " (a local demo prints its address; pass it with --bootstrap)")) from None
     printed = 0
     try:
         tps = await _partitions(consumer, names, timeout_s)

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from ingest.config import KafkaSettings
+from ingest.config import KafkaSettings, Settings
 from ingest.errors import ConfigError, DeliveryError
 from ingest.io.kafka import KafkaSink
 from ingest.io.kafka_security import kafka_client_kwargs
 from ingest.io.sink import EncodedRecord
+from ingest.tail import TailError, tail
 from tests.integration.tls_support import TlsKafka, make_pki, tls_kafka
 
 pytestmark = pytest.mark.broker
@@ -112,3 +114,16 @@ def test_an_encrypted_client_key_without_its_password_is_a_config_error(tmp_path
     with pytest.raises(ConfigError, match="password is wrong"):
         kafka_client_kwargs(kafka, env={"KAFKA_SSL_KEY_PASSWORD": "not-the-password"})
     assert "ssl_context" in kafka_client_kwargs(kafka, env={"KAFKA_SSL_KEY_PASSWORD": pki.client_key_password})
+
+
+async def test_tail_reads_over_tls_and_names_the_missing_client_certificate(tmp_path: Path) -> None:
+    async with tls_kafka(tmp_path, mutual=True) as endpoint:
+        pki = endpoint.pki
+        kafka = settings(endpoint, ssl_certfile=pki.client_cert, ssl_keyfile=pki.client_key)
+        await write(kafka, records(2))
+        with_cert = Settings(kafka=kafka)
+        out = io.StringIO()
+        assert await tail(with_cert, [TOPIC], out=out, timeout_s=20) == 2
+        assert "UNDECODABLE" in out.getvalue()  # these test values are not Avro: shown, not fatal
+        with pytest.raises(TailError, match="requires a client certificate"):
+            await tail(Settings(kafka=settings(endpoint)), [TOPIC], out=io.StringIO(), timeout_s=20)
