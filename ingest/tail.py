@@ -177,7 +177,8 @@ def table_line(s: Shown) -> str:
     ts = f.get("ts") if isinstance(f.get("ts"), int) else s.ts_ms
     inst = f.get("instId") or s.key or "-"
     src = f.get("source") or ""
-    return f"{_iso(ts)}  {s.topic}[{s.partition}]@{s.offset:<6}  {inst:<16} {src:<4} {summary(s)}"
+    channel = f.get("channel") if "exchange" in f and "ts" in f else ""  # market records: trades vs trades-all
+    return f"{_iso(ts)}  {s.topic}[{s.partition}]@{s.offset:<6}  {inst:<16} {channel or '':<10} {src:<4} {summary(s)}"
 
 
 def json_line(s: Shown) -> str:
