@@ -14,11 +14,12 @@ import sys
 import time
 from typing import TextIO
 
-from ingest.config import Settings
+from ingest.config import KafkaSettings, Settings
 from ingest.core.clock import ServerClock
 from ingest.credentials import CredentialStore, credentials_present
 from ingest.errors import IngestError
 from ingest.io.kafka import KafkaSink
+from ingest.io.kafka_security import describe_security, kafka_client_kwargs
 from ingest.io.rest import OkxRestClient
 from ingest.obs.logging import setup_logging
 from ingest.services.clock import ClockService
@@ -91,6 +92,8 @@ def offline_checks(settings: Settings) -> list[tuple[bool, str]]:
         path = getattr(kafka, key, None)
         if path is not None:
             out.append((path.is_file(), f"kafka.{key}: {path}" + ("" if path.is_file() else " does not exist")))
+    if kafka.security_protocol != "PLAINTEXT":
+        out.append(_security_check(kafka))
     if kafka.embedded:
         out.append((True, "kafka: embedded broker (memory only: everything recorded is lost when the process "
                           "stops); not contacted (--offline)"))
@@ -100,3 +103,14 @@ def offline_checks(settings: Settings) -> list[tuple[bool, str]]:
                           f"{kafka.wire_format.value}{registry}); not contacted (--offline)"))
     out.append((True, "okx: not contacted (--offline): clock and key permissions unchecked"))
     return out
+
+
+def _security_check(kafka: KafkaSettings) -> tuple[bool, str]:
+    """Build the Kafka clients' TLS context and SASL settings without connecting: the files load, the key
+    password decrypts the key, the SASL secrets are present (their values are not shown)."""
+    try:
+        kafka_client_kwargs(kafka)
+    except IngestError as exc:
+        return False, f"kafka security: {exc}"
+    shown = ", ".join(f"{k}={v}" for k, v in describe_security(kafka).items())
+    return True, f"kafka security: {shown}; secrets present"

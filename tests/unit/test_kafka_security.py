@@ -173,3 +173,21 @@ def test_an_unimportable_custom_provider_names_the_setting() -> None:
     with pytest.raises(ConfigError) as err:
         kafka_client_kwargs(kafka, env={})
     assert err.value.key == "kafka.sasl_oauth_provider"
+
+
+def test_offline_check_builds_the_security_settings_and_names_a_missing_secret(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from ingest.check import offline_checks
+    from ingest.config import Settings
+
+    settings = Settings(kafka=sasl())
+    monkeypatch.delenv("KAFKA_SASL_PASSWORD", raising=False)
+    monkeypatch.delenv("KAFKA_SASL_PASSWORD_FILE", raising=False)
+    failed = [what for ok, what in offline_checks(settings) if not ok]
+    assert len(failed) == 1 and "KAFKA_SASL_PASSWORD" in failed[0]
+    password = secrets.token_hex(10)
+    monkeypatch.setenv("KAFKA_SASL_PASSWORD", password)
+    results = offline_checks(settings)
+    assert all(ok for ok, _ in results)
+    line = next(what for _, what in results if what.startswith("kafka security"))
+    assert "sasl_mechanism=SCRAM-SHA-512" in line and password not in line
