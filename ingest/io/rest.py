@@ -646,7 +646,10 @@ class OkxRestClient:
             log.info("okx_rest_proxy", extra={"proxy": describe_proxy(proxy), "base_url": self.base_url})
         # trust_env=False: the proxy is chosen explicitly (io/proxy.py, HTTPS_PROXY/NO_PROXY included), never by
         # httpx's own reading of the environment (.netrc, SSL_CERT_FILE would route around the pinned context).
-        # pool=None: admitted requests may queue for a connection; connect/read/write stay bounded.
+        # pool=None: httpx never times out waiting for a connection, because no request ever waits for one
+        # there: `_slots` admits at most max_connections exchanges, before signing. A signed request that queued
+        # in the pool could outlive OKX's 30 s timestamp window (50102) behind slow answers.
+        self._slots = asyncio.Semaphore(max_connections)
         self._http = httpx.AsyncClient(
             base_url=self.base_url, transport=transport, headers=headers, trust_env=False, follow_redirects=False,
             timeout=httpx.Timeout(timeout_s, pool=None),
@@ -747,9 +750,10 @@ class OkxRestClient:
                 self._counters.waits[path] += waited
                 self._counters.in_flight += 1
                 try:
-                    sent_ms = self.clock.local_ms()
-                    status, raw, okx_ts, failure = await self._exchange(method, target, content, signed)
-                    recv_ms = self.clock.local_ms()
+                    async with self._slots:  # a free connection first, then sign and send at once
+                        sent_ms = self.clock.local_ms()
+                        status, raw, okx_ts, failure = await self._exchange(method, target, content, signed)
+                        recv_ms = self.clock.local_ms()
                 finally:
                     self._counters.in_flight -= 1
                     bucket.release()

@@ -38,6 +38,7 @@ from ingest.sim import KeyEnv, SimConfig, SimServer
 SCALE = 0.05  # 2 s OKX windows become 100 ms, on the simulator and in the client alike
 BOOKS = "/api/v5/market/books"
 CONFIG = "/api/v5/account/config"
+BALANCE = "/api/v5/account/balance"
 
 
 def wall_ms() -> int:
@@ -355,3 +356,16 @@ async def test_every_request_is_in_the_audit_log_once_and_no_secret_is_anywhere(
     everything = caplog.text + " ".join(str(r.__dict__) for r in caplog.records)
     for value in (sim.config.api_key, sim.config.api_secret, sim.config.passphrase):
         assert value not in everything
+
+
+async def test_signed_requests_never_wait_for_a_connection_after_signing() -> None:
+    """More signed requests than connections, behind slow answers: each is signed only once a connection is
+    free, so none outlives OKX's timestamp window while queued (50102 "Timestamp request expired")."""
+    config = sim_config(auth_window_s=0.5)
+    async with running(config) as sim:
+        sim.faults.rest_slow(0.2, count=8, path=BALANCE)
+        async with client_for(sim, credentials=store_for(sim.config), max_connections=1, max_attempts=1,
+                              limits=LimitTable(window_scale=SCALE)) as client:
+            results = await asyncio.gather(*(client.get(BALANCE) for _ in range(8)))
+        assert len(results) == 8
+        assert [code for _, code in codes_seen(sim, BALANCE)] == ["0"] * 8
