@@ -403,7 +403,16 @@ class Daemon:
             events.add_metric([event], n)
         inbox = gauge("inbox_depth", "Frames and events waiting for the pipeline")
         inbox.add_metric([], p.inbox.qsize())
-        return [frames, records, dead, gaps, okx_errors, events, book, dups, inbox]
+        state = gauge("pipeline_state_entries", "Entries of each per-stream map of the pipeline (all bounded)",
+                      ("map",))
+        for name, n in p.state_sizes().items():
+            state.add_metric([name], n)
+        failures = counter("pipeline_failures", "Items the data path's last-resort guard caught, by stage",
+                           ("stage",))
+        failures.add_metric(["item"], st.item_failures)
+        failures.add_metric(["encode"], st.unencodable_records)
+        failures.add_metric(["stream_limit"], st.streams_refused)
+        return [frames, records, dead, gaps, okx_errors, events, book, dups, inbox, state, failures]
 
     def _connection_metrics(self) -> Iterable[Metric]:
         m = self.parts.manager

@@ -191,6 +191,10 @@ class GapTracker:
         """Drop the state of an unsubscribed stream (its open gap, if any, is discarded)."""
         self._streams.pop(arg, None)
 
+    def __len__(self) -> int:
+        """Streams tracked (for the per-stream state gauge)."""
+        return len(self._streams)
+
     def _make(self, arg: SubArg, st: _Stream, o: _Open, after: Position | None, conn_after: str | None,
               detected_ts_ns: int, reason: str | None = None) -> Gap:
         return Gap(

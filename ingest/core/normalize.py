@@ -3,8 +3,9 @@
 `normalize(frame)` is the pipeline's entry point. It parses the frame once (msgspec, with JSON floats kept as
 exact Decimals and big integers kept whole, so unknown fields survive byte-exact in meaning), tells events
 from data pushes, checks every push against its channel's shape (required fields present, strings where OKX
-sends strings, decimal strings finite, integers where OKX sends integers, candle arrays of the right length,
-a channel we have a record for) and returns typed records whose common fields come from the frame. Anything
+sends strings, decimal strings finite, integers where OKX sends integers and within the range of the Avro
+type that carries them (tradeIds too: gap bounds hold them as longs), candle arrays of the right length, a
+channel we have a record for) and returns typed records whose common fields come from the frame. Anything
 else becomes a `DeadLetter` that keeps the frame's bytes and says what was wrong where. A frame is all or
 nothing: one bad row dead-letters the whole frame, so a re-normalized frame never duplicates half of itself.
 
@@ -493,6 +494,10 @@ def _trade(row: object, ctx: _Ctx, index: int) -> tuple[Trade, TradeRef]:
         if type(trade_id) is str:
             raise _Invalid(DeadLetterReason.BAD_NUMBER, "tradeId", f"{_show(trade_id)} is not an integer")
         _wrong_type("tradeId", trade_id, "an integer string")
+    tid = int(trade_id)
+    if not _INT64_MIN <= tid <= _INT64_MAX:
+        # Gap bounds carry it as an Avro long (okx.gaps before/after.tradeId, the stream-state file).
+        raise _Invalid(DeadLetterReason.BAD_NUMBER, "tradeId", f"{_show(trade_id)} does not fit a 64-bit integer")
     px = _req_decimal(row, "px")
     sz = _req_decimal(row, "sz")
     side = row.get("side", _MISSING)
@@ -529,7 +534,7 @@ def _trade(row: object, ctx: _Ctx, index: int) -> tuple[Trade, TradeRef]:
     record = Trade(channel=ctx.channel, inst_id=inst_id, ts=ts, recv_ts_ns=ctx.recv_ts_ns, source=ctx.source,
                    conn_id=ctx.conn, recv_seq=ctx.recv_seq, record_id=f"{ctx.rid_prefix}{index}", trade_id=trade_id,
                    px=px, sz=sz, side=side, count=count, seq_id=seq_id, okx_source=okx_source, extra=extra)
-    return record, TradeRef(int(trade_id), n, seq_id, ts)
+    return record, TradeRef(tid, n, seq_id, ts)
 
 
 def _levels(row: Mapping[str, object], key: str) -> tuple[BookLevel, ...]:
@@ -917,13 +922,16 @@ def _fast_trades(frame: InboundFrame) -> TradePush | None:
             if _POSITIVE(count) is None:
                 return None
             n = int(count)
+        tid = int(trade_id)
+        if not _INT64_MIN <= tid <= _INT64_MAX:
+            return None
         seq_id = None if row.seqId is _UNSET else row.seqId
         ms = int(ts)
         records.append(replace(template, ts=ms, recv_ts_ns=frame.recv_ts_ns, conn_id=frame.conn,
                                recv_seq=frame.recv_seq, record_id=f"{prefix}{i}", trade_id=trade_id, px=row.px,
                                sz=row.sz, side=side, count=count, seq_id=seq_id,
                                okx_source=None if row.source is _UNSET else row.source, extra={}))
-        refs.append(TradeRef(int(trade_id), n, seq_id, ms))
+        refs.append(TradeRef(tid, n, seq_id, ms))
     return TradePush(arg=sub, records=tuple(records), refs=tuple(refs))
 
 
@@ -1152,6 +1160,12 @@ def _dead(frame: InboundFrame, code: DeadLetterReason, reason: str, path: str | 
                       conn_id=frame.conn, name=frame.name, endpoint=str(frame.endpoint), recv_seq=frame.recv_seq,
                       recv_ts_ns=frame.recv_ts_ns, channel=channel, inst_id=inst_id,
                       record_id=f"{frame.conn}:{frame.recv_seq}:dlq")
+
+
+def frame_dead_letter(frame: InboundFrame, code: DeadLetterReason, reason: str, *, channel: str | None = None,
+                      inst_id: str | None = None) -> DeadLetter:
+    """The dead letter of a frame that normalized but that the pipeline refuses (e.g. an unsubscribed arg)."""
+    return _dead(frame, code, reason, None, channel, inst_id)
 
 
 #: Most Avro bytes a RawFrameEntry adds besides its payload (two longs and a length, 10 + 10 + 5, rounded up).

@@ -53,10 +53,12 @@ class Source(enum.StrEnum):
 
 
 class BookAction(enum.StrEnum):
-    """Avro enum `BookAction`: a snapshot replaces the book, an update applies levels to it."""
+    """Avro enum `BookAction`: a snapshot replaces the book, an update applies levels to it, a checkpoint is the
+    recorder's copy of its verified book that replaces it without breaking the seqId chain."""
 
     SNAPSHOT = "snapshot"
     UPDATE = "update"
+    CHECKPOINT = "checkpoint"
 
 
 class GapKind(enum.StrEnum):
@@ -97,6 +99,8 @@ class DeadLetterReason(enum.StrEnum):
     BAD_VALUE = "bad_value"
     INTERNAL_ERROR = "internal_error"
     OTHER = "other"
+    #: A push for an arg this shard never subscribed: kept as a dead letter, never given per-stream state.
+    UNSUBSCRIBED = "unsubscribed"
 
 
 #: One book level exactly as OKX sends it: [px, sz, deprecated "0", numOrders].

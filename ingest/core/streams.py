@@ -180,6 +180,10 @@ class StreamOwners(Generic[T]):
         st = self._streams.get(arg)
         return sum(len(q) for q in st.pending.values()) if st is not None else 0
 
+    def __len__(self) -> int:
+        """Streams tracked (for the per-stream state gauge)."""
+        return len(self._streams)
+
     def forget(self, arg: SubArg) -> None:
         """Drop the state of an unsubscribed stream."""
         self._streams.pop(arg, None)

@@ -58,9 +58,15 @@ class StreamStateFile:
             return None
 
     def save(self, saved_ts_ns: int, streams: Sequence[StreamCheckpoint], private_last_ns: int | None) -> None:
-        """Replace the file atomically; an I/O error is logged (the next save retries), never raised."""
-        body = orjson.dumps({"version": FORMAT_VERSION, "saved_ts_ns": saved_ts_ns,
-                             "private_last_ns": private_last_ns, "streams": [s.to_json() for s in streams]})
+        """Replace the file atomically; an I/O error is logged (the next save retries), never raised.
+
+        A stream whose state JSON cannot hold (an integer beyond 64 bits) is left out with an error log, so one
+        bad value costs that stream's restart gap, not every stream's save and the shutdown after it."""
+        head = {"version": FORMAT_VERSION, "saved_ts_ns": saved_ts_ns, "private_last_ns": private_last_ns}
+        try:
+            body = orjson.dumps({**head, "streams": [s.to_json() for s in streams]})
+        except TypeError:
+            body = orjson.dumps({**head, "streams": [f for f in map(_stream_json, streams) if f is not None]})
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,3 +77,13 @@ class StreamStateFile:
             os.replace(tmp, self.path)
         except OSError as exc:
             log.error("stream_state_not_saved", extra={"path": str(self.path), "error": str(exc)})
+
+
+def _stream_json(cp: StreamCheckpoint) -> orjson.Fragment | None:
+    """One stream's JSON, or None (logged) when a value does not fit JSON's 64-bit integers."""
+    try:
+        return orjson.Fragment(orjson.dumps(cp.to_json()))
+    except TypeError as exc:
+        log.error("stream_state_skipped", extra={"arg": str(cp.arg), "error": str(exc),
+                                                 "effect": "a restart does not report this stream's downtime"})
+        return None

@@ -20,6 +20,7 @@ rest is published with `source = rest`, and the hole's disconnect gap is publish
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -44,7 +45,7 @@ from ingest.core.events import (
 from ingest.core.gaps import Gap, GapTracker, StreamCheckpoint
 from ingest.core.gaps import GapKind as TrackerGapKind
 from ingest.core.ledger import RECONCILED_CHANNELS, REST_FILLED_CHANNELS, PrivateLedger, reports_fill
-from ingest.core.normalize import BookPush, OkxEvent, RecordPush, TradePush, normalize, raw_frames
+from ingest.core.normalize import BookPush, OkxEvent, RecordPush, TradePush, frame_dead_letter, normalize, raw_frames
 from ingest.core.orders import BoundedSeen, OrderPush, OrderPushDedupe
 from ingest.core.records import (
     AlgoOrder,
@@ -105,6 +106,12 @@ class PipelineStats:
     private_repeats_dropped: int = 0
     resubscribes_requested: int = 0
     oversize_records: int = 0
+    #: Items the last-resort guard caught (a frame among them became an internal_error dead letter).
+    item_failures: int = 0
+    #: Records their Avro schema could not hold (each became a dead letter).
+    unencodable_records: int = 0
+    #: Args acked after `max_streams` were held (their pushes are dead letters).
+    streams_refused: int = 0
     last_frame_ns: int = 0
     #: Private reconciliation: REST reads asked for, answers handled, rows published (by topic) and dropped.
     reconcile_requests: int = 0
@@ -179,6 +186,10 @@ BATCH = 256
 #: Private connections whose last frame time is remembered (older ones are forgotten first).
 _MAX_PRIVATE_CONNS = 64
 
+#: Most streams (args) one pipeline holds state for: far above what a shard subscribes (OKX allows a few
+#: thousand args per connection and a shard has a few connections), so only a bug or abuse reaches it.
+MAX_STREAMS = 50_000
+
 
 @dataclass(slots=True)
 class _PrivateStream:
@@ -209,6 +220,7 @@ class Pipeline:
         shard: str = "0",
         publish_raw: bool = True,
         max_record_bytes: int = 1_000_000,
+        max_streams: int = MAX_STREAMS,
         now_ns: Callable[[], int] = time.time_ns,
         latency: LatencyMarker | None = None,
     ) -> None:
@@ -241,6 +253,10 @@ class Pipeline:
         self._latency = latency
         #: Local receive time (ns) of each stream's last data push, for staleness metrics.
         self.stream_last_ns: dict[SubArg, int] = {}
+        #: Every arg a connection of this shard acked (SUBSCRIBED): the only streams that get state. A push for
+        #: any other arg is a dead letter, so what OKX (or anyone) pushes cannot grow memory.
+        self._held: set[SubArg] = set()
+        self._max_streams = max_streams
 
     # ---- driving ------------------------------------------------------------------------------------
 
@@ -277,6 +293,13 @@ class Pipeline:
             self._started_ns = min(self._started_ns, state.private_last_ns)
         return restored
 
+    def state_sizes(self) -> dict[str, int]:
+        """Entries of every per-stream map (a gauge each): all are bounded, by `max_streams` or their own cap."""
+        return {"subscribed": len(self._held), "books": len(self._books), "gap_streams": len(self._gaps),
+                "stream_owners": len(self._owners), "private_streams": len(self._private),
+                "private_conns": len(self._private_last_ns), "order_dedupe": len(self._orders),
+                "fills_seen": len(self._fills), "private_ledger": len(self._ledger)}
+
     def open_gaps(self) -> list[Gap]:
         """Gaps not yet closed by data (reported at shutdown)."""
         return self._gaps.open_gaps(self._now_ns())
@@ -299,20 +322,26 @@ class Pipeline:
                     self._link(item)
                 else:
                     self._rest(item)
-            except Exception:
-                # A bug must not stop the recorder; the frame is still in okx.raw (published first) for
-                # re-normalizing.
-                log.exception("pipeline_item_failed", extra={"item": type(item).__name__})
+            except Exception as exc:
+                self._failed(item, exc)
         if out:
             records = self.stats.records
             encode = self._encoder.encode
             limit = self._max_record_bytes
             encoded = []
             for rec in out:
-                enc = encode(rec)
-                if len(enc.value) > limit:
-                    rec = self._oversize(rec, len(enc.value))
+                try:
                     enc = encode(rec)
+                    if len(enc.value) > limit:
+                        rec = self._oversize(rec, len(enc.value))
+                        enc = encode(rec)
+                except Exception as exc:
+                    # A value the normalizer let through that its Avro type cannot hold (a bug there): one
+                    # dead letter instead of a pipeline that dies with the batch it had not handed over.
+                    dead = self._unencodable(rec, exc, items)
+                    if dead is None:
+                        continue
+                    rec, enc = dead
                 records[rec.TOPIC.value] += 1
                 encoded.append(enc)
             out.clear()
@@ -325,6 +354,47 @@ class Pipeline:
                 await self._outlet.put_many(encoded)
             finally:
                 self._putting.set()
+
+    def _failed(self, item: Inbound, exc: Exception) -> None:
+        """The last-resort guard of one item: whatever went wrong, a frame ends as a dead letter (its bytes are
+        on okx.raw too, published first) and anything else as a logged, counted failure."""
+        self.stats.item_failures += 1
+        try:
+            log.error("pipeline_item_failed", extra={"item": type(item).__name__,
+                                                     "error": f"{type(exc).__name__}: {exc}"[:500]}, exc_info=exc)
+            if isinstance(item, InboundFrame):
+                self._dead(DeadLetter(
+                    reason_code=DeadLetterReason.INTERNAL_ERROR,
+                    reason=f"pipeline error {type(exc).__name__}: {exc}"[:2000], raw=item.data, source=Source.WS,
+                    conn_id=item.conn, name=item.name, endpoint=str(item.endpoint), recv_seq=item.recv_seq,
+                    recv_ts_ns=item.recv_ts_ns, record_id=f"{item.conn}:{item.recv_seq}:failed"))
+        except Exception:  # not even the dead letter could be built: the count and okx.raw still have it
+            log.exception("pipeline_item_failed", extra={"item": type(item).__name__})
+
+    def _unencodable(self, rec: Record, exc: Exception,
+                     items: Sequence[Inbound]) -> tuple[Record, EncodedRecord] | None:
+        """A record its Avro schema cannot hold, as a dead letter with the frame it came from (None, counted and
+        logged, if even that cannot be encoded)."""
+        self.stats.unencodable_records += 1
+        conn, seq = getattr(rec, "conn_id", None), getattr(rec, "recv_seq", None)
+        raw = next((i.data for i in items if isinstance(i, InboundFrame) and i.conn == conn and i.recv_seq == seq),
+                   None)
+        what = f"{rec.AVRO_NAME} {rec.emission_id()} cannot be encoded: {type(exc).__name__}: {exc}"[:2000]
+        log.error("record_unencodable", extra={"schema": rec.AVRO_NAME, "record_id": rec.emission_id(),
+                                               "error": f"{type(exc).__name__}: {exc}"[:500]})
+        code = DeadLetterReason.BAD_NUMBER if isinstance(exc, OverflowError) else DeadLetterReason.INTERNAL_ERROR
+        dead = DeadLetter(
+            reason_code=code, reason=what, raw=raw if raw is not None else repr(rec)[:100_000].encode(),
+            source=Source.REST if getattr(rec, "source", None) is Source.REST else Source.WS, conn_id=conn,
+            endpoint=getattr(rec, "endpoint", None), recv_seq=seq,
+            recv_ts_ns=getattr(rec, "recv_ts_ns", None) or self._now_ns(), channel=getattr(rec, "channel", None),
+            inst_id=getattr(rec, "inst_id", None), record_id=f"unencodable:{rec.emission_id()}")
+        self.stats.dead_letters[code.value] += 1
+        try:
+            return dead, self._encoder.encode(dead)
+        except Exception:
+            log.exception("dead_letter_unencodable", extra={"record_id": dead.record_id})
+            return None
 
     def _oversize(self, rec: Record, size: int) -> DeadLetter:
         """A record Kafka would refuse for its size, as a dead letter with the start of its content.
@@ -361,6 +431,20 @@ class Pipeline:
 
     def _link(self, ev: LinkEvent) -> None:
         self.stats.link_events += 1
+        if ev.kind is LinkEventKind.SUBSCRIBED:
+            held = self._held
+            for arg in ev.args:
+                if arg not in held:
+                    if len(held) >= self._max_streams:
+                        self.stats.streams_refused += 1
+                        log.error("stream_limit_reached", extra={
+                            "arg": str(arg), "limit": self._max_streams,
+                            "effect": "its pushes become dead letters (unsubscribed); split the instruments "
+                                      "over more shards"})
+                        continue
+                    held.add(arg)
+        if self.stats.streams_refused:  # past the limit: refused args get no state from their events either
+            ev = dataclasses.replace(ev, args=tuple(a for a in ev.args if a in self._held))
         owned_before = {arg: self._owners.owner(arg) for arg in ev.args}
         for offer in self._owners.on_link_event(ev):
             if offer.handover is not None:
@@ -388,19 +472,28 @@ class Pipeline:
         if frame.endpoint is Endpoint.PRIVATE and self._reconciler is not None:
             self._private_last_ns[frame.conn] = frame.recv_ts_ns  # where a hole in its streams would begin
         result = normalize(frame)
-        if isinstance(result, TradePush):
+        if isinstance(result, TradePush | BookPush | RecordPush):
+            if result.arg not in self._held:
+                self._dead(frame_dead_letter(
+                    frame, DeadLetterReason.UNSUBSCRIBED,
+                    f"a push for {result.arg}, which this shard never subscribed",
+                    channel=result.arg.channel, inst_id=result.arg.inst_id))
+                return
             self.stream_last_ns[result.arg] = frame.recv_ts_ns
+        if isinstance(result, TradePush | BookPush) and not result.records:
+            self.stats.events["empty_push"] += 1  # counted: OKX sent a push with no rows
+        elif isinstance(result, TradePush):
             self._trades(frame, result)
         elif isinstance(result, BookPush):
-            self.stream_last_ns[result.arg] = frame.recv_ts_ns
             for rec in result.records:
                 pos = Position(rec.ts, None, rec.seq_id)
                 self._offer(result.arg, frame, pos, (rec,), snapshot=rec.action is BookAction.SNAPSHOT)
         elif isinstance(result, RecordPush):
-            self.stream_last_ns[result.arg] = frame.recv_ts_ns
             if result.records:
                 ts = max(r.ts for r in result.records)
                 self._offer(result.arg, frame, Position(ts, None, None), result.records)
+            else:
+                self.stats.events["empty_push"] += 1
         elif isinstance(result, OkxEvent):
             self._event(result)
         else:

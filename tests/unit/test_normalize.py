@@ -802,3 +802,36 @@ def test_a_bad_rest_row_is_a_rest_dead_letter_holding_the_row() -> None:
     assert letter.record_id.startswith("rest:trades:dlq:")
     assert isinstance(candle_from_rest(["1", "2"], inst_id="X", channel="candle1m", recv_ts_ns=1), DeadLetter)
     assert isinstance(balances_from_rest({"details": "no"}, recv_ts_ns=1), DeadLetter)
+
+
+@pytest.mark.parametrize(("trade_id", "fits"), [(str(2**63 - 1), True), (str(-(2**63)), True),
+                                                 (str(2**63), False), (str(-(2**63) - 1), False), ("9" * 30, False)])
+def test_a_trade_id_must_fit_the_long_that_gap_bounds_carry_on_both_paths(trade_id: str, fits: bool) -> None:
+    data = orjson.dumps({"arg": {"channel": "trades-all", "instId": "BTC-USDT"}, "data": [{
+        "instId": "BTC-USDT", "tradeId": trade_id, "px": "1", "sz": "1", "side": "buy", "ts": "1786540435948"}]})
+    for result in (normalize(frame(data)), normalize_module._normalize(frame(data))):
+        if fits:
+            assert isinstance(result, TradePush) and result.refs[0].trade_id == int(trade_id)
+        else:
+            assert isinstance(result, DeadLetter) and result.reason_code is DeadLetterReason.BAD_NUMBER
+            assert result.path == "data[0].tradeId"
+
+
+def test_every_integer_field_the_normalizer_checks_is_a_long_in_its_schema() -> None:
+    """The normalizer's integer check is the 64-bit range; a field of Avro type int would need a narrower one."""
+    checked = 0
+    for spec in vars(normalize_module).values():
+        if not isinstance(spec, normalize_module._Spec):
+            continue
+        schema = ENCODER.schemas[spec.cls.AVRO_NAME].source
+        types = {f["name"]: f["type"] for f in schema["fields"]}  # type: ignore[attr-defined]
+        attrs = {f.name: f.encode_name for f in msgspec.structs.fields(spec.cls)}
+        for attr, kind in spec.fields.values():
+            if kind is normalize_module._Kind.LONG:
+                checked += 1
+                assert types[attrs[attr]] in ("long", ["null", "long"]), (spec.cls.__name__, attr)
+    for cls in (Position, Balance):  # curPage of a push, checked by the same 64-bit rule
+        fields = {f["name"]: f["type"] for f in ENCODER.schemas[cls.AVRO_NAME].source["fields"]}  # type: ignore[attr-defined]
+        assert fields["curPage"] == ["null", "long"]
+        checked += 1
+    assert checked >= 3

@@ -64,6 +64,11 @@ def make(publish_raw: bool = False) -> tuple[Pipeline, Capture, Resubs]:
     return Pipeline(inbox, cap, RecordEncoder("okx."), resubscriber=resubs, publish_raw=publish_raw), cap, resubs
 
 
+async def subscribe(pipe: Pipeline, *args: SubArg, conn: str = "public-0#1") -> None:
+    """What the WebSocket layer reports once OKX acked `args`: the pipeline records only acked streams."""
+    await pipe.handle(link(LinkEventKind.SUBSCRIBED, conn, args))
+
+
 def lines(path: Path) -> list[bytes]:
     return [line for line in path.read_bytes().splitlines() if line.strip()]
 
@@ -71,6 +76,7 @@ def lines(path: Path) -> list[bytes]:
 async def test_real_book_stream_passes_whole_and_exact(shared_okx: Path) -> None:
     pipe, cap, resubs = make()
     frames = lines(shared_okx / "frames" / "books.jsonl")
+    await subscribe(pipe, *{SubArg.from_okx(orjson.loads(f)["arg"]) for f in frames})
     for raw in frames:
         await pipe.handle(frame(raw))
     books = cap.records(BookUpdate)
@@ -84,6 +90,7 @@ async def test_dropped_book_update_breaks_the_chain_emits_gap_and_resubscribes(s
     pipe, cap, resubs = make()
     frames = lines(shared_okx / "frames" / "books.jsonl")
     btc = [f for f in frames if b'"BTC-USDT"' in f]
+    await subscribe(pipe, SubArg("books", "BTC-USDT"))
     for raw in btc[:10] + btc[11:20]:  # update 10 never arrives
         await pipe.handle(frame(raw))
     gaps = cap.records(GapEvent)
@@ -106,6 +113,7 @@ def trade(tid: int, count: int = 1, inst: str = "BTC-USDT", ts: int = 1_786_540_
 
 async def test_trade_hole_becomes_a_gap_with_exact_bounds() -> None:
     pipe, cap, _ = make()
+    await subscribe(pipe, SubArg("trades", "BTC-USDT"))
     for tid, count in ((100, 1), (101, 1), (105, 2)):  # 105 with count 2 covers 104..105: 102 and 103 missing
         await pipe.handle(frame(trade(tid, count)))
     gaps = cap.records(GapEvent)
@@ -184,6 +192,7 @@ async def test_a_record_kafka_would_refuse_for_its_size_becomes_a_dead_letter_an
     inbox: asyncio.Queue[Inbound] = asyncio.Queue()
     pipe = Pipeline(inbox, cap, RecordEncoder("okx."), publish_raw=True, max_record_bytes=4_000)
     big = orjson.dumps(trade(1)).replace(b'"seqId"', b'"note":"' + b"x" * 6_000 + b'","seqId"')
+    await subscribe(pipe, SubArg("trades", "BTC-USDT"))
     await pipe.handle(frame(big))
     await pipe.handle(frame(trade(2)))
     assert all(len(e.value) <= 4_000 for e in cap.encoded)
