@@ -104,6 +104,8 @@ class OkxSettings(_Section):
     proxy: str | None = Field(
         default=None, description="HTTP(S) proxy for OKX REST and WebSocket (http://host:port, CONNECT tunnels); "
                                   "unset: HTTPS_PROXY/HTTP_PROXY and NO_PROXY from the environment; 'direct': none")
+    book_checkpoint_s: Annotated[float, Field(ge=0)] = Field(
+        default=60.0, description="seconds between full-book checkpoint records per incremental book (0 = off)")
 
     @field_validator("proxy")
     @classmethod

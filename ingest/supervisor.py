@@ -168,7 +168,7 @@ class Daemon:
             p.reconciler = PrivateReconciler(p.rest, clock, inbox)
         p.pipeline = Pipeline(inbox, p.delivery, encoder, resubscriber=p.manager, reconciler=p.reconciler,
                               shard=s.shard, publish_raw=s.kafka.publish_raw, max_record_bytes=s.kafka.max_record_bytes,
-                              latency=self.ack_latency)
+                              latency=self.ack_latency, book_checkpoint_s=s.okx.book_checkpoint_s)
         # Where the previous process of this shard left each stream: the time nobody recorded becomes gaps.
         p.state = StreamStateFile(s.journal.dir / f"{s.shard}.streams.json")
         saved = p.state.load()
@@ -393,6 +393,7 @@ class Daemon:
         book.add_metric(["break"], st.book_breaks)
         book.add_metric(["delta_dropped"], st.book_deltas_dropped)
         book.add_metric(["resubscribe_requested"], st.resubscribes_requested)
+        book.add_metric(["checkpoint"], st.book_checkpoints)
         dups = counter("duplicates_dropped", "Duplicates dropped, by cause", ("cause",))
         dups.add_metric(["connection_overlap"], st.overlap_duplicates_dropped)
         dups.add_metric(["private_repeat"], st.private_repeats_dropped)

@@ -31,7 +31,7 @@ from typing import Protocol
 import msgspec
 
 from ingest.core.avro import RecordEncoder
-from ingest.core.books import BookMessage, BookSet, VerdictKind
+from ingest.core.books import CHECKSUM_DEPTH, BookMessage, BookSet, VerdictKind, okx_checksum
 from ingest.core.events import (
     Inbound,
     InboundFrame,
@@ -110,6 +110,8 @@ class PipelineStats:
     item_failures: int = 0
     #: Records their Avro schema could not hold (each became a dead letter).
     unencodable_records: int = 0
+    #: Full-book checkpoint records published (okx.book_checkpoint_s).
+    book_checkpoints: int = 0
     #: Args acked after `max_streams` were held (their pushes are dead letters).
     streams_refused: int = 0
     last_frame_ns: int = 0
@@ -221,6 +223,7 @@ class Pipeline:
         publish_raw: bool = True,
         max_record_bytes: int = 1_000_000,
         max_streams: int = MAX_STREAMS,
+        book_checkpoint_s: float = 60.0,
         now_ns: Callable[[], int] = time.time_ns,
         latency: LatencyMarker | None = None,
     ) -> None:
@@ -257,6 +260,10 @@ class Pipeline:
         #: any other arg is a dead letter, so what OKX (or anyone) pushes cannot grow memory.
         self._held: set[SubArg] = set()
         self._max_streams = max_streams
+        #: Checkpoints: receive time (the frames' clock, never read here) of each incremental book's last full
+        #: image on the topic (its snapshot or checkpoint); 0 turns them off.
+        self._checkpoint_ns = int(book_checkpoint_s * 1e9)
+        self._last_image_ns: dict[SubArg, int] = {}
 
     # ---- driving ------------------------------------------------------------------------------------
 
@@ -298,7 +305,8 @@ class Pipeline:
         return {"subscribed": len(self._held), "books": len(self._books), "gap_streams": len(self._gaps),
                 "stream_owners": len(self._owners), "private_streams": len(self._private),
                 "private_conns": len(self._private_last_ns), "order_dedupe": len(self._orders),
-                "fills_seen": len(self._fills), "private_ledger": len(self._ledger)}
+                "fills_seen": len(self._fills), "private_ledger": len(self._ledger),
+                "book_checkpoint_streams": len(self._last_image_ns)}
 
     def open_gaps(self) -> list[Gap]:
         """Gaps not yet closed by data (reported at shutdown)."""
@@ -534,6 +542,8 @@ class Pipeline:
                 return
             pos = Position(first.ts, None, first.seq_id)
             self._out.append(first)
+            if self._checkpoint_ns and arg.channel in INCREMENTAL_BOOK_CHANNELS:
+                self._maybe_checkpoint(arg, first)
             self._track(arg, conn, pos, first, snapshot=first.action is BookAction.SNAPSHOT)
             return
         if isinstance(first, Trade):
@@ -546,6 +556,30 @@ class Pipeline:
             return
         self._out.extend(kept)
         self._track(arg, conn, Position(max(r.ts for r in unit), None, None), first)
+
+    def _maybe_checkpoint(self, arg: SubArg, update: BookUpdate) -> None:
+        """After an accepted message of a valid incremental book: publish the whole book once
+        `book_checkpoint_s` passed (by receive time) since its last full image, so a reader can start there
+        instead of at the last snapshot, which may be days back. The chain goes on: the next update's
+        prevSeqId is the checkpoint's seqId. Without seqIds (pre-2023 data) there is no chain to continue."""
+        now = update.recv_ts_ns
+        if update.action is BookAction.SNAPSHOT:
+            self._last_image_ns[arg] = now
+            return
+        last = self._last_image_ns.get(arg)
+        if last is None:
+            self._last_image_ns[arg] = now
+            return
+        book = self._books.book(arg)
+        if now - last < self._checkpoint_ns or not book.valid or update.seq_id is None:
+            return
+        self._last_image_ns[arg] = now
+        asks, bids = book.asks(), book.bids()
+        self.stats.book_checkpoints += 1
+        self._out.append(msgspec.structs.replace(
+            update, action=BookAction.CHECKPOINT, asks=tuple(asks), bids=tuple(bids), prev_seq_id=None,
+            checksum=okx_checksum(bids[:CHECKSUM_DEPTH], asks[:CHECKSUM_DEPTH]),
+            record_id=f"ckpt:{arg.channel}:{update.inst_id}:{update.seq_id}", extra={}))
 
     def _track(self, arg: SubArg, conn: str, pos: Position, rec: OkxRecord, *, snapshot: bool = False,
                count: int = 1) -> None:
