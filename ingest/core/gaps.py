@@ -11,6 +11,8 @@ and handovers; answers with `Gap`s for the pipeline to publish to `okx.gaps` for
   what was published) cancels a disconnect gap: nothing was lost.
 * SUBSCRIBE_FAILED closes an open gap (or makes one) with `after=None`: the backfill can still use it,
   bounded by `before` and `detected_ts_ns` (the failure time).
+* A dead-lettered frame of a stream without ids (`on_dead_letter`) opens a gap like a disconnect does; the
+  stream's next record closes it.
 * Trade holes: `trades` and `trades-all` carry per-instrument tradeIds that OKX allocates one per
   match. A `trades` record with tradeId T and count C covers ids T-C+1..T (SPEC 5); `trades-all`
   covers exactly T. A record whose first covered id is beyond last id + 1 reveals a hole with exact
@@ -50,6 +52,9 @@ class GapKind(enum.StrEnum):
     SEQ_BREAK = "seq_break"
     CHECKSUM_MISMATCH = "checksum_mismatch"
     TRADE_HOLE = "trade_hole"
+    #: A frame of a stream without ids (tickers, candles, ...) became a dead letter: nothing else would tell
+    #: its loss, so the gap is bounded by the last and the next good record's ts.
+    DEAD_LETTER = "dead_letter"
     #: A book level that could not be read (the book was invalidated like on a break).
     OTHER = "other"
 
@@ -256,6 +261,11 @@ class GapTracker:
         """The book of `arg` broke (`BookVerdict.broken`): a gap until the next snapshot closes it."""
         reason = f"{brk.kind.value}: {brk.detail} (expected {brk.expected}, got {brk.got})"
         self._open(self._stream(arg), _BOOK_GAP_KIND[brk.kind], conn, ts_ns, reason)
+
+    def on_dead_letter(self, arg: SubArg, conn: str, ts_ns: int, reason: str) -> None:
+        """A frame of `arg` could not be normalized: a gap from the last good record until the next one. Only
+        for streams without ids (trades reveal holes by tradeId, incremental books break their seqId chain)."""
+        self._open(self._stream(arg), GapKind.DEAD_LETTER, conn, ts_ns, reason)
 
     def on_handover(self, h: Handover) -> None:
         """An ownership switch from `core/streams.py`; call before `on_record` for the units it published."""

@@ -1162,6 +1162,19 @@ def _dead(frame: InboundFrame, code: DeadLetterReason, reason: str, path: str | 
                       record_id=f"{frame.conn}:{frame.recv_seq}:dlq")
 
 
+def push_arg(data: bytes) -> SubArg | None:
+    """The subscription arg of a push frame when it can be read (None otherwise): which stream a dead letter
+    belongs to. Only called for dead letters, so it parses again rather than burden the normal path."""
+    try:
+        msg = _DECODER.decode(data)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    arg = msg.get("arg") if type(msg) is dict and "data" in msg else None
+    if type(arg) is not dict or type(arg.get("channel")) is not str:
+        return None
+    return _sub_arg(arg)
+
+
 def frame_dead_letter(frame: InboundFrame, code: DeadLetterReason, reason: str, *, channel: str | None = None,
                       inst_id: str | None = None) -> DeadLetter:
     """The dead letter of a frame that normalized but that the pipeline refuses (e.g. an unsubscribed arg)."""

@@ -42,10 +42,19 @@ from ingest.core.events import (
     RestRecords,
     Resubscriber,
 )
-from ingest.core.gaps import Gap, GapTracker, StreamCheckpoint
+from ingest.core.gaps import TRADE_CHANNELS, Gap, GapTracker, StreamCheckpoint
 from ingest.core.gaps import GapKind as TrackerGapKind
 from ingest.core.ledger import RECONCILED_CHANNELS, REST_FILLED_CHANNELS, PrivateLedger, reports_fill
-from ingest.core.normalize import BookPush, OkxEvent, RecordPush, TradePush, frame_dead_letter, normalize, raw_frames
+from ingest.core.normalize import (
+    BookPush,
+    OkxEvent,
+    RecordPush,
+    TradePush,
+    frame_dead_letter,
+    normalize,
+    push_arg,
+    raw_frames,
+)
 from ingest.core.orders import BoundedSeen, OrderPush, OrderPushDedupe
 from ingest.core.records import (
     AlgoOrder,
@@ -187,6 +196,9 @@ BATCH = 256
 
 #: Private connections whose last frame time is remembered (older ones are forgotten first).
 _MAX_PRIVATE_CONNS = 64
+
+#: Streams whose ids reveal a lost frame by themselves (tradeId holes, the seqId chain of incremental books).
+_ID_CHANNELS = TRADE_CHANNELS | INCREMENTAL_BOOK_CHANNELS
 
 #: Most streams (args) one pipeline holds state for: far above what a shard subscribes (OKX allows a few
 #: thousand args per connection and a shard has a few connections), so only a bug or abuse reaches it.
@@ -506,6 +518,17 @@ class Pipeline:
             self._event(result)
         else:
             self._dead(result)
+            if result.channel is not None and result.channel not in _ID_CHANNELS:
+                self._dead_letter_gap(frame, result)
+
+    def _dead_letter_gap(self, frame: InboundFrame, dead: DeadLetter) -> None:
+        """The stream of a dead-lettered push loses that frame: a `dead_letter` gap, closed by its next record
+        (only for a stream this shard holds, so a bad push for any other arg creates no state)."""
+        arg = push_arg(frame.data)
+        if arg is None or arg not in self._held:
+            return
+        self._gaps.on_dead_letter(arg, frame.conn, frame.recv_ts_ns,
+                                  f"frame {frame.conn}:{frame.recv_seq} became a dead letter: {dead.reason}"[:500])
 
     def _trades(self, frame: InboundFrame, push: TradePush) -> None:
         for rec, ref in zip(push.records, push.refs, strict=True):

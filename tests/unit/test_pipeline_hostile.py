@@ -134,7 +134,8 @@ async def test_four_thousand_never_subscribed_book_streams_create_no_state() -> 
     for i in range(4_000):
         await pipe.handle(frame(_book_snapshot(f"X{i}-USDT")))
     await pipe.handle(frame(_book_snapshot("BTC-USDT")))
-    assert pipe.state_sizes() == {**before, "books": 1, "gap_streams": 1, "stream_owners": 1}
+    assert pipe.state_sizes() == {**before, "books": 1, "gap_streams": 1, "stream_owners": 1,
+                                  "book_checkpoint_streams": 1}  # the one subscribed stream
     dead = cap.records(DeadLetter)
     assert len(dead) == 4_000 and pipe.stats.dead_letters["unsubscribed"] == 4_000
     assert {d.reason_code for d in dead} == {DeadLetterReason.UNSUBSCRIBED}
@@ -325,3 +326,39 @@ def test_numbers_of_any_size_in_any_numeric_field_never_raise_and_always_end_som
         return  # an event frame without numbers: the test above covers it
     path = data.draw(st.sampled_from(paths), label="path")
     _check_one(cases[index], path, data.draw(_like(_lookup(target, path)), label="value"))
+
+
+# ---- a dead letter on a stream without ids leaves a gap -----------------------------------------------------
+
+TICKERS = SubArg("tickers", "BTC-USDT")
+
+
+def ticker(ts: int | str, last: str = "63913.5", inst: str = "BTC-USDT") -> dict[str, Any]:
+    return {"arg": {"channel": "tickers", "instId": inst}, "data": [{
+        "instType": "SPOT", "instId": inst, "last": last, "lastSz": "0.1", "askPx": "63914", "askSz": "1",
+        "bidPx": "63913", "bidSz": "1", "ts": str(ts)}]}
+
+
+async def test_a_dead_lettered_ticker_leaves_a_dead_letter_gap_bounded_by_the_good_tickers_around_it() -> None:
+    pipe, cap = make()
+    await pipe.handle(subscribed(TICKERS))
+    await pipe.handle(frame(ticker(1_786_540_435_000)))
+    await pipe.handle(frame(ticker(1_786_540_436_000, last="NaN")))
+    assert cap.records(GapEvent) == []  # open until the stream's next good record
+    await pipe.handle(frame(ticker(1_786_540_437_000)))
+    (gap,) = cap.records(GapEvent)
+    assert gap.kind.value == "dead_letter" and (gap.channel, gap.inst_id) == ("tickers", "BTC-USDT")
+    assert gap.before is not None and gap.after is not None
+    assert (gap.before.ts, gap.after.ts) == (1_786_540_435_000, 1_786_540_437_000)
+    assert "data[0].last" in gap.reason and len(cap.records(DeadLetter)) == 1
+
+
+async def test_dead_letters_leave_no_extra_gap_where_ids_tell_and_no_state_for_streams_nobody_holds() -> None:
+    pipe, cap = make()
+    await pipe.handle(subscribed(TRADES, TICKERS))
+    await pipe.handle(frame(trade(1)))
+    await pipe.handle(frame({**trade(2), "data": [{**trade(2)["data"][0], "px": "NaN"}]}))
+    await pipe.handle(frame(trade(3)))  # the tradeId hole tells exactly what is missing
+    await pipe.handle(frame(ticker(1, last="NaN", inst="ETH-USDT")))  # never subscribed
+    assert [g.kind.value for g in cap.records(GapEvent)] == ["trade_hole"]
+    assert pipe.state_sizes()["gap_streams"] == 2  # the two held streams, not ETH-USDT's
