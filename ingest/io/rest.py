@@ -817,7 +817,8 @@ class OkxRestClient:
                     await self.on_clock_expired()
                     self._counters.retries[path] += 1
                     continue
-                if signed and kind in (_Kind.CLOCK, _Kind.ENV, _Kind.AUTH) and self.credentials is not None:
+                # A timestamp refusal (50102) is the clock's fault, not the key's: never counted against the key.
+                if signed and kind in (_Kind.ENV, _Kind.AUTH) and self.credentials is not None:
                     self.credentials.record_auth_failure(env.code)
                 if kind is _Kind.ENV:
                     raise self._environment_error(env)

@@ -1090,8 +1090,9 @@ class Connection:
             self._credentials.record_auth_success()
             return
         self.counters.login_failures += 1
-        if result.code not in _NOT_KEY_FAILURES:
-            # One count with REST's: past the threshold signed traffic pauses and an alert is logged.
+        if result.code not in _NOT_KEY_FAILURES and result.action is not LoginAction.RESYNC_CLOCK:
+            # One count with REST's: past the threshold signed traffic pauses and an alert is logged. A timestamp
+            # refusal (60006) is the clock's fault, not the key's: it resyncs below and is never counted.
             self._credentials.record_auth_failure(result.code or "?")
         what = f"login refused with {result.code} ({result.msg})"
         log.error("ws_login_refused", extra={"conn": link.conn, "ws_name": self.name, "code": result.code,

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 #: OKX's window for REST and login timestamps (SPEC 3, 8.1).
 OKX_TIMESTAMP_WINDOW_MS = 30_000
+#: A wall-clock move against the monotonic clock beyond this is a jump (slewing moves it by ~1 ms in 2 s).
+CLOCK_JUMP_MS = 500
 
 
 class ClockHealth(enum.StrEnum):
@@ -78,6 +80,8 @@ class ClockService:
         self._sleep = sleep
         self._monotonic = monotonic
         self._measured_at: float | None = None
+        #: Local wall time minus monotonic time (ms) at the last measurement: if it moved, the host clock jumped.
+        self._wall_minus_mono_ms = 0.0
         self._lock = asyncio.Lock()
         self._generation = 0
         self._checked_at_ms: int | None = None
@@ -102,6 +106,7 @@ class ClockService:
         self._clock.update(best)
         self._generation += 1
         self._measured_at = self._monotonic()
+        self._wall_minus_mono_ms = self._clock.local_ms() - self._measured_at * 1000
         self._checks += 1
         self._checked_at_ms = self._clock.local_ms()
         self._last_error = None
@@ -111,14 +116,22 @@ class ClockService:
     async def resync(self) -> None:
         """Measure again now, for a 50102/60006. A burst of callers shares one measurement: those that
         arrive while one runs wait for it, and one that finished less than `resync_min_interval_s` ago
-        is fresh enough (its offset is what the failed request lacked)."""
+        is fresh enough (its offset is what the failed request lacked) unless the host clock jumped since:
+        then that offset is stale however recent, and waiting would only fail more logins."""
         seen = self._generation
         async with self._lock:
             if self._generation != seen:
                 return
-            if self._measured_at is not None and self._monotonic() - self._measured_at < self._resync_min_interval:
+            if self._measured_at is not None and self._monotonic() - self._measured_at < self._resync_min_interval \
+                    and not self._clock_jumped():
                 return
             await self.measure()
+
+    def _clock_jumped(self) -> bool:
+        """True when the local wall clock moved against the monotonic one since the last measurement (an NTP
+        step, a suspended VM, an operator's `date -s`): the measured offset no longer holds."""
+        drift = self._clock.local_ms() - self._monotonic() * 1000 - self._wall_minus_mono_ms
+        return abs(drift) > CLOCK_JUMP_MS
 
     async def run(self) -> None:
         """Measure at once, then every `interval_s`; failures are logged and retried with backoff, never raised."""

@@ -6,6 +6,7 @@ Every scenario waits on events (queue contents, simulator state, log events), ne
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Iterator
 
@@ -21,8 +22,10 @@ from ingest.core.clock import ServerClock
 from ingest.core.events import Inbound, InboundFrame, LinkEvent, LinkEventKind
 from ingest.core.plan import PlannedConnection
 from ingest.io.inbox import Inbox
+from ingest.io.rest import LimiterRegistry, OkxRestClient
 from ingest.io.ws import Connection, ConnectLimiter, LoginRejected
 from ingest.okx.channels import Endpoint, SubArg
+from ingest.services.clock import ClockService
 from ingest.sim import SimServer
 
 from ._ws_support import (
@@ -273,6 +276,31 @@ async def test_a_login_refused_for_clock_skew_resyncs_from_server_time_and_succe
     assert conn.counters.login_failures == 1
     errors = [orjson.loads(f.data) for f in rec.frames() if b'"error"' in f.data]
     assert [e["code"] for e in errors] == ["60006"]
+
+
+async def test_a_host_clock_jump_right_after_a_measurement_resyncs_at_once_and_is_no_key_failure(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """It used to wait out 2 s of suppressed resyncs while each 60006 counted against the key: three of them
+    paused signed traffic with a "check the key" alert although the key was fine."""
+    keys = Keys()
+    async with SimServer(keys.sim_config()) as sim:
+        jump = [0]
+        clock = ServerClock(lambda: time.time_ns() // 1_000_000 + jump[0])
+        store = keys.store()
+        async with OkxRestClient(clock=clock, base_url=sim.rest_base, registry=LimiterRegistry()) as rest:
+            service = ClockService(rest, clock, samples=1)
+            await service.measure()
+            jump[0] = -120_000  # the host clock steps back two minutes (NTP) just after the measurement
+            queue: asyncio.Queue[Inbound] = asyncio.Queue(10_000)
+            rec = Recorder(queue)
+            conn = _private(sim, queue, keys, clock=clock, resync_clock=service.resync, credentials=store)
+            with caplog.at_level(logging.WARNING):
+                async with running(rec.run(), conn.run()):
+                    await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 1)
+    assert conn.counters.login_failures == 1  # the first login, signed before anyone knew; the next one passed
+    assert abs(clock.offset_ms - 120_000) < 2_000
+    assert store.auth.failures_total == 0
+    assert not [r for r in caplog.records if r.getMessage() in ("okx_auth_failed", "okx_auth_paused")]
 
 
 @pytest.mark.parametrize("code", ["60005", "60007", "60024", "60032"])

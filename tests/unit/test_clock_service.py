@@ -112,6 +112,24 @@ async def test_a_burst_of_resyncs_shares_one_measurement() -> None:
     assert service.status().checks_total == 2
 
 
+async def test_a_resync_right_after_a_measurement_measures_again_when_the_host_clock_jumped() -> None:
+    """It used to be skipped for 2 s after any measurement: a host clock stepped (NTP) just after one kept every
+    login failing with 60006 until then, and those counted as key failures."""
+    wall = Wall()
+    clock = ServerClock(wall)
+    server = TimeServer(wall, 1_000, [(3, 3)])
+    mono = [50.0]
+    client, service = _service(server, clock, samples=1, resync_min_interval_s=2.0, monotonic=lambda: mono[0])
+    async with client:
+        await service.measure()
+        assert abs(clock.offset_ms - 1_000) <= 3
+        mono[0] += 0.5
+        wall.ms += 500 - 45_000  # half a second later the host clock has stepped back 45 s; OKX's has not
+        server.ahead_ms += 45_000
+        await service.resync()  # a login was just refused with 60006
+    assert server.calls == 2 and abs(clock.offset_ms - 46_000) <= 3
+
+
 async def test_run_measures_at_once_retries_failures_and_then_checks_on_its_interval(
         caplog: pytest.LogCaptureFixture) -> None:
     wall = Wall()
