@@ -309,11 +309,19 @@ class Daemon:
             return
         await asyncio.to_thread(p.state.save, saved_at, streams, private_last_ns)
 
+    async def _save_state_guarded(self) -> None:
+        """`_save_state` that never raises: a state it cannot save costs the next start's downtime report, never
+        the recording (the shutdown's save is bounded by `runtime.bounded`, which never raises either)."""
+        try:
+            await self._save_state()
+        except Exception as exc:
+            log.error("stream_state_not_saved", extra={"error": f"{type(exc).__name__}: {exc}"[:500]}, exc_info=exc)
+
     async def _save_state_loop(self) -> None:
         """Save stream positions every few seconds, so even a SIGKILL leaves a recent state behind."""
         while True:
             await asyncio.sleep(STATE_SAVE_INTERVAL_S)  # a periodic timer, not synchronisation
-            await self._save_state()
+            await self._save_state_guarded()
 
     async def _broker_loop(self, broker: EmbeddedBroker) -> None:
         """Supervise the embedded broker: if it dies, start it again on the same port (it comes back empty;
