@@ -982,6 +982,11 @@ _SUBARG_CACHE: dict[tuple[str | None, ...], SubArg] = {}
 _SUBARG_KEYS = ("channel", "instId", "instType", "instFamily", "ccy", "extraParams")
 
 
+def cache_sizes() -> dict[str, int]:
+    """Entries of the normalizer's per-stream caches (each cleared at 50,000), for the state gauge."""
+    return {"normalize_args": len(_SUBARG_CACHE), "normalize_templates": len(_TEMPLATES)}
+
+
 def normalize(frame: InboundFrame) -> Normalized:
     """Records, an event or a dead letter for one frame. Never raises: even a bug here becomes a dead letter."""
     try:

@@ -50,6 +50,7 @@ from ingest.core.normalize import (
     OkxEvent,
     RecordPush,
     TradePush,
+    cache_sizes,
     frame_dead_letter,
     normalize,
     push_arg,
@@ -318,7 +319,7 @@ class Pipeline:
                 "stream_owners": len(self._owners), "private_streams": len(self._private),
                 "private_conns": len(self._private_last_ns), "order_dedupe": len(self._orders),
                 "fills_seen": len(self._fills), "private_ledger": len(self._ledger),
-                "book_checkpoint_streams": len(self._last_image_ns)}
+                "book_checkpoint_streams": len(self._last_image_ns), **cache_sizes()}
 
     def open_gaps(self) -> list[Gap]:
         """Gaps not yet closed by data (reported at shutdown)."""
