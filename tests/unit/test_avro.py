@@ -199,6 +199,25 @@ def test_an_int_field_out_of_range_is_an_error() -> None:
         avro_body(gap)
 
 
+_ANY_INT = st.integers() | st.integers(min_value=-(2**70), max_value=2**70) | st.sampled_from(
+    [2**31 - 1, 2**31, -(2**31), -(2**31) - 1, 2**63 - 1, 2**63, -(2**63), -(2**63) - 1, 2**64 - 1, 2**64])
+
+
+@settings(max_examples=300)
+@given(long=_ANY_INT, int32=_ANY_INT)
+def test_any_integer_either_encodes_exactly_or_is_an_overflow_error_in_both_encoders(long: int, int32: int) -> None:
+    """No integer of any size can make a generated encoder write bytes fastavro would not (a corrupt record)."""
+    gap = GapEvent(gap_id="g", revision=int32, kind=GapKind.TRADE_HOLE, status=GapStatus.OPEN, reason="r",
+                   channel="trades", before=StreamPosition(ts=1, trade_id=long), detected_ts_ns=long)
+    fits = -(2**63) <= long < 2**63 and -(2**31) <= int32 < 2**31
+    for encode in (encoder_of(gap.AVRO_NAME, True), encoder_of(gap.AVRO_NAME, False)):
+        if fits:
+            assert encode(gap, b"") == fastavro_body(gap)
+        else:
+            with pytest.raises(OverflowError):
+                encode(gap, b"")
+
+
 def test_encoded_record_has_topic_key_headers_and_timestamp() -> None:
     encoded = RecordEncoder("prod.okx.").encode(a_trade())
     assert encoded.topic == "prod.okx.trades"
