@@ -204,6 +204,22 @@ _ID_CHANNELS = TRADE_CHANNELS | INCREMENTAL_BOOK_CHANNELS
 #: Most streams (args) one pipeline holds state for: far above what a shard subscribes (OKX allows a few
 #: thousand args per connection and a shard has a few connections), so only a bug or abuse reaches it.
 MAX_STREAMS = 50_000
+#: Push args remembered with the acked arg they belong to (a cache: cleared when full).
+_MAX_COVERING = 10_000
+
+
+#: Fields of a subscription arg that OKX may leave out of its pushes' arg (positions: instFamily).
+_MAY_OMIT = ("inst_family", "ccy", "extra_params")
+
+
+def _covers(held: SubArg, push: SubArg) -> bool:
+    """Whether a push with arg `push` belongs to the subscription `held` (see Pipeline._holder)."""
+    for name in ("inst_id", "inst_type", "inst_family", "ccy", "extra_params"):
+        mine, theirs = getattr(held, name), getattr(push, name)
+        if mine != theirs and not (theirs is None and name in _MAY_OMIT) and not (mine is None and name == "inst_id") \
+                and not (mine == "ANY" and name == "inst_type"):
+            return False
+    return held.channel == push.channel
 
 
 @dataclass(slots=True)
@@ -272,6 +288,10 @@ class Pipeline:
         #: Every arg a connection of this shard acked (SUBSCRIBED): the only streams that get state. A push for
         #: any other arg is a dead letter, so what OKX (or anyone) pushes cannot grow memory.
         self._held: set[SubArg] = set()
+        self._held_by_channel: dict[str, list[SubArg]] = {}
+        #: Push args that differ from the acked arg they belong to (OKX leaves out instFamily or ccy, adds instId
+        #: or uid): push arg -> held arg, None for nobody's. A cache, cleared at its cap and on each new ack.
+        self._covering: dict[SubArg, SubArg | None] = {}
         self._max_streams = max_streams
         #: Checkpoints: receive time (the frames' clock, never read here) of each incremental book's last full
         #: image on the topic (its snapshot or checkpoint); 0 turns them off.
@@ -319,7 +339,8 @@ class Pipeline:
                 "stream_owners": len(self._owners), "private_streams": len(self._private),
                 "private_conns": len(self._private_last_ns), "order_dedupe": len(self._orders),
                 "fills_seen": len(self._fills), "private_ledger": len(self._ledger),
-                "book_checkpoint_streams": len(self._last_image_ns), **cache_sizes()}
+                "book_checkpoint_streams": len(self._last_image_ns),
+                "push_arg_aliases": len(self._covering), **cache_sizes()}
 
     def open_gaps(self) -> list[Gap]:
         """Gaps not yet closed by data (reported at shutdown)."""
@@ -464,6 +485,8 @@ class Pipeline:
                                       "over more shards"})
                         continue
                     held.add(arg)
+                    self._held_by_channel.setdefault(arg.channel, []).append(arg)
+                    self._covering.clear()
         if self.stats.streams_refused:  # past the limit: refused args get no state from their events either
             ev = dataclasses.replace(ev, args=tuple(a for a in ev.args if a in self._held))
         owned_before = {arg: self._owners.owner(arg) for arg in ev.args}
@@ -495,11 +518,14 @@ class Pipeline:
         result = normalize(frame)
         if isinstance(result, TradePush | BookPush | RecordPush):
             if result.arg not in self._held:
-                self._dead(frame_dead_letter(
-                    frame, DeadLetterReason.UNSUBSCRIBED,
-                    f"a push for {result.arg}, which this shard never subscribed",
-                    channel=result.arg.channel, inst_id=result.arg.inst_id))
-                return
+                held = self._holder(result.arg)
+                if held is None:
+                    self._dead(frame_dead_letter(
+                        frame, DeadLetterReason.UNSUBSCRIBED,
+                        f"a push for {result.arg}, which this shard never subscribed",
+                        channel=result.arg.channel, inst_id=result.arg.inst_id))
+                    return
+                result = msgspec.structs.replace(result, arg=held)  # the stream's state is the acked arg's
             self.stream_last_ns[result.arg] = frame.recv_ts_ns
         if isinstance(result, TradePush | BookPush) and not result.records:
             self.stats.events["empty_push"] += 1  # counted: OKX sent a push with no rows
@@ -522,11 +548,28 @@ class Pipeline:
             if result.channel is not None and result.channel not in _ID_CHANNELS:
                 self._dead_letter_gap(frame, result)
 
+    def _holder(self, arg: SubArg) -> SubArg | None:
+        """The acked arg a push arg belongs to when they differ (None: nobody subscribed it). OKX's push arg may
+        leave out the subscription's instFamily, ccy or extraParams, name the instId of a subscription by
+        instType or of an account-wide one (a fill's), and the instType of an `ANY` one; any other difference is
+        another stream. Its records then share the acked arg's state, which is what bounds that state."""
+        try:
+            return self._covering[arg]
+        except KeyError:
+            pass
+        holder = next((h for h in self._held_by_channel.get(arg.channel, ()) if _covers(h, arg)), None)
+        if len(self._covering) >= _MAX_COVERING:
+            self._covering.clear()
+        self._covering[arg] = holder
+        return holder
+
     def _dead_letter_gap(self, frame: InboundFrame, dead: DeadLetter) -> None:
         """The stream of a dead-lettered push loses that frame: a `dead_letter` gap, closed by its next record
         (only for a stream this shard holds, so a bad push for any other arg creates no state)."""
         arg = push_arg(frame.data)
-        if arg is None or arg not in self._held:
+        if arg is not None and arg not in self._held:
+            arg = self._holder(arg)
+        if arg is None:
             return
         self._gaps.on_dead_letter(arg, frame.conn, frame.recv_ts_ns,
                                   f"frame {frame.conn}:{frame.recv_seq} became a dead letter: {dead.reason}"[:500])

@@ -135,10 +135,12 @@ async def test_four_thousand_never_subscribed_book_streams_create_no_state() -> 
         await pipe.handle(frame(_book_snapshot(f"X{i}-USDT")))
     await pipe.handle(frame(_book_snapshot("BTC-USDT")))
     after = pipe.state_sizes()
-    # The normalizer's parse caches are capped (50,000 entries, then cleared); nothing else grew...
+    # Lookup caches are capped (the normalizer's at 50,000 entries, push args at 10,000, then cleared)...
     assert all(after.pop(k) <= 50_000 for k in ("normalize_args", "normalize_templates"))
-    assert after == {**{k: v for k, v in before.items() if not k.startswith("normalize_")}, "books": 1,
-                     "gap_streams": 1, "stream_owners": 1, "book_checkpoint_streams": 1}  # ...but the one stream
+    assert after.pop("push_arg_aliases") <= 10_000
+    caches = ("normalize_args", "normalize_templates", "push_arg_aliases")
+    assert after == {**{k: v for k, v in before.items() if k not in caches}, "books": 1, "gap_streams": 1,
+                     "stream_owners": 1, "book_checkpoint_streams": 1}  # ...no stream state but the one held
     dead = cap.records(DeadLetter)
     assert len(dead) == 4_000 and pipe.stats.dead_letters["unsubscribed"] == 4_000
     assert {d.reason_code for d in dead} == {DeadLetterReason.UNSUBSCRIBED}
@@ -365,3 +367,42 @@ async def test_dead_letters_leave_no_extra_gap_where_ids_tell_and_no_state_for_s
     await pipe.handle(frame(ticker(1, last="NaN", inst="ETH-USDT")))  # never subscribed
     assert [g.kind.value for g in cap.records(GapEvent)] == ["trade_hole"]
     assert pipe.state_sizes()["gap_streams"] == 2  # the two held streams, not ETH-USDT's
+
+
+@pytest.mark.parametrize(("subscribed_arg", "push_arg"), [
+    # positions by instFamily: OKX's push arg leaves instFamily out (OKX docs' own example)
+    ({"channel": "positions", "instType": "FUTURES", "instFamily": "BTC-USD"},
+     {"channel": "positions", "uid": "77982378738415879", "instType": "FUTURES"}),
+    # fills of the whole account: each push names its instId
+    ({"channel": "fills"}, {"channel": "fills", "instId": "BTC-USDT-SWAP", "uid": "614488474791111"}),
+    # account by currency: the push arg may carry the uid only
+    ({"channel": "account", "ccy": "BTC"}, {"channel": "account", "uid": "44584"}),
+])
+async def test_a_push_whose_arg_differs_from_its_subscription_only_as_okx_does_is_recorded_under_it(
+        subscribed_arg: dict[str, str], push_arg: dict[str, str], shared_okx: Path) -> None:
+    names = {"positions": "okxdoc_2025_positions.jsonl", "fills": "okxdoc_2025_fills.jsonl",
+             "account": "okxdoc_2025_account.jsonl"}
+    path = shared_okx / "frames" / "okx_docs_examples" / names[subscribed_arg["channel"]]
+    push = next(m for m in map(orjson.loads, path.read_bytes().splitlines()) if "data" in m and "arg" in m)
+    pipe, cap = make()
+    held = SubArg.from_okx(subscribed_arg)
+    await pipe.handle(subscribed(held, conn="private-0#1"))
+    await pipe.handle(frame({**push, "arg": push_arg}, conn="private-0#1", endpoint=Endpoint.PRIVATE))
+    assert cap.records(DeadLetter) == [] and sum(pipe.stats.records.values()) >= 1
+    sizes = pipe.state_sizes()
+    assert sizes["gap_streams"] == 1 and sizes["stream_owners"] == 1  # one stream: the subscription's
+
+
+@pytest.mark.parametrize("push_arg", [
+    {"channel": "books"},  # no instId: whose book would it be?
+    {"channel": "books", "instId": "ETH-USDT"},
+    {"channel": "books5", "instId": "BTC-USDT"},
+])
+async def test_a_push_for_another_stream_of_a_subscribed_channel_is_unsubscribed(push_arg: dict[str, str]) -> None:
+    pipe, cap = make()
+    await pipe.handle(subscribed(SubArg("books", "BTC-USDT")))
+    data = _book_snapshot("BTC-USDT")
+    rows = [{**data["data"][0], "instId": push_arg.get("instId", "BTC-USDT")}]
+    await pipe.handle(frame({**data, "arg": push_arg, "data": rows}))
+    assert [d.reason_code for d in cap.records(DeadLetter)] == [DeadLetterReason.UNSUBSCRIBED]
+    assert pipe.state_sizes()["books"] == 0
