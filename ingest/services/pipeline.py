@@ -5,10 +5,14 @@ the single queue the WebSocket layer fills, so frames and connection events are 
 order they happened; that order is what makes gap bounds and the 64008 cut-over dedupe right. The
 pure core decides everything; this module only wires it and awaits the outlet (back-pressure).
 
-Per frame: raw record (optional) -> normalize -> for each unit (one trade, one book message, or one
-push otherwise): stream ownership (drop duplicates of an overlap) -> book check (drop deltas of a broken
-book, ask for a resubscribe) -> private dedupe (OKX's repeated order pushes) -> encode -> outlet; gap
-events are published as soon as the tracker closes them.
+Per frame: raw record (optional) -> normalize -> held check (a push for an arg no connection of this shard
+acked is a dead letter, `unsubscribed`, and gets no state: the acks bound every per-stream map) -> for each
+unit (one trade, one book message, or one push otherwise): stream ownership (drop duplicates of an overlap)
+-> book check (drop deltas of a broken book, ask for a resubscribe; every `book_checkpoint_s` of receive
+time a full-book checkpoint of a valid book) -> private dedupe (OKX's repeated order pushes) -> encode ->
+outlet; gap events are published as soon as the tracker closes them. A dead-lettered frame of a stream
+without ids opens a `dead_letter` gap. Nothing raises out of it: a failing item becomes an `internal_error`
+dead letter, a record its schema cannot hold a dead letter too.
 
 Private streams: when one of them loses its connection, or comes up for the first time, the pipeline asks
 the private reconciler (`services/private.py`) for a REST read of the account, without waiting for it. The
