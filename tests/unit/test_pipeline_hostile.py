@@ -234,9 +234,13 @@ _scalars = (st.none() | st.booleans() | _integers | _integers.map(str)
             | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30)
             | st.sampled_from(["", "0", "-1", "1e400", "9" * 40, "-9223372036854775809", "9223372036854775808",
                                "NaN", "1.5", "snapshot", "update", "buy", "BTC-USDT", "books", "trades"]))
-_json = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8),
-                                                                                             inner, max_size=4),
-                     max_leaves=12)
+
+
+def _nested(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+
+
+_json = st.recursive(_scalars, _nested, max_leaves=12)
 
 
 def _like(original: object) -> st.SearchStrategy[object]:
