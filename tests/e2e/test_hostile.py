@@ -4,6 +4,7 @@ shutdown after them saves the stream state and exits 0.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from ingest.okx.channels import SubArg
 from ingest.sim import SimConfig, SimServer
 from tests.conftest import BrokerInfo
 from tests.e2e.harness import TopicReader, daemon_settings, running
+from tests.e2e.private_support import metric, scrape
 
 INST = "BTC-USDT"
 
@@ -41,6 +43,12 @@ async def test_a_trade_id_beyond_64_bits_and_a_push_nobody_subscribed_cost_one_d
             assert sim.faults.send_raw(_frame("trades", INST, str(2**64 + 5)), "public")
             assert sim.faults.send_raw(_frame("trades", "ETH-USDT", "7"), "public")  # never subscribed
             await sim.tick(10)
+            pipeline = daemon.daemon.parts.pipeline
+            assert pipeline is not None
+            async with asyncio.timeout(20):  # until the pipeline has taken both frames
+                while sum(pipeline.stats.dead_letters.values()) < 2:
+                    await sim.tick(1)
+            metrics = await scrape(daemon)
             assert await daemon.shutdown() == 0
         last = max(int(r.trade_id) for r in sim.market.trades(INST))
 
@@ -50,5 +58,9 @@ async def test_a_trade_id_beyond_64_bits_and_a_push_nobody_subscribed_cost_one_d
     assert all(t.trade_id != str(2**64 + 5) and t.inst_id == INST for t in trades)
     dead = await reader.records(TopicKind.DLQ, DeadLetter, at_least=2)
     assert sorted(d.reason_code for d in dead) == [DeadLetterReason.BAD_NUMBER, DeadLetterReason.UNSUBSCRIBED]
+    assert metric(metrics, "okx_ingest_dead_letters_total", reason="unsubscribed") == 1
+    assert metric(metrics, "okx_ingest_pipeline_state_entries", map="subscribed") == 1
+    assert metric(metrics, "okx_ingest_pipeline_state_entries", map="gap_streams") == 1  # nothing for ETH-USDT
+    assert metric(metrics, "okx_ingest_pipeline_failures_total", stage="item") == 0
     state = StreamStateFile(tmp_path / f"{settings.shard}.streams.json").load()
     assert state is not None and [c.arg for c in state.streams] == [SubArg("trades", INST)]
