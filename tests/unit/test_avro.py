@@ -203,7 +203,7 @@ _ANY_INT = st.integers() | st.integers(min_value=-(2**70), max_value=2**70) | st
     [2**31 - 1, 2**31, -(2**31), -(2**31) - 1, 2**63 - 1, 2**63, -(2**63), -(2**63) - 1, 2**64 - 1, 2**64])
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(long=_ANY_INT, int32=_ANY_INT)
 def test_any_integer_either_encodes_exactly_or_is_an_overflow_error_in_both_encoders(long: int, int32: int) -> None:
     """No integer of any size can make a generated encoder write bytes fastavro would not (a corrupt record)."""

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ingest.core.events import LinkEvent, LinkEventKind
@@ -27,6 +27,7 @@ checkpoints = st.builds(
     st.none() | st.integers(0, 2**62), st.text(max_size=40))
 
 
+@settings(deadline=None)  # each example fsyncs a file: on a busy disk that alone can pass hypothesis' 200 ms
 @given(cps=st.lists(checkpoints, max_size=5), saved=st.integers(0, 2**62), private=st.none() | st.integers(0, 2**62))
 def test_state_file_round_trips_every_checkpoint(cps: list[StreamCheckpoint], saved: int, private: int | None,
                                                  tmp_path_factory: pytest.TempPathFactory) -> None:
