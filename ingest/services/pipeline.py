@@ -344,7 +344,8 @@ class Pipeline:
                 "private_conns": len(self._private_last_ns), "order_dedupe": len(self._orders),
                 "fills_seen": len(self._fills), "private_ledger": len(self._ledger),
                 "book_checkpoint_streams": len(self._last_image_ns),
-                "push_arg_aliases": len(self._covering), **cache_sizes()}
+                "push_arg_aliases": len(self._covering), "stream_last_seen": len(self.stream_last_ns),
+                **cache_sizes()}
 
     def open_gaps(self) -> list[Gap]:
         """Gaps not yet closed by data (reported at shutdown)."""

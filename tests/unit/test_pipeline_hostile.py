@@ -140,7 +140,7 @@ async def test_four_thousand_never_subscribed_book_streams_create_no_state() -> 
     assert after.pop("push_arg_aliases") <= 10_000
     caches = ("normalize_args", "normalize_templates", "push_arg_aliases")
     assert after == {**{k: v for k, v in before.items() if k not in caches}, "books": 1, "gap_streams": 1,
-                     "stream_owners": 1, "book_checkpoint_streams": 1}  # ...no stream state but the one held
+                     "stream_owners": 1, "book_checkpoint_streams": 1, "stream_last_seen": 1}  # ...but the one held
     dead = cap.records(DeadLetter)
     assert len(dead) == 4_000 and pipe.stats.dead_letters["unsubscribed"] == 4_000
     assert {d.reason_code for d in dead} == {DeadLetterReason.UNSUBSCRIBED}
