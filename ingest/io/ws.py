@@ -7,7 +7,7 @@ connection (`_Link`, id `conn`) at a time, two during a 64008 make-before-break.
 
 Guarantees to the pipeline (`ingest.core.events`), per physical connection `conn`:
 - every text frame except `pong` is put into the queue (`recv_seq` from 1), in arrival order; pushes go
-  straight from the socket's `data_received` (`_TapConnection`), everything else through `recv()`, and a
+  straight from the socket's `data_received` (`TapConnection`), everything else through `recv()`, and a
   full `Inbox` pauses the socket rather than making anyone wait (back-pressure); during a 64008 overlap
   the replacement's pushes are held until they are known not to repeat the old connection's, so its order
   is kept per stream (arg), not across streams;
@@ -38,10 +38,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
-from websockets.frames import Frame, Opcode
-from websockets.protocol import Event
 
 from ingest.config import WsSettings
 from ingest.core.backoff import full_jitter
@@ -49,6 +46,7 @@ from ingest.core.clock import ServerClock
 from ingest.core.events import Inbound, InboundFrame, LinkEvent, LinkEventKind
 from ingest.core.plan import PlannedConnection
 from ingest.core.ratelimit import SlidingWindow
+from ingest.core.subscriptions import Parked, Retry, SubscriptionScheduler
 from ingest.core.wsproto import (
     PING,
     ArgAction,
@@ -76,6 +74,7 @@ from ingest.credentials import CredentialStore
 from ingest.errors import CredentialError, IngestError
 from ingest.io.inbox import Inbox
 from ingest.io.tls import find_pin_error
+from ingest.io.ws_tap import INBOX, TapConnection, open_tapped
 from ingest.okx import codes
 from ingest.okx.channels import Endpoint, SubArg
 
@@ -185,70 +184,6 @@ class ConnectionStatus:
     counters: ConnectionCounters
 
 
-#: A transiently refused arg, once its quick retries are spent, is retried this long later, doubling to the cap.
-_PARK_FIRST_S = 60.0
-_PARK_MAX_S = 1800.0
-
-
-class _TapConnection(ClientConnection):
-    """websockets' client connection with a fast lane for complete data frames.
-
-    From `data_received`, each complete data frame is offered to `tap` first, synchronously; when `tap`
-    takes it, websockets' message queue (Assembler), `recv()` and a wake-up of the reader task per frame
-    are skipped, which is most of a frame's cost in this layer. Whatever `tap` declines (events, pongs,
-    a hand-over in progress), frames before `tap` is set and fragmented messages take the usual path, read
-    by `recv()`. A frame may take the fast lane only while no earlier message is on the usual one
-    (`slow_pending`), so frames are handed over in arrival order either way.
-
-    Reading is paused for two owners, websockets' Assembler (its queue is full) and the inbox (over its
-    limit): `holds` names who holds it, and the socket reads again only when neither does.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.tap: Callable[[bytes], bool] | None = None
-        #: Messages given to the Assembler and not yet fully handled by the reader.
-        self.slow_pending = 0
-        self.holds: set[str] = set()
-        #: The Assembler's flow control could be routed through `hold` (websockets 15-17 internals).
-        self.fast_lane = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        assembler = self.recv_messages
-        if hasattr(assembler, "pause") and hasattr(assembler, "resume"):
-            assembler.pause = lambda: self.hold("assembler")
-            assembler.resume = lambda: self.release("assembler")
-            self.fast_lane = True
-
-    def hold(self, owner: str) -> None:
-        """Stop reading the socket on behalf of `owner`."""
-        if not self.holds:
-            self.transport.pause_reading()
-        self.holds.add(owner)
-
-    def release(self, owner: str) -> None:
-        """`owner` no longer needs the socket paused; it reads again once nobody does."""
-        if owner in self.holds:
-            self.holds.discard(owner)
-            if not self.holds and not self.transport.is_closing():
-                self.transport.resume_reading()
-
-    def process_event(self, event: Event) -> None:
-        if type(event) is Frame:
-            opcode = event.opcode
-            if opcode is Opcode.TEXT or opcode is Opcode.BINARY or opcode is Opcode.CONT:
-                tap = self.tap
-                if (tap is not None and event.fin and opcode is not Opcode.CONT and not self.slow_pending
-                        and tap(bytes(event.data))):
-                    return
-                if event.fin:
-                    self.slow_pending += 1  # whether or not `tap` is set yet: the reader counts every message
-                self.recv_messages.put(event)
-                return
-        super().process_event(event)
-
-
 class _LinkFailure(Exception):
     """Ends one physical connection; `fatal` stops the logical connection too."""
 
@@ -267,7 +202,7 @@ class _Link:
         self.replacement = replacement
         self.proto = LinkProtocol(settings.subscribe_max_bytes)
         self.budget = SlidingWindow(settings.requests_per_hour, _HOUR_S)
-        self.ws: _TapConnection | None = None
+        self.ws: TapConnection | None = None
         self.state = ConnState.IDLE
         self.recv_seq = 0
         #: Args this link announced SUBSCRIBED for and has not yet balanced with DISCONNECTED/CUTOVER.
@@ -304,17 +239,17 @@ class _Link:
     def pause_reading(self) -> None:
         """Stop reading the socket while the inbox is over its limit (see ingest.io.inbox)."""
         if self.ws is not None:
-            self.ws.hold("inbox")
+            self.ws.hold(INBOX)
 
     def resume_reading(self) -> None:
         """Read the socket again after the inbox paused it (a no-op once it is closing)."""
         if self.ws is not None:
-            self.ws.release("inbox")
+            self.ws.release(INBOX)
 
     @property
     def backlogged(self) -> bool:
         """Frames wait on our side (socket paused, or a message not yet handed over): silence is ours."""
-        return self.ws is not None and (bool(self.ws.holds) or self.ws.slow_pending > 0)
+        return self.ws is not None and self.ws.backlogged
 
 
 @dataclass(eq=False)
@@ -427,14 +362,11 @@ class Connection:
         self._stopped = False
         self._shutting_down = False
         self._last_error: str | None = None
-        #: Args OKX refused for good, with the code (or reason) it gave.
-        self.failed: dict[SubArg, str] = {}
-        self._retry_at: dict[SubArg, float] = {}
-        self._retry_attempts: dict[SubArg, int] = {}
-        #: Args refused transiently beyond their quick retries: (times parked, last code); retried much later.
-        self._parked: dict[SubArg, tuple[int, str]] = {}
-        self._resub_pending: dict[SubArg, tuple[str, float]] = {}
-        self._resub_last: dict[SubArg, float] = {}
+        #: When to (re)subscribe which arg: retries, parking, resubscribes (outlives physical connections).
+        self.schedule = SubscriptionScheduler(spec.args, retries=settings.subscribe_retries,
+                                              backoff_min_s=settings.backoff_min_s,
+                                              backoff_max_s=settings.backoff_max_s,
+                                              resubscribe_min_interval_s=settings.resubscribe_min_interval_s)
         self._replace_wanted = asyncio.Event()
         self._replace_reason: tuple[str, str | None] = ("", None)
 
@@ -465,15 +397,20 @@ class Connection:
         finally:
             self._tg = None
 
+    @property
+    def failed(self) -> dict[SubArg, str]:
+        """Args OKX refused for good, with the code (or reason) it gave."""
+        return self.schedule.failed
+
     def request_resubscribe(self, arg: SubArg, reason: str) -> bool:
         """Unsubscribe and subscribe `arg` again (a fresh book snapshot); coalesced, rate-limited, non-blocking.
 
         Returns False when this connection does not carry `arg` or OKX refused it for good.
         """
-        if arg not in self._arg_set or arg in self.failed:
+        added = self.schedule.request_resubscribe(arg, reason)
+        if added is None:
             return False
-        if arg not in self._resub_pending:
-            self._resub_pending[arg] = (reason, self._monotonic())
+        if added:
             log.info("ws_resubscribe_requested", extra={"ws_name": self.name, "arg": str(arg), "reason": reason})
         if self._primary is not None:
             self._primary.work.set()
@@ -506,8 +443,8 @@ class Connection:
             args=len(self.args),
             subscribed=len(link.owned) if link is not None else 0,
             failed={**{str(a): c for a, c in self.failed.items()},
-                    **{str(a): f"{c} (retrying)" for a, (_, c) in self._parked.items()}},
-            pending_resubscribe=len(self._resub_pending),
+                    **{str(a): f"{c} (retrying)" for a, (_, c) in self.schedule.parked.items()}},
+            pending_resubscribe=self.schedule.pending_resubscribes(),
             budget_remaining=link.budget.remaining(now) if link is not None else None,
             live_for_s=(now - link.live_since) if link is not None and link.live_since is not None
             and link.ended_at is None else None,
@@ -536,7 +473,7 @@ class Connection:
                 self._log_state(current, current.state, ConnState.STOPPED, current.end_reason)
                 # No data will come for these until an operator fixes the cause: say so, per arg.
                 await self._emit(LinkEventKind.SUBSCRIBE_FAILED, current,
-                                 tuple(a for a in self.args if a not in self.failed),
+                                 tuple(self.schedule.wanted()),
                                  code=getattr(current.fatal, "code", None), reason=str(current.fatal))
                 raise current.fatal
             ended = current.ended_at or self._monotonic()
@@ -590,19 +527,11 @@ class Connection:
         self._set_link_state(link, ConnState.CONNECTING)
         await self._limiter.acquire()
         try:
-            ws = await connect(
-                self.url,
-                ping_interval=None,  # OKX's keepalive is the text `ping`, sent below
-                open_timeout=self.settings.connect_timeout_s,
-                close_timeout=self.settings.close_timeout_s,
-                max_size=self.settings.max_message_bytes,
-                compression="deflate" if self.settings.compression else None,
-                ssl=self._ssl,
-                proxy=self._proxy,
-                create_connection=_TapConnection,
-            )
-            assert isinstance(ws, _TapConnection)
-            link.ws = ws
+            link.ws = await open_tapped(self.url, open_timeout=self.settings.connect_timeout_s,
+                                        close_timeout=self.settings.close_timeout_s,
+                                        max_size=self.settings.max_message_bytes,
+                                        compression=self.settings.compression, ssl_context=self._ssl,
+                                        proxy=self._proxy)
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
             self.counters.connect_failures += 1
             pin = find_pin_error(exc)
@@ -686,7 +615,7 @@ class Connection:
                 link.end_reason = link.end_reason or f"no pong within {pong_timeout}s"
                 link.abnormal = True
                 log.warning("ws_pong_timeout", extra={"conn": link.conn, "ws_name": self.name})
-                ws.transport.abort()
+                ws.abort()
                 return
             if ping_sent is None and now - link.last_rx >= keepalive:
                 await ws.send(PING)
@@ -774,7 +703,7 @@ class Connection:
     # ------------------------------------------------------------------------------------------ inbound
 
     def _fast_push(self, link: _Link, data: bytes, loop: asyncio.AbstractEventLoop) -> bool:
-        """The fast lane (`_TapConnection.tap`, called from the socket's data_received): a push is handed
+        """The fast lane (`TapConnection.tap`, called from the socket's data_received): a push is handed
         to the pipeline at once when nothing needs it to wait; False sends the frame the usual way."""
         queue = self._queue
         if not is_push(data) or self._overlap is not None or self._emit_lock.locked() or queue.full():
@@ -795,13 +724,13 @@ class Connection:
             inbox.pause_until_room(link, link.resume_reading)
         return True
 
-    async def _on_slow_message(self, link: _Link, ws: _TapConnection, data: str | bytes) -> None:
+    async def _on_slow_message(self, link: _Link, ws: TapConnection, data: str | bytes) -> None:
         """A message read with recv() (the usual path): handled, then no longer pending, so the fast lane
         may take the frames behind it (the only place `slow_pending` goes down)."""
         try:
             await self._on_frame(link, data if isinstance(data, bytes) else data.encode())
         finally:
-            ws.slow_pending -= 1
+            ws.message_handled()
 
     async def _on_frame(self, link: _Link, data: bytes) -> None:
         recv_ts_ns = time.time_ns()
@@ -939,17 +868,14 @@ class Connection:
 
     async def _on_subscribed(self, link: _Link, arg: SubArg) -> None:
         link.progress.set()
-        self._retry_at.pop(arg, None)
-        self._retry_attempts.pop(arg, None)
-        if self._parked.pop(arg, None) is not None:
+        if self.schedule.on_subscribed(arg):
             log.info("ws_subscribe_recovered", extra={"conn": link.conn, "ws_name": self.name, "arg": str(arg)})
         if arg not in self._arg_set or arg in link.owned:
             return
         link.owned.add(arg)
-        pending = self._resub_pending.get(arg)
-        if pending is not None and link.live_since is None:
+        if link.live_since is None:
             # A fresh subscription after a reconnect brings a fresh snapshot: the resubscribe is moot.
-            del self._resub_pending[arg]
+            self.schedule.fresh_snapshot(arg)
         await self._emit(LinkEventKind.SUBSCRIBED, link, (arg,))
 
     async def _on_refused(self, link: _Link, out: ArgRefused) -> None:
@@ -960,39 +886,24 @@ class Connection:
             self._request_close(link, f"subscribe refused with {out.code} ({out.msg}): reconnecting")
             return
         if out.action is ArgAction.RETRY:
-            attempts = self._retry_attempts.get(out.arg, 0) + 1
-            if attempts <= self.settings.subscribe_retries:
-                self._retry_attempts[out.arg] = attempts
-                # 10x the reconnect backoff's floor, doubling: 1 s, 2 s, 4 s with the defaults.
-                delay = min(self.settings.backoff_max_s, self.settings.backoff_min_s * 10 * 2 ** (attempts - 1))
-                self._retry_at[out.arg] = self._monotonic() + delay
-                link.work.set()
+            decision = self.schedule.on_transient(out.arg, out.code or out.msg, self._monotonic())
+            link.work.set()
+            if isinstance(decision, Retry):
                 log.warning("ws_subscribe_retry", extra={"conn": link.conn, "ws_name": self.name,
                                                          "arg": str(out.arg), "code": out.code,
-                                                         "attempt": attempts, "delay_s": delay})
-                return
-            # A transient refusal (64007, 60014, 63999, no answer) never fails an arg for good: keep trying,
-            # far less often. The stream's open gap stays open and closes with its first record.
-            self._park(link, out.arg, out.code or out.msg)
+                                                         "attempt": decision.attempt, "delay_s": decision.delay_s})
+            else:
+                self._log_parked(link, out.arg, out.code or out.msg, decision)
             return
         await self._fail_arg(link, out.arg, out.code, out.msg)
 
-    def _park(self, link: _Link, arg: SubArg, why: str) -> None:
-        times = self._parked.get(arg, (0, ""))[0] + 1
-        self._parked[arg] = (times, why)
-        delay = min(_PARK_MAX_S, _PARK_FIRST_S * 2 ** (times - 1))
-        self._retry_attempts.pop(arg, None)
-        self._retry_at[arg] = self._monotonic() + delay
-        link.work.set()
+    def _log_parked(self, link: _Link, arg: SubArg, why: str, parked: Parked) -> None:
         self.counters.subscribe_failures += 1
         log.error("ws_subscribe_parked", extra={"conn": link.conn, "ws_name": self.name, "arg": str(arg),
-                                                "code": why, "retry_in_s": delay, "times": times})
+                                                "code": why, "retry_in_s": parked.delay_s, "times": parked.times})
 
     async def _fail_arg(self, link: _Link, arg: SubArg, code: str | None, msg: str) -> None:
-        self.failed[arg] = code or msg
-        self._retry_at.pop(arg, None)
-        self._retry_attempts.pop(arg, None)
-        self._resub_pending.pop(arg, None)
+        self.schedule.fail(arg, code or msg)
         link.owned.discard(arg)
         self.counters.subscribe_failures += 1
         log.error("ws_subscribe_failed", extra={"conn": link.conn, "ws_name": self.name, "arg": str(arg),
@@ -1010,7 +921,9 @@ class Connection:
         for arg in dropped:
             link.owned.discard(arg)
             # Other connections may go away: try again later rather than never (the cap is per sub-account).
-            self._park(link, arg, "channel-conn-count-error")
+            self._log_parked(link, arg, "channel-conn-count-error",
+                             self.schedule.park(arg, "channel-conn-count-error", self._monotonic()))
+            link.work.set()
         log.error("ws_subscribe_failed", extra={"conn": link.conn, "ws_name": self.name, "channel": out.channel,
                                                 "arg_count": len(dropped), "okx_msg": reason})
         if dropped:
@@ -1024,7 +937,7 @@ class Connection:
             if self.login:
                 await self._login(link)
             self._set_link_state(link, ConnState.SUBSCRIBING)
-            link.outbox.extend(link.proto.subscribe([a for a in self.args if a not in self.failed]))
+            link.outbox.extend(link.proto.subscribe(self.schedule.wanted()))
             await self._pump(link, "subscribe")
             link.live_since = self._monotonic()
             self._set_link_state(link, ConnState.LIVE)
@@ -1136,50 +1049,31 @@ class Connection:
                 await self._pump(link, "subscribe")
                 continue
             now = self._monotonic()
-            due = sorted(a for a, at in self._retry_at.items() if at <= now and a not in link.proto.held)
+            due = self.schedule.due_retries(now, link.proto.held)
             if due:
-                for a in due:
-                    del self._retry_at[a]
-                link.outbox.extend(link.proto.subscribe([a for a in due if a not in self.failed]))
+                link.outbox.extend(link.proto.subscribe(self.schedule.wanted(due)))
                 await self._pump(link, "subscribe")
                 continue
             if link is self._primary and self._overlap is None:
-                resub, next_resub = self._due_resubscribes(link, now)
+                resub, next_resub = self.schedule.due_resubscribes(now, link.proto.held, link.proto.in_flight())
                 if resub:
                     await self._resubscribe(link, resub)
                     continue
             else:
                 next_resub = None
-            wakeups = [t for t in (*self._retry_at.values(), next_resub) if t is not None]
+            wakeups = [t for t in (self.schedule.next_retry(), next_resub) if t is not None]
             timeout = max(0.0, min(wakeups) - now) if wakeups else None
             await _first_of([link.work.wait()], timeout)
 
-    def _due_resubscribes(self, link: _Link, now: float) -> tuple[list[SubArg], float | None]:
-        due: list[SubArg] = []
-        later: list[float] = []
-        for arg in list(self._resub_pending):
-            if arg not in link.proto.held:
-                if arg not in link.proto.in_flight():
-                    del self._resub_pending[arg]  # not held: a subscribe (with a fresh snapshot) comes anyway
-                continue
-            allowed = self._resub_last.get(arg, -1e18) + self.settings.resubscribe_min_interval_s
-            if allowed <= now:
-                due.append(arg)
-            else:
-                later.append(allowed)
-        return sorted(due), (min(later) if later else None)
-
     async def _resubscribe(self, link: _Link, args: list[SubArg]) -> None:
         now = self._monotonic()
-        reasons = {self._resub_pending.pop(a)[0] for a in args}
-        for a in args:
-            self._resub_last[a] = now
+        reasons = self.schedule.start_resubscribe(args, now)
         self.counters.resubscribes += len(args)
         log.info("ws_resubscribe", extra={"conn": link.conn, "ws_name": self.name, "arg_count": len(args),
                                           "first_arg": str(args[0]), "reason": "; ".join(sorted(reasons))[:200]})
         link.outbox.extend(link.proto.unsubscribe(args))
         await self._pump(link, "unsubscribe")
-        link.outbox.extend(link.proto.subscribe([a for a in args if a not in self.failed]))
+        link.outbox.extend(link.proto.subscribe(self.schedule.wanted(args)))
         await self._pump(link, "subscribe")
 
     # ------------------------------------------------------------------------------------------ 64008
