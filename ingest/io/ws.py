@@ -44,6 +44,7 @@ from ingest.config import WsSettings
 from ingest.core.backoff import full_jitter
 from ingest.core.clock import ServerClock
 from ingest.core.events import Inbound, InboundFrame, LinkEvent, LinkEventKind
+from ingest.core.keepalive import Keepalive, KeepaliveAction
 from ingest.core.plan import PlannedConnection
 from ingest.core.ratelimit import SlidingWindow
 from ingest.core.subscriptions import Parked, Retry, SubscriptionScheduler
@@ -73,6 +74,7 @@ from ingest.core.wsproto import (
 from ingest.credentials import CredentialStore
 from ingest.errors import CredentialError, IngestError
 from ingest.io.inbox import Inbox
+from ingest.io.timer import SystemTimer, Timer
 from ingest.io.tls import find_pin_error
 from ingest.io.ws_tap import INBOX, TapConnection, open_tapped
 from ingest.okx import codes
@@ -120,12 +122,13 @@ class ConnectLimiter:
     """
 
     def __init__(self, per_second: float, monotonic: Callable[[], float] = time.monotonic,
-                 margin_s: float = 0.05) -> None:
+                 margin_s: float = 0.05, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         if per_second <= 0:
             raise ValueError(f"connects per second must be > 0, got {per_second}")
         limit, window = (int(per_second), 1.0) if per_second >= 1 else (1, 1.0 / per_second)
         self.window = SlidingWindow(limit, window + margin_s)
         self._monotonic = monotonic
+        self._sleep = sleep
         self._lock = asyncio.Lock()
         self.admitted = 0
 
@@ -136,7 +139,7 @@ class ConnectLimiter:
                 if self.window.try_acquire(now):
                     self.admitted += 1
                     return
-                await asyncio.sleep(self.window.delay(now))
+                await self._sleep(self.window.delay(now))
 
 
 @dataclass(slots=True)
@@ -227,8 +230,8 @@ class _Link:
         #: The `CredentialStore.version` this link logged in with (None: not logged in yet).
         self.creds_version: int | None = None
         self.noticed = False
-        #: Loop time of the last inbound frame (pong included): the keepalive watchdog's only input.
-        self.last_rx = 0.0
+        #: The keepalive watchdog; the reader stamps `keepalive.last_rx` for every inbound frame (pong included).
+        self.keepalive = Keepalive(settings.keepalive_s, settings.pong_timeout_s, 0.0)
         #: Closing or shutting down: read to the end, never pause for the inbox.
         self.draining = False
 
@@ -272,15 +275,20 @@ class _Overlap:
             self.ready.clear()
 
 
-async def _first_of(aws: list[Coroutine[Any, Any, Any]], limit_s: float | None = None) -> None:
-    """Wait until the first of `aws` completes (or `limit_s` passed), then cancel and reap the others."""
+async def _first_of(aws: list[Coroutine[Any, Any, Any]]) -> None:
+    """Wait until the first of `aws` completes, then cancel and reap the others."""
     tasks = [asyncio.ensure_future(a) for a in aws]
     try:
-        await asyncio.wait(tasks, timeout=limit_s, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _settled(future: asyncio.Future[Any]) -> None:
+    """Wait until `future` is done without cancelling it when this wait is cancelled."""
+    await asyncio.wait({future})
 
 
 def _cancel_current_task() -> None:
@@ -325,6 +333,7 @@ class Connection:
         ssl_context: ssl.SSLContext | None = None,
         token: str = PROCESS_TOKEN,
         proxy: str | None = None,
+        timer: Timer | None = None,
     ) -> None:
         if spec.login and credentials is None:
             raise CredentialError(
@@ -346,7 +355,9 @@ class Connection:
         self._clock = clock or ServerClock(lambda: time.time_ns() // 1_000_000)
         self._resync_clock = resync_clock
         self._backoff_factory = backoff or (lambda: full_jitter(settings.backoff_min_s, settings.backoff_max_s))
-        self._monotonic = monotonic
+        #: The one clock every timing decision reads and sleeps on (`monotonic` is its `now` by default).
+        self._timer: Timer = timer if timer is not None else SystemTimer(monotonic)
+        self._monotonic = self._timer.now
         self._ssl = ssl_context if url.startswith("wss://") else None
         #: The HTTP(S) proxy to tunnel through (io/proxy.py decides); None connects directly, never by websockets'
         #: own reading of the environment.
@@ -483,7 +494,7 @@ class Connection:
             self._backing_off = True
             self._log_state(current, current.state, ConnState.BACKING_OFF, current.end_reason, delay_s=delay)
             try:
-                await asyncio.sleep(delay)
+                await self._timer.sleep(delay)
             finally:
                 self._backing_off = False
 
@@ -561,15 +572,15 @@ class Connection:
         without `pong`. The read loop itself only stamps `last_rx`: no timer per message on the hot path."""
         ws = link.ws
         assert ws is not None
-        loop = asyncio.get_running_loop()
-        link.last_rx = loop.time()
+        now = self._monotonic
+        link.keepalive.last_rx = now()
         watchdog = asyncio.create_task(self._keepalive(link), name=f"{link.conn}-keepalive")
         if ws.fast_lane:
-            ws.tap = lambda data: self._fast_push(link, data, loop)
+            ws.tap = lambda data: self._fast_push(link, data)
         try:
             while True:
                 data = await ws.recv(decode=False)
-                link.last_rx = loop.time()
+                link.keepalive.last_rx = now()
                 await self._on_slow_message(link, ws, data)
         except ConnectionClosed as exc:
             link.close_code = exc.rcvd.code if exc.rcvd is not None else None
@@ -597,32 +608,25 @@ class Connection:
             await asyncio.gather(watchdog, return_exceptions=True)
 
     async def _keepalive(self, link: _Link) -> None:
-        """Text `ping` once nothing arrived for `keepalive_s`; abort the socket if nothing (no `pong`, no
-        data) arrives within `pong_timeout_s` after it. Sleeps until the next deadline, never polls."""
+        """The watchdog (`ingest.core.keepalive`): text `ping` after `keepalive_s` of silence, abort the socket
+        when nothing answers within `pong_timeout_s`. Sleeps until the next deadline, never polls."""
         ws = link.ws
         assert ws is not None
-        loop = asyncio.get_running_loop()
-        keepalive, pong_timeout = self.settings.keepalive_s, self.settings.pong_timeout_s
-        ping_sent: float | None = None
+        ka = link.keepalive
         while True:
-            now = loop.time()
-            if link.backlogged:
-                link.last_rx = now  # frames wait on our side; a pong behind them could not be seen yet
-            if ping_sent is not None and link.last_rx >= ping_sent:
-                ping_sent = None  # something arrived after the ping: the connection is alive
-            if ping_sent is not None and now - ping_sent >= pong_timeout:
+            action = ka.tick(self._monotonic(), link.backlogged)
+            if action is KeepaliveAction.ABORT:
                 self.counters.pong_timeouts += 1
-                link.end_reason = link.end_reason or f"no pong within {pong_timeout}s"
+                link.end_reason = link.end_reason or f"no pong within {ka.pong_timeout_s}s"
                 link.abnormal = True
                 log.warning("ws_pong_timeout", extra={"conn": link.conn, "ws_name": self.name})
                 ws.abort()
                 return
-            if ping_sent is None and now - link.last_rx >= keepalive:
+            if action is KeepaliveAction.PING:
                 await ws.send(PING)
                 self.counters.pings += 1
-                ping_sent = loop.time()
-            deadline = ping_sent + pong_timeout if ping_sent is not None else link.last_rx + keepalive
-            await asyncio.sleep(max(0.0, deadline - loop.time()))  # a timer, re-armed only when it fires
+                ka.pinged(self._monotonic())
+            await self._timer.sleep(ka.next_deadline() - self._monotonic())  # a timer, re-armed when it fires
 
     async def _drain(self, link: _Link) -> None:
         """Close the socket and hand every frame already received to the pipeline."""
@@ -702,14 +706,14 @@ class Connection:
 
     # ------------------------------------------------------------------------------------------ inbound
 
-    def _fast_push(self, link: _Link, data: bytes, loop: asyncio.AbstractEventLoop) -> bool:
+    def _fast_push(self, link: _Link, data: bytes) -> bool:
         """The fast lane (`TapConnection.tap`, called from the socket's data_received): a push is handed
         to the pipeline at once when nothing needs it to wait; False sends the frame the usual way."""
         queue = self._queue
         if not is_push(data) or self._overlap is not None or self._emit_lock.locked() or queue.full():
             return False
         recv_ts_ns = time.time_ns()
-        link.last_rx = loop.time()
+        link.keepalive.last_rx = self._monotonic()
         counters = self.counters
         counters.frames += 1
         counters.fast_lane += 1
@@ -966,7 +970,7 @@ class Connection:
             delay = link.budget.delay(self._monotonic())
             log.warning("ws_budget_wait", extra={"conn": link.conn, "ws_name": self.name, "op": req.op,
                                                  "delay_s": round(delay, 3), "limit": link.budget.limit})
-            await asyncio.sleep(delay)
+            await self._timer.sleep(delay)
         await ws.send(req.payload.decode())
         self.counters.requests += 1
         log.debug("ws_request", extra={"conn": link.conn, "ws_name": self.name, "op": req.op, "id": req.id,
@@ -984,7 +988,7 @@ class Connection:
         self._set_link_state(link, ConnState.BACKING_OFF, "authentication paused")
         log.warning("ws_login_paused", extra={"conn": link.conn, "ws_name": self.name, "pause_s": round(remaining, 3),
                                               "key": store.current().key_hint})
-        await _first_of([asyncio.sleep(remaining), store.wait_changed(store.version)])
+        await _first_of([self._timer.sleep(remaining), store.wait_changed(store.version)])
 
     async def _login(self, link: _Link) -> None:
         assert self._credentials is not None
@@ -992,7 +996,7 @@ class Connection:
         creds = self._credentials.current()
         link.creds_version = self._credentials.version
         await self._send(link, link.proto.login(creds, self._clock.now_ms()))
-        await asyncio.wait({link.login_result}, timeout=self.settings.login_timeout_s)
+        await _first_of([_settled(link.login_result), self._timer.sleep(self.settings.login_timeout_s)])
         if not link.login_result.done():
             self.counters.login_failures += 1
             raise _LinkFailure(f"no login answer within {self.settings.login_timeout_s}s")
@@ -1031,7 +1035,7 @@ class Connection:
             if not link.proto.in_flight(op):
                 return
             link.progress.clear()
-            await _first_of([link.progress.wait()], timeout)
+            await _first_of([link.progress.wait(), self._timer.sleep(timeout)])
             if link.progress.is_set() or link.outbox:
                 continue
             left = link.proto.abandon()
@@ -1062,8 +1066,10 @@ class Connection:
             else:
                 next_resub = None
             wakeups = [t for t in (self.schedule.next_retry(), next_resub) if t is not None]
-            timeout = max(0.0, min(wakeups) - now) if wakeups else None
-            await _first_of([link.work.wait()], timeout)
+            if wakeups:
+                await _first_of([link.work.wait(), self._timer.sleep(min(wakeups) - now)])
+            else:
+                await link.work.wait()
 
     async def _resubscribe(self, link: _Link, args: list[SubArg]) -> None:
         now = self._monotonic()
@@ -1111,8 +1117,8 @@ class Connection:
             await self._emit(LinkEventKind.NOTICE, old, tuple(sorted(old.owned)), code=code, reason=reason,
                              replacement=new.conn)
             self._spawn(new)
-            await _first_of([ov.ready.wait(), new.finished.wait(), old.finished.wait()],
-                            max(0.0, deadline - self._monotonic()))
+            await _first_of([ov.ready.wait(), new.finished.wait(), old.finished.wait(),
+                             self._timer.sleep(deadline - self._monotonic())])
             if old.finished.is_set():
                 return  # the old connection ended first; its teardown handed over
             if new.finished.is_set() and new.fatal is not None:
@@ -1125,7 +1131,7 @@ class Connection:
                 delay = next(backoff)
                 log.warning("ws_replacement_failed", extra={"ws_name": self.name, "conn": new.conn,
                                                             "reason": new.end_reason, "delay_s": delay})
-                await _first_of([old.finished.wait()], delay)
+                await _first_of([old.finished.wait(), self._timer.sleep(delay)])
                 continue
             log.info("ws_cutover_start", extra={"ws_name": self.name, "conn": old.conn, "replacement": new.conn,
                                                 "ready": ov.ready.is_set()})
@@ -1145,7 +1151,8 @@ class Connection:
             return
         ov.update()
         if not ov.ready.is_set():
-            await _first_of([ov.ready.wait(), new.finished.wait()], self.settings.cutover_catchup_s)
+            await _first_of([ov.ready.wait(), new.finished.wait(),
+                             self._timer.sleep(self.settings.cutover_catchup_s)])
         async with self._emitting():
             held, aligned_keys = ov.aligner.finish() if ov.aligner is not None else ([], set())
             aligned = {arg_from_key(k) for k in aligned_keys}
