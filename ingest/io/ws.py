@@ -68,6 +68,7 @@ from ingest.core.wsproto import (
     Unsubscribed,
     arg_from_key,
     classify,
+    handover_args,
     is_push,
     push_arg_key,
 )
@@ -1155,15 +1156,9 @@ class Connection:
                              self._timer.sleep(self.settings.cutover_catchup_s)])
         async with self._emitting():
             held, aligned_keys = ov.aligner.finish() if ov.aligner is not None else ([], set())
-            aligned = {arg_from_key(k) for k in aligned_keys}
-            if ov.held_at_close is not None and old.closed_by_us:
-                # We closed the old socket gracefully after these acks (and OKX did not close it first):
-                # every push from before them came on the old stream, every later one comes on the new.
-                proven = old.owned & (ov.held_at_close | aligned)
-            else:
-                # OKX closed it (or it died): only streams seen on both sockets are proven continuous.
-                proven = old.owned & new.owned & aligned
-            gone = old.owned - proven
+            aligned = frozenset(a for a in map(arg_from_key, aligned_keys) if a is not None)
+            proven, gone = handover_args(frozenset(old.owned), frozenset(new.owned), aligned, ov.held_at_close,
+                                         old.closed_by_us)
             now_ns = time.time_ns()
             if gone:
                 await self._put(LinkEvent(LinkEventKind.DISCONNECTED, old.conn, self.name, now_ns,
