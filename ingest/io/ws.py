@@ -44,28 +44,35 @@ from ingest.config import WsSettings
 from ingest.core.backoff import full_jitter
 from ingest.core.clock import ServerClock
 from ingest.core.events import Inbound, InboundFrame, LinkEvent, LinkEventKind
-from ingest.core.keepalive import Keepalive, KeepaliveAction
+from ingest.core.keepalive import KeepaliveAction
 from ingest.core.plan import PlannedConnection
 from ingest.core.ratelimit import SlidingWindow
-from ingest.core.subscriptions import Parked, Retry, SubscriptionScheduler
+from ingest.core.session import (
+    ChannelCount,
+    CloseLink,
+    ConnCountExceeded,
+    Decision,
+    Emit,
+    FailedArg,
+    LinkSession,
+    LoginAnswered,
+    NoticeSeen,
+    ParkedArg,
+    Recovered,
+    Retrying,
+    Split,
+    UnexpectedSeen,
+)
+from ingest.core.subscriptions import SubscriptionScheduler
 from ingest.core.wsproto import (
     PING,
-    ArgAction,
-    ArgRefused,
-    ConnCount,
     FrameKind,
-    LinkProtocol,
     LoggedIn,
     LoginAction,
     LoginRefused,
-    Notice,
     OkxEvent,
     OverlapAligner,
     Request,
-    Resend,
-    Subscribed,
-    Unexpected,
-    Unsubscribed,
     arg_from_key,
     classify,
     handover_args,
@@ -87,7 +94,6 @@ log = logging.getLogger(__name__)
 PROCESS_TOKEN = f"{int(time.time()):x}{secrets.token_hex(3)}"
 #: Login refusals that say nothing about the key (too frequent, repeated login, OKX internal error).
 _NOT_KEY_FAILURES = frozenset({"60023", "60031", "63999"})
-_HOUR_S = 3600.0
 
 
 class ConnState(enum.StrEnum):
@@ -200,17 +206,24 @@ class _LinkFailure(Exception):
 class _Link:
     """One physical connection and everything that dies with it."""
 
-    def __init__(self, conn: str, generation: int, replacement: bool, settings: WsSettings) -> None:
+    def __init__(self, conn: str, generation: int, replacement: bool, settings: WsSettings,
+                 args: tuple[SubArg, ...], schedule: SubscriptionScheduler) -> None:
         self.conn = conn
         self.generation = generation
         self.replacement = replacement
-        self.proto = LinkProtocol(settings.subscribe_max_bytes)
-        self.budget = SlidingWindow(settings.requests_per_hour, _HOUR_S)
+        #: The decisions (protocol, budget, keepalive, owned args); the attributes below are its parts.
+        self.session = LinkSession(args, schedule, max_request_bytes=settings.subscribe_max_bytes,
+                                   requests_per_hour=settings.requests_per_hour, keepalive_s=settings.keepalive_s,
+                                   pong_timeout_s=settings.pong_timeout_s)
+        self.proto = self.session.proto
+        self.budget = self.session.budget
+        self.keepalive = self.session.keepalive
+        #: Args this link announced SUBSCRIBED for and has not yet balanced with DISCONNECTED/CUTOVER.
+        self.owned = self.session.owned
+        self.outbox = self.session.outbox
         self.ws: TapConnection | None = None
         self.state = ConnState.IDLE
         self.recv_seq = 0
-        #: Args this link announced SUBSCRIBED for and has not yet balanced with DISCONNECTED/CUTOVER.
-        self.owned: set[SubArg] = set()
         self.live_since: float | None = None
         self.ended_at: float | None = None
         self.login_result: asyncio.Future[LoggedIn | LoginRefused] = asyncio.get_running_loop().create_future()
@@ -219,7 +232,6 @@ class _Link:
         self.opened = asyncio.Event()
         self.live = asyncio.Event()
         self.finished = asyncio.Event()
-        self.outbox: list[Request] = []
         self.closer: asyncio.Task[None] | None = None
         self.end_reason = ""
         self.close_code: int | None = None
@@ -230,11 +242,12 @@ class _Link:
         self.closed_by_us = False
         #: The `CredentialStore.version` this link logged in with (None: not logged in yet).
         self.creds_version: int | None = None
-        self.noticed = False
-        #: The keepalive watchdog; the reader stamps `keepalive.last_rx` for every inbound frame (pong included).
-        self.keepalive = Keepalive(settings.keepalive_s, settings.pong_timeout_s, 0.0)
         #: Closing or shutting down: read to the end, never pause for the inbox.
         self.draining = False
+
+    @property
+    def noticed(self) -> bool:
+        return self.session.noticed
 
     @property
     def role(self) -> str:
@@ -364,7 +377,6 @@ class Connection:
         #: own reading of the environment.
         self._proxy = proxy
         self._token = token
-        self._arg_set = frozenset(spec.args)
         self._generation = 0
         self._emit_lock = asyncio.Lock()
         self._tg: asyncio.TaskGroup | None = None
@@ -501,7 +513,8 @@ class Connection:
 
     def _new_link(self, replacement: bool) -> _Link:
         self._generation += 1
-        return _Link(f"{self.name}#{self._generation}-{self._token}", self._generation, replacement, self.settings)
+        return _Link(f"{self.name}#{self._generation}-{self._token}", self._generation, replacement, self.settings,
+                     self.args, self.schedule)
 
     def _spawn(self, link: _Link) -> None:
         assert self._tg is not None
@@ -838,101 +851,54 @@ class Connection:
                                          "code": code, "reason": reason, "replacement": replacement})
 
     async def _on_event(self, link: _Link, ev: OkxEvent) -> None:
-        for out in link.proto.receive(ev):
-            if isinstance(out, LoggedIn | LoginRefused):
+        for decision in link.session.receive(ev, self._monotonic()):
+            await self._carry_out(link, decision)
+
+    async def _carry_out(self, link: _Link, decision: Decision) -> None:
+        """Do what the session decided for one outcome: wake waiters, log, emit, in the session's order."""
+        if decision.progress:
+            link.progress.set()
+        if decision.work:
+            link.work.set()
+        base = {"conn": link.conn, "ws_name": self.name}
+        for act in decision.actions:
+            if isinstance(act, Emit):
+                await self._emit(act.kind, link, act.args, code=act.code, reason=act.reason)
+            elif isinstance(act, LoginAnswered):
                 if not link.login_result.done():
-                    link.login_result.set_result(out)
-            elif isinstance(out, Subscribed):
-                await self._on_subscribed(link, out.arg)
-            elif isinstance(out, Unsubscribed):
-                link.progress.set()
-                if out.arg in link.owned:
-                    link.owned.discard(out.arg)
-                    await self._emit(LinkEventKind.DISCONNECTED, link, (out.arg,), reason="resubscribe")
-            elif isinstance(out, ArgRefused):
-                await self._on_refused(link, out)
-            elif isinstance(out, Resend):
-                link.outbox.append(out.request)
-                link.progress.set()
-                link.work.set()
-                log.info("ws_subscribe_split", extra={"conn": link.conn, "ws_name": self.name, "code": out.code,
-                                                      "arg_count": len(out.request.args)})
-            elif isinstance(out, Notice):
+                    link.login_result.set_result(act.result)
+            elif isinstance(act, Recovered):
+                log.info("ws_subscribe_recovered", extra={**base, "arg": str(act.arg)})
+            elif isinstance(act, Retrying):
+                log.warning("ws_subscribe_retry", extra={**base, "arg": str(act.arg), "code": act.code,
+                                                         "attempt": act.retry.attempt, "delay_s": act.retry.delay_s})
+            elif isinstance(act, ParkedArg):
+                self.counters.subscribe_failures += 1
+                log.error("ws_subscribe_parked", extra={**base, "arg": str(act.arg), "code": act.why,
+                                                        "retry_in_s": act.parked.delay_s, "times": act.parked.times})
+            elif isinstance(act, FailedArg):
+                self.counters.subscribe_failures += 1
+                log.error("ws_subscribe_failed", extra={**base, "arg": str(act.arg), "code": act.code,
+                                                        "okx_msg": act.msg})
+            elif isinstance(act, CloseLink):
+                log.warning("ws_subscribe_needs_reconnect", extra={**base, "arg": str(act.arg), "code": act.code})
+                self._request_close(link, act.reason)
+            elif isinstance(act, Split):
+                log.info("ws_subscribe_split", extra={**base, "code": act.code,
+                                                      "arg_count": len(act.request.args)})
+            elif isinstance(act, NoticeSeen):
                 self.counters.notices += 1
-                link.noticed = True
-                log.warning("ws_notice", extra={"conn": link.conn, "ws_name": self.name, "code": out.code,
-                                                "okx_msg": out.msg})
+                log.warning("ws_notice", extra={**base, "code": act.code, "okx_msg": act.msg})
                 if link is self._primary and (self._overlap is None or self._overlap.old is not link):
-                    self.request_replace(f"{out.code} notice: {out.msg}", out.code)
-            elif isinstance(out, ConnCount):
-                await self._on_conn_count(link, out)
-            elif isinstance(out, Unexpected):
-                log.warning("ws_unexpected_event", extra={"conn": link.conn, "ws_name": self.name,
-                                                          "event": out.event.event, "code": out.event.code,
-                                                          "why": out.why})
-
-    async def _on_subscribed(self, link: _Link, arg: SubArg) -> None:
-        link.progress.set()
-        if self.schedule.on_subscribed(arg):
-            log.info("ws_subscribe_recovered", extra={"conn": link.conn, "ws_name": self.name, "arg": str(arg)})
-        if arg not in self._arg_set or arg in link.owned:
-            return
-        link.owned.add(arg)
-        if link.live_since is None:
-            # A fresh subscription after a reconnect brings a fresh snapshot: the resubscribe is moot.
-            self.schedule.fresh_snapshot(arg)
-        await self._emit(LinkEventKind.SUBSCRIBED, link, (arg,))
-
-    async def _on_refused(self, link: _Link, out: ArgRefused) -> None:
-        link.progress.set()
-        if out.action is ArgAction.RECONNECT:
-            log.warning("ws_subscribe_needs_reconnect", extra={"conn": link.conn, "ws_name": self.name,
-                                                               "arg": str(out.arg), "code": out.code})
-            self._request_close(link, f"subscribe refused with {out.code} ({out.msg}): reconnecting")
-            return
-        if out.action is ArgAction.RETRY:
-            decision = self.schedule.on_transient(out.arg, out.code or out.msg, self._monotonic())
-            link.work.set()
-            if isinstance(decision, Retry):
-                log.warning("ws_subscribe_retry", extra={"conn": link.conn, "ws_name": self.name,
-                                                         "arg": str(out.arg), "code": out.code,
-                                                         "attempt": decision.attempt, "delay_s": decision.delay_s})
-            else:
-                self._log_parked(link, out.arg, out.code or out.msg, decision)
-            return
-        await self._fail_arg(link, out.arg, out.code, out.msg)
-
-    def _log_parked(self, link: _Link, arg: SubArg, why: str, parked: Parked) -> None:
-        self.counters.subscribe_failures += 1
-        log.error("ws_subscribe_parked", extra={"conn": link.conn, "ws_name": self.name, "arg": str(arg),
-                                                "code": why, "retry_in_s": parked.delay_s, "times": parked.times})
-
-    async def _fail_arg(self, link: _Link, arg: SubArg, code: str | None, msg: str) -> None:
-        self.schedule.fail(arg, code or msg)
-        link.owned.discard(arg)
-        self.counters.subscribe_failures += 1
-        log.error("ws_subscribe_failed", extra={"conn": link.conn, "ws_name": self.name, "arg": str(arg),
-                                                "code": code, "okx_msg": msg})
-        await self._emit(LinkEventKind.SUBSCRIBE_FAILED, link, (arg,), code=code, reason=msg)
-
-    async def _on_conn_count(self, link: _Link, out: ConnCount) -> None:
-        if not out.exceeded:
-            log.info("ws_channel_conn_count", extra={"conn": link.conn, "ws_name": self.name,
-                                                     "channel": out.channel, "count": out.count})
-            return
-        dropped = tuple(sorted(a for a in link.proto.held if a.channel == out.channel))
-        link.proto.forget(dropped)
-        reason = f"channel-conn-count-error: {out.count} connections hold {out.channel} (OKX allows 30)"
-        for arg in dropped:
-            link.owned.discard(arg)
-            # Other connections may go away: try again later rather than never (the cap is per sub-account).
-            self._log_parked(link, arg, "channel-conn-count-error",
-                             self.schedule.park(arg, "channel-conn-count-error", self._monotonic()))
-            link.work.set()
-        log.error("ws_subscribe_failed", extra={"conn": link.conn, "ws_name": self.name, "channel": out.channel,
-                                                "arg_count": len(dropped), "okx_msg": reason})
-        if dropped:
-            await self._emit(LinkEventKind.SUBSCRIBE_FAILED, link, dropped, reason=reason)
+                    self.request_replace(f"{act.code} notice: {act.msg}", act.code)
+            elif isinstance(act, ChannelCount):
+                log.info("ws_channel_conn_count", extra={**base, "channel": act.channel, "count": act.count})
+            elif isinstance(act, ConnCountExceeded):
+                log.error("ws_subscribe_failed", extra={**base, "channel": act.channel,
+                                                        "arg_count": len(act.dropped), "okx_msg": act.reason})
+            elif isinstance(act, UnexpectedSeen):
+                log.warning("ws_unexpected_event", extra={**base, "event": act.event.event, "code": act.event.code,
+                                                          "why": act.why})
 
     # ------------------------------------------------------------------------------------------ outbound
 
@@ -942,9 +908,10 @@ class Connection:
             if self.login:
                 await self._login(link)
             self._set_link_state(link, ConnState.SUBSCRIBING)
-            link.outbox.extend(link.proto.subscribe(self.schedule.wanted()))
+            link.session.subscribe()
             await self._pump(link, "subscribe")
             link.live_since = self._monotonic()
+            link.session.live = True
             self._set_link_state(link, ConnState.LIVE)
             link.live.set()
             ov = self._overlap
@@ -967,8 +934,7 @@ class Connection:
         """Send one request within the connection's hourly budget, waiting for the window if it is spent."""
         ws = link.ws
         assert ws is not None
-        while not link.budget.try_acquire(self._monotonic()):
-            delay = link.budget.delay(self._monotonic())
+        while (delay := link.session.request_delay(self._monotonic())) > 0:
             log.warning("ws_budget_wait", extra={"conn": link.conn, "ws_name": self.name, "op": req.op,
                                                  "delay_s": round(delay, 3), "limit": link.budget.limit})
             await self._timer.sleep(delay)
@@ -1043,7 +1009,7 @@ class Connection:
             if op == "subscribe" and left and not link.owned:
                 raise _LinkFailure(f"no answer to subscribe within {timeout}s")
             for arg in sorted(left):
-                await self._on_refused(link, ArgRefused(arg, None, f"no answer within {timeout}s", ArgAction.RETRY))
+                await self._carry_out(link, link.session.no_answer(arg, timeout, self._monotonic()))
             return
 
     async def _serve(self, link: _Link) -> None:
@@ -1056,7 +1022,7 @@ class Connection:
             now = self._monotonic()
             due = self.schedule.due_retries(now, link.proto.held)
             if due:
-                link.outbox.extend(link.proto.subscribe(self.schedule.wanted(due)))
+                link.session.subscribe(due)
                 await self._pump(link, "subscribe")
                 continue
             if link is self._primary and self._overlap is None:
@@ -1080,7 +1046,7 @@ class Connection:
                                           "first_arg": str(args[0]), "reason": "; ".join(sorted(reasons))[:200]})
         link.outbox.extend(link.proto.unsubscribe(args))
         await self._pump(link, "unsubscribe")
-        link.outbox.extend(link.proto.subscribe(self.schedule.wanted(args)))
+        link.session.subscribe(args)
         await self._pump(link, "subscribe")
 
     # ------------------------------------------------------------------------------------------ 64008
