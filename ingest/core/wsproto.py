@@ -191,6 +191,16 @@ def login_action(code: str | None) -> LoginAction:
     return LoginAction.RETRY
 
 
+#: Login refusals that say nothing about the key: too frequent (60023), repeated login (60031), OKX internal (63999).
+NOT_KEY_LOGIN_CODES: frozenset[str] = frozenset({"60023", "60031", codes.LOGIN_INTERNAL})
+
+
+def counts_against_key(code: str | None) -> bool:
+    """Whether a refused login counts toward pausing signed traffic (`credentials.AuthFailureGuard`): every
+    refusal does, except those that say nothing about the key."""
+    return code not in NOT_KEY_LOGIN_CODES
+
+
 def arg_action(code: str | None) -> ArgAction:
     """The error-code policy for a refused subscribe arg.
 

@@ -75,6 +75,7 @@ from ingest.core.wsproto import (
     Request,
     arg_from_key,
     classify,
+    counts_against_key,
     handover_args,
     is_push,
     push_arg_key,
@@ -92,8 +93,6 @@ log = logging.getLogger(__name__)
 
 #: Part of every physical connection id, so an id is never reused, not even across restarts.
 PROCESS_TOKEN = f"{int(time.time()):x}{secrets.token_hex(3)}"
-#: Login refusals that say nothing about the key (too frequent, repeated login, OKX internal error).
-_NOT_KEY_FAILURES = frozenset({"60023", "60031", "63999"})
 
 
 class ConnState(enum.StrEnum):
@@ -974,7 +973,7 @@ class Connection:
             self._credentials.record_auth_success()
             return
         self.counters.login_failures += 1
-        if result.code not in _NOT_KEY_FAILURES:
+        if counts_against_key(result.code):
             # One count with REST's: past the threshold signed traffic pauses and an alert is logged.
             self._credentials.record_auth_failure(result.code or "?")
         what = f"login refused with {result.code} ({result.msg})"

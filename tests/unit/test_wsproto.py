@@ -31,6 +31,7 @@ from ingest.core.wsproto import (
     arg_action,
     arg_from_key,
     classify,
+    counts_against_key,
     handover_args,
     login_action,
     push_arg_key,
@@ -485,3 +486,10 @@ def test_at_cutover_every_old_stream_is_either_proven_handed_over_or_reported_di
     else:
         # OKX closed first (or the socket died): only a stream seen on both sockets is proven.
         assert proven <= new & aligned
+
+
+@pytest.mark.parametrize(("code", "counts"), [("60005", True), ("60024", True), ("60009", True), (None, True),
+                                              ("60023", False), ("60031", False), ("63999", False)])
+def test_only_refusals_that_may_be_about_the_key_count_toward_pausing_signed_traffic(code: str | None,
+                                                                                      counts: bool) -> None:
+    assert counts_against_key(code) is counts
