@@ -16,8 +16,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from ingest.core.pins import normalize_pin
 from ingest.errors import ConfigError
-from ingest.io.tls import normalize_pin
 from ingest.okx.channels import INST_TYPE_CHANNELS, endpoint_for, is_candle
 from ingest.okx.endpoints import Environment
 

@@ -32,9 +32,9 @@ from fastavro.schema import fingerprint as _fastavro_fingerprint
 from fastavro.schema import to_parsing_canonical_form
 from fastavro.types import Schema as FastavroSchema
 
+from ingest.core.encoded import EncodedRecord
 from ingest.core.records import STRUCT_BY_AVRO_NAME, OkxRecord, Record, topic_name
 from ingest.errors import IngestError
-from ingest.io.sink import EncodedRecord
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 CONFLUENT_MAGIC = b"\x00"

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from ingest.errors import IngestError
 from ingest.okx.channels import Endpoint, SubArg, is_depth
 
 #: OKX allows request ids of 1-32 alphanumerics; sizes are computed for the longest, so any id fits.
@@ -22,8 +23,10 @@ _L2TBT = "books-l2-tbt"
 _L2TBT_EXCLUSIVE = frozenset({"books", "books50-l2-tbt"})
 
 
-class PlanError(ValueError):
-    """A subscription cannot be planned at all (unknown channel, or one arg larger than a request may be)."""
+class PlanError(IngestError):
+    """A subscription cannot be planned at all (unknown channel, or one arg larger than a request may be).
+
+    An `IngestError`, so the command line reports it as a configuration problem (exit 2), not a traceback."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -191,6 +191,17 @@ def login_action(code: str | None) -> LoginAction:
     return LoginAction.RETRY
 
 
+#: Login refusals that say nothing about the key: too frequent (60023), repeated login (60031), OKX internal (63999).
+NOT_KEY_LOGIN_CODES: frozenset[str] = frozenset({"60023", "60031", codes.LOGIN_INTERNAL})
+
+
+def counts_against_key(code: str | None) -> bool:
+    """Whether a refused login counts toward pausing signed traffic (`credentials.AuthFailureGuard`): every
+    refusal does, except those that say nothing about the key, and timestamp refusals (the clock's fault:
+    the link resyncs the clock instead)."""
+    return code not in NOT_KEY_LOGIN_CODES and login_action(code) is not LoginAction.RESYNC_CLOCK
+
+
 def arg_action(code: str | None) -> ArgAction:
     """The error-code policy for a refused subscribe arg.
 
@@ -614,3 +625,23 @@ class OverlapAligner(Generic[T]):
         aligned = {k for k, st in self._keys.items() if st.aligned}
         self._keys = {}
         return [e[2] for e in held], aligned
+
+
+def handover_args(old_owned: frozenset[SubArg], new_owned: frozenset[SubArg], aligned: frozenset[SubArg],
+                  held_at_close: frozenset[SubArg] | None, closed_by_us: bool) -> tuple[frozenset[SubArg],
+                                                                                       frozenset[SubArg]]:
+    """At CUTOVER: which of the old connection's streams are proven handed over, and which are not.
+
+    `held_at_close`: what the replacement held when we started closing the old connection gracefully
+    (None: we did not close it); `closed_by_us`: OKX echoed our close, so it sent everything before it.
+    Then every push from before the replacement's acks came on the old stream and every later one comes
+    on the new: a stream the replacement held by then, or one seen on both, is continuous. Otherwise (OKX
+    closed first, or the old socket died) only streams seen on both sockets are. The rest are reported
+    DISCONNECTED: a possible gap the pipeline fills.
+    """
+    if held_at_close is not None and closed_by_us:
+        proven = old_owned & (held_at_close | aligned)
+    else:
+        proven = old_owned & new_owned & aligned
+    return proven, old_owned - proven
+

@@ -7,23 +7,9 @@ replay reads, so nothing is re-encoded on the way and a journal can be drained i
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
-
-class EncodedRecord(NamedTuple):
-    """A record ready for Kafka: full topic name, key, value bytes, headers, timestamp (epoch ms).
-
-    `headers` always include `schema` (the Avro full name) and `record_id` (stable across retries and
-    journal replays, so consumers can drop the duplicates at-least-once delivery may cause).
-    A NamedTuple rather than a frozen dataclass: one is built per record on the hot path, and a tuple is
-    built several times faster while staying immutable.
-    """
-
-    topic: str
-    key: bytes | None
-    value: bytes
-    headers: tuple[tuple[str, bytes], ...] = ()
-    ts_ms: int | None = None
+from ingest.core.encoded import EncodedRecord as EncodedRecord
 
 
 class Sink(Protocol):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import _ssl
 import base64
-import binascii
 import hashlib
 import ssl
 from collections.abc import Collection, Iterable, Sequence
@@ -23,9 +22,9 @@ import certifi
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from ingest.core.pins import PIN_PREFIX as PIN_PREFIX
+from ingest.core.pins import normalize_pin as normalize_pin
 from ingest.errors import ConfigError, IngestError
-
-PIN_PREFIX = "sha256/"
 
 
 class TlsPinError(IngestError, ssl.SSLCertVerificationError):
@@ -64,19 +63,6 @@ def _pin_message(host: str, pins: Collection[str], seen: Sequence[str]) -> str:
         "connection was refused before sending anything. If OKX rotated its keys, verify the new chain "
         "out of band and update okx.tls_spki_pins; if not, someone may be intercepting this connection."
     )
-
-
-def normalize_pin(pin: str) -> str:
-    """The bare base64 form of a pin; ValueError unless it is the base64 of exactly 32 bytes."""
-    text = pin.strip()
-    text = text.removeprefix(PIN_PREFIX)
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError(f"TLS pin {pin!r} is not base64 (expected base64 of a SHA-256 digest)") from None
-    if len(raw) != hashlib.sha256().digest_size:
-        raise ValueError(f"TLS pin {pin!r} decodes to {len(raw)} bytes; a SHA-256 SPKI pin has 32")
-    return base64.b64encode(raw).decode()
 
 
 def spki_sha256(der_cert: bytes) -> str:

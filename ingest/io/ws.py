@@ -7,7 +7,7 @@ connection (`_Link`, id `conn`) at a time, two during a 64008 make-before-break.
 
 Guarantees to the pipeline (`ingest.core.events`), per physical connection `conn`:
 - every text frame except `pong` is put into the queue (`recv_seq` from 1), in arrival order; pushes go
-  straight from the socket's `data_received` (`_TapConnection`), everything else through `recv()`, and a
+  straight from the socket's `data_received` (`TapConnection`), everything else through `recv()`, and a
   full `Inbox` pauses the socket rather than making anyone wait (back-pressure); during a 64008 overlap
   the replacement's pushes are held until they are known not to repeat the old connection's, so its order
   is kept per stream (arg), not across streams;
@@ -38,44 +38,54 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
-from websockets.frames import Frame, Opcode
-from websockets.protocol import Event
 
 from ingest.config import WsSettings
 from ingest.core.backoff import full_jitter
 from ingest.core.clock import ServerClock
 from ingest.core.events import Inbound, InboundFrame, LinkEvent, LinkEventKind
+from ingest.core.keepalive import KeepaliveAction
 from ingest.core.plan import PlannedConnection
 from ingest.core.ratelimit import SlidingWindow
+from ingest.core.session import (
+    ChannelCount,
+    CloseLink,
+    ConnCountExceeded,
+    Decision,
+    Emit,
+    FailedArg,
+    LinkSession,
+    LoginAnswered,
+    NoticeSeen,
+    ParkedArg,
+    Recovered,
+    Retrying,
+    Split,
+    UnexpectedSeen,
+)
+from ingest.core.subscriptions import SubscriptionScheduler
 from ingest.core.wsproto import (
     PING,
-    ArgAction,
-    ArgRefused,
-    ConnCount,
     FrameKind,
-    LinkProtocol,
     LoggedIn,
     LoginAction,
     LoginRefused,
-    Notice,
     OkxEvent,
     OverlapAligner,
     Request,
-    Resend,
-    Subscribed,
-    Unexpected,
-    Unsubscribed,
     arg_from_key,
     classify,
+    counts_against_key,
+    handover_args,
     is_push,
     push_arg_key,
 )
 from ingest.credentials import CredentialStore
 from ingest.errors import CredentialError, IngestError
 from ingest.io.inbox import Inbox
+from ingest.io.timer import SystemTimer, Timer
 from ingest.io.tls import find_pin_error
+from ingest.io.ws_tap import INBOX, TapConnection, open_tapped
 from ingest.okx import codes
 from ingest.okx.channels import Endpoint, SubArg
 
@@ -83,9 +93,6 @@ log = logging.getLogger(__name__)
 
 #: Part of every physical connection id, so an id is never reused, not even across restarts.
 PROCESS_TOKEN = f"{int(time.time()):x}{secrets.token_hex(3)}"
-#: Login refusals that say nothing about the key (too frequent, repeated login, OKX internal error).
-_NOT_KEY_FAILURES = frozenset({"60023", "60031", "63999"})
-_HOUR_S = 3600.0
 
 
 class ConnState(enum.StrEnum):
@@ -121,12 +128,13 @@ class ConnectLimiter:
     """
 
     def __init__(self, per_second: float, monotonic: Callable[[], float] = time.monotonic,
-                 margin_s: float = 0.05) -> None:
+                 margin_s: float = 0.05, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         if per_second <= 0:
             raise ValueError(f"connects per second must be > 0, got {per_second}")
         limit, window = (int(per_second), 1.0) if per_second >= 1 else (1, 1.0 / per_second)
         self.window = SlidingWindow(limit, window + margin_s)
         self._monotonic = monotonic
+        self._sleep = sleep
         self._lock = asyncio.Lock()
         self.admitted = 0
 
@@ -137,7 +145,7 @@ class ConnectLimiter:
                 if self.window.try_acquire(now):
                     self.admitted += 1
                     return
-                await asyncio.sleep(self.window.delay(now))
+                await self._sleep(self.window.delay(now))
 
 
 @dataclass(slots=True)
@@ -185,70 +193,6 @@ class ConnectionStatus:
     counters: ConnectionCounters
 
 
-#: A transiently refused arg, once its quick retries are spent, is retried this long later, doubling to the cap.
-_PARK_FIRST_S = 60.0
-_PARK_MAX_S = 1800.0
-
-
-class _TapConnection(ClientConnection):
-    """websockets' client connection with a fast lane for complete data frames.
-
-    From `data_received`, each complete data frame is offered to `tap` first, synchronously; when `tap`
-    takes it, websockets' message queue (Assembler), `recv()` and a wake-up of the reader task per frame
-    are skipped, which is most of a frame's cost in this layer. Whatever `tap` declines (events, pongs,
-    a hand-over in progress), frames before `tap` is set and fragmented messages take the usual path, read
-    by `recv()`. A frame may take the fast lane only while no earlier message is on the usual one
-    (`slow_pending`), so frames are handed over in arrival order either way.
-
-    Reading is paused for two owners, websockets' Assembler (its queue is full) and the inbox (over its
-    limit): `holds` names who holds it, and the socket reads again only when neither does.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.tap: Callable[[bytes], bool] | None = None
-        #: Messages given to the Assembler and not yet fully handled by the reader.
-        self.slow_pending = 0
-        self.holds: set[str] = set()
-        #: The Assembler's flow control could be routed through `hold` (websockets 15-17 internals).
-        self.fast_lane = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        assembler = self.recv_messages
-        if hasattr(assembler, "pause") and hasattr(assembler, "resume"):
-            assembler.pause = lambda: self.hold("assembler")
-            assembler.resume = lambda: self.release("assembler")
-            self.fast_lane = True
-
-    def hold(self, owner: str) -> None:
-        """Stop reading the socket on behalf of `owner`."""
-        if not self.holds:
-            self.transport.pause_reading()
-        self.holds.add(owner)
-
-    def release(self, owner: str) -> None:
-        """`owner` no longer needs the socket paused; it reads again once nobody does."""
-        if owner in self.holds:
-            self.holds.discard(owner)
-            if not self.holds and not self.transport.is_closing():
-                self.transport.resume_reading()
-
-    def process_event(self, event: Event) -> None:
-        if type(event) is Frame:
-            opcode = event.opcode
-            if opcode is Opcode.TEXT or opcode is Opcode.BINARY or opcode is Opcode.CONT:
-                tap = self.tap
-                if (tap is not None and event.fin and opcode is not Opcode.CONT and not self.slow_pending
-                        and tap(bytes(event.data))):
-                    return
-                if event.fin:
-                    self.slow_pending += 1  # whether or not `tap` is set yet: the reader counts every message
-                self.recv_messages.put(event)
-                return
-        super().process_event(event)
-
-
 class _LinkFailure(Exception):
     """Ends one physical connection; `fatal` stops the logical connection too."""
 
@@ -261,17 +205,24 @@ class _LinkFailure(Exception):
 class _Link:
     """One physical connection and everything that dies with it."""
 
-    def __init__(self, conn: str, generation: int, replacement: bool, settings: WsSettings) -> None:
+    def __init__(self, conn: str, generation: int, replacement: bool, settings: WsSettings,
+                 args: tuple[SubArg, ...], schedule: SubscriptionScheduler) -> None:
         self.conn = conn
         self.generation = generation
         self.replacement = replacement
-        self.proto = LinkProtocol(settings.subscribe_max_bytes)
-        self.budget = SlidingWindow(settings.requests_per_hour, _HOUR_S)
-        self.ws: _TapConnection | None = None
+        #: The decisions (protocol, budget, keepalive, owned args); the attributes below are its parts.
+        self.session = LinkSession(args, schedule, max_request_bytes=settings.subscribe_max_bytes,
+                                   requests_per_hour=settings.requests_per_hour, keepalive_s=settings.keepalive_s,
+                                   pong_timeout_s=settings.pong_timeout_s)
+        self.proto = self.session.proto
+        self.budget = self.session.budget
+        self.keepalive = self.session.keepalive
+        #: Args this link announced SUBSCRIBED for and has not yet balanced with DISCONNECTED/CUTOVER.
+        self.owned = self.session.owned
+        self.outbox = self.session.outbox
+        self.ws: TapConnection | None = None
         self.state = ConnState.IDLE
         self.recv_seq = 0
-        #: Args this link announced SUBSCRIBED for and has not yet balanced with DISCONNECTED/CUTOVER.
-        self.owned: set[SubArg] = set()
         self.live_since: float | None = None
         self.ended_at: float | None = None
         self.login_result: asyncio.Future[LoggedIn | LoginRefused] = asyncio.get_running_loop().create_future()
@@ -280,7 +231,6 @@ class _Link:
         self.opened = asyncio.Event()
         self.live = asyncio.Event()
         self.finished = asyncio.Event()
-        self.outbox: list[Request] = []
         self.closer: asyncio.Task[None] | None = None
         self.end_reason = ""
         self.close_code: int | None = None
@@ -291,11 +241,12 @@ class _Link:
         self.closed_by_us = False
         #: The `CredentialStore.version` this link logged in with (None: not logged in yet).
         self.creds_version: int | None = None
-        self.noticed = False
-        #: Loop time of the last inbound frame (pong included): the keepalive watchdog's only input.
-        self.last_rx = 0.0
         #: Closing or shutting down: read to the end, never pause for the inbox.
         self.draining = False
+
+    @property
+    def noticed(self) -> bool:
+        return self.session.noticed
 
     @property
     def role(self) -> str:
@@ -304,17 +255,17 @@ class _Link:
     def pause_reading(self) -> None:
         """Stop reading the socket while the inbox is over its limit (see ingest.io.inbox)."""
         if self.ws is not None:
-            self.ws.hold("inbox")
+            self.ws.hold(INBOX)
 
     def resume_reading(self) -> None:
         """Read the socket again after the inbox paused it (a no-op once it is closing)."""
         if self.ws is not None:
-            self.ws.release("inbox")
+            self.ws.release(INBOX)
 
     @property
     def backlogged(self) -> bool:
         """Frames wait on our side (socket paused, or a message not yet handed over): silence is ours."""
-        return self.ws is not None and (bool(self.ws.holds) or self.ws.slow_pending > 0)
+        return self.ws is not None and self.ws.backlogged
 
 
 @dataclass(eq=False)
@@ -337,15 +288,20 @@ class _Overlap:
             self.ready.clear()
 
 
-async def _first_of(aws: list[Coroutine[Any, Any, Any]], limit_s: float | None = None) -> None:
-    """Wait until the first of `aws` completes (or `limit_s` passed), then cancel and reap the others."""
+async def _first_of(aws: list[Coroutine[Any, Any, Any]]) -> None:
+    """Wait until the first of `aws` completes, then cancel and reap the others."""
     tasks = [asyncio.ensure_future(a) for a in aws]
     try:
-        await asyncio.wait(tasks, timeout=limit_s, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _settled(future: asyncio.Future[Any]) -> None:
+    """Wait until `future` is done without cancelling it when this wait is cancelled."""
+    await asyncio.wait({future})
 
 
 def _cancel_current_task() -> None:
@@ -390,6 +346,7 @@ class Connection:
         ssl_context: ssl.SSLContext | None = None,
         token: str = PROCESS_TOKEN,
         proxy: str | None = None,
+        timer: Timer | None = None,
     ) -> None:
         if spec.login and credentials is None:
             raise CredentialError(
@@ -411,13 +368,14 @@ class Connection:
         self._clock = clock or ServerClock(lambda: time.time_ns() // 1_000_000)
         self._resync_clock = resync_clock
         self._backoff_factory = backoff or (lambda: full_jitter(settings.backoff_min_s, settings.backoff_max_s))
-        self._monotonic = monotonic
+        #: The one clock every timing decision reads and sleeps on (`monotonic` is its `now` by default).
+        self._timer: Timer = timer if timer is not None else SystemTimer(monotonic)
+        self._monotonic = self._timer.now
         self._ssl = ssl_context if url.startswith("wss://") else None
         #: The HTTP(S) proxy to tunnel through (io/proxy.py decides); None connects directly, never by websockets'
         #: own reading of the environment.
         self._proxy = proxy
         self._token = token
-        self._arg_set = frozenset(spec.args)
         self._generation = 0
         self._emit_lock = asyncio.Lock()
         self._tg: asyncio.TaskGroup | None = None
@@ -427,14 +385,11 @@ class Connection:
         self._stopped = False
         self._shutting_down = False
         self._last_error: str | None = None
-        #: Args OKX refused for good, with the code (or reason) it gave.
-        self.failed: dict[SubArg, str] = {}
-        self._retry_at: dict[SubArg, float] = {}
-        self._retry_attempts: dict[SubArg, int] = {}
-        #: Args refused transiently beyond their quick retries: (times parked, last code); retried much later.
-        self._parked: dict[SubArg, tuple[int, str]] = {}
-        self._resub_pending: dict[SubArg, tuple[str, float]] = {}
-        self._resub_last: dict[SubArg, float] = {}
+        #: When to (re)subscribe which arg: retries, parking, resubscribes (outlives physical connections).
+        self.schedule = SubscriptionScheduler(spec.args, retries=settings.subscribe_retries,
+                                              backoff_min_s=settings.backoff_min_s,
+                                              backoff_max_s=settings.backoff_max_s,
+                                              resubscribe_min_interval_s=settings.resubscribe_min_interval_s)
         self._replace_wanted = asyncio.Event()
         self._replace_reason: tuple[str, str | None] = ("", None)
 
@@ -465,15 +420,20 @@ class Connection:
         finally:
             self._tg = None
 
+    @property
+    def failed(self) -> dict[SubArg, str]:
+        """Args OKX refused for good, with the code (or reason) it gave."""
+        return self.schedule.failed
+
     def request_resubscribe(self, arg: SubArg, reason: str) -> bool:
         """Unsubscribe and subscribe `arg` again (a fresh book snapshot); coalesced, rate-limited, non-blocking.
 
         Returns False when this connection does not carry `arg` or OKX refused it for good.
         """
-        if arg not in self._arg_set or arg in self.failed:
+        added = self.schedule.request_resubscribe(arg, reason)
+        if added is None:
             return False
-        if arg not in self._resub_pending:
-            self._resub_pending[arg] = (reason, self._monotonic())
+        if added:
             log.info("ws_resubscribe_requested", extra={"ws_name": self.name, "arg": str(arg), "reason": reason})
         if self._primary is not None:
             self._primary.work.set()
@@ -506,8 +466,8 @@ class Connection:
             args=len(self.args),
             subscribed=len(link.owned) if link is not None else 0,
             failed={**{str(a): c for a, c in self.failed.items()},
-                    **{str(a): f"{c} (retrying)" for a, (_, c) in self._parked.items()}},
-            pending_resubscribe=len(self._resub_pending),
+                    **{str(a): f"{c} (retrying)" for a, (_, c) in self.schedule.parked.items()}},
+            pending_resubscribe=self.schedule.pending_resubscribes(),
             budget_remaining=link.budget.remaining(now) if link is not None else None,
             live_for_s=(now - link.live_since) if link is not None and link.live_since is not None
             and link.ended_at is None else None,
@@ -536,7 +496,7 @@ class Connection:
                 self._log_state(current, current.state, ConnState.STOPPED, current.end_reason)
                 # No data will come for these until an operator fixes the cause: say so, per arg.
                 await self._emit(LinkEventKind.SUBSCRIBE_FAILED, current,
-                                 tuple(a for a in self.args if a not in self.failed),
+                                 tuple(self.schedule.wanted()),
                                  code=getattr(current.fatal, "code", None), reason=str(current.fatal))
                 raise current.fatal
             ended = current.ended_at or self._monotonic()
@@ -546,13 +506,14 @@ class Connection:
             self._backing_off = True
             self._log_state(current, current.state, ConnState.BACKING_OFF, current.end_reason, delay_s=delay)
             try:
-                await asyncio.sleep(delay)
+                await self._timer.sleep(delay)
             finally:
                 self._backing_off = False
 
     def _new_link(self, replacement: bool) -> _Link:
         self._generation += 1
-        return _Link(f"{self.name}#{self._generation}-{self._token}", self._generation, replacement, self.settings)
+        return _Link(f"{self.name}#{self._generation}-{self._token}", self._generation, replacement, self.settings,
+                     self.args, self.schedule)
 
     def _spawn(self, link: _Link) -> None:
         assert self._tg is not None
@@ -590,19 +551,11 @@ class Connection:
         self._set_link_state(link, ConnState.CONNECTING)
         await self._limiter.acquire()
         try:
-            ws = await connect(
-                self.url,
-                ping_interval=None,  # OKX's keepalive is the text `ping`, sent below
-                open_timeout=self.settings.connect_timeout_s,
-                close_timeout=self.settings.close_timeout_s,
-                max_size=self.settings.max_message_bytes,
-                compression="deflate" if self.settings.compression else None,
-                ssl=self._ssl,
-                proxy=self._proxy,
-                create_connection=_TapConnection,
-            )
-            assert isinstance(ws, _TapConnection)
-            link.ws = ws
+            link.ws = await open_tapped(self.url, open_timeout=self.settings.connect_timeout_s,
+                                        close_timeout=self.settings.close_timeout_s,
+                                        max_size=self.settings.max_message_bytes,
+                                        compression=self.settings.compression, ssl_context=self._ssl,
+                                        proxy=self._proxy)
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
             self.counters.connect_failures += 1
             pin = find_pin_error(exc)
@@ -632,15 +585,15 @@ class Connection:
         without `pong`. The read loop itself only stamps `last_rx`: no timer per message on the hot path."""
         ws = link.ws
         assert ws is not None
-        loop = asyncio.get_running_loop()
-        link.last_rx = loop.time()
+        now = self._monotonic
+        link.keepalive.last_rx = now()
         watchdog = asyncio.create_task(self._keepalive(link), name=f"{link.conn}-keepalive")
         if ws.fast_lane:
-            ws.tap = lambda data: self._fast_push(link, data, loop)
+            ws.tap = lambda data: self._fast_push(link, data)
         try:
             while True:
                 data = await ws.recv(decode=False)
-                link.last_rx = loop.time()
+                link.keepalive.last_rx = now()
                 await self._on_slow_message(link, ws, data)
         except ConnectionClosed as exc:
             link.close_code = exc.rcvd.code if exc.rcvd is not None else None
@@ -668,32 +621,25 @@ class Connection:
             await asyncio.gather(watchdog, return_exceptions=True)
 
     async def _keepalive(self, link: _Link) -> None:
-        """Text `ping` once nothing arrived for `keepalive_s`; abort the socket if nothing (no `pong`, no
-        data) arrives within `pong_timeout_s` after it. Sleeps until the next deadline, never polls."""
+        """The watchdog (`ingest.core.keepalive`): text `ping` after `keepalive_s` of silence, abort the socket
+        when nothing answers within `pong_timeout_s`. Sleeps until the next deadline, never polls."""
         ws = link.ws
         assert ws is not None
-        loop = asyncio.get_running_loop()
-        keepalive, pong_timeout = self.settings.keepalive_s, self.settings.pong_timeout_s
-        ping_sent: float | None = None
+        ka = link.keepalive
         while True:
-            now = loop.time()
-            if link.backlogged:
-                link.last_rx = now  # frames wait on our side; a pong behind them could not be seen yet
-            if ping_sent is not None and link.last_rx >= ping_sent:
-                ping_sent = None  # something arrived after the ping: the connection is alive
-            if ping_sent is not None and now - ping_sent >= pong_timeout:
+            action = ka.tick(self._monotonic(), link.backlogged)
+            if action is KeepaliveAction.ABORT:
                 self.counters.pong_timeouts += 1
-                link.end_reason = link.end_reason or f"no pong within {pong_timeout}s"
+                link.end_reason = link.end_reason or f"no pong within {ka.pong_timeout_s}s"
                 link.abnormal = True
                 log.warning("ws_pong_timeout", extra={"conn": link.conn, "ws_name": self.name})
-                ws.transport.abort()
+                ws.abort()
                 return
-            if ping_sent is None and now - link.last_rx >= keepalive:
+            if action is KeepaliveAction.PING:
                 await ws.send(PING)
                 self.counters.pings += 1
-                ping_sent = loop.time()
-            deadline = ping_sent + pong_timeout if ping_sent is not None else link.last_rx + keepalive
-            await asyncio.sleep(max(0.0, deadline - loop.time()))  # a timer, re-armed only when it fires
+                ka.pinged(self._monotonic())
+            await self._timer.sleep(ka.next_deadline() - self._monotonic())  # a timer, re-armed when it fires
 
     async def _drain(self, link: _Link) -> None:
         """Close the socket and hand every frame already received to the pipeline."""
@@ -773,14 +719,14 @@ class Connection:
 
     # ------------------------------------------------------------------------------------------ inbound
 
-    def _fast_push(self, link: _Link, data: bytes, loop: asyncio.AbstractEventLoop) -> bool:
-        """The fast lane (`_TapConnection.tap`, called from the socket's data_received): a push is handed
+    def _fast_push(self, link: _Link, data: bytes) -> bool:
+        """The fast lane (`TapConnection.tap`, called from the socket's data_received): a push is handed
         to the pipeline at once when nothing needs it to wait; False sends the frame the usual way."""
         queue = self._queue
         if not is_push(data) or self._overlap is not None or self._emit_lock.locked() or queue.full():
             return False
         recv_ts_ns = time.time_ns()
-        link.last_rx = loop.time()
+        link.keepalive.last_rx = self._monotonic()
         counters = self.counters
         counters.frames += 1
         counters.fast_lane += 1
@@ -795,13 +741,13 @@ class Connection:
             inbox.pause_until_room(link, link.resume_reading)
         return True
 
-    async def _on_slow_message(self, link: _Link, ws: _TapConnection, data: str | bytes) -> None:
+    async def _on_slow_message(self, link: _Link, ws: TapConnection, data: str | bytes) -> None:
         """A message read with recv() (the usual path): handled, then no longer pending, so the fast lane
         may take the frames behind it (the only place `slow_pending` goes down)."""
         try:
             await self._on_frame(link, data if isinstance(data, bytes) else data.encode())
         finally:
-            ws.slow_pending -= 1
+            ws.message_handled()
 
     async def _on_frame(self, link: _Link, data: bytes) -> None:
         recv_ts_ns = time.time_ns()
@@ -904,117 +850,54 @@ class Connection:
                                          "code": code, "reason": reason, "replacement": replacement})
 
     async def _on_event(self, link: _Link, ev: OkxEvent) -> None:
-        for out in link.proto.receive(ev):
-            if isinstance(out, LoggedIn | LoginRefused):
+        for decision in link.session.receive(ev, self._monotonic()):
+            await self._carry_out(link, decision)
+
+    async def _carry_out(self, link: _Link, decision: Decision) -> None:
+        """Do what the session decided for one outcome: wake waiters, log, emit, in the session's order."""
+        if decision.progress:
+            link.progress.set()
+        if decision.work:
+            link.work.set()
+        base = {"conn": link.conn, "ws_name": self.name}
+        for act in decision.actions:
+            if isinstance(act, Emit):
+                await self._emit(act.kind, link, act.args, code=act.code, reason=act.reason)
+            elif isinstance(act, LoginAnswered):
                 if not link.login_result.done():
-                    link.login_result.set_result(out)
-            elif isinstance(out, Subscribed):
-                await self._on_subscribed(link, out.arg)
-            elif isinstance(out, Unsubscribed):
-                link.progress.set()
-                if out.arg in link.owned:
-                    link.owned.discard(out.arg)
-                    await self._emit(LinkEventKind.DISCONNECTED, link, (out.arg,), reason="resubscribe")
-            elif isinstance(out, ArgRefused):
-                await self._on_refused(link, out)
-            elif isinstance(out, Resend):
-                link.outbox.append(out.request)
-                link.progress.set()
-                link.work.set()
-                log.info("ws_subscribe_split", extra={"conn": link.conn, "ws_name": self.name, "code": out.code,
-                                                      "arg_count": len(out.request.args)})
-            elif isinstance(out, Notice):
+                    link.login_result.set_result(act.result)
+            elif isinstance(act, Recovered):
+                log.info("ws_subscribe_recovered", extra={**base, "arg": str(act.arg)})
+            elif isinstance(act, Retrying):
+                log.warning("ws_subscribe_retry", extra={**base, "arg": str(act.arg), "code": act.code,
+                                                         "attempt": act.retry.attempt, "delay_s": act.retry.delay_s})
+            elif isinstance(act, ParkedArg):
+                self.counters.subscribe_failures += 1
+                log.error("ws_subscribe_parked", extra={**base, "arg": str(act.arg), "code": act.why,
+                                                        "retry_in_s": act.parked.delay_s, "times": act.parked.times})
+            elif isinstance(act, FailedArg):
+                self.counters.subscribe_failures += 1
+                log.error("ws_subscribe_failed", extra={**base, "arg": str(act.arg), "code": act.code,
+                                                        "okx_msg": act.msg})
+            elif isinstance(act, CloseLink):
+                log.warning("ws_subscribe_needs_reconnect", extra={**base, "arg": str(act.arg), "code": act.code})
+                self._request_close(link, act.reason)
+            elif isinstance(act, Split):
+                log.info("ws_subscribe_split", extra={**base, "code": act.code,
+                                                      "arg_count": len(act.request.args)})
+            elif isinstance(act, NoticeSeen):
                 self.counters.notices += 1
-                link.noticed = True
-                log.warning("ws_notice", extra={"conn": link.conn, "ws_name": self.name, "code": out.code,
-                                                "okx_msg": out.msg})
+                log.warning("ws_notice", extra={**base, "code": act.code, "okx_msg": act.msg})
                 if link is self._primary and (self._overlap is None or self._overlap.old is not link):
-                    self.request_replace(f"{out.code} notice: {out.msg}", out.code)
-            elif isinstance(out, ConnCount):
-                await self._on_conn_count(link, out)
-            elif isinstance(out, Unexpected):
-                log.warning("ws_unexpected_event", extra={"conn": link.conn, "ws_name": self.name,
-                                                          "event": out.event.event, "code": out.event.code,
-                                                          "why": out.why})
-
-    async def _on_subscribed(self, link: _Link, arg: SubArg) -> None:
-        link.progress.set()
-        self._retry_at.pop(arg, None)
-        self._retry_attempts.pop(arg, None)
-        if self._parked.pop(arg, None) is not None:
-            log.info("ws_subscribe_recovered", extra={"conn": link.conn, "ws_name": self.name, "arg": str(arg)})
-        if arg not in self._arg_set or arg in link.owned:
-            return
-        link.owned.add(arg)
-        pending = self._resub_pending.get(arg)
-        if pending is not None and link.live_since is None:
-            # A fresh subscription after a reconnect brings a fresh snapshot: the resubscribe is moot.
-            del self._resub_pending[arg]
-        await self._emit(LinkEventKind.SUBSCRIBED, link, (arg,))
-
-    async def _on_refused(self, link: _Link, out: ArgRefused) -> None:
-        link.progress.set()
-        if out.action is ArgAction.RECONNECT:
-            log.warning("ws_subscribe_needs_reconnect", extra={"conn": link.conn, "ws_name": self.name,
-                                                               "arg": str(out.arg), "code": out.code})
-            self._request_close(link, f"subscribe refused with {out.code} ({out.msg}): reconnecting")
-            return
-        if out.action is ArgAction.RETRY:
-            attempts = self._retry_attempts.get(out.arg, 0) + 1
-            if attempts <= self.settings.subscribe_retries:
-                self._retry_attempts[out.arg] = attempts
-                # 10x the reconnect backoff's floor, doubling: 1 s, 2 s, 4 s with the defaults.
-                delay = min(self.settings.backoff_max_s, self.settings.backoff_min_s * 10 * 2 ** (attempts - 1))
-                self._retry_at[out.arg] = self._monotonic() + delay
-                link.work.set()
-                log.warning("ws_subscribe_retry", extra={"conn": link.conn, "ws_name": self.name,
-                                                         "arg": str(out.arg), "code": out.code,
-                                                         "attempt": attempts, "delay_s": delay})
-                return
-            # A transient refusal (64007, 60014, 63999, no answer) never fails an arg for good: keep trying,
-            # far less often. The stream's open gap stays open and closes with its first record.
-            self._park(link, out.arg, out.code or out.msg)
-            return
-        await self._fail_arg(link, out.arg, out.code, out.msg)
-
-    def _park(self, link: _Link, arg: SubArg, why: str) -> None:
-        times = self._parked.get(arg, (0, ""))[0] + 1
-        self._parked[arg] = (times, why)
-        delay = min(_PARK_MAX_S, _PARK_FIRST_S * 2 ** (times - 1))
-        self._retry_attempts.pop(arg, None)
-        self._retry_at[arg] = self._monotonic() + delay
-        link.work.set()
-        self.counters.subscribe_failures += 1
-        log.error("ws_subscribe_parked", extra={"conn": link.conn, "ws_name": self.name, "arg": str(arg),
-                                                "code": why, "retry_in_s": delay, "times": times})
-
-    async def _fail_arg(self, link: _Link, arg: SubArg, code: str | None, msg: str) -> None:
-        self.failed[arg] = code or msg
-        self._retry_at.pop(arg, None)
-        self._retry_attempts.pop(arg, None)
-        self._resub_pending.pop(arg, None)
-        link.owned.discard(arg)
-        self.counters.subscribe_failures += 1
-        log.error("ws_subscribe_failed", extra={"conn": link.conn, "ws_name": self.name, "arg": str(arg),
-                                                "code": code, "okx_msg": msg})
-        await self._emit(LinkEventKind.SUBSCRIBE_FAILED, link, (arg,), code=code, reason=msg)
-
-    async def _on_conn_count(self, link: _Link, out: ConnCount) -> None:
-        if not out.exceeded:
-            log.info("ws_channel_conn_count", extra={"conn": link.conn, "ws_name": self.name,
-                                                     "channel": out.channel, "count": out.count})
-            return
-        dropped = tuple(sorted(a for a in link.proto.held if a.channel == out.channel))
-        link.proto.forget(dropped)
-        reason = f"channel-conn-count-error: {out.count} connections hold {out.channel} (OKX allows 30)"
-        for arg in dropped:
-            link.owned.discard(arg)
-            # Other connections may go away: try again later rather than never (the cap is per sub-account).
-            self._park(link, arg, "channel-conn-count-error")
-        log.error("ws_subscribe_failed", extra={"conn": link.conn, "ws_name": self.name, "channel": out.channel,
-                                                "arg_count": len(dropped), "okx_msg": reason})
-        if dropped:
-            await self._emit(LinkEventKind.SUBSCRIBE_FAILED, link, dropped, reason=reason)
+                    self.request_replace(f"{act.code} notice: {act.msg}", act.code)
+            elif isinstance(act, ChannelCount):
+                log.info("ws_channel_conn_count", extra={**base, "channel": act.channel, "count": act.count})
+            elif isinstance(act, ConnCountExceeded):
+                log.error("ws_subscribe_failed", extra={**base, "channel": act.channel,
+                                                        "arg_count": len(act.dropped), "okx_msg": act.reason})
+            elif isinstance(act, UnexpectedSeen):
+                log.warning("ws_unexpected_event", extra={**base, "event": act.event.event, "code": act.event.code,
+                                                          "why": act.why})
 
     # ------------------------------------------------------------------------------------------ outbound
 
@@ -1024,9 +907,10 @@ class Connection:
             if self.login:
                 await self._login(link)
             self._set_link_state(link, ConnState.SUBSCRIBING)
-            link.outbox.extend(link.proto.subscribe([a for a in self.args if a not in self.failed]))
+            link.session.subscribe()
             await self._pump(link, "subscribe")
             link.live_since = self._monotonic()
+            link.session.live = True
             self._set_link_state(link, ConnState.LIVE)
             link.live.set()
             ov = self._overlap
@@ -1049,11 +933,10 @@ class Connection:
         """Send one request within the connection's hourly budget, waiting for the window if it is spent."""
         ws = link.ws
         assert ws is not None
-        while not link.budget.try_acquire(self._monotonic()):
-            delay = link.budget.delay(self._monotonic())
+        while (delay := link.session.request_delay(self._monotonic())) > 0:
             log.warning("ws_budget_wait", extra={"conn": link.conn, "ws_name": self.name, "op": req.op,
                                                  "delay_s": round(delay, 3), "limit": link.budget.limit})
-            await asyncio.sleep(delay)
+            await self._timer.sleep(delay)
         await ws.send(req.payload.decode())
         self.counters.requests += 1
         log.debug("ws_request", extra={"conn": link.conn, "ws_name": self.name, "op": req.op, "id": req.id,
@@ -1071,7 +954,7 @@ class Connection:
         self._set_link_state(link, ConnState.BACKING_OFF, "authentication paused")
         log.warning("ws_login_paused", extra={"conn": link.conn, "ws_name": self.name, "pause_s": round(remaining, 3),
                                               "key": store.current().key_hint})
-        await _first_of([asyncio.sleep(remaining), store.wait_changed(store.version)])
+        await _first_of([self._timer.sleep(remaining), store.wait_changed(store.version)])
 
     async def _login(self, link: _Link) -> None:
         assert self._credentials is not None
@@ -1079,7 +962,7 @@ class Connection:
         creds = self._credentials.current()
         link.creds_version = self._credentials.version
         await self._send(link, link.proto.login(creds, self._clock.now_ms()))
-        await asyncio.wait({link.login_result}, timeout=self.settings.login_timeout_s)
+        await _first_of([_settled(link.login_result), self._timer.sleep(self.settings.login_timeout_s)])
         if not link.login_result.done():
             self.counters.login_failures += 1
             raise _LinkFailure(f"no login answer within {self.settings.login_timeout_s}s")
@@ -1090,7 +973,7 @@ class Connection:
             self._credentials.record_auth_success()
             return
         self.counters.login_failures += 1
-        if result.code not in _NOT_KEY_FAILURES and result.action is not LoginAction.RESYNC_CLOCK:
+        if counts_against_key(result.code):
             # One count with REST's: past the threshold signed traffic pauses and an alert is logged. A timestamp
             # refusal (60006) is the clock's fault, not the key's: it resyncs below and is never counted.
             self._credentials.record_auth_failure(result.code or "?")
@@ -1119,14 +1002,14 @@ class Connection:
             if not link.proto.in_flight(op):
                 return
             link.progress.clear()
-            await _first_of([link.progress.wait()], timeout)
+            await _first_of([link.progress.wait(), self._timer.sleep(timeout)])
             if link.progress.is_set() or link.outbox:
                 continue
             left = link.proto.abandon()
             if op == "subscribe" and left and not link.owned:
                 raise _LinkFailure(f"no answer to subscribe within {timeout}s")
             for arg in sorted(left):
-                await self._on_refused(link, ArgRefused(arg, None, f"no answer within {timeout}s", ArgAction.RETRY))
+                await self._carry_out(link, link.session.no_answer(arg, timeout, self._monotonic()))
             return
 
     async def _serve(self, link: _Link) -> None:
@@ -1137,50 +1020,33 @@ class Connection:
                 await self._pump(link, "subscribe")
                 continue
             now = self._monotonic()
-            due = sorted(a for a, at in self._retry_at.items() if at <= now and a not in link.proto.held)
+            due = self.schedule.due_retries(now, link.proto.held)
             if due:
-                for a in due:
-                    del self._retry_at[a]
-                link.outbox.extend(link.proto.subscribe([a for a in due if a not in self.failed]))
+                link.session.subscribe(due)
                 await self._pump(link, "subscribe")
                 continue
             if link is self._primary and self._overlap is None:
-                resub, next_resub = self._due_resubscribes(link, now)
+                resub, next_resub = self.schedule.due_resubscribes(now, link.proto.held, link.proto.in_flight())
                 if resub:
                     await self._resubscribe(link, resub)
                     continue
             else:
                 next_resub = None
-            wakeups = [t for t in (*self._retry_at.values(), next_resub) if t is not None]
-            timeout = max(0.0, min(wakeups) - now) if wakeups else None
-            await _first_of([link.work.wait()], timeout)
-
-    def _due_resubscribes(self, link: _Link, now: float) -> tuple[list[SubArg], float | None]:
-        due: list[SubArg] = []
-        later: list[float] = []
-        for arg in list(self._resub_pending):
-            if arg not in link.proto.held:
-                if arg not in link.proto.in_flight():
-                    del self._resub_pending[arg]  # not held: a subscribe (with a fresh snapshot) comes anyway
-                continue
-            allowed = self._resub_last.get(arg, -1e18) + self.settings.resubscribe_min_interval_s
-            if allowed <= now:
-                due.append(arg)
+            wakeups = [t for t in (self.schedule.next_retry(), next_resub) if t is not None]
+            if wakeups:
+                await _first_of([link.work.wait(), self._timer.sleep(min(wakeups) - now)])
             else:
-                later.append(allowed)
-        return sorted(due), (min(later) if later else None)
+                await link.work.wait()
 
     async def _resubscribe(self, link: _Link, args: list[SubArg]) -> None:
         now = self._monotonic()
-        reasons = {self._resub_pending.pop(a)[0] for a in args}
-        for a in args:
-            self._resub_last[a] = now
+        reasons = self.schedule.start_resubscribe(args, now)
         self.counters.resubscribes += len(args)
         log.info("ws_resubscribe", extra={"conn": link.conn, "ws_name": self.name, "arg_count": len(args),
                                           "first_arg": str(args[0]), "reason": "; ".join(sorted(reasons))[:200]})
         link.outbox.extend(link.proto.unsubscribe(args))
         await self._pump(link, "unsubscribe")
-        link.outbox.extend(link.proto.subscribe([a for a in args if a not in self.failed]))
+        link.session.subscribe(args)
         await self._pump(link, "subscribe")
 
     # ------------------------------------------------------------------------------------------ 64008
@@ -1218,8 +1084,8 @@ class Connection:
             await self._emit(LinkEventKind.NOTICE, old, tuple(sorted(old.owned)), code=code, reason=reason,
                              replacement=new.conn)
             self._spawn(new)
-            await _first_of([ov.ready.wait(), new.finished.wait(), old.finished.wait()],
-                            max(0.0, deadline - self._monotonic()))
+            await _first_of([ov.ready.wait(), new.finished.wait(), old.finished.wait(),
+                             self._timer.sleep(deadline - self._monotonic())])
             if old.finished.is_set():
                 return  # the old connection ended first; its teardown handed over
             if new.finished.is_set() and new.fatal is not None:
@@ -1232,7 +1098,7 @@ class Connection:
                 delay = next(backoff)
                 log.warning("ws_replacement_failed", extra={"ws_name": self.name, "conn": new.conn,
                                                             "reason": new.end_reason, "delay_s": delay})
-                await _first_of([old.finished.wait()], delay)
+                await _first_of([old.finished.wait(), self._timer.sleep(delay)])
                 continue
             log.info("ws_cutover_start", extra={"ws_name": self.name, "conn": old.conn, "replacement": new.conn,
                                                 "ready": ov.ready.is_set()})
@@ -1252,18 +1118,13 @@ class Connection:
             return
         ov.update()
         if not ov.ready.is_set():
-            await _first_of([ov.ready.wait(), new.finished.wait()], self.settings.cutover_catchup_s)
+            await _first_of([ov.ready.wait(), new.finished.wait(),
+                             self._timer.sleep(self.settings.cutover_catchup_s)])
         async with self._emitting():
             held, aligned_keys = ov.aligner.finish() if ov.aligner is not None else ([], set())
-            aligned = {arg_from_key(k) for k in aligned_keys}
-            if ov.held_at_close is not None and old.closed_by_us:
-                # We closed the old socket gracefully after these acks (and OKX did not close it first):
-                # every push from before them came on the old stream, every later one comes on the new.
-                proven = old.owned & (ov.held_at_close | aligned)
-            else:
-                # OKX closed it (or it died): only streams seen on both sockets are proven continuous.
-                proven = old.owned & new.owned & aligned
-            gone = old.owned - proven
+            aligned = frozenset(a for a in map(arg_from_key, aligned_keys) if a is not None)
+            proven, gone = handover_args(frozenset(old.owned), frozenset(new.owned), aligned, ov.held_at_close,
+                                         old.closed_by_us)
             now_ns = time.time_ns()
             if gone:
                 await self._put(LinkEvent(LinkEventKind.DISCONNECTED, old.conn, self.name, now_ns,

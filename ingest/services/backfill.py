@@ -60,10 +60,9 @@ from typing import Any, Protocol, TextIO, TypeAlias
 from aiokafka import AIOKafkaConsumer
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
-from aiokafka.partitioner import murmur2
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
-from ingest.config import BackfillSettings, JournalSettings, KafkaSettings, Settings
+from ingest.config import BackfillSettings, JournalSettings, Settings
 from ingest.core.avro import DecodeError, RecordEncoder, decode
 from ingest.core.backfill import (
     BOOK_DEPTH,
@@ -103,7 +102,8 @@ from ingest.errors import ConfigError, CredentialError, DeliveryError, IngestErr
 from ingest.io.delivery import Delivery
 from ingest.io.journal import Journal
 from ingest.io.kafka import KafkaSink, describe
-from ingest.io.kafka_security import kafka_client_kwargs
+from ingest.io.readback import TOPIC_OF_KIND as _TOPIC
+from ingest.io.readback import ReadbackError, TopicReadback, bootstrap_of, consumer_options
 from ingest.io.rest import AUTH_FAILURE_CODES, CircuitOpenError, OkxRestClient
 from ingest.io.sink import EncodedRecord
 from ingest.okx.channels import candle_bar
@@ -111,32 +111,12 @@ from ingest.services.clock import ClockService
 
 log = logging.getLogger(__name__)
 
-#: The topic each data kind is published to (and read back from).
-_TOPIC: Mapping[DataKind, TopicKind] = {
-    DataKind.TRADES: TopicKind.TRADES, DataKind.CANDLES: TopicKind.CANDLES, DataKind.BOOKS: TopicKind.BOOKS,
-    DataKind.FILLS: TopicKind.FILLS, DataKind.ORDERS: TopicKind.ORDERS,
-}
-#: The Avro record each data kind's topic holds (the `schema` header), to decode only what matters.
-_SCHEMA: Mapping[DataKind, bytes] = {
-    DataKind.TRADES: b"okx.ingest.v1.Trade", DataKind.CANDLES: b"okx.ingest.v1.Candle",
-    DataKind.FILLS: b"okx.ingest.v1.Fill", DataKind.ORDERS: b"okx.ingest.v1.Order",
-}
-#: Kinds whose records are keyed by instId (one partition holds a stream); fills and orders are keyed by ordId.
-_KEYED_BY_INST = frozenset({DataKind.TRADES, DataKind.CANDLES, DataKind.BOOKS})
-
-
 #: A record as the consumers return it.
 _Message: TypeAlias = ConsumerRecord
 
 
 class BackfillError(IngestError):
     """The worker cannot go on: a setup problem (credentials rejected, TLS pin) or a broken dependency."""
-
-
-class ReadbackError(IngestError):
-    """Reading a data topic back did not finish in time; retried like a gap, then the gap is reported partial."""
-
-    retriable = True
 
 
 # ----------------------------------------------------------------------------------------------- stats
@@ -207,16 +187,6 @@ class _Counters:
 # ----------------------------------------------------------------------------------------------- kafka
 
 
-def bootstrap_of(kafka: KafkaSettings) -> str:
-    """Where the worker finds Kafka: the configured servers, or the recorder's embedded broker on loopback."""
-    return f"127.0.0.1:{kafka.embedded_port}" if kafka.embedded else kafka.bootstrap_servers
-
-
-def consumer_options(kafka: KafkaSettings, bootstrap: str) -> dict[str, Any]:
-    """Connection options for the worker's consumers: the sink's (TLS, SASL), under the worker's client id."""
-    return kafka_client_kwargs(kafka, bootstrap_servers=bootstrap, client_id=f"{kafka.client_id}-backfill")
-
-
 def discard_backlog(directory: Path, journal: JournalSettings) -> int:
     """Acknowledge (drop) what a previous run left unacknowledged in the worker's journal; returns how many.
 
@@ -233,93 +203,6 @@ def discard_backlog(directory: Path, journal: JournalSettings) -> int:
         return dropped
     finally:
         j.close_sync()
-
-
-class TopicReadback:
-    """Reads back what a data topic already holds for one stream (module docstring, "exactly once").
-
-    Each read uses a fresh consumer without a group: its bootstrap metadata lists every topic as it is now
-    (a long-lived consumer would not see topics or partitions created after it started), and no fetch
-    position survives from one read to the next.
-    """
-
-    def __init__(self, kafka: KafkaSettings, bootstrap: str, *, timeout_s: float,
-                 counters: _Counters | None = None) -> None:
-        self._options = consumer_options(kafka, bootstrap)
-        self._prefix = kafka.topic_prefix
-        self._timeout_s = timeout_s
-        self._counters = counters or _Counters()
-
-    async def present(self, scope: ReadbackScope) -> Present:
-        """The natural keys the topic holds within `scope` (read from scope.since_ts to the current end)."""
-        kind = scope.stream.kind
-        if kind not in _SCHEMA:
-            return Present()
-        topic = topic_name(self._prefix, _TOPIC[kind])
-        key = scope.stream.inst_id.encode() if kind in _KEYED_BY_INST and scope.stream.inst_id else None
-        consumer = AIOKafkaConsumer(**self._options, group_id=None, enable_auto_commit=False)
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                await consumer.start()
-                return await self._read(consumer, topic, key, _SCHEMA[kind], scope)
-        except TimeoutError:
-            raise ReadbackError(f"reading {topic} back for {scope.stream} took over {self._timeout_s} s; "
-                                "is Kafka slow? (backfill.readback_timeout_s)") from None
-        except KafkaError as exc:
-            raise ReadbackError(f"reading {topic} back for {scope.stream} failed: {exc}") from exc
-        finally:
-            await consumer.stop()
-
-    async def _read(self, consumer: AIOKafkaConsumer, topic: str, key: bytes | None, schema: bytes,
-                    scope: ReadbackScope) -> Present:
-        parts = consumer.partitions_for_topic(topic)
-        present = Present()
-        if not parts:
-            return present
-        ordered = sorted(parts)
-        if key is not None:  # the sink's rule (Java client's murmur2), so the stream's partition
-            tps = [TopicPartition(topic, ordered[(murmur2(key) & 0x7FFFFFFF) % len(ordered)])]
-        else:
-            tps = [TopicPartition(topic, p) for p in ordered]
-        ends: dict[TopicPartition, int] = await consumer.end_offsets(tps)
-        starts = await self._starts(consumer, tps, scope.since_ts, ends)
-        consumer.assign(tps)
-        for tp in tps:
-            consumer.seek(tp, starts[tp])
-        todo = {tp for tp in tps if starts[tp] < ends[tp]}
-        while todo:
-            batch = await consumer.getmany(*todo, timeout_ms=500)
-            for msgs in batch.values():
-                # Every fetched record counts, also past the end taken at the start: they are in the topic,
-                # and the embedded broker reports a partition's end as its last batch's first offset + 1.
-                for m in msgs:
-                    self._counters.readback_records += 1
-                    if (key is not None and m.key != key) or m.value is None:
-                        continue
-                    headers = dict(m.headers)
-                    if headers.get("schema") != schema:
-                        continue
-                    try:
-                        record = decode(m.value, schema_name=schema.decode())
-                    except DecodeError:
-                        continue
-                    if isinstance(record, OkxRecord):
-                        present.add_all(scope.keys(record))
-            for tp in list(todo):
-                if await consumer.position(tp) >= ends[tp]:
-                    todo.discard(tp)
-        return present
-
-    @staticmethod
-    async def _starts(consumer: AIOKafkaConsumer, tps: list[TopicPartition], since_ts: int,
-                      ends: Mapping[TopicPartition, int]) -> dict[TopicPartition, int]:
-        """First offset with a timestamp >= since_ts per partition (none: nothing to read there)."""
-        try:
-            found = await consumer.offsets_for_times({tp: max(0, since_ts) for tp in tps})
-        except KafkaError:  # a broker without timestamp lookups: read the whole partition
-            begins: dict[TopicPartition, int] = await consumer.beginning_offsets(tps)
-            return dict(begins)
-        return {tp: (found[tp].offset if found.get(tp) is not None else ends[tp]) for tp in tps}
 
 
 # -------------------------------------------------------------------------------------------- progress
@@ -1316,6 +1199,7 @@ __all__ = [
     "GapFiller",
     "GapResult",
     "PageEvent",
+    "ReadbackError",
     "TopicReadback",
     "backfill_metrics",
     "backfill_range",

@@ -23,6 +23,7 @@ from ingest.core.plan import PlanLimits, plan_connections
 from ingest.credentials import CredentialStore
 from ingest.errors import CredentialError, IngestError
 from ingest.io.proxy import describe_proxy, proxy_for
+from ingest.io.timer import SystemTimer, Timer
 from ingest.io.tls import client_ssl_context
 from ingest.io.ws import Connection, ConnectionStatus, ConnectLimiter, ConnState, LoginRejected
 from ingest.okx.channels import Endpoint, SubArg
@@ -78,6 +79,7 @@ class ConnectionManager:
         backoff: Callable[[], Iterator[float]] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         args: list[SubArg] | None = None,
+        timer: Timer | None = None,
     ) -> None:
         wanted = args if args is not None else [subscription_arg(s) for s in okx.all_subscriptions()]
         self.plan = plan_connections(
@@ -90,7 +92,9 @@ class ConnectionManager:
             )
         self._credentials = credentials
         self._clock = clock or ServerClock(lambda: time.time_ns() // 1_000_000)
-        self.limiter = ConnectLimiter(ws.connects_per_s, monotonic)
+        #: One clock for every connection's timing decisions (tests inject fake time here).
+        timer = timer if timer is not None else SystemTimer(monotonic)
+        self.limiter = ConnectLimiter(ws.connects_per_s, timer.now, sleep=timer.sleep)
         urls = {c.name: endpoint_url(okx, ws, c.endpoint) for c in self.plan}
         if ssl_context is None and any(u.startswith("wss://") for u in urls.values()):
             ssl_context = client_ssl_context(okx.tls_spki_pins,
@@ -101,7 +105,7 @@ class ConnectionManager:
                 log.info("okx_ws_proxy", extra={"ws_name": name, "proxy": describe_proxy(proxy)})
         self.connections = tuple(
             Connection(spec, urls[spec.name], ws, queue, limiter=self.limiter, credentials=credentials,
-                       clock=self._clock, resync_clock=resync_clock, backoff=backoff, monotonic=monotonic,
+                       clock=self._clock, resync_clock=resync_clock, backoff=backoff, timer=timer,
                        ssl_context=ssl_context, proxy=proxies[spec.name])
             for spec in self.plan
         )

@@ -270,6 +270,7 @@ class Conn:
         if text == "ping":
             self.stats.pings += 1
             self.send("pong")
+            self.hub.watch.notify()
             return
         try:
             msg = orjson.loads(text)

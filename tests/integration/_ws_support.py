@@ -55,6 +55,46 @@ class Keys:
                                 "OKX_API_PASSPHRASE": self.passphrase})
 
 
+class FakeTimer:
+    """Monotonic time that moves only when the test says so (`ingest.io.timer.Timer`)."""
+
+    def __init__(self, start: float = 1_000.0) -> None:
+        self._now = start
+        self._sleepers: dict[asyncio.Future[None], float] = {}
+        self._woken: set[asyncio.Future[None]] = set()
+        self._all_resumed = asyncio.Event()
+
+    def now(self) -> float:
+        return self._now
+
+    async def sleep(self, delay: float) -> None:
+        if delay <= 0:
+            await asyncio.sleep(0)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._sleepers[fut] = self._now + delay
+        try:
+            await fut
+        finally:
+            del self._sleepers[fut]
+            if fut in self._woken:
+                self._woken.discard(fut)
+                if not self._woken:
+                    self._all_resumed.set()
+
+    async def advance(self, dt: float) -> None:
+        """Move time on by `dt` and let every sleeper that wakes run until it waits again."""
+        self._now += dt
+        self._woken = {f for f, at in self._sleepers.items() if at <= self._now and not f.done()}
+        if not self._woken:
+            return
+        self._all_resumed.clear()
+        for f in self._woken:
+            f.set_result(None)
+        async with asyncio.timeout(5):
+            await self._all_resumed.wait()
+
+
 def local_clock() -> ServerClock:
     return ServerClock(lambda: time.time_ns() // 1_000_000)
 

@@ -31,6 +31,7 @@ from ingest.sim import SimServer
 from ._ws_support import (
     INST,
     TRADES,
+    FakeTimer,
     Keys,
     Recorder,
     count,
@@ -125,6 +126,40 @@ async def test_every_kind_of_drop_is_followed_by_resubscription_and_a_gap_that_b
     assert {t for t in _sim_trade_ids(sim) if t not in received} == set(missed)
     if kind == "stall":
         assert conn.counters.pong_timeouts == 1
+
+
+async def test_on_fake_time_silence_brings_a_ping_and_a_missing_pong_a_reconnect() -> None:
+    async with SimServer(Keys().sim_config()) as sim:
+        queue: asyncio.Queue[Inbound] = asyncio.Queue(10_000)
+        rec = Recorder(queue)
+        timer = FakeTimer()
+        # Binary fractions, so that fake time adds up exactly.
+        conn = _public(sim, queue, ws=fast_ws(keepalive_s=0.25, pong_timeout_s=0.5), timer=timer)
+        with log_events() as logs:
+            async with running(rec.run(), conn.run()):
+                await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 1)
+                [cid] = list(sim.stats.connections)
+                await timer.advance(0.125)
+                assert conn.counters.pings == 0  # not silent for keepalive_s yet
+                await timer.advance(0.125)
+                await sim.wait_until(lambda: sim.stats.connections[cid].pings == 1)
+                await sim.tick(1)  # a trade behind OKX's pong: once it is here, so is the pong
+                last = _sim_trade_ids(sim)[-1]
+                await rec.wait_for(lambda _: last in _seen_ids(rec))
+                sim.faults.stall(endpoint="public")  # silent from now on: only the pong timeout can tell
+                await timer.advance(0.5)  # the watchdog wakes at the pong deadline, sees the pong, pings again
+                await sim.wait_until(lambda: sim.stats.connections[cid].pings == 2)
+                await timer.advance(0.375)
+                assert conn.counters.pong_timeouts == 0  # 0.375 s without an answer: not pong_timeout_s yet
+                await timer.advance(0.125)
+                await logs.wait("ws_pong_timeout")
+                await logs.wait_until(lambda rs: any(getattr(r, "to", None) == "backing-off" for r in rs))
+                await timer.advance(0.0625)  # past backoff_max_s: the backoff sleeps on the same fake clock
+                await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 2)
+    assert sim.stats.ws_connects == 2 and conn.counters.pings == 2 and conn.counters.pongs == 1
+    assert conn.counters.pong_timeouts == 1
+    first, second = (e.conn for e in rec.events(SUBSCRIBED))
+    assert rec.events(DISCONNECTED)[0].conn == first != second
 
 
 async def test_keepalive_keeps_an_idle_private_connection_alive_past_okx_idle_timeout() -> None:
@@ -589,17 +624,19 @@ async def test_a_busy_pipeline_pauses_the_socket_and_every_frame_still_arrives_o
     async with SimServer(Keys().sim_config()) as sim:
         inbox = _WatchedInbox(limit)
         rec = Recorder(inbox)
-        # Keepalive 0.2 s: a paused socket must not pass for a dead one. No deflate, so that one socket read
-        # holds about a thousand frames rather than ten thousand and the bound below says something.
-        conn = _public(sim, inbox, ws=fast_ws(compression=False))
+        # Keepalive 0.2 s on fake time: a paused socket must not pass for a dead one. No deflate, so that one
+        # socket read holds about a thousand frames rather than ten thousand and the bound below says something.
+        timer = FakeTimer()
+        conn = _public(sim, inbox, ws=fast_ws(compression=False), timer=timer)
         async with running(conn.run()):
             while count(SUBSCRIBED)(rec.items) == 0:  # the ack, then SUBSCRIBED; then the pipeline stalls
                 rec.items.append(await inbox.get())
             pump = asyncio.create_task(sim.pump_trades(INST, total))
             await asyncio.wait_for(inbox.paused.wait(), 30)  # the socket is paused, not the inbox overrun
-            # The stall outlasts keepalive_s + pong_timeout_s (0.5 s): what is under test is that time passing
-            # while we hold the socket does not make the watchdog take the connection for dead.
-            await asyncio.sleep(1.0)
+            # The stall outlasts keepalive_s + pong_timeout_s (0.5 s) twice over: what is under test is that time
+            # passing while we hold the socket does not make the watchdog take the connection for dead.
+            for _ in range(10):
+                await timer.advance(0.1)
             async with running(rec.run()):
                 await pump
                 last = _sim_trade_ids(sim)[-1]
@@ -610,6 +647,7 @@ async def test_a_busy_pipeline_pauses_the_socket_and_every_frame_still_arrives_o
     # Bounded by the limit plus one socket read, not by what OKX sends while the pipeline is stalled.
     assert inbox.largest < total // 4
     assert sim.stats.ws_connects == 1 and conn.counters.pong_timeouts == 0  # the stall cost no reconnect
+    assert conn.counters.pings == 0  # our own silence never looked like OKX's
 
 
 async def test_frames_keep_their_order_when_a_full_plain_queue_sends_some_the_slow_way() -> None:
@@ -638,10 +676,11 @@ async def test_shutdown_while_the_inbox_holds_the_socket_still_hands_over_every_
         await sim.pump_trades(INST, 3_000)  # returns once every frame was written to our socket
         await asyncio.wait_for(inbox.paused.wait(), 30)
         task.cancel()  # shutdown while the socket is paused: it must read to the end anyway
-        # The pipeline stays stalled for longer than close_timeout_s (1 s): what is under test is that the
-        # socket is read to the end anyway; a paused one would never see OKX's close frame, be aborted when
-        # close_timeout_s ran out, and lose the frames still in its buffer.
-        await asyncio.sleep(1.5)
+        # The pipeline stays stalled until OKX saw the connection end: what is under test is that the socket
+        # is read to the end anyway; a paused one would never see OKX's close frame, be aborted when
+        # close_timeout_s (1 s) ran out (OKX would see 1006, not 1000), and lose the frames in its buffer.
+        await sim.wait_until(lambda: all(c.close_code is not None for c in sim.stats.connections.values()),
+                             timeout=30)
         async with running(rec.run()):
             await asyncio.gather(task, return_exceptions=True)
             await rec.wait_for(lambda i: bool(rec.events(DISCONNECTED)))

@@ -16,6 +16,7 @@ from ingest.core.plan import (
     encode_request,
     plan_connections,
 )
+from ingest.errors import IngestError
 from ingest.okx.channels import Endpoint, SubArg, is_depth
 
 INSTS = [f"{c}-USDT" for c in ("BTC", "ETH", "SOL", "XRP", "DOGE", "ADA", "TRX", "LTC")] + [
@@ -75,6 +76,13 @@ def test_duplicate_subscriptions_are_planned_once() -> None:
 def test_a_channel_no_endpoint_serves_is_refused_with_its_name() -> None:
     with pytest.raises(PlanError, match="tradez"):
         plan_connections([SubArg("tradez", inst_id="BTC-USDT")], PlanLimits())
+
+
+def test_a_plan_failure_is_an_ingest_error_so_the_command_line_reports_it_with_exit_2() -> None:
+    # The CLI turns every IngestError into "okx-ingest: <message>" and exit code 2; a ValueError would
+    # escape it as a traceback.
+    with pytest.raises(IngestError, match="exceeds 80 bytes per request"):
+        plan_connections([SubArg("trades", inst_id="BTC-USDT-" + "X" * 60)], PlanLimits(max_request_bytes=80))
 
 
 @settings(max_examples=200, deadline=None)

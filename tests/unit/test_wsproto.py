@@ -31,6 +31,8 @@ from ingest.core.wsproto import (
     arg_action,
     arg_from_key,
     classify,
+    counts_against_key,
+    handover_args,
     login_action,
     push_arg_key,
 )
@@ -465,3 +467,29 @@ def test_an_ack_after_the_client_gave_up_waiting_still_counts() -> None:
     assert proto.abandon() == {A, C}
     assert proto.receive(_ack(req, A)) == [Subscribed(A, "c1")]
     assert proto.held == {A}
+
+
+_HANDOVER_ARGS = [SubArg("trades", inst_id=f"H{n}-USDT") for n in range(5)]
+_arg_sets = st.frozensets(st.sampled_from(_HANDOVER_ARGS))
+
+
+@settings(max_examples=300, deadline=None)
+@given(_arg_sets, _arg_sets, _arg_sets, st.none() | _arg_sets, st.booleans())
+def test_at_cutover_every_old_stream_is_either_proven_handed_over_or_reported_disconnected(
+        old: frozenset[SubArg], new: frozenset[SubArg], aligned: frozenset[SubArg],
+        held_at_close: frozenset[SubArg] | None, closed_by_us: bool) -> None:
+    proven, gone = handover_args(old, new, aligned, held_at_close, closed_by_us)
+    assert proven | gone == old and not proven & gone  # each SUBSCRIBED balanced exactly once
+    if held_at_close is not None and closed_by_us:
+        # We closed gracefully: a stream the replacement held by then is continuous even if never seen on both.
+        assert proven == old & (held_at_close | aligned)
+    else:
+        # OKX closed first (or the socket died): only a stream seen on both sockets is proven.
+        assert proven <= new & aligned
+
+
+@pytest.mark.parametrize(("code", "counts"), [("60005", True), ("60024", True), ("60009", True), (None, True),
+                                              ("60023", False), ("60031", False), ("63999", False)])
+def test_only_refusals_that_may_be_about_the_key_count_toward_pausing_signed_traffic(code: str | None,
+                                                                                      counts: bool) -> None:
+    assert counts_against_key(code) is counts
