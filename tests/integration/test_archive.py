@@ -8,7 +8,7 @@ import contextlib
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -70,7 +70,7 @@ def sample_records(n: int = 60) -> list[Record]:
     return out
 
 
-async def publish(bootstrap: str, prefix: str, records: list[Record], *, garbage: int = 0,
+async def publish(bootstrap: str, prefix: str, records: Sequence[Record], *, garbage: int = 0,
                   schema_ids: dict[str, int] | None = None) -> None:
     encoder = RecordEncoder(prefix, schema_ids=schema_ids)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
@@ -87,10 +87,18 @@ async def publish(bootstrap: str, prefix: str, records: list[Record], *, garbage
 
 
 def settings_for(broker: BrokerInfo, prefix: str, url: str, **archive: Any) -> Settings:
-    return Settings(kafka={"bootstrap_servers": broker.bootstrap_servers, "topic_prefix": prefix},
-                    archive={"url": url, "group_id": f"{prefix}archive", "idle_close_s": 0.3, "max_open_s": 5,
-                             "retry_initial_s": 0.05, "retry_max_s": 0.2, "metrics_port": 0, **archive},
-                    obs={"metrics_port": 0})
+    return Settings.model_validate({
+        "kafka": {"bootstrap_servers": broker.bootstrap_servers, "topic_prefix": prefix},
+        "archive": {"url": url, "group_id": f"{prefix}archive", "idle_close_s": 0.3, "max_open_s": 5,
+                    "retry_initial_s": 0.05, "retry_max_s": 0.2, "metrics_port": 0, **archive},
+        "obs": {"metrics_port": 0}})
+
+
+def q(sql: str) -> list[tuple[Any, ...]]:
+    """A DuckDB query's rows."""
+    rel = duckdb.sql(sql)
+    assert rel is not None
+    return rel.fetchall()
 
 
 async def until(predicate: Callable[[], bool], timeout_s: float = 60.0, what: str = "condition") -> None:
@@ -136,8 +144,8 @@ async def test_records_land_once_in_hive_partitions_that_duckdb_and_polars_prune
     trades = trades_of(records)
     assert (root / "trades" / "date=2026-12-01" / "instId=BTC-USDT").is_dir()
     glob = f"{root}/trades/**/*.parquet"
-    rows = duckdb.sql(f"select instId, count(*), sum(px), sum(sz) from read_parquet('{glob}', "
-                      "hive_partitioning=true) group by instId order by instId").fetchall()
+    rows = q(f"select instId, count(*), sum(px), sum(sz) from read_parquet('{glob}', "
+                      "hive_partitioning=true) group by instId order by instId")
     expected = sorted((inst, len(ts), sum(Decimal(t.px) for t in ts), sum(Decimal(t.sz) for t in ts))
                       for inst in INSTS if (ts := [t for t in trades if t.inst_id == inst]))
     assert rows == expected  # counts and exact decimal sums equal what was on the topic
@@ -146,22 +154,22 @@ async def test_records_land_once_in_hive_partitions_that_duckdb_and_polars_prune
     junk.parent.mkdir()
     junk.write_bytes(b"PAR1 not parquet at all")
     with pytest.raises(duckdb.Error):
-        duckdb.sql(f"select count(*) from read_parquet('{glob}', hive_partitioning=true)").fetchall()
+        q(f"select count(*) from read_parquet('{glob}', hive_partitioning=true)")
     day2_eth = [t for t in trades if t.inst_id == "ETH-USDT" and t.ts >= DAY2]
-    assert duckdb.sql(f"select count(*) from read_parquet('{glob}', hive_partitioning=true) where instId = "
-                      "'ETH-USDT' and date = '2026-12-02'").fetchall() == [(len(day2_eth),)]
+    assert q(f"select count(*) from read_parquet('{glob}', hive_partitioning=true) where instId = "
+                      "'ETH-USDT' and date = '2026-12-02'") == [(len(day2_eth),)]
     frame = (pl.scan_parquet(glob, hive_partitioning=True).filter(pl.col("instId") == "SOL-USDT")
              .select(pl.len()).collect())
     assert frame.item() == len([t for t in trades if t.inst_id == "SOL-USDT"])
     shutil.rmtree(junk.parent)
-    ids = duckdb.sql(f"select recordId from read_parquet('{glob}')").fetchall()
+    ids = q(f"select recordId from read_parquet('{glob}')")
     assert sorted(r[0] for r in ids) == sorted(t.record_id for t in trades)
-    books = duckdb.sql(f"select count(*), count(distinct (_partition, _offset)) from read_parquet('{root}/books/**/*.parquet')"
-                       ).fetchall()[0]
+    books = q("select count(*), count(distinct (_partition, _offset)) from "
+              f"read_parquet('{root}/books/**/*.parquet')")[0]
     n_books = len([r for r in records if isinstance(r, BookUpdate)])
     assert books == (n_books * 3, n_books)  # one row per level, three levels per update
-    rejected = duckdb.sql(f"select reason, _topic, _offset from read_parquet('{root}/_rejected/**/*.parquet') "
-                          "order by _offset").fetchall()
+    rejected = q(f"select reason, _topic, _offset from read_parquet('{root}/_rejected/**/*.parquet') "
+                          "order by _offset")
     assert [r[1] for r in rejected] == [f"{topic_prefix}trades"] * 2
     assert all("undecodable" in r[0] for r in rejected)
     assert verify(store) == []
@@ -187,7 +195,7 @@ async def test_a_redo_from_the_start_adds_nothing_and_new_records_are_added_once
     async with running(Archiver(fresh, store)) as redo:
         await until(settled(redo, len(records) + len(more)))
         assert redo.stats.records_skipped == len(records)
-    ids = duckdb.sql(f"select recordId from read_parquet('{root}/trades/**/*.parquet')").fetchall()
+    ids = q(f"select recordId from read_parquet('{root}/trades/**/*.parquet')")
     assert sorted(r[0] for r in ids) == sorted(t.record_id for t in trades_of(records) + more)
     assert set(files) <= {p.relative_to(root) for p in root.rglob("*.parquet")}
     assert verify(store) == []
@@ -200,7 +208,7 @@ async def test_confluent_framing_is_decoded_too(kafka_broker: BrokerInfo, topic_
     async with running(Archiver(settings_for(kafka_broker, topic_prefix, str(root)),
                                 ArchiveStore.from_url(str(root)))) as archiver:
         await until(settled(archiver, 4))
-    assert duckdb.sql(f"select count(*) from read_parquet('{root}/trades/**/*.parquet')").fetchall() == [(4,)]
+    assert q(f"select count(*) from read_parquet('{root}/trades/**/*.parquet')") == [(4,)]
 
 
 async def test_a_failing_store_commits_nothing_turns_unready_and_catches_up(
@@ -222,7 +230,7 @@ async def test_a_failing_store_commits_nothing_turns_unready_and_catches_up(
         os.remove(root / "trades")
         await until(settled(archiver, len(records)), what="catch-up")
         assert archiver.readiness().ready
-    ids = duckdb.sql(f"select recordId from read_parquet('{root}/trades/**/*.parquet')").fetchall()
+    ids = q(f"select recordId from read_parquet('{root}/trades/**/*.parquet')")
     assert sorted(r[0] for r in ids) == sorted(t.record_id for t in records)
 
 
@@ -294,7 +302,7 @@ async def test_compact_merges_small_files_once_and_keeps_every_record(
     after = sorted(p.name for p in part.glob("*.parquet"))
     assert len(after) == 1 and report["merged_files"] == len(before)
     assert compact(store, date="2026-12-01", min_bytes=1 << 20, target_bytes=1 << 30)["merged_files"] == 0
-    ids = duckdb.sql(f"select recordId from read_parquet('{root}/trades/**/*.parquet')").fetchall()
+    ids = q(f"select recordId from read_parquet('{root}/trades/**/*.parquet')")
     assert sorted(r[0] for r in ids) == sorted(t.record_id for t in records)
     assert verify(store) == []
     # An interrupted compaction (merged file written, inputs still there) is caught by verify and finished by
