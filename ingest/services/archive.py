@@ -101,6 +101,7 @@ class ArchiveStats:
     files_written: int = 0
     bytes_written: int = 0
     buffered_bytes: int = 0
+    peak_buffered_bytes: int = 0
     open_files: int = 0
     store_failures: int = 0
     store_error: str | None = None
@@ -320,8 +321,23 @@ class Archiver:
         buf.nbytes += size
         buf.last_seen = now
         self.stats.buffered_bytes += size
+        if self.stats.buffered_bytes > self.stats.peak_buffered_bytes:
+            self.stats.peak_buffered_bytes = self.stats.buffered_bytes
         if buf.nbytes >= self.cfg.max_file_bytes:
             await self._flush_due(final=False, only=[slot])
+        elif self.stats.buffered_bytes >= self.cfg.max_buffer_bytes:
+            await self._flush_due(final=False, only=self._largest())
+
+    def _largest(self) -> list[tuple[PartitionKey, TopicPartition]]:
+        """The open files to write, largest first, to bring the shared budget back to three quarters."""
+        over = self.stats.buffered_bytes - self.cfg.max_buffer_bytes * 3 // 4
+        out = []
+        for slot, b in sorted(self._bufs.items(), key=lambda kv: -kv[1].nbytes):
+            if over <= 0:
+                break
+            out.append(slot)
+            over -= b.nbytes
+        return out
 
     def _recover(self, key: PartitionKey, tp: TopicPartition) -> int:
         """The largest last offset of this partition's files in the directory (-1: none); also drops the
@@ -373,14 +389,8 @@ class Archiver:
         due = [slot for slot, b in self._bufs.items()
                if final or b.nbytes >= cfg.max_file_bytes or now - b.last_seen >= cfg.idle_close_s
                or now - b.opened >= cfg.max_open_s]
-        over = self.stats.buffered_bytes - sum(self._bufs[s].nbytes for s in due) - cfg.max_buffer_bytes * 3 // 4
-        if over > 0:  # the shared budget: write the largest open files first
-            for slot, b in sorted(self._bufs.items(), key=lambda kv: -kv[1].nbytes):
-                if over <= 0:
-                    break
-                if slot not in due:
-                    due.append(slot)
-                    over -= b.nbytes
+        if self.stats.buffered_bytes >= cfg.max_buffer_bytes:  # the shared budget: the largest files first
+            due += [slot for slot in self._largest() if slot not in due]
         return due
 
     async def _flush_due(self, *, final: bool, only: list[tuple[PartitionKey, TopicPartition]] | None = None

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import msgspec
 import polars as pl
 import pyarrow.fs as pafs
 import pytest
@@ -134,11 +135,12 @@ def trades_of(records: list[Record]) -> list[Trade]:
 async def test_records_land_once_in_hive_partitions_that_duckdb_and_polars_prune(
         kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path) -> None:
     records = sample_records()
-    await publish(kafka_broker.bootstrap_servers, topic_prefix, records, garbage=2)
+    unfit = msgspec.structs.replace(trade("BTC-USDT", 999, DAY1 + 999), sz="0.0000000000000000001")
+    await publish(kafka_broker.bootstrap_servers, topic_prefix, [*records, unfit], garbage=2)
     root = tmp_path / "archive"
     settings = settings_for(kafka_broker, topic_prefix, str(root))
     store = ArchiveStore.from_url(str(root))
-    total = len(records) + 2
+    total = len(records) + 3
     async with running(Archiver(settings, store)) as archiver:
         await until(settled(archiver, total), what="the archive to settle")
     trades = trades_of(records)
@@ -170,8 +172,9 @@ async def test_records_land_once_in_hive_partitions_that_duckdb_and_polars_prune
     assert books == (n_books * 3, n_books)  # one row per level, three levels per update
     rejected = q(f"select reason, _topic, _offset from read_parquet('{root}/_rejected/**/*.parquet') "
                           "order by _offset")
-    assert [r[1] for r in rejected] == [f"{topic_prefix}trades"] * 2
-    assert all("undecodable" in r[0] for r in rejected)
+    assert [r[1] for r in rejected] == [f"{topic_prefix}trades"] * 3  # with the Kafka coordinates of each
+    assert sorted(r[0].split(":")[0] for r in rejected) == ["does not fit", "undecodable", "undecodable"]
+    assert any("sz" in r[0] or "18 digits" in r[0] for r in rejected)
     assert verify(store) == []
     manifest = (root / "trades" / "date=2026-12-01" / "instId=BTC-USDT" / "_manifest.json").read_text()
     assert '"gapId": "g1"' in manifest and '"status": "filled"' in manifest
@@ -319,3 +322,18 @@ async def test_compact_merges_small_files_once_and_keeps_every_record(
     compact(store_b, date="2026-12-01", min_bytes=1 << 20, target_bytes=1 << 30)
     assert sorted(p.name for p in other.glob("*.parquet")) == after
     assert any("not in the manifest" in p for p in verify(store_b)) or verify(store_b) == []
+
+
+async def test_memory_is_bounded_by_the_shared_budget_whatever_the_number_of_instruments(
+        kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path) -> None:
+    records = [trade(f"I{i:04d}-USDT", j, DAY1 + j) for j in range(2) for i in range(1000)]
+    await publish(kafka_broker.bootstrap_servers, topic_prefix, records)
+    root = tmp_path / "archive"
+    budget = 60_000  # about 140 buffered trades for 1,000 open instruments
+    settings = settings_for(kafka_broker, topic_prefix, str(root), max_buffer_bytes=budget, idle_close_s=1.0,
+                            max_open_s=60)
+    async with running(Archiver(settings, ArchiveStore.from_url(str(root)))) as archiver:
+        await until(settled(archiver, len(records)), timeout_s=110)
+    assert archiver.stats.peak_buffered_bytes <= budget + 1_000  # never more than one record over the budget
+    assert q(f"select count(distinct instId), count(*) from read_parquet('{root}/trades/**/*.parquet')") == [
+        (1000, len(records))]

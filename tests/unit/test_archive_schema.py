@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
+import duckdb
 import msgspec
 import orjson
 import polars as pl
@@ -241,3 +242,6 @@ def test_a_file_written_before_a_field_was_added_reads_with_the_new_files(tmp_pa
     assert old_rec == canonical(msgspec.structs.replace(trades[1], okx_source=None))
     frame = pl.scan_parquet(tmp_path / "*.parquet", missing_columns="insert").select("okxSource", "_offset").collect()
     assert sorted(frame.rows(), key=lambda r: r[1]) == [(trades[0].okx_source, 100), (None, 200)]
+    rel = duckdb.sql(f"select okxSource, _offset from read_parquet('{tmp_path}/*.parquet', union_by_name=true) "
+                     "order by _offset")
+    assert rel is not None and rel.fetchall() == [(trades[0].okx_source, 100), (None, 200)]
