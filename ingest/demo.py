@@ -82,6 +82,7 @@ async def run_demo(seconds: float = 0.0) -> int:
                 kafka={"bootstrap_servers": "embedded", "embedded_port": free_port()},
                 journal={"dir": str(Path(tmp) / "journal")},
                 obs={"log_format": "text", "metrics_port": 0},
+                archive={"url": str(Path(tmp) / "archive")},
             )
             env = {"OKX_API_KEY": key, "OKX_API_SECRET": secret, "OKX_API_PASSPHRASE": passphrase}
             daemon = Daemon(settings, env=env)

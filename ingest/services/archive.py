@@ -208,7 +208,10 @@ class Archiver:
     """One member of the archive consumer group: `run(stop)` until `stop` is set."""
 
     def __init__(self, settings: Settings, store: ArchiveStore, *, bootstrap_servers: str | None = None,
-                 clock: Any = time.monotonic) -> None:
+                 clock: Any = time.monotonic, incarnation: str | None = None) -> None:
+        """`incarnation` names a broker whose offsets start again at 0 (the embedded one, at every start):
+        it goes into file names (`okx.trades~<incarnation>+0+...`), so a new broker's offsets never meet
+        an old broker's files."""
         self.settings = settings
         self.cfg: ArchiveSettings = settings.archive
         self.store = store
@@ -225,6 +228,10 @@ class Archiver:
         self._backoff = full_jitter(self.cfg.retry_initial_s, self.cfg.retry_max_s)
         self._retry_at = 0.0
         self.started = asyncio.Event()
+        self._suffix = f"~{incarnation}" if incarnation else ""
+
+    def _name_topic(self, tp: TopicPartition) -> str:
+        return f"{tp.topic}{self._suffix}"
 
     # ---- the loop -----------------------------------------------------------------------------------
 
@@ -233,8 +240,20 @@ class Archiver:
         consumer = AIOKafkaConsumer(
             **consumer_options(kafka, self.bootstrap), group_id=self.cfg.group_id, enable_auto_commit=False,
             auto_offset_reset="earliest", session_timeout_ms=self.cfg.session_timeout_ms,
-            max_poll_interval_ms=self.cfg.max_poll_interval_ms, metadata_max_age_ms=5_000)
-        await consumer.start()
+            max_poll_interval_ms=self.cfg.max_poll_interval_ms, metadata_max_age_ms=5_000,
+            # A member that vanished (SIGKILL, a restarted broker) must not hold a join for minutes.
+            rebalance_timeout_ms=self.cfg.session_timeout_ms)
+        starting = asyncio.ensure_future(consumer.start())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not starting.done():  # asked to stop before Kafka answered
+            starting.cancel()
+            with contextlib.suppress(BaseException):
+                async with asyncio.timeout(10):
+                    await consumer.stop()
+            return
+        starting.result()
         self._consumer = consumer
         try:
             consumer.subscribe(pattern=_topics_pattern(self.topics), listener=_Rebalance(self))
@@ -348,7 +367,7 @@ class Archiver:
         names = self.store.list_names(rel)
         for name in names:
             fc = parse_file_name(name)
-            if fc is not None and fc.topic == tp.topic and fc.partition == tp.partition:
+            if fc is not None and fc.topic == self._name_topic(tp) and fc.partition == tp.partition:
                 last = max(last, fc.last_offset)
         listed = {f["name"] for f in self.manifests.load(key)["files"]}
         for name in names:
@@ -451,7 +470,7 @@ class Archiver:
         """Convert, write the file, then its manifest (thread). Unfit records go to `_rejected` first."""
         key = buf.key
         first, last = buf.coords[0].offset, buf.coords[-1].offset
-        name = file_name(buf.tp.topic, buf.tp.partition, first, last)
+        name = file_name(self._name_topic(buf.tp), buf.tp.partition, first, last)
         rejects: list[tuple[_Reject, Coordinates]] = []
         if key.dataset == REJECTED:
             rejects = [(item, c) for item, c in zip(buf.items, buf.coords, strict=True) if isinstance(item, _Reject)]
@@ -505,13 +524,26 @@ class Archiver:
         if not offsets:
             return
         try:
-            await consumer.commit(offsets)
+            async with asyncio.timeout(5):  # a coordinator that does not answer must not stall the loop
+                await consumer.commit(offsets)
         except Exception as exc:  # a rebalance or broker hiccup: redone later, nothing lost
             log.warning("archive_commit_failed", extra={"error": repr(exc)})
             return
         for tp, om in offsets.items():
             self._committed[tp] = om.offset
             self.stats.last_commit[f"{tp.topic}/{tp.partition}"] = om.offset
+
+    async def caught_up(self) -> None:
+        """Return once every record the broker holds now is consumed (polling; bound it with a timeout)."""
+        while True:
+            consumer = self._consumer
+            if consumer is not None and self.started.is_set():
+                tps = consumer.assignment()
+                if tps:
+                    ends = await consumer.end_offsets(list(tps))
+                    if all(self._next.get(tp, 0) >= end for tp, end in ends.items()):
+                        return
+            await asyncio.sleep(0.1)  # polling the consumer's progress against the broker's end offsets
 
     # ---- health -------------------------------------------------------------------------------------
 
