@@ -71,6 +71,16 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("--follow", "-f", action="store_true", help="keep printing new records until Ctrl-C")
     tail.add_argument("--format", choices=("table", "json"), default="table",
                       help="table (default) for reading, json for one object per line")
+
+    ar = sub.add_parser("archive", help="archive every topic into partitioned Parquet (docs/ARCHIVE.md)")
+    ar.add_argument("--config", type=Path, default=None)
+    ar_sub = ar.add_subparsers(dest="archive_command", required=False)
+    verify = ar_sub.add_parser("verify", help="re-read files against their manifests; non-zero on any problem")
+    verify.add_argument("--config", type=Path, default=None, dest="sub_config")
+    verify.add_argument("--date", default=None, help="YYYY-MM-DD (default: every date)")
+    compact = ar_sub.add_parser("compact", help="merge each partition's small files of one date")
+    compact.add_argument("--config", type=Path, default=None, dest="sub_config")
+    compact.add_argument("--date", required=True, help="YYYY-MM-DD")
     _user_help(p)
     return p
 
@@ -162,7 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ingest.demo import run_demo
 
             return _run(run_demo(seconds=args.seconds, keep=args.keep))
-        settings = load_settings(args.config)
+        settings = load_settings(getattr(args, "sub_config", None) or args.config)
+        if args.command == "archive":
+            return _archive(args, settings)
         if args.command == "run":
             from ingest.supervisor import run_daemon
 
@@ -203,6 +215,28 @@ async def _tail(settings: Any, args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     await tail(settings, args.topics, out=sys.stdout, inst=args.inst, from_ms=args.from_ms, last=args.last,
                follow=args.follow, fmt=args.format, bootstrap=args.bootstrap, stop=stop)
+    return 0
+
+
+def _archive(args: argparse.Namespace, settings: Any) -> int:
+    """`okx-ingest archive [verify|compact]`."""
+    if args.archive_command is None:
+        from ingest.services.archive import run_archiver
+
+        return _run(run_archiver(settings))
+    from ingest.services.archive import open_store
+    from ingest.services.archive_tools import compact, verify
+
+    store = open_store(settings.archive)
+    if args.archive_command == "verify":
+        problems = verify(store, date=args.date)
+        for p in problems:
+            print(p, file=sys.stderr)
+        print(f"archive verify: {len(problems)} problem(s) in {store.url}", file=sys.stderr)
+        return 1 if problems else 0
+    report = compact(store, date=args.date, min_bytes=settings.archive.compact_min_bytes,
+                     target_bytes=settings.archive.compact_target_bytes)
+    print(f"archive compact: {report}", file=sys.stderr)
     return 0
 
 

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import Metric
 
@@ -40,13 +40,25 @@ from ingest.obs.health import HealthServer, Readiness
 from ingest.obs.metrics import AckLatency, counter, gauge, new_component_registry
 from ingest.obs.redact import REDACTOR
 from ingest.okx.channels import SubArg
-from ingest.runtime import CANCEL_GRACE_S, EXIT_CONFIG, EXIT_OK, EXIT_TASK_DIED, Runtime, bounded, stop_task
+from ingest.runtime import (
+    CANCEL_GRACE_S,
+    EXIT_CONFIG,
+    EXIT_OK,
+    EXIT_TASK_DIED,
+    Runtime,
+    bounded,
+    finish_task,
+    stop_task,
+)
 from ingest.services.clock import ClockService
 from ingest.services.connections import ConnectionManager, subscription_arg
 from ingest.services.permissions import require_safe_key
 from ingest.services.pipeline import Pipeline
 from ingest.services.private import PrivateReconciler
 from ingest.services.process import configure_observability, install_signals, keep_credentials
+
+if TYPE_CHECKING:
+    from ingest.services.archive import Archiver
 
 log = logging.getLogger("ingest.supervisor")
 
@@ -108,6 +120,9 @@ class Daemon:
         self.started = asyncio.Event()
         self.bootstrap_servers: str | None = None
         self._args = wanted_args(settings)
+        self._archiver: Archiver | None = None
+        self._archive_stop = asyncio.Event()
+        self._archive_task: asyncio.Task[None] | None = None
 
     # ---- start-up -------------------------------------------------------------------------------------
 
@@ -176,6 +191,7 @@ class Daemon:
             restored = p.pipeline.restore(saved, self._args)
             log.info("stream_state_restored", extra={"streams": restored, "saved_at_ns": saved.saved_ts_ns})
         self._register_metrics()
+        await self._start_archive()
         p.health = HealthServer(self.registry, self.readiness, s.obs.metrics_host, s.obs.metrics_port)
         await p.health.start()
 
@@ -281,11 +297,52 @@ class Daemon:
         log.info("delivery_closed", extra={"records_in": p.delivery.stats.records_in,
                                            "records_out": p.delivery.stats.records_out,
                                            "left_journaled": p.delivery.stats.journal_records})
+        await self._stop_archive()
         await self._release()
+
+    # ---- the in-process archiver (embedded broker only) ----------------------------------------------
+
+    async def _start_archive(self) -> None:
+        """With the embedded broker nothing survives the process, so the recorder archives what it records
+        (`archive.embedded`): the two-command default leaves queryable files in `archive.url`."""
+        s = self.settings
+        if not (s.kafka.embedded and s.archive.embedded):
+            return
+        from ingest.services.archive import Archiver, open_store, query_hint
+
+        store = await asyncio.to_thread(open_store, s.archive)
+        self._archive_stop = asyncio.Event()
+        # The embedded broker starts empty, offsets from 0: file names carry which broker they came from.
+        archiver = Archiver(s, store, bootstrap_servers=self.bootstrap_servers, incarnation=str(time.time_ns()))
+        if self._archive_task is None:  # once: the metrics follow whichever archiver runs
+            self._collector.add(lambda: self._archiver.metrics() if self._archiver is not None else [])
+        self._archiver = archiver
+        self._archive_task = asyncio.create_task(archiver.run(self._archive_stop), name="archive")
+        log.warning("archive_in_process", extra={"where": store.root, "query": query_hint(store),
+                                                 "note": "the embedded broker keeps nothing; these files do"})
+
+    async def _stop_archive(self, *, catch_up: bool = True) -> None:
+        """Archive everything the broker holds, then drain and stop (bounded by archive.drain_timeout_s)."""
+        archiver = self._archiver
+        if archiver is None or self._archive_task is None:
+            return
+        timeout = self.settings.archive.drain_timeout_s
+        if catch_up:
+            try:
+                async with asyncio.timeout(timeout):
+                    await archiver.caught_up()
+            except TimeoutError:
+                log.error("archive_catch_up_timeout", extra={"timeout_s": timeout})
+        self._archive_stop.set()
+        # Its own drain is bounded by `timeout`, its consumer by 10 s; past that it is stopped (bounded too).
+        await finish_task(self._archive_task, timeout + 12, what="archive")
+        self._archiver = None
 
     async def _release(self) -> None:
         """Release what start-up acquired (each step is idempotent, so it is safe after a partial start)."""
         p = self.parts
+        if self._archiver is not None:
+            await self._stop_archive()
         if p.health is not None:
             await p.health.stop()
         if p.delivery is not None:
@@ -331,6 +388,9 @@ class Daemon:
             log.error("embedded_broker_died", extra={"exit_code": code, "action": "restarting it (memory only: "
                                                      "what it held is gone; unacknowledged records are resent)"})
             await broker.start()
+            if self._archiver is not None:  # a new, empty broker: a new archiver for its offsets
+                await self._stop_archive(catch_up=False)
+                await self._start_archive()
 
     # ---- health and metrics ---------------------------------------------------------------------------
 

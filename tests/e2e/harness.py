@@ -40,7 +40,10 @@ def daemon_settings(sim: SimServer, bootstrap: str, prefix: str, journal_dir: Pa
     journal.update(sections.pop("journal", {}))
     obs: dict[str, Any] = {"metrics_port": 0, "log_format": "text"}
     obs.update(sections.pop("obs", {}))
-    return load_settings(None, okx=okx, kafka=kafka, ws=ws, journal=journal, obs=obs, **sections)
+    # With the embedded broker the recorder also archives in-process: into the test's directory.
+    archive: dict[str, Any] = {"url": str(journal_dir / "archive"), "metrics_port": 0, "drain_timeout_s": 10}
+    archive.update(sections.pop("archive", {}))
+    return load_settings(None, okx=okx, kafka=kafka, ws=ws, journal=journal, obs=obs, archive=archive, **sections)
 
 
 @dataclass
