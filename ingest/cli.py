@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ingest.errors import IngestError
+from ingest.errors import ConfigError, IngestError
 
 
 def _iso_ms(value: str) -> int:
@@ -26,6 +26,12 @@ def _iso_ms(value: str) -> int:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     return int(dt.timestamp() * 1000)
+
+
+def _port(value: str) -> int:
+    from ingest.sim.server import port_number
+
+    return port_number(value)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="run the OKX simulator (WebSocket + REST on one port)")
     sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--port", type=int, default=8765)
+    sim.add_argument("--port", type=_port, default=8765)
     sim.add_argument("--scenario", type=Path, default=None, help="fault-injection scenario file")
 
     bf = sub.add_parser("backfill", help="run the gap backfill worker, or fetch one range with --channel")
@@ -164,8 +170,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(run_demo(seconds=args.seconds, keep=args.keep))
         settings = load_settings(args.config)
         if args.command == "run":
+            from ingest.config import require_subscriptions
             from ingest.supervisor import run_daemon
 
+            require_subscriptions(settings)
+            require_writable_dir(settings.journal.dir, "journal.dir")
             return _run(run_daemon(settings))
         if args.command == "check":
             from ingest.check import check
@@ -180,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     raise SystemExit(f"backfill --channel needs --{', --'.join(missing)}")
                 return _run(_count_to_rc(backfill_range(settings, args.channel, args.inst, args.since,
                                                         args.until, sys.stderr.isatty())))
+            require_writable_dir(settings.backfill.journal_dir or settings.journal.dir,
+                                 "backfill.journal_dir" if settings.backfill.journal_dir else "journal.dir")
             return _run(run_worker(settings))
         if args.command == "tail":
             return _run(_tail(settings, args))
@@ -204,6 +215,19 @@ async def _tail(settings: Any, args: argparse.Namespace) -> int:
     await tail(settings, args.topics, out=sys.stdout, inst=args.inst, from_ms=args.from_ms, last=args.last,
                follow=args.follow, fmt=args.format, bootstrap=args.bootstrap, stop=stop)
     return 0
+
+
+def require_writable_dir(path: Path, key: str) -> None:
+    """Create `path` and prove it takes a file now, so a journal under a file or on a read-only mount is a
+    configuration error at start-up rather than a crash of the delivery task later."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".okx-ingest-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(key, f"{str(path)!r} is not a writable directory ({exc.strerror or exc})",
+                          "point it at a directory this user can write (not under a file, not read-only)") from None
 
 
 async def _count_to_rc(coro: Coroutine[Any, Any, int]) -> int:

@@ -992,7 +992,8 @@ async def run_worker(settings: Settings) -> int:
             return Readiness(not reasons, tuple(reasons), {"partitions": worker.stats().partitions})
 
         collector.add(metrics)
-        health = HealthServer(registry, readiness, settings.obs.metrics_host, settings.obs.metrics_port)
+        health = HealthServer(registry, readiness, settings.obs.metrics_host, settings.backfill.metrics_port,
+                              port_key="backfill.metrics_port")
         await health.start()
         tasks.append(asyncio.create_task(clock_service.run(), name="clock"))
         if rest.credentials is not None:

@@ -14,8 +14,6 @@ import socket
 from collections import defaultdict
 from pathlib import Path
 
-import pytest
-
 from ingest.core.records import BookAction, BookUpdate, DeadLetter, GapEvent, RawFrames, TopicKind, Trade
 from ingest.io.broker import EmbeddedBroker, free_port
 from ingest.okx.channels import SubArg
@@ -257,7 +255,8 @@ async def test_the_embedded_broker_is_restarted_when_it_dies(topic_prefix: str, 
 
 
 async def test_a_failed_start_leaves_no_embedded_broker_behind(topic_prefix: str, tmp_path: Path) -> None:
-    """A start that fails late (the metrics port is taken) must not orphan the broker it already started."""
+    """A start that fails late (the metrics port is taken: a configuration error, exit 2) must not orphan the
+    broker it already started."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -267,8 +266,10 @@ async def test_a_failed_start_leaves_no_embedded_broker_behind(topic_prefix: str
                                        kafka={"embedded_port": free_port()},
                                        obs={"metrics_port": taken.getsockname()[1]})
             daemon = Daemon(settings)
-            with pytest.raises(OSError):
-                await daemon.run(asyncio.Event())
+            with log_events() as logs:
+                assert await daemon.run(asyncio.Event()) == 2
+            [failed] = [r for r in logs.seen if r.getMessage() == "startup_failed"]
+            assert "obs.metrics_port" in str(failed.__dict__["error"])
     assert daemon.parts.broker is not None and not daemon.parts.broker.running
 
 
