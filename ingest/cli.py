@@ -175,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             require_subscriptions(settings)
             require_writable_dir(settings.journal.dir, "journal.dir")
+            require_free_port(settings.obs.metrics_host, settings.obs.metrics_port, "obs.metrics_port")
             return _run(run_daemon(settings))
         if args.command == "check":
             from ingest.check import check
@@ -191,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                         args.until, sys.stderr.isatty())))
             require_writable_dir(settings.backfill.journal_dir or settings.journal.dir,
                                  "backfill.journal_dir" if settings.backfill.journal_dir else "journal.dir")
+            require_free_port(settings.obs.metrics_host, settings.backfill.metrics_port, "backfill.metrics_port")
             return _run(run_worker(settings))
         if args.command == "tail":
             return _run(_tail(settings, args))
@@ -228,6 +230,30 @@ def require_writable_dir(path: Path, key: str) -> None:
     except OSError as exc:
         raise ConfigError(key, f"{str(path)!r} is not a writable directory ({exc.strerror or exc})",
                           "point it at a directory this user can write (not under a file, not read-only)") from None
+
+
+def require_free_port(host: str, port: int, key: str) -> None:
+    """Fail in one line before anything starts when the health server could not listen (the server itself
+    reports the same as a ConfigError should the port be taken in between)."""
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise ConfigError("obs.metrics_host", f"{host!r} does not resolve ({exc.strerror or exc})",
+                          "use an address of this host (127.0.0.1, 0.0.0.0, the pod IP)") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no clash
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(key, f"port {port} on {host} is in use",
+                                  "stop what listens there or choose another port (0 picks a free one)") from None
+            raise ConfigError("obs.metrics_host", f"cannot listen on {host}:{port} ({exc.strerror or exc})",
+                              "use an address of this host (127.0.0.1, 0.0.0.0, the pod IP)") from None
 
 
 async def _count_to_rc(coro: Coroutine[Any, Any, int]) -> int:
