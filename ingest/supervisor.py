@@ -46,7 +46,13 @@ from ingest.services.connections import ConnectionManager, subscription_arg
 from ingest.services.permissions import require_safe_key
 from ingest.services.pipeline import Pipeline
 from ingest.services.private import PrivateReconciler
-from ingest.services.process import configure_observability, install_signals, keep_credentials
+from ingest.services.process import (
+    configure_observability,
+    exit_code_for,
+    install_signals,
+    keep_credentials,
+    key_verifier,
+)
 
 log = logging.getLogger("ingest.supervisor")
 
@@ -228,14 +234,10 @@ class Daemon:
             if p.broker is not None:
                 runtime.spawn("embedded-broker", self._broker_loop(p.broker))
             if p.store is not None:
-                rest, okx = p.rest, self.settings.okx
-                assert rest is not None
-
-                async def recheck() -> None:
-                    await require_safe_key(rest, okx)
-
+                assert p.rest is not None
+                verify = key_verifier(self.settings, p.rest.clock)  # a rotated key is checked before any use
                 runtime.spawn("credentials",
-                              keep_credentials(p.store, okx.credential_poll_s, reload, on_rotated=recheck))
+                              keep_credentials(p.store, self.settings.okx.credential_poll_s, reload, verify=verify))
             for i, extra in enumerate(p.extra_tasks):
                 runtime.spawn(f"extra-{i}", extra())
             log.info("daemon_started", extra={"shard": self.settings.shard, "version": __version__,
@@ -243,7 +245,8 @@ class Daemon:
                                               "subscriptions": len(self._args), "kafka": self.bootstrap_servers})
             self.started.set()
             ended = await runtime.wait(stop)
-            code = ended.exit_code
+            # A refused rotated key (or another configuration error) is exit 2, as at start-up.
+            code = ended.exit_code if ended.error is None else exit_code_for(ended.error)
         finally:
             # Whatever ended the run (a stop, a dead task, an exception here), the shutdown runs, bounded.
             await self._shutdown(runtime)
@@ -498,7 +501,11 @@ class Daemon:
             out.append(off)
         auth = counter("auth_failures", "Failed authentications against OKX")
         auth.add_metric([], p.store.auth.status().failures_total if p.store is not None else 0)
-        out.append(auth)
+        refused = counter("credential_rotations_refused", "Rotated credentials refused (the old key kept "
+                          "working): unreadable, rejected by OKX or over-privileged")
+        refused.add_metric([], p.store.rotations_refused_total + p.store.reload_failures_total
+                           if p.store is not None else 0)
+        out += [auth, refused]
         return out
 
     def _private_metrics(self) -> Iterable[Metric]:
