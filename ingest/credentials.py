@@ -203,6 +203,30 @@ def credentials_present(env: Mapping[str, str] | None = None) -> bool:
     return any(n in env or f"{n}_FILE" in env or credential_path(n, env) is not None for n in ENV_NAMES)
 
 
+#: Words that mark an environment variable as a secret whatever program it is meant for.
+_SECRET_WORDS = ("SECRET", "PASSWORD", "PASSWD", "PASSPHRASE", "TOKEN", "API_KEY", "APIKEY", "PRIVATE_KEY",
+                 "CREDENTIAL", "SENTRY_DSN", "SASL", "AUTH")
+
+
+def child_environment(environ: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """The environment for a child process (the embedded broker, ...): the parent's minus every secret.
+
+    A child needs none of OKX's credentials (nor where their files are, nor systemd's credentials directory),
+    and anything it logs, dumps or passes on would carry them; `/proc/<pid>/environ` shows them to its user.
+    """
+    environ = os.environ if environ is None else environ
+    out = {}
+    for name, value in environ.items():
+        upper = name.upper()
+        if upper.startswith(("OKX_API_", "OKX_INGEST")) or upper == SYSTEMD_CREDENTIALS_DIR:
+            continue
+        if any(word in upper for word in _SECRET_WORDS):
+            continue
+        out[name] = value
+    out.update(extra)
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class AuthStatus:
     """Authentication health for metrics and the health endpoint."""
