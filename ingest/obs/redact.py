@@ -6,13 +6,21 @@ every byte that leaves the process through logs or Sentry passes through `Redact
 replaces every known secret value, whatever carried it there, and masks the value of every credential field
 (OKX's login `apiKey`/`passphrase`/`sign`, the `OK-ACCESS-*` headers) whatever it holds: a library that logs
 a frame truncated (websockets at DEBUG: `{"apiKey":"073f...`) leaves no whole secret to recognise.
+
+A secret rarely reaches a line as it is: a JSON log line escapes `"` and `\\`, a dict printed in a text line
+shows its repr, a URL carries it percent-encoded, a header or a dump base64 or hex. So each registered value is
+masked in every encoding a writer produces (`encodings`), and in those encodings escaped once more for a JSON
+line (a frame logged inside a JSON log line is escaped twice).
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 import threading
 from collections.abc import Iterable
+from urllib.parse import quote, quote_plus
 
 MASK = "***"
 #: Values shorter than this are not scrubbed: masking "1" everywhere would destroy logs, and no real
@@ -31,6 +39,31 @@ _CREDENTIAL_FIELD = re.compile(
 _FIELD_HINTS = ("apikey", "passphrase", "sign", "access-", "password", "client_secret", "access_token")
 
 
+def _json_escaped(text: str) -> set[str]:
+    """`text` as it appears inside a JSON string, by writers that escape non-ASCII (json) and that do not
+    (orjson)."""
+    return {json.dumps(text)[1:-1], json.dumps(text, ensure_ascii=False)[1:-1]}
+
+
+def encodings(secret: str) -> frozenset[str]:
+    """Every form in which `secret` can appear in a line of output: raw, repr-escaped (str and bytes),
+    URL-encoded, base64 (standard and URL-safe, padded or not), hex (either case), each also JSON-escaped,
+    and the raw and repr forms JSON-escaped twice."""
+    raw = secret.encode()
+    b64 = {base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode()}
+    url = {quote(secret, safe=""), quote(secret), quote_plus(secret), quote_plus(secret, safe="")}
+    url |= {re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), u) for u in url}
+    plain = {secret, repr(secret)[1:-1], repr(raw)[2:-1], raw.hex(), raw.hex().upper(),
+             *url, *b64, *(b.rstrip("=") for b in b64)}
+    forms = set(plain)
+    for form in plain:
+        forms |= _json_escaped(form)
+    for form in (secret, repr(secret)[1:-1]):
+        for once in _json_escaped(form):
+            forms |= _json_escaped(once)
+    return frozenset(f for f in forms if len(f) >= MIN_SECRET_LEN)
+
+
 class Redactor:
     """Replaces registered secret values in strings and nested containers."""
 
@@ -39,11 +72,16 @@ class Redactor:
         self._secrets: tuple[str, ...] = ()
 
     def set_secrets(self, values: Iterable[str]) -> None:
-        """Replace the registered values (on rotation the old values stay masked too: they may linger)."""
-        fresh = {v for v in values if len(v) >= MIN_SECRET_LEN}
+        """Add values to mask, in all their encodings (on rotation the old values stay masked too: they may
+        linger)."""
+        fresh: set[str] = set()
+        for v in values:
+            if len(v) >= MIN_SECRET_LEN:
+                fresh |= encodings(v)
         with self._lock:
             merged = set(self._secrets) | fresh
-            # Longest first, so a secret that contains another is masked whole.
+            # Longest first, so an encoding that contains another (or a secret that contains another) is masked
+            # whole.
             self._secrets = tuple(sorted(merged, key=len, reverse=True))
 
     @property
