@@ -12,9 +12,12 @@ import sys
 from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ingest.errors import ConfigError, IngestError
+
+if TYPE_CHECKING:
+    from ingest.config import Settings
 
 
 def _iso_ms(value: str) -> int:
@@ -176,6 +179,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             require_subscriptions(settings)
             require_writable_dir(settings.journal.dir, "journal.dir")
             require_free_port(settings.obs.metrics_host, settings.obs.metrics_port, "obs.metrics_port")
+            offline = unresolvable_host(settings)
+            if offline is not None:
+                print(f"okx-ingest: cannot resolve {offline}: offline? `make demo` (okx-ingest demo) runs without "
+                      "network", file=sys.stderr)
+                return 1  # not a configuration error: a supervisor restarts it until the network is back
             return _run(run_daemon(settings))
         if args.command == "check":
             from ingest.check import check
@@ -230,6 +238,26 @@ def require_writable_dir(path: Path, key: str) -> None:
     except OSError as exc:
         raise ConfigError(key, f"{str(path)!r} is not a writable directory ({exc.strerror or exc})",
                           "point it at a directory this user can write (not under a file, not read-only)") from None
+
+
+def unresolvable_host(settings: Settings) -> str | None:
+    """The first OKX host of these settings that does not resolve (no network, no DNS), else None: one line
+    then says what is wrong instead of a reconnect loop logging the same failure for ever."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from ingest.okx.endpoints import REST_BASE
+    from ingest.services.connections import endpoint_url
+    from ingest.supervisor import wanted_args
+
+    endpoints = sorted({a.endpoint for a in wanted_args(settings) if a.endpoint is not None})
+    urls = [endpoint_url(settings.okx, settings.ws, e) for e in endpoints] + [settings.okx.rest_base_url or REST_BASE]
+    for host in dict.fromkeys(h for h in (urlsplit(u).hostname for u in urls) if h):  # WebSocket hosts first
+        try:
+            socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)
+        except socket.gaierror:
+            return host
+    return None
 
 
 def require_free_port(host: str, port: int, key: str) -> None:

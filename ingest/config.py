@@ -130,8 +130,7 @@ class Subscription(_Section):
 
     @model_validator(mode="after")
     def _known_channel(self) -> Subscription:
-        if endpoint_for(self.channel) is None:
-            raise ValueError(f"unknown OKX channel {self.channel!r} (see SPEC channel map; candles are candle<bar>)")
+        _check_shorthand_channel(self.channel)
         if self.channel in INST_TYPE_CHANNELS and self.inst_type is None and self.inst_id is None:
             raise ValueError(f"channel {self.channel!r} needs inst_type (e.g. SWAP or ANY)")
         needs_inst = not (self.channel in INST_TYPE_CHANNELS or self.channel in

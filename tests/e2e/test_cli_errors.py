@@ -116,3 +116,14 @@ def test_bad_input_exits_2_with_one_error_naming_the_key_and_no_traceback(
         assert fill(wanted) in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line and not line.startswith(("usage:", " "))]
     assert len(errors) == 1, proc.stderr  # one line (argparse adds its usage above it)
+
+
+def test_run_without_network_says_so_in_one_line(tmp_path: Path) -> None:
+    """`make run` offline: one line naming the host and the offline alternative, not a reconnect loop."""
+    env = {**_clean_env(), "OKX_INGEST__OKX__WS_BASE_URL": "wss://ws.okx.invalid",  # RFC 2606: never resolves
+           "OKX_INGEST__OKX__REST_BASE_URL": "https://www.okx.invalid", "OKX_INGEST__OBS__METRICS_PORT": "0"}
+    proc = subprocess.run([OKX_INGEST, "run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 1  # not a configuration error: restarted until the network is back
+    assert proc.stderr.strip().splitlines() == [
+        "okx-ingest: cannot resolve ws.okx.invalid: offline? `make demo` (okx-ingest demo) runs without network"]
