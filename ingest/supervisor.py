@@ -22,7 +22,7 @@ from typing import Any
 from prometheus_client.core import Metric
 
 from ingest import __version__
-from ingest.config import Settings
+from ingest.config import Settings, require_subscriptions
 from ingest.core.avro import RecordEncoder
 from ingest.core.clock import ServerClock
 from ingest.core.records import RECORD_TYPES, DeadLetterReason, GapKind, TopicKind, topic_name
@@ -144,6 +144,7 @@ class Daemon:
     async def _start(self) -> None:
         s = self.settings
         p = self.parts
+        require_subscriptions(s)  # nothing to record is a configuration error (exit 2), not a task that ends
         self.bootstrap_servers = await self._start_broker()
         p.store = self._start_credentials()
         clock = ServerClock(lambda: time.time_ns() // 1_000_000)
