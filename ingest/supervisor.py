@@ -48,6 +48,7 @@ from ingest.services.pipeline import Pipeline
 from ingest.services.private import PrivateReconciler
 from ingest.services.process import (
     configure_observability,
+    credential_metrics,
     exit_code_for,
     install_signals,
     keep_credentials,
@@ -502,11 +503,7 @@ class Daemon:
             out.append(off)
         auth = counter("auth_failures", "Failed authentications against OKX")
         auth.add_metric([], p.store.auth.status().failures_total if p.store is not None else 0)
-        refused = counter("credential_rotations_refused", "Rotated credentials refused (the old key kept "
-                          "working): unreadable, rejected by OKX or over-privileged")
-        refused.add_metric([], p.store.rotations_refused_total + p.store.reload_failures_total
-                           if p.store is not None else 0)
-        out += [auth, refused]
+        out += [auth, *credential_metrics(p.store)]
         return out
 
     def _private_metrics(self) -> Iterable[Metric]:

@@ -970,6 +970,7 @@ async def run_worker(settings: Settings) -> int:
     from ingest.services.permissions import require_safe_key
     from ingest.services.process import (
         configure_observability,
+        credential_metrics,
         exit_code_for,
         install_signals,
         keep_credentials,
@@ -989,7 +990,7 @@ async def run_worker(settings: Settings) -> int:
         registry, collector = new_component_registry("backfill")
 
         def metrics() -> list[Any]:
-            return backfill_metrics(worker.stats())
+            return backfill_metrics(worker.stats()) + credential_metrics(rest.credentials)
 
         def readiness() -> Readiness:
             d = worker.delivery.stats

@@ -13,6 +13,8 @@ import logging
 import signal
 from collections.abc import Callable
 
+from prometheus_client.core import Metric
+
 from ingest import __version__
 from ingest.config import Settings
 from ingest.core.clock import ServerClock
@@ -20,6 +22,7 @@ from ingest.credentials import CredentialFileWatcher, Credentials, CredentialSto
 from ingest.errors import ConfigError
 from ingest.io.rest import OkxRestClient
 from ingest.obs.logging import setup_logging
+from ingest.obs.metrics import counter
 from ingest.obs.redact import REDACTOR
 from ingest.obs.sentry import init_sentry
 from ingest.services.permissions import require_safe_key
@@ -62,6 +65,15 @@ def key_verifier(settings: Settings, clock: ServerClock) -> Verifier:
         log.info("credentials_verified", extra={"key_hint": candidate.key_hint})
 
     return verify
+
+
+def credential_metrics(store: CredentialStore | None) -> list[Metric]:
+    """The alert counter of refused rotations, the same in every process (0 without a key, so alerts see the
+    first refusal)."""
+    refused = counter("credential_rotations_refused", "Rotated credentials refused (the old key kept working): "
+                      "unreadable, rejected by OKX or over-privileged")
+    refused.add_metric([], 0 if store is None else store.rotations_refused_total + store.reload_failures_total)
+    return [refused]
 
 
 def exit_code_for(error: BaseException) -> int:
