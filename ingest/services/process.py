@@ -105,7 +105,10 @@ async def keep_credentials(store: CredentialStore, poll_s: float, reload: asynci
             version = await store.wait_changed(version)
             REDACTOR.set_secrets(store.current().values())
 
+    watcher = CredentialFileWatcher(store, poll_s)  # its baseline: the files as they are now
+    await store.reload()  # files replaced between the start-up load and that baseline would go unnoticed
+    REDACTOR.set_secrets(store.current().values())
     async with asyncio.TaskGroup() as tg:
-        tg.create_task(CredentialFileWatcher(store, poll_s).run(), name="credential-files")
+        tg.create_task(watcher.run(), name="credential-files")
         tg.create_task(on_reload(), name="credential-reload")
         tg.create_task(mask(), name="credential-mask")
