@@ -9,8 +9,8 @@ a frame truncated (websockets at DEBUG: `{"apiKey":"073f...`) leaves no whole se
 
 A secret rarely reaches a line as it is: a JSON log line escapes `"` and `\\`, a dict printed in a text line
 shows its repr, a URL carries it percent-encoded, a header or a dump base64 or hex. So each registered value is
-masked in every encoding a writer produces (`encodings`), and in those encodings escaped once more for a JSON
-line (a frame logged inside a JSON log line is escaped twice).
+masked in every encoding a writer produces (`encodings`), and in those encodings escaped again as a JSON line
+or a repr does (a frame logged inside a JSON log line is escaped two or three times).
 """
 
 from __future__ import annotations
@@ -39,28 +39,35 @@ _CREDENTIAL_FIELD = re.compile(
 _FIELD_HINTS = ("apikey", "passphrase", "sign", "access-", "password", "client_secret", "access_token")
 
 
-def _json_escaped(text: str) -> set[str]:
-    """`text` as it appears inside a JSON string, by writers that escape non-ASCII (json) and that do not
-    (orjson)."""
-    return {json.dumps(text)[1:-1], json.dumps(text, ensure_ascii=False)[1:-1]}
+def _escapes(text: str) -> set[str]:
+    """`text` as it appears inside a JSON string (escaping non-ASCII, as json does, or not, as orjson does) and
+    inside a Python repr (a dict or a frame printed by a library)."""
+    # repr picks its quotes from the whole string: inside a longer one that holds a `"`, a `'` of the secret
+    # is escaped although the secret's own repr would not escape it (the appended `"` forces that style).
+    return {json.dumps(text)[1:-1], json.dumps(text, ensure_ascii=False)[1:-1], repr(text)[1:-1],
+            repr(text + '"')[1:-2]}
+
+
+#: How many escapings deep a secret is looked for: a websockets DEBUG line of a login frame is the secret
+#: JSON-escaped (the frame), repr-escaped (websockets prints the frame's repr) and JSON-escaped (our log line).
+ESCAPE_DEPTH = 3
 
 
 def encodings(secret: str) -> frozenset[str]:
-    """Every form in which `secret` can appear in a line of output: raw, repr-escaped (str and bytes),
-    URL-encoded, base64 (standard and URL-safe, padded or not), hex (either case), each also JSON-escaped,
-    and the raw and repr forms JSON-escaped twice."""
+    """Every form in which `secret` can appear in a line of output: raw, URL-encoded, base64 (standard and
+    URL-safe, padded or not), hex (either case, bytes apart or not), bytes repr, and each of those escaped for
+    JSON or a repr up to ESCAPE_DEPTH times in any order."""
     raw = secret.encode()
     b64 = {base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode()}
     url = {quote(secret, safe=""), quote(secret), quote_plus(secret), quote_plus(secret, safe="")}
     url |= {re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), u) for u in url}
-    plain = {secret, repr(secret)[1:-1], repr(raw)[2:-1], raw.hex(), raw.hex().upper(),
-             *url, *b64, *(b.rstrip("=") for b in b64)}
-    forms = set(plain)
-    for form in plain:
-        forms |= _json_escaped(form)
-    for form in (secret, repr(secret)[1:-1]):
-        for once in _json_escaped(form):
-            forms |= _json_escaped(once)
+    hexed = {raw.hex(), raw.hex(" ")}
+    forms = {secret, repr(raw)[2:-1], *url, *b64, *(b.rstrip("=") for b in b64), *hexed,
+             *(h.upper() for h in hexed)}
+    layer = set(forms)
+    for _ in range(ESCAPE_DEPTH):
+        layer = {e for form in layer for e in _escapes(form)} - forms
+        forms |= layer
     return frozenset(f for f in forms if len(f) >= MIN_SECRET_LEN)
 
 

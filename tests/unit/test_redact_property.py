@@ -20,6 +20,7 @@ from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from websockets.frames import Frame, Opcode
 
 from ingest.obs.logging import JsonFormatter, TextFormatter
 from ingest.obs.redact import Redactor
@@ -93,6 +94,28 @@ def _literal(text: str) -> str:
     return "\n".join(_strings(value))
 
 
+def _websockets_frame(log: logging.Logger, secret: str) -> None:
+    """A login-like frame as websockets logs it at DEBUG with a raised WEBSOCKETS_MAX_LOG_SIZE: its repr."""
+    frame = Frame(Opcode.TEXT, json.dumps({"op": "login", "args": [{"note": secret}]}).encode())
+    saved = Frame.MAX_LOG_SIZE
+    Frame.MAX_LOG_SIZE = 10_000
+    try:
+        log.debug("> %s", frame)
+    finally:
+        Frame.MAX_LOG_SIZE = saved
+
+
+def _frame_values(line: str) -> list[str]:
+    out: list[str] = []
+    for v in _json_values(line):
+        if v.startswith("> TEXT "):
+            text = _literal(v.removeprefix("> TEXT ").rsplit(" [", 1)[0])
+            with contextlib.suppress(ValueError):
+                out += _strings(json.loads(text))
+            out.append(text)
+    return out
+
+
 CASES: dict[str, tuple[str, Writer, Callable[[str], list[str]]]] = {
     "json field": ("json", lambda log, s: log.info("ev", extra={"f": s}), _json_values),
     "json message": ("json", lambda log, s: log.info("login with %s", s), _json_values),
@@ -118,6 +141,10 @@ CASES: dict[str, tuple[str, Writer, Callable[[str], list[str]]]] = {
     "base64": ("json", lambda log, s: log.info("ev", extra={"a": base64.b64encode(s.encode()).decode(),
                                                              "u": base64.urlsafe_b64encode(s.encode()).decode()}),
                lambda line: [_b64(v) for v in _json_values(line)]),
+    "websockets frame in a json line": ("json", _websockets_frame, _frame_values),
+    "hex bytes apart": ("json", lambda log, s: log.debug("< BINARY %s", s.encode().hex(" ")),
+                        lambda line: [_hex(v.removeprefix("< BINARY ").replace(" ", ""))
+                                      for v in _json_values(line)]),
     "hex": ("text", lambda log, s: log.info("ev", extra={"h": s.encode().hex(), "H": s.encode().hex().upper()}),
             lambda line: [_hex(part.split("=", 1)[1]) for part in line.split() if part[:2] in ("h=", "H=")]),
 }
@@ -130,7 +157,7 @@ def _log_exception(log: logging.Logger, secret: str) -> None:
         log.exception("failed")
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(secret=SECRETS, case=st.sampled_from(sorted(CASES)))
 def test_no_encoding_of_a_secret_survives_in_a_log_line(secret: str, case: str) -> None:
     fmt, write, decode = CASES[case]
