@@ -87,24 +87,39 @@ async def check(settings: Settings, out: TextIO = sys.stdout, *, offline: bool =
 
 
 async def _check_kafka(settings: Settings, report: Report, out: TextIO) -> None:
-    """Reachable, and which topics exist: read-only (a check must not create the topics it checks)."""
+    """Reachable, which topics exist and how they differ from their settings: read-only (a check must not
+    create the topics it checks), so the sink runs with create_topics off, once more for the existing ones."""
     kafka = settings.kafka
     topics = all_topics(kafka.topic_prefix)
-    sink = KafkaSink(kafka.model_copy(update={"create_topics": False}), topics=topics)
     try:
-        await sink.start()
-        report(True, f"kafka: {kafka.bootstrap_servers} reachable, all {len(topics)} topics exist")
-        for topic, drift in sink.topic_drift.items():
-            if drift:  # advice, not a failure: existing topics are never changed
-                print(f"warn kafka: topic {topic} differs from its settings: {'; '.join(drift)}", file=out)
-    except MissingTopicsError as exc:
-        if kafka.create_topics:
-            report(True, f"kafka: {kafka.bootstrap_servers} reachable; {len(exc.topics)} of {len(topics)} topics "
-                         "missing, `okx-ingest run` creates them (kafka.create_topics = true)")
-        else:
-            report(False, f"kafka: {exc}")
+        missing, drift = await _inspect_topics(settings, topics)
+        if missing:
+            drift = (await _inspect_topics(settings, [t for t in topics if t not in missing]))[1]
     except IngestError as exc:
         report(False, f"kafka: {exc}")
+        return
+    if not missing:
+        report(True, f"kafka: {kafka.bootstrap_servers} reachable, all {len(topics)} topics exist")
+    elif kafka.create_topics:
+        report(True, f"kafka: {kafka.bootstrap_servers} reachable; {len(missing)} of {len(topics)} topics "
+                     "missing, `okx-ingest run` creates them (kafka.create_topics = true)")
+    else:
+        report(False, f"kafka: {MissingTopicsError(missing, kafka.partitions, kafka.replication_factor)}")
+    for topic, differences in drift.items():
+        if differences:  # advice, not a failure: existing topics are never changed
+            print(f"warn kafka: topic {topic} differs from its settings: {'; '.join(differences)}", file=out)
+
+
+async def _inspect_topics(settings: Settings, topics: list[str]) -> tuple[tuple[str, ...], dict[str, list[str]]]:
+    """(missing topics, drift of the existing ones) as the sink sees them on connecting, creating nothing."""
+    if not topics:
+        return (), {}
+    sink = KafkaSink(settings.kafka.model_copy(update={"create_topics": False}), topics=topics)
+    try:
+        await sink.start()
+        return (), {t: list(d) for t, d in sink.topic_drift.items()}
+    except MissingTopicsError as exc:
+        return exc.topics, {}
     finally:
         await sink.close()
 
