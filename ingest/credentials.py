@@ -220,6 +220,8 @@ def child_environment(environ: Mapping[str, str] | None = None, **extra: str) ->
         upper = name.upper()
         if upper.startswith(("OKX_API_", "OKX_INGEST")) or upper == SYSTEMD_CREDENTIALS_DIR:
             continue
+        if upper.removesuffix("_FILE") in SERVICE_SECRET_NAMES:  # Kafka / Schema Registry secrets and their files
+            continue
         if any(word in upper for word in _SECRET_WORDS):
             continue
         out[name] = value
