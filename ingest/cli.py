@@ -12,9 +12,12 @@ import sys
 from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ingest.errors import IngestError
+from ingest.errors import ConfigError, IngestError
+
+if TYPE_CHECKING:
+    from ingest.config import Settings
 
 
 def _iso_ms(value: str) -> int:
@@ -26,6 +29,12 @@ def _iso_ms(value: str) -> int:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     return int(dt.timestamp() * 1000)
+
+
+def _port(value: str) -> int:
+    from ingest.sim.server import port_number
+
+    return port_number(value)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="run the OKX simulator (WebSocket + REST on one port)")
     sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--port", type=int, default=8765)
+    sim.add_argument("--port", type=_port, default=8765)
     sim.add_argument("--scenario", type=Path, default=None, help="fault-injection scenario file")
 
     bf = sub.add_parser("backfill", help="run the gap backfill worker, or fetch one range with --channel")
@@ -176,8 +185,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "archive":
             return _archive(args, settings)
         if args.command == "run":
+            from ingest.config import require_subscriptions
             from ingest.supervisor import run_daemon
 
+            require_subscriptions(settings)
+            require_writable_dir(settings.journal.dir, "journal.dir")
+            require_free_port(settings.obs.metrics_host, settings.obs.metrics_port, "obs.metrics_port")
+            offline = unresolvable_host(settings)
+            if offline is not None:
+                print(f"okx-ingest: cannot resolve {offline}: offline? `make demo` (okx-ingest demo) runs without "
+                      "network", file=sys.stderr)
+                return 1  # not a configuration error: a supervisor restarts it until the network is back
             return _run(run_daemon(settings))
         if args.command == "check":
             from ingest.check import check
@@ -192,6 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     raise SystemExit(f"backfill --channel needs --{', --'.join(missing)}")
                 return _run(_count_to_rc(backfill_range(settings, args.channel, args.inst, args.since,
                                                         args.until, sys.stderr.isatty())))
+            require_writable_dir(settings.backfill.journal_dir or settings.journal.dir,
+                                 "backfill.journal_dir" if settings.backfill.journal_dir else "journal.dir")
+            require_free_port(settings.obs.metrics_host, settings.backfill.metrics_port, "backfill.metrics_port")
             return _run(run_worker(settings))
         if args.command == "tail":
             return _run(_tail(settings, args))
@@ -238,6 +259,63 @@ def _archive(args: argparse.Namespace, settings: Any) -> int:
                      target_bytes=settings.archive.compact_target_bytes)
     print(f"archive compact: {report}", file=sys.stderr)
     return 0
+
+
+def require_writable_dir(path: Path, key: str) -> None:
+    """Create `path` and prove it takes a file now, so a journal under a file or on a read-only mount is a
+    configuration error at start-up rather than a crash of the delivery task later."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".okx-ingest-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(key, f"{str(path)!r} is not a writable directory ({exc.strerror or exc})",
+                          "point it at a directory this user can write (not under a file, not read-only)") from None
+
+
+def unresolvable_host(settings: Settings) -> str | None:
+    """The first OKX host of these settings that does not resolve (no network, no DNS), else None: one line
+    then says what is wrong instead of a reconnect loop logging the same failure for ever."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from ingest.okx.endpoints import REST_BASE
+    from ingest.services.connections import endpoint_url
+    from ingest.supervisor import wanted_args
+
+    endpoints = sorted({a.endpoint for a in wanted_args(settings) if a.endpoint is not None})
+    urls = [endpoint_url(settings.okx, settings.ws, e) for e in endpoints] + [settings.okx.rest_base_url or REST_BASE]
+    for host in dict.fromkeys(h for h in (urlsplit(u).hostname for u in urls) if h):  # WebSocket hosts first
+        try:
+            socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)
+        except socket.gaierror:
+            return host
+    return None
+
+
+def require_free_port(host: str, port: int, key: str) -> None:
+    """Fail in one line before anything starts when the health server could not listen (the server itself
+    reports the same as a ConfigError should the port be taken in between)."""
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise ConfigError("obs.metrics_host", f"{host!r} does not resolve ({exc.strerror or exc})",
+                          "use an address of this host (127.0.0.1, 0.0.0.0, the pod IP)") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no clash
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(key, f"port {port} on {host} is in use",
+                                  "stop what listens there or choose another port (0 picks a free one)") from None
+            raise ConfigError("obs.metrics_host", f"cannot listen on {host}:{port} ({exc.strerror or exc})",
+                              "use an address of this host (127.0.0.1, 0.0.0.0, the pod IP)") from None
 
 
 async def _count_to_rc(coro: Coroutine[Any, Any, int]) -> int:

@@ -7,18 +7,32 @@ files (see `ingest.credentials`), never from this file.
 
 from __future__ import annotations
 
+import difflib
 import enum
+import ipaddress
+import json
 import os
+import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 from ingest.core.pins import normalize_pin
 from ingest.errors import ConfigError
-from ingest.okx.channels import INST_TYPE_CHANNELS, endpoint_for, is_candle
+from ingest.okx.channels import (
+    BUSINESS_PUBLIC_CHANNELS,
+    CANDLE_BARS,
+    INST_TYPE_CHANNELS,
+    PUBLIC_CHANNELS,
+    endpoint_for,
+    is_candle,
+)
 from ingest.okx.endpoints import Environment
 
 _FORBIDDEN_KEYS = {"api_key", "apikey", "secret", "api_secret", "passphrase", "password"}
@@ -32,6 +46,73 @@ _SECRET_ENV = {
     "sasl_oauth_client_secret": "KAFKA_OAUTH_CLIENT_SECRET", "oauth_client_secret": "KAFKA_OAUTH_CLIENT_SECRET",
     "schema_registry_password": "SCHEMA_REGISTRY_PASSWORD", "schema_registry_token": "SCHEMA_REGISTRY_TOKEN",
 }
+
+#: The instruments recorded when the config names none (README "Configuration" promises these).
+DEFAULT_INSTRUMENTS: tuple[str, ...] = ("BTC-USDT", "ETH-USDT", "BTC-USDT-SWAP")
+_FIX_SEP = ". Fix: "
+
+
+def _comma_list(value: object) -> object:
+    """A list from the environment: JSON (`["a","b"]`) or the plain comma form (`a,b`); a file gives lists."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a JSON list{_FIX_SEP}write it as a,b,c or as [\"a\",\"b\"]") from None
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _base_url(value: str | None, info: ValidationInfo) -> str | None:
+    """A scheme://host[:port] URL of the right scheme, so a typo fails at start-up instead of retrying forever."""
+    if value is None:
+        return None
+    schemes = ("ws", "wss") if info.field_name == "ws_base_url" else ("http", "https")
+    example = f"{schemes[1]}://host[:port]"
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a valid URL ({exc}){_FIX_SEP}write it as {example}") from None
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ValueError(f"{value!r} is not a {' or '.join(s + '://' for s in schemes)} URL with a host"
+                         f"{_FIX_SEP}write it as {example}")
+    return value
+
+
+def _known_channels() -> list[str]:
+    return sorted(PUBLIC_CHANNELS | BUSINESS_PUBLIC_CHANNELS | {"candle1m", "mark-price-candle1m", "index-candle1m"})
+
+
+def _check_shorthand_channel(channel: str) -> None:
+    """Refuse a channel OKX does not have, naming the nearest ones, when the settings are loaded."""
+    if endpoint_for(channel) is not None:
+        return
+    m = re.match(r"^(candle|mark-price-candle|index-candle)(.+)$", channel)
+    if m:
+        bars = ", ".join(sorted(CANDLE_BARS))
+        raise ValueError(f"unknown OKX channel {channel!r}: {m.group(2)!r} is not a bar OKX has{_FIX_SEP}"
+                         f"use {m.group(1)}<bar> with a bar from {bars}")
+    near = difflib.get_close_matches(channel, _known_channels(), n=3)
+    hint = f"did you mean {' or '.join(repr(n) for n in near)}?" if near else "see README 'Configuration'"
+    raise ValueError(f"unknown OKX channel {channel!r}{_FIX_SEP}{hint}")
+
+
+def _check_host(value: str) -> str:
+    """An IP address or a DNS name: anything else cannot be bound (the error would come much later)."""
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    if value and len(value) <= 253 and all(re.fullmatch(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)", label)
+                                           for label in value.rstrip(".").split(".")):
+        return value
+    raise ValueError(f"{value!r} is neither an IP address nor a host name{_FIX_SEP}use an address of this host "
+                     "such as 127.0.0.1, 0.0.0.0 (all interfaces) or the pod IP")
+
 
 
 class _Section(BaseModel):
@@ -49,8 +130,7 @@ class Subscription(_Section):
 
     @model_validator(mode="after")
     def _known_channel(self) -> Subscription:
-        if endpoint_for(self.channel) is None:
-            raise ValueError(f"unknown OKX channel {self.channel!r} (see SPEC channel map; candles are candle<bar>)")
+        _check_shorthand_channel(self.channel)
         if self.channel in INST_TYPE_CHANNELS and self.inst_type is None and self.inst_id is None:
             raise ValueError(f"channel {self.channel!r} needs inst_type (e.g. SWAP or ANY)")
         needs_inst = not (self.channel in INST_TYPE_CHANNELS or self.channel in
@@ -80,9 +160,11 @@ class OkxSettings(_Section):
     ws_base_url: str | None = Field(default=None, description="override scheme://host[:port] for all WS endpoints")
     rest_base_url: str | None = Field(default=None, description="override the REST base URL")
     subscriptions: list[Subscription] = Field(default_factory=list)
-    instruments: list[str] = Field(default_factory=list, description="shorthand: instIds for `channels`")
-    channels: list[str] = Field(default_factory=lambda: ["trades", "books", "tickers"],
-                                description="channels subscribed for every entry of `instruments`")
+    instruments: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_INSTRUMENTS),
+        description="shorthand: instIds for `channels` (`[]` records `subscriptions` only)")
+    channels: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["trades", "books", "tickers"],
+                                                     description="channels subscribed for every entry of `instruments`")
     private: bool = Field(default=False, description="record the account's private streams (needs credentials)")
     allow_withdraw_permission: bool = False
     allow_trade_permission: bool = True
@@ -113,6 +195,16 @@ class OkxSettings(_Section):
         if v is not None and v != "direct" and not v.startswith(("http://", "https://")):
             raise ValueError(f"proxy must be an http:// or https:// URL or 'direct', got {v!r}")
         return v
+
+    _comma_lists = field_validator("instruments", "channels", mode="before")(_comma_list)
+    _urls = field_validator("ws_base_url", "rest_base_url")(_base_url)
+
+    @field_validator("channels")
+    @classmethod
+    def _channels_known(cls, channels: list[str]) -> list[str]:
+        for ch in channels:
+            _check_shorthand_channel(ch)
+        return channels
 
     @field_validator("tls_spki_pins")
     @classmethod
@@ -440,6 +532,9 @@ class BackfillSettings(_Section):
                                   "its unacknowledged backlog is discarded at start, the consumer offset rules")
     progress_interval_s: Annotated[float, Field(gt=0)] = Field(
         default=2.0, description="`backfill --channel` without a terminal: one progress line this often")
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        default=9109, description="/metrics, /healthz, /readyz of the worker on obs.metrics_host: its own port, so "
+                                  "the recorder and the worker can share one config file on one host")
 
     @model_validator(mode="after")
     def _retry_bounds(self) -> BackfillSettings:
@@ -500,6 +595,8 @@ class ObsSettings(_Section):
     clock_fail_ms: Annotated[int, Field(gt=0)] = 25000
     clock_samples: Annotated[int, Field(gt=0, le=10)] = Field(
         default=4, description="server-time probes per check; the one with the shortest round trip wins")
+
+    _host = field_validator("metrics_host")(_check_host)
 
 
 class Settings(BaseSettings):
@@ -564,26 +661,98 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     path = path or (Path(os.environ["OKX_INGEST_CONFIG"]) if os.environ.get("OKX_INGEST_CONFIG") else None)
     data: dict[str, Any] = {}
     if path is not None:
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(str(path), "config file not found", "pass an existing file with --config") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(str(path), f"not valid TOML ({exc})", "fix the syntax at that line") from None
+        data = _read_file(path)
     secret_keys = _find_secret_keys(data)
     if secret_keys:
         env_name = _SECRET_ENV.get(secret_keys[0].rsplit(".", 1)[-1].lower())
         raise ConfigError(secret_keys[0], "credentials are not read from the config file",
                           f"remove it and set {env_name} (or {env_name}_FILE) instead" if env_name else
                           "remove it and set OKX_API_KEY/OKX_API_SECRET/OKX_API_PASSPHRASE (or *_FILE) instead")
+    check_environment(os.environ)
     for k, v in overrides.items():
         data[k] = v
     try:
         return Settings(**data)
+    except SettingsError as exc:  # a value check_environment let through but pydantic-settings cannot decode
+        raise ConfigError("environment", str(exc), "write lists and tables in OKX_INGEST__* variables as JSON") \
+            from None
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"]) or "settings"
         fix = _FIXES.get(err["type"], "see README 'Configuration' for the allowed values")
         if err["type"] in ("enum", "literal_error") and "expected" in err.get("ctx", {}):
             fix = f"use {err['ctx']['expected']}"
-        raise ConfigError(key, err["msg"], fix) from None
+        problem = str(err["msg"]).removeprefix("Value error, ")
+        if _FIX_SEP in problem:
+            problem, fix = problem.split(_FIX_SEP, 1)
+        raise ConfigError(key, problem, fix) from None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    """The TOML table of the config file; every way reading it fails is a ConfigError naming the file."""
+    where = f"file {path}"
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(where, "config file not found", "pass an existing file with --config") from None
+    except IsADirectoryError:
+        raise ConfigError(where, "is a directory", "pass the TOML file itself with --config, e.g. "
+                                                   "config/okx-ingest.toml") from None
+    except OSError as exc:
+        raise ConfigError(where, f"cannot be read ({exc.strerror})", "fix the path or its permissions") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(where, f"is not UTF-8 text (byte {exc.start})", "save it as UTF-8") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(where, f"not valid TOML ({exc})", "fix the syntax at that line") from None
+
+
+_ENV_PREFIX = "OKX_INGEST__"
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """Refuse an `OKX_INGEST__*` variable that names no setting (pydantic-settings ignores it silently, so a
+    typo such as `OKX_INGEST__KAFAK__BOOTSTRAP_SERVERS` would leave the default in force) or whose value is
+    not valid JSON where JSON is the only form (tables, lists of tables)."""
+    for name, value in environ.items():
+        if not name.upper().startswith(_ENV_PREFIX):
+            continue
+        model: type[BaseModel] = Settings
+        parts = name[len(_ENV_PREFIX):].lower().split("__")
+        for depth, part in enumerate(parts):
+            field = model.model_fields.get(part)
+            if field is None:
+                known = ", ".join(sorted(model.model_fields))
+                near = difflib.get_close_matches(part, list(model.model_fields), n=1)
+                hint = f"did you mean {near[0]!r}? " if near else ""
+                where = ".".join(parts[:depth]) or "the top level"
+                raise ConfigError(name, f"{part!r} is not a setting of {where}",
+                                  f"{hint}use one of {known} (README 'Configuration')")
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                if depth == len(parts) - 1:
+                    _require_json(name, value, "a JSON table, e.g. {\"key\": \"value\"}")
+                model = annotation
+                continue
+            if depth < len(parts) - 1:
+                raise ConfigError(name, f"{part!r} is a single setting, it has no {parts[depth + 1]!r}",
+                                  f"set OKX_INGEST__{'__'.join(parts[:depth + 1]).upper()} instead")
+            if NoDecode not in field.metadata and str(annotation).startswith(("list[", "dict[")):
+                _require_json(name, value, "JSON, e.g. [{\"channel\": \"trades\", \"inst_id\": \"BTC-USDT\"}]")
+
+
+def _require_json(name: str, value: str, form: str) -> None:
+    try:
+        json.loads(value)
+    except ValueError:
+        raise ConfigError(name, "is not valid JSON", f"write it as {form}") from None
+
+
+def require_subscriptions(settings: Settings) -> None:
+    """The recorder with nothing to subscribe would start and record nothing: refuse it up front."""
+    if not settings.okx.all_subscriptions() and not settings.okx.private:
+        raise ConfigError("okx.instruments", "nothing to subscribe (no instruments, no subscriptions, private off)",
+                          "list instruments (okx.instruments = [\"BTC-USDT\"]) or add [[okx.subscriptions]]")

@@ -13,7 +13,8 @@ the value calls `reveal()` at the one place it signs.
 
 The store re-reads on demand (SIGHUP) or when a watched file changes, keeps the old credentials when the
 new ones are unreadable, and counts authentication failures so a bad key pauses signed traffic instead of
-hammering OKX.
+hammering OKX. A rotation is fail-closed: with a `verifier` set, new credentials are checked (a signed read of
+their permissions) before anything can use them; refused ones leave the old key in force.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from ingest.config import OkxSettings
 from ingest.core.backoff import full_jitter
-from ingest.errors import CredentialError
+from ingest.errors import CredentialError, IngestError
 from ingest.obs.redact import REDACTOR
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,15 @@ class Credentials:
         return self.api_key.reveal(), self.secret.reveal(), self.passphrase.reveal()
 
 
+class UnsafeKeyError(CredentialError):
+    """A key that must not be used at all (it can withdraw): the process stops with exit 2, at start-up as after
+    a rotation, rather than carry on with a key it refused."""
+
+
+#: Checks candidate credentials before the store hands them out; raises to refuse them.
+Verifier = Callable[[Credentials], Awaitable[None]]
+
+
 def _systemd_file(name: str, env: Mapping[str, str]) -> Path | None:
     directory = env.get(SYSTEMD_CREDENTIALS_DIR)
     if not directory:
@@ -143,6 +153,15 @@ def _check_value(value: str, where: str) -> str:
     return value
 
 
+def _warn_if_shared(path: Path, where: str) -> None:
+    """A secret file other users can read is a leak waiting to happen: say so (the value still works)."""
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        log.warning("credential_file_readable_by_others", extra={
+            "file": where, "mode": oct(mode & 0o777),
+            "fix": f"chmod 600 {path} (or 400; Kubernetes: defaultMode 0400 on the secret volume)"})
+
+
 def _read_one(name: str, env: Mapping[str, str]) -> str:
     file_var = f"{name}_FILE"
     direct = env.get(name)
@@ -152,7 +171,8 @@ def _read_one(name: str, env: Mapping[str, str]) -> str:
     if path is not None:
         where = f"{file_var} ({path})" if file_var in env else f"${SYSTEMD_CREDENTIALS_DIR}/{path.name}"
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_bytes().decode("utf-8-sig")  # "-sig": a BOM some editors write is no part of it
+            _warn_if_shared(path, where)
         except OSError as exc:
             raise CredentialError(
                 f"{where} cannot be read ({exc.strerror}); mount the secret there or fix the path"
@@ -181,6 +201,32 @@ def credentials_present(env: Mapping[str, str] | None = None) -> bool:
     """True when any credential variable (or systemd credential file) is there: the operator meant to give a key."""
     env = os.environ if env is None else env
     return any(n in env or f"{n}_FILE" in env or credential_path(n, env) is not None for n in ENV_NAMES)
+
+
+#: Words that mark an environment variable as a secret whatever program it is meant for.
+_SECRET_WORDS = ("SECRET", "PASSWORD", "PASSWD", "PASSPHRASE", "TOKEN", "API_KEY", "APIKEY", "PRIVATE_KEY",
+                 "CREDENTIAL", "SENTRY_DSN", "SASL", "AUTH")
+
+
+def child_environment(environ: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """The environment for a child process (the embedded broker, ...): the parent's minus every secret.
+
+    A child needs none of OKX's credentials (nor where their files are, nor systemd's credentials directory),
+    and anything it logs, dumps or passes on would carry them; `/proc/<pid>/environ` shows them to its user.
+    """
+    environ = os.environ if environ is None else environ
+    out = {}
+    for name, value in environ.items():
+        upper = name.upper()
+        if upper.startswith(("OKX_API_", "OKX_INGEST")) or upper == SYSTEMD_CREDENTIALS_DIR:
+            continue
+        if upper.removesuffix("_FILE") in SERVICE_SECRET_NAMES:  # Kafka / Schema Registry secrets and their files
+            continue
+        if any(word in upper for word in _SECRET_WORDS):
+            continue
+        out[name] = value
+    out.update(extra)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,14 +326,19 @@ class CredentialStore:
     take a running daemon down.
     """
 
-    def __init__(self, env: Mapping[str, str] | None = None, *, auth_guard: AuthFailureGuard | None = None) -> None:
+    def __init__(self, env: Mapping[str, str] | None = None, *, auth_guard: AuthFailureGuard | None = None,
+                 credentials: Credentials | None = None) -> None:
         self._env = env
-        self._current = load_credentials(env)
+        self._current = credentials if credentials is not None else load_credentials(env)
         self.version = 1
         self._changed = asyncio.Condition()
         self.auth = auth_guard or AuthFailureGuard()
         self.last_reload_error: CredentialError | None = None
         self.reload_failures_total = 0
+        #: Set by the process (the key permission check); None accepts rotated credentials unchecked.
+        self.verifier: Verifier | None = None
+        self.rotations_refused_total = 0
+        self._reloading = asyncio.Lock()
 
     @classmethod
     def from_settings(cls, okx: OkxSettings, env: Mapping[str, str] | None = None) -> CredentialStore:
@@ -306,12 +357,24 @@ class CredentialStore:
         env = self._environ()
         return [p for p in (credential_path(n, env) for n in ENV_NAMES) if p is not None]
 
+    @classmethod
+    def holding(cls, credentials: Credentials, okx: OkxSettings) -> CredentialStore:
+        """A store of fixed credentials (candidate ones under verification), not read from the environment."""
+        guard = AuthFailureGuard(okx.auth_failure_threshold, okx.auth_pause_initial_s, okx.auth_pause_max_s)
+        return cls({}, auth_guard=guard, credentials=credentials)
+
     async def reload(self) -> bool:
         """Re-read; True when the credentials changed (and waiters were woken).
 
         Unreadable, empty or malformed new values keep the current credentials: the error is logged,
-        kept in `last_reload_error` and counted, and False is returned.
+        kept in `last_reload_error` and counted, and False is returned. With a `verifier`, new values are
+        checked before anything can use them: a refusal keeps the current credentials, alerts and counts
+        (`rotations_refused_total`), and an `UnsafeKeyError` is raised on so the process stops (exit 2).
         """
+        async with self._reloading:  # SIGHUP and the file watcher must not verify the same key twice at once
+            return await self._reload()
+
+    async def _reload(self) -> bool:
         try:
             fresh = load_credentials(self._env)
         except CredentialError as exc:
@@ -323,6 +386,14 @@ class CredentialStore:
         self.last_reload_error = None
         if fresh.fingerprint() == self._current.fingerprint():
             return False
+        if self.verifier is not None:
+            try:
+                await self.verifier(fresh)
+            except IngestError as exc:
+                self._refused(fresh, exc)
+                if isinstance(exc, UnsafeKeyError):
+                    raise
+                return False
         key_changed = fresh.key_id != self._current.key_id
         self._current = fresh
         self.version += 1
@@ -332,6 +403,14 @@ class CredentialStore:
         async with self._changed:
             self._changed.notify_all()
         return True
+
+    def _refused(self, fresh: Credentials, exc: IngestError) -> None:
+        self.rotations_refused_total += 1
+        log.critical("credentials_rotation_refused", extra={
+            "alert": True, "error": str(exc), "refused_key_hint": fresh.key_hint,
+            "kept_key_hint": self._current.key_hint, "version": self.version,
+            "fix": "the new credentials were not used: correct the files (key, secret and passphrase of one "
+                   "read-only key), then they are checked again"})
 
     async def wait_changed(self, seen_version: int) -> int:
         """Return the new version once it differs from `seen_version`."""

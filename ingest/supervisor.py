@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.core import Metric
 
 from ingest import __version__
-from ingest.config import Settings
+from ingest.config import Settings, require_subscriptions
 from ingest.core.avro import RecordEncoder
 from ingest.core.clock import ServerClock
 from ingest.core.records import RECORD_TYPES, DeadLetterReason, GapKind, TopicKind, topic_name
@@ -55,7 +55,14 @@ from ingest.services.connections import ConnectionManager, subscription_arg
 from ingest.services.permissions import require_safe_key
 from ingest.services.pipeline import Pipeline
 from ingest.services.private import PrivateReconciler
-from ingest.services.process import configure_observability, install_signals, keep_credentials
+from ingest.services.process import (
+    configure_observability,
+    credential_metrics,
+    exit_code_for,
+    install_signals,
+    keep_credentials,
+    key_verifier,
+)
 
 if TYPE_CHECKING:
     from ingest.services.archive import Archiver
@@ -153,6 +160,7 @@ class Daemon:
     async def _start(self) -> None:
         s = self.settings
         p = self.parts
+        require_subscriptions(s)  # nothing to record is a configuration error (exit 2), not a task that ends
         self.bootstrap_servers = await self._start_broker()
         p.store = self._start_credentials()
         clock = ServerClock(lambda: time.time_ns() // 1_000_000)
@@ -244,14 +252,10 @@ class Daemon:
             if p.broker is not None:
                 runtime.spawn("embedded-broker", self._broker_loop(p.broker))
             if p.store is not None:
-                rest, okx = p.rest, self.settings.okx
-                assert rest is not None
-
-                async def recheck() -> None:
-                    await require_safe_key(rest, okx)
-
+                assert p.rest is not None
+                verify = key_verifier(self.settings, p.rest.clock)  # a rotated key is checked before any use
                 runtime.spawn("credentials",
-                              keep_credentials(p.store, okx.credential_poll_s, reload, on_rotated=recheck))
+                              keep_credentials(p.store, self.settings.okx.credential_poll_s, reload, verify=verify))
             for i, extra in enumerate(p.extra_tasks):
                 runtime.spawn(f"extra-{i}", extra())
             log.info("daemon_started", extra={"shard": self.settings.shard, "version": __version__,
@@ -259,7 +263,8 @@ class Daemon:
                                               "subscriptions": len(self._args), "kafka": self.bootstrap_servers})
             self.started.set()
             ended = await runtime.wait(stop)
-            code = ended.exit_code
+            # A refused rotated key (or another configuration error) is exit 2, as at start-up.
+            code = ended.exit_code if ended.error is None else exit_code_for(ended.error)
         finally:
             # Whatever ended the run (a stop, a dead task, an exception here), the shutdown runs, bounded.
             await self._shutdown(runtime)
@@ -558,7 +563,7 @@ class Daemon:
             out.append(off)
         auth = counter("auth_failures", "Failed authentications against OKX")
         auth.add_metric([], p.store.auth.status().failures_total if p.store is not None else 0)
-        out.append(auth)
+        out += [auth, *credential_metrics(p.store)]
         return out
 
     def _private_metrics(self) -> Iterable[Metric]:

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ingest.credentials import child_environment
 from ingest.errors import IngestError
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def _spawn(argv: list[str], log_path: Path | None) -> subprocess.Popen[bytes]:
     Its own session: a Ctrl-C or a SIGTERM sent to the daemon's process group must reach the daemon only, which
     then flushes its journal into the broker before stopping it; the broker itself dies with the daemon.
     """
-    env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
+    env = child_environment(RUST_LOG=os.environ.get("RUST_LOG", "warn"))  # no secret reaches the child
     preexec = _die_with_parent if sys.platform.startswith("linux") else None
     if log_path is None:
         return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env,

@@ -2,7 +2,9 @@
 
 PII collection stays at its default (off), request bodies and local variables are not attached, and
 `before_send`/`before_breadcrumb` run every event through the process redactor, so even a secret
-inside a library's exception message is masked.
+inside a library's exception message is masked. Trace propagation is off for every host: sentry-sdk would
+otherwise add `sentry-trace` and `baggage` (with the DSN's public key) to each request to OKX, a schema
+registry or any other third party.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def init_sentry(dsn: str | None, *, release: str, environment: str, redactor: Re
         environment=environment,
         include_local_variables=False,
         max_request_body_size="never",
+        trace_propagation_targets=[],  # no outgoing request (OKX, registry, ...) gets sentry-trace/baggage
         before_send=_scrubber(redactor),
         before_breadcrumb=_scrubber(redactor),
         integrations=[LoggingIntegration(level=logging.INFO, event_level=logging.ERROR)],

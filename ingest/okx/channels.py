@@ -53,6 +53,29 @@ INST_TYPE_CHANNELS: frozenset[str] = frozenset(
 )
 
 
+#: Instrument types OKX serves a channel for (channels absent here take any type); an arg outside them is
+#: refused with 60018 at subscribe time.
+CHANNEL_INST_TYPES: dict[str, frozenset[str]] = {
+    "funding-rate": frozenset({"SWAP"}),
+    "open-interest": frozenset({"SWAP", "FUTURES", "OPTION"}),
+    "liquidation-orders": frozenset({"SWAP", "FUTURES", "MARGIN", "OPTION"}),
+    "instruments": frozenset({"SPOT", "MARGIN", "SWAP", "FUTURES", "OPTION"}),
+}
+
+
+def inst_type_of(inst_id: str) -> str:
+    """The instrument type an instId names by OKX's conventions: `X-Y-SWAP`, `X-Y-YYMMDD` (futures),
+    `X-Y-YYMMDD-STRIKE-C|P` (options), else a spot pair."""
+    parts = inst_id.split("-")
+    if parts[-1] == "SWAP":
+        return "SWAP"
+    if len(parts) == 5 and parts[-1] in ("C", "P"):
+        return "OPTION"
+    if len(parts) == 3 and parts[2].isdigit():
+        return "FUTURES"
+    return "SPOT"
+
+
 def candle_bar(channel: str) -> str | None:
     """The bar of a candle channel (`candle1m` -> `1m`), or None when it is not a known candle channel."""
     m = _CANDLE_RE.match(channel)

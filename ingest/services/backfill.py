@@ -968,7 +968,14 @@ async def run_worker(settings: Settings) -> int:
     from ingest.obs.health import HealthServer, Readiness
     from ingest.obs.metrics import new_component_registry
     from ingest.services.permissions import require_safe_key
-    from ingest.services.process import configure_observability, install_signals, keep_credentials
+    from ingest.services.process import (
+        configure_observability,
+        credential_metrics,
+        exit_code_for,
+        install_signals,
+        keep_credentials,
+        key_verifier,
+    )
 
     configure_observability(settings)
     stop, reload = asyncio.Event(), asyncio.Event()
@@ -983,7 +990,7 @@ async def run_worker(settings: Settings) -> int:
         registry, collector = new_component_registry("backfill")
 
         def metrics() -> list[Any]:
-            return backfill_metrics(worker.stats())
+            return backfill_metrics(worker.stats()) + credential_metrics(rest.credentials)
 
         def readiness() -> Readiness:
             d = worker.delivery.stats
@@ -992,19 +999,18 @@ async def run_worker(settings: Settings) -> int:
             return Readiness(not reasons, tuple(reasons), {"partitions": worker.stats().partitions})
 
         collector.add(metrics)
-        health = HealthServer(registry, readiness, settings.obs.metrics_host, settings.obs.metrics_port)
+        health = HealthServer(registry, readiness, settings.obs.metrics_host, settings.backfill.metrics_port,
+                              port_key="backfill.metrics_port")
         await health.start()
         tasks.append(asyncio.create_task(clock_service.run(), name="clock"))
         if rest.credentials is not None:
-            async def recheck() -> None:
-                await require_safe_key(rest, settings.okx)
-
+            verify = key_verifier(settings, rest.clock)  # a rotated key is checked before any use
             tasks.append(asyncio.create_task(keep_credentials(rest.credentials, settings.okx.credential_poll_s,
-                                                              reload, on_rotated=recheck), name="credentials"))
+                                                              reload, verify=verify), name="credentials"))
         helper_failures: list[BaseException] = []
 
         def stop_on_failure(task: asyncio.Task[None]) -> None:
-            # A helper that dies (a rotated key that may withdraw) stops the worker: fail closed, exit 1.
+            # A helper that dies (a rotated key that may withdraw) stops the worker: fail closed, exit 2.
             exc = None if task.cancelled() else task.exception()
             if exc is not None:
                 helper_failures.append(exc)
@@ -1015,7 +1021,7 @@ async def run_worker(settings: Settings) -> int:
         await worker.run(stop)
         if helper_failures:
             log.error("backfill_stopped", extra={"error": repr(helper_failures[0])})
-            return 1
+            return exit_code_for(helper_failures[0])
         return 0
     except IngestError as exc:
         log.error("backfill_failed", extra={"error": str(exc)})

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from ingest.config import OkxSettings
+from ingest.credentials import UnsafeKeyError
 from ingest.errors import CredentialError, IngestError, ProtocolError
 from ingest.io.rest import ACCOUNT_CONFIG_PATH, OkxRestClient
 
@@ -28,7 +29,7 @@ class Permission(enum.StrEnum):
     WITHDRAW = "withdraw"
 
 
-class KeyPermissionError(CredentialError):
+class KeyPermissionError(UnsafeKeyError):
     """The API key has more rights than the configuration allows."""
 
 

@@ -206,6 +206,7 @@ class Hub:
     def verify_login(self, arg: dict[str, object]) -> str | None:
         """SPEC 3: the error code for this login arg, or None when it is valid."""
         api_key, passphrase, ts, sign = (arg.get(k) for k in ("apiKey", "passphrase", "timestamp", "sign"))
+        self.stats.ws_login_keys.append(str(api_key))
         if not all(isinstance(v, str) for v in (api_key, passphrase, ts, sign)):
             return codes.LOGIN_FAILED
         assert isinstance(ts, str) and isinstance(sign, str)

@@ -332,11 +332,22 @@ async def _serve(config: SimConfig, host: str, port: int, scenario: Scenario | N
     return 0
 
 
+def port_number(value: str) -> int:
+    """An argparse type: a TCP port, so `--port 99999` is a usage error rather than a traceback."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number (0-65535)") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0-65535)")
+    return port
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`okx-ingest simulate --host H --port N [--scenario FILE]`; credentials from OKX_API_KEY/SECRET/PASSPHRASE."""
     p = argparse.ArgumentParser(prog="okx-ingest simulate", description=__doc__)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--port", type=port_number, default=8765)
     p.add_argument("--scenario", type=Path, default=None, help="JSON or TOML scenario file (see docs/SIMULATOR.md)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--instruments", default="", help="comma-separated instIds (default BTC-USDT,ETH-USDT,"
@@ -351,6 +362,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_serve(config, args.host, args.port, scenario, generated))
     except (ScenarioError, ValueError) as exc:
         print(f"okx-ingest simulate: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the listening socket: a port in use, an address not of this host
+        print(f"okx-ingest simulate: --host {args.host} --port {args.port}: cannot listen there "
+              f"({exc.strerror or exc}). Fix: choose a free port (0 picks one) or an address of this host",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -66,6 +66,8 @@ class SimStats:
     #: Highest number of admitted requests seen inside one window, per path.
     rest_peak: dict[str, int] = field(default_factory=dict)
     rest_log: deque[RestRecord] = field(default_factory=lambda: deque(maxlen=10_000))
+    #: The apiKey of every WebSocket login attempt, in order (which key was used when).
+    ws_login_keys: list[str] = field(default_factory=list)
 
     @property
     def ws_budget_violations(self) -> int:

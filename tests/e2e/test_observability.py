@@ -61,7 +61,7 @@ async def _backfill_worker(sim: SimServer, bootstrap: str, prefix: str, journal:
         "OKX_INGEST__OKX__REST_BASE_URL": sim.rest_base, "OKX_INGEST__OKX__WS_BASE_URL": sim.ws_base,
         "OKX_INGEST__KAFKA__BOOTSTRAP_SERVERS": bootstrap, "OKX_INGEST__KAFKA__TOPIC_PREFIX": prefix,
         "OKX_INGEST__KAFKA__ENABLE_IDEMPOTENCE": "false", "OKX_INGEST__KAFKA__PARTITIONS": "3",
-        "OKX_INGEST__JOURNAL__DIR": str(journal), "OKX_INGEST__OBS__METRICS_PORT": str(port),
+        "OKX_INGEST__JOURNAL__DIR": str(journal), "OKX_INGEST__BACKFILL__METRICS_PORT": str(port),
         "OKX_INGEST__OBS__LOG_FORMAT": "text", "OKX_INGEST__BACKFILL__GROUP_ID": f"{prefix}backfill",
     })
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "ingest.cli", "backfill", env=env,

@@ -463,10 +463,11 @@ async def test_a_live_key_in_demo_mode_is_refused_with_an_error_that_says_so(
     assert "50101" in error and "runs in demo mode" in error and "created for live trading" in error
 
 
-async def test_a_rotation_to_a_key_that_can_withdraw_stops_the_recorder(
-    kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path
+async def test_a_rotation_to_a_key_that_can_withdraw_is_never_used_and_stops_the_recorder_with_exit_2(
+    kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Least privilege holds after a rotation too: the new key is checked, and refused by stopping (exit 1)."""
+    """Least privilege holds after a rotation too, fail closed: the new key's permissions are read (one signed
+    request of its own) before anything logs in with it; refused, the recorder stops with exit 2 as at start-up."""
     old, new = Keys.new(), Keys.new()
     secret_dir = tmp_path / "secrets"
     env = old.write_files(secret_dir)
@@ -479,4 +480,45 @@ async def test_a_rotation_to_a_key_that_can_withdraw_stops_the_recorder(
             sim.config = sim.rest.config = dataclasses.replace(sim.config, perm="read_only,withdraw,trade")
             new.write_files(secret_dir)
             code = await asyncio.wait_for(run.task, 30)
-        assert code == 1
+        assert code == 2
+        assert new.api_key not in sim.stats.ws_login_keys, "no WebSocket login with the refused key"
+        assert [r.path for r in sim.stats.rest_log if r.key == new.api_key] == ["/api/v5/account/config"]
+    refusal = _log_text(caplog, "credentials_rotation_refused")
+    assert "can withdraw funds" in refusal
+
+
+async def test_a_rotation_to_a_wrong_passphrase_keeps_the_old_key_recording_and_alerts(
+    kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A typo in a rotated secret file must not take a running recorder down: the old key keeps working, the
+    refusal is an alert (log line and metric), and a corrected rotation is then taken as usual."""
+    old, new = Keys.new(), Keys.new()
+    secret_dir = tmp_path / "secrets"
+    env = old.write_files(secret_dir)
+    async with SimServer(old.sim()) as sim:
+        settings = private_settings(sim, kafka_broker.bootstrap_servers, topic_prefix, tmp_path,
+                                    okx={"credential_poll_s": 0.05})
+        async with running(settings, env=env) as run:
+            store = run.daemon.parts.store
+            assert store is not None
+            await private_up(sim)
+            logins_before = len(sim.stats.ws_login_keys)
+            dataclasses.replace(old, passphrase=old.passphrase + "x").write_files(secret_dir)
+            await until(lambda: store.rotations_refused_total == 1, "the rotation refused")
+            assert store.version == 1 and store.current().key_hint == "…" + old.api_key[-4:]
+            assert len(sim.stats.ws_login_keys) == logins_before, "nothing logged in with the wrong passphrase"
+            assert metric(await scrape(run), "okx_ingest_credential_rotations_refused_total") == 1
+            order = await sim.account.place_order("BTC-USDT", "buy", "0.01", "50000")  # still recording
+
+            sim.set_credentials(*new.values())  # the operator fixes it with a proper new key
+            new.write_files(secret_dir)
+            await sim.wait_until(lambda: sim.stats.ws_login_keys.count(new.api_key) == 2, timeout=20)
+            assert store.version == 2
+            assert await run.shutdown() == 0
+        assert run.exit_code == 0
+        assert set(sim.stats.ws_login_keys[logins_before:]) == {new.api_key}
+    refusal = [r for r in caplog.records if r.getMessage() == "credentials_rotation_refused"]
+    assert len(refusal) == 1 and refusal[0].levelno == logging.CRITICAL and refusal[0].__dict__["alert"] is True
+    assert "50105" in refusal[0].__dict__["error"]
+    reader = TopicReader(kafka_broker.bootstrap_servers, topic_prefix)
+    assert order in {o.ord_id for o in await reader.records(TopicKind.ORDERS, Order, at_least=1)}

@@ -14,8 +14,7 @@ import socket
 from collections import defaultdict
 from pathlib import Path
 
-import pytest
-
+from ingest.config import load_settings
 from ingest.core.records import BookAction, BookUpdate, DeadLetter, GapEvent, RawFrames, TopicKind, Trade
 from ingest.io.broker import EmbeddedBroker, free_port
 from ingest.okx.channels import SubArg
@@ -257,7 +256,8 @@ async def test_the_embedded_broker_is_restarted_when_it_dies(topic_prefix: str, 
 
 
 async def test_a_failed_start_leaves_no_embedded_broker_behind(topic_prefix: str, tmp_path: Path) -> None:
-    """A start that fails late (the metrics port is taken) must not orphan the broker it already started."""
+    """A start that fails late (the metrics port is taken: a configuration error, exit 2) must not orphan the
+    broker it already started."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -267,9 +267,22 @@ async def test_a_failed_start_leaves_no_embedded_broker_behind(topic_prefix: str
                                        kafka={"embedded_port": free_port()},
                                        obs={"metrics_port": taken.getsockname()[1]})
             daemon = Daemon(settings)
-            with pytest.raises(OSError):
-                await daemon.run(asyncio.Event())
+            with log_events() as logs:
+                assert await daemon.run(asyncio.Event()) == 2
+            [failed] = [r for r in logs.seen if r.getMessage() == "startup_failed"]
+            assert "obs.metrics_port" in str(failed.__dict__["error"])
     assert daemon.parts.broker is not None and not daemon.parts.broker.running
+
+
+async def test_a_recorder_with_nothing_to_subscribe_refuses_to_start_with_exit_2(tmp_path: Path) -> None:
+    """No instruments, no subscriptions, private off: a configuration error up front, not a task that ends."""
+    settings = load_settings(None, okx={"instruments": []}, journal={"dir": str(tmp_path)}, obs={"metrics_port": 0})
+    with log_events() as logs:
+        assert await Daemon(settings).run(asyncio.Event()) == 2
+    [failed] = [r for r in logs.seen if r.getMessage() == "startup_failed"]
+    error = str(failed.__dict__["error"])
+    assert "okx.instruments" in error and "nothing to subscribe" in error
+    assert "task_died" not in logs.names()
 
 
 async def test_readiness_names_a_subscription_okx_refused_while_the_others_record(

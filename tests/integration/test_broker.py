@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
+from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -132,3 +134,28 @@ def test_docker_detection_is_fast_when_no_engine_exists() -> None:
     docker_engine_reachable()
     # Not a performance assertion: it guards against the minutes-long hang of a naive client probe.
     assert time.monotonic() - start < 2.0
+
+
+async def test_the_embedded_broker_child_gets_no_secret_in_its_environment(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A child needs none of the daemon's secrets; `/proc/<pid>/environ` would show them to anyone as its user."""
+    secret_values = {name: secrets.token_hex(12) for name in
+                     ("OKX_API_KEY", "OKX_API_SECRET", "OKX_API_PASSPHRASE", "OKX_INGEST__OBS__SENTRY_DSN",
+                      "KAFKA_SASL_PASSWORD", "SOME_TOKEN")}
+    for name, value in secret_values.items():
+        monkeypatch.setenv(name, value)
+    key_file = tmp_path / "okx_api_key"
+    monkeypatch.setenv("OKX_API_KEY_FILE", str(key_file))
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    monkeypatch.setenv("OKX_TEST_HARMLESS", "kept")
+    broker = EmbeddedBroker()
+    await broker.start()
+    try:
+        assert broker.pid is not None
+        environ = (await asyncio.to_thread(Path(f"/proc/{broker.pid}/environ").read_bytes)).decode()
+    finally:
+        await broker.stop()
+    names = {entry.split("=", 1)[0] for entry in environ.split("\0") if entry}
+    assert "OKX_TEST_HARMLESS" in names and "PATH" in names  # the rest of the environment is passed on
+    assert not names & {*secret_values, "OKX_API_KEY_FILE", "CREDENTIALS_DIRECTORY"}
+    assert not [v for v in (*secret_values.values(), str(key_file)) if v in environ]

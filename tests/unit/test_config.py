@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ingest.config import load_settings
+from ingest.config import DEFAULT_INSTRUMENTS, load_settings, require_subscriptions
 from ingest.errors import ConfigError
 
 
@@ -33,7 +33,8 @@ def test_real_kafka_turns_idempotence_on_by_default(tmp_path: Path) -> None:
         ('[kafka]\ncompression = "brotli"\n', "kafka.compression", "'zstd'"),
         ('[ws]\nkeepalive_s = 45\n', "ws.keepalive_s", "README"),
         ('[okx]\napi_key = "x"\n', "okx.api_key", "OKX_API_KEY"),
-        ('[[okx.subscriptions]]\nchannel = "tradez"\ninst_id = "BTC-USDT"\n', "okx.subscriptions.0", "README"),
+        ('[[okx.subscriptions]]\nchannel = "tradez"\ninst_id = "BTC-USDT"\n', "okx.subscriptions.0",
+         "did you mean 'trades'"),
         ('[[okx.subscriptions]]\nchannel = "orders"\n', "okx.subscriptions.0", "README"),
         ('[kafka]\nwire_format = "confluent"\n', "kafka", "README"),
         ('[kafka]\nsecurity_protocol = "SASL_SSL"\nsasl_password = "x"\n', "kafka.sasl_password",
@@ -76,3 +77,45 @@ def test_shipped_default_config_is_valid() -> None:
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_settings(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "instruments", "channels"),
+    [
+        ("OKX_INGEST__OKX__INSTRUMENTS", "BTC-USDT", ["BTC-USDT"], ["trades", "books", "tickers"]),
+        ("OKX_INGEST__OKX__INSTRUMENTS", " BTC-USDT, ETH-USDT ,", ["BTC-USDT", "ETH-USDT"],
+         ["trades", "books", "tickers"]),
+        ("OKX_INGEST__OKX__CHANNELS", "trades,books", list(DEFAULT_INSTRUMENTS), ["trades", "books"]),
+        ("OKX_INGEST__OKX__CHANNELS", '["trades", "candle1m"]', list(DEFAULT_INSTRUMENTS), ["trades", "candle1m"]),
+    ],
+)
+def test_lists_from_the_environment_take_the_plain_comma_form_or_json(
+        monkeypatch: pytest.MonkeyPatch, variable: str, value: str, instruments: list[str],
+        channels: list[str]) -> None:
+    monkeypatch.setenv(variable, value)
+    okx = load_settings().okx
+    assert (okx.instruments, okx.channels) == (instruments, channels)
+
+
+def test_a_config_without_instruments_records_the_three_the_readme_promises(tmp_path: Path) -> None:
+    okx = load_settings(_write(tmp_path, "[okx]\nprivate = false\n")).okx
+    assert okx.instruments == list(DEFAULT_INSTRUMENTS) and len(DEFAULT_INSTRUMENTS) == 3
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    [row] = [line for line in readme.splitlines() if line.startswith("| `okx.instruments`")]
+    assert all(f"`{inst}`" in row for inst in DEFAULT_INSTRUMENTS)
+    assert {(s.channel, s.inst_id) for s in okx.all_subscriptions()} == {
+        (ch, inst) for inst in DEFAULT_INSTRUMENTS for ch in ("trades", "books", "tickers")}
+
+
+def test_nothing_to_subscribe_is_refused_naming_the_key(tmp_path: Path) -> None:
+    settings = load_settings(_write(tmp_path, "[okx]\ninstruments = []\n"))
+    with pytest.raises(ConfigError) as err:
+        require_subscriptions(settings)
+    assert err.value.key == "okx.instruments"
+    require_subscriptions(load_settings(_write(tmp_path, "[okx]\ninstruments = []\nprivate = true\n")))
+
+
+def test_a_utf8_bom_in_the_config_file_is_not_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b'\xef\xbb\xbf[okx]\ninstruments = ["ETH-USDT"]\n')
+    assert load_settings(path).okx.instruments == ["ETH-USDT"]

@@ -23,6 +23,7 @@ from ingest.credentials import (
     Credentials,
     CredentialStore,
     Secret,
+    UnsafeKeyError,
     credentials_present,
     load_credentials,
 )
@@ -369,3 +370,62 @@ def test_store_takes_its_auth_failure_policy_from_settings() -> None:
     store = CredentialStore.from_settings(okx, _values())
     assert store.record_auth_failure("50113") == 7.0
     assert store.record_auth_failure("50113") == 8.0
+
+
+def test_a_utf8_bom_in_a_credential_file_is_not_part_of_the_value(tmp_path: Path) -> None:
+    values = _values()
+    env = _write_files(tmp_path, values)
+    path = Path(env["OKX_API_PASSPHRASE_FILE"])
+    path.write_bytes(b"\xef\xbb\xbf" + values["OKX_API_PASSPHRASE"].encode() + b"\n")
+    assert load_credentials(env).passphrase.reveal() == values["OKX_API_PASSPHRASE"]
+
+
+def test_a_credential_file_readable_by_group_or_others_gets_a_warning_naming_the_fix(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    env = _write_files(tmp_path, _values())
+    for name in ENV_NAMES:
+        os.chmod(env[f"{name}_FILE"], 0o600)
+    with caplog.at_level(logging.WARNING, logger="ingest.credentials"):
+        load_credentials(env)
+        assert not [r for r in caplog.records if r.getMessage() == "credential_file_readable_by_others"]
+        os.chmod(env["OKX_API_SECRET_FILE"], 0o644)
+        load_credentials(env)
+    [warning] = [r for r in caplog.records if r.getMessage() == "credential_file_readable_by_others"]
+    assert "OKX_API_SECRET_FILE" in warning.__dict__["file"] and warning.__dict__["mode"] == "0o644"
+    assert "chmod 600" in warning.__dict__["fix"]
+
+
+async def test_a_rotation_the_verifier_refuses_keeps_the_old_key_and_an_unsafe_key_is_raised_on(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    old = _values()
+    env = _write_files(tmp_path, old)
+    store = CredentialStore(env)
+    checked: list[str] = []
+
+    async def verifier(candidate: Credentials) -> None:
+        checked.append(candidate.api_key.reveal())
+        assert store.current().api_key.reveal() == old["OKX_API_KEY"], "the candidate is not in use while checked"
+        if candidate.passphrase.reveal() == "wrong-passphrase":
+            raise CredentialError("OKX error 50105: passphrase incorrect")
+        if candidate.api_key.reveal().startswith("withdraw"):
+            raise UnsafeKeyError("the API key can withdraw funds")
+
+    store.verifier = verifier
+    _write_files(tmp_path, {**old, "OKX_API_PASSPHRASE": "wrong-passphrase"})
+    with caplog.at_level(logging.INFO, logger="ingest.credentials"):
+        assert await store.reload() is False
+    assert store.current().passphrase.reveal() == old["OKX_API_PASSPHRASE"] and store.version == 1
+    assert store.rotations_refused_total == 1
+    [alert] = [r for r in caplog.records if r.getMessage() == "credentials_rotation_refused"]
+    assert alert.levelno == logging.CRITICAL and "50105" in alert.__dict__["error"]
+
+    _write_files(tmp_path, {**_values(), "OKX_API_KEY": "withdraw" + secrets.token_hex(8)})
+    with pytest.raises(UnsafeKeyError):
+        await store.reload()
+    assert store.current().api_key.reveal() == old["OKX_API_KEY"] and store.rotations_refused_total == 2
+
+    good = _values()
+    _write_files(tmp_path, good)
+    assert await store.reload() is True
+    assert store.current().api_key.reveal() == good["OKX_API_KEY"] and store.version == 2
+    assert len(checked) == 3

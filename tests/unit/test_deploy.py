@@ -103,3 +103,39 @@ def test_dockerfile_default_command_parses() -> None:
     cmd = next(line for line in text.splitlines() if line.startswith("CMD "))
     args = yaml.safe_load(cmd.removeprefix("CMD "))  # the exec form is a JSON (YAML) list
     assert _parser().parse_args(args).command == "run"
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=[u.name for u in UNITS])
+def test_systemd_units_do_not_restart_on_a_configuration_error(unit: Path) -> None:
+    """Exit 2 (bad configuration, an over-privileged key) cannot be cured by a restart: systemd must stop."""
+    u = _unit(unit)
+    assert u["Restart"] == ["always"]
+    assert u["RestartPreventExitStatus"] == ["2"]
+
+
+def test_recorder_and_backfill_worker_on_one_config_listen_on_different_ports() -> None:
+    """Both systemd units read the same file: the worker's health server must not take the recorder's port."""
+    settings = load_settings(ROOT / "config" / "okx-ingest.toml")
+    assert settings.backfill.metrics_port != settings.obs.metrics_port
+    configs = {_unit(u)["ExecStart"][0].split("--config", 1)[1].strip() for u in UNITS}
+    assert len(UNITS) == 2 and len(configs) == 1  # the case this guards: one file for both units
+
+
+def test_kubernetes_metrics_listen_on_the_pod_ip_and_the_port_each_process_binds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    docs = _docs()
+    [configmap] = [d for d in docs if d["kind"] == "ConfigMap"]
+    config = tmp_path / "okx-ingest.toml"
+    config.write_text(configmap["data"]["okx-ingest.toml"])
+    monkeypatch.setenv("OKX_INGEST__OBS__METRICS_HOST", "10.1.2.3")  # what the downward API gives a pod
+    settings = load_settings(config)
+    for w in (d for d in docs if d["kind"] in ("StatefulSet", "Deployment")):
+        [container] = w["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["OKX_INGEST__OBS__METRICS_HOST"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+        command = _parser().parse_args(container["args"]).command
+        bound = settings.obs.metrics_port if command == "run" else settings.backfill.metrics_port
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports["metrics"] == bound
+        assert w["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(bound)
+    assert "0.0.0.0" not in configmap["data"]["okx-ingest.toml"]

@@ -114,7 +114,10 @@ def test_compose_prometheus_config_loads_the_mounted_rules_and_scrapes_every_okx
     out = subprocess.run([promtool, "check", "config", str(checked)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     targets = {t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
-    assert targets == {f"{name}:9108" for name in _ingest_services()}
+    settings = load_settings(ROOT / "deploy" / "compose" / "config" / "okx-ingest.toml")
+    ports = {name: settings.backfill.metrics_port if name == "backfill" else settings.obs.metrics_port
+             for name in _ingest_services()}  # each process on the port it binds
+    assert targets == {f"{name}:{port}" for name, port in ports.items()}
 
 
 def test_compose_grafana_is_provisioned_with_the_dashboard_and_the_prometheus_datasource() -> None:
