@@ -12,9 +12,12 @@ import sys
 from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ingest.errors import IngestError
+
+if TYPE_CHECKING:
+    from ingest.services.backfill import RangeResult
 
 
 def _iso_ms(value: str) -> int:
@@ -177,9 +180,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.channel:
                 missing = [n for n in ("inst", "since", "until") if getattr(args, n) is None]
                 if missing:
-                    raise SystemExit(f"backfill --channel needs --{', --'.join(missing)}")
-                return _run(_count_to_rc(backfill_range(settings, args.channel, args.inst, args.since,
-                                                        args.until, sys.stderr.isatty())))
+                    print(f"okx-ingest: backfill --channel needs --{', --'.join(missing)} (e.g. --channel trades "
+                          "--inst BTC-USDT --since 2026-11-24T10:00:00Z --until 2026-11-24T11:00:00Z)",
+                          file=sys.stderr)
+                    return 2
+                return _run(_range_rc(backfill_range(settings, args.channel, args.inst, args.since,
+                                                     args.until, sys.stderr.isatty())))
             return _run(run_worker(settings))
         if args.command == "tail":
             return _run(_tail(settings, args))
@@ -206,10 +212,9 @@ async def _tail(settings: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _count_to_rc(coro: Coroutine[Any, Any, int]) -> int:
-    n = await coro
-    print(f"backfilled {n} records", file=sys.stderr)
-    return 0
+async def _range_rc(coro: Coroutine[Any, Any, RangeResult]) -> int:
+    """The range's exit code: 0 filled, 3 partial, 4 unfillable, 1 not finished (see RangeResult)."""
+    return (await coro).exit_code
 
 
 if __name__ == "__main__":  # pragma: no cover

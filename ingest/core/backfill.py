@@ -37,7 +37,10 @@ candle open times; ordId+state; billId and ordId+tradeId), and publishes a row o
 present, adding its keys as it goes.
 
 Statuses: a member window the walk covered is `filled` (even when every row was already in the topic);
-one it did not fully cover is `partial` if OKX returned any of its rows, `unfillable` if none.
+one it did not fully cover because of a definitive answer (OKX's history ends before it, it is older than
+OKX keeps, OKX refused the request for good) is `partial` if OKX returned any of its rows, `unfillable`
+if none. A walk cut short by a transient failure (breaker open or probing, 429/50011, 5xx, timeout,
+transport error) decides nothing: the gap stays `open` and is tried again later (`judge(transient=True)`).
 """
 
 from __future__ import annotations
@@ -623,13 +626,26 @@ class ReadbackScope:
 # --------------------------------------------------------------------------------------------- outcomes
 
 
-def judge(*, covered: bool, found: int, published: int, shortfall: str) -> Outcome:
-    """The status of one gap after its walk: `found` rows of it came back, `published` were new."""
+def judge(*, covered: bool, found: int, published: int, shortfall: str, transient: bool = False) -> Outcome:
+    """The status of one gap after its walk: `found` rows of it came back, `published` were new.
+
+    `transient`: the walk ended on a failure that says nothing about what OKX keeps (breaker, 429/50011, 5xx,
+    timeout, transport, a slow read-back). Such a gap is never decided: it stays `open` (a new revision for
+    the worker to take up again later), whatever the walk found so far.
+    """
     known = found - published
     done = f"{published} records backfilled" + (f", {known} already in the topic" if known else "")
     if covered:
         return Outcome(GapStatus.FILLED, published, done)
+    if transient:
+        return Outcome(GapStatus.OPEN, published, f"still open, retried later: {shortfall}; {done}")
     return Outcome(GapStatus.PARTIAL if found else GapStatus.UNFILLABLE, published, f"{shortfall}; {done}")
+
+
+def retry_delay(backoff_s: float, retry_after_s: float | None, cap_s: float) -> float:
+    """How long a gap waits before its next try after a transient failure: the growing backoff, or longer
+    when the failure names its own wait (an open breaker's cooldown), never beyond `cap_s` and never 0."""
+    return min(cap_s, max(backoff_s, retry_after_s or 0.0))
 
 
 def status_update(gap: GapEvent, outcome: Outcome, *, attempts: int, now_ns: int) -> GapEvent:

@@ -35,23 +35,30 @@ SIGKILLed and appended after the next owner read back (milliseconds against a se
 status updates, which may repeat after such a redo with the same `record_id` (`gap:{id}:{revision}`) for
 consumers to drop. Books are re-baselined with a new snapshot on every attempt.
 
-Unfillable gaps (no REST history for the channel, older than OKX keeps, 50030/50120 permission, unknown
-instrument, private channel without an API key) are published as `unfillable` with the reason and
-committed: never retried. Transient failures (5xx, breaker open, timeouts) are retried per gap with
-jittered backoff up to `gap_max_attempts`, then reported `partial` (counted as failed). Authentication
-failures stop the worker (fix the key; nothing is committed, nothing lost).
+Only a definitive answer decides a gap. `unfillable` (published with the reason, committed, never retried)
+means OKX said so: no REST history for the channel, older than OKX keeps, OKX's history ends before the
+gap, 50030/50120 permission, unknown instrument, a private channel without an API key. Transient failures
+(breaker open or its probe in flight, 429/50011, 5xx, timeouts, transport errors, a slow read-back) never
+decide anything: each costs one of the gap's `gap_max_attempts` tries only after a real wait that grows
+with every try (`equal_jitter` from `retry_initial_s` up to `gap_retry_max_s`, at least the breaker's own
+retry_after); when the tries are used up the gap is deferred: a new `open` revision (attempts counted,
+the reason in `note`) goes to okx.gaps and the offset is committed, so the group takes it up again later,
+waiting longer each time (metric `backfill_gaps_deferred`, log `backfill_gap_deferred`). Rows already
+published are found by the read-back on the next try and not published again. Authentication failures
+stop the worker (fix the key; nothing is committed, nothing lost).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -91,9 +98,10 @@ from ingest.core.backfill import (
     orders_path,
     plan_jobs,
     precheck,
+    retry_delay,
     status_update,
 )
-from ingest.core.backoff import full_jitter
+from ingest.core.backoff import equal_jitter, full_jitter
 from ingest.core.clock import ServerClock
 from ingest.core.normalize import book_from_rest, candle_from_rest, fill_from_rest, order_from_rest, trade_from_rest
 from ingest.core.orders import BoundedSeen
@@ -152,6 +160,7 @@ class BackfillStats:
     gaps_partial: int
     gaps_unfillable: int
     gaps_failed: int
+    gaps_deferred: int
     gaps_ignored: int
     gaps_duplicate: int
     gaps_undecodable: int
@@ -189,6 +198,7 @@ class _Counters:
     gaps_pending: int = 0
     gaps_by_status: Counter[str] = field(default_factory=Counter)
     gaps_failed: int = 0
+    gaps_deferred: int = 0
     gaps_ignored: int = 0
     gaps_duplicate: int = 0
     gaps_undecodable: int = 0
@@ -344,11 +354,16 @@ class Outlet(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class GapResult:
-    """One gap's outcome after its job, the tries it took, and whether it gave up on transient errors."""
+    """One gap's outcome after its job, the tries it took, and whether it gave up (`failed`: decided partial
+    on an error that is not OKX's answer; `deferred`: only transient failures, the gap stays open)."""
 
     outcome: Outcome
     attempts: int
     failed: bool = False
+
+    @property
+    def deferred(self) -> bool:
+        return self.outcome.status is GapStatus.OPEN
 
 
 @dataclass
@@ -387,50 +402,61 @@ class GapFiller:
         self.on_page = on_page
         self._sleep = sleep
 
-    async def fill(self, stream: Stream, jobs: Sequence[Job]) -> dict[int, GapResult]:
-        """Read the topic back once for the stream, then run its jobs in order; one result per member gap."""
+    async def fill(self, stream: Stream, jobs: Sequence[Job], *, tried: int = 0) -> dict[int, GapResult]:
+        """Read the topic back once for the stream, then run its jobs in order; one result per member gap.
+
+        `tried`: how often these gaps already failed transiently (their `attempts`), so waits keep growing.
+        """
         present = Present()
         if self.readback is not None and stream.kind is not DataKind.BOOKS:
             try:
-                present = await self._read_back(stream, jobs)
+                present = await self._read_back(stream, jobs, tried)
             except ReadbackError as exc:
-                # Without knowing what the topic holds, publishing could duplicate it: report the gaps as not
-                # filled (partial, with the reason) instead of retrying the batch forever.
+                # Without knowing what the topic holds, publishing could duplicate it, and a slow Kafka says
+                # nothing about OKX: the gaps stay open and are tried again later.
                 failure = f"could not read the topic back after {self.settings.gap_max_attempts} attempts: {exc}"
                 unread: dict[int, GapResult] = {}
                 for job in jobs:
                     unread.update(self._results(_JobState(job, self._walks(job)), self.settings.gap_max_attempts,
-                                                failure, True))
+                                                failure, False, transient=True))
                 return unread
             log.debug("backfill_readback", extra={"stream": str(stream), "present": len(present)})
         results: dict[int, GapResult] = {}
         for job in jobs:
-            results.update(await self.run_job(job, present))
+            results.update(await self.run_job(job, present, tried=tried))
         return results
 
-    async def _read_back(self, stream: Stream, jobs: Sequence[Job]) -> Present:
+    def _delays(self, tried: int) -> Iterator[float]:
+        s = self.settings
+        return equal_jitter(s.retry_initial_s, max(s.retry_initial_s, s.gap_retry_max_s), skip=tried)
+
+    async def _read_back(self, stream: Stream, jobs: Sequence[Job], tried: int = 0) -> Present:
         """The topic's keys for the stream, retried like a gap (`gap_max_attempts`), never forever."""
         assert self.readback is not None
         s = self.settings
-        delays = full_jitter(s.retry_initial_s, s.gap_retry_max_s)
+        delays = self._delays(tried)
         for attempt in range(1, s.gap_max_attempts + 1):
             try:
                 return await self.readback.present(ReadbackScope.of(stream, jobs, s.readback_margin_ms))
             except ReadbackError as exc:
                 if attempt >= s.gap_max_attempts:
                     raise
-                delay = min(next(delays), s.gap_retry_max_s)
+                delay = retry_delay(next(delays), None, s.gap_retry_max_s)
                 log.warning("backfill_readback_retry", extra={"stream": str(stream), "attempt": attempt,
                                                               "error": str(exc), "retry_in_s": round(delay, 3)})
                 await self._sleep(delay)
         raise AssertionError("unreachable")
 
-    async def run_job(self, job: Job, present: Present) -> dict[int, GapResult]:
+    async def run_job(self, job: Job, present: Present, *, tried: int = 0) -> dict[int, GapResult]:
         """One job with the per-gap retry policy (module docstring). Raises only what stops the worker:
-        DeliveryError, and BackfillError for rejected credentials or a TLS pin mismatch."""
+        DeliveryError, and BackfillError for rejected credentials or a TLS pin mismatch.
+
+        Transient failures (breaker, 429/50011, 5xx, timeouts, transport) each cost one try and a real,
+        growing wait (`equal_jitter`, at least the breaker's own retry_after); after `gap_max_attempts` such
+        tries the gap is not decided but deferred: it stays open (`judge(transient=True)`)."""
         state = _JobState(job, self._walks(job))
         s = self.settings
-        delays = full_jitter(s.retry_initial_s, s.gap_retry_max_s)
+        delays = self._delays(tried)
         attempts = 0
         while True:
             attempts += 1
@@ -465,14 +491,16 @@ class GapFiller:
                 log.exception("backfill_job_crashed", extra={"stream": str(job.stream)})
                 return self._results(state, attempts, f"internal error {type(exc).__name__}: {exc}", True)
             if attempts >= s.gap_max_attempts:
-                return self._results(state, attempts, f"gave up after {attempts} attempts: {error}", True)
-            delay = error.retry_after_s if isinstance(error, CircuitOpenError) else next(delays)
-            delay = min(max(0.0, delay), s.gap_retry_max_s)
+                return self._results(state, attempts, f"{attempts} tries failed transiently, last: {error}", False,
+                                     transient=True)
+            retry_after = error.retry_after_s if isinstance(error, CircuitOpenError) else None
+            delay = retry_delay(next(delays), retry_after, s.gap_retry_max_s)
             log.warning("backfill_retry", extra={"stream": str(job.stream), "attempt": attempts, "error": str(error),
                                                  "retry_in_s": round(delay, 3)})
             await self._sleep(delay)
 
-    def _results(self, state: _JobState, attempts: int, failure: str | None, failed: bool) -> dict[int, GapResult]:
+    def _results(self, state: _JobState, attempts: int, failure: str | None, failed: bool, *,
+                 transient: bool = False) -> dict[int, GapResult]:
         job = state.job
         out: dict[int, GapResult] = {}
         for member in job.members:
@@ -482,13 +510,16 @@ class GapFiller:
                     outcome = Outcome(GapStatus.PARTIAL, 1, f"OKX keeps no order-book history: published a fresh "
                                                             f"/market/books snapshot ({state.snapshot}) to re-baseline "
                                                             "the book; the updates missed in the gap are gone")
+                elif transient:
+                    outcome = Outcome(GapStatus.OPEN, 0, f"still open, retried later: {failure}")
                 else:
                     outcome = Outcome(GapStatus.UNFILLABLE, 0, failure or "OKX returned no book")
                 out[member.item] = GapResult(outcome, attempts, failed and state.snapshot is None)
                 continue
             covered = state.covers(member)
             shortfall = failure or self._shortfall(state)
-            outcome = judge(covered=covered, found=found, published=published, shortfall=shortfall)
+            outcome = judge(covered=covered, found=found, published=published, shortfall=shortfall,
+                            transient=transient)
             out[member.item] = GapResult(outcome, attempts, failed and not covered)
         return out
 
@@ -770,6 +801,7 @@ class BackfillWorker:
             gaps_filled=c.gaps_by_status[GapStatus.FILLED.value],
             gaps_partial=c.gaps_by_status[GapStatus.PARTIAL.value],
             gaps_unfillable=c.gaps_by_status[GapStatus.UNFILLABLE.value], gaps_failed=c.gaps_failed,
+            gaps_deferred=c.gaps_deferred,
             gaps_ignored=c.gaps_ignored, gaps_duplicate=c.gaps_duplicate, gaps_undecodable=c.gaps_undecodable,
             records_backfilled=dict(c.records), records_already_present=c.records_already_present,
             dead_letters=c.dead_letters, readback_records=c.readback_records, batches=c.batches,
@@ -843,8 +875,7 @@ class BackfillWorker:
                 if task.done():
                     break
                 if stopper.done():
-                    task.cancel()
-                    await asyncio.wait({task})
+                    await self._settle(task)
                     break
                 # Poll (paused: fetches nothing) so a long batch never counts as a dead consumer.
                 extra = await consumer.getmany(timeout_ms=0)
@@ -853,6 +884,8 @@ class BackfillWorker:
                         consumer.seek(tp, msgs[0].offset)
         finally:
             stopper.cancel()
+            if not task.done():  # cancelled from outside (or the poll failed): the batch must not outlive us
+                await self._settle(task)
             self._batch = None
             with contextlib.suppress(Exception):
                 consumer.resume(*consumer.paused())
@@ -878,10 +911,12 @@ class BackfillWorker:
         for job in plan.jobs:
             by_stream[job.stream].append(job)
         slots = asyncio.Semaphore(self.settings.backfill.concurrency)
+        gaps = dict(items)
 
         async def fill(stream: Stream, jobs: list[Job]) -> None:
+            tried = max(gaps[m.item].attempts for job in jobs for m in job.members)
             async with slots:
-                results.update(await self.filler.fill(stream, jobs))
+                results.update(await self.filler.fill(stream, jobs, tried=tried))
 
         try:
             async with asyncio.TaskGroup() as tg:
@@ -903,6 +938,15 @@ class BackfillWorker:
         c.batches += 1
         for gap, update, result in updates:
             self._seen.first_time(emission_key(gap), now_ms)
+            if result.deferred:
+                # Only transient failures: nothing about the gap is decided. Its new open revision is on
+                # okx.gaps, so this group takes it up again (with longer waits: `attempts` keeps counting).
+                c.gaps_deferred += 1
+                log.warning("backfill_gap_deferred", extra={
+                    "gap_id": gap.gap_id, "channel": gap.channel, "inst_id": gap.inst_id,
+                    "attempts": update.attempts, "revision": update.revision, "records": update.records_filled,
+                    "note": update.note})
+                continue
             c.gaps_by_status[update.status.value] += 1
             c.gaps_failed += result.failed
             log.info("backfill_gap_done", extra={
@@ -990,11 +1034,27 @@ class BackfillWorker:
 
     # ---- group membership
 
+    async def _settle(self, task: asyncio.Task[None]) -> bool:
+        """Cancel the batch and wait for it to end, at most `backfill.stop_timeout_s`; False if it did not.
+
+        An abandoned batch commits nothing: its commit is its last step, after everything it put was
+        acknowledged, and a cancelled batch never gets there.
+        """
+        task.cancel()
+        try:
+            async with asyncio.timeout(self.settings.backfill.stop_timeout_s):
+                await asyncio.wait({task})
+        except TimeoutError:
+            log.error("backfill_batch_stop_timeout", extra={
+                "worker": self.name, "timeout_s": self.settings.backfill.stop_timeout_s,
+                "consequence": "left behind; it cannot commit once the consumer is stopped"})
+            return False
+        return True
+
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         task = self._batch
         if task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait({task})
+            await self._settle(task)
         try:
             # What the abandoned batch already put must reach the broker before another worker reads back.
             await self.delivery.flush(timeout_s=self.settings.journal.close_timeout_s)
@@ -1012,17 +1072,26 @@ class BackfillWorker:
         self._notify()
 
     async def _close(self) -> None:
+        """Every step bounded (`backfill.stop_timeout_s`; the delivery `journal.close_timeout_s` on top): a stop
+        during a Kafka outage returns, leaving what was not acknowledged journaled (discarded at the next
+        start: its batch was not committed and is redone)."""
+        bf = self.settings.backfill
         task = self._batch
         if task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait({task})
+            await self._settle(task)
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             try:
-                await consumer.stop()
-            except Exception as exc:
-                log.warning("backfill_consumer_stop_failed", extra={"error": str(exc)})
-        await self.delivery.close()
+                async with asyncio.timeout(bf.stop_timeout_s):
+                    await consumer.stop()
+            except Exception as exc:  # TimeoutError included: leave-group is a courtesy, the session expires
+                log.warning("backfill_consumer_stop_failed", extra={"error": str(exc) or type(exc).__name__})
+        close_s = self.settings.journal.close_timeout_s
+        try:
+            async with asyncio.timeout(close_s + bf.stop_timeout_s):
+                await self.delivery.close(timeout_s=close_s)
+        except TimeoutError:
+            log.error("backfill_delivery_close_timeout", extra={"timeout_s": close_s + bf.stop_timeout_s})
         log.info("backfill_stopped", extra={"worker": self.name, **_summary(self.stats())})
         self._notify()
 
@@ -1034,6 +1103,7 @@ class BackfillWorker:
 def _summary(stats: BackfillStats) -> dict[str, object]:
     return {"gaps_filled": stats.gaps_filled, "gaps_partial": stats.gaps_partial,
             "gaps_unfillable": stats.gaps_unfillable, "gaps_failed": stats.gaps_failed,
+            "gaps_deferred": stats.gaps_deferred,
             "records": stats.records_total, "commits": stats.commits}
 
 
@@ -1157,8 +1227,12 @@ def backfill_metrics(stats: BackfillStats) -> list[Any]:
     for status, n in (("filled", stats.gaps_filled), ("partial", stats.gaps_partial),
                       ("unfillable", stats.gaps_unfillable)):
         gaps.add_metric([status], n)
-    failed = counter("backfill_gaps_failed", "Gaps given up after transient failures (published as partial)")
+    failed = counter("backfill_gaps_failed", "Gaps decided partial on an error that was not OKX's answer "
+                     "(an unreadable response, an internal error)")
     failed.add_metric([], stats.gaps_failed)
+    deferred = counter("backfill_gaps_deferred", "Times a gap failed only transiently (breaker, 429/50011, 5xx, "
+                       "timeout, slow Kafka) and was put back open to be retried later")
+    deferred.add_metric([], stats.gaps_deferred)
     pending = gauge("backfill_gaps_pending", "Gaps taken from okx.gaps and not yet finished")
     pending.add_metric([], stats.gaps_pending)
     records = counter("backfill_records", "Records backfilled, by topic kind", ("topic",))
@@ -1183,7 +1257,7 @@ def backfill_metrics(stats: BackfillStats) -> list[Any]:
                    "Age of the oldest gap in the running batch since it was detected (0 when idle)")
     detected = stats.oldest_pending_detected_ns
     oldest.add_metric([], 0.0 if detected is None else max(0.0, (time.time_ns() - detected) / 1e9))
-    return [received, gaps, failed, pending, records, dup, req, wait, parts, backlog, oldest]
+    return [received, gaps, failed, deferred, pending, records, dup, req, wait, parts, backlog, oldest]
 
 
 # ---------------------------------------------------------------------------------------- range backfill
@@ -1215,7 +1289,7 @@ class _LineProgress:
               f"{event.requests} requests", file=self._out, flush=True)
 
     def close(self, records: int, requests: int) -> None:
-        print(f"backfill {self._label}: done, {records} records, {requests} requests", file=self._out, flush=True)
+        """Nothing: the summary line that follows says how the range ended (RangeResult.summary)."""
 
 
 class _BarProgress:
@@ -1242,14 +1316,59 @@ class _BarProgress:
         self._bar.close()
 
 
+@dataclass(frozen=True, slots=True)
+class RangeResult:
+    """How `backfill --channel` ended: the range's status, what it published, and why (for the summary line).
+
+    Exit codes (`exit_code`): 0 filled; 3 partial (OKX returned part of the range, the rest is older than it
+    keeps or its history ends); 4 unfillable (OKX keeps none of it); 1 not finished: Kafka was unreachable or
+    did not acknowledge, or OKX kept failing transiently (run it again). 2 is a usage or settings error.
+    """
+
+    status: GapStatus | None
+    records: int
+    note: str
+    requests: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        return {GapStatus.FILLED: 0, GapStatus.PARTIAL: 3, GapStatus.UNFILLABLE: 4}.get(self.status, 1) \
+            if self.status is not None else 1
+
+    @property
+    def summary(self) -> str:
+        what = self.status.value if self.status is not None and self.status is not GapStatus.OPEN else "not finished"
+        return (f"{what}, {self.records} records published, {self.requests} requests"
+                + (f": {self.note}" if self.note else ""))
+
+
+async def _kafka_reachable(kafka: KafkaSettings, bootstrap: str) -> str | None:
+    """None when a client can connect to Kafka within its request timeout, else why not (a bounded check,
+    so an unreachable Kafka ends the command at once instead of after every retry of the read-back)."""
+    consumer = AIOKafkaConsumer(**consumer_options(kafka, bootstrap), group_id=None, enable_auto_commit=False)
+    try:
+        async with asyncio.timeout(kafka.request_timeout_ms / 1000):
+            await consumer.start()
+        return None
+    except TimeoutError:
+        return f"no answer within {kafka.request_timeout_ms} ms (kafka.request_timeout_ms)"
+    except KafkaError as exc:
+        return str(exc) or type(exc).__name__
+    finally:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(kafka.request_timeout_ms / 1000):
+                await consumer.stop()
+
+
 async def backfill_range(settings: Settings, channel: str, inst_id: str, since_ms: int, until_ms: int, tty: bool,
                          *, out: TextIO | None = None, rest: OkxRestClient | None = None,
-                         bootstrap_servers: str | None = None) -> int:
+                         bootstrap_servers: str | None = None) -> RangeResult:
     """`okx-ingest backfill --channel C --inst I --since T --until T`: fetch [since, until) of one stream and
-    publish what the topic lacks (same dedupe as the worker); returns the number of records published.
+    publish what the topic lacks (same dedupe as the worker); returns the status and the records published.
 
     Books have no history: one current snapshot is published whatever the range. A progress bar on a
-    terminal (`tty`), plain progress lines otherwise, on `out` (default stderr).
+    terminal (`tty`), plain progress lines otherwise, on `out` (default stderr); the last line says how it
+    ended, in the same words as the status (RangeResult.summary).
     """
     out = out if out is not None else sys.stderr
     kind = data_kind(channel)
@@ -1276,34 +1395,50 @@ async def backfill_range(settings: Settings, channel: str, inst_id: str, since_m
         requests = event.requests
         progress.update(event)
 
+    def done(result: RangeResult) -> RangeResult:
+        result = dataclasses.replace(result, requests=requests)
+        print(f"backfill {label}: {result.summary}", file=out, flush=True)
+        return result
+
     try:
         verdict = precheck(stream, window, channel, rest.clock.now_ms())
         if verdict is not None:
-            print(f"backfill {label}: nothing fetched: {verdict.note}", file=out, flush=True)
-            return 0
+            return done(RangeResult(verdict.status, 0, f"nothing fetched: {verdict.note}"))
+        kafka = settings.kafka
+        unreachable = await _kafka_reachable(kafka, bootstrap)
+        if unreachable is not None:
+            return done(RangeResult(None, 0, f"Kafka at {bootstrap} is unreachable: {unreachable}; nothing "
+                                             "fetched (check kafka.bootstrap_servers)"))
         with tempfile.TemporaryDirectory(prefix="okx-ingest-backfill-") as journal_dir:
-            kafka = settings.kafka
             sink = KafkaSink(kafka, bootstrap_servers=bootstrap, topics=[topic_name(kafka.topic_prefix, k)
                                                                          for k in (_TOPIC[kind], TopicKind.DLQ)])
-            delivery = Delivery.from_settings(sink, settings.journal.model_copy(update={"dir": Path(journal_dir)}),
-                                              kafka)
+            journal = settings.journal
+            delivery = Delivery.from_settings(sink, journal.model_copy(update={"dir": Path(journal_dir)}), kafka)
             readback = (TopicReadback(kafka, bootstrap, timeout_s=settings.backfill.readback_timeout_s,
                                       counters=counters) if settings.backfill.readback else None)
             await delivery.start()
+            undelivered: str | None = None
             try:
                 filler = GapFiller(rest, delivery, await _encoder(settings), readback, settings.backfill, counters,
                                    on_page=on_page)
                 job = Job(stream, window, (window,))
                 results = await filler.fill(stream, [job])
-                await delivery.flush()
+                try:
+                    await delivery.flush(timeout_s=journal.close_timeout_s)
+                except (TimeoutError, DeliveryError) as exc:
+                    undelivered = str(exc) or f"not acknowledged within {journal.close_timeout_s} s"
             finally:
-                await delivery.close()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(journal.close_timeout_s + 5.0):
+                        await delivery.close(timeout_s=0.0 if undelivered else None)
         outcome = results[0].outcome
         records = sum(counters.records.values())
         progress.close(records, requests)
-        if outcome.status is not GapStatus.FILLED:
-            print(f"backfill {label}: {outcome.status.value}: {outcome.note}", file=out, flush=True)
-        return records
+        if undelivered is not None:
+            return done(RangeResult(None, records, f"Kafka did not acknowledge the records: {undelivered}; run "
+                                                   "again (what reached the topic is not published twice)"))
+        note = "" if outcome.status is GapStatus.FILLED else outcome.note
+        return done(RangeResult(outcome.status, records, note))
     finally:
         if owned is not None:
             await owned[0].aclose()
@@ -1316,6 +1451,7 @@ __all__ = [
     "GapFiller",
     "GapResult",
     "PageEvent",
+    "RangeResult",
     "TopicReadback",
     "backfill_metrics",
     "backfill_range",
