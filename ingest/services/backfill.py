@@ -1345,10 +1345,12 @@ class RangeResult:
 async def _kafka_reachable(kafka: KafkaSettings, bootstrap: str) -> str | None:
     """None when a client can connect to Kafka within its request timeout, else why not (a bounded check,
     so an unreachable Kafka ends the command at once instead of after every retry of the read-back)."""
-    consumer = AIOKafkaConsumer(**consumer_options(kafka, bootstrap), group_id=None, enable_auto_commit=False)
+    from aiokafka.client import AIOKafkaClient
+
+    client = AIOKafkaClient(**consumer_options(kafka, bootstrap))
     try:
         async with asyncio.timeout(kafka.request_timeout_ms / 1000):
-            await consumer.start()
+            await client.bootstrap()
         return None
     except TimeoutError:
         return f"no answer within {kafka.request_timeout_ms} ms (kafka.request_timeout_ms)"
@@ -1357,7 +1359,7 @@ async def _kafka_reachable(kafka: KafkaSettings, bootstrap: str) -> str | None:
     finally:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(kafka.request_timeout_ms / 1000):
-                await consumer.stop()
+                await client.close()
 
 
 async def backfill_range(settings: Settings, channel: str, inst_id: str, since_ms: int, until_ms: int, tty: bool,
