@@ -57,7 +57,7 @@ async def test_through_rest_storms_and_recorder_restarts_every_trade_is_on_the_t
                     await _record_a_while(sim)
                     if k > 0:  # ...and the worker meets the storm while it fills that gap
                         until = sum(answered[:k])
-                        await sim.wait_until(lambda: sim.stats.rest_injected[TRADES_PATH] >= until, timeout=30)
+                        await sim.wait_until(lambda n=until: sim.stats.rest_injected[TRADES_PATH] >= n, timeout=30)
                     assert await daemon.shutdown() == 0
                 if k < len(storms):
                     await sim.wait_until(lambda: not sim.connections(), timeout=10)
