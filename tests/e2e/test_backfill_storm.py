@@ -10,6 +10,7 @@ breaker really opens (a short cooldown), and gaps really wait it out open (`gaps
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from ingest.core.backfill import TRADES_PATH, covered_trade_ids
@@ -31,14 +32,19 @@ async def _record_a_while(sim: SimServer) -> None:
     await sim.tick(15)
 
 
+def _injected(sim: SimServer, n: int) -> Callable[[], bool]:
+    """The storms have answered `n` history-trades requests with an error."""
+    return lambda: sim.stats.rest_injected[TRADES_PATH] >= n
+
+
 async def test_through_rest_storms_and_recorder_restarts_every_trade_is_on_the_topic_once_and_no_gap_unfillable(
     kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path
 ) -> None:
-    storms = (
-        lambda: sim.faults.rest_error(count=12, path=TRADES_PATH, status=503),  # opens the breaker
-        lambda: sim.faults.rest_rate_limit(count=12, path=TRADES_PATH, status=429),  # 50011 as HTTP 429
-        lambda: (sim.faults.rest_error(count=8, path=TRADES_PATH, status=503),  # both at once: each request
-                 sim.faults.rest_rate_limit(count=8, path=TRADES_PATH, status=429)),  # meets one of each
+    storms: tuple[Callable[[SimServer], object], ...] = (
+        lambda sim: sim.faults.rest_error(count=12, path=TRADES_PATH, status=503),  # opens the breaker
+        lambda sim: sim.faults.rest_rate_limit(count=12, path=TRADES_PATH, status=429),  # 50011 as HTTP 429
+        lambda sim: (sim.faults.rest_error(count=8, path=TRADES_PATH, status=503),  # both at once: each request
+                     sim.faults.rest_rate_limit(count=8, path=TRADES_PATH, status=429)),  # meets one of each
     )
     answered = (12, 12, 8)  # requests each storm answers with an error
     injected = sum(answered)
@@ -57,12 +63,12 @@ async def test_through_rest_storms_and_recorder_restarts_every_trade_is_on_the_t
                     await _record_a_while(sim)
                     if k > 0:  # ...and the worker meets the storm while it fills that gap
                         until = sum(answered[:k])
-                        await sim.wait_until(lambda n=until: sim.stats.rest_injected[TRADES_PATH] >= n, timeout=30)
+                        await sim.wait_until(_injected(sim, until), timeout=30)
                     assert await daemon.shutdown() == 0
                 if k < len(storms):
                     await sim.wait_until(lambda: not sim.connections(), timeout=10)
                     await sim.tick(15)  # nobody records: the next start reports it as a gap
-                    storms[k]()
+                    storms[k](sim)
             reader = TopicReader(kafka_broker.bootstrap_servers, topic_prefix)
             opened = [g for g in await reader.records(TopicKind.GAPS, GapEvent, at_least=len(storms) * len(INSTS))
                       if g.status is GapStatus.OPEN and g.revision == 0]
