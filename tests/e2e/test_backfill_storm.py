@@ -32,6 +32,11 @@ async def _record_a_while(sim: SimServer) -> None:
     await sim.tick(15)
 
 
+def _both(sim: SimServer) -> None:
+    sim.faults.rest_error(count=8, path=TRADES_PATH, status=503)
+    sim.faults.rest_rate_limit(count=8, path=TRADES_PATH, status=429)
+
+
 def _injected(sim: SimServer, n: int) -> Callable[[], bool]:
     """The storms have answered `n` history-trades requests with an error."""
     return lambda: sim.stats.rest_injected[TRADES_PATH] >= n
@@ -43,8 +48,7 @@ async def test_through_rest_storms_and_recorder_restarts_every_trade_is_on_the_t
     storms: tuple[Callable[[SimServer], object], ...] = (
         lambda sim: sim.faults.rest_error(count=12, path=TRADES_PATH, status=503),  # opens the breaker
         lambda sim: sim.faults.rest_rate_limit(count=12, path=TRADES_PATH, status=429),  # 50011 as HTTP 429
-        lambda sim: (sim.faults.rest_error(count=8, path=TRADES_PATH, status=503),  # both at once: each request
-                     sim.faults.rest_rate_limit(count=8, path=TRADES_PATH, status=429)),  # meets one of each
+        _both,  # both at once: each request meets one of each
     )
     answered = (12, 12, 8)  # requests each storm answers with an error
     injected = sum(answered)
