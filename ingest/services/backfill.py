@@ -29,9 +29,16 @@ This covers a worker killed mid-gap, a batch abandoned on rebalance, a gap event
 overlapping gaps, and time-bounded edges where the recorder's own records sit. For the same reason the
 worker discards its delivery journal's unacknowledged backlog at start: every record in it belongs to an
 uncommitted batch that its partition's owner redoes, so replaying it could only duplicate.
-Limits (documented, not fixed here): a zombie worker that keeps publishing after losing its partitions
-(the embedded broker has no transactions to fence it), a produce request still in flight when a worker is
-SIGKILLed and appended after the next owner read back (milliseconds against a session timeout), and
+Fencing. A worker cut off from its group (paused or partitioned past `session_timeout_ms`) may have lost
+its partitions without being told yet. Before it puts any record of a batch (data, status update) and
+before it commits, it checks a lease (`_Lease`): the partitions are still assigned in the same group
+generation, and at least every session_timeout / 2 the coordinator confirms the membership (the batch's
+start offsets committed again, which the broker refuses for an expelled member). A refused or unanswered
+check abandons the batch uncommitted (log `backfill_fenced`, metric `backfill_fenced`).
+Limits (documented, not fixed here; the embedded broker has no transactions): records a worker handed to
+its delivery before it was cut off may still be sent after it, and a produce request still in flight
+when a worker is SIGKILLed may be appended after the next owner read back (milliseconds against a session
+timeout); and
 status updates, which may repeat after such a redo with the same `record_id` (`gap:{id}:{revision}`) for
 consumers to drop. Books are re-baselined with a new snapshot on every attempt.
 
@@ -68,7 +75,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
-from aiokafka.structs import ConsumerRecord, TopicPartition
+from aiokafka.structs import ConsumerRecord, OffsetAndMetadata, TopicPartition
 
 from ingest.config import BackfillSettings, JournalSettings, KafkaSettings, Settings
 from ingest.core.avro import DecodeError, RecordEncoder, decode
@@ -161,6 +168,7 @@ class BackfillStats:
     gaps_unfillable: int
     gaps_failed: int
     gaps_deferred: int
+    fenced: int
     gaps_ignored: int
     gaps_duplicate: int
     gaps_undecodable: int
@@ -199,6 +207,7 @@ class _Counters:
     gaps_by_status: Counter[str] = field(default_factory=Counter)
     gaps_failed: int = 0
     gaps_deferred: int = 0
+    fenced: int = 0
     gaps_ignored: int = 0
     gaps_duplicate: int = 0
     gaps_undecodable: int = 0
@@ -744,6 +753,91 @@ def _first_error(exc: BaseException) -> BaseException:
     return exc
 
 
+# ---------------------------------------------------------------------------------------------- fencing
+
+
+class FencedError(IngestError):
+    """This worker may no longer own the partitions of its batch: it publishes and commits nothing more for
+    it (the batch is abandoned; their owner, maybe this worker again after it rejoins, redoes it)."""
+
+    retriable = True
+
+
+class _Lease:
+    """Proof that this worker still owns a batch's partitions, checked before anything of the batch is put.
+
+    Local checks every time (the partitions are still assigned, the group generation is the one the batch
+    started in, no rejoin pending); and at least every session_timeout / 2 the group coordinator itself
+    confirms it: the batch's start offsets are committed again (a no-op for the group), which the broker
+    refuses for a member it expelled (a worker paused or cut off longer than the session timeout) or from
+    an old generation. Without transactions this narrows, not closes, the window: records handed to the
+    delivery before the worker was cut off may still be sent after it.
+    """
+
+    def __init__(self, consumer: AIOKafkaConsumer, starts: Mapping[TopicPartition, int], session_s: float,
+                 timeout_s: float, counters: _Counters) -> None:
+        self._consumer = consumer
+        self._timeout_s = timeout_s
+        self._starts = {tp: OffsetAndMetadata(off, "") for tp, off in starts.items()}
+        self._coordinator: Any = getattr(consumer, "_coordinator", None)
+        self._generation = self._state()
+        self._valid_s = session_s / 2
+        self._confirmed_at: float | None = None
+        self._counters = counters
+        self.lost: str | None = None
+
+    def _state(self) -> tuple[object, object]:
+        c = self._coordinator
+        return (getattr(c, "generation", None), getattr(c, "member_id", None))
+
+    def _local(self) -> str | None:
+        missing = set(self._starts) - self._consumer.assignment()
+        if missing:
+            return f"partitions {sorted(tp.partition for tp in missing)} are no longer assigned to this worker"
+        if self._state() != self._generation:
+            return "the consumer group moved to a new generation"
+        rejoin = getattr(self._coordinator, "_rejoin_needed_fut", None)
+        if rejoin is not None and rejoin.done():
+            return "the consumer group is rebalancing"
+        return None
+
+    async def check(self) -> None:
+        """Return while the batch's partitions are provably this worker's; else raise FencedError."""
+        if self.lost is None:
+            self.lost = self._local()
+        if self.lost is None and (self._confirmed_at is None
+                                  or time.monotonic() - self._confirmed_at > self._valid_s):
+            sent = time.monotonic()
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    await self._consumer.commit(dict(self._starts))
+            except asyncio.CancelledError:  # the refusal made the consumer rejoin, which revoked the batch
+                self.lost = "the partitions were revoked while the group coordinator was being asked"
+                self._counters.fenced += 1
+                raise
+            except Exception as exc:  # refused (expelled, old generation, rebalancing) or no answer
+                self.lost = f"the group coordinator did not confirm the partitions: {type(exc).__name__}: {exc}"
+            else:
+                self._confirmed_at = sent
+                self.lost = self._local()
+        if self.lost is not None:
+            self._counters.fenced += 1
+            raise FencedError(f"stopped publishing for this batch: {self.lost}")
+
+
+class _FencedOutlet:
+    """The filler's outlet in the worker: the current batch's lease is checked before every record."""
+
+    def __init__(self, worker: BackfillWorker) -> None:
+        self._worker = worker
+
+    async def put(self, record: EncodedRecord) -> None:
+        lease = self._worker._lease
+        if lease is not None:
+            await lease.check()
+        await self._worker.delivery.put(record)
+
+
 # ---------------------------------------------------------------------------------------------- worker
 
 
@@ -785,7 +879,8 @@ class BackfillWorker:
         self._counters = _Counters()
         self.readback = (TopicReadback(kafka, self.bootstrap, timeout_s=bf.readback_timeout_s,
                                        counters=self._counters) if bf.readback else None)
-        self.filler = GapFiller(rest, self.delivery, self.encoder, self.readback, bf, self._counters)
+        self.filler = GapFiller(rest, _FencedOutlet(self), self.encoder, self.readback, bf, self._counters)
+        self._lease: _Lease | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._batch: asyncio.Task[None] | None = None
         self._seen: BoundedSeen[tuple[object, ...]] = BoundedSeen(200_000, 7 * DAY_MS)
@@ -801,7 +896,7 @@ class BackfillWorker:
             gaps_filled=c.gaps_by_status[GapStatus.FILLED.value],
             gaps_partial=c.gaps_by_status[GapStatus.PARTIAL.value],
             gaps_unfillable=c.gaps_by_status[GapStatus.UNFILLABLE.value], gaps_failed=c.gaps_failed,
-            gaps_deferred=c.gaps_deferred,
+            gaps_deferred=c.gaps_deferred, fenced=c.fenced,
             gaps_ignored=c.gaps_ignored, gaps_duplicate=c.gaps_duplicate, gaps_undecodable=c.gaps_undecodable,
             records_backfilled=dict(c.records), records_already_present=c.records_already_present,
             dead_letters=c.dead_letters, readback_records=c.readback_records, batches=c.batches,
@@ -864,6 +959,9 @@ class BackfillWorker:
         """Process one polled batch while keeping the group membership alive; commit when fully acknowledged."""
         records = [m for tp in sorted(batch, key=lambda t: (t.topic, t.partition)) for m in batch[tp]]
         offsets = {tp: msgs[-1].offset + 1 for tp, msgs in batch.items() if msgs}
+        self._lease = _Lease(consumer, {tp: msgs[0].offset for tp, msgs in batch.items() if msgs},
+                             self.settings.backfill.session_timeout_ms / 1000,
+                             self.settings.kafka.request_timeout_ms / 1000, self._counters)
         consumer.pause(*consumer.assignment())
         task = asyncio.create_task(self._process(consumer, records, offsets), name="backfill-batch")
         self._batch = task
@@ -887,8 +985,12 @@ class BackfillWorker:
             if not task.done():  # cancelled from outside (or the poll failed): the batch must not outlive us
                 await self._settle(task)
             self._batch = None
+            lease, self._lease = self._lease, None
             with contextlib.suppress(Exception):
                 consumer.resume(*consumer.paused())
+        if lease is not None and lease.lost is not None:
+            log.warning("backfill_fenced", extra={"worker": self.name, "gaps": len(records), "why": lease.lost,
+                                                  "consequence": "nothing more published or committed for it"})
             self._counters.gaps_pending = 0
             self._counters.oldest_pending_detected_ns = None
             self._notify()
@@ -927,12 +1029,17 @@ class BackfillWorker:
         await self.delivery.flush()  # the data is acknowledged before any gap is marked done
         now_ns = time.time_ns()
         updates: list[tuple[GapEvent, GapEvent, GapResult]] = []
+        lease = self._lease
         for item, gap in items:
             result = results[item]
             update = status_update(gap, result.outcome, attempts=result.attempts, now_ns=now_ns)
+            if lease is not None:
+                await lease.check()
             await self.delivery.put(self.encoder.encode(update))
             updates.append((gap, update, result))
         await self.delivery.flush()
+        if lease is not None:
+            await lease.check()
         await self._commit(consumer, offsets)
         c = self._counters
         c.batches += 1
@@ -1233,6 +1340,9 @@ def backfill_metrics(stats: BackfillStats) -> list[Any]:
     deferred = counter("backfill_gaps_deferred", "Times a gap failed only transiently (breaker, 429/50011, 5xx, "
                        "timeout, slow Kafka) and was put back open to be retried later")
     deferred.add_metric([], stats.gaps_deferred)
+    fenced = counter("backfill_fenced", "Times the worker stopped publishing for a batch because it could not "
+                     "prove it still owned the batch's partitions (a rebalance, an expired session)")
+    fenced.add_metric([], stats.fenced)
     pending = gauge("backfill_gaps_pending", "Gaps taken from okx.gaps and not yet finished")
     pending.add_metric([], stats.gaps_pending)
     records = counter("backfill_records", "Records backfilled, by topic kind", ("topic",))
@@ -1257,7 +1367,7 @@ def backfill_metrics(stats: BackfillStats) -> list[Any]:
                    "Age of the oldest gap in the running batch since it was detected (0 when idle)")
     detected = stats.oldest_pending_detected_ns
     oldest.add_metric([], 0.0 if detected is None else max(0.0, (time.time_ns() - detected) / 1e9))
-    return [received, gaps, failed, deferred, pending, records, dup, req, wait, parts, backlog, oldest]
+    return [received, gaps, failed, deferred, fenced, pending, records, dup, req, wait, parts, backlog, oldest]
 
 
 # ---------------------------------------------------------------------------------------- range backfill
@@ -1450,6 +1560,7 @@ __all__ = [
     "BackfillError",
     "BackfillStats",
     "BackfillWorker",
+    "FencedError",
     "GapFiller",
     "GapResult",
     "PageEvent",

@@ -695,3 +695,76 @@ async def test_cancelling_the_worker_mid_batch_while_kafka_is_down_returns_and_l
     assert leftovers == [], f"tasks outlived the worker: {leftovers}"
     stats = worker.stats()
     assert stats.commits == 0 and stats.gaps_done == 0  # nothing committed, nothing reported done
+
+
+# -------------------------------------------------------------------------------------------- fencing
+
+
+async def test_a_worker_paused_past_its_session_is_fenced_and_publishes_nothing_for_partitions_it_lost(
+    kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path
+) -> None:
+    """Worker A is paused (SIGSTOP: a stalled VM, a long GC) mid-gap; the group gives its partitions to B,
+    which fills the gap. When A resumes, it must publish nothing more for that gap and commit nothing."""
+    async with SimServer(sim_config(rate_window_scale=1.0)) as sim:
+        await sim.pump_trades("BTC-USDT", 3000)
+        log = log_of(sim, "BTC-USDT")
+        gap = trade_gap("long", "BTC-USDT", log[4], log[-5])
+        inside = [tid for tid, _ in log[5:-5]]
+        await publish(kafka_broker.bootstrap_servers, topic_prefix, [gap])
+        sim.faults.rest_slow(2.5, count=1_000_000, path=TRADES_PATH)  # every page answered 2.5 s late
+
+        def answered() -> int:  # the simulator logs a request once it has answered it
+            return sum(1 for r in sim.stats.rest_log if r.path == TRADES_PATH)
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OKX_API", "OKX_INGEST"))}
+        env.update({
+            "OKX_INGEST__OKX__REST_BASE_URL": sim.rest_base,
+            "OKX_INGEST__KAFKA__BOOTSTRAP_SERVERS": kafka_broker.bootstrap_servers,
+            "OKX_INGEST__KAFKA__TOPIC_PREFIX": topic_prefix, "OKX_INGEST__KAFKA__PARTITIONS": "4",
+            "OKX_INGEST__KAFKA__ENABLE_IDEMPOTENCE": "false", "OKX_INGEST__JOURNAL__DIR": str(tmp_path / "a"),
+            "OKX_INGEST__BACKFILL__GROUP_ID": f"{topic_prefix}backfill",
+            "OKX_INGEST__BACKFILL__SESSION_TIMEOUT_MS": str(GROUP["session_timeout_ms"]),
+            "OKX_INGEST__BACKFILL__HEARTBEAT_INTERVAL_MS": str(GROUP["heartbeat_interval_ms"]),
+            "OKX_INGEST__BACKFILL__POLL_TIMEOUT_MS": str(GROUP["poll_timeout_ms"]),
+            "OKX_INGEST__OBS__METRICS_PORT": "0", "OKX_INGEST__OBS__LOG_FORMAT": "text",
+        })
+        log_path = tmp_path / "worker-a.log"
+        with log_path.open("wb") as out:
+            a = await asyncio.create_subprocess_exec(sys.executable, "-m", "ingest.cli", "backfill", env=env,
+                                                     cwd=MAIN, stdout=out, stderr=out)
+        reader = TopicReader(kafka_broker.bootstrap_servers, topic_prefix)
+        try:
+            # A got its 3rd page and asked for its 4th, answered 2.5 s later. Pages 1-3 (300 rows) are all it
+            # put; once the topic holds them, A has nothing in flight: pause it now.
+            await sim.wait_until(lambda: answered() >= 3, timeout=WAIT_S)
+            before_pause = await reader.records(TopicKind.TRADES, Trade, at_least=300)
+            a.send_signal(signal.SIGSTOP)
+            assert (len(before_pause), answered()) == (300, 3), "setup race: the 4th page came before the pause"
+            sim.faults.clear()  # for B; A's 4th request is already waiting out its delay
+            async with running_worker(worker_settings(sim, kafka_broker, topic_prefix, tmp_path / "b"),
+                                      rest_for(sim, scale=1.0), "b") as b:
+                stats_b = await b.until(lambda s: s.gaps_done >= 1)  # after A's session expired
+                await sim.wait_until(lambda: answered() >= 4 + stats_b.requests.get((TRADES_PATH, "0"), 0),
+                                     timeout=WAIT_S)  # A's 4th page is waiting in its socket
+                a.send_signal(signal.SIGCONT)  # A reads its 4th page at once, long after losing the partition
+                deadline = asyncio.get_running_loop().time() + WAIT_S
+                while b"backfill_fenced" not in log_path.read_bytes():  # polling a child's log file
+                    assert asyncio.get_running_loop().time() < deadline, log_path.read_text()[-3000:]
+                    assert a.returncode is None, log_path.read_text()[-3000:]
+                    await asyncio.sleep(0.05)
+                a.send_signal(signal.SIGTERM)
+                async with asyncio.timeout(WAIT_S):
+                    assert await a.wait() == 0, log_path.read_text()[-3000:]
+        finally:
+            if a.returncode is None:
+                a.send_signal(signal.SIGCONT)
+                a.kill()
+                await a.wait()
+
+    assert stats_b.gaps_filled == 1 and stats_b.records_already_present == 300
+    trades = await reader.records(TopicKind.TRADES, Trade)
+    covered = coverage(trades)
+    assert sorted(covered) == inside, "a trade of the gap is missing"
+    assert set(covered.values()) == {1}, "the fenced worker published a page after losing its partition"
+    updates = updates_by_gap(await reader.records(TopicKind.GAPS, GapEvent, at_least=2))["long"]
+    assert [(u.status, u.revision) for u in updates] == [(GapStatus.FILLED, 1)]  # B's, once; none from A
