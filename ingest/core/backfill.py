@@ -11,6 +11,11 @@ Windows (what one gap asks for, in its stream's own coordinates; conventions of 
 * candle<bar>: confirmed bars opening in [before.ts, after.ts). The bar at before.ts is included: its
   confirmed version is what a disconnect usually costs. Unconfirmed bars are never published.
 * fills, orders: ts (fill time, order uTime) in [before.ts, after.ts].
+* funding-rate: the settlements with fundingTime in [before.ts, after.ts], from
+  /public/funding-rate-history (SPEC-external, OKX v5 docs: newest first, `after` = older than a fundingTime,
+  3 months kept). Each becomes a FundingRate record of the stream (ts = fundingTime, settFundingRate = the
+  realized rate, settState settled). The predicted rates pushed between settlements are not kept by OKX;
+  the settlements are what the stream's history is, so a covered window is `filled`.
 * books: OKX keeps no book history; one fresh /market/books snapshot per stream re-baselines it (status
   partial: the missed increments themselves are gone).
 * Everything else (tickers, mark price, positions, balances, algo orders, ...) has no REST history:
@@ -53,7 +58,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from ingest.core.records import Candle, Fill, GapEvent, GapStatus, OkxRecord, Order, Trade
+from ingest.core.records import Candle, Fill, FundingRate, GapEvent, GapStatus, OkxRecord, Order, Source, Trade
 from ingest.okx.channels import candle_bar
 
 DAY_MS = 86_400_000
@@ -65,6 +70,7 @@ BOOKS_PATH = "/api/v5/market/books"
 FILLS_PATH = "/api/v5/trade/fills-history"
 ORDERS_PATH = "/api/v5/trade/orders-history"
 ORDERS_ARCHIVE_PATH = "/api/v5/trade/orders-history-archive"
+FUNDING_PATH = "/api/v5/public/funding-rate-history"
 
 #: How far back each history endpoint reaches (SPEC 8.3; "3 months" taken as 90 days).
 HISTORY_KEEP_MS: Mapping[str, int] = {
@@ -72,6 +78,7 @@ HISTORY_KEEP_MS: Mapping[str, int] = {
     FILLS_PATH: 90 * DAY_MS,
     ORDERS_PATH: 7 * DAY_MS,
     ORDERS_ARCHIVE_PATH: 90 * DAY_MS,
+    FUNDING_PATH: 90 * DAY_MS,
 }
 #: history-candles keeps 1s bars for 3 months only; other bars for "recent years" (no bound known).
 ONE_SECOND_BARS_KEEP_MS = 90 * DAY_MS
@@ -80,7 +87,7 @@ RECENT_CANDLES = 1440
 #: Rows per page (SPEC 8.3 maxima; history-candles: 100, what older docs and clients still say).
 PAGE_LIMIT: Mapping[str, int] = {
     TRADES_PATH: 100, CANDLES_PATH: 300, HISTORY_CANDLES_PATH: 100, FILLS_PATH: 100, ORDERS_PATH: 100,
-    ORDERS_ARCHIVE_PATH: 100,
+    ORDERS_ARCHIVE_PATH: 100, FUNDING_PATH: 100,
 }
 #: /market/books depth per side for each book channel's snapshot.
 BOOK_DEPTH: Mapping[str, int] = {"books": 400, "books-l2-tbt": 400, "books50-l2-tbt": 50, "books5": 5, "bbo-tbt": 1}
@@ -99,6 +106,7 @@ class DataKind(enum.StrEnum):
     BOOKS = "books"
     FILLS = "fills"
     ORDERS = "orders"
+    FUNDING = "funding"
 
 
 def data_kind(channel: str) -> DataKind | None:
@@ -113,6 +121,8 @@ def data_kind(channel: str) -> DataKind | None:
         return DataKind.FILLS
     if channel == "orders":
         return DataKind.ORDERS
+    if channel == "funding-rate":
+        return DataKind.FUNDING
     return None
 
 
@@ -284,7 +294,7 @@ def precheck(stream: Stream | None, window: Window, channel: str, now_ms: int) -
     if stream is None:
         return Outcome(GapStatus.UNFILLABLE, 0, f"OKX's REST API keeps no history of channel {channel!r}; "
                                                 "the stream itself re-baselines it")
-    if stream.kind in (DataKind.TRADES, DataKind.CANDLES, DataKind.BOOKS) and not stream.inst_id:
+    if stream.kind in (DataKind.TRADES, DataKind.CANDLES, DataKind.BOOKS, DataKind.FUNDING) and not stream.inst_id:
         return Outcome(GapStatus.UNFILLABLE, 0, f"gap on {channel!r} names no instId")
     if stream.kind is DataKind.BOOKS:
         return None
@@ -298,6 +308,8 @@ def precheck(stream: Stream | None, window: Window, channel: str, now_ms: int) -
         keep, what = HISTORY_KEEP_MS[FILLS_PATH], "fills-history"
     elif stream.kind is DataKind.ORDERS:
         keep, what = HISTORY_KEEP_MS[ORDERS_ARCHIVE_PATH], "orders-history-archive"
+    elif stream.kind is DataKind.FUNDING:
+        keep, what = HISTORY_KEEP_MS[FUNDING_PATH], "funding-rate-history"
     elif candle_bar(channel) == "1s":
         keep, what = ONE_SECOND_BARS_KEEP_MS, "history-candles (1s bars)"
     if keep is not None and window.hi_ts < now_ms - keep:
@@ -473,6 +485,43 @@ class CandleWalk(_Walk):
         self.stopped = True
 
 
+class FundingWalk(_Walk):
+    """A newest-first walk of /public/funding-rate-history by fundingTime down to the span's lower bound."""
+
+    path = FUNDING_PATH
+
+    def __init__(self, inst_id: str, span: Window) -> None:
+        super().__init__(PAGE_LIMIT[FUNDING_PATH])
+        self.inst_id = inst_id
+        self.span = span
+
+    def query(self) -> dict[str, str] | None:
+        if self.done:
+            return None
+        after = self.cursor if self.cursor is not None else self.span.hi_ts + 1
+        return {"instId": self.inst_id, "after": str(after), "limit": str(self.limit)}
+
+    def feed(self, times: Sequence[int]) -> None:
+        """One page's fundingTimes."""
+        self.pages += 1
+        if not times:
+            self.exhausted = True
+            return
+        low = min(times)
+        if self.cursor is not None and low >= self.cursor:
+            self.stalled = True
+            return
+        self.cursor = low
+        self.min_ts = low if self.min_ts is None else min(self.min_ts, low)
+        self.complete = low <= self.span.lo_ts
+
+    def covers(self, w: Window) -> bool:
+        return self.complete or (self.min_ts is not None and self.min_ts <= w.lo_ts)
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
 class CursorWalk(_Walk):
     """A newest-first walk by id cursor (`after` = billId / ordId) within server-side begin/end filters:
     complete on a page shorter than the limit (it is never `exhausted`: the filters bound it)."""
@@ -567,6 +616,8 @@ def natural_keys(record: OkxRecord) -> list[Hashable]:
         return [("t", i) for i in covered_trade_ids(tid, _int(record.count))]
     if isinstance(record, Candle):
         return [("c", record.ts)] if record.confirm else []
+    if isinstance(record, FundingRate):  # a settlement published from REST; pushes settle nothing by time
+        return [("fs", record.funding_time)] if record.source is Source.REST and record.funding_time else []
     if isinstance(record, Order):
         return [("o", record.ord_id, record.state or "")]
     if isinstance(record, Fill):

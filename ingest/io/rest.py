@@ -117,6 +117,8 @@ OKX_LIMITS: Mapping[str, EndpointLimit] = {
     "/api/v5/market/history-candles": EndpointLimit(20, 2.0, Scope.IP),
     "/api/v5/market/books": EndpointLimit(40, 2.0, Scope.IP),
     "/api/v5/market/books-full": EndpointLimit(10, 2.0, Scope.IP),
+    # OKX counts it per IP and instId; counted per IP here, which never exceeds that.
+    "/api/v5/public/funding-rate-history": EndpointLimit(10, 2.0, Scope.IP),
     "/api/v5/trade/fills": EndpointLimit(60, 2.0, Scope.USER),
     "/api/v5/trade/fills-history": EndpointLimit(10, 2.0, Scope.USER),
     "/api/v5/trade/orders-history": EndpointLimit(40, 2.0, Scope.USER),

@@ -89,6 +89,7 @@ from ingest.core.backfill import (
     CandleWalk,
     CursorWalk,
     DataKind,
+    FundingWalk,
     Job,
     Outcome,
     Present,
@@ -110,7 +111,14 @@ from ingest.core.backfill import (
 )
 from ingest.core.backoff import equal_jitter, full_jitter
 from ingest.core.clock import ServerClock
-from ingest.core.normalize import book_from_rest, candle_from_rest, fill_from_rest, order_from_rest, trade_from_rest
+from ingest.core.normalize import (
+    book_from_rest,
+    candle_from_rest,
+    fill_from_rest,
+    funding_rate_from_rest,
+    order_from_rest,
+    trade_from_rest,
+)
 from ingest.core.orders import BoundedSeen
 from ingest.core.records import DeadLetter, GapEvent, GapStatus, OkxRecord, Record, TopicKind, topic_name
 from ingest.credentials import CredentialStore, credentials_present
@@ -129,15 +137,16 @@ log = logging.getLogger(__name__)
 #: The topic each data kind is published to (and read back from).
 _TOPIC: Mapping[DataKind, TopicKind] = {
     DataKind.TRADES: TopicKind.TRADES, DataKind.CANDLES: TopicKind.CANDLES, DataKind.BOOKS: TopicKind.BOOKS,
-    DataKind.FILLS: TopicKind.FILLS, DataKind.ORDERS: TopicKind.ORDERS,
+    DataKind.FILLS: TopicKind.FILLS, DataKind.ORDERS: TopicKind.ORDERS, DataKind.FUNDING: TopicKind.FUNDING_RATES,
 }
 #: The Avro record each data kind's topic holds (the `schema` header), to decode only what matters.
 _SCHEMA: Mapping[DataKind, bytes] = {
     DataKind.TRADES: b"okx.ingest.v1.Trade", DataKind.CANDLES: b"okx.ingest.v1.Candle",
     DataKind.FILLS: b"okx.ingest.v1.Fill", DataKind.ORDERS: b"okx.ingest.v1.Order",
+    DataKind.FUNDING: b"okx.ingest.v1.FundingRate",
 }
 #: Kinds whose records are keyed by instId (one partition holds a stream); fills and orders are keyed by ordId.
-_KEYED_BY_INST = frozenset({DataKind.TRADES, DataKind.CANDLES, DataKind.BOOKS})
+_KEYED_BY_INST = frozenset({DataKind.TRADES, DataKind.CANDLES, DataKind.BOOKS, DataKind.FUNDING})
 
 
 #: A record as the consumers return it.
@@ -380,7 +389,7 @@ class _JobState:
     """A job's progress, kept across retries so a retry resumes where the failure struck."""
 
     job: Job
-    walks: list[TradeWalk | CandleWalk | CursorWalk]
+    walks: list[TradeWalk | CandleWalk | CursorWalk | FundingWalk]
     index: int = 0
     found: Counter[int] = field(default_factory=Counter)
     published: Counter[int] = field(default_factory=Counter)
@@ -543,6 +552,9 @@ class GapFiller:
                         "no longer kept")
             if isinstance(walk, CandleWalk) and walk.exhausted:
                 return f"OKX's {walk.path} has no bars before {_iso(walk.min_ts)}"
+            if isinstance(walk, FundingWalk) and walk.exhausted:
+                return (f"OKX's funding-rate-history has no settlements before {_iso(walk.min_ts)} (older than it "
+                        "keeps, or before the instrument's first)")
             if walk.stalled:
                 return f"OKX's paging of {walk.path} did not move past its cursor"
             if isinstance(walk, CursorWalk) and walk.complete and walk.floor_ts is not None:
@@ -551,7 +563,7 @@ class GapFiller:
 
     # ---- walks
 
-    def _walks(self, job: Job) -> list[TradeWalk | CandleWalk | CursorWalk]:
+    def _walks(self, job: Job) -> list[TradeWalk | CandleWalk | CursorWalk | FundingWalk]:
         stream, span = job.stream, job.span
         now = self.rest.clock.now_ms()
         if stream.kind is DataKind.TRADES:
@@ -561,6 +573,9 @@ class GapFiller:
             bar = candle_bar(stream.channel)
             assert stream.inst_id is not None and bar is not None
             return [CandleWalk(stream.inst_id, bar, span, candle_path(bar, span.lo_ts, now))]
+        if stream.kind is DataKind.FUNDING:
+            assert stream.inst_id is not None
+            return [FundingWalk(stream.inst_id, span)]
         if stream.kind is DataKind.FILLS:
             floor = now - HISTORY_KEEP_MS[FILLS_PATH]
             return [CursorWalk(FILLS_PATH, self._private_params(stream, it, span.lo_ts, span.hi_ts), floor)
@@ -593,6 +608,8 @@ class GapFiller:
                     await self._trade_page(state, walk, query, present)
                 elif isinstance(walk, CandleWalk):
                     await self._candle_page(state, walk, query, present)
+                elif isinstance(walk, FundingWalk):
+                    await self._funding_page(state, walk, query, present)
                 else:
                     await self._private_page(state, walk, query, present)
                 if state.rows >= self.settings.max_records_per_gap and not walk.done:
@@ -644,6 +661,26 @@ class GapFiller:
             record = candle_from_rest(row, inst_id=stream.inst_id, channel=stream.channel, recv_ts_ns=recv_ns)
             if isinstance(record, DeadLetter) or record.confirm:
                 await self._offer(state, members, record, present)
+        self._report(state, walk.min_ts)
+
+    async def _funding_page(self, state: _JobState, walk: FundingWalk, query: dict[str, str],
+                            present: Present) -> None:
+        rows = await self.rest.get(walk.path, query)
+        recv_ns = time.time_ns()
+        state.requests += 1
+        good: list[tuple[Mapping[str, object], int]] = []
+        for row in rows:
+            ts = _as_int(row.get("fundingTime"))
+            if ts is None:
+                await self._reject(funding_rate_from_rest(row, recv_ts_ns=recv_ns))
+                continue
+            good.append((row, ts))
+        walk.feed([ts for _, ts in good])
+        state.rows += len(good)
+        for settled, ts in sorted(good, key=lambda g: g[1]):
+            members = [m for m in state.job.members if m.contains(ts)]
+            if members:
+                await self._offer(state, members, funding_rate_from_rest(settled, recv_ts_ns=recv_ns), present)
         self._report(state, walk.min_ts)
 
     async def _private_page(self, state: _JobState, walk: CursorWalk, query: dict[str, str],
@@ -1486,7 +1523,7 @@ async def backfill_range(settings: Settings, channel: str, inst_id: str, since_m
     kind = data_kind(channel)
     if kind is None:
         raise ConfigError("--channel", f"OKX's REST API keeps no history of channel {channel!r}",
-                          "use trades, trades-all, candle<bar>, books*, fills or orders")
+                          "use trades, trades-all, candle<bar>, books*, funding-rate, fills or orders")
     if until_ms <= since_ms:
         raise ConfigError("--until", "the range is empty", "give an --until later than --since")
     owned: tuple[OkxRestClient, ClockService] | None = None

@@ -39,6 +39,7 @@ from ingest.core.records import (
     BookUpdate,
     Candle,
     Fill,
+    FundingRate,
     GapEvent,
     GapKind,
     GapStatus,
@@ -768,3 +769,44 @@ async def test_a_worker_paused_past_its_session_is_fenced_and_publishes_nothing_
     assert set(covered.values()) == {1}, "the fenced worker published a page after losing its partition"
     updates = updates_by_gap(await reader.records(TopicKind.GAPS, GapEvent, at_least=2))["long"]
     assert [(u.status, u.revision) for u in updates] == [(GapStatus.FILLED, 1)]  # B's, once; none from A
+
+
+# ------------------------------------------------------------------------------------------ funding rates
+
+
+async def test_funding_rate_gaps_are_filled_with_the_settlements_okx_keeps_each_once(
+    kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path
+) -> None:
+    """OKX serves funding-rate history over REST (/public/funding-rate-history): a gap on `funding-rate`
+    gets every settlement that fell inside it, once, and is `filled`; it used to be `unfillable`."""
+    hour = 3_600_000
+    start = (now_ms() - 20 * hour) // hour * hour
+    async with SimServer(sim_config(instruments=("BTC-USDT-SWAP",), start_ms=start, tick_ms=60_000,
+                                    funding_interval_ms=hour)) as sim:
+        await sim.tick(12 * 60 + 1)
+        settlements = sim.market.get("BTC-USDT-SWAP").settlements
+        assert len(settlements) == 12
+        lo, hi = start + 2 * hour + 30_000, start + 9 * hour + 30_000  # seven settlements inside
+        wanted = {s.funding_time: s for s in settlements if lo <= s.funding_time <= hi}
+        gaps = [time_gap("fr", "funding-rate", inst="BTC-USDT-SWAP", lo_ms=lo, hi_ms=hi),
+                time_gap("fr-overlap", "funding-rate", inst="BTC-USDT-SWAP", lo_ms=lo + 3 * hour, hi_ms=hi + hour)]
+        await publish(kafka_broker.bootstrap_servers, topic_prefix, gaps[:1])
+        settings = worker_settings(sim, kafka_broker, topic_prefix, tmp_path)
+        async with running_worker(settings, rest_for(sim)) as w:
+            await w.until(lambda s: s.gaps_done >= 1)
+            await publish(kafka_broker.bootstrap_servers, topic_prefix, gaps[1:])  # overlaps the first
+            stats = await w.until(lambda s: s.gaps_done >= 2)
+        assert sim.stats.violations == 0
+
+    assert stats.gaps_filled == 2 and stats.records_already_present == 4  # the overlap's 4 were already there
+    reader = TopicReader(kafka_broker.bootstrap_servers, topic_prefix)
+    rates = await reader.records(TopicKind.FUNDING_RATES, FundingRate, at_least=8)
+    assert Counter(int(r.funding_time or 0) for r in rates) == Counter(
+        [*wanted, start + 10 * hour])  # each settlement once, the overlap's new one too
+    for r in rates:
+        s = next(x for x in settlements if x.funding_time == int(r.funding_time or 0))
+        assert (r.source, r.inst_id, r.ts, r.sett_funding_rate, r.funding_rate, r.sett_state) == (
+            Source.REST, "BTC-USDT-SWAP", s.funding_time, s.realized_rate, s.funding_rate, "settled")
+    updates = updates_by_gap(await reader.records(TopicKind.GAPS, GapEvent, at_least=4))
+    assert [(u.status, u.records_filled) for u in updates["fr"]] == [(GapStatus.FILLED, 7)]
+    assert [(u.status, u.records_filled) for u in updates["fr-overlap"]] == [(GapStatus.FILLED, 1)]
