@@ -7,7 +7,11 @@ Windows (what one gap asks for, in its stream's own coordinates; conventions of 
 * trades, trades-all: the tradeIds strictly between `before.trade_id` (last good id) and `after.trade_id`
   (first id after). A side without an id is bounded by time instead: no `before` -> ts >= the time the gap
   opened; no `after` (the stream did not resume) -> ts <= the time it was detected. Negative tradeIds
-  (liquidation and ADL fills) are outside OKX's id sequence and never inside an id window.
+  (liquidation and ADL fills, SPEC 4) are outside OKX's id sequence: one is inside a gap when its ts is
+  within the gap's time bounds [before.ts, after.ts]. Paging by tradeId returns them at their place in
+  time (the simulator's model; OKX does not document it), so an id walk runs until it has reached the
+  `before` trade itself, and its cursor follows the ordinary ids. Two adjacent ordinary ids still make an
+  empty window (not walked): a liquidation fill alone between them is not looked for.
 * candle<bar>: confirmed bars opening in [before.ts, after.ts). The bar at before.ts is included: its
   confirmed version is what a disconnect usually costs. Unconfirmed bars are never published.
 * fills, orders: ts (fill time, order uTime) in [before.ts, after.ts].
@@ -202,6 +206,8 @@ class Window:
 
     def contains(self, ts: int, trade_id: int | None = None) -> bool:
         """Whether a row (its ts, and tradeId for trades) falls strictly inside the gap."""
+        if trade_id is not None and trade_id < 0:  # a liquidation/ADL fill: placed by its time only
+            return self.lo_ts <= ts <= self.hi_ts
         if self.lo_id is not None:
             if trade_id is None or trade_id <= self.lo_id:
                 return False
@@ -426,12 +432,15 @@ class TradeWalk(_Walk):
         if not page:
             self.exhausted = True
             return
-        low = min(tid for tid, _ in page)
-        if self.cursor is not None and low >= self.cursor:
+        ordinary = [tid for tid, _ in page if tid > 0]
+        # The cursor follows the ordinary ids; a page of liquidation fills only pages on from its oldest row.
+        low = min(ordinary) if ordinary else page[-1][0]
+        if self.cursor is not None and (low >= self.cursor if low > 0 and self.cursor > 0 else low == self.cursor):
             self.stalled = True
             return
         self.cursor = low
-        self.min_id = low if self.min_id is None else min(self.min_id, low)
+        if ordinary:
+            self.min_id = low if self.min_id is None else min(self.min_id, low)
         low_ts = min(ts for _, ts in page)
         self.min_ts = low_ts if self.min_ts is None else min(self.min_ts, low_ts)
         self.complete = self.covers(self.span)
@@ -440,8 +449,10 @@ class TradeWalk(_Walk):
         """Whether every row of `w` has been returned by the pages so far."""
         if self.complete:
             return True
-        if w.lo_id is not None:
-            return self.min_id is not None and self.min_id <= w.lo_id + 1
+        if w.lo_id is not None:  # down to the `before` trade itself: fills at its place come with it
+            # (or to the first id after it when OKX keeps nothing older: then nothing older is to be had)
+            return self.min_id is not None and (self.min_id <= w.lo_id
+                                                or (self.exhausted and self.min_id <= w.lo_id + 1))
         return self.min_ts is not None and self.min_ts < w.lo_ts
 
     def stop(self) -> None:
@@ -667,8 +678,11 @@ class ReadbackScope:
             return []
         if isinstance(record, Trade) and self.lo_id is not None and self.hi_id is not None:
             lo, hi = self.lo_id, self.hi_id
+            if not self.lo_ts <= record.ts <= self.hi_ts:  # liquidation fills are placed by time
+                return [k for k in natural_keys(record) if isinstance(k, tuple) and k[0] == "t"
+                        and isinstance(k[1], int) and lo < k[1] < hi]
             return [k for k in natural_keys(record) if isinstance(k, tuple) and k[0] == "t"
-                    and isinstance(k[1], int) and lo < k[1] < hi]
+                    and isinstance(k[1], int) and (lo < k[1] < hi or k[1] < 0)]
         if not self.lo_ts <= record.ts <= self.hi_ts:
             return []
         return natural_keys(record)

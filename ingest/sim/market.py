@@ -109,6 +109,8 @@ class InstrumentMarket:
         self.ts = 0
         #: Funding settlements so far (SWAPs only), oldest first; the next one is due at `_next_settlement`.
         self.settlements: list[Settlement] = []
+        #: The last negative tradeId given to a liquidation/ADL fill (they count down from -1_000_001).
+        self.next_liquidation_id = -1_000_000
         self._next_settlement: int | None = None
         start = to_units(spec.start_px, self.px_dec)
         self.start_px = start - start % self.tick
@@ -339,6 +341,17 @@ class InstrumentMarket:
         self.log.append(self.next_trade_id, px, sz, buy, ts)
         self._account_trade(px, sz)
         return AggTrade(self.next_trade_id, px, sz, buy, ts, 1, self.seq)
+
+    def record_liquidation_fill(self, ts: int, buy: bool = False) -> AggTrade:
+        """A liquidation (or ADL) fill: a trade with a negative tradeId (SPEC 4), at the last price, logged at
+        its time between the ordinary trades; it does not advance the ordinary id sequence."""
+        ts = max(ts, self.log.ts[-1]) if len(self.log) else ts
+        self.next_liquidation_id -= 1
+        self.seq += 1
+        sz = max(1, self.min_lots) * self.lot
+        self.log.append(self.next_liquidation_id, self.last_px, sz, buy, ts)
+        self._account_trade(self.last_px, sz)
+        return AggTrade(self.next_liquidation_id, self.last_px, sz, buy, ts, 1, self.seq)
 
     # --- derived prices --------------------------------------------------------------------------------
     def mid(self) -> int:

@@ -810,3 +810,46 @@ async def test_funding_rate_gaps_are_filled_with_the_settlements_okx_keeps_each_
     updates = updates_by_gap(await reader.records(TopicKind.GAPS, GapEvent, at_least=4))
     assert [(u.status, u.records_filled) for u in updates["fr"]] == [(GapStatus.FILLED, 7)]
     assert [(u.status, u.records_filled) for u in updates["fr-overlap"]] == [(GapStatus.FILLED, 1)]
+
+
+# ------------------------------------------------------------------------------------ liquidation fills
+
+
+async def test_liquidation_fills_with_negative_trade_ids_inside_an_id_bounded_gap_are_backfilled_once(
+    kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path
+) -> None:
+    """Liquidation and ADL fills have negative tradeIds (SPEC 4): outside the id sequence, but inside the gap
+    in time. They used to be dropped by the id window."""
+    async with SimServer(sim_config(instruments=("BTC-USDT-SWAP",))) as sim:
+        inst = "BTC-USDT-SWAP"
+        await sim.pump_trades(inst, 150)
+        first_fill = await sim.liquidation_fill(inst)  # before the gap: recorded, not to be published again
+        await sim.pump_trades(inst, 50)
+        inside_fills = [await sim.liquidation_fill(inst, buy=n % 2 == 0) for n in range(3)]
+        await sim.pump_trades(inst, 250)  # pages of 100: the fills sit in the middle of the walk
+        inside_fills.append(await sim.liquidation_fill(inst))
+        await sim.pump_trades(inst, 40)
+        after_fill = await sim.liquidation_fill(inst)  # after the gap
+        await sim.pump_trades(inst, 20)
+        rows = sim.market.trades(inst)
+        ordinary = [r for r in rows if int(r.trade_id) > 0]
+        lo, hi = ordinary[100], ordinary[-25]  # the last good trade before, the first after
+        recorded = Trade(channel="trades-all", inst_id=inst, ts=int(rows[150].ts), recv_ts_ns=time.time_ns(),
+                         source=Source.WS, conn_id="c1", recv_seq=1, record_id="c1:1:0", trade_id=first_fill,
+                         px="1", sz="1", side="sell")
+        assert rows[150].trade_id == first_fill and int(rows[150].ts) >= int(lo.ts)  # inside the gap's time
+        gap = trade_gap("liq", inst, (int(lo.trade_id), int(lo.ts)), (int(hi.trade_id), int(hi.ts)))
+        await publish(kafka_broker.bootstrap_servers, topic_prefix, [recorded, gap])
+        async with running_worker(worker_settings(sim, kafka_broker, topic_prefix, tmp_path), rest_for(sim)) as w:
+            stats = await w.until(lambda s: s.gaps_done >= 1)
+        assert sim.stats.violations == 0
+
+    assert stats.gaps_filled == 1 and stats.records_already_present == 1  # the recorded fill
+    trades = await TopicReader(kafka_broker.bootstrap_servers, topic_prefix).records(TopicKind.TRADES, Trade)
+    got = Counter(t.trade_id for t in trades if t.source is Source.REST)
+    wanted = [r.trade_id for r in ordinary if int(lo.trade_id) < int(r.trade_id) < int(hi.trade_id)]
+    assert sorted(got, key=int) == sorted([*wanted, *inside_fills], key=int) and set(got.values()) == {1}
+    assert after_fill not in got and first_fill not in got
+    (update,) = updates_by_gap(await TopicReader(kafka_broker.bootstrap_servers, topic_prefix).records(
+        TopicKind.GAPS, GapEvent, at_least=2))["liq"]
+    assert update.status is GapStatus.FILLED and update.records_filled == len(wanted) + len(inside_fills)
