@@ -123,6 +123,7 @@ from ingest.core.orders import BoundedSeen
 from ingest.core.records import DeadLetter, GapEvent, GapStatus, OkxRecord, Record, TopicKind, topic_name
 from ingest.credentials import CredentialStore, credentials_present
 from ingest.errors import ConfigError, CredentialError, DeliveryError, IngestError, OkxApiError, ProtocolError
+from ingest.io.aiokafka_compat import membership
 from ingest.io.delivery import Delivery
 from ingest.io.journal import Journal
 from ingest.io.kafka import KafkaSink, describe
@@ -130,6 +131,7 @@ from ingest.io.kafka_security import kafka_client_kwargs
 from ingest.io.rest import AUTH_FAILURE_CODES, CircuitOpenError, OkxRestClient
 from ingest.io.sink import EncodedRecord
 from ingest.okx.channels import candle_bar
+from ingest.runtime import bounded, stop_task
 from ingest.services.clock import ClockService
 
 log = logging.getLogger(__name__)
@@ -816,25 +818,24 @@ class _Lease:
         self._consumer = consumer
         self._timeout_s = timeout_s
         self._starts = {tp: OffsetAndMetadata(off, "") for tp, off in starts.items()}
-        self._coordinator: Any = getattr(consumer, "_coordinator", None)
         self._generation = self._state()
         self._valid_s = session_s / 2
         self._confirmed_at: float | None = None
         self._counters = counters
         self.lost: str | None = None
 
-    def _state(self) -> tuple[object, object]:
-        c = self._coordinator
-        return (getattr(c, "generation", None), getattr(c, "member_id", None))
+    def _state(self) -> tuple[object, object] | None:
+        state = membership(self._consumer)
+        return None if state is None else state[:2]
 
     def _local(self) -> str | None:
         missing = set(self._starts) - self._consumer.assignment()
         if missing:
             return f"partitions {sorted(tp.partition for tp in missing)} are no longer assigned to this worker"
-        if self._state() != self._generation:
+        state = membership(self._consumer)
+        if state is not None and state[:2] != self._generation:
             return "the consumer group moved to a new generation"
-        rejoin = getattr(self._coordinator, "_rejoin_needed_fut", None)
-        if rejoin is not None and rejoin.done():
+        if state is not None and state[2]:
             return "the consumer group is rebalancing"
         return None
 
@@ -1184,16 +1185,7 @@ class BackfillWorker:
         An abandoned batch commits nothing: its commit is its last step, after everything it put was
         acknowledged, and a cancelled batch never gets there.
         """
-        task.cancel()
-        try:
-            async with asyncio.timeout(self.settings.backfill.stop_timeout_s):
-                await asyncio.wait({task})
-        except TimeoutError:
-            log.error("backfill_batch_stop_timeout", extra={
-                "worker": self.name, "timeout_s": self.settings.backfill.stop_timeout_s,
-                "consequence": "left behind; it cannot commit once the consumer is stopped"})
-            return False
-        return True
+        return await stop_task(task, self.settings.backfill.stop_timeout_s, what=f"{self.name} batch")
 
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         task = self._batch
@@ -1224,18 +1216,11 @@ class BackfillWorker:
         if task is not None and not task.done():
             await self._settle(task)
         consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            try:
-                async with asyncio.timeout(bf.stop_timeout_s):
-                    await consumer.stop()
-            except Exception as exc:  # TimeoutError included: leave-group is a courtesy, the session expires
-                log.warning("backfill_consumer_stop_failed", extra={"error": str(exc) or type(exc).__name__})
+        if consumer is not None:  # leave-group is a courtesy: if it does not finish, the session expires
+            await bounded(consumer.stop(), bf.stop_timeout_s, what=f"{self.name} gap consumer stop")
         close_s = self.settings.journal.close_timeout_s
-        try:
-            async with asyncio.timeout(close_s + bf.stop_timeout_s):
-                await self.delivery.close(timeout_s=close_s)
-        except TimeoutError:
-            log.error("backfill_delivery_close_timeout", extra={"timeout_s": close_s + bf.stop_timeout_s})
+        await bounded(self.delivery.close(timeout_s=close_s), close_s + bf.stop_timeout_s,
+                      what=f"{self.name} delivery close")
         log.info("backfill_stopped", extra={"worker": self.name, **_summary(self.stats())})
         self._notify()
 
