@@ -841,6 +841,7 @@ class _Lease:
 
     async def check(self) -> None:
         """Return while the batch's partitions are provably this worker's; else raise FencedError."""
+        known = self.lost is not None
         if self.lost is None:
             self.lost = self._local()
         if self.lost is None and (self._confirmed_at is None
@@ -851,7 +852,7 @@ class _Lease:
                     await self._consumer.commit(dict(self._starts))
             except asyncio.CancelledError:  # the refusal made the consumer rejoin, which revoked the batch
                 self.lost = "the partitions were revoked while the group coordinator was being asked"
-                self._counters.fenced += 1
+                self._counters.fenced += 1  # once per batch: the batch is gone
                 raise
             except Exception as exc:  # refused (expelled, old generation, rebalancing) or no answer
                 self.lost = f"the group coordinator did not confirm the partitions: {type(exc).__name__}: {exc}"
@@ -859,7 +860,8 @@ class _Lease:
                 self._confirmed_at = sent
                 self.lost = self._local()
         if self.lost is not None:
-            self._counters.fenced += 1
+            if not known:  # counted once per batch, however many of its fills run into it
+                self._counters.fenced += 1
             raise FencedError(f"stopped publishing for this batch: {self.lost}")
 
 
