@@ -114,7 +114,9 @@ run `okx-ingest COMMAND --help` for a command's options.""",
     "backfill": """examples:
   okx-ingest backfill --config okx-ingest.toml      fill the gaps the recorder reports, until stopped
   okx-ingest backfill --config okx-ingest.toml --channel trades --inst BTC-USDT \\
-      --since 2026-11-24T10:00:00Z --until 2026-11-24T11:00:00Z""",
+      --since 2026-11-24T10:00:00Z --until 2026-11-24T11:00:00Z
+with --channel, the exit code says how the range ended: 0 filled, 3 partial, 4 unfillable,
+1 not finished (Kafka unreachable, or OKX kept failing: run it again), 2 a usage or settings error.""",
     "check": """example:
   okx-ingest check --config okx-ingest.toml   exit code 0 when everything is ready to record""",
     "tail": """examples:
