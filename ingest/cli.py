@@ -19,6 +19,9 @@ from ingest.errors import ConfigError, IngestError
 if TYPE_CHECKING:
     from ingest.config import Settings
 
+if TYPE_CHECKING:
+    from ingest.services.backfill import RangeResult
+
 
 def _iso_ms(value: str) -> int:
     """Epoch ms of an ISO-8601 date/time (UTC when no zone is given)."""
@@ -130,7 +133,9 @@ run `okx-ingest COMMAND --help` for a command's options.""",
     "backfill": """examples:
   okx-ingest backfill --config okx-ingest.toml      fill the gaps the recorder reports, until stopped
   okx-ingest backfill --config okx-ingest.toml --channel trades --inst BTC-USDT \\
-      --since 2026-11-24T10:00:00Z --until 2026-11-24T11:00:00Z""",
+      --since 2026-11-24T10:00:00Z --until 2026-11-24T11:00:00Z
+with --channel, the exit code says how the range ended: 0 filled, 3 partial, 4 unfillable,
+1 not finished (Kafka unreachable, or OKX kept failing: run it again), 2 a usage or settings error.""",
     "check": """example:
   okx-ingest check --config okx-ingest.toml   exit code 0 when everything is ready to record""",
     "tail": """examples:
@@ -207,9 +212,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.channel:
                 missing = [n for n in ("inst", "since", "until") if getattr(args, n) is None]
                 if missing:
-                    raise SystemExit(f"backfill --channel needs --{', --'.join(missing)}")
-                return _run(_count_to_rc(backfill_range(settings, args.channel, args.inst, args.since,
-                                                        args.until, sys.stderr.isatty())))
+                    print(f"okx-ingest: backfill --channel needs --{', --'.join(missing)} (e.g. --channel trades "
+                          "--inst BTC-USDT --since 2026-11-24T10:00:00Z --until 2026-11-24T11:00:00Z)",
+                          file=sys.stderr)
+                    return 2
+                return _run(_range_rc(backfill_range(settings, args.channel, args.inst, args.since,
+                                                     args.until, sys.stderr.isatty())))
             require_writable_dir(settings.backfill.journal_dir or settings.journal.dir,
                                  "backfill.journal_dir" if settings.backfill.journal_dir else "journal.dir")
             require_free_port(settings.obs.metrics_host, settings.backfill.metrics_port, "backfill.metrics_port")
@@ -318,10 +326,9 @@ def require_free_port(host: str, port: int, key: str) -> None:
                               "use an address of this host (127.0.0.1, 0.0.0.0, the pod IP)") from None
 
 
-async def _count_to_rc(coro: Coroutine[Any, Any, int]) -> int:
-    n = await coro
-    print(f"backfilled {n} records", file=sys.stderr)
-    return 0
+async def _range_rc(coro: Coroutine[Any, Any, RangeResult]) -> int:
+    """The range's exit code: 0 filled, 3 partial, 4 unfillable, 1 not finished (see RangeResult)."""
+    return (await coro).exit_code
 
 
 if __name__ == "__main__":  # pragma: no cover

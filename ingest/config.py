@@ -512,10 +512,12 @@ class BackfillSettings(_Section):
         default=300_000, description="a worker that does not poll for this long leaves the group (the worker "
                                      "keeps polling while it fills a long gap)")
     gap_max_attempts: Annotated[int, Field(gt=0)] = Field(
-        default=5, description="tries per gap while OKX fails transiently (5xx, breaker open, timeouts) before "
-                               "it is reported partial, so no gap is retried forever")
+        default=5, description="tries of a gap in one pass while OKX fails transiently (breaker, 429/50011, 5xx, "
+                               "timeouts), each after a growing wait; then the gap is put back open on okx.gaps "
+                               "and retried later. Transient failures never make a gap partial or unfillable")
     gap_retry_max_s: Annotated[float, Field(gt=0)] = Field(
-        default=60.0, description="longest wait between two tries of one gap")
+        default=60.0, description="longest wait between two tries of one gap (the waits grow up to it, also "
+                                  "across passes)")
     max_records_per_gap: Annotated[int, Field(gt=0)] = Field(
         default=2_000_000, description="rows fetched for one coalesced range at most; beyond, the gap is partial")
     readback: bool = Field(
@@ -535,6 +537,9 @@ class BackfillSettings(_Section):
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = Field(
         default=9109, description="/metrics, /healthz, /readyz of the worker on obs.metrics_host: its own port, so "
                                   "the recorder and the worker can share one config file on one host")
+    stop_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        default=10.0, description="longest wait for each step of the worker's stop or rebalance (the running "
+                                  "batch, the consumer); the delivery gets journal.close_timeout_s on top")
 
     @model_validator(mode="after")
     def _retry_bounds(self) -> BackfillSettings:

@@ -7,10 +7,19 @@ Windows (what one gap asks for, in its stream's own coordinates; conventions of 
 * trades, trades-all: the tradeIds strictly between `before.trade_id` (last good id) and `after.trade_id`
   (first id after). A side without an id is bounded by time instead: no `before` -> ts >= the time the gap
   opened; no `after` (the stream did not resume) -> ts <= the time it was detected. Negative tradeIds
-  (liquidation and ADL fills) are outside OKX's id sequence and never inside an id window.
+  (liquidation and ADL fills, SPEC 4) are outside OKX's id sequence: one is inside a gap when its ts is
+  within the gap's time bounds [before.ts, after.ts]. Paging by tradeId returns them at their place in
+  time (the simulator's model; OKX does not document it), so an id walk runs until it has reached the
+  `before` trade itself, and its cursor follows the ordinary ids. Two adjacent ordinary ids still make an
+  empty window (not walked): a liquidation fill alone between them is not looked for.
 * candle<bar>: confirmed bars opening in [before.ts, after.ts). The bar at before.ts is included: its
   confirmed version is what a disconnect usually costs. Unconfirmed bars are never published.
 * fills, orders: ts (fill time, order uTime) in [before.ts, after.ts].
+* funding-rate: the settlements with fundingTime in [before.ts, after.ts], from
+  /public/funding-rate-history (SPEC-external, OKX v5 docs: newest first, `after` = older than a fundingTime,
+  3 months kept). Each becomes a FundingRate record of the stream (ts = fundingTime, settFundingRate = the
+  realized rate, settState settled). The predicted rates pushed between settlements are not kept by OKX;
+  the settlements are what the stream's history is, so a covered window is `filled`.
 * books: OKX keeps no book history; one fresh /market/books snapshot per stream re-baselines it (status
   partial: the missed increments themselves are gone).
 * Everything else (tickers, mark price, positions, balances, algo orders, ...) has no REST history:
@@ -37,7 +46,10 @@ candle open times; ordId+state; billId and ordId+tradeId), and publishes a row o
 present, adding its keys as it goes.
 
 Statuses: a member window the walk covered is `filled` (even when every row was already in the topic);
-one it did not fully cover is `partial` if OKX returned any of its rows, `unfillable` if none.
+one it did not fully cover because of a definitive answer (OKX's history ends before it, it is older than
+OKX keeps, OKX refused the request for good) is `partial` if OKX returned any of its rows, `unfillable`
+if none. A walk cut short by a transient failure (breaker open or probing, 429/50011, 5xx, timeout,
+transport error) decides nothing: the gap stays `open` and is tried again later (`judge(transient=True)`).
 """
 
 from __future__ import annotations
@@ -50,7 +62,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from ingest.core.records import Candle, Fill, GapEvent, GapStatus, OkxRecord, Order, Trade
+from ingest.core.records import Candle, Fill, FundingRate, GapEvent, GapStatus, OkxRecord, Order, Source, Trade
 from ingest.okx.channels import candle_bar
 
 DAY_MS = 86_400_000
@@ -62,6 +74,7 @@ BOOKS_PATH = "/api/v5/market/books"
 FILLS_PATH = "/api/v5/trade/fills-history"
 ORDERS_PATH = "/api/v5/trade/orders-history"
 ORDERS_ARCHIVE_PATH = "/api/v5/trade/orders-history-archive"
+FUNDING_PATH = "/api/v5/public/funding-rate-history"
 
 #: How far back each history endpoint reaches (SPEC 8.3; "3 months" taken as 90 days).
 HISTORY_KEEP_MS: Mapping[str, int] = {
@@ -69,6 +82,7 @@ HISTORY_KEEP_MS: Mapping[str, int] = {
     FILLS_PATH: 90 * DAY_MS,
     ORDERS_PATH: 7 * DAY_MS,
     ORDERS_ARCHIVE_PATH: 90 * DAY_MS,
+    FUNDING_PATH: 90 * DAY_MS,
 }
 #: history-candles keeps 1s bars for 3 months only; other bars for "recent years" (no bound known).
 ONE_SECOND_BARS_KEEP_MS = 90 * DAY_MS
@@ -77,7 +91,7 @@ RECENT_CANDLES = 1440
 #: Rows per page (SPEC 8.3 maxima; history-candles: 100, what older docs and clients still say).
 PAGE_LIMIT: Mapping[str, int] = {
     TRADES_PATH: 100, CANDLES_PATH: 300, HISTORY_CANDLES_PATH: 100, FILLS_PATH: 100, ORDERS_PATH: 100,
-    ORDERS_ARCHIVE_PATH: 100,
+    ORDERS_ARCHIVE_PATH: 100, FUNDING_PATH: 100,
 }
 #: /market/books depth per side for each book channel's snapshot.
 BOOK_DEPTH: Mapping[str, int] = {"books": 400, "books-l2-tbt": 400, "books50-l2-tbt": 50, "books5": 5, "bbo-tbt": 1}
@@ -96,6 +110,7 @@ class DataKind(enum.StrEnum):
     BOOKS = "books"
     FILLS = "fills"
     ORDERS = "orders"
+    FUNDING = "funding"
 
 
 def data_kind(channel: str) -> DataKind | None:
@@ -110,6 +125,8 @@ def data_kind(channel: str) -> DataKind | None:
         return DataKind.FILLS
     if channel == "orders":
         return DataKind.ORDERS
+    if channel == "funding-rate":
+        return DataKind.FUNDING
     return None
 
 
@@ -189,6 +206,8 @@ class Window:
 
     def contains(self, ts: int, trade_id: int | None = None) -> bool:
         """Whether a row (its ts, and tradeId for trades) falls strictly inside the gap."""
+        if trade_id is not None and trade_id < 0:  # a liquidation/ADL fill: placed by its time only
+            return self.lo_ts <= ts <= self.hi_ts
         if self.lo_id is not None:
             if trade_id is None or trade_id <= self.lo_id:
                 return False
@@ -281,7 +300,7 @@ def precheck(stream: Stream | None, window: Window, channel: str, now_ms: int) -
     if stream is None:
         return Outcome(GapStatus.UNFILLABLE, 0, f"OKX's REST API keeps no history of channel {channel!r}; "
                                                 "the stream itself re-baselines it")
-    if stream.kind in (DataKind.TRADES, DataKind.CANDLES, DataKind.BOOKS) and not stream.inst_id:
+    if stream.kind in (DataKind.TRADES, DataKind.CANDLES, DataKind.BOOKS, DataKind.FUNDING) and not stream.inst_id:
         return Outcome(GapStatus.UNFILLABLE, 0, f"gap on {channel!r} names no instId")
     if stream.kind is DataKind.BOOKS:
         return None
@@ -295,6 +314,8 @@ def precheck(stream: Stream | None, window: Window, channel: str, now_ms: int) -
         keep, what = HISTORY_KEEP_MS[FILLS_PATH], "fills-history"
     elif stream.kind is DataKind.ORDERS:
         keep, what = HISTORY_KEEP_MS[ORDERS_ARCHIVE_PATH], "orders-history-archive"
+    elif stream.kind is DataKind.FUNDING:
+        keep, what = HISTORY_KEEP_MS[FUNDING_PATH], "funding-rate-history"
     elif candle_bar(channel) == "1s":
         keep, what = ONE_SECOND_BARS_KEEP_MS, "history-candles (1s bars)"
     if keep is not None and window.hi_ts < now_ms - keep:
@@ -411,12 +432,15 @@ class TradeWalk(_Walk):
         if not page:
             self.exhausted = True
             return
-        low = min(tid for tid, _ in page)
-        if self.cursor is not None and low >= self.cursor:
+        ordinary = [tid for tid, _ in page if tid > 0]
+        # The cursor follows the ordinary ids; a page of liquidation fills only pages on from its oldest row.
+        low = min(ordinary) if ordinary else page[-1][0]
+        if self.cursor is not None and (low >= self.cursor if low > 0 and self.cursor > 0 else low == self.cursor):
             self.stalled = True
             return
         self.cursor = low
-        self.min_id = low if self.min_id is None else min(self.min_id, low)
+        if ordinary:
+            self.min_id = low if self.min_id is None else min(self.min_id, low)
         low_ts = min(ts for _, ts in page)
         self.min_ts = low_ts if self.min_ts is None else min(self.min_ts, low_ts)
         self.complete = self.covers(self.span)
@@ -425,8 +449,10 @@ class TradeWalk(_Walk):
         """Whether every row of `w` has been returned by the pages so far."""
         if self.complete:
             return True
-        if w.lo_id is not None:
-            return self.min_id is not None and self.min_id <= w.lo_id + 1
+        if w.lo_id is not None:  # down to the `before` trade itself: fills at its place come with it
+            # (or to the first id after it when OKX keeps nothing older: then nothing older is to be had)
+            return self.min_id is not None and (self.min_id <= w.lo_id
+                                                or (self.exhausted and self.min_id <= w.lo_id + 1))
         return self.min_ts is not None and self.min_ts < w.lo_ts
 
     def stop(self) -> None:
@@ -456,6 +482,43 @@ class CandleWalk(_Walk):
             self.exhausted = True
             return
         low = min(opens)
+        if self.cursor is not None and low >= self.cursor:
+            self.stalled = True
+            return
+        self.cursor = low
+        self.min_ts = low if self.min_ts is None else min(self.min_ts, low)
+        self.complete = low <= self.span.lo_ts
+
+    def covers(self, w: Window) -> bool:
+        return self.complete or (self.min_ts is not None and self.min_ts <= w.lo_ts)
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+class FundingWalk(_Walk):
+    """A newest-first walk of /public/funding-rate-history by fundingTime down to the span's lower bound."""
+
+    path = FUNDING_PATH
+
+    def __init__(self, inst_id: str, span: Window) -> None:
+        super().__init__(PAGE_LIMIT[FUNDING_PATH])
+        self.inst_id = inst_id
+        self.span = span
+
+    def query(self) -> dict[str, str] | None:
+        if self.done:
+            return None
+        after = self.cursor if self.cursor is not None else self.span.hi_ts + 1
+        return {"instId": self.inst_id, "after": str(after), "limit": str(self.limit)}
+
+    def feed(self, times: Sequence[int]) -> None:
+        """One page's fundingTimes."""
+        self.pages += 1
+        if not times:
+            self.exhausted = True
+            return
+        low = min(times)
         if self.cursor is not None and low >= self.cursor:
             self.stalled = True
             return
@@ -564,6 +627,8 @@ def natural_keys(record: OkxRecord) -> list[Hashable]:
         return [("t", i) for i in covered_trade_ids(tid, _int(record.count))]
     if isinstance(record, Candle):
         return [("c", record.ts)] if record.confirm else []
+    if isinstance(record, FundingRate):  # a settlement published from REST; pushes settle nothing by time
+        return [("fs", record.funding_time)] if record.source is Source.REST and record.funding_time else []
     if isinstance(record, Order):
         return [("o", record.ord_id, record.state or "")]
     if isinstance(record, Fill):
@@ -613,8 +678,11 @@ class ReadbackScope:
             return []
         if isinstance(record, Trade) and self.lo_id is not None and self.hi_id is not None:
             lo, hi = self.lo_id, self.hi_id
+            if not self.lo_ts <= record.ts <= self.hi_ts:  # liquidation fills are placed by time
+                return [k for k in natural_keys(record) if isinstance(k, tuple) and k[0] == "t"
+                        and isinstance(k[1], int) and lo < k[1] < hi]
             return [k for k in natural_keys(record) if isinstance(k, tuple) and k[0] == "t"
-                    and isinstance(k[1], int) and lo < k[1] < hi]
+                    and isinstance(k[1], int) and (lo < k[1] < hi or k[1] < 0)]
         if not self.lo_ts <= record.ts <= self.hi_ts:
             return []
         return natural_keys(record)
@@ -623,13 +691,26 @@ class ReadbackScope:
 # --------------------------------------------------------------------------------------------- outcomes
 
 
-def judge(*, covered: bool, found: int, published: int, shortfall: str) -> Outcome:
-    """The status of one gap after its walk: `found` rows of it came back, `published` were new."""
+def judge(*, covered: bool, found: int, published: int, shortfall: str, transient: bool = False) -> Outcome:
+    """The status of one gap after its walk: `found` rows of it came back, `published` were new.
+
+    `transient`: the walk ended on a failure that says nothing about what OKX keeps (breaker, 429/50011, 5xx,
+    timeout, transport, a slow read-back). Such a gap is never decided: it stays `open` (a new revision for
+    the worker to take up again later), whatever the walk found so far.
+    """
     known = found - published
     done = f"{published} records backfilled" + (f", {known} already in the topic" if known else "")
     if covered:
         return Outcome(GapStatus.FILLED, published, done)
+    if transient:
+        return Outcome(GapStatus.OPEN, published, f"still open, retried later: {shortfall}; {done}")
     return Outcome(GapStatus.PARTIAL if found else GapStatus.UNFILLABLE, published, f"{shortfall}; {done}")
+
+
+def retry_delay(backoff_s: float, retry_after_s: float | None, cap_s: float) -> float:
+    """How long a gap waits before its next try after a transient failure: the growing backoff, or longer
+    when the failure names its own wait (an open breaker's cooldown), never beyond `cap_s` and never 0."""
+    return min(cap_s, max(backoff_s, retry_after_s or 0.0))
 
 
 def status_update(gap: GapEvent, outcome: Outcome, *, attempts: int, now_ns: int) -> GapEvent:

@@ -1287,6 +1287,24 @@ def book_from_rest(row: Mapping[str, object], *, inst_id: str, recv_ts_ns: int,
     return _rest(channel, row, recv_ts_ns, build, inst_id=inst_id)
 
 
+#: /public/funding-rate-history rows: a settlement, its time as the record's ts, the realized rate as
+#: settFundingRate (OKX docs: realizedRate is the actual funding rate of that settlement).
+_FUNDING_SETTLEMENT = _Spec(FundingRate, {
+    "method": S, "formulaType": S, "fundingTime": I, "fundingRate": D, "realizedRate": D},
+    required=["fundingTime"], ts="fundingTime", renames={"realizedRate": "settFundingRate"})
+
+
+def funding_rate_from_rest(row: Mapping[str, object], *, recv_ts_ns: int) -> FundingRate | DeadLetter:
+    """A /public/funding-rate-history row as the FundingRate of the `funding-rate` stream at that settlement
+    (ts = fundingTime, settState settled). recordId: rest:funding-rate:{instId}:{fundingTime}."""
+    def build(ctx: _Ctx) -> FundingRate:
+        record = _FUNDING_SETTLEMENT.build(row, ctx.common(0), ctx)
+        assert isinstance(record, FundingRate)
+        record = msgspec.structs.replace(record, sett_state="settled")
+        return _with_id(record, f"{record.inst_id}:{record.funding_time}")
+    return _rest("funding-rate", row, recv_ts_ns, build)
+
+
 def fill_from_rest(row: Mapping[str, object], *, recv_ts_ns: int) -> Fill | DeadLetter:
     """A /trade/fills or /trade/fills-history row. recordId: rest:fills:{billId} (or {instId}:{tradeId}:{ordId})."""
     def build(ctx: _Ctx) -> Fill:

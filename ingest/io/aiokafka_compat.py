@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import ProducerClosed
 
 from ingest.runtime import bounded
@@ -69,3 +69,39 @@ async def stop_producer(producer: AIOKafkaProducer, timeout_s: float) -> bool:
 async def _stop(producer: AIOKafkaProducer) -> bool:
     await producer.stop()
     return True
+
+
+# ------------------------------------------------------------------------------------ consumer membership
+
+#: The private attributes the backfill's fencing reads: consumer -> group coordinator, and its state.
+_COORDINATOR = "_coordinator"
+_COORDINATOR_NEEDS = ("generation", "member_id", "_rejoin_needed_fut")
+
+
+def missing_membership_internals(consumer: AIOKafkaConsumer) -> list[str]:
+    """The private names `membership` needs that `consumer` (an unstarted group consumer will not do: its
+    coordinator exists once started) does not have."""
+    coordinator = getattr(consumer, _COORDINATOR, None)
+    if coordinator is None:
+        return [_COORDINATOR]
+    return [f"{_COORDINATOR}.{name}" for name in _COORDINATOR_NEEDS if not hasattr(coordinator, name)]
+
+
+def membership(consumer: AIOKafkaConsumer) -> tuple[object, object, bool] | None:
+    """(generation, member_id, rejoin pending) of a started group consumer as aiokafka knows them, or None
+    when the internals are gone (logged once): the caller then relies on the broker's answers alone."""
+    global _warned_membership
+    missing = missing_membership_internals(consumer)
+    if missing:
+        if not _warned_membership:
+            _warned_membership = True
+            log.error("aiokafka_internals_missing", extra={
+                "missing": missing, "consequence": "the backfill's fencing checks only the coordinator's answers; "
+                "pin aiokafka to a checked version (see pyproject.toml)"})
+        return None
+    coordinator: Any = getattr(consumer, _COORDINATOR)
+    rejoin = coordinator._rejoin_needed_fut
+    return coordinator.generation, coordinator.member_id, bool(rejoin.done())
+
+
+_warned_membership = False

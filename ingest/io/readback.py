@@ -26,15 +26,16 @@ from ingest.io.kafka_security import kafka_client_kwargs
 #: The topic each data kind is published to (and read back from).
 TOPIC_OF_KIND: Mapping[DataKind, TopicKind] = {
     DataKind.TRADES: TopicKind.TRADES, DataKind.CANDLES: TopicKind.CANDLES, DataKind.BOOKS: TopicKind.BOOKS,
-    DataKind.FILLS: TopicKind.FILLS, DataKind.ORDERS: TopicKind.ORDERS,
+    DataKind.FILLS: TopicKind.FILLS, DataKind.ORDERS: TopicKind.ORDERS, DataKind.FUNDING: TopicKind.FUNDING_RATES,
 }
 #: The Avro record each data kind's topic holds (the `schema` header), to decode only what matters.
 _SCHEMA: Mapping[DataKind, bytes] = {
     DataKind.TRADES: b"okx.ingest.v1.Trade", DataKind.CANDLES: b"okx.ingest.v1.Candle",
     DataKind.FILLS: b"okx.ingest.v1.Fill", DataKind.ORDERS: b"okx.ingest.v1.Order",
+    DataKind.FUNDING: b"okx.ingest.v1.FundingRate",
 }
 #: Kinds whose records are keyed by instId (one partition holds a stream); fills and orders are keyed by ordId.
-_KEYED_BY_INST = frozenset({DataKind.TRADES, DataKind.CANDLES, DataKind.BOOKS})
+_KEYED_BY_INST = frozenset({DataKind.TRADES, DataKind.CANDLES, DataKind.BOOKS, DataKind.FUNDING})
 
 
 class ReadbackError(IngestError):

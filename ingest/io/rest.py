@@ -117,6 +117,8 @@ OKX_LIMITS: Mapping[str, EndpointLimit] = {
     "/api/v5/market/history-candles": EndpointLimit(20, 2.0, Scope.IP),
     "/api/v5/market/books": EndpointLimit(40, 2.0, Scope.IP),
     "/api/v5/market/books-full": EndpointLimit(10, 2.0, Scope.IP),
+    # OKX counts it per IP and instId; counted per IP here, which never exceeds that.
+    "/api/v5/public/funding-rate-history": EndpointLimit(10, 2.0, Scope.IP),
     "/api/v5/trade/fills": EndpointLimit(60, 2.0, Scope.USER),
     "/api/v5/trade/fills-history": EndpointLimit(10, 2.0, Scope.USER),
     "/api/v5/trade/orders-history": EndpointLimit(40, 2.0, Scope.USER),
@@ -334,13 +336,19 @@ class CircuitOpenError(IngestError):
 
     retriable = True
 
-    def __init__(self, endpoint: str, failures: int, retry_after_s: float, last_failure: str | None = None) -> None:
+    def __init__(self, endpoint: str, failures: int, retry_after_s: float, last_failure: str | None = None, *,
+                 probing: bool = False) -> None:
         self.endpoint = endpoint
+        #: Always > 0: how long to wait before asking again (the rest of the cooldown, or while the probe is
+        #: out the time it may take to decide), so no caller spins on an open breaker.
         self.retry_after_s = retry_after_s
+        self.probing = probing
         cause = f" (last: {last_failure})" if last_failure else ""
+        when = (f"a probe request is deciding whether it recovered; ask again in {retry_after_s:.1f} s" if probing
+                else f"the next probe is allowed in {retry_after_s:.1f} s")
         super().__init__(
-            f"OKX endpoint {endpoint} is paused after {failures} consecutive failures{cause}; the next probe is "
-            f"allowed in {retry_after_s:.1f} s. Check the network and OKX's status page if this persists."
+            f"OKX endpoint {endpoint} is paused after {failures} consecutive failures{cause}; {when}. Check the "
+            "network and OKX's status page if this persists."
         )
 
 
@@ -349,12 +357,19 @@ class CircuitBreaker:
 
     The probe's success closes the breaker; its failure opens it for another cooldown. Other callers get
     CircuitOpenError while open or while the probe is out, so a sick endpoint sees one request per cooldown.
+    The error's `retry_after_s` is never 0: while the probe is out it is `probe_wait_s` (default: the
+    cooldown; the client passes its request timeout when shorter, the longest a probe can take to decide).
     """
 
-    def __init__(self, endpoint: str, failures: int, cooldown_s: float, monotonic: Callable[[], float]) -> None:
+    #: The shortest wait an open breaker asks for (the end of a cooldown can be a few microseconds away).
+    MIN_RETRY_S: ClassVar[float] = 0.01
+
+    def __init__(self, endpoint: str, failures: int, cooldown_s: float, monotonic: Callable[[], float],
+                 probe_wait_s: float | None = None) -> None:
         self.endpoint = endpoint
         self._threshold = failures
         self._cooldown = cooldown_s
+        self._probe_wait = max(self.MIN_RETRY_S, min(cooldown_s, probe_wait_s) if probe_wait_s else cooldown_s)
         self._monotonic = monotonic
         self.consecutive_failures = 0
         self._opened_at: float | None = None
@@ -380,7 +395,10 @@ class CircuitBreaker:
             log.info("rest_breaker_probe", extra={"endpoint": self.endpoint})
             return True
         assert self._opened_at is not None
-        remaining = max(0.0, self._opened_at + self._cooldown - self._monotonic())
+        if state is BreakerState.HALF_OPEN:  # the probe is out: its answer decides, not the clock
+            raise CircuitOpenError(self.endpoint, self.consecutive_failures, self._probe_wait, self.last_failure,
+                                   probing=True)
+        remaining = max(self.MIN_RETRY_S, self._opened_at + self._cooldown - self._monotonic())
         raise CircuitOpenError(self.endpoint, self.consecutive_failures, remaining, self.last_failure)
 
     def on_success(self) -> None:
@@ -619,6 +637,7 @@ class OkxRestClient:
         self.registry = registry or LimiterRegistry.default()
         self.on_clock_expired = on_clock_expired
         self._max_attempts = max_attempts
+        self._timeout_s = timeout_s
         self._retry_initial = retry_initial_s
         self._retry_max = retry_max_s
         self._breaker_failures = breaker_failures
@@ -848,7 +867,7 @@ class OkxRestClient:
         found = self._breakers.get(path)
         if found is None:
             found = self._breakers[path] = CircuitBreaker(path, self._breaker_failures, self._breaker_cooldown,
-                                                          self._monotonic)
+                                                          self._monotonic, probe_wait_s=self._timeout_s)
         return found
 
     def _signing_identity(self, method: str, path: str) -> tuple[str, str]:

@@ -29,29 +29,43 @@ This covers a worker killed mid-gap, a batch abandoned on rebalance, a gap event
 overlapping gaps, and time-bounded edges where the recorder's own records sit. For the same reason the
 worker discards its delivery journal's unacknowledged backlog at start: every record in it belongs to an
 uncommitted batch that its partition's owner redoes, so replaying it could only duplicate.
-Limits (documented, not fixed here): a zombie worker that keeps publishing after losing its partitions
-(the embedded broker has no transactions to fence it), a produce request still in flight when a worker is
-SIGKILLed and appended after the next owner read back (milliseconds against a session timeout), and
+Fencing. A worker cut off from its group (paused or partitioned past `session_timeout_ms`) may have lost
+its partitions without being told yet. Before it puts any record of a batch (data, status update) and
+before it commits, it checks a lease (`_Lease`): the partitions are still assigned in the same group
+generation, and at least every session_timeout / 2 the coordinator confirms the membership (the batch's
+start offsets committed again, which the broker refuses for an expelled member). A refused or unanswered
+check abandons the batch uncommitted (log `backfill_fenced`, metric `backfill_fenced`).
+Limits (documented, not fixed here; the embedded broker has no transactions): records a worker handed to
+its delivery before it was cut off may still be sent after it, and a produce request still in flight
+when a worker is SIGKILLed may be appended after the next owner read back (milliseconds against a session
+timeout); and
 status updates, which may repeat after such a redo with the same `record_id` (`gap:{id}:{revision}`) for
 consumers to drop. Books are re-baselined with a new snapshot on every attempt.
 
-Unfillable gaps (no REST history for the channel, older than OKX keeps, 50030/50120 permission, unknown
-instrument, private channel without an API key) are published as `unfillable` with the reason and
-committed: never retried. Transient failures (5xx, breaker open, timeouts) are retried per gap with
-jittered backoff up to `gap_max_attempts`, then reported `partial` (counted as failed). Authentication
-failures stop the worker (fix the key; nothing is committed, nothing lost).
+Only a definitive answer decides a gap. `unfillable` (published with the reason, committed, never retried)
+means OKX said so: no REST history for the channel, older than OKX keeps, OKX's history ends before the
+gap, 50030/50120 permission, unknown instrument, a private channel without an API key. Transient failures
+(breaker open or its probe in flight, 429/50011, 5xx, timeouts, transport errors, a slow read-back) never
+decide anything: each costs one of the gap's `gap_max_attempts` tries only after a real wait that grows
+with every try (`equal_jitter` from `retry_initial_s` up to `gap_retry_max_s`, at least the breaker's own
+retry_after); when the tries are used up the gap is deferred: a new `open` revision (attempts counted,
+the reason in `note`) goes to okx.gaps and the offset is committed, so the group takes it up again later,
+waiting longer each time (metric `backfill_gaps_deferred`, log `backfill_gap_deferred`). Rows already
+published are found by the read-back on the next try and not published again. Authentication failures
+stop the worker (fix the key; nothing is committed, nothing lost).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -60,9 +74,9 @@ from typing import Any, Protocol, TextIO, TypeAlias
 from aiokafka import AIOKafkaConsumer
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
-from aiokafka.structs import ConsumerRecord, TopicPartition
+from aiokafka.structs import ConsumerRecord, OffsetAndMetadata, TopicPartition
 
-from ingest.config import BackfillSettings, JournalSettings, Settings
+from ingest.config import BackfillSettings, JournalSettings, KafkaSettings, Settings
 from ingest.core.avro import DecodeError, RecordEncoder, decode
 from ingest.core.backfill import (
     BOOK_DEPTH,
@@ -74,6 +88,7 @@ from ingest.core.backfill import (
     CandleWalk,
     CursorWalk,
     DataKind,
+    FundingWalk,
     Job,
     Outcome,
     Present,
@@ -90,15 +105,24 @@ from ingest.core.backfill import (
     orders_path,
     plan_jobs,
     precheck,
+    retry_delay,
     status_update,
 )
-from ingest.core.backoff import full_jitter
+from ingest.core.backoff import equal_jitter, full_jitter
 from ingest.core.clock import ServerClock
-from ingest.core.normalize import book_from_rest, candle_from_rest, fill_from_rest, order_from_rest, trade_from_rest
+from ingest.core.normalize import (
+    book_from_rest,
+    candle_from_rest,
+    fill_from_rest,
+    funding_rate_from_rest,
+    order_from_rest,
+    trade_from_rest,
+)
 from ingest.core.orders import BoundedSeen
 from ingest.core.records import DeadLetter, GapEvent, GapStatus, OkxRecord, Record, TopicKind, topic_name
 from ingest.credentials import CredentialStore, credentials_present
 from ingest.errors import ConfigError, CredentialError, DeliveryError, IngestError, OkxApiError, ProtocolError
+from ingest.io.aiokafka_compat import membership
 from ingest.io.delivery import Delivery
 from ingest.io.journal import Journal
 from ingest.io.kafka import KafkaSink, describe
@@ -107,6 +131,7 @@ from ingest.io.readback import ReadbackError, TopicReadback, bootstrap_of, consu
 from ingest.io.rest import AUTH_FAILURE_CODES, CircuitOpenError, OkxRestClient
 from ingest.io.sink import EncodedRecord
 from ingest.okx.channels import candle_bar
+from ingest.runtime import bounded, stop_task
 from ingest.services.clock import ClockService
 
 log = logging.getLogger(__name__)
@@ -132,6 +157,8 @@ class BackfillStats:
     gaps_partial: int
     gaps_unfillable: int
     gaps_failed: int
+    gaps_deferred: int
+    fenced: int
     gaps_ignored: int
     gaps_duplicate: int
     gaps_undecodable: int
@@ -169,6 +196,8 @@ class _Counters:
     gaps_pending: int = 0
     gaps_by_status: Counter[str] = field(default_factory=Counter)
     gaps_failed: int = 0
+    gaps_deferred: int = 0
+    fenced: int = 0
     gaps_ignored: int = 0
     gaps_duplicate: int = 0
     gaps_undecodable: int = 0
@@ -227,11 +256,16 @@ class Outlet(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class GapResult:
-    """One gap's outcome after its job, the tries it took, and whether it gave up on transient errors."""
+    """One gap's outcome after its job, the tries it took, and whether it gave up (`failed`: decided partial
+    on an error that is not OKX's answer; `deferred`: only transient failures, the gap stays open)."""
 
     outcome: Outcome
     attempts: int
     failed: bool = False
+
+    @property
+    def deferred(self) -> bool:
+        return self.outcome.status is GapStatus.OPEN
 
 
 @dataclass
@@ -239,7 +273,7 @@ class _JobState:
     """A job's progress, kept across retries so a retry resumes where the failure struck."""
 
     job: Job
-    walks: list[TradeWalk | CandleWalk | CursorWalk]
+    walks: list[TradeWalk | CandleWalk | CursorWalk | FundingWalk]
     index: int = 0
     found: Counter[int] = field(default_factory=Counter)
     published: Counter[int] = field(default_factory=Counter)
@@ -270,50 +304,61 @@ class GapFiller:
         self.on_page = on_page
         self._sleep = sleep
 
-    async def fill(self, stream: Stream, jobs: Sequence[Job]) -> dict[int, GapResult]:
-        """Read the topic back once for the stream, then run its jobs in order; one result per member gap."""
+    async def fill(self, stream: Stream, jobs: Sequence[Job], *, tried: int = 0) -> dict[int, GapResult]:
+        """Read the topic back once for the stream, then run its jobs in order; one result per member gap.
+
+        `tried`: how often these gaps already failed transiently (their `attempts`), so waits keep growing.
+        """
         present = Present()
         if self.readback is not None and stream.kind is not DataKind.BOOKS:
             try:
-                present = await self._read_back(stream, jobs)
+                present = await self._read_back(stream, jobs, tried)
             except ReadbackError as exc:
-                # Without knowing what the topic holds, publishing could duplicate it: report the gaps as not
-                # filled (partial, with the reason) instead of retrying the batch forever.
+                # Without knowing what the topic holds, publishing could duplicate it, and a slow Kafka says
+                # nothing about OKX: the gaps stay open and are tried again later.
                 failure = f"could not read the topic back after {self.settings.gap_max_attempts} attempts: {exc}"
                 unread: dict[int, GapResult] = {}
                 for job in jobs:
                     unread.update(self._results(_JobState(job, self._walks(job)), self.settings.gap_max_attempts,
-                                                failure, True))
+                                                failure, False, transient=True))
                 return unread
             log.debug("backfill_readback", extra={"stream": str(stream), "present": len(present)})
         results: dict[int, GapResult] = {}
         for job in jobs:
-            results.update(await self.run_job(job, present))
+            results.update(await self.run_job(job, present, tried=tried))
         return results
 
-    async def _read_back(self, stream: Stream, jobs: Sequence[Job]) -> Present:
+    def _delays(self, tried: int) -> Iterator[float]:
+        s = self.settings
+        return equal_jitter(s.retry_initial_s, max(s.retry_initial_s, s.gap_retry_max_s), skip=tried)
+
+    async def _read_back(self, stream: Stream, jobs: Sequence[Job], tried: int = 0) -> Present:
         """The topic's keys for the stream, retried like a gap (`gap_max_attempts`), never forever."""
         assert self.readback is not None
         s = self.settings
-        delays = full_jitter(s.retry_initial_s, s.gap_retry_max_s)
+        delays = self._delays(tried)
         for attempt in range(1, s.gap_max_attempts + 1):
             try:
                 return await self.readback.present(ReadbackScope.of(stream, jobs, s.readback_margin_ms))
             except ReadbackError as exc:
                 if attempt >= s.gap_max_attempts:
                     raise
-                delay = min(next(delays), s.gap_retry_max_s)
+                delay = retry_delay(next(delays), None, s.gap_retry_max_s)
                 log.warning("backfill_readback_retry", extra={"stream": str(stream), "attempt": attempt,
                                                               "error": str(exc), "retry_in_s": round(delay, 3)})
                 await self._sleep(delay)
         raise AssertionError("unreachable")
 
-    async def run_job(self, job: Job, present: Present) -> dict[int, GapResult]:
+    async def run_job(self, job: Job, present: Present, *, tried: int = 0) -> dict[int, GapResult]:
         """One job with the per-gap retry policy (module docstring). Raises only what stops the worker:
-        DeliveryError, and BackfillError for rejected credentials or a TLS pin mismatch."""
+        DeliveryError, and BackfillError for rejected credentials or a TLS pin mismatch.
+
+        Transient failures (breaker, 429/50011, 5xx, timeouts, transport) each cost one try and a real,
+        growing wait (`equal_jitter`, at least the breaker's own retry_after); after `gap_max_attempts` such
+        tries the gap is not decided but deferred: it stays open (`judge(transient=True)`)."""
         state = _JobState(job, self._walks(job))
         s = self.settings
-        delays = full_jitter(s.retry_initial_s, s.gap_retry_max_s)
+        delays = self._delays(tried)
         attempts = 0
         while True:
             attempts += 1
@@ -348,14 +393,16 @@ class GapFiller:
                 log.exception("backfill_job_crashed", extra={"stream": str(job.stream)})
                 return self._results(state, attempts, f"internal error {type(exc).__name__}: {exc}", True)
             if attempts >= s.gap_max_attempts:
-                return self._results(state, attempts, f"gave up after {attempts} attempts: {error}", True)
-            delay = error.retry_after_s if isinstance(error, CircuitOpenError) else next(delays)
-            delay = min(max(0.0, delay), s.gap_retry_max_s)
+                return self._results(state, attempts, f"{attempts} tries failed transiently, last: {error}", False,
+                                     transient=True)
+            retry_after = error.retry_after_s if isinstance(error, CircuitOpenError) else None
+            delay = retry_delay(next(delays), retry_after, s.gap_retry_max_s)
             log.warning("backfill_retry", extra={"stream": str(job.stream), "attempt": attempts, "error": str(error),
                                                  "retry_in_s": round(delay, 3)})
             await self._sleep(delay)
 
-    def _results(self, state: _JobState, attempts: int, failure: str | None, failed: bool) -> dict[int, GapResult]:
+    def _results(self, state: _JobState, attempts: int, failure: str | None, failed: bool, *,
+                 transient: bool = False) -> dict[int, GapResult]:
         job = state.job
         out: dict[int, GapResult] = {}
         for member in job.members:
@@ -365,13 +412,16 @@ class GapFiller:
                     outcome = Outcome(GapStatus.PARTIAL, 1, f"OKX keeps no order-book history: published a fresh "
                                                             f"/market/books snapshot ({state.snapshot}) to re-baseline "
                                                             "the book; the updates missed in the gap are gone")
+                elif transient:
+                    outcome = Outcome(GapStatus.OPEN, 0, f"still open, retried later: {failure}")
                 else:
                     outcome = Outcome(GapStatus.UNFILLABLE, 0, failure or "OKX returned no book")
                 out[member.item] = GapResult(outcome, attempts, failed and state.snapshot is None)
                 continue
             covered = state.covers(member)
             shortfall = failure or self._shortfall(state)
-            outcome = judge(covered=covered, found=found, published=published, shortfall=shortfall)
+            outcome = judge(covered=covered, found=found, published=published, shortfall=shortfall,
+                            transient=transient)
             out[member.item] = GapResult(outcome, attempts, failed and not covered)
         return out
 
@@ -386,6 +436,9 @@ class GapFiller:
                         "no longer kept")
             if isinstance(walk, CandleWalk) and walk.exhausted:
                 return f"OKX's {walk.path} has no bars before {_iso(walk.min_ts)}"
+            if isinstance(walk, FundingWalk) and walk.exhausted:
+                return (f"OKX's funding-rate-history has no settlements before {_iso(walk.min_ts)} (older than it "
+                        "keeps, or before the instrument's first)")
             if walk.stalled:
                 return f"OKX's paging of {walk.path} did not move past its cursor"
             if isinstance(walk, CursorWalk) and walk.complete and walk.floor_ts is not None:
@@ -394,7 +447,7 @@ class GapFiller:
 
     # ---- walks
 
-    def _walks(self, job: Job) -> list[TradeWalk | CandleWalk | CursorWalk]:
+    def _walks(self, job: Job) -> list[TradeWalk | CandleWalk | CursorWalk | FundingWalk]:
         stream, span = job.stream, job.span
         now = self.rest.clock.now_ms()
         if stream.kind is DataKind.TRADES:
@@ -404,6 +457,9 @@ class GapFiller:
             bar = candle_bar(stream.channel)
             assert stream.inst_id is not None and bar is not None
             return [CandleWalk(stream.inst_id, bar, span, candle_path(bar, span.lo_ts, now))]
+        if stream.kind is DataKind.FUNDING:
+            assert stream.inst_id is not None
+            return [FundingWalk(stream.inst_id, span)]
         if stream.kind is DataKind.FILLS:
             floor = now - HISTORY_KEEP_MS[FILLS_PATH]
             return [CursorWalk(FILLS_PATH, self._private_params(stream, it, span.lo_ts, span.hi_ts), floor)
@@ -436,6 +492,8 @@ class GapFiller:
                     await self._trade_page(state, walk, query, present)
                 elif isinstance(walk, CandleWalk):
                     await self._candle_page(state, walk, query, present)
+                elif isinstance(walk, FundingWalk):
+                    await self._funding_page(state, walk, query, present)
                 else:
                     await self._private_page(state, walk, query, present)
                 if state.rows >= self.settings.max_records_per_gap and not walk.done:
@@ -487,6 +545,26 @@ class GapFiller:
             record = candle_from_rest(row, inst_id=stream.inst_id, channel=stream.channel, recv_ts_ns=recv_ns)
             if isinstance(record, DeadLetter) or record.confirm:
                 await self._offer(state, members, record, present)
+        self._report(state, walk.min_ts)
+
+    async def _funding_page(self, state: _JobState, walk: FundingWalk, query: dict[str, str],
+                            present: Present) -> None:
+        rows = await self.rest.get(walk.path, query)
+        recv_ns = time.time_ns()
+        state.requests += 1
+        good: list[tuple[Mapping[str, object], int]] = []
+        for row in rows:
+            ts = _as_int(row.get("fundingTime"))
+            if ts is None:
+                await self._reject(funding_rate_from_rest(row, recv_ts_ns=recv_ns))
+                continue
+            good.append((row, ts))
+        walk.feed([ts for _, ts in good])
+        state.rows += len(good)
+        for settled, ts in sorted(good, key=lambda g: g[1]):
+            members = [m for m in state.job.members if m.contains(ts)]
+            if members:
+                await self._offer(state, members, funding_rate_from_rest(settled, recv_ts_ns=recv_ns), present)
         self._report(state, walk.min_ts)
 
     async def _private_page(self, state: _JobState, walk: CursorWalk, query: dict[str, str],
@@ -596,6 +674,92 @@ def _first_error(exc: BaseException) -> BaseException:
     return exc
 
 
+# ---------------------------------------------------------------------------------------------- fencing
+
+
+class FencedError(IngestError):
+    """This worker may no longer own the partitions of its batch: it publishes and commits nothing more for
+    it (the batch is abandoned; their owner, maybe this worker again after it rejoins, redoes it)."""
+
+    retriable = True
+
+
+class _Lease:
+    """Proof that this worker still owns a batch's partitions, checked before anything of the batch is put.
+
+    Local checks every time (the partitions are still assigned, the group generation is the one the batch
+    started in, no rejoin pending); and at least every session_timeout / 2 the group coordinator itself
+    confirms it: the batch's start offsets are committed again (a no-op for the group), which the broker
+    refuses for a member it expelled (a worker paused or cut off longer than the session timeout) or from
+    an old generation. Without transactions this narrows, not closes, the window: records handed to the
+    delivery before the worker was cut off may still be sent after it.
+    """
+
+    def __init__(self, consumer: AIOKafkaConsumer, starts: Mapping[TopicPartition, int], session_s: float,
+                 timeout_s: float, counters: _Counters) -> None:
+        self._consumer = consumer
+        self._timeout_s = timeout_s
+        self._starts = {tp: OffsetAndMetadata(off, "") for tp, off in starts.items()}
+        self._generation = self._state()
+        self._valid_s = session_s / 2
+        self._confirmed_at: float | None = None
+        self._counters = counters
+        self.lost: str | None = None
+
+    def _state(self) -> tuple[object, object] | None:
+        state = membership(self._consumer)
+        return None if state is None else state[:2]
+
+    def _local(self) -> str | None:
+        missing = set(self._starts) - self._consumer.assignment()
+        if missing:
+            return f"partitions {sorted(tp.partition for tp in missing)} are no longer assigned to this worker"
+        state = membership(self._consumer)
+        if state is not None and state[:2] != self._generation:
+            return "the consumer group moved to a new generation"
+        if state is not None and state[2]:
+            return "the consumer group is rebalancing"
+        return None
+
+    async def check(self) -> None:
+        """Return while the batch's partitions are provably this worker's; else raise FencedError."""
+        known = self.lost is not None
+        if self.lost is None:
+            self.lost = self._local()
+        if self.lost is None and (self._confirmed_at is None
+                                  or time.monotonic() - self._confirmed_at > self._valid_s):
+            sent = time.monotonic()
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    await self._consumer.commit(dict(self._starts))
+            except asyncio.CancelledError:  # the refusal made the consumer rejoin, which revoked the batch
+                self.lost = "the partitions were revoked while the group coordinator was being asked"
+                self._counters.fenced += 1  # once per batch: the batch is gone
+                raise
+            except Exception as exc:  # refused (expelled, old generation, rebalancing) or no answer
+                self.lost = f"the group coordinator did not confirm the partitions: {type(exc).__name__}: {exc}"
+            else:
+                self._confirmed_at = sent
+                self.lost = self._local()
+        if self.lost is not None:
+            if not known:  # counted once per batch, however many of its fills run into it
+                self._counters.fenced += 1
+            raise FencedError(f"stopped publishing for this batch: {self.lost}")
+
+
+class _FencedOutlet:
+    """The filler's outlet in the worker: the current batch's lease is checked before every record."""
+
+    def __init__(self, worker: BackfillWorker) -> None:
+        self._worker = worker
+
+    async def put(self, record: EncodedRecord) -> None:
+        lease = self._worker._lease
+        if lease is not None:
+            await lease.check()
+        await self._worker.delivery.put(record)
+
+
 # ---------------------------------------------------------------------------------------------- worker
 
 
@@ -637,7 +801,8 @@ class BackfillWorker:
         self._counters = _Counters()
         self.readback = (TopicReadback(kafka, self.bootstrap, timeout_s=bf.readback_timeout_s,
                                        counters=self._counters) if bf.readback else None)
-        self.filler = GapFiller(rest, self.delivery, self.encoder, self.readback, bf, self._counters)
+        self.filler = GapFiller(rest, _FencedOutlet(self), self.encoder, self.readback, bf, self._counters)
+        self._lease: _Lease | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._batch: asyncio.Task[None] | None = None
         self._seen: BoundedSeen[tuple[object, ...]] = BoundedSeen(200_000, 7 * DAY_MS)
@@ -653,6 +818,7 @@ class BackfillWorker:
             gaps_filled=c.gaps_by_status[GapStatus.FILLED.value],
             gaps_partial=c.gaps_by_status[GapStatus.PARTIAL.value],
             gaps_unfillable=c.gaps_by_status[GapStatus.UNFILLABLE.value], gaps_failed=c.gaps_failed,
+            gaps_deferred=c.gaps_deferred, fenced=c.fenced,
             gaps_ignored=c.gaps_ignored, gaps_duplicate=c.gaps_duplicate, gaps_undecodable=c.gaps_undecodable,
             records_backfilled=dict(c.records), records_already_present=c.records_already_present,
             dead_letters=c.dead_letters, readback_records=c.readback_records, batches=c.batches,
@@ -715,6 +881,9 @@ class BackfillWorker:
         """Process one polled batch while keeping the group membership alive; commit when fully acknowledged."""
         records = [m for tp in sorted(batch, key=lambda t: (t.topic, t.partition)) for m in batch[tp]]
         offsets = {tp: msgs[-1].offset + 1 for tp, msgs in batch.items() if msgs}
+        self._lease = _Lease(consumer, {tp: msgs[0].offset for tp, msgs in batch.items() if msgs},
+                             self.settings.backfill.session_timeout_ms / 1000,
+                             self.settings.kafka.request_timeout_ms / 1000, self._counters)
         consumer.pause(*consumer.assignment())
         task = asyncio.create_task(self._process(consumer, records, offsets), name="backfill-batch")
         self._batch = task
@@ -726,8 +895,7 @@ class BackfillWorker:
                 if task.done():
                     break
                 if stopper.done():
-                    task.cancel()
-                    await asyncio.wait({task})
+                    await self._settle(task)
                     break
                 # Poll (paused: fetches nothing) so a long batch never counts as a dead consumer.
                 extra = await consumer.getmany(timeout_ms=0)
@@ -736,9 +904,15 @@ class BackfillWorker:
                         consumer.seek(tp, msgs[0].offset)
         finally:
             stopper.cancel()
+            if not task.done():  # cancelled from outside (or the poll failed): the batch must not outlive us
+                await self._settle(task)
             self._batch = None
+            lease, self._lease = self._lease, None
             with contextlib.suppress(Exception):
                 consumer.resume(*consumer.paused())
+        if lease is not None and lease.lost is not None:
+            log.warning("backfill_fenced", extra={"worker": self.name, "gaps": len(records), "why": lease.lost,
+                                                  "consequence": "nothing more published or committed for it"})
             self._counters.gaps_pending = 0
             self._counters.oldest_pending_detected_ns = None
             self._notify()
@@ -761,10 +935,12 @@ class BackfillWorker:
         for job in plan.jobs:
             by_stream[job.stream].append(job)
         slots = asyncio.Semaphore(self.settings.backfill.concurrency)
+        gaps = dict(items)
 
         async def fill(stream: Stream, jobs: list[Job]) -> None:
+            tried = max(gaps[m.item].attempts for job in jobs for m in job.members)
             async with slots:
-                results.update(await self.filler.fill(stream, jobs))
+                results.update(await self.filler.fill(stream, jobs, tried=tried))
 
         try:
             async with asyncio.TaskGroup() as tg:
@@ -775,17 +951,31 @@ class BackfillWorker:
         await self.delivery.flush()  # the data is acknowledged before any gap is marked done
         now_ns = time.time_ns()
         updates: list[tuple[GapEvent, GapEvent, GapResult]] = []
+        lease = self._lease
         for item, gap in items:
             result = results[item]
             update = status_update(gap, result.outcome, attempts=result.attempts, now_ns=now_ns)
+            if lease is not None:
+                await lease.check()
             await self.delivery.put(self.encoder.encode(update))
             updates.append((gap, update, result))
         await self.delivery.flush()
+        if lease is not None:
+            await lease.check()
         await self._commit(consumer, offsets)
         c = self._counters
         c.batches += 1
         for gap, update, result in updates:
             self._seen.first_time(emission_key(gap), now_ms)
+            if result.deferred:
+                # Only transient failures: nothing about the gap is decided. Its new open revision is on
+                # okx.gaps, so this group takes it up again (with longer waits: `attempts` keeps counting).
+                c.gaps_deferred += 1
+                log.warning("backfill_gap_deferred", extra={
+                    "gap_id": gap.gap_id, "channel": gap.channel, "inst_id": gap.inst_id,
+                    "attempts": update.attempts, "revision": update.revision, "records": update.records_filled,
+                    "note": update.note})
+                continue
             c.gaps_by_status[update.status.value] += 1
             c.gaps_failed += result.failed
             log.info("backfill_gap_done", extra={
@@ -873,11 +1063,18 @@ class BackfillWorker:
 
     # ---- group membership
 
+    async def _settle(self, task: asyncio.Task[None]) -> bool:
+        """Cancel the batch and wait for it to end, at most `backfill.stop_timeout_s`; False if it did not.
+
+        An abandoned batch commits nothing: its commit is its last step, after everything it put was
+        acknowledged, and a cancelled batch never gets there.
+        """
+        return await stop_task(task, self.settings.backfill.stop_timeout_s, what=f"{self.name} batch")
+
     async def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         task = self._batch
         if task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait({task})
+            await self._settle(task)
         try:
             # What the abandoned batch already put must reach the broker before another worker reads back.
             await self.delivery.flush(timeout_s=self.settings.journal.close_timeout_s)
@@ -895,17 +1092,19 @@ class BackfillWorker:
         self._notify()
 
     async def _close(self) -> None:
+        """Every step bounded (`backfill.stop_timeout_s`; the delivery `journal.close_timeout_s` on top): a stop
+        during a Kafka outage returns, leaving what was not acknowledged journaled (discarded at the next
+        start: its batch was not committed and is redone)."""
+        bf = self.settings.backfill
         task = self._batch
         if task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait({task})
+            await self._settle(task)
         consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            try:
-                await consumer.stop()
-            except Exception as exc:
-                log.warning("backfill_consumer_stop_failed", extra={"error": str(exc)})
-        await self.delivery.close()
+        if consumer is not None:  # leave-group is a courtesy: if it does not finish, the session expires
+            await bounded(consumer.stop(), bf.stop_timeout_s, what=f"{self.name} gap consumer stop")
+        close_s = self.settings.journal.close_timeout_s
+        await bounded(self.delivery.close(timeout_s=close_s), close_s + bf.stop_timeout_s,
+                      what=f"{self.name} delivery close")
         log.info("backfill_stopped", extra={"worker": self.name, **_summary(self.stats())})
         self._notify()
 
@@ -917,6 +1116,7 @@ class BackfillWorker:
 def _summary(stats: BackfillStats) -> dict[str, object]:
     return {"gaps_filled": stats.gaps_filled, "gaps_partial": stats.gaps_partial,
             "gaps_unfillable": stats.gaps_unfillable, "gaps_failed": stats.gaps_failed,
+            "gaps_deferred": stats.gaps_deferred,
             "records": stats.records_total, "commits": stats.commits}
 
 
@@ -1046,8 +1246,15 @@ def backfill_metrics(stats: BackfillStats) -> list[Any]:
     for status, n in (("filled", stats.gaps_filled), ("partial", stats.gaps_partial),
                       ("unfillable", stats.gaps_unfillable)):
         gaps.add_metric([status], n)
-    failed = counter("backfill_gaps_failed", "Gaps given up after transient failures (published as partial)")
+    failed = counter("backfill_gaps_failed", "Gaps decided partial on an error that was not OKX's answer "
+                     "(an unreadable response, an internal error)")
     failed.add_metric([], stats.gaps_failed)
+    deferred = counter("backfill_gaps_deferred", "Times a gap failed only transiently (breaker, 429/50011, 5xx, "
+                       "timeout, slow Kafka) and was put back open to be retried later")
+    deferred.add_metric([], stats.gaps_deferred)
+    fenced = counter("backfill_fenced", "Times the worker stopped publishing for a batch because it could not "
+                     "prove it still owned the batch's partitions (a rebalance, an expired session)")
+    fenced.add_metric([], stats.fenced)
     pending = gauge("backfill_gaps_pending", "Gaps taken from okx.gaps and not yet finished")
     pending.add_metric([], stats.gaps_pending)
     records = counter("backfill_records", "Records backfilled, by topic kind", ("topic",))
@@ -1072,7 +1279,7 @@ def backfill_metrics(stats: BackfillStats) -> list[Any]:
                    "Age of the oldest gap in the running batch since it was detected (0 when idle)")
     detected = stats.oldest_pending_detected_ns
     oldest.add_metric([], 0.0 if detected is None else max(0.0, (time.time_ns() - detected) / 1e9))
-    return [received, gaps, failed, pending, records, dup, req, wait, parts, backlog, oldest]
+    return [received, gaps, failed, deferred, fenced, pending, records, dup, req, wait, parts, backlog, oldest]
 
 
 # ---------------------------------------------------------------------------------------- range backfill
@@ -1104,7 +1311,7 @@ class _LineProgress:
               f"{event.requests} requests", file=self._out, flush=True)
 
     def close(self, records: int, requests: int) -> None:
-        print(f"backfill {self._label}: done, {records} records, {requests} requests", file=self._out, flush=True)
+        """Nothing: the summary line that follows says how the range ended (RangeResult.summary)."""
 
 
 class _BarProgress:
@@ -1131,20 +1338,67 @@ class _BarProgress:
         self._bar.close()
 
 
+@dataclass(frozen=True, slots=True)
+class RangeResult:
+    """How `backfill --channel` ended: the range's status, what it published, and why (for the summary line).
+
+    Exit codes (`exit_code`): 0 filled; 3 partial (OKX returned part of the range, the rest is older than it
+    keeps or its history ends); 4 unfillable (OKX keeps none of it); 1 not finished: Kafka was unreachable or
+    did not acknowledge, or OKX kept failing transiently (run it again). 2 is a usage or settings error.
+    """
+
+    status: GapStatus | None
+    records: int
+    note: str
+    requests: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        return {GapStatus.FILLED: 0, GapStatus.PARTIAL: 3, GapStatus.UNFILLABLE: 4}.get(self.status, 1) \
+            if self.status is not None else 1
+
+    @property
+    def summary(self) -> str:
+        what = self.status.value if self.status is not None and self.status is not GapStatus.OPEN else "not finished"
+        return (f"{what}, {self.records} records published, {self.requests} requests"
+                + (f": {self.note}" if self.note else ""))
+
+
+async def _kafka_reachable(kafka: KafkaSettings, bootstrap: str) -> str | None:
+    """None when a client can connect to Kafka within its request timeout, else why not (a bounded check,
+    so an unreachable Kafka ends the command at once instead of after every retry of the read-back)."""
+    from aiokafka.client import AIOKafkaClient
+
+    client = AIOKafkaClient(**consumer_options(kafka, bootstrap))
+    try:
+        async with asyncio.timeout(kafka.request_timeout_ms / 1000):
+            await client.bootstrap()
+        return None
+    except TimeoutError:
+        return f"no answer within {kafka.request_timeout_ms} ms (kafka.request_timeout_ms)"
+    except KafkaError as exc:
+        return str(exc) or type(exc).__name__
+    finally:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(kafka.request_timeout_ms / 1000):
+                await client.close()
+
+
 async def backfill_range(settings: Settings, channel: str, inst_id: str, since_ms: int, until_ms: int, tty: bool,
                          *, out: TextIO | None = None, rest: OkxRestClient | None = None,
-                         bootstrap_servers: str | None = None) -> int:
+                         bootstrap_servers: str | None = None) -> RangeResult:
     """`okx-ingest backfill --channel C --inst I --since T --until T`: fetch [since, until) of one stream and
-    publish what the topic lacks (same dedupe as the worker); returns the number of records published.
+    publish what the topic lacks (same dedupe as the worker); returns the status and the records published.
 
     Books have no history: one current snapshot is published whatever the range. A progress bar on a
-    terminal (`tty`), plain progress lines otherwise, on `out` (default stderr).
+    terminal (`tty`), plain progress lines otherwise, on `out` (default stderr); the last line says how it
+    ended, in the same words as the status (RangeResult.summary).
     """
     out = out if out is not None else sys.stderr
     kind = data_kind(channel)
     if kind is None:
         raise ConfigError("--channel", f"OKX's REST API keeps no history of channel {channel!r}",
-                          "use trades, trades-all, candle<bar>, books*, fills or orders")
+                          "use trades, trades-all, candle<bar>, books*, funding-rate, fills or orders")
     if until_ms <= since_ms:
         raise ConfigError("--until", "the range is empty", "give an --until later than --since")
     owned: tuple[OkxRestClient, ClockService] | None = None
@@ -1165,34 +1419,50 @@ async def backfill_range(settings: Settings, channel: str, inst_id: str, since_m
         requests = event.requests
         progress.update(event)
 
+    def done(result: RangeResult) -> RangeResult:
+        result = dataclasses.replace(result, requests=requests)
+        print(f"backfill {label}: {result.summary}", file=out, flush=True)
+        return result
+
     try:
         verdict = precheck(stream, window, channel, rest.clock.now_ms())
         if verdict is not None:
-            print(f"backfill {label}: nothing fetched: {verdict.note}", file=out, flush=True)
-            return 0
+            return done(RangeResult(verdict.status, 0, f"nothing fetched: {verdict.note}"))
+        kafka = settings.kafka
+        unreachable = await _kafka_reachable(kafka, bootstrap)
+        if unreachable is not None:
+            return done(RangeResult(None, 0, f"Kafka at {bootstrap} is unreachable: {unreachable}; nothing "
+                                             "fetched (check kafka.bootstrap_servers)"))
         with tempfile.TemporaryDirectory(prefix="okx-ingest-backfill-") as journal_dir:
-            kafka = settings.kafka
             sink = KafkaSink(kafka, bootstrap_servers=bootstrap, topics=[topic_name(kafka.topic_prefix, k)
                                                                          for k in (_TOPIC[kind], TopicKind.DLQ)])
-            delivery = Delivery.from_settings(sink, settings.journal.model_copy(update={"dir": Path(journal_dir)}),
-                                              kafka)
+            journal = settings.journal
+            delivery = Delivery.from_settings(sink, journal.model_copy(update={"dir": Path(journal_dir)}), kafka)
             readback = (TopicReadback(kafka, bootstrap, timeout_s=settings.backfill.readback_timeout_s,
                                       counters=counters) if settings.backfill.readback else None)
             await delivery.start()
+            undelivered: str | None = None
             try:
                 filler = GapFiller(rest, delivery, await _encoder(settings), readback, settings.backfill, counters,
                                    on_page=on_page)
                 job = Job(stream, window, (window,))
                 results = await filler.fill(stream, [job])
-                await delivery.flush()
+                try:
+                    await delivery.flush(timeout_s=journal.close_timeout_s)
+                except (TimeoutError, DeliveryError) as exc:
+                    undelivered = str(exc) or f"not acknowledged within {journal.close_timeout_s} s"
             finally:
-                await delivery.close()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(journal.close_timeout_s + 5.0):
+                        await delivery.close(timeout_s=0.0 if undelivered else None)
         outcome = results[0].outcome
         records = sum(counters.records.values())
         progress.close(records, requests)
-        if outcome.status is not GapStatus.FILLED:
-            print(f"backfill {label}: {outcome.status.value}: {outcome.note}", file=out, flush=True)
-        return records
+        if undelivered is not None:
+            return done(RangeResult(None, records, f"Kafka did not acknowledge the records: {undelivered}; run "
+                                                   "again (what reached the topic is not published twice)"))
+        note = "" if outcome.status is GapStatus.FILLED else outcome.note
+        return done(RangeResult(outcome.status, records, note))
     finally:
         if owned is not None:
             await owned[0].aclose()
@@ -1202,9 +1472,11 @@ __all__ = [
     "BackfillError",
     "BackfillStats",
     "BackfillWorker",
+    "FencedError",
     "GapFiller",
     "GapResult",
     "PageEvent",
+    "RangeResult",
     "ReadbackError",
     "TopicReadback",
     "backfill_metrics",

@@ -36,6 +36,8 @@ REST_LIMITS: Mapping[str, RestLimit] = {
     "/api/v5/account/balance": RestLimit(10, 2.0, "key"),
     "/api/v5/account/positions": RestLimit(10, 2.0, "key"),
     "/api/v5/account/config": RestLimit(5, 2.0, "key"),
+    # OKX v5 docs (not in SPEC 8.3): 10 requests per 2 s per IP and instId.
+    "/api/v5/public/funding-rate-history": RestLimit(10, 2.0, "ip+instId"),
 }
 
 
@@ -110,6 +112,8 @@ class SimConfig:
     takers_per_tick: float = 0.6
     maker_changes_per_tick: int = 6
     max_trades_history: int = 2_000_000
+    #: Funding settles every this many ms of market time (OKX: 8 h, shortened to 6/4/2/1 h for volatile SWAPs).
+    funding_interval_ms: int = 8 * 3600 * 1000
 
     # private
     initial_balances: tuple[tuple[str, str], ...] = (("USDT", "10000"), ("BTC", "0.5"))

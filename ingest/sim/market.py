@@ -22,8 +22,6 @@ from ingest.sim.instruments import InstrumentSpec, spec_for
 from ingest.sim.numbers import dstr, fmt_trim, to_units, units_to_decimal
 from ingest.sim.tradelog import TradeLog, TradeRow
 
-_FUNDING_MS = 8 * 3600 * 1000
-
 
 @dataclass(frozen=True, slots=True)
 class AggTrade:
@@ -49,6 +47,20 @@ class Liquidation:
     bk_px: int
     sz: int
     ts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """One funding settlement of a SWAP, as /public/funding-rate-history returns it."""
+
+    funding_time: int
+    funding_rate: str
+    realized_rate: str
+
+    def to_okx(self, inst_id: str) -> dict[str, str]:
+        return {"formulaType": "withRate", "fundingRate": self.funding_rate, "fundingTime": str(self.funding_time),
+                "instId": inst_id, "instType": "SWAP", "method": "current_period",
+                "realizedRate": self.realized_rate}
 
 
 @dataclass(slots=True)
@@ -95,6 +107,11 @@ class InstrumentMarket:
         self.pending_liquidations: list[Liquidation] = []
         self.instrument_changed = False
         self.ts = 0
+        #: Funding settlements so far (SWAPs only), oldest first; the next one is due at `_next_settlement`.
+        self.settlements: list[Settlement] = []
+        #: The last negative tradeId given to a liquidation/ADL fill (they count down from -1_000_001).
+        self.next_liquidation_id = -1_000_000
+        self._next_settlement: int | None = None
         start = to_units(spec.start_px, self.px_dec)
         self.start_px = start - start % self.tick
         self.ct_val = Decimal(spec.ct_val) if spec.ct_val else Decimal(1)
@@ -247,6 +264,8 @@ class InstrumentMarket:
     def step(self, ts: int) -> StepResult:
         """Advance one book image at market time `ts`."""
         self.ts = ts
+        if self.spec.inst_type == "SWAP":
+            self._settle(ts)
         res = StepResult(self.spec.inst_id, ts, first_trade_id=self.next_trade_id + 1)
         if not self.frozen:
             for _ in range(self._poisson(self.config.takers_per_tick)):
@@ -279,6 +298,16 @@ class InstrumentMarket:
         if self.instrument_changed:
             res.instrument_changed, self.instrument_changed = True, False
         return res
+
+    def _settle(self, ts: int) -> None:
+        """Record the settlements whose time has come (the rate is the one predicted at that moment)."""
+        interval = self.config.funding_interval_ms
+        if self._next_settlement is None:
+            self._next_settlement = (ts // interval + 1) * interval
+        while ts >= self._next_settlement:
+            rate = self.funding(self._next_settlement - 1)[0]
+            self.settlements.append(Settlement(self._next_settlement, rate, rate))
+            self._next_settlement += interval
 
     def _liquidation(self, ts: int) -> Liquidation:
         long = self.rng.random() < 0.5
@@ -313,6 +342,17 @@ class InstrumentMarket:
         self._account_trade(px, sz)
         return AggTrade(self.next_trade_id, px, sz, buy, ts, 1, self.seq)
 
+    def record_liquidation_fill(self, ts: int, buy: bool = False) -> AggTrade:
+        """A liquidation (or ADL) fill: a trade with a negative tradeId (SPEC 4), at the last price, logged at
+        its time between the ordinary trades; it does not advance the ordinary id sequence."""
+        ts = max(ts, self.log.ts[-1]) if len(self.log) else ts
+        self.next_liquidation_id -= 1
+        self.seq += 1
+        sz = max(1, self.min_lots) * self.lot
+        self.log.append(self.next_liquidation_id, self.last_px, sz, buy, ts)
+        self._account_trade(self.last_px, sz)
+        return AggTrade(self.next_liquidation_id, self.last_px, sz, buy, ts, 1, self.seq)
+
     # --- derived prices --------------------------------------------------------------------------------
     def mid(self) -> int:
         bid, ask = self.book.best(True), self.book.best(False)
@@ -343,8 +383,9 @@ class InstrumentMarket:
         mark, idx = Decimal(self.mark_px()), Decimal(max(1, self.index_px()))
         premium = (mark - idx) / idx
         rate = max(Decimal("-0.00375"), min(Decimal("0.00375"), premium + Decimal("0.0001")))
-        funding_time = (ts // _FUNDING_MS + 1) * _FUNDING_MS
-        return dstr(rate, 16), dstr(premium, 16), str(funding_time), str(funding_time + _FUNDING_MS)
+        interval = self.config.funding_interval_ms
+        funding_time = (ts // interval + 1) * interval
+        return dstr(rate, 16), dstr(premium, 16), str(funding_time), str(funding_time + interval)
 
     def open_interest(self) -> tuple[str, str, str]:
         """(oi contracts, oiCcy coin, oiUsd)."""

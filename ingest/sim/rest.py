@@ -112,6 +112,7 @@ class RestApi:
             "/api/v5/market/books": self._books,
             "/api/v5/market/candles": self._candles,
             "/api/v5/market/history-candles": self._history_candles,
+            "/api/v5/public/funding-rate-history": self._funding_rate_history,
         }
         self.private: dict[str, Callable[[dict[str, str]], list[object]]] = {
             "/api/v5/trade/fills": self._fills,
@@ -200,6 +201,8 @@ class RestApi:
         scope: tuple[str, ...] = (path, key or ip)
         if limit.per == "ip+instType":
             scope = (path, ip, query.get("instType", ""))
+        elif limit.per == "ip+instId":
+            scope = (path, ip, query.get("instId", ""))
         window = self._windows.get(scope)
         if window is None:
             window = self._windows[scope] = SlidingWindow(limit.limit, limit.window_s)
@@ -291,6 +294,18 @@ class RestApi:
             # SPEC 8.3: `before` alone returns the latest trades newer than it.
             rows = log.newest_first(lo, hi, limit)
         return [row.to_okx() for row in rows]
+
+    def _funding_rate_history(self, query: dict[str, str]) -> list[object]:
+        """OKX v5 "Get funding rate history": settled rates of a SWAP, newest first, paged by fundingTime
+        (`after` older, `before` newer, both exclusive), limit max 400 (default 400), the last 3 months."""
+        m = self._inst(query)
+        if m.spec.inst_type != "SWAP":
+            raise _param_error("instId")
+        after, before = _int(query, "after"), _int(query, "before")
+        limit = _limit(query, 400, 400)
+        horizon = self.market.now_ms() - 90 * _DAY_MS
+        rows = [s for s in m.settlements if s.funding_time >= horizon]
+        return [s.to_okx(m.spec.inst_id) for s in page_by_key(rows, lambda s: s.funding_time, after, before, limit)]
 
     def _books(self, query: dict[str, str]) -> list[object]:
         m = self._inst(query)

@@ -200,6 +200,15 @@ class SimServer:
                 await hub.flush()
         return sent
 
+    async def liquidation_fill(self, inst_id: str, buy: bool = False) -> str:
+        """A liquidation/ADL fill of `inst_id` now (negative tradeId), pushed on `trades` and `trades-all` and
+        kept in the REST history at its time; returns its tradeId."""
+        m = self.market.get(inst_id)
+        trade = m.record_liquidation_fill(self.market.next_ts(), buy)
+        self.hub.publish_trade(inst_id, trade)
+        await self.hub.flush()
+        return str(trade.trade_id)
+
     async def pump_trades(self, inst_id: str, n: int) -> int:
         """`prepare_trades` + `pump` in one call."""
         return await self.pump(self.prepare_trades(inst_id, n))

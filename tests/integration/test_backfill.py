@@ -18,6 +18,7 @@ import os
 import random
 import secrets
 import signal
+import socket
 import sys
 import time
 from collections import Counter
@@ -38,6 +39,7 @@ from ingest.core.records import (
     BookUpdate,
     Candle,
     Fill,
+    FundingRate,
     GapEvent,
     GapKind,
     GapStatus,
@@ -49,6 +51,7 @@ from ingest.core.records import (
     Trade,
 )
 from ingest.credentials import CredentialStore
+from ingest.io.broker import EmbeddedBroker
 from ingest.io.journal import Journal
 from ingest.io.rest import LimiterRegistry, LimitTable, OkxRestClient
 from ingest.io.sink import EncodedRecord
@@ -539,21 +542,314 @@ async def test_range_backfill_prints_progress_lines_without_a_terminal_and_publi
         assert cli.returncode == 0, text
         lines = [ln for ln in text.splitlines() if ln.startswith("backfill trades BTC-USDT: ")]
         assert len(wanted) > 100 and len(lines) >= 2, text  # progress while walking, then the summary
-        assert "%" in lines[0] and lines[-1] == f"backfill trades BTC-USDT: done, {len(wanted)} records, " \
-                                                f"{sim.stats.rest_count(TRADES_PATH)} requests"
-        assert f"backfilled {len(wanted)} records" in text
+        assert "%" in lines[0] and lines[-1] == f"backfill trades BTC-USDT: filled, {len(wanted)} records " \
+                                                f"published, {sim.stats.rest_count(TRADES_PATH)} requests"
 
         # Again, in-process and on a terminal: the topic has it all, so nothing is published twice.
         again = worker_settings(sim, kafka_broker, topic_prefix, tmp_path)
         out = io.StringIO()
         rest = rest_for(sim)
         try:
-            n = await backfill_range(again, "trades", "BTC-USDT", since, until, True, out=out, rest=rest)
+            result = await backfill_range(again, "trades", "BTC-USDT", since, until, True, out=out, rest=rest)
         finally:
             await rest.aclose()
-        assert n == 0 and "backfill trades BTC-USDT" in out.getvalue() and "100%" in out.getvalue()
+        assert (result.status, result.records, result.exit_code) == (GapStatus.FILLED, 0, 0)
+        assert "backfill trades BTC-USDT" in out.getvalue() and "100%" in out.getvalue()
         assert sim.stats.violations == 0
 
     trades = await TopicReader(kafka_broker.bootstrap_servers, topic_prefix).records(TopicKind.TRADES, Trade)
     assert sorted(int(t.trade_id) for t in trades) == wanted
     assert all(t.source is Source.REST and t.channel == "trades" for t in trades)
+
+
+# ------------------------------------------------------------------------------ transient failures
+
+
+async def test_a_5xx_storm_that_opens_the_breaker_finalizes_no_gap_and_every_gap_is_filled_once_it_passes(
+    kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path
+) -> None:
+    """The reported loss: gaps waiting on an open breaker were committed `unfillable` within milliseconds."""
+    async with SimServer(sim_config(instruments=("BTC-USDT", "ETH-USDT"))) as sim:
+        for inst in ("BTC-USDT", "ETH-USDT"):
+            await sim.pump_trades(inst, 600)
+        logs = {i: log_of(sim, i) for i in ("BTC-USDT", "ETH-USDT")}
+        gaps = [trade_gap(f"s{n}-{inst}", inst, logs[inst][40 * n], logs[inst][40 * n + 30])
+                for n in range(12) for inst in ("BTC-USDT", "ETH-USDT")]
+        sim.faults.rest_error(count=25, path=TRADES_PATH, status=503)  # opens the breaker, then its probes fail
+        await publish(kafka_broker.bootstrap_servers, topic_prefix, gaps)
+        settings = worker_settings(sim, kafka_broker, topic_prefix, tmp_path, gap_max_attempts=2,
+                                   retry_initial_s=0.02, gap_retry_max_s=0.4, concurrency=4)
+        rest = OkxRestClient(clock=ServerClock(now_ms), base_url=sim.rest_base, limits=LimitTable(window_scale=SCALE),
+                             registry=LimiterRegistry(), max_attempts=2, retry_initial_s=0.01, retry_max_s=0.02,
+                             timeout_s=5.0, breaker_failures=3, breaker_cooldown_s=0.2)
+        async with running_worker(settings, rest) as w:
+            stats = await w.until(lambda s: s.gaps_done >= len(gaps))
+            opened = rest.stats().breaker_opened.get(TRADES_PATH, 0)
+        assert sim.stats.rest_injected[TRADES_PATH] == 25, "the storm did not happen"
+        assert sim.stats.violations == 0
+
+    assert opened >= 1 and stats.gaps_deferred > 0  # the breaker opened and gaps waited it out, open
+    assert (stats.gaps_filled, stats.gaps_partial, stats.gaps_unfillable) == (len(gaps), 0, 0)
+    reader = TopicReader(kafka_broker.bootstrap_servers, topic_prefix)
+    revisions = [g for g in await reader.records(TopicKind.GAPS, GapEvent, at_least=2 * len(gaps))
+                 if g.revision > 0]
+    assert not [g for g in revisions if g.status in (GapStatus.UNFILLABLE, GapStatus.PARTIAL)]
+    final = {g.gap_id: g for g in revisions if g.status is GapStatus.FILLED}
+    assert sorted(final) == sorted(g.gap_id for g in gaps)
+    deferred = [g for g in revisions if g.status is GapStatus.OPEN]
+    assert deferred and all("retried later" in (g.note or "") for g in deferred)
+    trades = await reader.records(TopicKind.TRADES, Trade)
+    for inst in ("BTC-USDT", "ETH-USDT"):
+        covered = coverage(t for t in trades if t.inst_id == inst)
+        wanted = {tid for n in range(12) for tid, _ in logs[inst][40 * n + 1:40 * n + 30]}
+        assert set(covered) == wanted and set(covered.values()) == {1}
+
+
+def cli_env(sim: SimServer, bootstrap: str, prefix: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OKX_API", "OKX_INGEST"))}
+    env.update({"OKX_INGEST__OKX__REST_BASE_URL": sim.rest_base, "OKX_INGEST__KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+                "OKX_INGEST__KAFKA__TOPIC_PREFIX": prefix, "OKX_INGEST__KAFKA__ENABLE_IDEMPOTENCE": "false",
+                "OKX_INGEST__KAFKA__REQUEST_TIMEOUT_MS": "3000"})
+    return env
+
+
+async def run_cli(env: dict[str, str], *args: str) -> tuple[int, str]:
+    cli = await asyncio.create_subprocess_exec(sys.executable, "-m", "ingest.cli", "backfill", *args, env=env,
+                                               cwd=MAIN, stdout=asyncio.subprocess.PIPE,
+                                               stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(cli.communicate(), WAIT_S)
+    assert cli.returncode is not None
+    return cli.returncode, err.decode()
+
+
+async def test_range_backfill_exits_non_zero_on_partial_unfillable_and_unreachable_kafka_and_says_so(
+    kafka_broker: BrokerInfo, topic_prefix: str
+) -> None:
+    """A supervisor (cron, CI) must be able to tell a range that was not filled from one that was."""
+    start = now_ms() - 3_600_000
+    async with SimServer(sim_config(instruments=("BTC-USDT",), start_ms=start, tick_ms=1000,
+                                    max_trades_history=400)) as sim:
+        await sim.tick(900)  # the simulator keeps only the newest trades, as OKX keeps only 3 months
+        kept_from = log_of(sim, "BTC-USDT")[0][1]
+        env = cli_env(sim, kafka_broker.bootstrap_servers, topic_prefix)
+        label = "backfill trades BTC-USDT: "
+
+        code, text = await run_cli(env, "--channel", "trades", "--inst", "BTC-USDT", "--since", _iso(start),
+                                   "--until", _iso(now_ms() + 1000))
+        last = text.splitlines()[-1]
+        assert code == 3 and last.startswith(f"{label}partial, ") and "no longer kept" in last, text
+
+        code, text = await run_cli(env, "--channel", "trades", "--inst", "BTC-USDT", "--since", _iso(start),
+                                   "--until", _iso(kept_from - 1000))
+        last = text.splitlines()[-1]
+        assert code == 4 and last.startswith(f"{label}unfillable, 0 records published"), text
+
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            nobody = f"127.0.0.1:{free.getsockname()[1]}"
+        code, text = await run_cli(cli_env(sim, nobody, topic_prefix), "--channel", "trades", "--inst", "BTC-USDT",
+                                   "--since", _iso(start), "--until", _iso(now_ms()))
+        last = text.splitlines()[-1]
+        assert code == 1 and last.startswith(f"{label}not finished, 0 records published") and nobody in last, text
+        assert "Traceback" not in text
+
+
+async def test_range_backfill_without_inst_is_a_clear_usage_error(sim: SimServer) -> None:
+    code, text = await run_cli(cli_env(sim, "127.0.0.1:9", "t."), "--channel", "trades")
+    assert code == 2 and "Traceback" not in text
+    assert text.strip() == ("okx-ingest: backfill --channel needs --inst, --since, --until (e.g. --channel trades "
+                            "--inst BTC-USDT --since 2026-11-24T10:00:00Z --until 2026-11-24T11:00:00Z)")
+
+
+# ---------------------------------------------------------------------------------------------- stops
+
+
+async def test_cancelling_the_worker_mid_batch_while_kafka_is_down_returns_and_leaves_no_batch_behind(
+    own_broker: EmbeddedBroker, topic_prefix: str, tmp_path: Path
+) -> None:
+    """A SIGTERM during a Kafka outage must not hang, and the batch must not live on after the worker."""
+    async with SimServer(sim_config(rate_window_scale=1.0)) as sim:
+        await sim.pump_trades("BTC-USDT", 3000)
+        log = log_of(sim, "BTC-USDT")
+        broker = BrokerInfo(own_broker.bootstrap_servers, "embedded")
+        await publish(broker.bootstrap_servers, topic_prefix, [trade_gap("long", "BTC-USDT", log[4], log[-5])])
+        sim.faults.rest_slow(0.05, count=1_000_000, path=TRADES_PATH)  # the batch is still walking when cancelled
+        settings = worker_settings(sim, broker, topic_prefix, tmp_path, stop_timeout_s=2.0)
+        settings = settings.model_copy(update={"journal": settings.journal.model_copy(update={"close_timeout_s": 1.0})})
+        rest = rest_for(sim, scale=1.0)
+        worker = BackfillWorker(settings, rest, name="w")
+        task = asyncio.create_task(worker.run(asyncio.Event()))
+        try:
+            await sim.wait_until(lambda: sim.stats.rest_count(TRADES_PATH) >= 3, timeout=WAIT_S)  # mid-walk
+            assert worker.stats().gaps_pending == 1
+            own_broker.kill()
+            pages = sim.stats.rest_count(TRADES_PATH)
+            await sim.wait_until(lambda: sim.stats.rest_count(TRADES_PATH) >= pages + 2, timeout=WAIT_S)  # puts
+            task.cancel()
+            async with asyncio.timeout(WAIT_S):  # a hang guard, not a timing assertion
+                await asyncio.wait({task})
+        finally:
+            await rest.aclose()
+        leftovers = [t for t in asyncio.all_tasks() if t.get_name().startswith("backfill-") and not t.done()]
+
+    assert task.cancelled()
+    assert leftovers == [], f"tasks outlived the worker: {leftovers}"
+    stats = worker.stats()
+    assert stats.commits == 0 and stats.gaps_done == 0  # nothing committed, nothing reported done
+
+
+# -------------------------------------------------------------------------------------------- fencing
+
+
+async def test_a_worker_paused_past_its_session_is_fenced_and_publishes_nothing_for_partitions_it_lost(
+    kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path
+) -> None:
+    """Worker A is paused (SIGSTOP: a stalled VM, a long GC) mid-gap; the group gives its partitions to B,
+    which fills the gap. When A resumes, it must publish nothing more for that gap and commit nothing."""
+    async with SimServer(sim_config(rate_window_scale=1.0)) as sim:
+        await sim.pump_trades("BTC-USDT", 3000)
+        log = log_of(sim, "BTC-USDT")
+        gap = trade_gap("long", "BTC-USDT", log[4], log[-5])
+        inside = [tid for tid, _ in log[5:-5]]
+        await publish(kafka_broker.bootstrap_servers, topic_prefix, [gap])
+        sim.faults.rest_slow(2.5, count=1_000_000, path=TRADES_PATH)  # every page answered 2.5 s late
+
+        def answered() -> int:  # the simulator logs a request once it has answered it
+            return sum(1 for r in sim.stats.rest_log if r.path == TRADES_PATH)
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OKX_API", "OKX_INGEST"))}
+        env.update({
+            "OKX_INGEST__OKX__REST_BASE_URL": sim.rest_base,
+            "OKX_INGEST__KAFKA__BOOTSTRAP_SERVERS": kafka_broker.bootstrap_servers,
+            "OKX_INGEST__KAFKA__TOPIC_PREFIX": topic_prefix, "OKX_INGEST__KAFKA__PARTITIONS": "4",
+            "OKX_INGEST__KAFKA__ENABLE_IDEMPOTENCE": "false", "OKX_INGEST__JOURNAL__DIR": str(tmp_path / "a"),
+            "OKX_INGEST__BACKFILL__GROUP_ID": f"{topic_prefix}backfill",
+            "OKX_INGEST__BACKFILL__SESSION_TIMEOUT_MS": str(GROUP["session_timeout_ms"]),
+            "OKX_INGEST__BACKFILL__HEARTBEAT_INTERVAL_MS": str(GROUP["heartbeat_interval_ms"]),
+            "OKX_INGEST__BACKFILL__POLL_TIMEOUT_MS": str(GROUP["poll_timeout_ms"]),
+            "OKX_INGEST__OBS__METRICS_PORT": "0", "OKX_INGEST__OBS__LOG_FORMAT": "text",
+        })
+        log_path = tmp_path / "worker-a.log"
+        with log_path.open("wb") as out:
+            a = await asyncio.create_subprocess_exec(sys.executable, "-m", "ingest.cli", "backfill", env=env,
+                                                     cwd=MAIN, stdout=out, stderr=out)
+        reader = TopicReader(kafka_broker.bootstrap_servers, topic_prefix)
+        try:
+            # A got its 3rd page and asked for its 4th, answered 2.5 s later. Pages 1-3 (300 rows) are all it
+            # put; once the topic holds them, A has nothing in flight: pause it now.
+            await sim.wait_until(lambda: answered() >= 3, timeout=WAIT_S)
+            before_pause = await reader.records(TopicKind.TRADES, Trade, at_least=300)
+            a.send_signal(signal.SIGSTOP)
+            assert (len(before_pause), answered()) == (300, 3), "setup race: the 4th page came before the pause"
+            sim.faults.clear()  # for B; A's 4th request is already waiting out its delay
+            async with running_worker(worker_settings(sim, kafka_broker, topic_prefix, tmp_path / "b"),
+                                      rest_for(sim, scale=1.0), "b") as b:
+                stats_b = await b.until(lambda s: s.gaps_done >= 1)  # after A's session expired
+                await sim.wait_until(lambda: answered() >= 4 + stats_b.requests.get((TRADES_PATH, "0"), 0),
+                                     timeout=WAIT_S)  # A's 4th page is waiting in its socket
+                a.send_signal(signal.SIGCONT)  # A reads its 4th page at once, long after losing the partition
+                deadline = asyncio.get_running_loop().time() + WAIT_S
+                while b"backfill_fenced" not in log_path.read_bytes():  # polling a child's log file
+                    assert asyncio.get_running_loop().time() < deadline, log_path.read_text()[-3000:]
+                    assert a.returncode is None, log_path.read_text()[-3000:]
+                    await asyncio.sleep(0.05)
+                a.send_signal(signal.SIGTERM)
+                async with asyncio.timeout(WAIT_S):
+                    assert await a.wait() == 0, log_path.read_text()[-3000:]
+        finally:
+            if a.returncode is None:
+                a.send_signal(signal.SIGCONT)
+                a.kill()
+                await a.wait()
+
+    assert stats_b.gaps_filled == 1 and stats_b.records_already_present == 300
+    trades = await reader.records(TopicKind.TRADES, Trade)
+    covered = coverage(trades)
+    assert sorted(covered) == inside, "a trade of the gap is missing"
+    assert set(covered.values()) == {1}, "the fenced worker published a page after losing its partition"
+    updates = updates_by_gap(await reader.records(TopicKind.GAPS, GapEvent, at_least=2))["long"]
+    assert [(u.status, u.revision) for u in updates] == [(GapStatus.FILLED, 1)]  # B's, once; none from A
+
+
+# ------------------------------------------------------------------------------------------ funding rates
+
+
+async def test_funding_rate_gaps_are_filled_with_the_settlements_okx_keeps_each_once(
+    kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path
+) -> None:
+    """OKX serves funding-rate history over REST (/public/funding-rate-history): a gap on `funding-rate`
+    gets every settlement that fell inside it, once, and is `filled`; it used to be `unfillable`."""
+    hour = 3_600_000
+    start = (now_ms() - 20 * hour) // hour * hour
+    async with SimServer(sim_config(instruments=("BTC-USDT-SWAP",), start_ms=start, tick_ms=60_000,
+                                    funding_interval_ms=hour)) as sim:
+        await sim.tick(12 * 60 + 1)
+        settlements = sim.market.get("BTC-USDT-SWAP").settlements
+        assert len(settlements) == 12
+        lo, hi = start + 2 * hour + 30_000, start + 9 * hour + 30_000  # seven settlements inside
+        wanted = {s.funding_time: s for s in settlements if lo <= s.funding_time <= hi}
+        gaps = [time_gap("fr", "funding-rate", inst="BTC-USDT-SWAP", lo_ms=lo, hi_ms=hi),
+                time_gap("fr-overlap", "funding-rate", inst="BTC-USDT-SWAP", lo_ms=lo + 3 * hour, hi_ms=hi + hour)]
+        await publish(kafka_broker.bootstrap_servers, topic_prefix, gaps[:1])
+        settings = worker_settings(sim, kafka_broker, topic_prefix, tmp_path)
+        async with running_worker(settings, rest_for(sim)) as w:
+            await w.until(lambda s: s.gaps_done >= 1)
+            await publish(kafka_broker.bootstrap_servers, topic_prefix, gaps[1:])  # overlaps the first
+            stats = await w.until(lambda s: s.gaps_done >= 2)
+        assert sim.stats.violations == 0
+
+    assert stats.gaps_filled == 2 and stats.records_already_present == 4  # the overlap's 4 were already there
+    reader = TopicReader(kafka_broker.bootstrap_servers, topic_prefix)
+    rates = await reader.records(TopicKind.FUNDING_RATES, FundingRate, at_least=8)
+    assert Counter(int(r.funding_time or 0) for r in rates) == Counter(
+        [*wanted, start + 10 * hour])  # each settlement once, the overlap's new one too
+    for r in rates:
+        s = next(x for x in settlements if x.funding_time == int(r.funding_time or 0))
+        assert (r.source, r.inst_id, r.ts, r.sett_funding_rate, r.funding_rate, r.sett_state) == (
+            Source.REST, "BTC-USDT-SWAP", s.funding_time, s.realized_rate, s.funding_rate, "settled")
+    updates = updates_by_gap(await reader.records(TopicKind.GAPS, GapEvent, at_least=4))
+    assert [(u.status, u.records_filled) for u in updates["fr"]] == [(GapStatus.FILLED, 7)]
+    assert [(u.status, u.records_filled) for u in updates["fr-overlap"]] == [(GapStatus.FILLED, 1)]
+
+
+# ------------------------------------------------------------------------------------ liquidation fills
+
+
+async def test_liquidation_fills_with_negative_trade_ids_inside_an_id_bounded_gap_are_backfilled_once(
+    kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path
+) -> None:
+    """Liquidation and ADL fills have negative tradeIds (SPEC 4): outside the id sequence, but inside the gap
+    in time. They used to be dropped by the id window."""
+    async with SimServer(sim_config(instruments=("BTC-USDT-SWAP",))) as sim:
+        inst = "BTC-USDT-SWAP"
+        await sim.pump_trades(inst, 150)
+        first_fill = await sim.liquidation_fill(inst)  # before the gap: recorded, not to be published again
+        await sim.pump_trades(inst, 50)
+        inside_fills = [await sim.liquidation_fill(inst, buy=n % 2 == 0) for n in range(3)]
+        await sim.pump_trades(inst, 250)  # pages of 100: the fills sit in the middle of the walk
+        inside_fills.append(await sim.liquidation_fill(inst))
+        await sim.pump_trades(inst, 40)
+        after_fill = await sim.liquidation_fill(inst)  # after the gap
+        await sim.pump_trades(inst, 20)
+        rows = sim.market.trades(inst)
+        ordinary = [r for r in rows if int(r.trade_id) > 0]
+        lo, hi = ordinary[100], ordinary[-25]  # the last good trade before, the first after
+        recorded = Trade(channel="trades-all", inst_id=inst, ts=int(rows[150].ts), recv_ts_ns=time.time_ns(),
+                         source=Source.WS, conn_id="c1", recv_seq=1, record_id="c1:1:0", trade_id=first_fill,
+                         px="1", sz="1", side="sell")
+        assert rows[150].trade_id == first_fill and int(rows[150].ts) >= int(lo.ts)  # inside the gap's time
+        gap = trade_gap("liq", inst, (int(lo.trade_id), int(lo.ts)), (int(hi.trade_id), int(hi.ts)))
+        await publish(kafka_broker.bootstrap_servers, topic_prefix, [recorded, gap])
+        async with running_worker(worker_settings(sim, kafka_broker, topic_prefix, tmp_path), rest_for(sim)) as w:
+            stats = await w.until(lambda s: s.gaps_done >= 1)
+        assert sim.stats.violations == 0
+
+    assert stats.gaps_filled == 1 and stats.records_already_present == 1  # the recorded fill
+    trades = await TopicReader(kafka_broker.bootstrap_servers, topic_prefix).records(TopicKind.TRADES, Trade)
+    got = Counter(t.trade_id for t in trades if t.source is Source.REST)
+    wanted = [r.trade_id for r in ordinary if int(lo.trade_id) < int(r.trade_id) < int(hi.trade_id)]
+    assert sorted(got, key=int) == sorted([*wanted, *inside_fills], key=int) and set(got.values()) == {1}
+    assert after_fill not in got and first_fill not in got
+    (update,) = updates_by_gap(await TopicReader(kafka_broker.bootstrap_servers, topic_prefix).records(
+        TopicKind.GAPS, GapEvent, at_least=2))["liq"]
+    assert update.status is GapStatus.FILLED and update.records_filled == len(wanted) + len(inside_fills)

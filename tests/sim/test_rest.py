@@ -210,3 +210,26 @@ async def test_public_time_follows_the_simulator_clock_offset(sim: SimServer) ->
     status, refused = await signed_get(sim, BALANCE, epoch_ms=server_ms - 90_000)
     assert (status, refused["code"]) == (401, "50102")
     assert (await signed_get(sim, BALANCE, epoch_ms=server_ms))[1]["code"] == "0"
+
+
+async def test_funding_rate_history_pages_settlements_newest_first_by_funding_time_for_swaps_only() -> None:
+    hour = 3_600_000
+    start = (1_790_000_000_000 // hour) * hour
+    config = SimConfig(instruments=("BTC-USDT-SWAP", "BTC-USDT"), start_ms=start, tick_ms=60_000,
+                       funding_interval_ms=hour, auto_tick_s=None, **creds())
+    async with SimServer(config) as sim, aiohttp.ClientSession() as session:
+        await sim.tick(7 * 60 + 1)  # seven hours (the first step is at start_ms): a settlement every hour
+        path = sim.rest_base + "/api/v5/public/funding-rate-history?instId=BTC-USDT-SWAP"
+        status, body = await get_json(session, path)
+        times = [int(r["fundingTime"]) for r in body["data"]]
+        assert status == 200 and body["code"] == "0"
+        assert times == [start + h * hour for h in range(7, 0, -1)]  # newest first, one per interval
+        row = body["data"][0]
+        assert set(row) == {"formulaType", "fundingRate", "fundingTime", "instId", "instType", "method",
+                            "realizedRate"} and row["instType"] == "SWAP"
+        _, older = await get_json(session, f"{path}&after={times[1]}&limit=2")  # exclusive cursor
+        assert [int(r["fundingTime"]) for r in older["data"]] == times[2:4]
+        _, newer = await get_json(session, f"{path}&before={times[3]}")
+        assert [int(r["fundingTime"]) for r in newer["data"]] == times[:3]
+        _, spot = await get_json(session, sim.rest_base + "/api/v5/public/funding-rate-history?instId=BTC-USDT")
+        assert spot["code"] == "51000"  # funding is a SWAP thing

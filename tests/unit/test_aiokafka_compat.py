@@ -12,6 +12,7 @@ import socket
 from aiokafka import AIOKafkaProducer
 
 from ingest.io.aiokafka_compat import abandon_queued_batches, missing_internals, stop_producer
+from tests.conftest import BrokerInfo
 
 
 def unused_port() -> int:
@@ -40,3 +41,22 @@ def _tp(topic: str, partition: int) -> object:
     from aiokafka.structs import TopicPartition
 
     return TopicPartition(topic, partition)
+
+
+
+async def test_the_installed_aiokafka_has_every_internal_the_backfill_fencing_reads(
+    kafka_broker: BrokerInfo, topic_prefix: str
+) -> None:
+    """A started group consumer (its coordinator exists once started) exposes what `membership` reads."""
+    from aiokafka import AIOKafkaConsumer
+
+    from ingest.io.aiokafka_compat import membership, missing_membership_internals
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_broker.bootstrap_servers, group_id=f"{topic_prefix}g")
+    await consumer.start()
+    try:
+        assert missing_membership_internals(consumer) == []
+        state = membership(consumer)
+        assert state is not None and state[2] in (True, False)
+    finally:
+        await consumer.stop()
