@@ -1,0 +1,572 @@
+"""Records <-> Arrow tables for the Parquet archive: one schema per topic kind, exact decimals, Kafka coordinates.
+
+Pure (no I/O, no clock): the archive service writes what `convert` returns and the replay source reads files
+back through `table_to_records`, so both sides share one mapping (docs/ARCHIVE.md documents the columns).
+
+- Columns are the Avro field names, in Avro order, then the Kafka coordinates `_topic`, `_partition`, `_offset`,
+  `_kafka_ts` (and `_empty`, below). `ts` is `timestamp[ms, UTC]`, every `...TsNs` field `timestamp[ns, UTC]`.
+- Decimal strings (every field the normalizer checks as a decimal) are `decimal128(38, 18)`: exact for every
+  real OKX value we hold (tests/unit/test_archive_schema.py goes over all of shared/okx/frames). A value that
+  needs more digits does not fit and is rejected with its reason, never rounded.
+- OKX's `""` ("no value") and a missing value are both null in a decimal column; `_empty` lists the decimal
+  fields that were `""`, so the reversal gives back the record exactly (decimals rendered canonically: no
+  exponent, no trailing zeros after the point).
+- Books are one row per level change (`side`, `px`, `sz`, `liqOrders`, `numOrders`) with `isSnapshot`; a book
+  record without levels is one row with null level columns. Rows of one record are contiguous and share
+  `_offset`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import enum
+import re
+import types
+import typing
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from decimal import Decimal
+from typing import Any, NamedTuple
+from urllib.parse import quote, unquote
+
+import msgspec
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ingest.core import normalize as _normalize
+from ingest.core.records import (
+    RECORD_TYPES,
+    BookAction,
+    BookUpdate,
+    Candle,
+    RawFrameEntry,
+    Record,
+    StreamPosition,
+    TopicKind,
+    Trade,
+)
+
+#: Bumped when a column changes in a way readers must know about (docs/ARCHIVE.md, "schema changes").
+SCHEMA_VERSION = 1
+#: Precision and scale of every decimal column: 20 integer and 18 fractional digits.
+DECIMAL_PRECISION, DECIMAL_SCALE = 38, 18
+DECIMAL = pa.decimal128(DECIMAL_PRECISION, DECIMAL_SCALE)
+TS_MS = pa.timestamp("ms", tz="UTC")
+TS_NS = pa.timestamp("ns", tz="UTC")
+#: Partition value for records without an instrument (balances totals, gaps of a channel, dead letters...).
+NO_INST_ID = "_none_"
+#: Schema metadata keys: which kind of records a file holds and the layout version.
+META_KIND = b"okx.archive.kind"
+META_VERSION = b"okx.archive.version"
+COORDINATE_COLUMNS = ("_topic", "_partition", "_offset", "_kafka_ts")
+EMPTY_COLUMN = "_empty"
+BOOK_LEVEL_COLUMNS = ("side", "px", "sz", "liqOrders", "numOrders")
+
+RECORD_TYPE_BY_KIND: dict[TopicKind, type[Record]] = {cls.TOPIC: cls for cls in RECORD_TYPES}
+
+_EMPTY_LIST = pa.list_(pa.string())
+_COORDINATE_FIELDS = (
+    pa.field("_topic", pa.string(), nullable=False), pa.field("_partition", pa.int32(), nullable=False),
+    pa.field("_offset", pa.int64(), nullable=False), pa.field("_kafka_ts", pa.timestamp("ms", tz="UTC"),
+                                                               nullable=False),
+)
+
+
+class Coordinates(NamedTuple):
+    """Where a record sits in Kafka: the identity that names archive files and makes rewrites idempotent."""
+
+    topic: str
+    partition: int
+    offset: int
+    kafka_ts_ms: int
+
+
+class Rejected(NamedTuple):
+    """A record that does not fit its columns, kept (with why) for the `_rejected` dataset."""
+
+    index: int  # type: ignore[assignment]  # tuple.index: the name is the clearest for a position
+    field: str
+    reason: str
+
+
+class Converted(NamedTuple):
+    """The table of the records that fit, and the ones that did not (by index into the input)."""
+
+    table: pa.Table
+    rejected: list[Rejected]
+
+
+class PartitionKey(NamedTuple):
+    """One directory of the archive: dataset, UTC date of the exchange time, instrument."""
+
+    dataset: str
+    date: str
+    inst_id: str
+
+    def path(self) -> str:
+        """`trades/date=2026-12-01/instId=BTC-USDT`, the value percent-encoded where a path needs it."""
+        return f"{self.dataset}/date={self.date}/instId={quote(self.inst_id, safe='-_.@')}"
+
+
+# ----------------------------------------------------------------------------------------------- field kinds
+
+
+def _decimal_fields() -> dict[type[Record], frozenset[str]]:
+    """Avro names of the decimal-string fields of each record type, taken from the normalizer's own field
+    specs (so a field it starts checking as a decimal becomes a decimal column) plus its hand-written paths."""
+    found: dict[type[Record], set[str]] = {cls: set() for cls in RECORD_TYPES}
+    for value in vars(_normalize).values():
+        if isinstance(value, _normalize._Spec):
+            names = {f.name: f.encode_name for f in msgspec.structs.fields(value.cls)}
+            found[value.cls] |= {names[attr] for attr, kind in value.fields.values() if kind is _normalize.D}
+    found[Trade] |= {"px", "sz"}
+    found[Candle] |= {"o", "h", "l", "c", "vol", "volCcy", "volCcyQuote"}
+    return {cls: frozenset(names) for cls, names in found.items()}
+
+
+DECIMAL_FIELDS = _decimal_fields()
+
+
+class _Col(enum.Enum):
+    STR = "string"
+    DEC = "decimal"
+    INT = "int64"
+    BOOL = "bool"
+    TS_MS = "timestamp ms"
+    TS_NS = "timestamp ns"
+    MAP = "map"
+    BYTES = "binary"
+    POSITION = "stream position"
+    FRAMES = "raw frames"
+
+
+_POSITION_TYPE = pa.struct([pa.field("ts", pa.int64()), pa.field("tradeId", pa.int64()), pa.field("seqId", pa.int64())])
+_FRAMES_TYPE = pa.list_(pa.struct([pa.field("recvSeq", pa.int64(), nullable=False),
+                                   pa.field("recvTsNs", pa.int64(), nullable=False),
+                                   pa.field("payload", pa.binary(), nullable=False)]))
+_ARROW: dict[_Col, pa.DataType] = {
+    _Col.STR: pa.string(), _Col.DEC: DECIMAL, _Col.INT: pa.int64(), _Col.BOOL: pa.bool_(), _Col.TS_MS: TS_MS,
+    _Col.TS_NS: TS_NS, _Col.MAP: pa.map_(pa.string(), pa.string()), _Col.BYTES: pa.binary(),
+    _Col.POSITION: _POSITION_TYPE, _Col.FRAMES: _FRAMES_TYPE,
+}
+
+
+class _Field(NamedTuple):
+    attr: str
+    name: str
+    col: _Col
+    nullable: bool
+    enum_type: type[enum.Enum] | None
+
+
+def _col_of(cls: type[Record], name: str, hint: Any) -> tuple[_Col, bool, type[enum.Enum] | None]:
+    args = typing.get_args(hint)
+    nullable = (typing.get_origin(hint) in (typing.Union, types.UnionType)) and type(None) in args
+    if nullable:
+        (hint,) = [a for a in args if a is not type(None)]
+    if name == "ts":
+        return _Col.TS_MS, nullable, None
+    if name.endswith("TsNs"):
+        return _Col.TS_NS, nullable, None
+    if hint is str:
+        return (_Col.DEC if name in DECIMAL_FIELDS[cls] else _Col.STR), nullable, None
+    if hint is bool:
+        return _Col.BOOL, nullable, None
+    if hint is int:
+        return _Col.INT, nullable, None
+    if hint is bytes:
+        return _Col.BYTES, nullable, None
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return _Col.STR, nullable, hint
+    if hint is StreamPosition:
+        return _Col.POSITION, nullable, None
+    if typing.get_origin(hint) is dict:
+        return _Col.MAP, nullable, None
+    if typing.get_origin(hint) is tuple and cls.TOPIC is TopicKind.RAW:
+        return _Col.FRAMES, nullable, None
+    raise TypeError(f"{cls.__name__}.{name}: no archive column for {hint!r}")
+
+
+def _fields(cls: type[Record]) -> tuple[_Field, ...]:
+    out = []
+    for f in msgspec.structs.fields(cls):
+        if cls is BookUpdate and f.name in ("asks", "bids"):
+            continue
+        col, nullable, enum_type = _col_of(cls, f.encode_name, f.type)
+        out.append(_Field(f.name, f.encode_name, col, nullable, enum_type))
+    return tuple(out)
+
+
+_FIELDS: dict[type[Record], tuple[_Field, ...]] = {cls: _fields(cls) for cls in RECORD_TYPES}
+_BOOK_LEVEL_FIELDS = (
+    pa.field("side", pa.string()), pa.field("px", DECIMAL), pa.field("sz", DECIMAL), pa.field("liqOrders", pa.string()),
+    pa.field("numOrders", pa.int64()), pa.field("isSnapshot", pa.bool_(), nullable=False),
+)
+
+
+def arrow_schema(kind: TopicKind) -> pa.Schema:
+    """The Arrow schema of the files of one dataset (the topic kind's value), with kind and version metadata."""
+    cls = RECORD_TYPE_BY_KIND[kind]
+    fields: list[pa.Field] = []
+    for f in _FIELDS[cls]:
+        fields.append(pa.field(f.name, _ARROW[f.col], nullable=f.nullable or f.col is _Col.DEC))
+        if cls is BookUpdate and f.name == "action":
+            fields.extend(_BOOK_LEVEL_FIELDS)
+    fields.extend(_COORDINATE_FIELDS)
+    fields.append(pa.field(EMPTY_COLUMN, _EMPTY_LIST))
+    return pa.schema(fields, metadata={META_KIND: kind.value.encode(), META_VERSION: str(SCHEMA_VERSION).encode()})
+
+
+# ------------------------------------------------------------------------------------------------ decimals
+
+_CANONICAL_ZERO = Decimal(0)
+_DEC_CONTEXT = decimal.Context(prec=DECIMAL_PRECISION + 2)
+_LIMIT = Decimal(10) ** (DECIMAL_PRECISION - DECIMAL_SCALE)
+
+
+def decimal_fit_error(text: str) -> str | None:
+    """Why `text` cannot be stored exactly in `decimal128(38, 18)`, or None when it can."""
+    try:
+        value = Decimal(text)
+    except decimal.InvalidOperation:
+        return f"{text!r} is not a decimal"
+    if not value.is_finite():
+        return f"{text!r} is not finite"
+    exponent = value.as_tuple().exponent
+    assert isinstance(exponent, int)
+    if exponent < -DECIMAL_SCALE and value != value.quantize(Decimal(1).scaleb(-DECIMAL_SCALE), context=_DEC_CONTEXT):
+        return f"{text!r} has more than {DECIMAL_SCALE} digits after the point"
+    if abs(value) >= _LIMIT:
+        return f"{text!r} has more than {DECIMAL_PRECISION - DECIMAL_SCALE} digits before the point"
+    return None
+
+
+def render_decimal(value: Decimal) -> str:
+    """The canonical text of a decimal: plain notation, no trailing zeros after the point, `0` for zero."""
+    if value == _CANONICAL_ZERO:
+        return "0"
+    text = format(value, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text
+
+
+# ------------------------------------------------------------------------------------------- records -> table
+
+
+def partition_key(record: Record, kafka_ts_ms: int) -> PartitionKey:
+    """The directory a record belongs in: UTC date of its exchange time (`ts`; records without one use the
+    Kafka timestamp) and its instrument (`_none_` without one)."""
+    ts = getattr(record, "ts", None)
+    ms = ts if isinstance(ts, int) else kafka_ts_ms
+    date = dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).date().isoformat()
+    inst_id = getattr(record, "inst_id", None)
+    return PartitionKey(record.TOPIC.value, date, inst_id or NO_INST_ID)
+
+
+def file_name(topic: str, partition: int, first_offset: int, last_offset: int) -> str:
+    """A file's name from its Kafka coordinates, so redoing the same work rewrites the same object."""
+    return f"{topic}+{partition}+{first_offset:020d}+{last_offset:020d}.parquet"
+
+
+_FILE_NAME = re.compile(r"(?P<topic>.+)\+(?P<partition>[0-9]+)\+(?P<first>[0-9]{20})\+(?P<last>[0-9]{20})\.parquet")
+
+
+class FileCoordinates(NamedTuple):
+    topic: str
+    partition: int
+    first_offset: int
+    last_offset: int
+
+
+def parse_file_name(name: str) -> FileCoordinates | None:
+    """The coordinates in an archive file name; None for any other name (temporary files, manifests)."""
+    m = _FILE_NAME.fullmatch(name)
+    if m is None:
+        return None
+    return FileCoordinates(m["topic"], int(m["partition"]), int(m["first"]), int(m["last"]))
+
+
+def parse_partition_path(path: str) -> PartitionKey | None:
+    """`trades/date=2026-12-01/instId=BTC-USDT` (relative to the root) -> its key."""
+    parts = path.strip("/").split("/")
+    if len(parts) < 3 or not parts[-2].startswith("date=") or not parts[-1].startswith("instId="):
+        return None
+    return PartitionKey(parts[-3], parts[-2][5:], unquote(parts[-1][7:]))
+
+
+def _dec_column(values: list[str | None], empties: list[list[str] | None], name: str,
+                rejected: dict[int, Rejected]) -> pa.Array:
+    """A decimal column from OKX strings; "" becomes null (noted in `_empty`); unfit values are rejected."""
+    texts: list[str | None] = []
+    for i, v in enumerate(values):
+        if v == "":
+            lst = empties[i]
+            if lst is None:
+                empties[i] = [name]
+            else:
+                lst.append(name)
+            texts.append(None)
+        else:
+            texts.append(v)
+    arr = pa.array(texts, pa.string())
+    try:
+        return pc.cast(arr, DECIMAL)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    for i, v in enumerate(texts):  # the slow path names each value that does not fit
+        if v is not None:
+            err = decimal_fit_error(v)
+            if err is not None:
+                rejected.setdefault(i, Rejected(i, name, err))
+                texts[i] = None
+    return pc.cast(pa.array(texts, pa.string()), DECIMAL)
+
+
+def _int_column(values: Sequence[int | None], name: str, rejected: dict[int, Rejected]) -> pa.Array:
+    try:
+        return pa.array(values, pa.int64())
+    except (OverflowError, pa.ArrowInvalid):
+        out: list[int | None] = []
+        for i, v in enumerate(values):
+            if v is not None and not -(1 << 63) <= v < (1 << 63):
+                rejected.setdefault(i, Rejected(i, name, f"{v} does not fit a 64-bit integer"))
+                v = None
+            out.append(v)
+        return pa.array(out, pa.int64())
+
+
+def _column(f: _Field, values: list[Any], empties: list[list[str] | None], rejected: dict[int, Rejected]) -> pa.Array:
+    col = f.col
+    if col is _Col.DEC:
+        return _dec_column(values, empties, f.name, rejected)
+    if col is _Col.INT or col is _Col.TS_MS or col is _Col.TS_NS:
+        ints = _int_column(values, f.name, rejected)
+        return ints if col is _Col.INT else ints.cast(_ARROW[col])
+    if col is _Col.MAP:
+        return pa.array([None if v is None else list(v.items()) for v in values], _ARROW[col])
+    if col is _Col.POSITION:
+        return pa.array([None if v is None else {"ts": v.ts, "tradeId": v.trade_id, "seqId": v.seq_id}
+                         for v in values], _POSITION_TYPE)
+    if col is _Col.FRAMES:
+        return pa.array([[{"recvSeq": e.recv_seq, "recvTsNs": e.recv_ts_ns, "payload": e.payload} for e in v]
+                         for v in values], _FRAMES_TYPE)
+    if f.enum_type is not None:
+        return pa.array([None if v is None else v.value for v in values], pa.string())
+    return pa.array(values, _ARROW[col])
+
+
+def _book_rows(records: Sequence[BookUpdate], coords: Sequence[Coordinates]
+               ) -> tuple[list[int], dict[str, list[Any]]]:
+    """Explode book records into one row per level: row -> index of its record, and the level columns."""
+    owner: list[int] = []
+    side: list[str | None] = []
+    px: list[str | None] = []
+    sz: list[str | None] = []
+    liq: list[str | None] = []
+    num: list[str | None] = []
+    snap: list[bool] = []
+    for i, rec in enumerate(records):
+        is_snapshot = rec.action is not BookAction.UPDATE
+        if not rec.asks and not rec.bids:
+            owner.append(i)
+            side.append(None)
+            px.append(None)
+            sz.append(None)
+            liq.append(None)
+            num.append(None)
+            snap.append(is_snapshot)
+            continue
+        for name, levels in (("ask", rec.asks), ("bid", rec.bids)):
+            for level in levels:
+                owner.append(i)
+                side.append(name)
+                px.append(level[0])
+                sz.append(level[1])
+                liq.append(level[2])
+                num.append(level[3])
+                snap.append(is_snapshot)
+    return owner, {"side": side, "px": px, "sz": sz, "liqOrders": liq, "numOrders": num, "isSnapshot": snap}
+
+
+def convert(kind: TopicKind, records: Sequence[Record], coords: Sequence[Coordinates]) -> Converted:
+    """The table of `records` (all of `kind`, in Kafka order) and the records that do not fit a column.
+
+    Rejection is per record: a book record with one unfit level is rejected whole, so no record is ever split.
+    """
+    cls = RECORD_TYPE_BY_KIND[kind]
+    if len(records) != len(coords):
+        raise ValueError("records and coords differ in length")
+    for rec in records:
+        if type(rec) is not cls:
+            raise TypeError(f"a {type(rec).__name__} is not a {kind.value} record")
+    rejected: dict[int, Rejected] = {}
+    n = len(records)
+    owner: list[int] | None = None
+    level_cols: dict[str, list[Any]] = {}
+    if cls is BookUpdate:
+        owner, level_cols = _book_rows(typing.cast(Sequence[BookUpdate], records), coords)
+    empties: list[list[str] | None] = [None] * n
+    arrays: dict[str, pa.Array] = {}
+    for f in _FIELDS[cls]:
+        arrays[f.name] = _column(f, [getattr(r, f.attr) for r in records], empties, rejected)
+    arrays["_topic"] = pa.array([c.topic for c in coords], pa.string())
+    arrays["_partition"] = pa.array([c.partition for c in coords], pa.int32())
+    arrays["_offset"] = pa.array([c.offset for c in coords], pa.int64())
+    arrays["_kafka_ts"] = pa.array([c.kafka_ts_ms for c in coords], pa.int64()).cast(TS_MS)
+    record_table = pa.table(arrays)
+    if owner is not None:
+        record_table = record_table.take(pa.array(owner, pa.int64()))
+        level_rejected: dict[int, Rejected] = {}
+        levels = {
+            "side": pa.array(level_cols["side"], pa.string()),
+            "px": _dec_column(level_cols["px"], [None] * len(owner), "px", level_rejected),
+            "sz": _dec_column(level_cols["sz"], [None] * len(owner), "sz", level_rejected),
+            "liqOrders": pa.array(level_cols["liqOrders"], pa.string()),
+            "numOrders": _order_counts(level_cols["numOrders"], level_rejected),
+            "isSnapshot": pa.array(level_cols["isSnapshot"], pa.bool_()),
+        }
+        for row, rej in level_rejected.items():
+            rejected.setdefault(owner[row], Rejected(owner[row], rej.field, rej.reason))
+        for name, arr in levels.items():
+            record_table = record_table.append_column(name, arr)
+        empty_col = pa.array([empties[i] for i in owner], _EMPTY_LIST)
+    else:
+        empty_col = pa.array(empties, _EMPTY_LIST)
+    record_table = record_table.append_column(EMPTY_COLUMN, empty_col)
+    if rejected:
+        bad = pa.array(sorted(rejected), pa.int64())
+        row_owner = pa.array(owner, pa.int64()) if owner is not None else pa.array(range(n), pa.int64())
+        record_table = record_table.filter(pc.invert(pc.is_in(row_owner, value_set=bad)))
+    schema = arrow_schema(kind)
+    table = record_table.select(schema.names).cast(schema)
+    return Converted(table, [rejected[i] for i in sorted(rejected)])
+
+
+def _order_counts(values: list[str | None], rejected: dict[int, Rejected]) -> pa.Array:
+    """numOrders as integers; a count whose text would not come back the same (`"01"`) does not fit."""
+    out: list[int | None] = []
+    for i, v in enumerate(values):
+        if v is None:
+            out.append(None)
+            continue
+        n = int(v) if v.isdigit() else None
+        if n is None or str(n) != v or n >= 1 << 63:
+            rejected.setdefault(i, Rejected(i, "numOrders", f"{v!r} is not a canonical order count"))
+            out.append(None)
+        else:
+            out.append(n)
+    return pa.array(out, pa.int64())
+
+
+def records_to_table(kind: TopicKind, records: Sequence[Record], coords: Sequence[Coordinates]) -> pa.Table:
+    """`convert` for callers that hold only fitting records (tests, replay fixtures): raises on any unfit one."""
+    converted = convert(kind, records, coords)
+    if converted.rejected:
+        first = converted.rejected[0]
+        raise ValueError(f"record {first.index} does not fit column {first.field}: {first.reason}")
+    return converted.table
+
+
+# ------------------------------------------------------------------------------------------- table -> records
+
+
+def table_kind(table: pa.Table) -> TopicKind:
+    """The kind named in a table's (file's) schema metadata."""
+    meta = table.schema.metadata or {}
+    value = meta.get(META_KIND)
+    if value is None:
+        raise ValueError("the table carries no okx.archive.kind metadata; pass kind=")
+    return TopicKind(value.decode())
+
+
+def _py_column(table: pa.Table, name: str, col: _Col) -> list[Any]:
+    """A column as Python values; timestamps as integers of their unit, decimals canonical text."""
+    arr = table.column(name)
+    if col is _Col.TS_MS or col is _Col.TS_NS:
+        return arr.cast(pa.int64()).to_pylist()  # type: ignore[no-any-return]
+    if col is _Col.DEC:
+        return [None if v is None else render_decimal(v) for v in arr.to_pylist()]
+    if col is _Col.POSITION:
+        return [None if v is None else StreamPosition(ts=v["ts"], trade_id=v["tradeId"], seq_id=v["seqId"])
+                for v in arr.to_pylist()]
+    return arr.to_pylist()  # type: ignore[no-any-return]
+
+
+def table_to_records(table: pa.Table, kind: TopicKind | None = None) -> Iterator[tuple[Record, str, int, int]]:
+    """The records of an archive table with their Kafka (topic, partition, offset), in table order.
+
+    Reverses `convert` exactly except decimal rendering. Columns a file lacks (written before a field was
+    added) take the field's default; columns this build does not know are ignored.
+    """
+    kind = kind if kind is not None else table_kind(table)
+    cls = RECORD_TYPE_BY_KIND[kind]
+    names = set(table.column_names)
+    present = [f for f in _FIELDS[cls] if f.name in names]
+    n = table.num_rows
+    if n == 0:
+        return
+    if table.schema.field("_kafka_ts").type != TS_MS:
+        table = table.set_column(table.column_names.index("_kafka_ts"), "_kafka_ts",
+                                 table.column("_kafka_ts").cast(TS_MS))
+    cols = {f.name: _py_column(table, f.name, f.col) for f in present}
+    empties = table.column(EMPTY_COLUMN).to_pylist() if EMPTY_COLUMN in names else [None] * n
+    topics = table.column("_topic").to_pylist()
+    partitions = table.column("_partition").to_pylist()
+    offsets = table.column("_offset").to_pylist()
+    if cls is BookUpdate:
+        yield from _books_from_rows(table, present, cols, empties, topics, partitions, offsets)
+        return
+    for i in range(n):
+        kwargs = _kwargs(present, cols, i, empties[i])
+        yield cls(**kwargs), topics[i], partitions[i], offsets[i]
+
+
+def _kwargs(present: Iterable[_Field], cols: Mapping[str, list[Any]], i: int, empty: list[str] | None
+            ) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    for f in present:
+        v = cols[f.name][i]
+        if v is None:
+            if empty is not None and f.name in empty:
+                kwargs[f.attr] = ""
+                continue
+            if not f.nullable:
+                continue  # a column older files lack is null in a unified read: the field's default applies
+        elif f.enum_type is not None:
+            v = f.enum_type(v)
+        elif f.col is _Col.MAP:
+            v = dict(v)
+        elif f.col is _Col.FRAMES:
+            v = tuple(RawFrameEntry(recv_seq=e["recvSeq"], recv_ts_ns=e["recvTsNs"], payload=e["payload"])
+                      for e in v)
+        kwargs[f.attr] = v
+    return kwargs
+
+
+def _books_from_rows(table: pa.Table, present: Sequence[_Field], cols: Mapping[str, list[Any]],
+                     empties: list[list[str] | None], topics: list[str], partitions: list[int], offsets: list[int]
+                     ) -> Iterator[tuple[Record, str, int, int]]:
+    side = table.column("side").to_pylist()
+    px = _py_column(table, "px", _Col.DEC)
+    sz = _py_column(table, "sz", _Col.DEC)
+    liq = table.column("liqOrders").to_pylist() if "liqOrders" in table.column_names else ["0"] * table.num_rows
+    num = table.column("numOrders").to_pylist()
+    n = table.num_rows
+    i = 0
+    while i < n:
+        j = i
+        key = (topics[i], partitions[i], offsets[i])
+        asks: list[tuple[str, str, str, str]] = []
+        bids: list[tuple[str, str, str, str]] = []
+        while j < n and (topics[j], partitions[j], offsets[j]) == key:
+            s = side[j]
+            if s is not None:
+                level = (px[j], sz[j], liq[j] if liq[j] is not None else "0", str(num[j]))
+                (asks if s == "ask" else bids).append(level)
+            j += 1
+        kwargs = _kwargs(present, cols, i, empties[i])
+        kwargs["asks"] = tuple(asks)
+        kwargs["bids"] = tuple(bids)
+        yield BookUpdate(**kwargs), key[0], key[1], key[2]
+        i = j
