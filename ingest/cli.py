@@ -1,4 +1,4 @@
-"""Entry point `okx-ingest`: run, demo, simulate, backfill, check.
+"""Entry point `okx-ingest`: run, demo, simulate, backfill, check, replay.
 
 Imports are deferred to the chosen command so `okx-ingest --help` and the simulator start fast and a
 broken optional part cannot stop an unrelated command.
@@ -52,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate the configuration and credentials, then exit")
     check.add_argument("--config", type=Path, default=None)
+
+    from ingest.replay_cli import add_arguments as replay_arguments
+
+    replay_arguments(sub.add_parser("replay", help="replay a window from Kafka or the archive (docs/REPLAY.md)"))
     return p
 
 
@@ -100,6 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _run(_count_to_rc(backfill_range(settings, args.channel, args.inst, args.since,
                                                         args.until, sys.stderr.isatty())))
             return _run(run_worker(settings))
+        if args.command == "replay":
+            from ingest.replay_cli import run as run_replay
+
+            return run_replay(args, settings)
     except IngestError as exc:
         print(f"okx-ingest: {exc}", file=sys.stderr)
         return 2

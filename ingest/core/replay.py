@@ -33,12 +33,16 @@ import enum
 import heapq
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from operator import itemgetter
+from typing import TypeVar
 
 import msgspec
 
+from ingest.core.archive_schema import DECIMAL_FIELDS, render_decimal
 from ingest.core.books import BookMessage, OrderBook, SnapshotBook
 from ingest.core.records import (
+    BookLevel,
     BookUpdate,
     Fill,
     GapEvent,
@@ -61,6 +65,7 @@ __all__ = [
     "Item",
     "SortKey",
     "View",
+    "canonical",
     "gap_entries",
     "gap_position_ts",
     "latest_gaps",
@@ -76,8 +81,12 @@ Entry = tuple[SortKey, Record]
 #: The key function of the order, for `heapq.merge` and `sorted`.
 ORDER_KEY = itemgetter(0)
 
+R = TypeVar("R", bound=Record)
+
 #: BookAction value of a recorder checkpoint (schemas/book_update.avsc, added with the book checkpoints).
 CHECKPOINT = "checkpoint"
+#: Depth of the initial books (`initial_books`): every level.
+FULL_DEPTH = 1 << 30
 
 
 class View(enum.StrEnum):
@@ -181,11 +190,66 @@ def natural_key(record: OkxRecord) -> tuple[object, ...] | None:
 
 
 def _book_message(rec: BookUpdate) -> BookMessage:
+    """The record as the book takes it. The checksum is not re-verified: the recorder did it on OKX's exact
+    strings, and replay renders decimals canonically ("30316.0" -> "30316"), which changes the CRC32."""
     action = str(rec.action)
     if action == CHECKPOINT:
         # A checkpoint resets like a snapshot but keeps the chain: prevSeqId is null, seqId the last one.
         return BookMessage(True, rec.bids, rec.asks, rec.ts, None, rec.seq_id, None)
-    return BookMessage(action == "snapshot", rec.bids, rec.asks, rec.ts, rec.checksum, rec.seq_id, rec.prev_seq_id)
+    return BookMessage(action == "snapshot", rec.bids, rec.asks, rec.ts, None, rec.seq_id, rec.prev_seq_id)
+
+
+def _decimal_attrs() -> dict[type[Record], tuple[str, ...]]:
+    out: dict[type[Record], tuple[str, ...]] = {}
+    for cls, names in DECIMAL_FIELDS.items():
+        by_name = {f.encode_name: f.name for f in msgspec.structs.fields(cls)}
+        out[cls] = tuple(sorted(by_name[n] for n in names if n in by_name))
+    return out
+
+
+_DECIMAL_ATTRS = _decimal_attrs()
+
+
+def _canonical_text(text: str) -> str:
+    # Only trailing zeros after a point or an exponent make OKX's text differ from the canonical one.
+    if ("." in text and text[-1] == "0") or "e" in text or "E" in text or text[-1] == ".":
+        try:
+            return render_decimal(Decimal(text))
+        except InvalidOperation:
+            return text
+    return text
+
+
+def _canonical_levels(levels: tuple[BookLevel, ...]) -> tuple[BookLevel, ...]:
+    out = []
+    changed = False
+    for lv in levels:
+        px, sz = _canonical_text(lv[0]), _canonical_text(lv[1])
+        if px is not lv[0] or sz is not lv[1]:
+            changed = True
+            out.append((px, sz, lv[2], lv[3]))
+        else:
+            out.append(lv)
+    return tuple(out) if changed else levels
+
+
+def canonical(record: R) -> R:
+    """`record` with every decimal field rendered canonically (archive_schema.render_decimal), so a record
+    read from Kafka equals the same record read back from the archive's decimal128 columns."""
+    changes: dict[str, object] = {}
+    for attr in _DECIMAL_ATTRS.get(type(record), ()):
+        value = getattr(record, attr)
+        if value:
+            text = _canonical_text(value)
+            if text is not value:
+                changes[attr] = text
+    if isinstance(record, BookUpdate):
+        asks, bids = _canonical_levels(record.asks), _canonical_levels(record.bids)
+        if asks is not record.asks:
+            changes["asks"] = asks
+        if bids is not record.bids:
+            changes["bids"] = bids
+    return msgspec.structs.replace(record, **changes) if changes else record
 
 
 class Books:
@@ -246,11 +310,14 @@ def replay_items(
     instruments: frozenset[str] | None = None,
     channels: frozenset[str] | None = None,
     books: Books | None = None,
+    initial_books: bool = False,
 ) -> Iterator[Item]:
     """The items of [start, end) in the documented order (module docstring).
 
     Entries before `start` are fed to the books (a seek goes back to a snapshot or checkpoint) but not
     yielded; entries at or after `end` stop the replay. `gaps` are sorted gap entries (`gap_entries`).
+    `initial_books`: first yield every book valid at `start`, full depth, stamped `start` (what an engine
+    that takes deltas needs to start mid-stream).
     """
     books = books if books is not None else Books()
     repaired = view is View.REPAIRED
@@ -259,7 +326,11 @@ def replay_items(
     next_boundary = -(-start // interval) * interval if interval else end
     seen: set[object] = set()
     seen_ts: int | None = None
+    pending_initial = initial_books
     for (ts, _recv, _t, _p, _o), rec in merge([*streams, gaps]):
+        if pending_initial and ts >= start:
+            pending_initial = False
+            yield from books.snapshots(start, FULL_DEPTH)
         if ts >= end:
             break
         while next_boundary <= ts:
@@ -301,6 +372,8 @@ def replay_items(
             books.apply(rec)
         if ts >= start:
             yield rec
+    if pending_initial:
+        yield from books.snapshots(start, FULL_DEPTH)
     while next_boundary < end:
         yield from books.snapshots(next_boundary, depth)
         next_boundary += interval
