@@ -120,6 +120,8 @@ class _Reader(Protocol):
 
     def problems(self) -> list[GapEvent]: ...
 
+    def instruments(self) -> set[str] | None: ...
+
 
 def _in_thread(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine on a private event loop: the API is synchronous and may be called inside a loop."""
@@ -152,6 +154,9 @@ class _KafkaReader:
     def problems(self) -> list[GapEvent]:
         return []
 
+    def instruments(self) -> set[str] | None:
+        return None
+
 
 class _ArchiveReader:
     def __init__(self, root: str | Path, lenient: bool) -> None:
@@ -167,6 +172,10 @@ class _ArchiveReader:
 
     def problems(self) -> list[GapEvent]:
         return list(self._source.problems)
+
+    def instruments(self) -> set[str] | None:
+        return {i for kind in self._source.kinds() if kind is not TopicKind.GAPS
+                for i in self._source.instruments(kind)}
 
 
 def _open(source: str | Path | Settings, settings: Settings | None, lenient: bool) -> _Reader:
@@ -250,9 +259,26 @@ class Replay:
             if kind is TopicKind.BOOKS and (self.book_snapshots is not None or self.initial_books):
                 streams += self._warmup(window)
         self.problems = self._reader.problems()
+        self._check_instruments(streams)
         gaps = gap_entries([*raw_gaps, *((p, "_archive", 0, i) for i, p in enumerate(self.problems))],
                            self.start, self.end)
         return streams, gaps
+
+    def _check_instruments(self, streams: list[list[Entry]]) -> None:
+        """An instrument the source never recorded is an error (a typo must not look like a quiet market)."""
+        if self.instruments is None:
+            return
+        known = self._reader.instruments()
+        if known is None:  # Kafka: what the window holds is what we know
+            known = {rec.inst_id for stream in streams for _, rec in stream
+                     if isinstance(rec, OkxRecord) and rec.inst_id is not None}
+            if not known:
+                return  # no data at all: the caller says so
+        missing = sorted(i for i in self.instruments if i not in known)
+        if missing:
+            have = ", ".join(sorted(i for i in known if i)[:20]) or "none"
+            raise ReplayError(f"unknown instrument {', '.join(missing)}: {self.source_name} has no record of it "
+                              f"between {_iso(self.start)} and {_iso(self.end)} (it has {have})")
 
     def _warmup(self, window: list[list[Entry]]) -> list[list[Entry]]:
         """Book records before `start`, back to each book's last snapshot or checkpoint (doubling lookback)."""
@@ -269,9 +295,10 @@ class Replay:
     def __iter__(self) -> Iterator[Item]:
         streams, gaps = self._load()
         stats = self.stats = ReplayStats()
+        # The sources and _load filtered instruments and channels already, so archive problems (gaps named
+        # after a dataset, not a channel) pass.
         for item in replay_items(streams, gaps, start=self.start, end=self.end, view=self.view,
-                                 book_snapshots=self.book_snapshots, instruments=self.instruments,
-                                 channels=self.channels, initial_books=self.initial_books):
+                                 book_snapshots=self.book_snapshots, initial_books=self.initial_books):
             stats.items += 1
             ts = gap_position_ts(item) if isinstance(item, GapEvent) else item.ts
             if isinstance(item, GapEvent):

@@ -1,0 +1,153 @@
+"""`okx-ingest replay` as a user runs it: output formats over an archive, and every kind of bad input."""
+
+from __future__ import annotations
+
+import csv
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pyarrow.parquet as pq
+import pytest
+
+from ingest.core.archive_schema import Coordinates
+from ingest.core.records import BookAction, BookUpdate, Source, TopicKind, Trade
+from ingest.io.broker import free_port
+from tests.e2e.replay_support import Located, write_archive
+
+T0 = 1_796_000_000_000
+INSTS = ("BTC-USDT", "ETH-USDT")
+
+
+def _trades() -> list[Located]:
+    out: list[Located] = []
+    for n in range(40):
+        inst = INSTS[n % 2]
+        t = Trade(channel="trades-all", inst_id=inst, ts=T0 + n * 10, recv_ts_ns=(T0 + n * 10) * 1_000_000 + 5,
+                  source=Source.WS, record_id=f"ws:c:{n}", trade_id=str(1000 + n), px="100.50", sz="0.1",
+                  side="buy" if n % 3 else "sell")
+        out.append((t, Coordinates("okx.trades", n % 2, n // 2, t.ts)))
+    return out
+
+
+def _books() -> list[Located]:
+    lv = ("99.5", "1", "0", "1")
+    recs = [BookUpdate(channel="books", inst_id=INSTS[0], ts=T0, recv_ts_ns=T0 * 1_000_000, source=Source.WS,
+                       record_id="ws:b:1", action=BookAction.SNAPSHOT, bids=(lv,), asks=(("100.5", "2", "0", "1"),),
+                       seq_id=1, prev_seq_id=-1),
+            BookUpdate(channel="books", inst_id=INSTS[0], ts=T0 + 150, recv_ts_ns=(T0 + 150) * 1_000_000,
+                       source=Source.WS, record_id="ws:b:2", action=BookAction.UPDATE,
+                       bids=(("99.6", "3", "0", "2"),), asks=(), seq_id=2, prev_seq_id=1)]
+    return [(r, Coordinates("okx.books", 0, i, r.ts)) for i, r in enumerate(recs)]
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Path:
+    root = tmp_path / "archive"
+    write_archive(root, TopicKind.TRADES, _trades())
+    write_archive(root, TopicKind.BOOKS, _books())
+    return root
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ingest.cli", "replay", *args], capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+def _iso(ms: int) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _w(*extra: str) -> list[str]:
+    return ["--from", _iso(T0 - 1000), "--to", _iso(T0 + 1000), *extra]
+
+
+def test_jsonl_lines_carry_type_channel_instid_ts_and_exact_canonical_decimals(archive: Path) -> None:
+    proc = _run(*_w("--source", str(archive), "--channel", "trades-all", "--inst", "BTC-USDT"))
+    assert proc.returncode == 0, proc.stderr
+    lines = [orjson.loads(x) for x in proc.stdout.splitlines()]
+    assert [x["tradeId"] for x in lines] == [str(1000 + n) for n in range(0, 40, 2)]
+    first = lines[0]
+    assert (first["type"], first["channel"], first["instId"], first["ts"]) == ("trade", "trades-all", "BTC-USDT", T0)
+    assert (first["px"], first["sz"]) == ("100.5", "0.1")
+    assert "replayed 20 items (0 gaps" in proc.stderr
+
+
+def test_book_snapshot_lines_carry_levels_best_first_and_their_seqid(archive: Path) -> None:
+    proc = _run(*_w("--source", str(archive), "--channel", "books", "--book-snapshots", "2:100"))
+    assert proc.returncode == 0, proc.stderr
+    snaps = [x for x in map(orjson.loads, proc.stdout.splitlines()) if x["type"] == "book_snapshot"]
+    by_ts = {x["ts"]: x for x in snaps}
+    assert by_ts[T0 + 100]["bids"] == [["99.5", "1"]] and by_ts[T0 + 100]["seqId"] == 1
+    assert by_ts[T0 + 200]["bids"] == [["99.6", "3"], ["99.5", "1"]] and by_ts[T0 + 200]["asks"] == [["100.5", "2"]]
+    assert by_ts[T0 + 900]["seqId"] == 2  # a quiet book still emits at every boundary
+
+
+def test_csv_and_parquet_hold_the_same_flat_rows(archive: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.parquet"
+    p1 = _run(*_w("--source", str(archive), "--format", "csv"))
+    p2 = _run(*_w("--source", str(archive), "--format", "parquet", "--out", str(out)))
+    assert p1.returncode == 0 and p2.returncode == 0, p1.stderr + p2.stderr
+    rows = list(csv.DictReader(io.StringIO(p1.stdout)))
+    table = pq.read_table(out)
+    assert len(rows) == table.num_rows == 40 + 3  # 40 trades, 2 levels of the snapshot, 1 of the update
+    assert [r["px"] for r in rows] == table.column("px").to_pylist()
+    assert {r["type"] for r in rows} == {"trade", "book_change"}
+
+
+def test_from_after_to_is_an_error_naming_both(archive: Path) -> None:
+    proc = _run("--from", _iso(T0 + 1000), "--to", _iso(T0), "--source", str(archive))
+    assert proc.returncode == 2
+    assert "--from" in proc.stderr and "--to" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (("--channel", "bookz"), "unknown OKX channel"),
+    (("--inst", "BTC-USTD"), "unknown instrument BTC-USTD"),
+    (("--book-snapshots", "10"), "DEPTH:INTERVAL_MS"),
+    (("--format", "hftbacktest"), "exactly one --inst"),
+])
+def test_bad_requests_exit_2_with_a_message_naming_what_to_fix(archive: Path, args: tuple[str, ...],
+                                                               needle: str) -> None:
+    proc = _run(*_w("--source", str(archive), *args))
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unreachable_kafka_and_missing_archive_exit_2(tmp_path: Path) -> None:
+    kafka = _run(*_w("--source", f"kafka://127.0.0.1:{free_port()}"))
+    assert kafka.returncode == 2 and "unreachable" in kafka.stderr and "Traceback" not in kafka.stderr
+    missing = _run(*_w("--source", str(tmp_path / "nowhere")))
+    assert missing.returncode == 2 and "nowhere" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_a_window_without_data_says_so_and_exits_0(archive: Path) -> None:
+    proc = _run("--from", _iso(T0 + 86_400_000), "--to", _iso(T0 + 90_000_000), "--source", str(archive))
+    assert proc.returncode == 0 and proc.stdout == ""
+    assert "no data" in proc.stderr
+
+
+def test_an_output_inside_the_replayed_archive_is_refused(archive: Path) -> None:
+    proc = _run(*_w("--source", str(archive), "--out", str(archive / "x.jsonl")))
+    assert proc.returncode == 2 and "inside the archive" in proc.stderr
+    assert not (archive / "x.jsonl").exists()
+
+
+def test_a_corrupt_file_is_an_error_naming_it_unless_lenient_replays_around_it_as_a_gap(archive: Path) -> None:
+    bad = sorted((archive / "trades").rglob("*.parquet"))[0]
+    bad.write_bytes(b"PAR1 this is not parquet")
+    proc = _run(*_w("--source", str(archive), "--channel", "trades-all"))
+    assert proc.returncode == 2 and bad.name in proc.stderr and "--lenient" in proc.stderr
+    lenient = _run(*_w("--source", str(archive), "--channel", "trades-all", "--lenient"))
+    assert lenient.returncode == 0, lenient.stderr
+    lines = [orjson.loads(x) for x in lenient.stdout.splitlines()]
+    gaps = [x for x in lines if x["type"] == "gap"]
+    assert len(gaps) == 1 and bad.name in gaps[0]["reason"] and gaps[0]["status"] == "unfillable"
+    assert gaps[0]["instId"] in INSTS
+    others = {x["instId"] for x in lines if x["type"] == "trade"}
+    assert others and gaps[0]["instId"] not in others  # the other instrument's file replays in full
+    assert bad.name in lenient.stderr
