@@ -130,8 +130,8 @@ def _in_thread(coro: Coroutine[Any, Any, T]) -> T:
 
 
 class _KafkaReader:
-    def __init__(self, kafka: KafkaSettings, bootstrap: str | None) -> None:
-        self._reader = KafkaReader(kafka, bootstrap)
+    def __init__(self, kafka: KafkaSettings, bootstrap: str | None, exact_decimals: bool = False) -> None:
+        self._reader = KafkaReader(kafka, bootstrap, exact_decimals=exact_decimals)
         self.name = f"kafka://{self._reader.bootstrap}"
         self._topics: set[str] | None = None
 
@@ -178,13 +178,13 @@ class _ArchiveReader:
                 for i in self._source.instruments(kind)}
 
 
-def _open(source: str | Path | Settings, settings: Settings | None, lenient: bool) -> _Reader:
+def _open(source: str | Path | Settings, settings: Settings | None, lenient: bool, exact: bool) -> _Reader:
     if isinstance(source, Settings):
-        return _KafkaReader(source.kafka, None)
+        return _KafkaReader(source.kafka, None, exact)
     text = str(source)
     if text == "kafka" or text.startswith("kafka://"):
         kafka = (settings or Settings()).kafka
-        return _KafkaReader(kafka, text[len("kafka://"):] or None if text != "kafka" else None)
+        return _KafkaReader(kafka, text[len("kafka://"):] or None if text != "kafka" else None, exact)
     return _ArchiveReader(source, lenient)
 
 
@@ -205,7 +205,7 @@ class Replay:
 
     def __init__(self, source: str | Path | Settings, start: int, end: int, *, instruments: frozenset[str] | None,
                  channels: frozenset[str] | None, view: View, book_snapshots: BookSnapshots | None,
-                 settings: Settings | None, lenient: bool, initial_books: bool) -> None:
+                 settings: Settings | None, lenient: bool, initial_books: bool, exact_decimals: bool) -> None:
         if start >= end:
             raise ReplayError(f"the window is empty: --from {_iso(start)} is not before --to {_iso(end)}")
         self.kinds = kinds_for_channels(channels)
@@ -213,7 +213,7 @@ class Replay:
         self.instruments, self.channels, self.view = instruments, channels, view
         self.book_snapshots = book_snapshots
         self.initial_books = initial_books
-        self._reader = _open(source, settings, lenient)
+        self._reader = _open(source, settings, lenient, exact_decimals)
         self.source_name = self._reader.name
         self.stats = ReplayStats()
         self.problems: list[GapEvent] = []
@@ -333,12 +333,16 @@ def replay(
     settings: Settings | None = None,
     lenient: bool = False,
     initial_books: bool = False,
+    exact_decimals: bool = False,
 ) -> Replay:
     """A replay of [start, end) (docs/REPLAY.md).
 
     `source`: `"kafka"` (the Kafka settings of `settings`), `"kafka://HOST:PORT"` (those settings with another
     bootstrap address), a `Settings`, or an archive root (a path or `s3://bucket/prefix`). `book_snapshots`:
     `(depth, interval_ms)`. `lenient`: an unreadable archive file becomes a gap item instead of an error.
+    `initial_books`: first yield every book valid at `start` in full. `exact_decimals`: keep OKX's strings
+    from Kafka ("100.50") instead of the canonical rendering both sources share ("100.5"); the archive
+    stores decimal values, so it always renders canonically.
     """
     snaps = BookSnapshots(*book_snapshots) if isinstance(book_snapshots, tuple) else book_snapshots
     try:
@@ -348,4 +352,5 @@ def replay(
     return Replay(source, parse_time(start), parse_time(end),
                   instruments=frozenset(instruments) if instruments is not None else None,
                   channels=frozenset(channels) if channels is not None else None, view=the_view,
-                  book_snapshots=snaps, settings=settings, lenient=lenient, initial_books=initial_books)
+                  book_snapshots=snaps, settings=settings, lenient=lenient, initial_books=initial_books,
+                  exact_decimals=exact_decimals)

@@ -74,7 +74,9 @@ class Probe:
 class KafkaReader:
     """Async reads of one cluster; `KafkaSource` runs them on a private event loop thread."""
 
-    def __init__(self, kafka: KafkaSettings, bootstrap: str | None, *, timeout_s: float = 30.0) -> None:
+    def __init__(self, kafka: KafkaSettings, bootstrap: str | None, *, timeout_s: float = 30.0,
+                 exact_decimals: bool = False) -> None:
+        self._exact = exact_decimals
         self._kwargs = client_kwargs(kafka, bootstrap)
         self._prefix = kafka.topic_prefix
         self._timeout_s = timeout_s
@@ -227,5 +229,5 @@ class KafkaReader:
                 if isinstance(record, OkxRecord) and not lo <= key[0] < hi:
                     continue
                 if keep(record):
-                    out.append((key, canonical(record)))
+                    out.append((key, record if self._exact else canonical(record)))
 

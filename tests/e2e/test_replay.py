@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 import pytest_asyncio
@@ -23,6 +24,7 @@ from ingest.core.replay import BookSnapshot, latest_gaps
 from ingest.okx.channels import SubArg
 from ingest.replay import replay
 from ingest.replay.formats import jsonl_lines
+from ingest.replay.serve import ReplayServer
 from ingest.sim import SimConfig, SimServer
 from tests.conftest import BrokerInfo
 from tests.e2e.harness import daemon_settings, running
@@ -308,3 +310,41 @@ async def test_hftbacktest_loads_the_export_and_runs_a_backtest_over_it(recordin
     trades = [row for row in rec.expected[INSTS[0]] if _mid(rec) <= row[4] < rec.end]
     assert int(np.count_nonzero(kinds == 2)) == len(trades)  # every trade of the window, once
     assert bool(np.all(np.diff(data["exch_ts"]) >= 0)), "events must be in exchange-time order"
+
+
+_RECEIVE_FIELDS = ("recv_ts_ns", "conn_id", "recv_seq", "record_id")
+
+
+def _facts(records: list[Located]) -> list[tuple[object, ...]]:
+    out = []
+    for r, _ in records:
+        if isinstance(r, Trade | BookUpdate) and r.source is Source.WS:
+            values = msgspec.structs.asdict(r)
+            out.append(tuple(sorted((k, repr(v)) for k, v in values.items() if k not in _RECEIVE_FIELDS)))
+    return sorted(out)
+
+
+async def test_replay_serve_round_trip_records_the_same_records_again_and_replays_the_disconnect(
+    recording: Recording, tmp_path: Path,
+) -> None:
+    rec = recording
+    items = replay(_kafka(rec), rec.start, rec.end, view="recorded", exact_decimals=True, settings=_settings(rec))
+    prefix = f"again{secrets.token_hex(3)}."
+    async with ReplayServer(iter(items), settle_s=2.0) as server, \
+            SimServer(SimConfig(instruments=INSTS, api_key=secrets.token_hex(16), api_secret=secrets.token_hex(32),
+                                passphrase=secrets.token_hex(8), auto_tick_s=None)) as rest:
+        subs = [{"channel": c, "inst_id": i} for c in CHANNELS for i in INSTS]
+        settings = daemon_settings(rest, rec.bootstrap, prefix, tmp_path / "daemon",
+                                   okx={"channels": [], "subscriptions": subs, "ws_base_url": server.ws_base})
+        async with running(settings) as daemon:
+            async with asyncio.timeout(90):
+                await server.finished.wait()
+            assert await daemon.shutdown() == 0
+    assert server.disconnects >= 1, "the recorded disconnect must be served as one"
+    again = {k: await read_located(rec.bootstrap, prefix, k) for k in (TopicKind.TRADES, TopicKind.BOOKS,
+                                                                          TopicKind.GAPS)}
+    for kind in (TopicKind.TRADES, TopicKind.BOOKS):
+        original = [x for x in rec.located[kind] if x[0].source_header() == "ws"]
+        assert _facts(again[kind]) == _facts(original), kind
+    kinds = {(g.kind.value, g.channel, g.inst_id) for g, _ in again[TopicKind.GAPS] if isinstance(g, GapEvent)}
+    assert {("disconnect", c, i) for c in CHANNELS for i in INSTS} <= kinds
