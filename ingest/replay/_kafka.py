@@ -190,7 +190,22 @@ class KafkaReader:
                 hi = mid
             else:
                 lo = probe.offset + 1
+        if lo >= end:  # the reported end may lag the last batch: walk what follows it
+            return await self._walk(consumer, tp, max(begin, end - 1), ts)
         return lo
+
+    async def _walk(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int, ts: int) -> int:
+        consumer.seek(tp, offset)
+        nxt = offset
+        while True:
+            batch = await consumer.getmany(tp, timeout_ms=200)
+            msgs = batch.get(tp) or []
+            if not msgs:
+                return nxt
+            for m in msgs:
+                if m.timestamp >= ts:
+                    return int(m.offset)
+                nxt = m.offset + 1
 
     async def _proves(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int, ts: int, begin: int) -> bool:
         at = await self._probe(consumer, tp, offset)
