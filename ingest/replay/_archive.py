@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from ingest.core.archive_schema import parse_file_name, parse_partition_path, table_to_records
 from ingest.core.records import GapEvent, Record, TopicKind
-from ingest.core.replay import Entry, archive_gap, canonical, sort_key
+from ingest.core.replay import Entry, archive_gap, sort_key
 from ingest.replay._kafka import SourceError
 
 _DAY_MS = 86_400_000
@@ -119,8 +119,8 @@ class ArchiveSource:
                 continue
             entries: list[Entry] = []
             for record, topic, part, off in table_to_records(table, kind):
-                if keep(record):
-                    entries.append((sort_key(record, topic, part, off), canonical(record)))
+                if keep(record):  # decimals come back from decimal128 already canonical
+                    entries.append((sort_key(record, topic, part, off), record))
             entries.sort(key=lambda e: e[0])
             out.append(entries)
         # Older data may sit in the first date's directory before lo: only a date before it proves nothing is.
