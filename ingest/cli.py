@@ -53,6 +53,16 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate the configuration and credentials, then exit")
     check.add_argument("--config", type=Path, default=None)
 
+    ar = sub.add_parser("archive", help="archive every topic into partitioned Parquet (docs/ARCHIVE.md)")
+    ar.add_argument("--config", type=Path, default=None)
+    ar_sub = ar.add_subparsers(dest="archive_command", required=False)
+    verify = ar_sub.add_parser("verify", help="re-read files against their manifests; non-zero on any problem")
+    verify.add_argument("--config", type=Path, default=None, dest="sub_config")
+    verify.add_argument("--date", default=None, help="YYYY-MM-DD (default: every date)")
+    compact = ar_sub.add_parser("compact", help="merge each partition's small files of one date")
+    compact.add_argument("--config", type=Path, default=None, dest="sub_config")
+    compact.add_argument("--date", required=True, help="YYYY-MM-DD")
+
     from ingest.replay_cli import add_arguments as replay_arguments
 
     replay_arguments(sub.add_parser("replay", help="replay a window from Kafka or the archive (docs/REPLAY.md)"))
@@ -85,7 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ingest.demo import run_demo
 
             return _run(run_demo(seconds=args.seconds))
-        settings = load_settings(args.config)
+        settings = load_settings(getattr(args, "sub_config", None) or args.config)
+        if args.command == "archive":
+            return _archive(args, settings)
         if args.command == "run":
             from ingest.supervisor import run_daemon
 
@@ -114,6 +126,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 2
+
+
+def _archive(args: argparse.Namespace, settings: Any) -> int:
+    """`okx-ingest archive [verify|compact]`."""
+    if args.archive_command is None:
+        from ingest.services.archive import run_archiver
+
+        return _run(run_archiver(settings))
+    from ingest.services.archive import open_store
+    from ingest.services.archive_tools import compact, verify
+
+    store = open_store(settings.archive)
+    if args.archive_command == "verify":
+        problems = verify(store, date=args.date)
+        for p in problems:
+            print(p, file=sys.stderr)
+        print(f"archive verify: {len(problems)} problem(s) in {store.url}", file=sys.stderr)
+        return 1 if problems else 0
+    report = compact(store, date=args.date, min_bytes=settings.archive.compact_min_bytes,
+                     target_bytes=settings.archive.compact_target_bytes)
+    print(f"archive compact: {report}", file=sys.stderr)
+    return 0
 
 
 async def _count_to_rc(coro: Coroutine[Any, Any, int]) -> int:

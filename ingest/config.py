@@ -320,6 +320,43 @@ class BackfillSettings(_Section):
         return self
 
 
+class ArchiveSettings(_Section):
+    """The Parquet archive (`okx-ingest archive`, services/archive.py; docs/ARCHIVE.md)."""
+
+    url: str = Field(default="./var/archive", description="local directory or s3://bucket/prefix")
+    group_id: str = "okx-ingest-archive"
+    s3_endpoint_override: str | None = Field(
+        default=None, description="host:port or URL of an S3-compatible store (MinIO, Ceph...); credentials come "
+                                  "from the standard AWS environment/credential chain")
+    s3_region: str | None = None
+    rotate_s: Annotated[int, Field(gt=0, le=86_400)] = Field(
+        default=3600, description="a file never spans two buckets of this much exchange time")
+    max_file_bytes: Annotated[int, Field(gt=0)] = Field(
+        default=64 * 1024**2, description="close a file when its records reach this many (Avro) bytes")
+    idle_close_s: Annotated[float, Field(gt=0)] = Field(
+        default=60.0, description="close a file when its instrument has had no record for this long")
+    max_open_s: Annotated[float, Field(gt=0)] = Field(
+        default=120.0, description="close a file this long after it opened, so the archive stays minutes behind")
+    max_buffer_bytes: Annotated[int, Field(gt=0)] = Field(
+        default=256 * 1024**2, description="all open files together; past it the largest is written first")
+    poll_max_records: Annotated[int, Field(gt=0)] = 10_000
+    retry_initial_s: Annotated[float, Field(gt=0)] = 0.5
+    retry_max_s: Annotated[float, Field(gt=0)] = 30.0
+    drain_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        default=30.0, description="on SIGTERM, write and commit what is buffered for at most this long")
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        default=9110, description="the archive service's /metrics, /healthz, /readyz (on obs.metrics_host)")
+    embedded: bool = Field(
+        default=True, description="with kafka.bootstrap_servers = \"embedded\", the recorder also archives "
+                                  "in-process into `url`")
+    session_timeout_ms: Annotated[int, Field(gt=0)] = 10_000
+    max_poll_interval_ms: Annotated[int, Field(gt=0)] = 300_000
+    compact_min_bytes: Annotated[int, Field(gt=0)] = Field(
+        default=128 * 1024**2, description="`archive compact`: files below this are merged")
+    compact_target_bytes: Annotated[int, Field(gt=0)] = Field(
+        default=512 * 1024**2, description="`archive compact`: merged files stay below this")
+
+
 class ObsSettings(_Section):
     """Logging, metrics, health and Sentry."""
 
@@ -347,6 +384,7 @@ class Settings(BaseSettings):
     journal: JournalSettings = Field(default_factory=JournalSettings)
     backfill: BackfillSettings = Field(default_factory=BackfillSettings)
     obs: ObsSettings = Field(default_factory=ObsSettings)
+    archive: ArchiveSettings = Field(default_factory=ArchiveSettings)
     shard: str = Field(default="0", description="name of this replica's shard; state is kept per shard")
 
     @field_validator("shard")

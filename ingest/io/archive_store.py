@@ -1,0 +1,184 @@
+"""Where archive files live: a local directory or an S3 bucket, through pyarrow's filesystem layer.
+
+A file becomes visible to readers only when complete: locally it is written under a hidden temporary name,
+fsynced, renamed into place and the directory fsynced; on S3 an object exists only once its upload has
+completed. So a SIGKILL at any moment leaves either the whole file or nothing under a `*.parquet` name.
+Every method is blocking (call it from a thread); every failure is an OSError with the path in it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from ingest.errors import ConfigError
+
+#: Parquet writer options: zstd, dictionary pages, statistics for pruning by DuckDB and Polars.
+PARQUET_OPTIONS: dict[str, object] = {"compression": "zstd", "compression_level": 3, "use_dictionary": True,
+                                      "write_statistics": True}
+TMP_SUFFIX = ".tmp"
+
+
+@dataclass(frozen=True, slots=True)
+class WrittenFile:
+    """What a manifest records of one file."""
+
+    name: str
+    rows: int
+    bytes: int
+    sha256: str
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """A table as the bytes of one Parquet file (row groups of at most 128 Ki rows)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, row_group_size=131_072, **PARQUET_OPTIONS)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+class ArchiveStore:
+    """One archive root. `local` tells whether renames and fsyncs apply (S3 has neither nor needs them)."""
+
+    def __init__(self, fs: pafs.FileSystem, root: str, *, local: bool, url: str) -> None:
+        self.fs = fs
+        self.root = root.rstrip("/")
+        self.local = local
+        self.url = url
+
+    @classmethod
+    def from_url(cls, url: str, *, endpoint_override: str | None = None, region: str | None = None) -> ArchiveStore:
+        """A store for `archive.url`: a path (or file://) or s3://bucket/prefix (credentials: AWS chain)."""
+        parsed = urlparse(url)
+        if parsed.scheme == "s3":
+            if not parsed.netloc:
+                raise ConfigError("archive.url", f"{url!r} names no bucket", "use s3://bucket/prefix")
+            kwargs: dict[str, object] = {}
+            if endpoint_override:
+                ep = urlparse(endpoint_override if "://" in endpoint_override else f"http://{endpoint_override}")
+                kwargs["endpoint_override"] = ep.netloc
+                kwargs["scheme"] = ep.scheme or "http"
+            if region:
+                kwargs["region"] = region
+            fs = pafs.S3FileSystem(**kwargs)
+            return cls(fs, f"{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/"), local=False, url=url)
+        if parsed.scheme not in ("", "file"):
+            raise ConfigError("archive.url", f"scheme {parsed.scheme!r} is not supported",
+                              "use a local directory or s3://bucket/prefix")
+        path = Path(parsed.path if parsed.scheme == "file" else url).resolve()
+        return cls(pafs.LocalFileSystem(), str(path), local=True, url=url)
+
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    # ---- start-up check -----------------------------------------------------------------------------
+
+    def check_writable(self) -> None:
+        """Write, read and delete a probe object; raises ConfigError naming the setting when that fails."""
+        if self.local:
+            try:
+                os.makedirs(self.root, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError("archive.url", f"cannot create {self.root}: {exc.strerror or exc}",
+                                  "point it at a writable directory") from None
+        else:
+            bucket = self.root.split("/", 1)[0]
+            try:
+                info = self.fs.get_file_info(bucket)
+            except OSError as exc:
+                raise ConfigError("archive.url", f"cannot reach bucket {bucket!r}: {_short(exc)}",
+                                  "check the bucket name, archive.s3_endpoint_override and the AWS credentials "
+                                  "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the instance role)"
+                                  ) from None
+            if info.type == pafs.FileType.NotFound:
+                raise ConfigError("archive.url", f"bucket {bucket!r} does not exist", "create it or fix the name")
+        probe = self.path(f"_probe/{uuid.uuid4().hex}")
+        try:
+            self.write_atomic(probe, b"probe")
+            self.fs.delete_file(probe)
+        except OSError as exc:
+            raise ConfigError("archive.url", f"cannot write to {self.url}: {_short(exc)}",
+                              "grant write access (s3:PutObject/DeleteObject, or directory permissions) or fix "
+                              "the AWS credentials") from None
+
+    # ---- files --------------------------------------------------------------------------------------
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        """`data` at `path`, visible only complete (tmp + fsync + rename + dir fsync locally)."""
+        if not self.local:
+            with self.fs.open_output_stream(path) as out:  # the object exists once the upload completes
+                out.write(data)
+            return
+        directory, name = os.path.split(path)
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def write_parquet(self, rel_dir: str, name: str, table: pa.Table) -> WrittenFile:
+        data = parquet_bytes(table)
+        self.write_atomic(self.path(f"{rel_dir}/{name}"), data)
+        return WrittenFile(name, table.num_rows, len(data), hashlib.sha256(data).hexdigest())
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        """The object's bytes, or None when it does not exist."""
+        try:
+            with self.fs.open_input_stream(self.path(rel)) as f:
+                return bytes(f.read())
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if "not found" in str(exc).lower() or "no such" in str(exc).lower():
+                return None
+            raise
+
+    def list_names(self, rel_dir: str) -> list[str]:
+        """Names of the files directly in `rel_dir` (none if it does not exist)."""
+        selector = pafs.FileSelector(self.path(rel_dir), allow_not_found=True, recursive=False)
+        return sorted(info.base_name for info in self.fs.get_file_info(selector) if info.type == pafs.FileType.File)
+
+    def list_dirs(self, rel_dir: str) -> list[str]:
+        selector = pafs.FileSelector(self.path(rel_dir), allow_not_found=True, recursive=False)
+        return sorted(info.base_name for info in self.fs.get_file_info(selector)
+                      if info.type == pafs.FileType.Directory)
+
+    def delete(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_file(self.path(rel))
+
+    def remove_temporaries(self, rel_dir: str) -> int:
+        """Delete temporary files a killed writer left in `rel_dir` (local only); returns how many."""
+        if not self.local:
+            return 0
+        n = 0
+        for name in self.list_names(rel_dir):
+            if name.startswith(".") and name.endswith(TMP_SUFFIX):
+                self.delete(f"{rel_dir}/{name}")
+                n += 1
+        return n
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

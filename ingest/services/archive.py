@@ -1,0 +1,627 @@
+"""The archive service: every record topic into partitioned Parquet files, exactly once (docs/ARCHIVE.md).
+
+Exactly once without a transaction log:
+- A file holds the records of one Kafka partition for one (dataset, date, instId) directory, and is named by
+  that partition and its first and last offset. Per (directory, partition) at most one file is open, and
+  files of one (directory, partition) are written in offset order, so "the largest last offset among that
+  directory's files of this partition" says exactly which of its records are already archived.
+- Offsets are committed only up to the first record not yet in a durable file. After a crash the archiver
+  re-reads from there; when it first meets a (directory, partition) it lists the directory and skips every
+  record at or below that largest last offset, so a record is never written twice, whatever moment the
+  crash hit and however file boundaries fall this time.
+- Files appear whole or not at all (io/archive_store.py).
+Memory: all open files share one capped budget (`archive.max_buffer_bytes`); past it the largest is written
+first, so 1,000 instruments cost no more than 10.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import orjson
+import pyarrow as pa
+from aiokafka import AIOKafkaConsumer
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.structs import ConsumerRecord, OffsetAndMetadata, TopicPartition
+
+from ingest import __version__
+from ingest.config import ArchiveSettings, Settings
+from ingest.core.archive_schema import (
+    NO_INST_ID,
+    SCHEMA_VERSION,
+    Coordinates,
+    PartitionKey,
+    convert,
+    file_name,
+    parse_file_name,
+    partition_key,
+)
+from ingest.core.avro import DecodeError, decode
+from ingest.core.backoff import full_jitter
+from ingest.core.records import BookUpdate, GapEvent, Record, TopicKind, Trade, topic_name
+from ingest.errors import IngestError
+from ingest.io.archive_store import ArchiveStore, WrittenFile
+from ingest.obs.health import HealthServer, Readiness
+from ingest.obs.metrics import counter, gauge, new_registry
+from ingest.services.backfill import bootstrap_of, consumer_options
+
+log = logging.getLogger("ingest.archive")
+
+REJECTED = "_rejected"
+MANIFEST = "_manifest.json"
+_REJECTED_SCHEMA = pa.schema([
+    pa.field("reason", pa.string(), nullable=False), pa.field("field", pa.string()),
+    pa.field("_topic", pa.string(), nullable=False), pa.field("_partition", pa.int32(), nullable=False),
+    pa.field("_offset", pa.int64(), nullable=False), pa.field("_kafka_ts", pa.timestamp("ms", tz="UTC"),
+                                                               nullable=False),
+    pa.field("key", pa.binary()), pa.field("value", pa.binary()),
+], metadata={b"okx.archive.kind": REJECTED.encode(), b"okx.archive.version": str(SCHEMA_VERSION).encode()})
+#: Estimated buffer cost of one record beyond its Avro bytes (the decoded Struct and bookkeeping).
+RECORD_OVERHEAD = 400
+
+
+class _Reject(NamedTuple):
+    reason: str
+    field: str | None
+    key: bytes | None
+    value: bytes | None
+
+
+class _Buf:
+    """One open file: the records of one Kafka partition for one directory."""
+
+    __slots__ = ("bucket", "coords", "items", "key", "last_seen", "nbytes", "opened", "tp")
+
+    def __init__(self, key: PartitionKey, tp: TopicPartition, bucket: int, now: float) -> None:
+        self.key = key
+        self.tp = tp
+        self.bucket = bucket
+        self.items: list[Record | _Reject] = []
+        self.coords: list[Coordinates] = []
+        self.nbytes = 0
+        self.opened = now
+        self.last_seen = now
+
+
+@dataclass
+class ArchiveStats:
+    """What the archiver did, for metrics, readiness and tests."""
+
+    records_in: int = 0
+    records_written: int = 0
+    records_skipped: int = 0
+    records_rejected: int = 0
+    files_written: int = 0
+    bytes_written: int = 0
+    buffered_bytes: int = 0
+    open_files: int = 0
+    store_failures: int = 0
+    store_error: str | None = None
+    store_down_since: float | None = None
+    last_commit: dict[str, int] = field(default_factory=dict)
+    partitions: int = 0
+    lag_s: float = 0.0
+
+
+def dataset_of_channel(channel: str) -> str | None:
+    """The dataset a gap's channel is recorded in (for the gaps list of that dataset's manifests)."""
+    if channel.startswith(("books", "bbo")):
+        return TopicKind.BOOKS.value
+    if channel.startswith("candle") or "-candle" in channel:
+        return TopicKind.CANDLES.value
+    return {"trades": "trades", "trades-all": "trades", "tickers": "tickers", "mark-price": "mark_prices",
+            "index-tickers": "index_tickers", "funding-rate": "funding_rates", "open-interest": "open_interest",
+            "liquidation-orders": "liquidations", "price-limit": "price_limits", "instruments": "instruments",
+            "orders": "orders", "fills": "fills", "positions": "positions", "account": "balances",
+            "orders-algo": "algo_orders"}.get(channel)
+
+
+def _stats_of(items: list[Record | _Reject]) -> dict[str, Any]:
+    """first/last exchange time, seqId and tradeId of a file's records, for its manifest entry."""
+    out: dict[str, Any] = {}
+    ts = [t for r in items if isinstance(t := getattr(r, "ts", None), int)]
+    if ts:
+        out["firstTs"], out["lastTs"] = min(ts), max(ts)
+    seq = [r.seq_id for r in items if isinstance(r, BookUpdate | Trade) and r.seq_id is not None]
+    if seq:
+        out["firstSeqId"], out["lastSeqId"] = seq[0], seq[-1]
+    trade_ids = [r.trade_id for r in items if isinstance(r, Trade)]
+    if trade_ids:
+        out["firstTradeId"], out["lastTradeId"] = trade_ids[0], trade_ids[-1]
+    return out
+
+
+class Manifests:
+    """The `_manifest.json` of each directory, cached and rewritten atomically after each file."""
+
+    def __init__(self, store: ArchiveStore) -> None:
+        self.store = store
+        self._cache: dict[PartitionKey, dict[str, Any]] = {}
+
+    def load(self, key: PartitionKey) -> dict[str, Any]:
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        raw = self.store.read_bytes(f"{key.path()}/{MANIFEST}")
+        doc: dict[str, Any] = orjson.loads(raw) if raw else {
+            "dataset": key.dataset, "date": key.date, "instId": key.inst_id, "schemaVersion": SCHEMA_VERSION,
+            "files": [], "gaps": []}
+        self._cache[key] = doc
+        return doc
+
+    def add_file(self, key: PartitionKey, written: WrittenFile, extra: dict[str, Any]) -> None:
+        doc = self.load(key)
+        files = [f for f in doc["files"] if f["name"] != written.name]
+        files.append({"name": written.name, "rows": written.rows, "bytes": written.bytes, "sha256": written.sha256,
+                      **extra})
+        files.sort(key=lambda f: f["name"])
+        doc["files"] = files
+        doc["schemaVersion"] = max(int(doc.get("schemaVersion", 0)), SCHEMA_VERSION)
+        self._save(key, doc)
+
+    def remove_files(self, key: PartitionKey, names: Iterable[str]) -> None:
+        doc = self.load(key)
+        gone = set(names)
+        doc["files"] = [f for f in doc["files"] if f["name"] not in gone]
+        self._save(key, doc)
+
+    def note_gap(self, key: PartitionKey, gap: GapEvent) -> None:
+        doc = self.load(key)
+        gaps = {g["gapId"]: g for g in doc.get("gaps", [])}
+        old = gaps.get(gap.gap_id)
+        if old is not None and old["revision"] > gap.revision:
+            return
+        gaps[gap.gap_id] = {"gapId": gap.gap_id, "revision": gap.revision, "channel": gap.channel,
+                            "kind": gap.kind.value, "status": gap.status.value, "reason": gap.reason,
+                            "before": None if gap.before is None else {"ts": gap.before.ts, "tradeId":
+                                                                       gap.before.trade_id, "seqId": gap.before.seq_id},
+                            "after": None if gap.after is None else {"ts": gap.after.ts, "tradeId":
+                                                                     gap.after.trade_id, "seqId": gap.after.seq_id}}
+        doc["gaps"] = sorted(gaps.values(), key=lambda g: g["gapId"])
+        self._save(key, doc)
+
+    def _save(self, key: PartitionKey, doc: dict[str, Any]) -> None:
+        data = orjson.dumps(doc, option=orjson.OPT_INDENT_2)
+        self.store.write_atomic(self.store.path(f"{key.path()}/{MANIFEST}"), data)
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, archiver: Archiver) -> None:
+        self._archiver = archiver
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self._archiver.drop_partitions(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._archiver.drop_partitions(assigned)  # what another member wrote meanwhile is read from the store
+
+
+class Archiver:
+    """One member of the archive consumer group: `run(stop)` until `stop` is set."""
+
+    def __init__(self, settings: Settings, store: ArchiveStore, *, bootstrap_servers: str | None = None,
+                 clock: Any = time.monotonic) -> None:
+        self.settings = settings
+        self.cfg: ArchiveSettings = settings.archive
+        self.store = store
+        self.bootstrap = bootstrap_servers or bootstrap_of(settings.kafka)
+        self.topics = [topic_name(settings.kafka.topic_prefix, k) for k in TopicKind]
+        self.stats = ArchiveStats()
+        self.manifests = Manifests(store)
+        self._clock = clock
+        self._bufs: dict[tuple[PartitionKey, TopicPartition], _Buf] = {}
+        self._durable: dict[tuple[PartitionKey, TopicPartition], int] = {}
+        self._next: dict[TopicPartition, int] = {}
+        self._committed: dict[TopicPartition, int] = {}
+        self._consumer: AIOKafkaConsumer | None = None
+        self._backoff = full_jitter(self.cfg.retry_initial_s, self.cfg.retry_max_s)
+        self._retry_at = 0.0
+        self.started = asyncio.Event()
+
+    # ---- the loop -----------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        kafka = self.settings.kafka
+        consumer = AIOKafkaConsumer(
+            **consumer_options(kafka, self.bootstrap), group_id=self.cfg.group_id, enable_auto_commit=False,
+            auto_offset_reset="earliest", session_timeout_ms=self.cfg.session_timeout_ms,
+            max_poll_interval_ms=self.cfg.max_poll_interval_ms, metadata_max_age_ms=5_000)
+        await consumer.start()
+        self._consumer = consumer
+        try:
+            consumer.subscribe(pattern=_topics_pattern(self.topics), listener=_Rebalance(self))
+            log.info("archive_started", extra={"group": self.cfg.group_id, "url": self.store.url,
+                                               "version": __version__})
+            self.started.set()
+            while not stop.is_set():
+                paused = self.stats.buffered_bytes >= self.cfg.max_buffer_bytes
+                batch = {} if paused else await consumer.getmany(timeout_ms=500,
+                                                                   max_records=self.cfg.poll_max_records)
+                if paused:
+                    await _wait(stop, 0.2)  # the store is down and the budget is full: wait for the retry
+                for tp, msgs in batch.items():
+                    await self._take(tp, msgs)
+                await self._flush_due(final=False)
+                await self._commit()
+                self.stats.partitions = len(consumer.assignment())
+            await self._drain()
+        finally:
+            self._consumer = None
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(10):
+                    await consumer.stop()
+
+    async def _drain(self) -> None:
+        """Write and commit what is buffered, within `archive.drain_timeout_s` (the rest is redone later)."""
+        try:
+            async with asyncio.timeout(self.cfg.drain_timeout_s):
+                while self._bufs:
+                    await self._flush_due(final=True)
+                    await self._commit()
+                    if self._bufs:
+                        await asyncio.sleep(max(0.0, self._retry_at - self._clock()))
+        except TimeoutError:
+            log.error("archive_drain_timeout", extra={"open_files": len(self._bufs),
+                                                      "note": "not committed: the next start archives them"})
+
+    # ---- taking records -----------------------------------------------------------------------------
+
+    async def _take(self, tp: TopicPartition, msgs: list[ConsumerRecord]) -> None:
+        now = self._clock()
+        for msg in msgs:
+            self.stats.records_in += 1
+            coord = Coordinates(msg.topic, msg.partition, msg.offset, msg.timestamp)
+            value: bytes | None = msg.value
+            item: Record | _Reject
+            try:
+                if value is None:
+                    raise DecodeError("a record without a value")
+                schema = next((v.decode() for k, v in (msg.headers or ()) if k == "schema"), None)
+                item = decode(value, schema_name=schema)
+                key = partition_key(item, msg.timestamp)
+                bucket = _bucket(getattr(item, "ts", msg.timestamp), self.cfg.rotate_s)
+            except (IngestError, ValueError, UnicodeDecodeError) as exc:
+                item = _Reject(f"undecodable: {exc}", None, msg.key, value)
+                key, bucket = self._rejected_key(msg.timestamp), 0
+            size = len(value or b"") + RECORD_OVERHEAD
+            await self._add(key, tp, bucket, item, coord, size, now)
+            self._next[tp] = msg.offset + 1
+
+    def _rejected_key(self, kafka_ts_ms: int) -> PartitionKey:
+        date = dt.datetime.fromtimestamp(kafka_ts_ms / 1000, tz=dt.UTC).date().isoformat()
+        return PartitionKey(REJECTED, date, NO_INST_ID)
+
+    async def _add(self, key: PartitionKey, tp: TopicPartition, bucket: int, item: Record | _Reject,
+                   coord: Coordinates, size: int, now: float) -> None:
+        slot = (key, tp)
+        durable = self._durable.get(slot)
+        if durable is not None and coord.offset <= durable:
+            self.stats.records_skipped += 1
+            return
+        buf = self._bufs.get(slot)
+        if buf is not None and buf.bucket != bucket:
+            buf.last_seen = -1e18  # another exchange-time bucket: this file closes first (same order)
+            await self._flush_due(final=False, only=[slot])
+            buf = self._bufs.get(slot)
+            if buf is not None:  # the store is down: keep one file per slot, rotate when it is back
+                bucket = buf.bucket
+        if buf is None:
+            buf = self._bufs[slot] = _Buf(key, tp, bucket, now)
+            self.stats.open_files = len(self._bufs)
+        buf.items.append(item)
+        buf.coords.append(coord)
+        buf.nbytes += size
+        buf.last_seen = now
+        self.stats.buffered_bytes += size
+        if buf.nbytes >= self.cfg.max_file_bytes:
+            await self._flush_due(final=False, only=[slot])
+
+    def _recover(self, key: PartitionKey, tp: TopicPartition) -> int:
+        """The largest last offset of this partition's files in the directory (-1: none); also drops the
+        temporary files of a killed writer and lists files a crash kept out of the manifest."""
+        rel = key.path()
+        self.store.remove_temporaries(rel)
+        last = -1
+        names = self.store.list_names(rel)
+        for name in names:
+            fc = parse_file_name(name)
+            if fc is not None and fc.topic == tp.topic and fc.partition == tp.partition:
+                last = max(last, fc.last_offset)
+        listed = {f["name"] for f in self.manifests.load(key)["files"]}
+        for name in names:
+            if parse_file_name(name) is not None and name not in listed:
+                self._relist(key, name)
+        return last
+
+    def _relist(self, key: PartitionKey, name: str) -> None:
+        """Add a file that is on the store but not in the manifest (killed between the two writes)."""
+        import hashlib
+
+        import pyarrow.parquet as pq
+
+        data = self.store.read_bytes(f"{key.path()}/{name}")
+        if data is None:
+            return
+        rows = pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
+        self.manifests.add_file(key, WrittenFile(name, rows, len(data), hashlib.sha256(data).hexdigest()),
+                                {"recovered": True})
+
+    def drop_partitions(self, tps: Iterable[TopicPartition]) -> None:
+        """Forget buffers and recovered state of partitions that moved (uncommitted: the owner redoes them)."""
+        gone = set(tps)
+        for slot in [s for s in self._bufs if s[1] in gone]:
+            self.stats.buffered_bytes -= self._bufs.pop(slot).nbytes
+        for slot in [s for s in self._durable if s[1] in gone]:
+            del self._durable[slot]
+        for tp in gone:
+            self._next.pop(tp, None)
+            self._committed.pop(tp, None)
+        self.stats.open_files = len(self._bufs)
+
+    # ---- writing files ------------------------------------------------------------------------------
+
+    def _due(self, final: bool) -> list[tuple[PartitionKey, TopicPartition]]:
+        now = self._clock()
+        cfg = self.cfg
+        due = [slot for slot, b in self._bufs.items()
+               if final or b.nbytes >= cfg.max_file_bytes or now - b.last_seen >= cfg.idle_close_s
+               or now - b.opened >= cfg.max_open_s]
+        over = self.stats.buffered_bytes - sum(self._bufs[s].nbytes for s in due) - cfg.max_buffer_bytes * 3 // 4
+        if over > 0:  # the shared budget: write the largest open files first
+            for slot, b in sorted(self._bufs.items(), key=lambda kv: -kv[1].nbytes):
+                if over <= 0:
+                    break
+                if slot not in due:
+                    due.append(slot)
+                    over -= b.nbytes
+        return due
+
+    async def _flush_due(self, *, final: bool, only: list[tuple[PartitionKey, TopicPartition]] | None = None
+                         ) -> None:
+        if self._clock() < self._retry_at:
+            return
+        slots = only if only is not None else self._due(final)
+        for slot in slots:
+            buf = self._bufs.get(slot)
+            if buf is None:
+                continue
+            try:
+                if slot not in self._durable:  # first file of this slot in this process: what is there already
+                    self._durable[slot] = await asyncio.to_thread(self._recover, buf.key, buf.tp)
+                self._drop_durable(buf, self._durable[slot])
+                if buf.items:
+                    await asyncio.to_thread(self._write, buf)
+            except OSError as exc:
+                self._store_failed(exc)
+                return
+            del self._bufs[slot]
+            if buf.coords:
+                self._durable[slot] = buf.coords[-1].offset
+            self.stats.buffered_bytes -= buf.nbytes
+            self.stats.open_files = len(self._bufs)
+            if self.stats.store_error is not None:
+                log.info("archive_store_back", extra={"url": self.store.url,
+                                                      "down_s": round(self._clock() - (self.stats.store_down_since
+                                                                                       or self._clock()), 1)})
+            self.stats.store_error = None
+            self.stats.store_down_since = None
+            self._backoff = full_jitter(self.cfg.retry_initial_s, self.cfg.retry_max_s)
+
+    def _drop_durable(self, buf: _Buf, durable: int) -> None:
+        """Drop the records a durable file already holds (a redo after a crash); they are contiguous at the
+        start of the buffer, because files of one slot are written in offset order."""
+        n = 0
+        while n < len(buf.coords) and buf.coords[n].offset <= durable:
+            n += 1
+        if n:
+            del buf.items[:n]
+            del buf.coords[:n]
+            self.stats.records_skipped += n
+
+    def _store_failed(self, exc: OSError) -> None:
+        self.stats.store_failures += 1
+        first = self.stats.store_error is None
+        self.stats.store_error = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        if self.stats.store_down_since is None:
+            self.stats.store_down_since = self._clock()
+        delay = next(self._backoff)
+        self._retry_at = self._clock() + delay
+        (log.error if first else log.warning)("archive_store_failed", extra={
+            "url": self.store.url, "error": self.stats.store_error, "retry_in_s": round(delay, 2),
+            "note": "nothing committed; records are kept and retried"})
+
+    def _write(self, buf: _Buf) -> None:
+        """Convert, write the file, then its manifest (thread). Unfit records go to `_rejected` first."""
+        key = buf.key
+        first, last = buf.coords[0].offset, buf.coords[-1].offset
+        name = file_name(buf.tp.topic, buf.tp.partition, first, last)
+        rejects: list[tuple[_Reject, Coordinates]] = []
+        if key.dataset == REJECTED:
+            rejects = [(item, c) for item, c in zip(buf.items, buf.coords, strict=True) if isinstance(item, _Reject)]
+            table = _rejected_table(rejects)
+        else:
+            records = [r for r in buf.items if not isinstance(r, _Reject)]
+            converted = convert(TopicKind(key.dataset), records, buf.coords)
+            table = converted.table
+            if converted.rejected:
+                rejects = [(_Reject(f"does not fit: {r.reason}", r.field, None, None), buf.coords[r.index])
+                           for r in converted.rejected]
+                rkey = self._rejected_key(buf.coords[converted.rejected[0].index].kafka_ts_ms)
+                # Named by the source file's coordinates (a redo rewrites the same object) behind the dataset,
+                # so recovery never takes it for a file of undecodable records of this partition.
+                rname = f"{key.dataset}+{name}"
+                self.store.write_parquet(rkey.path(), rname, _rejected_table(rejects))
+                self.stats.records_rejected += len(rejects)
+        if key.dataset == REJECTED:
+            self.stats.records_rejected += len(rejects)
+        written = self.store.write_parquet(key.path(), name, table)
+        self.manifests.add_file(key, written, {"records": len(buf.items), "firstOffset": first, "lastOffset": last,
+                                               "topic": buf.tp.topic, "partition": buf.tp.partition,
+                                               **_stats_of(buf.items)})
+        for item in buf.items:
+            if isinstance(item, GapEvent) and item.inst_id is not None:
+                ds = dataset_of_channel(item.channel)
+                if ds is not None:
+                    gkey = PartitionKey(ds, key.date, item.inst_id)
+                    self.manifests.note_gap(gkey, item)
+        self.stats.files_written += 1
+        self.stats.bytes_written += written.bytes
+        self.stats.records_written += len(buf.items) - (len(rejects) if key.dataset != REJECTED else 0)
+        log.debug("archive_file_written", extra={"path": f"{key.path()}/{name}", "rows": written.rows})
+
+    # ---- committing ---------------------------------------------------------------------------------
+
+    async def _commit(self) -> None:
+        """Commit, per partition, up to the first record not yet in a durable file."""
+        consumer = self._consumer
+        if consumer is None:
+            return
+        low: dict[TopicPartition, int] = {}
+        for (_, tp), buf in self._bufs.items():
+            first = buf.coords[0].offset
+            low[tp] = min(low.get(tp, first), first)
+        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        for tp, nxt in self._next.items():
+            target = low.get(tp, nxt)
+            if self._committed.get(tp) != target:
+                offsets[tp] = OffsetAndMetadata(target, "")
+        if not offsets:
+            return
+        try:
+            await consumer.commit(offsets)
+        except Exception as exc:  # a rebalance or broker hiccup: redone later, nothing lost
+            log.warning("archive_commit_failed", extra={"error": repr(exc)})
+            return
+        for tp, om in offsets.items():
+            self._committed[tp] = om.offset
+            self.stats.last_commit[f"{tp.topic}/{tp.partition}"] = om.offset
+
+    # ---- health -------------------------------------------------------------------------------------
+
+    def readiness(self) -> Readiness:
+        reasons: list[str] = []
+        if not self.started.is_set():
+            reasons.append("starting")
+        if self.stats.store_error is not None:
+            reasons.append(f"archive store failing: {self.stats.store_error}")
+        if self.stats.buffered_bytes >= self.cfg.max_buffer_bytes:
+            reasons.append("buffer full: consumption paused until the store accepts files")
+        return Readiness(not reasons, tuple(reasons), {"open_files": len(self._bufs), "url": self.store.url,
+                                                       "partitions": self.stats.partitions})
+
+    def metrics(self) -> list[Any]:
+        s = self.stats
+        out: list[Any] = []
+        for name, doc, value in (
+                ("archive_records_in", "Records consumed by the archiver", s.records_in),
+                ("archive_records_written", "Records written into archive files", s.records_written),
+                ("archive_records_skipped", "Records skipped because a durable file holds them (redo)",
+                 s.records_skipped),
+                ("archive_records_rejected", "Records written to the _rejected dataset", s.records_rejected),
+                ("archive_files_written", "Archive files written", s.files_written),
+                ("archive_bytes_written", "Bytes of archive files written", s.bytes_written),
+                ("archive_store_failures", "Failed writes to the archive store (alert on rate)", s.store_failures)):
+            c = counter(name, doc)
+            c.add_metric([], value)
+            out.append(c)
+        for name, doc, gvalue in (
+                ("archive_buffered_bytes", "Estimated bytes of records waiting in open files", s.buffered_bytes),
+                ("archive_open_files", "Open (buffered) archive files", len(self._bufs)),
+                ("archive_store_down", "1 while the archive store rejects writes (alert)",
+                 int(s.store_error is not None))):
+            g = gauge(name, doc)
+            g.add_metric([], gvalue)
+            out.append(g)
+        return out
+
+
+def _rejected_table(rejects: list[tuple[_Reject, Coordinates]]) -> pa.Table:
+    return pa.table({
+        "reason": pa.array([r.reason for r, _ in rejects], pa.string()),
+        "field": pa.array([r.field for r, _ in rejects], pa.string()),
+        "_topic": pa.array([c.topic for _, c in rejects], pa.string()),
+        "_partition": pa.array([c.partition for _, c in rejects], pa.int32()),
+        "_offset": pa.array([c.offset for _, c in rejects], pa.int64()),
+        "_kafka_ts": pa.array([c.kafka_ts_ms for _, c in rejects], pa.int64()).cast(pa.timestamp("ms", tz="UTC")),
+        "key": pa.array([r.key for r, _ in rejects], pa.binary()),
+        "value": pa.array([r.value for r, _ in rejects], pa.binary()),
+    }).cast(_REJECTED_SCHEMA)
+
+
+def _bucket(ts_ms: int, rotate_s: int) -> int:
+    return ts_ms // (rotate_s * 1000)
+
+
+def _topics_pattern(topics: list[str]) -> str:
+    import re
+
+    return "^(" + "|".join(re.escape(t) for t in topics) + ")$"
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()
+
+
+def open_store(cfg: ArchiveSettings) -> ArchiveStore:
+    """The configured store, checked writable (ConfigError naming archive.url otherwise)."""
+    store = ArchiveStore.from_url(cfg.url, endpoint_override=cfg.s3_endpoint_override, region=cfg.s3_region)
+    store.check_writable()
+    return store
+
+
+async def run_archiver(settings: Settings, *, stop: asyncio.Event | None = None) -> int:
+    """`okx-ingest archive`: one member of the archive group until SIGTERM/SIGINT.
+
+    0 on a clean stop, 1 when the consumer died, 2 on bad configuration (store missing, denied).
+    """
+    from ingest.services.process import configure_observability, install_signals
+
+    configure_observability(settings)
+    stop = stop or asyncio.Event()
+    reload = asyncio.Event()
+    remove_signals = install_signals(stop, reload)
+    health: HealthServer | None = None
+    try:
+        try:
+            store = await asyncio.to_thread(open_store, settings.archive)
+        except IngestError as exc:
+            log.error("archive_startup_failed", extra={"error": str(exc)})
+            print(f"okx-ingest: {exc}", flush=True)
+            return 2
+        archiver = Archiver(settings, store)
+        registry, collector = new_registry()
+        collector.add(archiver.metrics)
+        health = HealthServer(registry, archiver.readiness, settings.obs.metrics_host, settings.archive.metrics_port)
+        await health.start()
+        log.info("archive_where", extra={"url": store.url, "query": query_hint(store)})
+        try:
+            await archiver.run(stop)
+        except IngestError as exc:
+            log.error("archive_failed", extra={"error": str(exc)})
+            return 2
+        except Exception as exc:
+            log.error("task_died", extra={"task": "archiver", "error": repr(exc)}, exc_info=exc)
+            return 1
+        log.info("archive_stopped", extra={"files": archiver.stats.files_written,
+                                           "records": archiver.stats.records_written})
+        return 0
+    finally:
+        if health is not None:
+            await health.stop()
+        remove_signals()
+
+
+def query_hint(store: ArchiveStore) -> str:
+    """The one DuckDB line that queries this archive's trades."""
+    root = store.root if store.local else store.url.rstrip("/")
+    return (f"duckdb -c \"select instId, count(*) from read_parquet('{root}/trades/**/*.parquet', "
+            "hive_partitioning=true) group by all\"")
