@@ -159,8 +159,11 @@ class _KafkaReader:
 
 
 class _ArchiveReader:
-    def __init__(self, root: str | Path, lenient: bool) -> None:
-        self._source = ArchiveSource(root, lenient=lenient)
+    def __init__(self, root: str | Path, lenient: bool, settings: Settings | None, window: tuple[int, int]) -> None:
+        archive = (settings or Settings()).archive
+        self._source = ArchiveSource(root, lenient=lenient, endpoint_override=archive.s3_endpoint_override,
+                                     region=archive.s3_region)
+        self._source.window = window
         self.name = self._source.name
 
     def gaps(self, instruments: frozenset[str] | None) -> list[tuple[GapEvent, str, int, int]]:
@@ -178,14 +181,15 @@ class _ArchiveReader:
                 for i in self._source.instruments(kind)}
 
 
-def _open(source: str | Path | Settings, settings: Settings | None, lenient: bool, exact: bool) -> _Reader:
+def _open(source: str | Path | Settings, settings: Settings | None, lenient: bool, exact: bool,
+          window: tuple[int, int]) -> _Reader:
     if isinstance(source, Settings):
         return _KafkaReader(source.kafka, None, exact)
     text = str(source)
     if text == "kafka" or text.startswith("kafka://"):
         kafka = (settings or Settings()).kafka
         return _KafkaReader(kafka, text[len("kafka://"):] or None if text != "kafka" else None, exact)
-    return _ArchiveReader(source, lenient)
+    return _ArchiveReader(source, lenient, settings, window)
 
 
 @dataclass
@@ -213,7 +217,7 @@ class Replay:
         self.instruments, self.channels, self.view = instruments, channels, view
         self.book_snapshots = book_snapshots
         self.initial_books = initial_books
-        self._reader = _open(source, settings, lenient, exact_decimals)
+        self._reader = _open(source, settings, lenient, exact_decimals, (start, end))
         self.source_name = self._reader.name
         self.stats = ReplayStats()
         self.problems: list[GapEvent] = []

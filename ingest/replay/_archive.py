@@ -12,6 +12,7 @@ import datetime as dt
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -20,7 +21,11 @@ import pyarrow.parquet as pq
 from ingest.core.archive_schema import parse_file_name, parse_partition_path, table_to_records
 from ingest.core.records import GapEvent, Record, TopicKind
 from ingest.core.replay import Entry, archive_gap, sort_key
+from ingest.io.archive_store import ArchiveStore
 from ingest.replay._kafka import SourceError
+
+#: Each directory's list of its files (written by the archive service, ingest/services/archive.py).
+MANIFEST = "_manifest.json"
 
 _DAY_MS = 86_400_000
 
@@ -32,20 +37,23 @@ def _date(ms: int) -> str:
 class ArchiveSource:
     """Reads one archive root; `lenient` turns an unreadable file into a gap item instead of an error."""
 
-    def __init__(self, root: str | Path, *, lenient: bool = False) -> None:
+    def __init__(self, root: str | Path, *, lenient: bool = False, endpoint_override: str | None = None,
+                 region: str | None = None) -> None:
         text = str(root)
         try:
-            if "://" in text:
-                self._fs, self._root = pafs.FileSystem.from_uri(text)
-            else:
-                self._fs, self._root = pafs.LocalFileSystem(), str(Path(text).resolve())
+            # The archive's own store: the same S3 settings (archive.s3_endpoint_override, s3_region) apply.
+            store = ArchiveStore.from_url(text, endpoint_override=endpoint_override, region=region)
+            self._fs, self._root = store.fs, store.root
+            info = self._fs.get_file_info(self._root)
         except (pa.ArrowInvalid, OSError) as exc:
             raise SourceError(f"archive {text} cannot be opened: {exc}") from None
         self.name = text
         self.lenient = lenient
         self.problems: list[GapEvent] = []
-        info = self._fs.get_file_info(self._root)
-        if info.type != pafs.FileType.Directory:
+        #: The replay's window: the bounds of a problem's gap item.
+        self.window = (0, 0)
+        # S3 has no directories: a prefix with objects under it is one; an empty or absent one is not.
+        if info.type == pafs.FileType.File or (info.type == pafs.FileType.NotFound and store.local):
             raise SourceError(f"archive {text} does not exist or is not a directory; pass the archive.url root")
 
     def _dirs(self, path: str) -> list[str]:
@@ -66,8 +74,34 @@ class ArchiveSource:
                 if key is None or (instruments is not None and key.inst_id not in instruments):
                     continue
                 infos = self._fs.get_file_info(pafs.FileSelector(inst_dir))
-                yield from sorted(i.path for i in infos if i.type == pafs.FileType.File
-                                  and parse_file_name(i.path.rsplit("/", 1)[-1]) is not None)
+                present = {i.path.rsplit("/", 1)[-1] for i in infos if i.type == pafs.FileType.File}
+                names = {n for n in present if parse_file_name(n) is not None}
+                for missing in sorted(self._manifest_names(inst_dir) - present):
+                    self._problem(f"{inst_dir}/{missing}", kind, "named by its manifest but missing")
+                yield from (f"{inst_dir}/{n}" for n in sorted(names))
+
+    def _manifest_names(self, inst_dir: str) -> set[str]:
+        """The files a directory's `_manifest.json` lists (none when it has no manifest)."""
+        try:
+            with self._fs.open_input_stream(f"{inst_dir}/{MANIFEST}") as f:
+                doc = orjson.loads(f.read())
+        except (FileNotFoundError, orjson.JSONDecodeError):
+            return set()
+        except OSError:
+            return set()
+        files = doc.get("files", []) if isinstance(doc, dict) else []
+        return {f["name"] for f in files if isinstance(f, dict) and isinstance(f.get("name"), str)}
+
+    def _problem(self, path: str, kind: TopicKind, reason: str) -> None:
+        """An unreadable or missing file: an error naming it, or (lenient) a gap item bounded by the window."""
+        rel = path[len(self._root):].lstrip("/")
+        if not self.lenient:
+            raise SourceError(f"archive file {rel} is {reason}; restore it from Kafka with `okx-ingest archive`, "
+                              "or replay around it with --lenient")
+        key = parse_partition_path(rel.rsplit("/", 1)[0])
+        if any(p.gap_id == f"archive:{rel}" for p in self.problems):
+            return  # a file read again (a longer book lookback) is one problem
+        self.problems.append(archive_gap(rel, reason, kind.value, key.inst_id if key else None, *self.window))
 
     def instruments(self, kind: TopicKind) -> set[str]:
         out = set()
@@ -92,13 +126,7 @@ class ArchiveSource:
                 table = table.filter(mask)
             return table
         except (pa.ArrowInvalid, OSError) as exc:
-            if not self.lenient:
-                raise SourceError(f"archive file {path} is unreadable ({exc}); restore it from Kafka with "
-                                  "`okx-ingest archive`, or replay around it with --lenient") from None
-            rel = path[len(self._root):].lstrip("/")
-            key = parse_partition_path(rel.rsplit("/", 1)[0])
-            self.problems.append(archive_gap(rel, str(exc), kind.value, key.inst_id if key else None,
-                                             lo or 0, hi or 0))
+            self._problem(path, kind, f"unreadable ({exc})")
             return None
 
     def read(self, kind: TopicKind, lo: int, hi: int, horizon: int,

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+from moto.server import ThreadedMotoServer
 
 from ingest.core.archive_schema import Coordinates
 from ingest.core.records import BookAction, BookUpdate, Source, TopicKind, Trade
@@ -151,3 +155,59 @@ def test_a_corrupt_file_is_an_error_naming_it_unless_lenient_replays_around_it_a
     others = {x["instId"] for x in lines if x["type"] == "trade"}
     assert others and gaps[0]["instId"] not in others  # the other instrument's file replays in full
     assert bad.name in lenient.stderr
+
+
+def test_a_file_its_manifest_names_but_the_store_lacks_is_an_error_unless_lenient(archive: Path) -> None:
+    directory = next((archive / "trades").rglob("instId=ETH-USDT"))
+    (directory / "_manifest.json").write_bytes(orjson.dumps({"files": [
+        {"name": p.name} for p in directory.glob("*.parquet")] + [{"name": "okx.trades+1+00000000000000000100+"
+                                                                           "00000000000000000200.parquet"}]}))
+    proc = _run(*_w("--source", str(archive), "--channel", "trades-all"))
+    assert proc.returncode == 2 and "okx.trades+1+00000000000000000100" in proc.stderr and "missing" in proc.stderr
+    lenient = _run(*_w("--source", str(archive), "--channel", "trades-all", "--lenient"))
+    assert lenient.returncode == 0, lenient.stderr
+    lines = [orjson.loads(x) for x in lenient.stdout.splitlines()]
+    (gap,) = [x for x in lines if x["type"] == "gap"]
+    assert gap["instId"] == "ETH-USDT" and "missing" in gap["reason"]
+    assert len([x for x in lines if x["type"] == "trade"]) == 40  # every file that is there replays
+
+
+@pytest.fixture
+def moto_s3() -> Iterator[tuple[str, dict[str, str]]]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing-" + os.urandom(4).hex(), "AWS_SECRET_ACCESS_KEY": os.urandom(12).hex(),
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        yield f"{host}:{port}", env
+    finally:
+        server.stop()
+
+
+def test_an_s3_archive_replays_like_the_same_files_on_disk(archive: Path,
+                                                          moto_s3: tuple[str, dict[str, str]]) -> None:
+    endpoint, aws = moto_s3
+    old = {k: os.environ.get(k) for k in aws}
+    os.environ.update(aws)
+    try:
+        fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", region="us-east-1",
+                               allow_bucket_creation=True)
+        fs.create_dir("replay-bucket")
+        for path in archive.rglob("*.parquet"):
+            with fs.open_output_stream(f"replay-bucket/okx/{path.relative_to(archive)}") as out:
+                out.write(path.read_bytes())
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    env = {**os.environ, **aws, "OKX_INGEST__ARCHIVE__S3_ENDPOINT_OVERRIDE": f"http://{endpoint}",
+           "OKX_INGEST__ARCHIVE__S3_REGION": "us-east-1"}
+    s3 = subprocess.run([sys.executable, "-m", "ingest.cli", "replay", *_w("--source", "s3://replay-bucket/okx",
+                                                                           "--book-snapshots", "2:100")],
+                        capture_output=True, text=True, timeout=120, check=False, env=env)
+    local = _run(*_w("--source", str(archive), "--book-snapshots", "2:100"))
+    assert s3.returncode == 0, s3.stderr
+    assert s3.stdout == local.stdout and s3.stdout.count("\n") > 40
