@@ -21,14 +21,16 @@ import pytest_asyncio
 from ingest.config import Settings, load_settings
 from ingest.core.records import BookUpdate, GapEvent, GapStatus, Source, TopicKind, Trade
 from ingest.core.replay import BookSnapshot, latest_gaps
+from ingest.io.archive_store import ArchiveStore
 from ingest.okx.channels import SubArg
 from ingest.replay import replay
 from ingest.replay.formats import jsonl_lines
 from ingest.replay.serve import ReplayServer
+from ingest.services.archive import Archiver
 from ingest.sim import SimConfig, SimServer
 from tests.conftest import BrokerInfo
 from tests.e2e.harness import daemon_settings, running
-from tests.e2e.replay_support import Located, read_located, write_archive
+from tests.e2e.replay_support import Located, read_located
 from tests.integration.test_backfill import rest_for, running_worker, worker_settings
 
 pytestmark = [pytest.mark.broker, pytest.mark.asyncio(loop_scope="module")]
@@ -52,6 +54,29 @@ async def _subscribed(sim: SimServer) -> None:
     for c in CHANNELS:
         for i in INSTS:
             await sim.wait_subscribed(SubArg(c, i), timeout=20)
+
+
+async def _archive(bootstrap: str, prefix: str, root: Path, total: int) -> None:
+    """`okx-ingest archive` (the service itself) over the recording's topics, until every record is in a file."""
+    settings = Settings.model_validate({
+        "kafka": {"bootstrap_servers": bootstrap, "topic_prefix": prefix},
+        "archive": {"url": str(root), "group_id": f"{prefix}archive", "idle_close_s": 0.3, "max_open_s": 5,
+                    "metrics_port": 0},
+        "obs": {"metrics_port": 0}})
+    archiver = Archiver(settings, ArchiveStore.from_url(str(root)))
+    stop = asyncio.Event()
+    task = asyncio.create_task(archiver.run(stop))
+    s = archiver.stats
+    try:
+        async with asyncio.timeout(90):
+            while not (s.records_in >= total and s.open_files == 0 and s.last_commit):
+                if task.done():
+                    raise AssertionError(f"the archiver stopped: {task.exception()!r}")
+                await asyncio.sleep(0.05)  # polling the archiver's progress counters, with a deadline
+    finally:
+        stop.set()
+        async with asyncio.timeout(60):
+            await task
 
 
 def _subscribes(sim: SimServer) -> int:
@@ -97,8 +122,10 @@ async def recording(kafka_broker: BrokerInfo, tmp_path_factory: pytest.TempPathF
     located = {k: await read_located(kafka_broker.bootstrap_servers, prefix, k)
                for k in (TopicKind.GAPS, TopicKind.TRADES, TopicKind.BOOKS)}
     archive = tmp / "archive"
-    for kind, items in located.items():
-        write_archive(archive, kind, items)
+    total = 0
+    for kind in TopicKind:  # the archiver takes every topic; it has settled once it consumed all of them
+        total += len(await read_located(kafka_broker.bootstrap_servers, prefix, kind))
+    await _archive(kafka_broker.bootstrap_servers, prefix, archive, total)
     ts = [r.ts for r, _ in located[TopicKind.TRADES] + located[TopicKind.BOOKS] if isinstance(r, Trade | BookUpdate)]
     yield Recording(kafka_broker.bootstrap_servers, prefix, expected, located, archive, min(ts), max(ts) + 1)
 
