@@ -86,8 +86,10 @@ class KafkaReader:
         return topic_name(self._prefix, kind)
 
     async def _consumer(self) -> AIOKafkaConsumer:
+        # A short fetch wait: a replay reads to the end of partitions, where the broker would otherwise hold
+        # every empty fetch for the default 500 ms.
         consumer = AIOKafkaConsumer(**self._kwargs, group_id=None, enable_auto_commit=False,
-                                    auto_offset_reset="earliest")
+                                    auto_offset_reset="earliest", fetch_max_wait_ms=50)
         try:
             async with asyncio.timeout(self._timeout_s):
                 await consumer.start()
@@ -165,7 +167,7 @@ class KafkaReader:
 
     async def _probe(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> Probe:
         consumer.seek(tp, offset)
-        batch = await consumer.getmany(tp, timeout_ms=500, max_records=1)
+        batch = await consumer.getmany(tp, timeout_ms=300, max_records=1)
         msgs = batch.get(tp) or []
         if not msgs:
             return Probe(offset, None)
@@ -182,6 +184,9 @@ class KafkaReader:
         hit = found.get(tp)
         if hit is not None and await self._proves(consumer, tp, hit.offset, ts, begin):
             return int(hit.offset)
+        first = await self._probe(consumer, tp, begin)
+        if first.ts is not None and first.ts >= ts:  # the window reaches back before the partition's start
+            return begin
         lo, hi = begin, end  # invariant: records before lo are < ts; the answer is <= hi
         while lo < hi:
             mid = (lo + hi) // 2
@@ -223,7 +228,7 @@ class KafkaReader:
         topic, part = tp.topic, tp.partition
         stop = horizon + REORDER_MARGIN_MS
         while True:
-            batch = await consumer.getmany(tp, timeout_ms=200 if await consumer.position(tp) >= end else 2_000)
+            batch = await consumer.getmany(tp, timeout_ms=100 if await consumer.position(tp) >= end else 2_000)
             msgs = batch.get(tp) or []
             if not msgs:
                 if await consumer.position(tp) >= end:
