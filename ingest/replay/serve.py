@@ -30,7 +30,7 @@ from aiohttp import WSMsgType, web
 
 from ingest.config import Settings
 from ingest.core.records import BookUpdate, Candle, GapEvent, GapKind, OkxRecord, Source
-from ingest.core.replay import Item
+from ingest.core.replay import CHECKPOINT, Item
 from ingest.okx import codes
 from ingest.okx.channels import Endpoint, SubArg, endpoint_for
 
@@ -43,6 +43,16 @@ _SERVED = (Endpoint.PUBLIC, Endpoint.BUSINESS)
 def _arg(record: OkxRecord) -> SubArg:
     return SubArg(record.channel, record.inst_id) if record.inst_id else SubArg(record.channel,
                                                                                 inst_type=record.inst_type)
+
+
+def _served(item: Item) -> bool:
+    """Gaps (for their disconnects) and what OKX itself pushed: ws records of public/business channels, without
+    the recorder's own book checkpoints (OKX never sends `action: checkpoint`)."""
+    if isinstance(item, GapEvent):
+        return True
+    if not isinstance(item, OkxRecord) or item.source is not Source.WS or endpoint_for(item.channel) not in _SERVED:
+        return False
+    return not (isinstance(item, BookUpdate) and str(item.action) == CHECKPOINT)
 
 
 def render(record: OkxRecord) -> str:
@@ -105,10 +115,7 @@ class ReplayServer:
 
     async def __aenter__(self) -> ReplayServer:
         # The window is read before the first client: a source error surfaces here, not mid-session.
-        self._timeline = await asyncio.to_thread(lambda: [
-            i for i in self._items if isinstance(i, GapEvent) or (isinstance(i, OkxRecord)
-                                                                   and i.source is Source.WS
-                                                                   and endpoint_for(i.channel) in _SERVED)])
+        self._timeline = await asyncio.to_thread(lambda: [i for i in self._items if _served(i)])
         self._args = {_arg(i) for i in self._timeline if isinstance(i, OkxRecord)}
         app = web.Application()
         for endpoint in _SERVED:

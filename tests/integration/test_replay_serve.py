@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
+import msgspec
 import orjson
 import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
-from ingest.core.records import GapEvent, GapKind, GapStatus, Source, StreamPosition, Trade
+from ingest.core.records import BookAction, BookUpdate, GapEvent, GapKind, GapStatus, Source, StreamPosition, Trade
 from ingest.core.replay import Item
 from ingest.okx.channels import Endpoint
-from ingest.replay.serve import ReplayServer, render
+from ingest.replay.serve import ReplayServer, _served, render
 
 T0 = 1_796_000_000_000
 
@@ -79,3 +81,12 @@ async def test_pong_acks_errors_and_pushes_like_okx_then_a_disconnect_and_the_re
             async with asyncio.timeout(5):
                 await server.finished.wait()
         assert server.disconnects == 1 and server.sent == 8
+
+
+def test_only_what_okx_pushed_is_served_not_rest_records_or_the_recorders_checkpoints() -> None:
+    book = BookUpdate(channel="books", inst_id="BTC-USDT", ts=T0, recv_ts_ns=T0 * 1_000_000, source=Source.WS,
+                      record_id="ckpt:books:BTC-USDT:5", action=cast(BookAction, "checkpoint"), asks=(), bids=(),
+                      seq_id=5)
+    rest = msgspec.structs.replace(_trade(1), source=Source.REST)
+    assert [_served(i) for i in (_trade(1), rest, book, msgspec.structs.replace(book, action=BookAction.UPDATE))] \
+        == [True, False, False, True]
