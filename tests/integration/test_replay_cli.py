@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,6 +16,7 @@ import orjson
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+import websockets
 from moto.server import ThreadedMotoServer
 
 from ingest.core.archive_schema import Coordinates
@@ -211,3 +214,27 @@ def test_an_s3_archive_replays_like_the_same_files_on_disk(archive: Path,
     local = _run(*_w("--source", str(archive), "--book-snapshots", "2:100"))
     assert s3.returncode == 0, s3.stderr
     assert s3.stdout == local.stdout and s3.stdout.count("\n") > 40
+
+
+async def test_replay_serve_from_the_cli_pushes_the_archive_and_stops_on_sigint(archive: Path) -> None:
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ingest.cli", "replay", "serve", "--port", str(port), *_w("--source", str(archive)),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(60):
+            banner = await proc.stdout.readline()
+        assert b"replaying 42 items" in banner, banner  # 40 trades and 2 book records
+        async with websockets.connect(f"ws://127.0.0.1:{port}/ws/v5/business") as ws:
+            await ws.send(orjson.dumps({"op": "subscribe", "args": [{"channel": "trades-all",
+                                                                     "instId": "ETH-USDT"}]}).decode())
+            async with asyncio.timeout(10):
+                assert orjson.loads(await ws.recv())["event"] == "subscribe"
+                pushes = [orjson.loads(await ws.recv()) for _ in range(20)]
+        assert [p["data"][0]["tradeId"] for p in pushes] == [str(1000 + n) for n in range(1, 40, 2)]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(30):
+            rc = await proc.wait()
+    assert rc == 0
