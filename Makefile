@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= config/okx-ingest.toml
 
-.PHONY: run test demo lint bench simulate clean
+.PHONY: run test demo lint bench simulate clean compat
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,8 +29,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check ingest tests bench
 	$(BIN)/mypy --strict ingest tests bench
 
+compat:  ## the websockets/aiokafka internals we rely on, against the oldest and newest releases the pins allow
+	PYTHON=$(PYTHON) bash tests/compat.sh
+
 bench: $(STAMP)
 	$(BIN)/python -m bench.pipeline $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-compat-* var .mypy_cache .ruff_cache .pytest_cache

@@ -12,7 +12,6 @@ Kubernetes restarts it; nothing fails silently.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
@@ -38,6 +37,7 @@ from ingest.obs.health import HealthServer, Readiness
 from ingest.obs.metrics import counter, gauge, new_registry
 from ingest.obs.redact import REDACTOR
 from ingest.okx.channels import SubArg
+from ingest.runtime import CANCEL_GRACE_S, EXIT_CONFIG, EXIT_OK, EXIT_TASK_DIED, Runtime, bounded, stop_task
 from ingest.services.clock import ClockService
 from ingest.services.connections import ConnectionManager, subscription_arg
 from ingest.services.permissions import require_safe_key
@@ -61,8 +61,6 @@ PRIVATE_ARGS: tuple[SubArg, ...] = (
 #: journal behind the pipeline are where records wait, and a full inbox pauses the sockets (back-pressure).
 INBOX_SIZE = 10_000
 STATE_SAVE_INTERVAL_S = 5.0
-#: Tasks whose end (even without an exception) means the recorder no longer records.
-ESSENTIAL_TASKS = frozenset({"pipeline", "connections"})
 
 
 def wanted_args(settings: Settings) -> list[SubArg]:
@@ -190,93 +188,89 @@ class Daemon:
         starting = asyncio.create_task(self._start(), name="start")
         stopper = asyncio.create_task(stop.wait(), name="stop")
         try:
-            await asyncio.wait({starting, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            try:
+                await asyncio.wait({starting, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                await stop_task(stopper, what="stop")
             if not starting.done():  # asked to stop while still starting (e.g. waiting for OKX to answer)
-                await _cancel(starting)
+                await stop_task(starting, self.settings.journal.close_timeout_s, what="start-up")
                 await self._release()
-                log.info("daemon_stopped", extra={"exit_code": 0, "during": "start-up"})
-                return 0
+                log.info("daemon_stopped", extra={"exit_code": EXIT_OK, "during": "start-up"})
+                return EXIT_OK
             starting.result()
         except IngestError as exc:
             log.error("startup_failed", extra={"error": str(exc)})
             await self._release()
-            return 2
+            return EXIT_CONFIG
         except BaseException:
             # Anything else (a port in use, a bug): never leave the embedded broker or the journal behind.
+            if not starting.done():
+                await stop_task(starting, what="start-up")
             await self._release()
             raise
         p = self.parts
         assert p.manager is not None and p.pipeline is not None and p.clock_service is not None
-        tasks: dict[str, asyncio.Task[None]] = {
-            "pipeline": asyncio.create_task(p.pipeline.run(), name="pipeline"),
-            "connections": asyncio.create_task(p.manager.run(), name="connections"),
-            "clock": asyncio.create_task(p.clock_service.run(), name="clock"),
-        }
-        if p.reconciler is not None:
-            tasks["reconciler"] = asyncio.create_task(p.reconciler.run(), name="reconciler")
-        tasks["state"] = asyncio.create_task(self._save_state_loop(), name="state")
-        if p.broker is not None:
-            tasks["embedded-broker"] = asyncio.create_task(self._broker_loop(p.broker), name="embedded-broker")
-        if p.store is not None:
-            rest, okx = p.rest, self.settings.okx
-            assert rest is not None
+        runtime = Runtime("recorder", stop_timeout_s=self.settings.journal.close_timeout_s)
+        code = EXIT_TASK_DIED
+        try:
+            runtime.spawn("pipeline", p.pipeline.run(), essential=True)
+            runtime.spawn("connections", p.manager.run(), essential=True)
+            runtime.spawn("clock", p.clock_service.run())
+            if p.reconciler is not None:
+                runtime.spawn("reconciler", p.reconciler.run())
+            runtime.spawn("state", self._save_state_loop())
+            if p.broker is not None:
+                runtime.spawn("embedded-broker", self._broker_loop(p.broker))
+            if p.store is not None:
+                rest, okx = p.rest, self.settings.okx
+                assert rest is not None
 
-            async def recheck() -> None:
-                await require_safe_key(rest, okx)
+                async def recheck() -> None:
+                    await require_safe_key(rest, okx)
 
-            tasks["credentials"] = asyncio.create_task(
-                keep_credentials(p.store, okx.credential_poll_s, reload, on_rotated=recheck), name="credentials")
-        for i, extra in enumerate(p.extra_tasks):
-            tasks[f"extra-{i}"] = asyncio.create_task(extra(), name=f"extra-{i}")
-        log.info("daemon_started", extra={"shard": self.settings.shard, "version": __version__,
-                                          "connections": len(p.manager.connections), "subscriptions": len(self._args),
-                                          "kafka": self.bootstrap_servers})
-        self.started.set()
-        code = await self._watch(stopper, tasks)
-        await self._shutdown(tasks)
-        stopper.cancel()
+                runtime.spawn("credentials",
+                              keep_credentials(p.store, okx.credential_poll_s, reload, on_rotated=recheck))
+            for i, extra in enumerate(p.extra_tasks):
+                runtime.spawn(f"extra-{i}", extra())
+            log.info("daemon_started", extra={"shard": self.settings.shard, "version": __version__,
+                                              "connections": len(p.manager.connections),
+                                              "subscriptions": len(self._args), "kafka": self.bootstrap_servers})
+            self.started.set()
+            ended = await runtime.wait(stop)
+            code = ended.exit_code
+        finally:
+            # Whatever ended the run (a stop, a dead task, an exception here), the shutdown runs, bounded.
+            await self._shutdown(runtime)
         log.info("daemon_stopped", extra={"exit_code": code})
         return code
 
-    async def _watch(self, stopper: asyncio.Task[bool], tasks: dict[str, asyncio.Task[None]]) -> int:
-        """Wait for the stop signal or a task that ends; returns the exit code it implies."""
-        names = {task: name for name, task in tasks.items()}
-        pending: set[asyncio.Task[Any]] = {stopper, *tasks.values()}
-        while True:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            if stopper in done:
-                return 0
-            for task in done:
-                name = names[task]
-                died = None if task.cancelled() else task.exception()
-                if died is not None or name in ESSENTIAL_TASKS:
-                    log.error("task_died", extra={"task": name, "error": repr(died)}, exc_info=died)
-                    return 1
-                log.info("task_finished", extra={"task": name})
-
-    async def _shutdown(self, tasks: dict[str, asyncio.Task[None]]) -> None:
+    async def _shutdown(self, runtime: Runtime) -> None:
+        """Stop in data order, every step bounded: a stop never hangs, whatever Kafka or OKX do."""
         p = self.parts
         assert p.pipeline is not None and p.delivery is not None
+        budget = self.settings.journal.close_timeout_s
+        ws_budget = self.settings.ws.shutdown_timeout_s + CANCEL_GRACE_S
         # 1. Sockets: the connection manager closes them after every received frame is in the queue.
-        await _cancel(tasks.pop("connections"))
+        await runtime.stop("connections", ws_budget)
         # The reconciler next: a read it finishes now still reaches the queue before the drain below.
-        if "reconciler" in tasks:
-            await _cancel(tasks.pop("reconciler"))
+        await runtime.stop("reconciler")
         # 2. The pipeline publishes everything queued (it keeps running while we wait for it).
-        pipeline_task = tasks.pop("pipeline")
-        if not pipeline_task.done():
+        pipeline_task = runtime.pop("pipeline")
+        if pipeline_task is not None and not pipeline_task.done():
             try:
-                await asyncio.wait_for(p.pipeline.inbox.join(), self.settings.journal.close_timeout_s)
+                async with asyncio.timeout(budget):
+                    await p.pipeline.inbox.join()
             except TimeoutError:
                 log.error("pipeline_drain_timeout", extra={"left": p.pipeline.inbox.qsize()})
-        await _cancel(pipeline_task)
+        if pipeline_task is not None:
+            await stop_task(pipeline_task, what="pipeline")
         # Expected on a planned stop: the sockets are closed, so every stream has an open gap; it is saved and
         # the next start of this shard closes it with its first record (and the backfill fills it).
         log.info("streams_open_at_shutdown", extra={"count": len(p.pipeline.open_gaps())})
-        await self._save_state()
-        for task in tasks.values():
-            await _cancel(task)
-        # 3. Delivery: flush to Kafka, or leave the rest journaled for the next start.
+        await runtime.stop("state")
+        await bounded(self._save_state(), budget, what="saving stream state")
+        await runtime.close(CANCEL_GRACE_S)
+        # 3. Delivery: flush to Kafka, or leave the rest journaled for the next start (close is bounded).
         await p.delivery.close()
         log.info("delivery_closed", extra={"records_in": p.delivery.stats.records_in,
                                            "records_out": p.delivery.stats.records_out,
@@ -511,16 +505,6 @@ async def _register_schemas(settings: Settings, encoder: RecordEncoder) -> dict[
                 topic_name(prefix, cls.TOPIC), orjson.dumps(encoder.schemas[cls.AVRO_NAME].source).decode())
             for cls in RECORD_TYPES
         }
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    if not task.done():
-        task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        try:
-            await task
-        except Exception:
-            log.exception("task_failed_during_shutdown", extra={"task": task.get_name()})
 
 
 async def run_daemon(settings: Settings) -> int:

@@ -49,6 +49,7 @@ from ingest.core.backoff import full_jitter
 from ingest.errors import DeliveryError
 from ingest.io.journal import Journal, JournalEntry, JournalError, JournalFullError
 from ingest.io.sink import EncodedRecord, Sink
+from ingest.runtime import CANCEL_GRACE_S, bounded, finish_task
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ class Delivery:
         self._sender: asyncio.Task[None] | None = None
         self._closing = False
         self._closed = False
+        self._close_deadline = float("inf")
         self._down_since: float | None = None
         self._full_disk = False
 
@@ -228,11 +230,14 @@ class Delivery:
         self._closed = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.close_timeout_s if timeout_s is None else timeout_s)
+        self._close_deadline = deadline
         self._closing = True
         for event in (self._nonempty, self._space, self._space_freed):
             event.set()
         if self._writer is not None:
-            await asyncio.gather(self._writer, return_exceptions=True)
+            # Journaling what is queued is local disk work; it gets the whole budget plus a grace, never more.
+            await finish_task(self._writer, max(0.0, deadline - loop.time()) + CANCEL_GRACE_S,
+                              what="delivery writer")
         if self.stats.queued:  # only when the journal failed or the disk is full
             log.error("delivery_closed_with_unjournaled_records", extra={
                 "records": self.stats.queued, "dir": str(self.journal.directory),
@@ -240,14 +245,10 @@ class Delivery:
                 "consequence": "these records could not be journaled and are lost"})
         self._readable.set()
         if self._sender is not None:
-            _, pending = await asyncio.wait({self._sender}, timeout=max(0.0, deadline - loop.time()))
-            if pending:
-                self._sender.cancel()
-                await asyncio.gather(self._sender, return_exceptions=True)
-        try:
-            await self.sink.close()
-        except Exception as exc:
-            log.warning("delivery_sink_close_failed", extra={"sink": self.sink.name, "error": str(exc)})
+            # The sender also gives up by itself at the deadline (a cancel can be swallowed inside a write).
+            await finish_task(self._sender, max(0.0, deadline - loop.time()), what="delivery sender")
+        await bounded(self.sink.close(), max(CANCEL_GRACE_S, deadline - loop.time()),
+                      what=f"closing sink {self.sink.name}")
         self._sync_journal_stats()
         stats = self.stats
         left = (stats.journal_entries, stats.journal_records, stats.journal_pending_bytes)
@@ -367,7 +368,8 @@ class Delivery:
             return
         if full.disk_full:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._space_freed.wait(), _DISK_FULL_RETRY_S)
+                async with asyncio.timeout(_DISK_FULL_RETRY_S):
+                    await self._space_freed.wait()
         else:
             await self._space_freed.wait()
 
@@ -387,7 +389,8 @@ class Delivery:
                 continue
             stats.oldest_pending_ms = entries[0].ts_ms
             records = _records_of(entries)
-            await self._deliver(records)
+            if not await self._deliver(records):
+                return  # closing and out of time: the rest stays journaled for the next start
             journal.ack(entries[-1].seq)
             stats.records_out += len(records)
             stats.batches_out += 1
@@ -397,12 +400,25 @@ class Delivery:
                 self._clear_full_alarm()
             self._notify()
 
-    async def _deliver(self, records: list[EncodedRecord]) -> None:
-        """Write until the sink acknowledges; retriable errors wait a jittered backoff and try again."""
+    async def _deliver(self, records: list[EncodedRecord]) -> bool:
+        """Write until the sink acknowledges (True); retriable errors wait a jittered backoff and try again.
+        False once closing has run out of time: the batch stays journaled, unacknowledged."""
         delays: Iterator[float] | None = None
+        loop = asyncio.get_running_loop()
         while True:
             try:
-                await self.sink.write(records)
+                if self._closing:
+                    left = self._close_deadline - loop.time()
+                    if left <= 0:
+                        return False
+                    async with asyncio.timeout(left):
+                        await self.sink.write(records)
+                else:
+                    await self.sink.write(records)
+            except TimeoutError:
+                if self._closing:
+                    return False  # the closing deadline above
+                raise
             except DeliveryError as exc:
                 self.stats.delivery_errors += 1
                 self.stats.last_error = str(exc)
@@ -411,10 +427,13 @@ class Delivery:
                 self._set_up(False, exc)
                 if delays is None:
                     delays = self._backoff()
-                await asyncio.sleep(next(delays))  # retry backoff (a timer, not synchronisation)
+                delay = next(delays)
+                if self._closing:
+                    delay = min(delay, max(0.0, self._close_deadline - loop.time()))
+                await asyncio.sleep(delay)  # retry backoff (a timer, not synchronisation)
                 continue
             self._set_up(True)
-            return
+            return True
 
     # -- state ----------------------------------------------------------------------------------------
 

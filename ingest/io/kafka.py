@@ -41,6 +41,7 @@ from aiokafka.partitioner import murmur2
 from ingest.config import Compression, KafkaSettings
 from ingest.credentials import Secret
 from ingest.errors import ConfigError, DeliveryError
+from ingest.io.aiokafka_compat import stop_producer
 from ingest.io.sink import EncodedRecord
 
 log = logging.getLogger(__name__)
@@ -217,7 +218,7 @@ class KafkaSink:
         try:
             await producer.start()
         except BaseException as exc:
-            await _stop_producer(producer, self.settings.request_timeout_ms / 1000)
+            await stop_producer(producer, self.settings.request_timeout_ms / 1000)
             if isinstance(exc, Exception):
                 hint = ""
                 if self.options.idempotence and not is_retriable(exc):
@@ -240,7 +241,7 @@ class KafkaSink:
         self._ready.clear()
         self._partitions.clear()
         if producer is not None:
-            await _stop_producer(producer, self.settings.request_timeout_ms / 1000)
+            await stop_producer(producer, self.settings.request_timeout_ms / 1000)
 
     # -- topics ---------------------------------------------------------------------------------------
 
@@ -293,7 +294,8 @@ class KafkaSink:
         if not batch:
             return
         try:
-            await asyncio.wait_for(self._write(batch), self.settings.delivery_timeout_ms / 1000)
+            async with asyncio.timeout(self.settings.delivery_timeout_ms / 1000):
+                await self._write(batch)
         except DeliveryError:
             await self._reset()
             raise
@@ -352,24 +354,3 @@ async def _send_chain(producer: AIOKafkaProducer, topic: str, partition: int, bu
         builder.close()  # a closed batch does not linger: it was filled on purpose
         fut = await producer.send_batch(builder, topic, partition=partition)
         await fut
-
-
-async def _stop_producer(producer: AIOKafkaProducer, timeout_s: float) -> None:
-    """Stop a producer without waiting for batches of a failed write (they are resent from the journal).
-
-    aiokafka's stop() waits for every queued batch, which with the idempotent producer means until the broker
-    is back. There is no public way to abandon them, so fail them through the accumulator (aiokafka 0.11-0.14).
-    """
-    accumulator = getattr(producer, "_message_accumulator", None)
-    if accumulator is not None and hasattr(accumulator, "fail_all"):
-        futures = [b.future for q in getattr(accumulator, "_batches", {}).values() for b in q]
-        futures += [b.future for b in getattr(accumulator, "_pending_batches", ())]
-        if futures:
-            accumulator.fail_all(ProducerClosed())
-            for fut in futures:  # retrieve, so asyncio does not log "exception was never retrieved"
-                if fut.done() and not fut.cancelled():
-                    fut.exception()
-    try:
-        await asyncio.wait_for(producer.stop(), timeout_s)
-    except Exception as exc:
-        log.warning("kafka_producer_stop_failed", extra={"error": describe(exc)})
