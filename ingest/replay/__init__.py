@@ -166,6 +166,10 @@ class _ArchiveReader:
         self._source.window = window
         self.name = self._source.name
 
+    @property
+    def source(self) -> ArchiveSource:
+        return self._source
+
     def gaps(self, instruments: frozenset[str] | None) -> list[tuple[GapEvent, str, int, int]]:
         return self._source.read_gaps(instruments)
 
@@ -315,10 +319,30 @@ class Replay:
             yield item
 
     def batches(self, batch_size: int = 65_536) -> Iterator[pa.RecordBatch]:
-        """The same stream as Arrow record batches of the flat row schema (docs/REPLAY.md, "Formats")."""
+        """The same stream as Arrow record batches of the flat row schema (docs/REPLAY.md, "Formats").
+
+        From an archive, for trades and books without computed books, the rows come straight from the files'
+        columns (ingest/replay/_arrow.py); otherwise from the items.
+        """
         from ingest.replay.formats import arrow_batches
 
+        if isinstance(self._reader, _ArchiveReader) and self.book_snapshots is None and not self.initial_books:
+            from ingest.replay._arrow import fast_batches
+
+            self._check_instruments([])
+            fast = fast_batches(self._reader.source, self.kinds, self.start, self.end, self.view,
+                                self.instruments, self.channels, self._gap_entries, batch_size)
+            if fast is not None:
+                return fast
         return arrow_batches(iter(self), batch_size)
+
+    def _gap_entries(self) -> list[Entry]:
+        raw_gaps = self._reader.gaps(self.instruments)
+        if self.channels is not None:
+            raw_gaps = [g for g in raw_gaps if g[0].channel in self.channels]
+        self.problems = self._reader.problems()
+        return gap_entries([*raw_gaps, *((p, "_archive", 0, i) for i, p in enumerate(self.problems))],
+                           self.start, self.end)
 
 
 def _iso(ms: int) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import msgspec
 import numpy as np
+import pyarrow as pa
 import pytest
 import pytest_asyncio
 
@@ -24,7 +25,7 @@ from ingest.core.replay import BookSnapshot, latest_gaps
 from ingest.io.archive_store import ArchiveStore
 from ingest.okx.channels import SubArg
 from ingest.replay import replay
-from ingest.replay.formats import jsonl_lines
+from ingest.replay.formats import FLAT_SCHEMA, arrow_batches, jsonl_lines
 from ingest.replay.serve import ReplayServer
 from ingest.services.archive import Archiver
 from ingest.sim import SimConfig, SimServer
@@ -285,6 +286,15 @@ async def test_kafka_and_archive_sources_give_byte_identical_output(recording: R
     from_archive = await asyncio.to_thread(jsonl, str(rec.archive))
     assert from_kafka.count(b"\n") > 100
     assert from_kafka == from_archive
+
+    def rows(source: str, columns: bool) -> pa.Table:
+        rp = replay(source, rec.start, rec.end, settings=_settings(rec))
+        batches = rp.batches() if columns else arrow_batches(iter(rp))
+        return pa.Table.from_batches(list(batches), schema=FLAT_SCHEMA)
+
+    from_columns = await asyncio.to_thread(rows, str(rec.archive), True)
+    assert from_columns.num_rows > 100
+    assert from_columns.equals(await asyncio.to_thread(rows, _kafka(rec), False))
 
 
 def _iso(ms: int) -> str:

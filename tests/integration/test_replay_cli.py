@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -238,3 +239,19 @@ async def test_replay_serve_from_the_cli_pushes_the_archive_and_stops_on_sigint(
         async with asyncio.timeout(30):
             rc = await proc.wait()
     assert rc == 0
+
+
+@pytest.mark.parametrize("view", ["repaired", "recorded"])
+@pytest.mark.parametrize("filters", [{}, {"instruments": ["ETH-USDT"]}, {"channels": ["books"]}])
+def test_archive_batches_from_columns_equal_the_rows_of_the_items(archive: Path, view: str,
+                                                                  filters: dict[str, list[str]]) -> None:
+    from ingest.replay import replay
+    from ingest.replay._arrow import fast_batches
+    from ingest.replay.formats import FLAT_SCHEMA, arrow_batches
+
+    rp = replay(str(archive), T0 - 1000, T0 + 1000, view=view, **filters)  # type: ignore[arg-type]
+    assert fast_batches(rp._reader.source, rp.kinds, rp.start, rp.end, rp.view, rp.instruments,  # type: ignore[attr-defined]
+                        rp.channels, list, 10) is not None, "the columns path must be the one taken"
+    fast = pa.Table.from_batches(list(rp.batches()), schema=FLAT_SCHEMA)
+    slow = pa.Table.from_batches(list(arrow_batches(iter(rp))), schema=FLAT_SCHEMA)
+    assert fast.num_rows > 0 and fast.equals(slow)
