@@ -26,9 +26,9 @@ _SORT = ["_sts", "_srecv", "_topic", "_partition", "_offset", "_row"]
 
 
 def _canonical(arr: pa.ChunkedArray) -> pa.ChunkedArray:
-    text = arr.cast(pa.string())
-    text = pc.replace_substring_regex(text, pattern=r"(\.[0-9]*?)0+$", replacement=r"\1")
-    text = pc.replace_substring_regex(text, pattern=r"\.$", replacement="")
+    """archive_schema.render_decimal, vectorized: a decimal128(38, 18) casts to text with all 18 fractional
+    digits ("100.500000000000000000"), so trimming zeros then the point is exact; zero casts as "0E-18"."""
+    text = pc.utf8_rtrim(pc.utf8_rtrim(arr.cast(pa.string()), characters="0"), characters=".")
     return pc.if_else(pc.equal(arr, pa.scalar(0, arr.type)), "0", text)
 
 
@@ -189,14 +189,17 @@ def fast_batches(src: ArchiveSource, kinds: tuple[TopicKind, ...], start: int, e
 def _dedupe_records(table: pa.Table, view: View) -> pa.Table:
     """Whole records (all their level rows) that repeat an earlier one's recordId, or in the repaired view
     its natural key, at the same exchange ts, are dropped."""
-    rec_id = pc.binary_join_element_wise(table.column("_topic"), table.column("_partition").cast(pa.string()),
-                                         table.column("_offset").cast(pa.string()), ":")
-    table = table.append_column("_coord", rec_id)
+    # One int64 per record: topic number, partition, offset (offsets stay far below 2**40).
+    topics = pc.unique(table.column("_topic"))
+    coord = pc.add(pc.add(pc.multiply(pc.index_in(table.column("_topic"), value_set=topics).cast(pa.int64()),
+                                      1 << 56),
+                          pc.multiply(table.column("_partition"), 1 << 40)), table.column("_offset"))
+    table = table.append_column("_coord", coord)
     heads = _dedupe(table, ["_coord"])  # one row per record: its first in the order
     keep = _dedupe(heads, ["ts", "_rid"])
     if view is View.REPAIRED:
         nk = pc.binary_join_element_wise(keep.column("type"), keep.column("channel"), keep.column("instId"),
-                                         pc.fill_null(keep.column("_nk"), keep.column("_coord")), "|")
+                                         pc.fill_null(keep.column("_nk"), keep.column("_coord").cast(pa.string())), "|")
         keep = _dedupe(keep.append_column("_nkey", nk), ["ts", "_nkey"])
     survivors = pc.is_in(table.column("_coord"), value_set=keep.column("_coord"))
     return table.filter(survivors)
