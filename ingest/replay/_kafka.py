@@ -74,12 +74,13 @@ class Probe:
 class KafkaReader:
     """Async reads of one cluster; `KafkaSource` runs them on a private event loop thread."""
 
-    def __init__(self, kafka: KafkaSettings, bootstrap: str | None, *, timeout_s: float = 30.0,
+    def __init__(self, kafka: KafkaSettings, bootstrap: str | None, *, timeout_s: float | None = None,
                  exact_decimals: bool = False) -> None:
         self._exact = exact_decimals
         self._kwargs = client_kwargs(kafka, bootstrap)
         self._prefix = kafka.topic_prefix
-        self._timeout_s = timeout_s
+        # Connecting, and any read that stops making progress, gets this long (at least 30 s).
+        self._timeout_s = timeout_s if timeout_s is not None else max(30.0, kafka.request_timeout_ms / 1000)
         self.bootstrap = self._kwargs["bootstrap_servers"]
 
     def topic(self, kind: TopicKind) -> str:
@@ -113,23 +114,24 @@ class KafkaReader:
         topic = self.topic(kind)
         consumer = await self._consumer()
         try:
-            async with asyncio.timeout(self._timeout_s * 10):
-                parts = consumer.partitions_for_topic(topic)
-                if not parts:
-                    return [], True
-                tps = [TopicPartition(topic, p) for p in sorted(parts)]
-                consumer.assign(tps)
-                begins = await consumer.beginning_offsets(tps)
-                ends = await consumer.end_offsets(tps)
-                out: list[list[Entry]] = []
-                at_begin = True
-                for tp in tps:
-                    first = await self._seek_time(consumer, tp, lo - REORDER_MARGIN_MS, begins[tp], ends[tp])
-                    at_begin = at_begin and first <= begins[tp]
-                    entries = await self._scan(consumer, tp, first, ends[tp], lo, hi, horizon, keep)
-                    entries.sort(key=lambda e: e[0])
-                    out.append(entries)
-                return out, at_begin
+            # No overall deadline (a long window takes long): each wait has its own bound (metadata requests by
+            # request_timeout_ms, reads by their progress deadline).
+            parts = consumer.partitions_for_topic(topic)
+            if not parts:
+                return [], True
+            tps = [TopicPartition(topic, p) for p in sorted(parts)]
+            consumer.assign(tps)
+            begins = await consumer.beginning_offsets(tps)
+            ends = await consumer.end_offsets(tps)
+            out: list[list[Entry]] = []
+            at_begin = True
+            for tp in tps:
+                first = await self._seek_time(consumer, tp, lo - REORDER_MARGIN_MS, begins[tp], ends[tp])
+                at_begin = at_begin and first <= begins[tp]
+                entries = await self._scan(consumer, tp, first, ends[tp], lo, hi, horizon, keep)
+                entries.sort(key=lambda e: e[0])
+                out.append(entries)
+            return out, at_begin
         except TimeoutError:
             raise SourceError(f"reading {topic} from {self.bootstrap} timed out") from None
         except KafkaError as exc:
@@ -227,13 +229,19 @@ class KafkaReader:
         out: list[Entry] = []
         topic, part = tp.topic, tp.partition
         stop = horizon + REORDER_MARGIN_MS
+        loop = asyncio.get_running_loop()
+        progress = loop.time()
         while True:
             batch = await consumer.getmany(tp, timeout_ms=100 if await consumer.position(tp) >= end else 2_000)
             msgs = batch.get(tp) or []
             if not msgs:
                 if await consumer.position(tp) >= end:
                     return out
+                if loop.time() - progress > self._timeout_s:  # a broker that stopped answering, not a slow read
+                    raise SourceError(f"reading {topic}[{part}] from {self.bootstrap} made no progress for "
+                                      f"{self._timeout_s:.0f} s at offset {await consumer.position(tp)} of {end}")
                 continue
+            progress = loop.time()
             for m in msgs:
                 if m.timestamp > stop:
                     return out
