@@ -17,6 +17,7 @@ from ingest.core.records import (
     GapEvent,
     GapKind,
     GapStatus,
+    Order,
     Record,
     Source,
     StreamPosition,
@@ -242,3 +243,16 @@ def test_records_before_the_window_build_the_book_but_are_not_yielded() -> None:
                               end=1100, book_snapshots=BookSnapshots(2, 1000)))
     assert isinstance(items[0], BookSnapshot) and items[0].ts == 1000 and items[0].bids == (("99", "1"), ("98", "3"))
     assert [cast(BookUpdate, i).seq_id for i in items[1:]] == [3]
+
+
+def test_repaired_view_dedupes_orders_by_ordid_and_utime_and_keeps_distinct_updates() -> None:
+    def order(ts: int, u_time: str, source: Source, rid: str) -> Order:
+        return Order(channel="orders", inst_id=INST, ts=ts, recv_ts_ns=ts * 1_000_000 + (9 if source is Source.REST
+                                                                                          else 1),
+                     source=source, record_id=rid, ord_id="42", u_time=u_time, state="live")
+
+    records = [order(100, "100", Source.WS, "ws:1"), order(100, "100", Source.REST, "rest:orders:42:100"),
+               order(200, "200", Source.WS, "ws:2"), order(300, "300", Source.REST, "rest:orders:42:300")]
+    items = list(replay_items([_entries(records, "okx.orders")], [], start=0, end=1000))
+    assert [(i.ts, i.source) for i in items if isinstance(i, Order)] == [
+        (100, Source.WS), (200, Source.WS), (300, Source.REST)]
