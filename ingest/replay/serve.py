@@ -266,7 +266,8 @@ class ReplayServer:
                 transport.abort()  # no close frame: what a lost connection looks like to the client
         self._notify()
         if not await self._wait(lambda: lost <= self._subscribed(), self.resubscribe_timeout_s):
-            log.warning("replay_resubscribe_timeout", extra={"subscriptions": sorted(map(str, lost - self._subscribed()))})
+            missing = sorted(map(str, lost - self._subscribed()))
+            log.warning("replay_resubscribe_timeout", extra={"subscriptions": missing})
 
 
 def serve_main(args: argparse.Namespace, settings: Settings) -> int:
