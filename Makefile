@@ -5,13 +5,22 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= config/okx-ingest.toml
 
-.PHONY: run test demo lint bench simulate clean compat
+.PHONY: run test demo lint bench simulate clean compat lock
 
-$(STAMP): pyproject.toml
+# Exact versions with hashes (requirements-dev.lock = runtime + test tools; requirements.lock is the image's).
+LOCK   := requirements-dev.lock
+
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -U pip
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check --require-hashes -r $(LOCK)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e .
 	@touch $(STAMP)
+
+PIP_COMPILE := $(BIN)/pip-compile --quiet --strip-extras --generate-hashes --allow-unsafe --no-emit-index-url \
+	--no-emit-find-links
+lock: $(STAMP)  ## re-pin both locks after changing dependencies in pyproject.toml
+	$(PIP_COMPILE) -o requirements.lock pyproject.toml
+	$(PIP_COMPILE) --extra dev -o requirements-dev.lock pyproject.toml
 
 run: $(STAMP)  ## the daemon against OKX, writing to the embedded broker unless configured otherwise
 	$(BIN)/okx-ingest run --config $(CONFIG)
@@ -23,6 +32,7 @@ simulate: $(STAMP)  ## the OKX simulator alone on 127.0.0.1:8765
 	$(BIN)/okx-ingest simulate --host 127.0.0.1 --port 8765
 
 test: $(STAMP)
+	@bash tests/tools.sh
 	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: $(STAMP)

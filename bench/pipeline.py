@@ -34,6 +34,7 @@ from typing import Any
 
 import orjson
 import websockets
+from prometheus_client import CollectorRegistry
 
 from ingest.config import load_settings
 from ingest.core.avro import RecordEncoder
@@ -43,7 +44,9 @@ from ingest.io.broker import EmbeddedBroker
 from ingest.io.delivery import Delivery
 from ingest.io.inbox import Inbox
 from ingest.io.kafka import KafkaSink
+from ingest.io.measured import MeasuredSink
 from ingest.io.sink import EncodedRecord
+from ingest.obs.metrics import AckLatency
 from ingest.okx.channels import SubArg
 from ingest.services.connections import ConnectionManager
 from ingest.services.pipeline import Pipeline
@@ -228,12 +231,13 @@ async def start_recorder(ws_base: str, bootstrap: str, insts: Sequence[str], jou
     sink = TimingSink(KafkaSink(settings.kafka, bootstrap_servers=bootstrap,
                                 topics=all_topics(settings.kafka.topic_prefix)),
                       topic_name(settings.kafka.topic_prefix, TopicKind.TRADES))
-    delivery = Delivery.from_settings(sink, settings.journal, settings.kafka)
+    latency = AckLatency(CollectorRegistry())  # the receive -> ack histogram, as the supervisor wires it
+    delivery = Delivery.from_settings(MeasuredSink(sink, latency), settings.journal, settings.kafka)
     await delivery.start()
     inbox = Inbox(INBOX_SIZE)
     manager = ConnectionManager(settings.okx, settings.ws, inbox)
     pipeline = TimingPipeline(inbox, delivery, RecordEncoder(settings.kafka.topic_prefix), resubscriber=manager,
-                              publish_raw=publish_raw)
+                              publish_raw=publish_raw, latency=latency)
     pipeline.recv_ns = sink.recv_ns
     tasks = [asyncio.create_task(pipeline.run()), asyncio.create_task(manager.run())]
     return Recorder(manager, pipeline, delivery, sink, tasks)

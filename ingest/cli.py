@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate the configuration and credentials, then exit")
     check.add_argument("--config", type=Path, default=None)
+    check.add_argument("--offline", action="store_true",
+                       help="only what needs no network: settings, credentials present, files named "
+                            "(e.g. okx-ingest check --offline --config deploy/compose/recorder.toml)")
 
     ar = sub.add_parser("archive", help="archive every topic into partitioned Parquet (docs/ARCHIVE.md)")
     ar.add_argument("--config", type=Path, default=None)
@@ -105,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             from ingest.check import check
 
-            return _run(check(settings))
+            return _run(check(settings, offline=args.offline))
         if args.command == "backfill":
             from ingest.services.backfill import backfill_range, run_worker
 

@@ -177,6 +177,41 @@ class WireFormat(enum.StrEnum):
     CONFLUENT = "confluent"
 
 
+_DAY_MS = 86_400_000
+
+#: Topic-level configs sent when a topic is created, per topic kind; `kafka.topics.<kind>.config` adds to them
+#: or overrides them. okx.gaps (one record per gap status change, keyed by stream) and okx.instruments (the
+#: instrument list, keyed by instId) are state: compacted, but only after a week, so the backfill worker and
+#: any consumer see every record first. okx.raw is bulky and kept for a shorter time.
+DEFAULT_TOPIC_CONFIGS: dict[str, dict[str, str]] = {
+    "gaps": {"cleanup.policy": "compact", "min.compaction.lag.ms": str(7 * _DAY_MS)},
+    "instruments": {"cleanup.policy": "compact", "min.compaction.lag.ms": str(7 * _DAY_MS)},
+    "raw": {"retention.ms": str(3 * _DAY_MS)},
+    "dlq": {"retention.ms": str(30 * _DAY_MS)},
+}
+
+
+class TopicSettings(_Section):
+    """`[kafka.topics.<kind>]`: one topic's partitions, replication and topic-level configs (applied when the
+    topic is created; an existing topic is only checked, never changed)."""
+
+    partitions: Annotated[int, Field(gt=0)] | None = Field(default=None, description="default: kafka.partitions")
+    replication_factor: Annotated[int, Field(gt=0)] | None = Field(
+        default=None, description="default: kafka.replication_factor")
+    config: dict[str, str] = Field(default_factory=dict, description="Kafka topic configs, e.g. "
+                                   '{"retention.ms" = "604800000"}, on top of the defaults of that topic')
+
+
+class TopicSpec(BaseModel):
+    """What one topic should look like: the defaults, kafka.partitions/replication_factor and its overrides."""
+
+    model_config = ConfigDict(frozen=True)
+
+    partitions: int
+    replication_factor: int
+    config: dict[str, str]
+
+
 class KafkaSettings(_Section):
     """The Kafka sink. `embedded` runs a memory-only broker on 127.0.0.1:9092 (demos, tests)."""
 
@@ -215,6 +250,9 @@ class KafkaSettings(_Section):
     reconnect_backoff_max_ms: Annotated[int, Field(gt=0)] = Field(
         default=5_000, description="cap of the jittered wait between delivery attempts while the broker is down"
     )
+    topics: dict[str, TopicSettings] = Field(
+        default_factory=dict, description="per topic kind (`raw`, `gaps`, ...): partitions, replication_factor, "
+                                          "config; see DEFAULT_TOPIC_CONFIGS for what is set without them")
 
     @field_validator("security_protocol")
     @classmethod
@@ -223,6 +261,35 @@ class KafkaSettings(_Section):
             raise ValueError("SASL is not supported yet (its credentials are not wired through the credential "
                              "store); use PLAINTEXT or SSL (mutual TLS via the broker's listener)")
         return v
+
+    @field_validator("topics")
+    @classmethod
+    def _known_topic_kinds(cls, v: dict[str, TopicSettings]) -> dict[str, TopicSettings]:
+        from ingest.core.records import TopicKind
+
+        known = {k.value for k in TopicKind}
+        unknown = sorted(set(v) - known)
+        if unknown:
+            raise ValueError(f"unknown topic kind {unknown[0]!r} in kafka.topics "
+                             f"(use one of {', '.join(sorted(known))})")
+        return v
+
+    def topic_spec(self, kind: str) -> TopicSpec:
+        """Partitions, replication factor and configs a topic of this kind is created with (or checked against)."""
+        own = self.topics.get(kind, TopicSettings())
+        return TopicSpec(partitions=own.partitions or self.partitions,
+                         replication_factor=own.replication_factor or self.replication_factor,
+                         config={**DEFAULT_TOPIC_CONFIGS.get(kind, {}), **own.config})
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _bootstrap_named(cls, v: str) -> str:
+        # The production config (config/production.toml, the image's) leaves it empty on purpose: it must be named.
+        if not v.strip():
+            raise ValueError("no Kafka brokers named: set host:port[,host:port...] (e.g. "
+                             "OKX_INGEST__KAFKA__BOOTSTRAP_SERVERS=kafka-0:9092), or 'embedded' for a memory-only "
+                             "broker that loses everything when the process stops (demos only)")
+        return v.strip()
 
     @property
     def embedded(self) -> bool:

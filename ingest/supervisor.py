@@ -12,6 +12,7 @@ Kubernetes restarts it; nothing fails silently.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
@@ -24,17 +25,19 @@ from ingest import __version__
 from ingest.config import Settings
 from ingest.core.avro import RecordEncoder
 from ingest.core.clock import ServerClock
-from ingest.core.records import RECORD_TYPES, TopicKind, topic_name
+from ingest.core.records import RECORD_TYPES, DeadLetterReason, GapKind, TopicKind, topic_name
 from ingest.credentials import CredentialStore
 from ingest.errors import IngestError
 from ingest.io.broker import EmbeddedBroker
 from ingest.io.delivery import Delivery
 from ingest.io.inbox import Inbox
 from ingest.io.kafka import KafkaSink
+from ingest.io.measured import MeasuredSink
 from ingest.io.rest import OkxRestClient
 from ingest.io.state import StreamStateFile
+from ingest.io.ws import ConnState
 from ingest.obs.health import HealthServer, Readiness
-from ingest.obs.metrics import counter, gauge, new_registry
+from ingest.obs.metrics import AckLatency, counter, gauge, new_component_registry
 from ingest.obs.redact import REDACTOR
 from ingest.okx.channels import SubArg
 from ingest.runtime import CANCEL_GRACE_S, EXIT_CONFIG, EXIT_OK, EXIT_TASK_DIED, Runtime, bounded, stop_task
@@ -99,7 +102,9 @@ class Daemon:
         self.settings = settings
         self._env = env
         self.parts = _Parts()
-        self.registry, self._collector = new_registry()
+        self.registry, self._collector = new_component_registry("recorder")
+        self.ack_latency = AckLatency(self.registry)
+        self._created_ns = time.time_ns()
         self.started = asyncio.Event()
         self.bootstrap_servers: str | None = None
         self._args = wanted_args(settings)
@@ -152,7 +157,7 @@ class Daemon:
         sink = KafkaSink(s.kafka, bootstrap_servers=self.bootstrap_servers, topics=all_topics(s.kafka.topic_prefix))
         # The journal is per shard: replicas sharing a volume never replay each other's records.
         journal = s.journal.model_copy(update={"dir": s.journal.dir / s.shard})
-        p.delivery = Delivery.from_settings(sink, journal, s.kafka)
+        p.delivery = Delivery.from_settings(MeasuredSink(sink, self.ack_latency), journal, s.kafka)
         await p.delivery.start()
 
         inbox = Inbox(INBOX_SIZE)
@@ -162,7 +167,8 @@ class Daemon:
             # Reads the account over REST after every private (re)connect; results enter the same queue.
             p.reconciler = PrivateReconciler(p.rest, clock, inbox)
         p.pipeline = Pipeline(inbox, p.delivery, encoder, resubscriber=p.manager, reconciler=p.reconciler,
-                              shard=s.shard, publish_raw=s.kafka.publish_raw, max_record_bytes=s.kafka.max_record_bytes)
+                              shard=s.shard, publish_raw=s.kafka.publish_raw, max_record_bytes=s.kafka.max_record_bytes,
+                              latency=self.ack_latency)
         # Where the previous process of this shard left each stream: the time nobody recorded becomes gaps.
         p.state = StreamStateFile(s.journal.dir / f"{s.shard}.streams.json")
         saved = p.state.load()
@@ -338,6 +344,9 @@ class Daemon:
             if refused:
                 details["subscriptions_refused"] = refused
                 reasons.append(f"{len(refused)} subscriptions refused by OKX (see subscriptions_refused)")
+        if self.settings.kafka.embedded:
+            # Ready (data flows), but say so: nothing recorded survives the process.
+            details["kafka"] = "embedded (memory only: everything recorded is lost when the process stops)"
         if p.delivery is not None:
             d = p.delivery.stats
             details["journal_records"] = d.journal_records
@@ -357,6 +366,7 @@ class Daemon:
         self._collector.add(self._delivery_metrics)
         self._collector.add(self._rest_metrics)
         self._collector.add(self._private_metrics)
+        self._collector.add(self._stream_metrics)
 
     def _pipeline_metrics(self) -> Iterable[Metric]:
         p = self.parts.pipeline
@@ -365,14 +375,15 @@ class Daemon:
         st = p.stats
         frames = counter("frames", "Frames received from OKX and processed")
         frames.add_metric([], st.frames)
+        # Every known label value from the first scrape on: rate() and alerts see a series go 0 -> 1.
         records = counter("records", "Records produced, by topic kind", ("topic",))
-        for topic, n in st.records.items():
+        for topic, n in _with_zeros(st.records, TopicKind).items():
             records.add_metric([topic], n)
         dead = counter("dead_letters", "Frames that could not become records, by reason", ("reason",))
-        for reason, n in st.dead_letters.items():
+        for reason, n in _with_zeros(st.dead_letters, DeadLetterReason).items():
             dead.add_metric([reason], n)
-        gaps = counter("gaps", "Gap events published, by kind", ("kind",))
-        for kind, n in st.gaps.items():
+        gaps = counter("gaps", "Gaps detected (opened), by kind", ("kind",))
+        for kind, n in _with_zeros(st.gaps, GapKind).items():
             gaps.add_metric([kind], n)
         okx_errors = counter("okx_errors", "Error events OKX sent, by code", ("code",))
         for code, n in st.okx_errors.items():
@@ -412,7 +423,8 @@ class Daemon:
         }
         budget = gauge("ws_request_budget_remaining", "Requests left in the 480/hour window", ("conn",))
         for c in status.connections:
-            state.add_metric([c.name, c.state.value], 1)
+            for known in ConnState:
+                state.add_metric([c.name, known.value], int(known is c.state))
             for attr, family in counters.items():
                 family.add_metric([c.name], getattr(c.counters, attr))
             if c.budget_remaining is not None:
@@ -434,6 +446,8 @@ class Daemon:
         jr.add_metric([], st.journal_records)
         jb = gauge("journal_bytes", "Journal segment bytes on disk")
         jb.add_metric([], st.journal_bytes)
+        jmax = gauge("journal_max_bytes", "journal.max_bytes: the size at which back-pressure starts")
+        jmax.add_metric([], d.journal.max_bytes)
         full = gauge("journal_full", "1 while the journal is full (back-pressure)")
         full.add_metric([], int(st.journal_full))
         up = gauge("broker_up", "1 while Kafka accepts writes")
@@ -442,7 +456,7 @@ class Daemon:
         errors.add_metric([], st.delivery_errors)
         lag = gauge("delivery_lag_seconds", "Age of the oldest record not yet acknowledged by Kafka")
         lag.add_metric([], st.drain_lag_s())
-        return [out, queued, jr, jb, full, up, errors, lag]
+        return [out, queued, jr, jb, jmax, full, up, errors, lag]
 
     def _rest_metrics(self) -> Iterable[Metric]:
         p = self.parts
@@ -464,10 +478,9 @@ class Daemon:
             off = gauge("clock_offset_seconds", "OKX server time minus local time")
             off.add_metric([], cs.offset_ms / 1000)
             out.append(off)
-        if p.store is not None:
-            auth = counter("auth_failures", "Failed authentications against OKX")
-            auth.add_metric([], p.store.auth.status().failures_total)
-            out.append(auth)
+        auth = counter("auth_failures", "Failed authentications against OKX")
+        auth.add_metric([], p.store.auth.status().failures_total if p.store is not None else 0)
+        out.append(auth)
         return out
 
     def _private_metrics(self) -> Iterable[Metric]:
@@ -489,6 +502,39 @@ class Daemon:
         pending = gauge("private_reconcile_pending", "1 while a requested read is waiting or running")
         pending.add_metric([], int(p.reconciler.pending))
         return [reads, rows, published, pending]
+
+    def _stream_metrics(self) -> Iterable[Metric]:
+        """Per subscribed stream: age of its last data push; open gaps. Labels come from the configured
+        subscriptions only, so the series set is bounded by the config, not by what OKX sends."""
+        p = self.parts.pipeline
+        if p is None:
+            return []
+        now = time.time_ns()
+        age = gauge("stream_last_message_age_seconds",
+                    "Seconds since the stream's last data push (since start while none arrived)", ("channel", "inst"))
+        last = p.stream_last_ns
+        for arg in self._args:
+            age.add_metric([arg.channel, _inst_label(arg)], max(0.0, (now - last.get(arg, self._created_ns)) / 1e9))
+        gaps = p.open_gaps()
+        open_now = gauge("gaps_open", "Streams whose gap is still open (the stream has not resumed)")
+        open_now.add_metric([], len(gaps))
+        oldest = gauge("gap_oldest_open_seconds", "Age of the oldest gap still open (0 when none)")
+        oldest.add_metric([], max((max(0.0, (now - g.opened_ts_ns) / 1e9) for g in gaps), default=0.0))
+        embedded = gauge("kafka_embedded", "1 while recording into the embedded memory-only broker")
+        embedded.add_metric([], int(self.settings.kafka.embedded))
+        return [age, open_now, oldest, embedded]
+
+
+def _inst_label(arg: SubArg) -> str:
+    """The `inst` label of a stream: its instId, else instType / instFamily / ccy (empty for account-wide)."""
+    return arg.inst_id or arg.inst_type or arg.inst_family or arg.ccy or ""
+
+
+def _with_zeros(counts: Mapping[str, int], known: Iterable[enum.StrEnum]) -> dict[str, int]:
+    """`counts` with every known label value present (0 when never counted)."""
+    out = dict.fromkeys((k.value for k in known), 0)
+    out.update(counts)
+    return out
 
 
 async def _register_schemas(settings: Settings, encoder: RecordEncoder) -> dict[str, int]:

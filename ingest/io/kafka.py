@@ -17,9 +17,11 @@ How a batch is sent, and why:
 - `delivery_timeout_ms` caps a write: the idempotent producer (on for real Kafka) otherwise retries forever
   while the broker is down, and a write must fail so the caller can report the outage.
 
-Topic management: topics are created (partitions, replication factor from settings) when `create_topics` is
-on, otherwise checked with a metadata request that cannot auto-create them; missing topics fail with
-MissingTopicsError naming them and the fix. Topics first seen in a write are handled the same way.
+Topic management: topics are created (partitions, replication factor and topic configs per kind, see
+`KafkaSettings.topic_spec`) when `create_topics` is on, otherwise checked with a metadata request that cannot
+auto-create them; missing topics fail with MissingTopicsError naming them and the fix. Topics that exist are
+compared with their settings and every difference is logged with its fix, never changed (`topic_drift`).
+Topics first seen in a write are handled the same way.
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, KafkaTimeoutError, ProducerClosed, for_code
 from aiokafka.helpers import create_ssl_context
 from aiokafka.partitioner import murmur2
 
-from ingest.config import Compression, KafkaSettings
+from ingest.config import Compression, KafkaSettings, TopicSpec
 from ingest.credentials import Secret
 from ingest.errors import ConfigError, DeliveryError
 from ingest.io.aiokafka_compat import stop_producer
@@ -145,6 +148,8 @@ class KafkaSink:
         self._partitions: dict[str, list[int]] = {}
         self._key_hash: dict[bytes, int] = {}  # murmur2 is pure Python in aiokafka: hash each key once
         self._producer: AIOKafkaProducer | None = None
+        #: Existing topics whose partitions, replication or configs differ from the settings (checked, not changed).
+        self.topic_drift: dict[str, tuple[str, ...]] = {}
 
     @property
     def connected(self) -> bool:
@@ -253,22 +258,28 @@ class KafkaSink:
         admin = AIOKafkaAdminClient(**self._client_kwargs())
         try:
             await admin.start()
-            # A full listing (metadata for no named topic) never auto-creates one, unlike describe.
-            existing = set(await admin.list_topics())
+            # A full listing (metadata for no named topic) never auto-creates one, unlike naming them.
+            existing = {t["topic"]: t for t in await admin.describe_topics()}
             missing = [t for t in todo if t not in existing]
             if missing and not s.create_topics:
                 raise MissingTopicsError(missing, s.partitions, s.replication_factor)
             if missing:
+                specs = {t: self.topic_spec(t) for t in missing}
                 resp = await admin.create_topics(
-                    [NewTopic(t, num_partitions=s.partitions, replication_factor=s.replication_factor)
-                     for t in missing], timeout_ms=s.request_timeout_ms)
+                    [NewTopic(t, num_partitions=spec.partitions, replication_factor=spec.replication_factor,
+                              topic_configs=dict(spec.config) or None) for t, spec in specs.items()],
+                    timeout_ms=s.request_timeout_ms)
                 for item in resp.topic_errors:
                     topic, code = item[0], item[1]
                     if code not in (0, _TOPIC_EXISTS):
                         err = for_code(code)()
                         raise delivery_error(f"could not create Kafka topic {topic}", err)
-                log.info("kafka_topics_created", extra={"topics": missing, "partitions": s.partitions,
-                                                        "replication_factor": s.replication_factor})
+                log.info("kafka_topics_created", extra={"topics": {
+                    t: {"partitions": spec.partitions, "replication_factor": spec.replication_factor,
+                        **spec.config} for t, spec in specs.items()}})
+            present = [t for t in todo if t in existing]
+            if present:
+                await self._check_topics(admin, {t: existing[t] for t in present})
         except DeliveryError:
             raise
         except Exception as exc:
@@ -277,6 +288,46 @@ class KafkaSink:
             with contextlib.suppress(Exception):
                 await admin.close()
         self._ready.update(todo)
+
+    def topic_spec(self, topic: str) -> TopicSpec:
+        """The settings of a full topic name (`<prefix><kind>`); topics outside the prefix get the plain ones."""
+        prefix = self.settings.topic_prefix
+        kind = topic[len(prefix):] if topic.startswith(prefix) else ""
+        return self.settings.topic_spec(kind)
+
+    async def _check_topics(self, admin: AIOKafkaAdminClient, metadata: dict[str, dict[str, Any]]) -> None:
+        """Compare existing topics with their settings and log each difference with its fix; never change them
+        (an existing topic's settings may be deliberate, and partitions decide where keys go). A broker that
+        cannot describe configs is logged once per check, not an error: the check is advice."""
+        wanted = {t: self.topic_spec(t) for t in metadata}
+        actual: dict[str, dict[str, str | None]] = {}
+        try:
+            resources = [ConfigResource(ConfigResourceType.TOPIC, t) for t in metadata]
+            for response in await admin.describe_configs(resources):
+                for resource in response.resources:
+                    error_code, _, _, name, entries = resource[:5]
+                    if error_code == 0:
+                        actual[name] = {e[0]: e[1] for e in entries}
+        except Exception as exc:
+            log.warning("kafka_topic_configs_unchecked", extra={"topics": sorted(metadata), "error": describe(exc)})
+        for topic, spec in wanted.items():
+            drift: list[str] = []
+            partitions = metadata[topic].get("partitions") or []
+            if len(partitions) != spec.partitions:
+                drift.append(f"partitions {len(partitions)} (settings: {spec.partitions})")
+            replicas = {len(p.get("replicas") or ()) for p in partitions}
+            if replicas and replicas != {spec.replication_factor}:
+                drift.append(f"replication factor {','.join(map(str, sorted(replicas)))} "
+                             f"(settings: {spec.replication_factor})")
+            if topic in actual:
+                drift += [f"{key}={actual[topic].get(key)} (settings: {value})" for key, value in spec.config.items()
+                          if actual[topic].get(key) != value]
+            self.topic_drift[topic] = tuple(drift)
+            if drift:
+                log.warning("kafka_topic_differs_from_settings", extra={
+                    "topic": topic, "differences": drift,
+                    "action": "left as it is; change the topic (kafka-configs.sh --alter --entity-type topics "
+                              f"--entity-name {topic} --add-config KEY=VALUE) or kafka.topics.<kind> to match"})
 
     async def _partitions_of(self, producer: AIOKafkaProducer, topic: str) -> list[int]:
         parts = self._partitions.get(topic)

@@ -103,7 +103,7 @@ from ingest.credentials import CredentialStore, credentials_present
 from ingest.errors import ConfigError, CredentialError, DeliveryError, IngestError, OkxApiError, ProtocolError
 from ingest.io.delivery import Delivery
 from ingest.io.journal import Journal
-from ingest.io.kafka import KafkaSink
+from ingest.io.kafka import KafkaSink, describe
 from ingest.io.rest import AUTH_FAILURE_CODES, CircuitOpenError, OkxRestClient
 from ingest.io.sink import EncodedRecord
 from ingest.okx.channels import candle_bar
@@ -166,6 +166,10 @@ class BackfillStats:
     requests: Mapping[tuple[str, str], int]
     limiter_wait_s: Mapping[str, float]
     breakers_open: tuple[str, ...]
+    #: okx.gaps records on this worker's partitions not yet committed (None until first measured).
+    backlog: int | None = None
+    #: When the oldest gap of the running batch was detected (local ns; None when no batch runs).
+    oldest_pending_detected_ns: int | None = None
 
     @property
     def gaps_done(self) -> int:
@@ -196,6 +200,8 @@ class _Counters:
     batches_abandoned: int = 0
     commits: int = 0
     partitions: int = 0
+    backlog: int | None = None
+    oldest_pending_detected_ns: int | None = None
 
 
 # ----------------------------------------------------------------------------------------------- kafka
@@ -779,6 +785,7 @@ class BackfillWorker:
             batches_abandoned=c.batches_abandoned, commits=c.commits, partitions=c.partitions,
             requests=dict(rest.requests), limiter_wait_s=dict(rest.limiter_wait_s),
             breakers_open=tuple(sorted(p for p, st in rest.breakers.items() if st.value != "closed")),
+            backlog=c.backlog, oldest_pending_detected_ns=c.oldest_pending_detected_ns,
         )
 
     async def wait_for(self, predicate: Callable[[BackfillStats], bool], timeout_s: float | None = None) -> None:
@@ -811,6 +818,7 @@ class BackfillWorker:
             delays = full_jitter(0.5, 30.0)
             while not stop.is_set():
                 batch = await consumer.getmany(timeout_ms=bf.poll_timeout_ms, max_records=bf.batch_max_gaps)
+                await self._measure_backlog(consumer, batch)
                 if not batch:
                     continue
                 try:
@@ -858,6 +866,7 @@ class BackfillWorker:
             with contextlib.suppress(Exception):
                 consumer.resume(*consumer.paused())
             self._counters.gaps_pending = 0
+            self._counters.oldest_pending_detected_ns = None
             self._notify()
         if task.cancelled():
             self._counters.batches_abandoned += 1
@@ -932,6 +941,7 @@ class BackfillWorker:
             items.append((i, gap))
         c.gaps_received += len(items)
         c.gaps_pending = len(items)
+        c.oldest_pending_detected_ns = min((g.detected_ts_ns for _, g in items), default=None)
         self._notify()
         return items
 
@@ -951,6 +961,23 @@ class BackfillWorker:
                                                      "schema": type(record).__name__})
             return None
         return record
+
+    async def _measure_backlog(self, consumer: AIOKafkaConsumer,
+                               batch: Mapping[TopicPartition, list[_Message]]) -> None:
+        """Gap records on our partitions not yet committed: the high watermark of each (from the last fetch)
+        minus the fetch position, plus the batch just taken. Never fails the worker: a metric only."""
+        try:
+            async with asyncio.timeout(1.0):
+                behind = 0
+                for tp in consumer.assignment():
+                    high = consumer.highwater(tp)
+                    if high is None:
+                        return  # not fetched yet: unknown, not zero
+                    behind += max(0, high - await consumer.position(tp))
+        except Exception as exc:  # the next poll measures again
+            log.debug("backfill_backlog_unmeasured", extra={"error": describe(exc)})
+            return
+        self._counters.backlog = behind + sum(len(msgs) for msgs in batch.values())
 
     async def _commit(self, consumer: AIOKafkaConsumer, offsets: Mapping[TopicPartition, int]) -> None:
         try:
@@ -1065,7 +1092,7 @@ async def run_worker(settings: Settings) -> int:
     server-time offset measured, and follows credential rotation (secret files polled, SIGHUP re-reads).
     """
     from ingest.obs.health import HealthServer, Readiness
-    from ingest.obs.metrics import new_registry
+    from ingest.obs.metrics import new_component_registry
     from ingest.services.permissions import require_safe_key
     from ingest.services.process import configure_observability, install_signals, keep_credentials
 
@@ -1079,7 +1106,7 @@ async def run_worker(settings: Settings) -> int:
         if rest.credentials is not None:  # refuse an over-privileged key before any signed request
             await require_safe_key(rest, settings.okx)
         worker = BackfillWorker(settings, rest, encoder=await _encoder(settings))
-        registry, collector = new_registry()
+        registry, collector = new_component_registry("backfill")
 
         def metrics() -> list[Any]:
             return backfill_metrics(worker.stats())
@@ -1133,6 +1160,8 @@ def backfill_metrics(stats: BackfillStats) -> list[Any]:
     """Prometheus families over a stats snapshot (names per obs/metrics conventions)."""
     from ingest.obs.metrics import counter, gauge
 
+    received = counter("backfill_gaps_received", "Open gaps taken from okx.gaps (each emission once)")
+    received.add_metric([], stats.gaps_received)
     gaps = counter("backfill_gaps", "Gaps finished by the backfill worker, by status", ("status",))
     for status, n in (("filled", stats.gaps_filled), ("partial", stats.gaps_partial),
                       ("unfillable", stats.gaps_unfillable)):
@@ -1142,7 +1171,8 @@ def backfill_metrics(stats: BackfillStats) -> list[Any]:
     pending = gauge("backfill_gaps_pending", "Gaps taken from okx.gaps and not yet finished")
     pending.add_metric([], stats.gaps_pending)
     records = counter("backfill_records", "Records backfilled, by topic kind", ("topic",))
-    for topic, n in stats.records_backfilled.items():
+    for topic, n in {**dict.fromkeys(sorted({k.value for k in _TOPIC.values()}), 0),
+                     **stats.records_backfilled}.items():
         records.add_metric([topic], n)
     dup = counter("backfill_records_already_present", "Rows OKX returned that the topic already held")
     dup.add_metric([], stats.records_already_present)
@@ -1154,7 +1184,15 @@ def backfill_metrics(stats: BackfillStats) -> list[Any]:
         wait.add_metric([path], s)
     parts = gauge("backfill_partitions", "okx.gaps partitions assigned to this worker")
     parts.add_metric([], stats.partitions)
-    return [gaps, failed, pending, records, dup, req, wait, parts]
+    backlog = gauge("backfill_backlog_gaps", "okx.gaps records on this worker's partitions not yet done "
+                                             "(consumer lag plus the running batch)")
+    if stats.backlog is not None:
+        backlog.add_metric([], stats.backlog)
+    oldest = gauge("backfill_oldest_pending_gap_age_seconds",
+                   "Age of the oldest gap in the running batch since it was detected (0 when idle)")
+    detected = stats.oldest_pending_detected_ns
+    oldest.add_metric([], 0.0 if detected is None else max(0.0, (time.time_ns() - detected) / 1e9))
+    return [received, gaps, failed, pending, records, dup, req, wait, parts, backlog, oldest]
 
 
 # ---------------------------------------------------------------------------------------- range backfill

@@ -81,6 +81,12 @@ class Outlet(Protocol):
     async def put_many(self, records: Sequence[EncodedRecord]) -> None: ...
 
 
+class LatencyMarker(Protocol):
+    """Samples receive -> ack latency (obs/metrics.AckLatency): `mark` a record with a receive time."""
+
+    def mark(self, record: object, recv_ts_ns: int) -> None: ...
+
+
 @dataclass
 class PipelineStats:
     """Counters for metrics and tests; plain ints so the hot path pays nothing for them."""
@@ -204,6 +210,7 @@ class Pipeline:
         publish_raw: bool = True,
         max_record_bytes: int = 1_000_000,
         now_ns: Callable[[], int] = time.time_ns,
+        latency: LatencyMarker | None = None,
     ) -> None:
         self.inbox = inbox
         self._outlet = outlet
@@ -231,6 +238,9 @@ class Pipeline:
         self._private_last_ns: dict[str, int] = {}
         self._started_ns = now_ns()
         self._reconcile_seq = 0
+        self._latency = latency
+        #: Local receive time (ns) of each stream's last data push, for staleness metrics.
+        self.stream_last_ns: dict[SubArg, int] = {}
 
     # ---- driving ------------------------------------------------------------------------------------
 
@@ -306,6 +316,10 @@ class Pipeline:
                 records[rec.TOPIC.value] += 1
                 encoded.append(enc)
             out.clear()
+            if self._latency is not None:
+                first = next((i for i in items if isinstance(i, InboundFrame)), None)
+                if first is not None:
+                    self._latency.mark(encoded[-1], first.recv_ts_ns)
             self._putting.clear()
             try:
                 await self._outlet.put_many(encoded)
@@ -375,12 +389,15 @@ class Pipeline:
             self._private_last_ns[frame.conn] = frame.recv_ts_ns  # where a hole in its streams would begin
         result = normalize(frame)
         if isinstance(result, TradePush):
+            self.stream_last_ns[result.arg] = frame.recv_ts_ns
             self._trades(frame, result)
         elif isinstance(result, BookPush):
+            self.stream_last_ns[result.arg] = frame.recv_ts_ns
             for rec in result.records:
                 pos = Position(rec.ts, None, rec.seq_id)
                 self._offer(result.arg, frame, pos, (rec,), snapshot=rec.action is BookAction.SNAPSHOT)
         elif isinstance(result, RecordPush):
+            self.stream_last_ns[result.arg] = frame.recv_ts_ns
             if result.records:
                 ts = max(r.ts for r in result.records)
                 self._offer(result.arg, frame, Position(ts, None, None), result.records)
