@@ -1,4 +1,4 @@
-"""Entry point `okx-ingest`: run, demo, simulate, backfill, check.
+"""Entry point `okx-ingest`: run, demo, simulate, backfill, check, replay.
 
 Imports are deferred to the chosen command so `okx-ingest --help` and the simulator start fast and a
 broken optional part cannot stop an unrelated command.
@@ -93,6 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     compact = ar_sub.add_parser("compact", help="merge each partition's small files of one date")
     compact.add_argument("--config", type=Path, default=None, dest="sub_config")
     compact.add_argument("--date", required=True, help="YYYY-MM-DD")
+
+    from ingest.replay_cli import add_arguments as replay_arguments
+
+    replay_arguments(sub.add_parser("replay", help="replay a window from Kafka or the archive (docs/REPLAY.md)"))
     _user_help(p)
     return p
 
@@ -224,6 +228,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(run_worker(settings))
         if args.command == "tail":
             return _run(_tail(settings, args))
+        if args.command == "replay":
+            from ingest.replay_cli import run as run_replay
+
+            return run_replay(args, settings)
     except IngestError as exc:
         print(f"okx-ingest: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,384 @@
+"""Replay recorded OKX streams for backtests: one API over Kafka and the archive (docs/REPLAY.md).
+
+    from ingest.replay import replay
+    for item in replay("kafka://127.0.0.1:9092", "2026-12-01T10:00Z", "2026-12-01T11:00Z",
+                       instruments=["BTC-USDT"], book_snapshots=(10, 1000)):
+        ...
+
+Items are the normalized records (`Trade`, `BookUpdate`, `Ticker`, ...), `GapEvent`s (latest revision, at their
+position) and computed `BookSnapshot`s, in the total order of `ingest.core.replay`. `.batches()` gives the same
+stream as Arrow record batches. Kafka and the archive give the same items for the same window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Callable, Coroutine, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeVar
+
+import pyarrow as pa
+
+from ingest.config import KafkaSettings, Settings
+from ingest.core.records import BookAction, BookUpdate, GapEvent, GapStatus, OkxRecord, Record, Source, TopicKind
+from ingest.core.replay import (
+    BookSnapshot,
+    BookSnapshots,
+    Entry,
+    Item,
+    View,
+    gap_entries,
+    gap_position_ts,
+    replay_items,
+)
+from ingest.errors import IngestError
+from ingest.okx.channels import BOOK_CHANNELS, INCREMENTAL_BOOK_CHANNELS, endpoint_for, is_candle
+from ingest.replay._archive import ArchiveSource
+from ingest.replay._kafka import KafkaReader, SourceError
+
+__all__ = [
+    "BookSnapshot",
+    "BookSnapshots",
+    "GapEvent",
+    "Item",
+    "Replay",
+    "ReplayError",
+    "SourceError",
+    "View",
+    "kinds_for_channels",
+    "parse_time",
+    "replay",
+]
+
+T = TypeVar("T")
+
+#: First lookback for a book's last snapshot or checkpoint before `start` (two checkpoint intervals).
+BOOK_LOOKBACK_MS = 120_000
+#: Longest lookback: a book with no snapshot or checkpoint in the day before `start` starts invalid.
+BOOK_LOOKBACK_MAX_MS = 86_400_000
+
+
+class ReplayError(IngestError):
+    """A replay request that cannot be served as asked (bad window, unknown instrument or channel)."""
+
+
+def parse_time(value: int | str | datetime) -> int:
+    """Epoch ms of an int (ms), a datetime (naive = UTC) or an ISO-8601 text (UTC when no zone is given)."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise ReplayError(f"not an ISO-8601 time: {value!r} (e.g. 2026-12-01T10:00:00Z)") from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return int(value.timestamp() * 1000)
+
+
+_CHANNEL_KIND: dict[str, TopicKind] = {
+    "trades": TopicKind.TRADES, "trades-all": TopicKind.TRADES, "tickers": TopicKind.TICKERS,
+    "mark-price": TopicKind.MARK_PRICES, "index-tickers": TopicKind.INDEX_TICKERS,
+    "funding-rate": TopicKind.FUNDING_RATES, "open-interest": TopicKind.OPEN_INTEREST,
+    "liquidation-orders": TopicKind.LIQUIDATIONS, "price-limit": TopicKind.PRICE_LIMITS,
+    "instruments": TopicKind.INSTRUMENTS, "orders": TopicKind.ORDERS, "fills": TopicKind.FILLS,
+    "positions": TopicKind.POSITIONS, "account": TopicKind.BALANCES, "orders-algo": TopicKind.ALGO_ORDERS,
+    **dict.fromkeys(BOOK_CHANNELS, TopicKind.BOOKS),
+}
+#: The topics that hold records of a channel (everything but gaps, dead letters and raw frames).
+DATA_KINDS: tuple[TopicKind, ...] = tuple(k for k in TopicKind if k not in (TopicKind.GAPS, TopicKind.DLQ,
+                                                                            TopicKind.RAW))
+
+
+def kinds_for_channels(channels: Iterable[str] | None) -> tuple[TopicKind, ...]:
+    """The topics to read for `channels` (all data topics when None); unknown channels raise ReplayError."""
+    if channels is None:
+        return DATA_KINDS
+    kinds: list[TopicKind] = []
+    for channel in channels:
+        kind = TopicKind.CANDLES if is_candle(channel) else _CHANNEL_KIND.get(channel)
+        if channel == "balance_and_position":
+            kinds += [TopicKind.BALANCES, TopicKind.POSITIONS]
+            continue
+        if kind is None:
+            known = "unknown OKX channel" if endpoint_for(channel) is None else "a channel replay does not record"
+            raise ReplayError(f"--channel {channel!r}: {known}; e.g. trades, books, tickers, candle1m")
+        kinds.append(kind)
+    return tuple(dict.fromkeys(kinds))
+
+
+class _Reader(Protocol):
+    name: str
+
+    def gaps(self, instruments: frozenset[str] | None) -> list[tuple[GapEvent, str, int, int]]: ...
+
+    def read(self, kind: TopicKind, lo: int, hi: int, horizon: int, keep: Callable[[Record], bool],
+             instruments: frozenset[str] | None) -> tuple[list[list[Entry]], bool]: ...
+
+    def problems(self) -> list[GapEvent]: ...
+
+    def instruments(self) -> set[str] | None: ...
+
+
+def _in_thread(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on a private event loop: the API is synchronous and may be called inside a loop."""
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="replay-kafka") as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+class _KafkaReader:
+    def __init__(self, kafka: KafkaSettings, bootstrap: str | None, exact_decimals: bool = False) -> None:
+        self._reader = KafkaReader(kafka, bootstrap, exact_decimals=exact_decimals)
+        self.name = f"kafka://{self._reader.bootstrap}"
+        self._topics: set[str] | None = None
+
+    def _has(self, kind: TopicKind) -> bool:
+        if self._topics is None:
+            self._topics = _in_thread(self._reader.topics())
+        return self._reader.topic(kind) in self._topics
+
+    def gaps(self, instruments: frozenset[str] | None) -> list[tuple[GapEvent, str, int, int]]:
+        if not self._has(TopicKind.GAPS):
+            return []
+        return [g for g in _in_thread(self._reader.read_gaps()) if instruments is None or g[0].inst_id in instruments]
+
+    def read(self, kind: TopicKind, lo: int, hi: int, horizon: int, keep: Callable[[Record], bool],
+             instruments: frozenset[str] | None) -> tuple[list[list[Entry]], bool]:
+        if not self._has(kind):
+            return [], True
+        return _in_thread(self._reader.read(kind, lo, hi, horizon, keep))
+
+    def problems(self) -> list[GapEvent]:
+        return []
+
+    def instruments(self) -> set[str] | None:
+        return None
+
+
+class _ArchiveReader:
+    def __init__(self, root: str | Path, lenient: bool, settings: Settings | None, window: tuple[int, int]) -> None:
+        archive = (settings or Settings()).archive
+        self._source = ArchiveSource(root, lenient=lenient, endpoint_override=archive.s3_endpoint_override,
+                                     region=archive.s3_region)
+        self._source.window = window
+        self.name = self._source.name
+
+    @property
+    def source(self) -> ArchiveSource:
+        return self._source
+
+    def gaps(self, instruments: frozenset[str] | None) -> list[tuple[GapEvent, str, int, int]]:
+        return self._source.read_gaps(instruments)
+
+    def read(self, kind: TopicKind, lo: int, hi: int, horizon: int, keep: Callable[[Record], bool],
+             instruments: frozenset[str] | None) -> tuple[list[list[Entry]], bool]:
+        return self._source.read(kind, lo, hi, horizon, keep, instruments)
+
+    def problems(self) -> list[GapEvent]:
+        return list(self._source.problems)
+
+    def instruments(self) -> set[str] | None:
+        return {i for kind in self._source.kinds() if kind is not TopicKind.GAPS
+                for i in self._source.instruments(kind)}
+
+
+def _open(source: str | Path | Settings, settings: Settings | None, lenient: bool, exact: bool,
+          window: tuple[int, int]) -> _Reader:
+    if isinstance(source, Settings):
+        return _KafkaReader(source.kafka, None, exact)
+    text = str(source)
+    if text == "kafka" or text.startswith("kafka://"):
+        kafka = (settings or Settings()).kafka
+        return _KafkaReader(kafka, text[len("kafka://"):] or None if text != "kafka" else None, exact)
+    return _ArchiveReader(source, lenient, settings, window)
+
+
+@dataclass
+class ReplayStats:
+    """What a finished iteration yielded (the CLI's summary line)."""
+
+    items: int = 0
+    gaps: int = 0
+    snapshots: int = 0
+    first_ts: int | None = None
+    last_ts: int | None = None
+    by_type: dict[str, int] = field(default_factory=dict)
+
+
+class Replay:
+    """An iterable replay of one window; each iteration reads the source again (identically)."""
+
+    def __init__(self, source: str | Path | Settings, start: int, end: int, *, instruments: frozenset[str] | None,
+                 channels: frozenset[str] | None, view: View, book_snapshots: BookSnapshots | None,
+                 settings: Settings | None, lenient: bool, initial_books: bool, exact_decimals: bool) -> None:
+        if start >= end:
+            raise ReplayError(f"the window is empty: --from {_iso(start)} is not before --to {_iso(end)}")
+        self.kinds = kinds_for_channels(channels)
+        self.start, self.end = start, end
+        self.instruments, self.channels, self.view = instruments, channels, view
+        self.book_snapshots = book_snapshots
+        self.initial_books = initial_books
+        self._reader = _open(source, settings, lenient, exact_decimals, (start, end))
+        self.source_name = self._reader.name
+        self.stats = ReplayStats()
+        self.problems: list[GapEvent] = []
+
+    def _keep(self, record: Record) -> bool:
+        if isinstance(record, OkxRecord):
+            if self.instruments is not None and record.inst_id not in self.instruments:
+                return False
+            if self.channels is not None and record.channel not in self.channels:
+                return False
+            return not (self.view is View.RECORDED and record.source is Source.REST)
+        return True
+
+    def _book_streams(self, warm: list[list[Entry]], window: list[list[Entry]]) -> bool:
+        """True when every incremental book stream seen has a snapshot or checkpoint before its first window
+        record (or starts with one), so rebuilding from what was read gives valid books from `start`."""
+        synced: dict[tuple[str, str | None], bool] = {}
+        for stream in (*warm, *window):
+            for (ts, *_), rec in stream:
+                if not isinstance(rec, BookUpdate) or rec.channel not in INCREMENTAL_BOOK_CHANNELS:
+                    continue
+                key = (rec.channel, rec.inst_id)
+                resets = rec.source is Source.WS and str(rec.action) in (BookAction.SNAPSHOT, "checkpoint")
+                if ts < self.start:
+                    synced[key] = synced.get(key, False) or resets
+                elif key not in synced:
+                    synced[key] = resets
+        return all(synced.values())
+
+    def _load(self) -> tuple[list[list[Entry]], list[Entry]]:
+        raw_gaps = self._reader.gaps(self.instruments)
+        if self.channels is not None:
+            raw_gaps = [g for g in raw_gaps if g[0].channel in self.channels]
+        # Backfilled records for the window were written when their gap was filled: read until then.
+        horizon = self.end
+        for gap, *_ in raw_gaps:
+            if gap.status in (GapStatus.FILLED, GapStatus.PARTIAL) and gap_position_ts(gap) < self.end:
+                horizon = max(horizon, (gap.updated_ts_ns or gap.detected_ts_ns) // 1_000_000)
+        streams: list[list[Entry]] = []
+        for kind in self.kinds:
+            window, _ = self._reader.read(kind, self.start, self.end, horizon, self._keep, self.instruments)
+            streams += window
+            if kind is TopicKind.BOOKS and (self.book_snapshots is not None or self.initial_books):
+                streams += self._warmup(window)
+        self.problems = self._reader.problems()
+        self._check_instruments(streams)
+        gaps = gap_entries([*raw_gaps, *((p, "_archive", 0, i) for i, p in enumerate(self.problems))],
+                           self.start, self.end)
+        return streams, gaps
+
+    def _check_instruments(self, streams: list[list[Entry]]) -> None:
+        """An instrument the source never recorded is an error (a typo must not look like a quiet market)."""
+        if self.instruments is None:
+            return
+        known = self._reader.instruments()
+        if known is None:  # Kafka: what the window holds is what we know
+            known = {rec.inst_id for stream in streams for _, rec in stream
+                     if isinstance(rec, OkxRecord) and rec.inst_id is not None}
+            if not known:
+                return  # no data at all: the caller says so
+        missing = sorted(i for i in self.instruments if i not in known)
+        if missing:
+            have = ", ".join(sorted(i for i in known if i)[:20]) or "none"
+            raise ReplayError(f"unknown instrument {', '.join(missing)}: {self.source_name} has no record of it "
+                              f"between {_iso(self.start)} and {_iso(self.end)} (it has {have})")
+
+    def _warmup(self, window: list[list[Entry]]) -> list[list[Entry]]:
+        """Book records before `start`, back to each book's last snapshot or checkpoint (doubling lookback)."""
+        warm: list[list[Entry]] = []
+        hi, lookback = self.start, BOOK_LOOKBACK_MS
+        while True:
+            lo = self.start - lookback
+            chunk, at_begin = self._reader.read(TopicKind.BOOKS, lo, hi, hi, self._keep, self.instruments)
+            warm += chunk
+            if at_begin or lookback >= BOOK_LOOKBACK_MAX_MS or self._book_streams(warm, window):
+                return warm
+            hi, lookback = lo, lookback * 2
+
+    def __iter__(self) -> Iterator[Item]:
+        streams, gaps = self._load()
+        stats = self.stats = ReplayStats()
+        # The sources and _load filtered instruments and channels already, so archive problems (gaps named
+        # after a dataset, not a channel) pass.
+        for item in replay_items(streams, gaps, start=self.start, end=self.end, view=self.view,
+                                 book_snapshots=self.book_snapshots, initial_books=self.initial_books):
+            stats.items += 1
+            ts = gap_position_ts(item) if isinstance(item, GapEvent) else item.ts
+            if isinstance(item, GapEvent):
+                stats.gaps += 1
+            elif isinstance(item, BookSnapshot):
+                stats.snapshots += 1
+            if stats.first_ts is None:
+                stats.first_ts = ts
+            stats.last_ts = ts
+            yield item
+
+    def batches(self, batch_size: int = 65_536) -> Iterator[pa.RecordBatch]:
+        """The same stream as Arrow record batches of the flat row schema (docs/REPLAY.md, "Formats").
+
+        From an archive, for trades and books without computed books, the rows come straight from the files'
+        columns (ingest/replay/_arrow.py); otherwise from the items.
+        """
+        from ingest.replay.formats import arrow_batches
+
+        if isinstance(self._reader, _ArchiveReader) and self.book_snapshots is None and not self.initial_books:
+            from ingest.replay._arrow import fast_batches
+
+            self._check_instruments([])
+            fast = fast_batches(self._reader.source, self.kinds, self.start, self.end, self.view,
+                                self.instruments, self.channels, self._gap_entries, batch_size)
+            if fast is not None:
+                return fast
+        return arrow_batches(iter(self), batch_size)
+
+    def _gap_entries(self) -> list[Entry]:
+        raw_gaps = self._reader.gaps(self.instruments)
+        if self.channels is not None:
+            raw_gaps = [g for g in raw_gaps if g[0].channel in self.channels]
+        self.problems = self._reader.problems()
+        return gap_entries([*raw_gaps, *((p, "_archive", 0, i) for i, p in enumerate(self.problems))],
+                           self.start, self.end)
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat().replace("+00:00", "Z")
+
+
+def replay(
+    source: str | Path | Settings,
+    start: int | str | datetime,
+    end: int | str | datetime,
+    *,
+    instruments: Iterable[str] | None = None,
+    channels: Iterable[str] | None = None,
+    view: View | Literal["repaired", "recorded"] = "repaired",
+    book_snapshots: BookSnapshots | tuple[int, int] | None = None,
+    settings: Settings | None = None,
+    lenient: bool = False,
+    initial_books: bool = False,
+    exact_decimals: bool = False,
+) -> Replay:
+    """A replay of [start, end) (docs/REPLAY.md).
+
+    `source`: `"kafka"` (the Kafka settings of `settings`), `"kafka://HOST:PORT"` (those settings with another
+    bootstrap address), a `Settings`, or an archive root (a path or `s3://bucket/prefix`). `book_snapshots`:
+    `(depth, interval_ms)`. `lenient`: an unreadable archive file becomes a gap item instead of an error.
+    `initial_books`: first yield every book valid at `start` in full. `exact_decimals`: keep OKX's strings
+    from Kafka ("100.50") instead of the canonical rendering both sources share ("100.5"); the archive
+    stores decimal values, so it always renders canonically.
+    """
+    snaps = BookSnapshots(*book_snapshots) if isinstance(book_snapshots, tuple) else book_snapshots
+    try:
+        the_view = View(view)
+    except ValueError:
+        raise ReplayError(f"view {view!r}: expected repaired or recorded") from None
+    return Replay(source, parse_time(start), parse_time(end),
+                  instruments=frozenset(instruments) if instruments is not None else None,
+                  channels=frozenset(channels) if channels is not None else None, view=the_view,
+                  book_snapshots=snaps, settings=settings, lenient=lenient, initial_books=initial_books,
+                  exact_decimals=exact_decimals)

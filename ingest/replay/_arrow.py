@@ -1,0 +1,205 @@
+"""`.batches()` straight from the archive's columns, for trades and books: no record is ever built.
+
+The item path decodes every row into a Struct (`archive_schema.table_to_records`), which caps it near 30,000
+rows/s. Here the same flat rows (ingest/replay/formats.py) come from Arrow compute: filter by window, channel
+and view, dedupe by recordId and natural key (first in the order wins, as in `core/replay.py`), canonical
+decimal text, one sort over (ts, recvTsNs, topic, partition, offset, level). Gap items are few and come from
+the item path's own rendering. Used when the replay asks for nothing the item path alone computes (no book
+snapshots, no initial books) and reads only trades and books; tests prove the output equals the item path's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ingest.core.records import GapEvent, GapStatus, TopicKind
+from ingest.core.replay import Entry, View
+from ingest.replay._archive import ArchiveSource
+from ingest.replay.formats import FLAT_SCHEMA, flat_rows
+
+FAST_KINDS = frozenset({TopicKind.TRADES, TopicKind.BOOKS})
+_SORT = ["_sts", "_srecv", "_topic", "_partition", "_offset", "_row"]
+
+
+def _canonical(arr: pa.ChunkedArray) -> pa.ChunkedArray:
+    """archive_schema.render_decimal, vectorized: a decimal128(38, 18) casts to text with all 18 fractional
+    digits ("100.500000000000000000"), so trimming zeros then the point is exact; zero casts as "0E-18"."""
+    text = pc.utf8_rtrim(pc.utf8_rtrim(arr.cast(pa.string()), characters="0"), characters=".")
+    return pc.if_else(pc.equal(arr, pa.scalar(0, arr.type)), "0", text)
+
+
+def _json_str(arr: pa.ChunkedArray) -> pa.ChunkedArray:
+    """JSON text of a string column (null -> null); the caller checks there is nothing to escape."""
+    quoted = pc.binary_join_element_wise(pa.scalar('"'), arr.cast(pa.string()), pa.scalar('"'), "")
+    return pc.fill_null(quoted, "null")
+
+
+def _dedupe(table: pa.Table, keys: list[str]) -> pa.Table:
+    """Keep the first row (lowest `_idx`) of each group of `keys` (rows already in the total order)."""
+    firsts = table.group_by(keys, use_threads=False).aggregate([("_idx", "min")]).column("_idx_min")
+    return table.filter(pc.is_in(table.column("_idx"), value_set=firsts))
+
+
+def _read(src: ArchiveSource, kind: TopicKind, lo: int, hi: int, instruments: frozenset[str] | None,
+          channels: frozenset[str] | None, view: View) -> pa.Table | None:
+    tables = []
+    for path in src._files(kind, lambda d: d >= _date(lo) and d <= _date(hi - 1), instruments):
+        t = src._table(path, kind, lo, hi)
+        if t is not None and t.num_rows:
+            tables.append(t)
+    if not tables:
+        return None
+    table = pa.concat_tables(tables, promote_options="default")
+    if channels is not None:
+        table = table.filter(pc.is_in(table.column("channel"), value_set=pa.array(sorted(channels))))
+    if view is View.RECORDED:
+        table = table.filter(pc.equal(table.column("source"), "ws"))
+    return table
+
+
+def _date(ms: int) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).date().isoformat()
+
+
+def _common(table: pa.Table, kind_name: str) -> dict[str, pa.ChunkedArray | pa.Array]:
+    n = table.num_rows
+    return {
+        "type": pa.array([kind_name] * n, pa.string()) if n else pa.array([], pa.string()),
+        "channel": table.column("channel"), "instId": table.column("instId"),
+        "ts": table.column("ts").cast(pa.int64()), "recvTsNs": table.column("recvTsNs").cast(pa.int64()),
+        "source": table.column("source"),
+    }
+
+
+def _trades(table: pa.Table) -> pa.Table | None:
+    for name in ("count", "okxSource"):
+        col = table.column(name)
+        if pc.any(pc.match_substring_regex(pc.fill_null(col, ""), r'["\\\x00-\x1f]')).as_py():
+            return None  # text JSON must escape: leave it to the item path
+    if _has_extra(table):
+        return None
+    cols = _common(table, "trade")
+    n = table.num_rows
+    extra = pc.binary_join_element_wise('{"count":', _json_str(table.column("count")), ',"okxSource":',
+                                        _json_str(table.column("okxSource")), ',"extra":{}}', "")
+    out = pa.table({
+        **cols, "action": pa.nulls(n, pa.string()), "seqId": table.column("seqId"),
+        "prevSeqId": pa.nulls(n, pa.int64()), "id": table.column("tradeId"), "side": table.column("side"),
+        "level": pa.nulls(n, pa.int32()), "px": _canonical(table.column("px")), "sz": _canonical(table.column("sz")),
+        "extra": extra,
+        "_sts": cols["ts"], "_srecv": cols["recvTsNs"],
+        "_topic": table.column("_topic"), "_partition": table.column("_partition"),
+        "_offset": table.column("_offset"), "_row": pa.array(np.zeros(n, np.int64)),
+        "_rid": table.column("recordId"), "_nk": table.column("tradeId"),
+    })
+    return out
+
+
+def _has_extra(table: pa.Table) -> bool:
+    # A map array's offsets say how many pairs each row has: any pair at all means some row has extras.
+    return any(len(chunk.keys) for chunk in table.column("extra").chunks)
+
+
+def _books(table: pa.Table) -> pa.Table | None:
+    if _has_extra(table):
+        return None
+    n = table.num_rows
+    side = table.column("side")
+    # Rows of one record are contiguous (asks, then bids); the item path lists bids first, each side in order.
+    offsets = np.asarray(table.column("_offset").cast(pa.int64()))
+    parts = np.asarray(table.column("_partition").cast(pa.int64()))
+    side_code = np.asarray(pc.fill_null(pc.if_else(pc.equal(side, "ask"), 1, 0), 0).cast(pa.int64()))
+    key = np.stack([parts, offsets, side_code])
+    starts = np.ones(n, bool)
+    if n > 1:
+        starts[1:] = np.any(key[:, 1:] != key[:, :-1], axis=0)
+    idx = np.arange(n)
+    run_start = np.maximum.accumulate(np.where(starts, idx, 0))
+    level = idx - run_start
+    level_col = pa.array(level.astype(np.int32))
+    level_col = pc.if_else(pc.is_null(side), pa.nulls(n, pa.int32()), level_col)
+    checksum = table.column("checksum")
+    extra = pc.binary_join_element_wise('{"checksum":', checksum.cast(pa.string()), "}", "")
+    action = table.column("action")
+    common = _common(table, "book_change")
+    out = pa.table({
+        **common, "_sts": common["ts"], "_srecv": common["recvTsNs"], "action": action, "seqId": table.column("seqId"),
+        "prevSeqId": table.column("prevSeqId"), "id": table.column("recordId"), "side": pc.if_else(
+            pc.equal(side, "ask"), "ask", pc.if_else(pc.equal(side, "bid"), "bid", pa.nulls(n, pa.string()))),
+        "level": level_col, "px": _canonical(table.column("px")), "sz": _canonical(table.column("sz")),
+        "extra": extra,
+        "_topic": table.column("_topic"), "_partition": table.column("_partition"),
+        "_offset": table.column("_offset"), "_row": pa.array(side_code * 1_000_000 + level),
+        "_rid": table.column("recordId"),
+        "_nk": pc.binary_join_element_wise(table.column("seqId").cast(pa.string()), action, ":"),
+    })
+    return out
+
+
+def fast_batches(src: ArchiveSource, kinds: tuple[TopicKind, ...], start: int, end: int, view: View,
+                 instruments: frozenset[str] | None, channels: frozenset[str] | None,
+                 gaps: Callable[[], list[Entry]], batch_size: int) -> Iterator[pa.RecordBatch] | None:
+    """The flat batches of the window, or None when this path cannot give exactly the item path's rows."""
+    kinds = tuple(k for k in kinds if k in src.kinds())  # datasets the archive does not have add nothing
+    if not set(kinds) <= FAST_KINDS:
+        return None
+    parts = []
+    for kind in kinds:
+        table = _read(src, kind, start, end, instruments, channels, view)
+        if table is None:
+            continue
+        flat = _trades(table) if kind is TopicKind.TRADES else _books(table)
+        if flat is None:
+            return None
+        parts.append(flat)
+    gap_rows = []
+    for (ts, recv, topic, part, off), gap in gaps():  # after the reads: unreadable files are gaps too
+        assert isinstance(gap, GapEvent)
+        if view is View.REPAIRED and gap.status is GapStatus.FILLED:
+            continue
+        for row in flat_rows(gap):
+            gap_rows.append((*row, ts, recv, topic, part, off, 0, f"gap:{gap.gap_id}", None))
+    if gap_rows:
+        cols = list(zip(*gap_rows, strict=True))
+        names = [*FLAT_SCHEMA.names, "_sts", "_srecv", "_topic", "_partition", "_offset", "_row", "_rid", "_nk"]
+        kinds_of = {f.name: f.type for f in FLAT_SCHEMA}
+        parts.append(pa.table({name: pa.array(col, type=kinds_of.get(name)) for name, col in
+                               zip(names, cols, strict=True)}))
+    if not parts:
+        return iter(())
+    types = {f.name: f.type for f in FLAT_SCHEMA}
+    types.update({"_sts": pa.int64(), "_srecv": pa.int64(), "_topic": pa.string(), "_partition": pa.int64(),
+                  "_offset": pa.int64(), "_row": pa.int64(),
+                  "_rid": pa.string(), "_nk": pa.string()})
+    parts = [p.select(list(types)).cast(pa.schema([pa.field(k, v) for k, v in types.items()])) for p in parts]
+    table = pa.concat_tables(parts).sort_by([(c, "ascending") for c in _SORT])
+    table = table.append_column("_idx", pa.array(np.arange(table.num_rows)))
+    table = _dedupe_records(table, view)
+    flat = table.select(FLAT_SCHEMA.names).cast(FLAT_SCHEMA)
+    batches: list[pa.RecordBatch] = flat.to_batches(max_chunksize=batch_size)
+    return iter(batches)
+
+
+def _dedupe_records(table: pa.Table, view: View) -> pa.Table:
+    """Whole records (all their level rows) that repeat an earlier one's recordId, or in the repaired view
+    its natural key, at the same exchange ts, are dropped."""
+    # One int64 per record: topic number, partition, offset (offsets stay far below 2**40).
+    topics = pc.unique(table.column("_topic"))
+    coord = pc.add(pc.add(pc.multiply(pc.index_in(table.column("_topic"), value_set=topics).cast(pa.int64()),
+                                      1 << 56),
+                          pc.multiply(table.column("_partition"), 1 << 40)), table.column("_offset"))
+    table = table.append_column("_coord", coord)
+    heads = _dedupe(table, ["_coord"])  # one row per record: its first in the order
+    keep = _dedupe(heads, ["ts", "_rid"])
+    if view is View.REPAIRED:
+        nk = pc.binary_join_element_wise(keep.column("type"), keep.column("channel"), keep.column("instId"),
+                                         pc.fill_null(keep.column("_nk"), keep.column("_coord").cast(pa.string())), "|")
+        keep = _dedupe(keep.append_column("_nkey", nk), ["ts", "_nkey"])
+    survivors = pc.is_in(table.column("_coord"), value_set=keep.column("_coord"))
+    return table.filter(survivors)

@@ -1,0 +1,246 @@
+"""Replay's Kafka source: reads a window of the data topics and okx.gaps with a group-less consumer.
+
+Seeking by time does not trust the broker's timestamp index: a broker may answer every ListOffsets time
+lookup with offset 0 (the embedded test broker does), so an answer is accepted only if the records around it
+prove it (the record at it is at or after the time, the one before it is not); otherwise the offset is found by
+binary search on the records' own timestamps. A partition's reported end may lag its last batch (the embedded
+broker reports the last batch's first offset + 1), so a partition is read until a fetch past the end is empty.
+
+Reading stops early, before the end of a partition, once its records are past `horizon`: the window's end,
+or later when a backfill wrote records for the window afterwards (their Kafka timestamps are their exchange
+ts, but they sit at offsets written at fill time), plus `reorder_margin_ms` for records that reached one
+partition slightly out of exchange-time order. Replay never writes: the consumer has no group and no commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
+from aiokafka.structs import TopicPartition
+
+from ingest.config import KafkaSettings
+from ingest.core.avro import DecodeError, decode
+from ingest.core.records import GapEvent, OkxRecord, Record, TopicKind, topic_name
+from ingest.core.replay import Entry, canonical, sort_key
+from ingest.errors import ConfigError, IngestError
+from ingest.io.kafka_security import kafka_client_kwargs
+
+#: How far out of exchange-time order records of one partition may be (Kafka seeks and stops use it).
+REORDER_MARGIN_MS = 60_000
+
+
+class SourceError(IngestError):
+    """The replay source cannot be read (unreachable broker, unreadable archive file)."""
+
+
+def client_kwargs(kafka: KafkaSettings, bootstrap: str | None = None) -> dict[str, Any]:
+    """Consumer connection options from the services' Kafka settings: the same security (TLS, mutual TLS,
+    SASL with secrets from the credential store) as every other service, under replay's client id."""
+    servers = bootstrap or kafka.bootstrap_servers
+    if servers == "embedded":
+        raise ConfigError("kafka.bootstrap_servers", "is 'embedded': replay reads an existing cluster",
+                          "pass --source kafka://HOST:PORT or set kafka.bootstrap_servers")
+    return kafka_client_kwargs(kafka, bootstrap_servers=servers, client_id=f"{kafka.client_id}-replay")
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """The first record at or after an offset: its offset and Kafka timestamp (None past the end)."""
+
+    offset: int
+    ts: int | None
+
+
+class KafkaReader:
+    """Async reads of one cluster; `KafkaSource` runs them on a private event loop thread."""
+
+    def __init__(self, kafka: KafkaSettings, bootstrap: str | None, *, timeout_s: float | None = None,
+                 exact_decimals: bool = False) -> None:
+        self._exact = exact_decimals
+        self._kwargs = client_kwargs(kafka, bootstrap)
+        self._prefix = kafka.topic_prefix
+        # Connecting, and any read that stops making progress, gets this long (at least 30 s).
+        self._timeout_s = timeout_s if timeout_s is not None else max(30.0, kafka.request_timeout_ms / 1000)
+        self.bootstrap = self._kwargs["bootstrap_servers"]
+
+    def topic(self, kind: TopicKind) -> str:
+        return topic_name(self._prefix, kind)
+
+    async def _consumer(self) -> AIOKafkaConsumer:
+        # A short fetch wait: a replay reads to the end of partitions, where the broker would otherwise hold
+        # every empty fetch for the default 500 ms.
+        consumer = AIOKafkaConsumer(**self._kwargs, group_id=None, enable_auto_commit=False,
+                                    auto_offset_reset="earliest", fetch_max_wait_ms=50)
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await consumer.start()
+        except (KafkaError, OSError, TimeoutError) as exc:
+            await consumer.stop()
+            raise SourceError(f"Kafka at {self.bootstrap} is unreachable ({type(exc).__name__}: {exc}); "
+                              "check --source / kafka.bootstrap_servers") from None
+        return consumer
+
+    async def topics(self) -> set[str]:
+        consumer = await self._consumer()
+        try:
+            return set(await consumer.topics())
+        finally:
+            await consumer.stop()
+
+    async def read(self, kind: TopicKind, lo: int, hi: int, horizon: int,
+                   keep: Callable[[Record], bool]) -> tuple[list[list[Entry]], bool]:
+        """Sorted entries of `kind` with lo <= ts < hi, one list per partition; and whether `lo` reached
+        back to the start of every partition (nothing older exists)."""
+        topic = self.topic(kind)
+        consumer = await self._consumer()
+        try:
+            # No overall deadline (a long window takes long): each wait has its own bound (metadata requests by
+            # request_timeout_ms, reads by their progress deadline).
+            parts = consumer.partitions_for_topic(topic)
+            if not parts:
+                return [], True
+            tps = [TopicPartition(topic, p) for p in sorted(parts)]
+            consumer.assign(tps)
+            begins = await consumer.beginning_offsets(tps)
+            ends = await consumer.end_offsets(tps)
+            out: list[list[Entry]] = []
+            at_begin = True
+            for tp in tps:
+                first = await self._seek_time(consumer, tp, lo - REORDER_MARGIN_MS, begins[tp], ends[tp])
+                at_begin = at_begin and first <= begins[tp]
+                entries = await self._scan(consumer, tp, first, ends[tp], lo, hi, horizon, keep)
+                entries.sort(key=lambda e: e[0])
+                out.append(entries)
+            return out, at_begin
+        except TimeoutError:
+            raise SourceError(f"reading {topic} from {self.bootstrap} timed out") from None
+        except KafkaError as exc:
+            raise SourceError(f"reading {topic} from {self.bootstrap} failed: {exc}") from None
+        finally:
+            await consumer.stop()
+
+    async def read_gaps(self) -> list[tuple[GapEvent, str, int, int]]:
+        """Every gap revision in okx.gaps (small: one record per gap revision)."""
+        topic = self.topic(TopicKind.GAPS)
+        found: list[tuple[GapEvent, str, int, int]] = []
+
+        def keep(record: Record) -> bool:
+            return isinstance(record, GapEvent)
+
+        consumer = await self._consumer()
+        try:
+            async with asyncio.timeout(self._timeout_s * 10):
+                parts = consumer.partitions_for_topic(topic)
+                for p in sorted(parts or ()):
+                    tp = TopicPartition(topic, p)
+                    consumer.assign([tp])
+                    begin = (await consumer.beginning_offsets([tp]))[tp]
+                    end = (await consumer.end_offsets([tp]))[tp]
+                    for key, rec in await self._scan(consumer, tp, begin, end, -(1 << 62), 1 << 62, 1 << 62, keep):
+                        if isinstance(rec, GapEvent):
+                            found.append((rec, key[2], key[3], key[4]))
+        except TimeoutError:
+            raise SourceError(f"reading {topic} from {self.bootstrap} timed out") from None
+        except KafkaError as exc:
+            raise SourceError(f"reading {topic} from {self.bootstrap} failed: {exc}") from None
+        finally:
+            await consumer.stop()
+        return found
+
+    async def _probe(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> Probe:
+        consumer.seek(tp, offset)
+        batch = await consumer.getmany(tp, timeout_ms=300, max_records=1)
+        msgs = batch.get(tp) or []
+        if not msgs:
+            return Probe(offset, None)
+        return Probe(msgs[0].offset, int(msgs[0].timestamp))
+
+    async def _seek_time(self, consumer: AIOKafkaConsumer, tp: TopicPartition, ts: int, begin: int, end: int) -> int:
+        """The first offset whose record's timestamp is >= ts (timestamps are near-sorted in a partition)."""
+        if end <= begin:
+            return begin
+        try:
+            found = await consumer.offsets_for_times({tp: max(0, ts)})
+        except KafkaError:
+            found = {}
+        hit = found.get(tp)
+        if hit is not None and await self._proves(consumer, tp, hit.offset, ts, begin):
+            return int(hit.offset)
+        first = await self._probe(consumer, tp, begin)
+        if first.ts is not None and first.ts >= ts:  # the window reaches back before the partition's start
+            return begin
+        lo, hi = begin, end  # invariant: records before lo are < ts; the answer is <= hi
+        while lo < hi:
+            mid = (lo + hi) // 2
+            probe = await self._probe(consumer, tp, mid)
+            if probe.ts is None or probe.ts >= ts:
+                hi = mid
+            else:
+                lo = probe.offset + 1
+        if lo >= end:  # the reported end may lag the last batch: walk what follows it
+            return await self._walk(consumer, tp, max(begin, end - 1), ts)
+        return lo
+
+    async def _walk(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int, ts: int) -> int:
+        consumer.seek(tp, offset)
+        nxt = offset
+        while True:
+            batch = await consumer.getmany(tp, timeout_ms=200)
+            msgs = batch.get(tp) or []
+            if not msgs:
+                return nxt
+            for m in msgs:
+                if m.timestamp >= ts:
+                    return int(m.offset)
+                nxt = m.offset + 1
+
+    async def _proves(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int, ts: int, begin: int) -> bool:
+        at = await self._probe(consumer, tp, offset)
+        if at.ts is None or at.ts < ts:
+            return False
+        if offset <= begin:
+            return True
+        before = await self._probe(consumer, tp, offset - 1)
+        return before.ts is not None and before.ts < ts and before.offset < offset
+
+    async def _scan(self, consumer: AIOKafkaConsumer, tp: TopicPartition, first: int, end: int, lo: int, hi: int,
+                    horizon: int, keep: Callable[[Record], bool]) -> list[Entry]:
+        consumer.seek(tp, first)
+        out: list[Entry] = []
+        topic, part = tp.topic, tp.partition
+        stop = horizon + REORDER_MARGIN_MS
+        loop = asyncio.get_running_loop()
+        progress = loop.time()
+        while True:
+            batch = await consumer.getmany(tp, timeout_ms=100 if await consumer.position(tp) >= end else 2_000)
+            msgs = batch.get(tp) or []
+            if not msgs:
+                if await consumer.position(tp) >= end:
+                    return out
+                if loop.time() - progress > self._timeout_s:  # a broker that stopped answering, not a slow read
+                    raise SourceError(f"reading {topic}[{part}] from {self.bootstrap} made no progress for "
+                                      f"{self._timeout_s:.0f} s at offset {await consumer.position(tp)} of {end}")
+                continue
+            progress = loop.time()
+            for m in msgs:
+                if m.timestamp > stop:
+                    return out
+                if m.value is None:
+                    continue
+                headers = dict(m.headers)
+                schema = headers.get("schema")
+                try:
+                    record = decode(m.value, schema_name=schema.decode() if schema else None)
+                except DecodeError:
+                    continue  # not a record of ours (another writer's message): replay reads, never judges
+                key = sort_key(record, topic, part, m.offset, m.timestamp)
+                if isinstance(record, OkxRecord) and not lo <= key[0] < hi:
+                    continue
+                if keep(record):
+                    out.append((key, record if self._exact else canonical(record)))
+

@@ -1,0 +1,294 @@
+"""`okx-ingest replay serve`: OKX's WebSocket protocol served back from a recording.
+
+A trading bot's or the recorder's own code connects to `/ws/v5/public` and `/ws/v5/business` as to OKX,
+subscribes, answers pings, and receives the recorded pushes of its args in recorded order (the `recorded`
+view: what OKX sent, not what a backfill added later). Frames are re-rendered from the records in OKX's push
+shape (`{"arg": ..., "data": [...]}`, books with `action`), with OKX's exact strings when the source is Kafka.
+
+One timeline per server: a player walks the replay's items once. It starts when the client's subscriptions
+have settled (every arg of the window subscribed, or no new subscription for `settle_s`), then sends each
+record to the connections subscribed to its arg, either `speed` times real time (exchange time) or, with
+speed 0, as fast as the client reads (each send waits for the socket to drain). At a recorded disconnect (a
+`disconnect` gap of a subscribed arg) it drops that connection without a close frame, as a network loss
+looks, and waits (up to `resubscribe_timeout_s`) for the arg to be subscribed again before going on: the
+client's reconnect logic runs against history and nothing after the disconnect is lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import orjson
+from aiohttp import WSMsgType, web
+
+from ingest.config import Settings
+from ingest.core.records import BookUpdate, Candle, GapEvent, GapKind, OkxRecord, Source
+from ingest.core.replay import CHECKPOINT, Item
+from ingest.okx import codes
+from ingest.okx.channels import Endpoint, SubArg, endpoint_for
+
+log = logging.getLogger(__name__)
+
+_RECEIVE_KEYS = ("exchange", "channel", "recvTsNs", "source", "connId", "recvSeq", "recordId", "extra", "action")
+_SERVED = (Endpoint.PUBLIC, Endpoint.BUSINESS)
+
+
+def _arg(record: OkxRecord) -> SubArg:
+    return SubArg(record.channel, record.inst_id) if record.inst_id else SubArg(record.channel,
+                                                                                inst_type=record.inst_type)
+
+
+def _served(item: Item) -> bool:
+    """Gaps (for their disconnects) and what OKX itself pushed: ws records of public/business channels, without
+    the recorder's own book checkpoints (OKX never sends `action: checkpoint`)."""
+    if isinstance(item, GapEvent):
+        return True
+    if not isinstance(item, OkxRecord) or item.source is not Source.WS or endpoint_for(item.channel) not in _SERVED:
+        return False
+    return not (isinstance(item, BookUpdate) and str(item.action) == CHECKPOINT)
+
+
+def render(record: OkxRecord) -> str:
+    """The OKX push frame that carried `record` (one data row), in the shape the normalizer reads."""
+    arg = _arg(record).to_okx()
+    if isinstance(record, Candle):
+        row: Any = [str(record.ts), record.o, record.h, record.l, record.c, record.vol, record.vol_ccy,
+                    record.vol_ccy_quote, "1" if record.confirm else "0"]
+        return orjson.dumps({"arg": arg, "data": [[v for v in row if v is not None]]}).decode()
+    body: dict[str, Any] = msgspec.to_builtins(record)
+    for key in _RECEIVE_KEYS:
+        body.pop(key, None)
+    if "okxSource" in body:
+        body["source"] = body.pop("okxSource")
+    body = {k: v for k, v in body.items() if v is not None}
+    body.update(record.extra)
+    body["ts"] = str(record.ts)
+    if isinstance(record, BookUpdate):
+        body.pop("instId", None)
+        body.pop("instType", None)
+        return orjson.dumps({"arg": arg, "action": str(record.action), "data": [body]}).decode()
+    return orjson.dumps({"arg": arg, "data": [body]}).decode()
+
+
+@dataclass(eq=False)
+class _Client:
+    ws: web.WebSocketResponse
+    endpoint: Endpoint
+    subs: set[SubArg] = field(default_factory=set)
+
+
+class ReplayServer:
+    """The server (module docstring); `async with` it, then connect to `url(endpoint)`."""
+
+    def __init__(self, items: Iterable[Item], *, host: str = "127.0.0.1", port: int = 0, speed: float = 0.0,
+                 settle_s: float = 1.0, resubscribe_timeout_s: float = 30.0) -> None:
+        self._items = items
+        self.host, self._port, self.speed = host, port, speed
+        self.settle_s, self.resubscribe_timeout_s = settle_s, resubscribe_timeout_s
+        self._clients: set[_Client] = set()
+        self._changed = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self._player: asyncio.Task[None] | None = None
+        self.finished = asyncio.Event()
+        self.sent = 0
+        self.disconnects = 0
+        self._args: set[SubArg] = set()
+        self._timeline: list[Item] = []
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    def url(self, endpoint: Endpoint = Endpoint.PUBLIC) -> str:
+        return f"ws://{self.host}:{self._port}{endpoint.value}"
+
+    @property
+    def ws_base(self) -> str:
+        return f"ws://{self.host}:{self._port}"
+
+    async def __aenter__(self) -> ReplayServer:
+        # The window is read before the first client: a source error surfaces here, not mid-session.
+        self._timeline = await asyncio.to_thread(lambda: [i for i in self._items if _served(i)])
+        self._args = {_arg(i) for i in self._timeline if isinstance(i, OkxRecord)}
+        app = web.Application()
+        for endpoint in _SERVED:
+            app.router.add_get(endpoint.value, self._handler(endpoint))
+        self._runner = web.AppRunner(app, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self._port)
+        await site.start()
+        self._port = int(self._runner.addresses[0][1])
+        self._player = asyncio.create_task(self._play(), name="replay-player")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._player is not None:
+            self._player.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._player
+        for client in list(self._clients):
+            await client.ws.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def _handler(self, endpoint: Endpoint) -> Any:
+        async def handle(request: web.Request) -> web.WebSocketResponse:
+            ws = web.WebSocketResponse(autoping=True, compress=False)
+            await ws.prepare(request)
+            client = _Client(ws, endpoint)
+            self._clients.add(client)
+            try:
+                async for msg in ws:
+                    if msg.type is WSMsgType.TEXT:
+                        await self._request(client, msg.data)
+            finally:
+                self._clients.discard(client)
+                self._notify()
+            return ws
+
+        return handle
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _request(self, client: _Client, text: str) -> None:
+        """OKX's answers to ping, subscribe and unsubscribe (login is refused: private streams are not served)."""
+        if text == "ping":
+            await client.ws.send_str("pong")
+            return
+        try:
+            msg = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            msg = None
+        if not isinstance(msg, dict):
+            await self._error(client, codes.INVALID_REQUEST, f"Invalid request: {text}")
+            return
+        op, req_id, args = msg.get("op"), msg.get("id"), msg.get("args")
+        if op not in ("subscribe", "unsubscribe"):
+            await self._error(client, codes.INVALID_OP, f"Invalid op: {op}", req_id)
+            return
+        if not isinstance(args, list) or not args or not all(isinstance(a, dict) for a in args):
+            await self._error(client, codes.INVALID_REQUEST, f"Invalid request: {text}", req_id)
+            return
+        for arg in args:
+            channel = arg.get("channel")
+            home = endpoint_for(channel) if isinstance(channel, str) else None
+            if home is not client.endpoint:
+                await self._error(client, codes.WRONG_URL_OR_CHANNEL,
+                                  f"Wrong URL or channel:{channel}, doesn't exist. Please use the correct URL, "
+                                  "channel and parameters referring to API document.", req_id)
+                continue
+            sub = SubArg.from_okx(arg)
+            if op == "subscribe":
+                client.subs.add(sub)
+            else:
+                client.subs.discard(sub)
+            echo = {k: v for k, v in arg.items() if isinstance(v, str)}
+            event: dict[str, object] = {"event": op, "arg": echo}
+            if req_id is not None:
+                event["id"] = req_id
+            await client.ws.send_str(orjson.dumps(event).decode())
+        self._notify()
+
+    async def _error(self, client: _Client, code: str, text: str, req_id: object = None) -> None:
+        event: dict[str, object] = {"event": "error", "code": code, "msg": text}
+        if req_id is not None:
+            event["id"] = req_id
+        await client.ws.send_str(orjson.dumps(event).decode())
+
+    def _subscribed(self) -> set[SubArg]:
+        return {s for c in self._clients for s in c.subs}
+
+    async def _wait(self, predicate: Any, timeout_s: float) -> bool:
+        """Wait until predicate() holds (re-checked at every subscription change), at most timeout_s."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not predicate():
+                    await self._changed.wait()
+            return True
+        except TimeoutError:
+            return False
+
+    async def _settle(self) -> None:
+        await self._wait(lambda: bool(self._subscribed()), 1e9)
+        while not self._args <= self._subscribed():
+            changed = self._changed
+            try:
+                async with asyncio.timeout(self.settle_s):
+                    await changed.wait()
+            except TimeoutError:
+                return
+
+    async def _play(self) -> None:
+        await self._settle()
+        loop = asyncio.get_running_loop()
+        t0_wall: float | None = None
+        t0_ts = 0
+        for item in self._timeline:
+            if isinstance(item, GapEvent):
+                if item.kind is GapKind.DISCONNECT:
+                    await self._disconnect(item)
+                continue
+            assert isinstance(item, OkxRecord)
+            if self.speed > 0:
+                if t0_wall is None:
+                    t0_wall, t0_ts = loop.time(), item.ts
+                delay = t0_wall + (item.ts - t0_ts) / 1000 / self.speed - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)  # pacing to recorded exchange time, not synchronisation
+            arg = _arg(item)
+            frame = render(item)
+            for client in [c for c in self._clients if arg in c.subs]:
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await client.ws.send_str(frame)
+                    self.sent += 1
+        self.finished.set()
+
+    async def _disconnect(self, gap: GapEvent) -> None:
+        arg = SubArg(gap.channel, gap.inst_id) if gap.inst_id else SubArg(gap.channel, inst_type=gap.inst_type)
+        victims = [c for c in self._clients if arg in c.subs]
+        if not victims:
+            return
+        self.disconnects += 1
+        lost = set().union(*(c.subs for c in victims))
+        for client in victims:
+            self._clients.discard(client)
+            transport = client.ws._req.transport if client.ws._req is not None else None
+            if transport is not None:
+                transport.abort()  # no close frame: what a lost connection looks like to the client
+        self._notify()
+        if not await self._wait(lambda: lost <= self._subscribed(), self.resubscribe_timeout_s):
+            missing = sorted(map(str, lost - self._subscribed()))
+            log.warning("replay_resubscribe_timeout", extra={"subscriptions": missing})
+
+
+def serve_main(args: argparse.Namespace, settings: Settings) -> int:
+    """Run `okx-ingest replay serve` until Ctrl-C."""
+    from ingest.replay import replay
+
+    rp = replay(args.source, args.start, args.end, instruments=args.inst, channels=args.channel, view="recorded",
+                settings=settings, lenient=args.lenient, exact_decimals=True)
+
+    async def main() -> int:
+        async with ReplayServer(iter(rp), host=args.host, port=args.port, speed=args.speed) as server:
+            print(f"okx-ingest: replaying {len(server._timeline)} items on {server.ws_base}/ws/v5/{{public,business}}",
+                  flush=True)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            import signal
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+        return 0
+
+    return asyncio.run(main())
+

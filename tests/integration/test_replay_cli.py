@@ -1,0 +1,257 @@
+"""`okx-ingest replay` as a user runs it: output formats over an archive, and every kind of bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import websockets
+from moto.server import ThreadedMotoServer
+
+from ingest.core.archive_schema import Coordinates
+from ingest.core.records import BookAction, BookUpdate, Source, TopicKind, Trade
+from ingest.io.broker import free_port
+from tests.e2e.replay_support import Located, write_archive
+
+T0 = 1_796_000_000_000
+INSTS = ("BTC-USDT", "ETH-USDT")
+
+
+def _trades() -> list[Located]:
+    out: list[Located] = []
+    for n in range(40):
+        inst = INSTS[n % 2]
+        t = Trade(channel="trades-all", inst_id=inst, ts=T0 + n * 10, recv_ts_ns=(T0 + n * 10) * 1_000_000 + 5,
+                  source=Source.WS, record_id=f"ws:c:{n}", trade_id=str(1000 + n), px="100.50", sz="0.1",
+                  side="buy" if n % 3 else "sell")
+        out.append((t, Coordinates("okx.trades", n % 2, n // 2, t.ts)))
+    return out
+
+
+def _books() -> list[Located]:
+    lv = ("99.5", "1", "0", "1")
+    recs = [BookUpdate(channel="books", inst_id=INSTS[0], ts=T0, recv_ts_ns=T0 * 1_000_000, source=Source.WS,
+                       record_id="ws:b:1", action=BookAction.SNAPSHOT, bids=(lv,), asks=(("100.5", "2", "0", "1"),),
+                       seq_id=1, prev_seq_id=-1),
+            BookUpdate(channel="books", inst_id=INSTS[0], ts=T0 + 150, recv_ts_ns=(T0 + 150) * 1_000_000,
+                       source=Source.WS, record_id="ws:b:2", action=BookAction.UPDATE,
+                       bids=(("99.6", "3", "0", "2"),), asks=(), seq_id=2, prev_seq_id=1)]
+    return [(r, Coordinates("okx.books", 0, i, r.ts)) for i, r in enumerate(recs)]
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Path:
+    root = tmp_path / "archive"
+    write_archive(root, TopicKind.TRADES, _trades())
+    write_archive(root, TopicKind.BOOKS, _books())
+    return root
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ingest.cli", "replay", *args], capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+def _iso(ms: int) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _w(*extra: str) -> list[str]:
+    return ["--from", _iso(T0 - 1000), "--to", _iso(T0 + 1000), *extra]
+
+
+def test_jsonl_lines_carry_type_channel_instid_ts_and_exact_canonical_decimals(archive: Path) -> None:
+    proc = _run(*_w("--source", str(archive), "--channel", "trades-all", "--inst", "BTC-USDT"))
+    assert proc.returncode == 0, proc.stderr
+    lines = [orjson.loads(x) for x in proc.stdout.splitlines()]
+    assert [x["tradeId"] for x in lines] == [str(1000 + n) for n in range(0, 40, 2)]
+    first = lines[0]
+    assert (first["type"], first["channel"], first["instId"], first["ts"]) == ("trade", "trades-all", "BTC-USDT", T0)
+    assert (first["px"], first["sz"]) == ("100.5", "0.1")
+    assert "replayed 20 items (0 gaps" in proc.stderr
+
+
+def test_book_snapshot_lines_carry_levels_best_first_and_their_seqid(archive: Path) -> None:
+    proc = _run(*_w("--source", str(archive), "--channel", "books", "--book-snapshots", "2:100"))
+    assert proc.returncode == 0, proc.stderr
+    snaps = [x for x in map(orjson.loads, proc.stdout.splitlines()) if x["type"] == "book_snapshot"]
+    by_ts = {x["ts"]: x for x in snaps}
+    assert by_ts[T0 + 100]["bids"] == [["99.5", "1"]] and by_ts[T0 + 100]["seqId"] == 1
+    assert by_ts[T0 + 200]["bids"] == [["99.6", "3"], ["99.5", "1"]] and by_ts[T0 + 200]["asks"] == [["100.5", "2"]]
+    assert by_ts[T0 + 900]["seqId"] == 2  # a quiet book still emits at every boundary
+
+
+def test_csv_and_parquet_hold_the_same_flat_rows(archive: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.parquet"
+    p1 = _run(*_w("--source", str(archive), "--format", "csv"))
+    p2 = _run(*_w("--source", str(archive), "--format", "parquet", "--out", str(out)))
+    assert p1.returncode == 0 and p2.returncode == 0, p1.stderr + p2.stderr
+    rows = list(csv.DictReader(io.StringIO(p1.stdout)))
+    table = pq.read_table(out)
+    assert len(rows) == table.num_rows == 40 + 3  # 40 trades, 2 levels of the snapshot, 1 of the update
+    assert [r["px"] for r in rows] == table.column("px").to_pylist()
+    assert {r["type"] for r in rows} == {"trade", "book_change"}
+
+
+def test_from_after_to_is_an_error_naming_both(archive: Path) -> None:
+    proc = _run("--from", _iso(T0 + 1000), "--to", _iso(T0), "--source", str(archive))
+    assert proc.returncode == 2
+    assert "--from" in proc.stderr and "--to" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (("--channel", "bookz"), "unknown OKX channel"),
+    (("--inst", "BTC-USTD"), "unknown instrument BTC-USTD"),
+    (("--book-snapshots", "10"), "DEPTH:INTERVAL_MS"),
+    (("--format", "hftbacktest"), "exactly one --inst"),
+])
+def test_bad_requests_exit_2_with_a_message_naming_what_to_fix(archive: Path, args: tuple[str, ...],
+                                                               needle: str) -> None:
+    proc = _run(*_w("--source", str(archive), *args))
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unreachable_kafka_and_missing_archive_exit_2(tmp_path: Path) -> None:
+    kafka = _run(*_w("--source", f"kafka://127.0.0.1:{free_port()}"))
+    assert kafka.returncode == 2 and "unreachable" in kafka.stderr and "Traceback" not in kafka.stderr
+    missing = _run(*_w("--source", str(tmp_path / "nowhere")))
+    assert missing.returncode == 2 and "nowhere" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_a_window_without_data_says_so_and_exits_0(archive: Path) -> None:
+    proc = _run("--from", _iso(T0 + 86_400_000), "--to", _iso(T0 + 90_000_000), "--source", str(archive))
+    assert proc.returncode == 0 and proc.stdout == ""
+    assert "no data" in proc.stderr
+
+
+def test_an_output_inside_the_replayed_archive_is_refused(archive: Path) -> None:
+    proc = _run(*_w("--source", str(archive), "--out", str(archive / "x.jsonl")))
+    assert proc.returncode == 2 and "inside the archive" in proc.stderr
+    assert not (archive / "x.jsonl").exists()
+
+
+def test_a_corrupt_file_is_an_error_naming_it_unless_lenient_replays_around_it_as_a_gap(archive: Path) -> None:
+    bad = sorted((archive / "trades").rglob("*.parquet"))[0]
+    bad.write_bytes(b"PAR1 this is not parquet")
+    proc = _run(*_w("--source", str(archive), "--channel", "trades-all"))
+    assert proc.returncode == 2 and bad.name in proc.stderr and "--lenient" in proc.stderr
+    lenient = _run(*_w("--source", str(archive), "--channel", "trades-all", "--lenient"))
+    assert lenient.returncode == 0, lenient.stderr
+    lines = [orjson.loads(x) for x in lenient.stdout.splitlines()]
+    gaps = [x for x in lines if x["type"] == "gap"]
+    assert len(gaps) == 1 and bad.name in gaps[0]["reason"] and gaps[0]["status"] == "unfillable"
+    assert gaps[0]["instId"] in INSTS
+    others = {x["instId"] for x in lines if x["type"] == "trade"}
+    assert others and gaps[0]["instId"] not in others  # the other instrument's file replays in full
+    assert bad.name in lenient.stderr
+
+
+def test_a_file_its_manifest_names_but_the_store_lacks_is_an_error_unless_lenient(archive: Path) -> None:
+    directory = next((archive / "trades").rglob("instId=ETH-USDT"))
+    (directory / "_manifest.json").write_bytes(orjson.dumps({"files": [
+        {"name": p.name} for p in directory.glob("*.parquet")] + [{"name": "okx.trades+1+00000000000000000100+"
+                                                                           "00000000000000000200.parquet"}]}))
+    proc = _run(*_w("--source", str(archive), "--channel", "trades-all"))
+    assert proc.returncode == 2 and "okx.trades+1+00000000000000000100" in proc.stderr and "missing" in proc.stderr
+    lenient = _run(*_w("--source", str(archive), "--channel", "trades-all", "--lenient"))
+    assert lenient.returncode == 0, lenient.stderr
+    lines = [orjson.loads(x) for x in lenient.stdout.splitlines()]
+    (gap,) = [x for x in lines if x["type"] == "gap"]
+    assert gap["instId"] == "ETH-USDT" and "missing" in gap["reason"]
+    assert len([x for x in lines if x["type"] == "trade"]) == 40  # every file that is there replays
+
+
+@pytest.fixture
+def moto_s3() -> Iterator[tuple[str, dict[str, str]]]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing-" + os.urandom(4).hex(), "AWS_SECRET_ACCESS_KEY": os.urandom(12).hex(),
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        yield f"{host}:{port}", env
+    finally:
+        server.stop()
+
+
+def test_an_s3_archive_replays_like_the_same_files_on_disk(archive: Path,
+                                                          moto_s3: tuple[str, dict[str, str]]) -> None:
+    endpoint, aws = moto_s3
+    old = {k: os.environ.get(k) for k in aws}
+    os.environ.update(aws)
+    try:
+        fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme="http", region="us-east-1",
+                               allow_bucket_creation=True)
+        fs.create_dir("replay-bucket")
+        for path in archive.rglob("*.parquet"):
+            with fs.open_output_stream(f"replay-bucket/okx/{path.relative_to(archive)}") as out:
+                out.write(path.read_bytes())
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    env = {**os.environ, **aws, "OKX_INGEST__ARCHIVE__S3_ENDPOINT_OVERRIDE": f"http://{endpoint}",
+           "OKX_INGEST__ARCHIVE__S3_REGION": "us-east-1"}
+    s3 = subprocess.run([sys.executable, "-m", "ingest.cli", "replay", *_w("--source", "s3://replay-bucket/okx",
+                                                                           "--book-snapshots", "2:100")],
+                        capture_output=True, text=True, timeout=120, check=False, env=env)
+    local = _run(*_w("--source", str(archive), "--book-snapshots", "2:100"))
+    assert s3.returncode == 0, s3.stderr
+    assert s3.stdout == local.stdout and s3.stdout.count("\n") > 40
+
+
+async def test_replay_serve_from_the_cli_pushes_the_archive_and_stops_on_sigint(archive: Path) -> None:
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ingest.cli", "replay", "serve", "--port", str(port), *_w("--source", str(archive)),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(60):
+            banner = await proc.stdout.readline()
+        assert b"replaying 42 items" in banner, banner  # 40 trades and 2 book records
+        async with websockets.connect(f"ws://127.0.0.1:{port}/ws/v5/business") as ws:
+            await ws.send(orjson.dumps({"op": "subscribe", "args": [{"channel": "trades-all",
+                                                                     "instId": "ETH-USDT"}]}).decode())
+            async with asyncio.timeout(10):
+                assert orjson.loads(await ws.recv())["event"] == "subscribe"
+                pushes = [orjson.loads(await ws.recv()) for _ in range(20)]
+        assert [p["data"][0]["tradeId"] for p in pushes] == [str(1000 + n) for n in range(1, 40, 2)]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(30):
+            rc = await proc.wait()
+    assert rc == 0
+
+
+@pytest.mark.parametrize("view", ["repaired", "recorded"])
+@pytest.mark.parametrize("filters", [{}, {"instruments": ["ETH-USDT"]}, {"channels": ["books"]}])
+def test_archive_batches_from_columns_equal_the_rows_of_the_items(archive: Path, view: str,
+                                                                  filters: dict[str, list[str]]) -> None:
+    from ingest.replay import replay
+    from ingest.replay._arrow import fast_batches
+    from ingest.replay.formats import FLAT_SCHEMA, arrow_batches
+
+    rp = replay(str(archive), T0 - 1000, T0 + 1000, view=view, **filters)  # type: ignore[arg-type]
+    assert fast_batches(rp._reader.source, rp.kinds, rp.start, rp.end, rp.view, rp.instruments,  # type: ignore[attr-defined]
+                        rp.channels, list, 10) is not None, "the columns path must be the one taken"
+    fast = pa.Table.from_batches(list(rp.batches()), schema=FLAT_SCHEMA)
+    slow = pa.Table.from_batches(list(arrow_batches(iter(rp))), schema=FLAT_SCHEMA)
+    assert fast.num_rows > 0 and fast.equals(slow)

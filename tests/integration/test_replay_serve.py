@@ -1,0 +1,92 @@
+"""`replay serve` speaks OKX's protocol: acks, errors, pong, pushes of the subscribed args, and disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import cast
+
+import msgspec
+import orjson
+import pytest
+import websockets
+from websockets.exceptions import ConnectionClosed
+
+from ingest.core.records import BookAction, BookUpdate, GapEvent, GapKind, GapStatus, Source, StreamPosition, Trade
+from ingest.core.replay import Item
+from ingest.okx.channels import Endpoint
+from ingest.replay.serve import ReplayServer, _served, render
+
+T0 = 1_796_000_000_000
+
+
+def _trade(n: int, inst: str = "BTC-USDT") -> Trade:
+    return Trade(channel="trades-all", inst_id=inst, ts=T0 + n, recv_ts_ns=(T0 + n) * 1_000_000, source=Source.WS,
+                 record_id=f"ws:c:{n}", trade_id=str(n), px="100.50", sz="2", side="sell")
+
+
+def _items() -> list[Item]:
+    gap = GapEvent(gap_id="g", kind=GapKind.DISCONNECT, status=GapStatus.OPEN, reason="test", channel="trades-all",
+                   inst_id="BTC-USDT", before=StreamPosition(ts=T0 + 4), detected_ts_ns=(T0 + 4) * 1_000_000)
+    return [*(_trade(n) for n in range(5)), _trade(5, "ETH-USDT"), gap, *(_trade(n) for n in range(6, 9))]
+
+
+async def _recv_json(ws: websockets.ClientConnection) -> dict[str, object]:
+    async with asyncio.timeout(5):
+        msg = await ws.recv()
+    out = orjson.loads(msg)
+    assert isinstance(out, dict)
+    return out
+
+
+def _trade_id(push: dict[str, object]) -> str:
+    data = push["data"]
+    assert isinstance(data, list) and isinstance(data[0], dict)
+    return str(data[0]["tradeId"])
+
+
+def test_a_record_is_served_in_the_push_shape_okx_sent_it_in() -> None:
+    record = _trade(3)
+    frame = render(record)
+    assert orjson.loads(frame) == {"arg": {"channel": "trades-all", "instId": "BTC-USDT"},
+                                   "data": [{"instId": "BTC-USDT", "tradeId": "3", "px": "100.50", "sz": "2",
+                                             "side": "sell", "ts": str(T0 + 3)}]}
+
+
+async def test_pong_acks_errors_and_pushes_like_okx_then_a_disconnect_and_the_rest_after_resubscribe() -> None:
+    async with ReplayServer(_items(), settle_s=0.2) as server:
+        async with websockets.connect(server.url(Endpoint.BUSINESS)) as ws:
+            await ws.send("ping")
+            async with asyncio.timeout(5):
+                assert await ws.recv() == "pong"
+            await ws.send(orjson.dumps({"id": "1", "op": "subscribe", "args": [{"channel": "books",
+                                                                                "instId": "BTC-USDT"}]}).decode())
+            err = await _recv_json(ws)
+            assert (err["event"], err["code"], err["id"]) == ("error", "60018", "1")  # books lives on /public
+            await ws.send(orjson.dumps({"id": "2", "op": "subscribe", "args": [{"channel": "trades-all",
+                                                                                "instId": "BTC-USDT"}]}).decode())
+            assert await _recv_json(ws) == {"event": "subscribe", "arg": {"channel": "trades-all",
+                                                                          "instId": "BTC-USDT"}, "id": "2"}
+            got = []
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    got.append(_trade_id(await _recv_json(ws)))
+        assert got == ["0", "1", "2", "3", "4"]  # ETH-USDT was not subscribed; then the recorded disconnect
+        assert closed.value.rcvd is None  # no close frame: a lost connection, as the recorder saw it
+        async with websockets.connect(server.url(Endpoint.BUSINESS)) as ws:
+            await ws.send(orjson.dumps({"op": "subscribe", "args": [{"channel": "trades-all",
+                                                                     "instId": "BTC-USDT"}]}).decode())
+            assert (await _recv_json(ws))["event"] == "subscribe"
+            rest = [_trade_id(await _recv_json(ws)) for _ in range(3)]
+            assert rest == ["6", "7", "8"]
+            async with asyncio.timeout(5):
+                await server.finished.wait()
+        assert server.disconnects == 1 and server.sent == 8
+
+
+def test_only_what_okx_pushed_is_served_not_rest_records_or_the_recorders_checkpoints() -> None:
+    book = BookUpdate(channel="books", inst_id="BTC-USDT", ts=T0, recv_ts_ns=T0 * 1_000_000, source=Source.WS,
+                      record_id="ckpt:books:BTC-USDT:5", action=cast(BookAction, "checkpoint"), asks=(), bids=(),
+                      seq_id=5)
+    rest = msgspec.structs.replace(_trade(1), source=Source.REST)
+    assert [_served(i) for i in (_trade(1), rest, book, msgspec.structs.replace(book, action=BookAction.UPDATE))] \
+        == [True, False, False, True]
