@@ -48,7 +48,8 @@ from ingest.core.backoff import full_jitter
 from ingest.core.records import BookUpdate, GapEvent, Record, TopicKind, Trade, topic_name
 from ingest.errors import IngestError
 from ingest.io.archive_store import ArchiveStore, WrittenFile
-from ingest.io.readback import bootstrap_of, consumer_options
+from ingest.io.kafka_security import kafka_client_kwargs
+from ingest.io.readback import bootstrap_of
 from ingest.obs.health import HealthServer, Readiness
 from ingest.obs.metrics import counter, gauge, new_registry
 
@@ -238,7 +239,8 @@ class Archiver:
     async def run(self, stop: asyncio.Event) -> None:
         kafka = self.settings.kafka
         consumer = AIOKafkaConsumer(
-            **consumer_options(kafka, self.bootstrap), group_id=self.cfg.group_id, enable_auto_commit=False,
+            **kafka_client_kwargs(kafka, bootstrap_servers=self.bootstrap, client_id=f"{kafka.client_id}-archive"),
+            group_id=self.cfg.group_id, enable_auto_commit=False,
             auto_offset_reset="earliest", session_timeout_ms=self.cfg.session_timeout_ms,
             max_poll_interval_ms=self.cfg.max_poll_interval_ms, metadata_max_age_ms=5_000,
             # A member that vanished (SIGKILL, a restarted broker) must not hold a join for minutes.

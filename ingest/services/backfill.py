@@ -131,7 +131,7 @@ from ingest.io.readback import ReadbackError, TopicReadback, bootstrap_of, consu
 from ingest.io.rest import AUTH_FAILURE_CODES, CircuitOpenError, OkxRestClient
 from ingest.io.sink import EncodedRecord
 from ingest.okx.channels import candle_bar
-from ingest.runtime import bounded, stop_task
+from ingest.runtime import Runtime, bounded, finish_task, stop_task
 from ingest.services.clock import ClockService
 
 log = logging.getLogger(__name__)
@@ -1181,7 +1181,6 @@ async def run_worker(settings: Settings) -> int:
     stop, reload = asyncio.Event(), asyncio.Event()
     remove_signals = install_signals(stop, reload)
     rest, clock_service = await _rest_client(settings, private=False)
-    tasks: list[asyncio.Task[None]] = []
     health: HealthServer | None = None
     try:
         if rest.credentials is not None:  # refuse an over-privileged key before any signed request
@@ -1202,34 +1201,30 @@ async def run_worker(settings: Settings) -> int:
         health = HealthServer(registry, readiness, settings.obs.metrics_host, settings.backfill.metrics_port,
                               port_key="backfill.metrics_port")
         await health.start()
-        tasks.append(asyncio.create_task(clock_service.run(), name="clock"))
-        if rest.credentials is not None:
-            verify = key_verifier(settings, rest.clock)  # a rotated key is checked before any use
-            tasks.append(asyncio.create_task(keep_credentials(rest.credentials, settings.okx.credential_poll_s,
-                                                              reload, verify=verify), name="credentials"))
-        helper_failures: list[BaseException] = []
-
-        def stop_on_failure(task: asyncio.Task[None]) -> None:
-            # A helper that dies (a rotated key that may withdraw) stops the worker: fail closed, exit 2.
-            exc = None if task.cancelled() else task.exception()
-            if exc is not None:
-                helper_failures.append(exc)
-                stop.set()
-
-        for task in tasks:
-            task.add_done_callback(stop_on_failure)
-        await worker.run(stop)
-        if helper_failures:
-            log.error("backfill_stopped", extra={"error": repr(helper_failures[0])})
-            return exit_code_for(helper_failures[0])
-        return 0
+        runtime = Runtime("backfill", stop_timeout_s=settings.backfill.stop_timeout_s)
+        async with runtime:
+            runtime.spawn("clock", clock_service.run())
+            if rest.credentials is not None:
+                verify = key_verifier(settings, rest.clock)  # a rotated key is checked before any use
+                runtime.spawn("credentials", keep_credentials(rest.credentials, settings.okx.credential_poll_s,
+                                                              reload, verify=verify))
+            worker_stop = asyncio.Event()
+            worker_task = runtime.spawn("worker", worker.run(worker_stop), essential=True)
+            # A helper that dies (a rotated key that may withdraw) stops the worker too: fail closed.
+            ended = await runtime.wait(stop)
+            worker_stop.set()
+            if runtime.pop("worker") is not None:
+                # Its own stop is bounded step by step (batch, consumer, delivery); this bounds the whole.
+                await finish_task(worker_task, settings.backfill.stop_timeout_s * 2
+                                  + settings.journal.close_timeout_s, what="backfill worker")
+        if ended.error is not None:
+            log.error("backfill_stopped", extra={"task": ended.task, "error": repr(ended.error)})
+            return exit_code_for(ended.error)
+        return ended.exit_code
     except IngestError as exc:
         log.error("backfill_failed", extra={"error": str(exc)})
-        return 1
+        return exit_code_for(exc)
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         if health is not None:
             await health.stop()
         await rest.aclose()
