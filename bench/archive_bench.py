@@ -43,13 +43,19 @@ ZSTD_LEVEL = 3  # zstd's default level, which the Kafka producers use
 
 
 def trades(n: int) -> list[Trade]:
-    """`n` trades spread over one UTC day, round-robin over the instruments."""
+    """`n` trades spread over one UTC day, round-robin over the instruments; prices a random walk of one tick
+    (0.1) per trade, as real trade prices move (uniform random prices would be a worst case for every codec)."""
     rnd = random.Random(1)
     step = 86_400_000 // max(n, 1)
+    ticks = [600_000] * len(INSTS)
+    walk: list[int] = []
+    for i in range(n):
+        ticks[i % len(INSTS)] += rnd.choice((-1, 0, 0, 1))
+        walk.append(ticks[i % len(INSTS)])
     return [Trade(channel="trades-all", inst_id=INSTS[i % len(INSTS)], ts=DAY + i * step,
                   recv_ts_ns=(DAY + i * step) * 1_000_000 + rnd.randrange(10**6), source=Source.WS,
                   conn_id="public-0#1", recv_seq=i, record_id=f"public-0#1:{i}:0", trade_id=str(500_000_000 + i),
-                  px=f"{60000 + rnd.randrange(100_000) / 10:.1f}", sz=f"{rnd.randrange(1, 99_999) / 100_000:.5f}",
+                  px=f"{walk[i] / 10:.1f}", sz=f"{rnd.randrange(1, 99_999) / 100_000:.5f}",
                   side="buy" if rnd.random() < 0.5 else "sell") for i in range(n)]
 
 
