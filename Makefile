@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= config/okx-ingest.toml
 
-.PHONY: run test demo lint bench simulate clean compat lock
+.PHONY: run test demo lint bench simulate clean compat lock bench-archive
 
 # Exact versions with hashes (requirements-dev.lock = runtime + test tools; requirements.lock is the image's).
 LOCK   := requirements-dev.lock
@@ -44,6 +44,9 @@ compat:  ## the websockets/aiokafka internals we rely on, against the oldest and
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.pipeline $(BENCH_ARGS)
+
+bench-archive: $(STAMP)  ## the archive bench alone (docs/PERFORMANCE.md, "Archive"; 1.5-2.5 min, so not in `bench`)
+	$(BIN)/python -m bench.archive_bench $(ARCHIVE_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-compat-* var .mypy_cache .ruff_cache .pytest_cache
