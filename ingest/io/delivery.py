@@ -20,7 +20,9 @@ Guarantees:
   journal's read cache (`cache_bytes`) and one batch in flight (`drain_batch_bytes`).
 - SIGKILL loses at most what was not yet journaled: the records still in the in-memory queue
   (`stats.queued`, at most `queue_size`). Anything journaled survives a SIGKILL; with fsync "batch" it
-  also survives a power cut. A restart resends every journaled record Kafka had not acknowledged.
+  also survives a power cut once its grouped fsync ran (at most `sync_interval_ms` after it was journaled;
+  until then it is not sent either). A restart resends every journaled record after the saved cursor:
+  the unacknowledged ones, and those acknowledged within the last `cursor_interval_ms` (journal.py).
 - A full journal (`max_bytes`) or a full disk is an alarm (`stats.journal_full`, one `journal_full`
   warning), not a crash: the writer stops taking records, the queue fills, put() waits, the pipeline and
   its sockets slow down (OKX then applies its own limits or disconnects: a visible gap, never a silent
