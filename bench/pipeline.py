@@ -66,7 +66,7 @@ async def _feeder(pipe: Pipe, instruments: tuple[str, ...]) -> None:
     config = SimConfig(instruments=instruments, seed=3, api_key=secrets.token_hex(8),
                        api_secret=secrets.token_hex(16), passphrase=secrets.token_hex(8),
                        idle_timeout_s=600.0, max_trades_history=10_000_000, max_queue_frames=10_000_000,
-                       flush_timeout_s=600.0)
+                       flush_timeout_s=600.0, connect_limit=1000)  # the floor opens its connections at once
     loop = asyncio.get_running_loop()
     async with SimServer(config) as sim:
         pipe.send(("ready", sim.ws_base))
