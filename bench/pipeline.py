@@ -65,7 +65,8 @@ async def _feeder(pipe: Pipe, instruments: tuple[str, ...]) -> None:
 
     config = SimConfig(instruments=instruments, seed=3, api_key=secrets.token_hex(8),
                        api_secret=secrets.token_hex(16), passphrase=secrets.token_hex(8),
-                       idle_timeout_s=600.0, max_trades_history=10_000_000, max_queue_frames=10_000_000)
+                       idle_timeout_s=600.0, max_trades_history=10_000_000, max_queue_frames=10_000_000,
+                       flush_timeout_s=600.0, connect_limit=1000)  # the floor opens its connections at once
     loop = asyncio.get_running_loop()
     async with SimServer(config) as sim:
         pipe.send(("ready", sim.ws_base))
@@ -73,6 +74,9 @@ async def _feeder(pipe: Pipe, instruments: tuple[str, ...]) -> None:
             cmd = await loop.run_in_executor(None, pipe.recv)
             if cmd[0] == "stop":
                 return
+            if cmd[0] == "tick":
+                pipe.send(("ticked", await _ticks(sim, *cmd[1:])))
+                continue
             _, insts, n, rate, subscribers = cmd
             for inst in insts:
                 await sim.wait_subscribed(SubArg("trades-all", inst), count=subscribers, timeout=60)
@@ -83,6 +87,30 @@ async def _feeder(pipe: Pipe, instruments: tuple[str, ...]) -> None:
             else:
                 sent = await _paced(sim, insts, n, rate)
             pipe.send(("pumped", sent))
+
+
+async def _ticks(sim: Any, insts: list[str], channels: list[str], seconds: float, hz: float) -> int:
+    """The market in real time: `seconds` of ticks at `hz` over every instrument, each tick pushing its
+    trades, book updates and tickers to the subscribers. A tick waits until its frames were written (the
+    reader sets the pace when it cannot keep up). Returns the frames written to the sockets meanwhile."""
+    for inst in insts:
+        for channel in channels:
+            await sim.wait_subscribed(SubArg(channel, inst), timeout=120)
+    await sim.flush()  # the books' snapshots: not part of the run
+
+    def written() -> int:
+        return sum(c.frames_sent for c in sim.stats.connections.values())
+
+    before = written()
+    start = time.perf_counter()
+    n = max(1, int(seconds * hz))
+    for i in range(n):
+        await sim.tick(1)
+        delay = start + (i + 1) / hz - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)  # pacing the load generator
+    await sim.flush()
+    return written() - before
 
 
 def _only_all(prepared: Any) -> Any:
@@ -126,6 +154,11 @@ class Feeder:
         reply = await asyncio.get_running_loop().run_in_executor(None, self._pipe.recv)
         return int(reply[1])
 
+    async def ticks(self, insts: Sequence[str], channels: Sequence[str], seconds: float, hz: float) -> int:
+        self._pipe.send(("tick", list(insts), list(channels), seconds, hz))
+        reply = await asyncio.get_running_loop().run_in_executor(None, self._pipe.recv)
+        return int(reply[1])
+
     def stop(self) -> None:
         with contextlib.suppress(OSError):
             self._pipe.send(("stop",))
@@ -154,13 +187,21 @@ class TimingPipeline(Pipeline):
     each batch comes in: one cheap test per frame, so measuring costs the recorder next to nothing."""
 
     recv_ns: dict[bytes, int]
+    frames: int = 0
 
     async def handle_many(self, items: Sequence[Inbound]) -> None:
         recv = self.recv_ns
         for item in items:
-            if type(item) is InboundFrame and not item.recv_seq % SAMPLE:
-                recv[f"{item.conn}:{item.recv_seq}".encode()] = item.recv_ts_ns
+            if type(item) is InboundFrame:
+                self.frames += 1
+                if not item.recv_seq % SAMPLE:
+                    recv[f"{item.conn}:{item.recv_seq}".encode()] = item.recv_ts_ns
+        if len(recv) > _RECV_CAP:  # samples of frames that made no record (acks, heartbeats): never matched
+            recv.clear()
         await super().handle_many(items)
+
+
+_RECV_CAP = 50_000
 
 
 class TimingSink:
@@ -175,6 +216,7 @@ class TimingSink:
         self.trades_acked = 0
         self.recv_ns: dict[bytes, int] = {}
         self.latencies_ns = array("q")  # 8 bytes a sample: a long soak must not grow the recorder's RSS
+        self.all_topics = False  # the mixed load: measure books and tickers records too
 
     async def start(self) -> None:
         await self.inner.start()
@@ -188,7 +230,9 @@ class TimingSink:
         self.trades_acked += len(trades)
         if not recv:
             return
-        for record in trades:
+        for record in batch if self.all_topics else trades:
+            if len(record.headers) < 2:
+                continue
             record_id = record.headers[1][1]  # (schema, record_id, source): "conn:recv_seq:index"
             # pop: the first trade of a sampled frame is measured, and the map stays small over a long soak
             recv_ns = recv.pop(record_id.rpartition(b":")[0], None)
@@ -221,13 +265,14 @@ class Recorder:
 
 
 async def start_recorder(ws_base: str, bootstrap: str, insts: Sequence[str], journal: Path,
-                         publish_raw: bool, compression: bool) -> Recorder:
-    subs = [{"channel": "trades-all", "inst_id": i} for i in insts]
+                         publish_raw: bool, compression: bool, journal_extra: dict[str, Any] | None = None,
+                         channels: Sequence[str] = ("trades-all",)) -> Recorder:
+    subs = [{"channel": c, "inst_id": i} for i in insts for c in channels]
     settings = load_settings(None, okx={"ws_base_url": ws_base, "channels": [], "subscriptions": subs},
                              ws={"compression": compression},
                              kafka={"bootstrap_servers": bootstrap, "enable_idempotence": False,
                                     "topic_prefix": f"bench{secrets.token_hex(3)}.", "publish_raw": publish_raw},
-                             journal={"dir": str(journal)})
+                             journal={"dir": str(journal), **(journal_extra or {})})
     sink = TimingSink(KafkaSink(settings.kafka, bootstrap_servers=bootstrap,
                                 topics=all_topics(settings.kafka.topic_prefix)),
                       topic_name(settings.kafka.topic_prefix, TopicKind.TRADES))
@@ -301,38 +346,154 @@ async def paced_run(rec: Recorder, feeder: Feeder, insts: Sequence[str], rate: i
             await asyncio.sleep(1.0)  # sampling interval
 
     sampler = asyncio.create_task(sample())
+    c0 = time.process_time()
     sent = await feeder.pump(insts, n_per_inst, rate=rate)
     await rec.delivery.wait_for(lambda s: rec.sink.trades_acked - start_out >= sent, 600)
+    cpu = time.process_time() - c0
     sampling = False
     await sampler
     rss.append(rss_mb())
     lat = rec.sink.latencies_ns
-    return {"rate": rate, "msgs": sent, "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99),
+    return {"rate": rate, "msgs": sent, "cpu_us_per_msg": cpu / max(1, sent) * 1e6, "p50_ms": pct(lat, 0.5),
+            "p99_ms": pct(lat, 0.99),
             "rss_start_mb": rss[0], "rss_1min_mb": rss[min(60, len(rss) - 1)], "rss_end_mb": rss[-1],
             "rss_peak_mb": max(rss)}
 
 
-async def main_async(args: argparse.Namespace) -> int:
-    insts = [f"BENCH{i}-USDT" for i in range(max(1, args.instruments))]
-    feeder = Feeder(insts)
-    broker = EmbeddedBroker()
-    await broker.start()
+#: The mixed load: what a book-heavy deployment subscribes per instrument (the configuration's default channels).
+MIXED_CHANNELS = ("trades", "books", "tickers")
+#: Market ticks per second: OKX's own pace (100 ms per step).
+MIXED_HZ = 10.0
+#: Books per connection, as the recorder's `ws.depth_channels_per_connection` default packs them.
+_BOOKS_PER_CONN = 29
+
+
+async def mixed_floor(feeder: Feeder, insts: Sequence[str], seconds: float, compression: bool) -> Floor:
+    """The bare client on the mixed load: the same subscriptions over as many connections as the recorder
+    opens, every frame received and `orjson.loads`ed, nothing else."""
+    got = 0
+    target = float("inf")
+    reached = asyncio.Event()
+    stop = asyncio.Event()
+
+    async def one(chunk: Sequence[str]) -> None:
+        nonlocal got
+        args = [{"channel": c, "instId": i} for i in chunk for c in MIXED_CHANNELS]
+        async with websockets.connect(f"{feeder.ws_base}/ws/v5/public", max_size=None,
+                                      compression="deflate" if compression else None) as ws:
+            await ws.send(orjson.dumps({"op": "subscribe", "args": args}).decode())
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.2):  # to notice `stop` when the feeder is quiet
+                        orjson.loads(await ws.recv())
+                        got += 1
+                        if got >= target:
+                            reached.set()
+
+    chunks = [insts[i:i + _BOOKS_PER_CONN] for i in range(0, len(insts), _BOOKS_PER_CONN)]
+    readers = [asyncio.create_task(one(c)) for c in chunks]
     try:
+        await feeder.ticks(insts, MIXED_CHANNELS, 1.0, MIXED_HZ)  # warm-up: snapshots, first updates
+        start_got, t0, c0 = got, time.perf_counter(), time.process_time()
+        sent = await feeder.ticks(insts, MIXED_CHANNELS, seconds, MIXED_HZ)
+        target = start_got + sent
+        if got < target:
+            async with asyncio.timeout(120):
+                await reached.wait()
+        t1, c1 = time.perf_counter(), time.process_time()
+    finally:
+        stop.set()
+        await asyncio.gather(*readers, return_exceptions=True)
+    return Floor(sent / (t1 - t0), (c1 - c0) / max(1, sent) * 1e6)
+
+
+async def mixed_run(args: argparse.Namespace, n: int, bootstrap: str, journal_extra: dict[str, Any],
+                    ) -> dict[str, float]:
+    """The mixed load at `n` instruments: floor, then the recorder, on a feeder simulating exactly those."""
+    insts = [f"MIX{i}-USDT" for i in range(n)]
+    feeder = Feeder(insts)
+    try:
+        floor = await mixed_floor(feeder, insts, args.mixed_s, not args.no_compression)
         with tempfile.TemporaryDirectory(prefix="okx-bench-") as tmp:
-            floor = await floor_run(feeder, insts[0], args.messages, not args.no_compression)
-            rec = await start_recorder(feeder.ws_base, broker.bootstrap_servers, insts, Path(tmp),
-                                       not args.no_raw, not args.no_compression)
-            await throughput_run(rec, feeder, insts[0], min(5_000, args.messages))  # warm-up
-            thr = await throughput_run(rec, feeder, insts[0], args.messages)
-            paced = await paced_run(rec, feeder, insts[:1], args.rate, args.paced_s)
-            soak = None
-            if args.soak_s > 0:
-                soak = await paced_run(rec, feeder, insts, args.soak_rate, args.soak_s)
-            await rec.close()
+            rec = await start_recorder(feeder.ws_base, bootstrap, insts, Path(tmp), not args.no_raw,
+                                       not args.no_compression, journal_extra, MIXED_CHANNELS)
+            rec.sink.all_topics = True
+            try:
+                await feeder.ticks(insts, MIXED_CHANNELS, 1.0, MIXED_HZ)  # warm-up: snapshots, first updates
+                await rec.delivery.wait_for(lambda s: s.queued == 0 and s.journal_entries == 0, 120)
+                del rec.sink.latencies_ns[:]
+                rss = [rss_mb()]
+                sampling = True
+
+                async def sample() -> None:
+                    while sampling:
+                        rss.append(rss_mb())
+                        await asyncio.sleep(1.0)  # sampling interval
+
+                sampler = asyncio.create_task(sample())
+                assert isinstance(rec.pipeline, TimingPipeline)
+                frames0, t0, c0 = rec.pipeline.frames, time.perf_counter(), time.process_time()
+                sent = await feeder.ticks(insts, MIXED_CHANNELS, args.mixed_s, MIXED_HZ)
+                timing = rec.pipeline
+                assert isinstance(timing, TimingPipeline)
+                counted: TimingPipeline = timing
+                await rec.delivery.wait_for(lambda s: counted.frames - frames0 >= sent and s.queued == 0
+                                            and s.journal_entries == 0, 120)
+                t1, c1 = time.perf_counter(), time.process_time()
+                sampling = False
+                await sampler
+                rss.append(rss_mb())
+            finally:
+                await rec.close()
     finally:
         feeder.stop()
+    lat = rec.sink.latencies_ns
+    frames = max(1, sent)
+    return {"instruments": n, "frames": sent, "frames_s": frames / (t1 - t0),
+            "cpu_us_per_msg": (c1 - c0) / frames * 1e6,
+            "floor_cpu_us": floor.cpu_us_per_msg, "floor_frames_s": floor.msgs_s, "core_share": (c1 - c0) / (t1 - t0),
+            "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99), "rss_start_mb": rss[0], "rss_end_mb": rss[-1],
+            "rss_peak_mb": max(rss)}
+
+
+def journal_extra(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if args.sync_interval_ms is not None:
+        out["sync_interval_ms"] = args.sync_interval_ms
+    if args.cursor_interval_ms is not None:
+        out["cursor_interval_ms"] = args.cursor_interval_ms
+    return out
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    insts = [f"BENCH{i}-USDT" for i in range(max(1, args.instruments))]
+    extra = journal_extra(args)
+    broker = EmbeddedBroker()
+    await broker.start()
+    soak = None
+    mixed: list[dict[str, float]] = []
+    try:
+        feeder = Feeder(insts)
+        try:
+            with tempfile.TemporaryDirectory(prefix="okx-bench-") as tmp:
+                floor = await floor_run(feeder, insts[0], args.messages, not args.no_compression)
+                rec = await start_recorder(feeder.ws_base, broker.bootstrap_servers, insts, Path(tmp),
+                                           not args.no_raw, not args.no_compression, extra)
+                await throughput_run(rec, feeder, insts[0], min(5_000, args.messages))  # warm-up
+                thr = await throughput_run(rec, feeder, insts[0], args.messages)
+                # "Half the saturation rate": half of what this run just sustained flat out, unless given.
+                rate = args.rate or max(100, int(thr["msgs_s"] / 2))
+                paced = await paced_run(rec, feeder, insts[:1], rate, args.paced_s)
+                if args.soak_s > 0:
+                    soak = await paced_run(rec, feeder, insts, args.soak_rate, args.soak_s)
+                await rec.close()
+        finally:
+            feeder.stop()
+        for n in args.mixed:
+            mixed.append(await mixed_run(args, n, broker.bootstrap_servers, extra))
+    finally:
         await broker.stop()
-    report(args, floor, thr, paced, soak)
+    report(args, floor, thr, paced, soak, mixed)
     return 0
 
 
@@ -341,21 +502,24 @@ TARGET_PER_CORE = 30_000
 
 
 def report(args: argparse.Namespace, floor: Floor, thr: dict[str, float], paced: dict[str, float],
-           soak: dict[str, float] | None) -> None:
+           soak: dict[str, float] | None, mixed: Sequence[dict[str, float]] = ()) -> None:
     cores = os.cpu_count()
     per_core = 1e6 / thr["cpu_us_per_msg"]
+    extra = journal_extra(args)
     print(f"\nokx-ingest pipeline benchmark ({args.messages:,} trades-all frames, {cores} cores, "
           f"raw topic {'off' if args.no_raw else 'on'}, permessage-deflate {'off' if args.no_compression else 'on'}, "
-          f"Python {sys.version.split()[0]})\n")
+          f"journal {extra or 'defaults'}, Python {sys.version.split()[0]})\n")
     print(f"{'measure':<44}{'value':>14}{'vs floor':>10}")
     print(f"{'floor: bare client, receive + orjson.loads':<44}{floor.msgs_s:>10,.0f}/s {1.0:>9.2f}")
     print(f"{'floor CPU per message':<44}{floor.cpu_us_per_msg:>11.1f} us {1.0:>9.2f}")
     print(f"{'recorder: receive -> broker ack':<44}{thr['msgs_s']:>10,.0f}/s {thr['msgs_s'] / floor.msgs_s:>9.2f}")
-    print(f"{'recorder CPU per message':<44}{thr['cpu_us_per_msg']:>11.1f} us "
+    print(f"{'recorder CPU per message (flat out)':<44}{thr['cpu_us_per_msg']:>11.1f} us "
           f"{thr['cpu_us_per_msg'] / floor.cpu_us_per_msg:>9.2f}")
     verdict = "meets" if per_core >= TARGET_PER_CORE else "misses"
     print(f"{'recorder messages per core-second':<44}{per_core:>10,.0f}/s   ({verdict} the {TARGET_PER_CORE:,} target)")
     print(f"{'receive -> ack p50 / p99 (flat out)':<44}{thr['p50_ms']:>6.1f} / {thr['p99_ms']:.1f} ms")
+    label = f"paced at {int(paced['rate']):,} msgs/s: CPU per message"
+    print(f"{label:<44}{paced['cpu_us_per_msg']:>11.1f} us {paced['cpu_us_per_msg'] / floor.cpu_us_per_msg:>9.2f}")
     label = f"receive -> ack p50 / p99 at {int(paced['rate']):,} msgs/s"
     print(f"{label:<44}{paced['p50_ms']:>6.1f} / {paced['p99_ms']:.1f} ms")
     print(f"{'RSS start / end / peak (paced)':<44}{paced['rss_start_mb']:>6.0f} / {paced['rss_end_mb']:.0f}"
@@ -364,17 +528,44 @@ def report(args: argparse.Namespace, floor: Floor, thr: dict[str, float], paced:
         label = f"soak: {args.instruments} instruments, {int(soak['rate']):,}/s, {int(args.soak_s)} s"
         print(f"{label:<44}p99 {soak['p99_ms']:.1f} ms, RSS {soak['rss_start_mb']:.0f} -> "
               f"{soak['rss_1min_mb']:.0f} after 1 min -> {soak['rss_end_mb']:.0f} MB (peak {soak['rss_peak_mb']:.0f})")
+    if mixed:
+        print(f"\nmixed load: instruments x ({', '.join(MIXED_CHANNELS)}), market ticks at {MIXED_HZ:.0f}/s for "
+              f"{args.mixed_s:.0f} s; floor = the bare client on the same subscriptions, same run")
+        print(f"{'instruments':>11}{'frames/s':>10}{'CPU/frame':>11}{'floor':>9}{'vs floor':>9}{'core':>7}"
+              f"{'p50 / p99 ms':>16}{'RSS start/end/peak MB':>24}")
+        for m in mixed:
+            print(f"{int(m['instruments']):>11}{m['frames_s']:>10,.0f}{m['cpu_us_per_msg']:>8.1f} us"
+                  f"{m['floor_cpu_us']:>6.1f} us{m['cpu_us_per_msg'] / m['floor_cpu_us']:>8.2f}x"
+                  f"{m['core_share']:>7.2f}{m['p50_ms']:>7.1f} / {m['p99_ms']:<6.1f}"
+                  f"{m['rss_start_mb']:>10.0f} / {m['rss_end_mb']:.0f} / {m['rss_peak_mb']:.0f}")
+    if args.json:
+        print("JSON " + orjson.dumps({"floor": floor.__dict__, "flat": thr, "paced": paced, "soak": soak,
+                                      "mixed": list(mixed), "journal": extra}).decode())
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected instrument counts like 10,100,300; got {text!r}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="make bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--messages", type=int, default=100_000)
-    p.add_argument("--rate", type=int, default=5_000, help="paced run: msgs/s")
+    p.add_argument("--rate", type=int, default=0, help="paced run: msgs/s (default: half the flat-out rate)")
     p.add_argument("--paced-s", type=float, default=10.0)
     p.add_argument("--instruments", type=int, default=1, help="instruments in the soak run")
     p.add_argument("--soak-s", type=float, default=0.0, help="soak run length (e.g. 600 with --instruments 100)")
     p.add_argument("--soak-rate", type=int, default=5_000)
+    p.add_argument("--mixed", type=_int_list, default=[10, 100, 300],
+                   help="instrument counts of the mixed load (comma-separated; empty string: skip it)")
+    p.add_argument("--mixed-s", type=float, default=5.0, help="mixed load: seconds of market ticks per size")
+    p.add_argument("--sync-interval-ms", type=int, default=None, help="journal.sync_interval_ms (0: every batch)")
+    p.add_argument("--cursor-interval-ms", type=int, default=None,
+                   help="journal.cursor_interval_ms (0: every acknowledgement)")
+    p.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     p.add_argument("--no-raw", action="store_true", help="do not publish okx.raw")
     p.add_argument("--no-compression", action="store_true", help="no permessage-deflate (ws.compression = false)")
     args = p.parse_args(argv)

@@ -480,6 +480,13 @@ class JournalSettings(_Section):
     close_timeout_s: Annotated[float, Field(ge=0)] = Field(
         default=10.0, description="on shutdown, how long to keep draining to Kafka before leaving the rest journaled"
     )
+    sync_interval_ms: Annotated[int, Field(ge=0)] = Field(
+        default=10, description="fsync \"batch\": appended entries are fsynced together at most this often (a power "
+                                "cut loses at most this long of journaled, not yet sent records; adds up to it to "
+                                "receive -> ack latency)")
+    cursor_interval_ms: Annotated[int, Field(ge=0)] = Field(
+        default=100, description="the acknowledgement cursor is saved at most this often (a crash resends the "
+                                 "records Kafka acknowledged in the last interval; consumers dedupe by recordId)")
 
     @model_validator(mode="after")
     def _bounds(self) -> JournalSettings:

@@ -20,7 +20,9 @@ Guarantees:
   journal's read cache (`cache_bytes`) and one batch in flight (`drain_batch_bytes`).
 - SIGKILL loses at most what was not yet journaled: the records still in the in-memory queue
   (`stats.queued`, at most `queue_size`). Anything journaled survives a SIGKILL; with fsync "batch" it
-  also survives a power cut. A restart resends every journaled record Kafka had not acknowledged.
+  also survives a power cut once its grouped fsync ran (at most `sync_interval_ms` after it was journaled;
+  until then it is not sent either). A restart resends every journaled record after the saved cursor:
+  the unacknowledged ones, and those acknowledged within the last `cursor_interval_ms` (journal.py).
 - A full journal (`max_bytes`) or a full disk is an alarm (`stats.journal_full`, one `journal_full`
   warning), not a crash: the writer stops taking records, the queue fills, put() waits, the pipeline and
   its sockets slow down (OKX then applies its own limits or disconnects: a visible gap, never a silent
@@ -301,10 +303,21 @@ class Delivery:
         stats = self.stats
         while True:
             if not buf:
-                if self._closing:
-                    return
-                self._nonempty.clear()
-                await self._nonempty.wait()
+                wait_s = journal.sync_wait_s()
+                if wait_s is None:
+                    if self._closing:
+                        return
+                    self._nonempty.clear()
+                    await self._nonempty.wait()
+                    continue
+                if wait_s > 0 and not self._closing:
+                    # Appended entries wait for the grouped fsync; new records are appended meanwhile.
+                    self._nonempty.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(wait_s):
+                            await self._nonempty.wait()
+                    continue
+                await self._sync(None)
                 continue
             # Cleared before trying, not before waiting: an ack landing while we fsync must still wake us.
             self._space_freed.clear()
@@ -330,19 +343,28 @@ class Delivery:
                 stats.queued -= len(chunk)
             if appended:
                 self._space.set()
-                try:
-                    await journal.sync()
-                except JournalFullError as exc:  # fsync found the disk full
-                    full = exc
-                self._readable.set()
-                self._sync_journal_stats()
-                if full is None:
-                    self._clear_full_alarm()
-                self._notify()
+                if self._closing or journal.sync_wait_s() == 0:
+                    full = await self._sync(full)
+                else:
+                    self._sync_journal_stats()
+                    self._notify()
             if full is not None:
                 if self._closing and full.disk_full:
                     return  # nowhere to put them: close() reports what is lost
                 await self._wait_for_space(full)
+
+    async def _sync(self, full: JournalFullError | None) -> JournalFullError | None:
+        """One grouped fsync of everything appended so far, then hand it to the sender."""
+        try:
+            await self.journal.sync()
+        except JournalFullError as exc:  # fsync found the disk full
+            full = exc
+        self._readable.set()
+        self._sync_journal_stats()
+        if full is None:
+            self._clear_full_alarm()
+        self._notify()
+        return full
 
     def _clear_full_alarm(self) -> None:
         """End the alarm once appends succeed with room to spare (hysteresis: no flapping while draining)."""
@@ -378,6 +400,7 @@ class Delivery:
         stats = self.stats
         while True:
             self._readable.clear()
+            journal.save_cursor()  # when its interval allows: at most one cursor write per interval
             entries = journal.read(self.drain_batch_bytes)
             if not entries:
                 stats.oldest_pending_ms = None
@@ -385,7 +408,13 @@ class Delivery:
                     return
                 if self.failure is not None:
                     return
-                await self._readable.wait()
+                cursor_s = journal.cursor_wait_s()
+                if cursor_s is None:
+                    await self._readable.wait()
+                else:  # idle with a deferred cursor write: do it when due, so it lags by one interval at most
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(cursor_s):
+                            await self._readable.wait()
                 continue
             stats.oldest_pending_ms = entries[0].ts_ms
             records = _records_of(entries)

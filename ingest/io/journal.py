@@ -20,10 +20,22 @@ torn tail of a write that a crash interrupted: it is truncated and logged, never
 an older segment (disk corruption) is cut the same way and logged as an error, with what was cut. A bad or
 missing cursor means "nothing acknowledged": everything on disk is resent, which at-least-once allows.
 
-Durability per `fsync`: "batch" fsyncs after every appended batch (a power cut loses nothing the writer
-reported journaled; entries become readable only once synced), "segment" fsyncs a segment when it is
-rotated, "never" leaves it to the OS. A SIGKILL loses nothing once `append` returned: the data is in the
-page cache, only a kernel crash or power cut can lose unsynced bytes.
+Durability is decided per group, not per record batch (the figures are in docs/PERFORMANCE.md):
+
+* fsync, `fsync` "batch": appended entries are fsynced together, at most once per `sync_interval_s`
+  (`sync_wait_s` says when the next one is due; the writer appends meanwhile). Entries become readable
+  (are sent) only once synced, so Kafka never has a record the journal could lose. A power cut loses at
+  most the entries appended since the last completed fsync: at most one sync interval (plus the fsync then
+  running), none of them sent yet. "segment" fsyncs a segment when it is rotated; "never" leaves it to
+  the OS. A SIGKILL loses nothing once `append` returned, whatever the policy: the data is in the page
+  cache; only a kernel crash or power cut can lose unsynced bytes.
+* cursor: `ack` moves the acknowledgement in memory at once (deleting fully acknowledged segments), but
+  the cursor file is rewritten at most once per `cursor_interval_s` (`cursor_wait_s` says when a deferred
+  write is due; the caller calls `save_cursor`) and always by `close`. A crash of any kind therefore
+  resends the entries acknowledged since the last cursor write: those acknowledged during the last cursor
+  interval, plus the sink write in flight. Nothing acknowledged is lost (it is in Kafka), and a consumer
+  drops the resent copies by `record_id`. The cursor file is not fsynced: after a power cut it may be older
+  still, which again only means more resends.
 
 Reading: recently appended entries stay in memory (up to `cache_bytes`) so the healthy path never reads
 its own writes back; when the sender falls behind (broker slow or down) the oldest cached entries are
@@ -48,7 +60,7 @@ import struct
 import time
 import zlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -124,6 +136,26 @@ class _Disk(Enum):
     CACHED = "cached"  # the next frame is the oldest entry still in memory: read on from the cache
 
 
+class Interval:
+    """At most one action per `interval_s` of a monotonic clock: the rule behind grouped fsyncs and cursor
+    writes. Pure (time passed in), so its decisions are tested with a fake clock."""
+
+    __slots__ = ("interval_s", "last")
+
+    def __init__(self, interval_s: float) -> None:
+        if interval_s < 0:
+            raise ValueError("interval_s must be >= 0")
+        self.interval_s = interval_s
+        self.last = float("-inf")
+
+    def wait_s(self, now: float) -> float:
+        """Seconds until the action is due again (0: now)."""
+        return max(0.0, self.last + self.interval_s - now)
+
+    def done(self, now: float) -> None:
+        self.last = now
+
+
 class Journal:
     """An append-only segment journal of EncodedRecords with a restart-proof acknowledgement cursor.
 
@@ -140,6 +172,9 @@ class Journal:
         segment_bytes: int = 64 * 1024**2,
         fsync: FsyncPolicy = "batch",
         cache_bytes: int = 32 * 1024**2,
+        sync_interval_s: float = 0.0,
+        cursor_interval_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if segment_bytes <= SEGMENT_HEADER_BYTES + FRAME_HEADER_BYTES or max_bytes < 2 * segment_bytes:
             raise ValueError("journal needs segment_bytes > 36 and max_bytes >= 2 * segment_bytes")
@@ -171,11 +206,17 @@ class Journal:
         self._disk: tuple[int, int] | None = None  # next frame to read from disk, while not reading the cache
         self._inflight: deque[tuple[int, int, int]] = deque()  # (seq, count, size) read, not yet acked
         self._cursor_failing = False
+        self._clock = clock
+        self._sync_every = Interval(sync_interval_s)
+        self._cursor_every = Interval(cursor_interval_s)
+        self._saved_seq = 0  # acked seq the cursor file holds (as far as this process knows)
 
     @classmethod
     def from_settings(cls, settings: JournalSettings) -> Journal:
         return cls(settings.dir, max_bytes=settings.max_bytes, segment_bytes=settings.segment_bytes,
-                   fsync=settings.fsync, cache_bytes=settings.cache_bytes)
+                   fsync=settings.fsync, cache_bytes=settings.cache_bytes,
+                   sync_interval_s=settings.sync_interval_ms / 1000,
+                   cursor_interval_s=settings.cursor_interval_ms / 1000)
 
     # -- state, for stats ---------------------------------------------------------------------------
 
@@ -214,6 +255,11 @@ class Journal:
     def next_seq(self) -> int:
         return self._next_seq
 
+    @property
+    def saved_seq(self) -> int:
+        """The acknowledged seq the cursor file holds: a crash now resends the entries after it."""
+        return self._saved_seq
+
     def segment_paths(self) -> list[Path]:
         return [s.path for s in self._segments]
 
@@ -245,6 +291,7 @@ class Journal:
         if self._lock_fd is None:
             return
         try:
+            self.save_cursor(force=True)
             if self.fsync_policy != "never":
                 self._sync_files(self._collect_sync(force=True), self.directory if self._dir_dirty else None)
                 self._dir_dirty = False
@@ -412,9 +459,26 @@ class Journal:
             self._active_dirty = False
         return fds
 
+    def sync_wait_s(self) -> float | None:
+        """When `sync()` is worth calling: None when nothing waits for it, else seconds until it is due (0: now).
+
+        With "batch", fsyncs are at most `sync_interval_s` apart; the other policies only publish appended
+        entries to the reader (and fsync rotated segments), which costs nothing, so they are always due."""
+        if self._wfd is None:
+            return None
+        appended = self._durable_seq < self._next_seq - 1
+        if self.fsync_policy == "never":
+            return 0.0 if appended else None
+        if not appended and not self._to_sync and not self._dir_dirty:
+            return None
+        if self.fsync_policy != "batch":
+            return 0.0
+        return self._sync_every.wait_s(self._clock())
+
     async def sync(self, *, force: bool = False) -> None:
         """Make appended entries durable per the policy (`force`: regardless of it, unless 'never'),
-        then let the reader see them. One fsync per call, in a worker thread."""
+        then let the reader see them. One fsync per call, in a worker thread; not rate-limited here
+        (`sync_wait_s` is the writer's schedule)."""
         if self._wfd is None:
             return
         target = self._next_seq - 1
@@ -426,6 +490,7 @@ class Journal:
         dir_dirty, self._dir_dirty = self._dir_dirty, False
         try:
             if fds or dir_dirty:
+                self._sync_every.done(self._clock())
                 await asyncio.to_thread(self._sync_files, fds, self.directory if dir_dirty else None)
         except OSError as exc:
             log.error("journal_fsync_failed", extra={"dir": str(self.directory), "error": str(exc)})
@@ -551,9 +616,26 @@ class Journal:
         # Delete before saving the cursor: deleting is safe with a stale cursor (those entries were delivered),
         # and on a full disk it frees the space the cursor needs.
         self._delete_acked_segments()
-        self._write_cursor()
+        self.save_cursor()
 
-    def _write_cursor(self) -> None:
+    def cursor_wait_s(self) -> float | None:
+        """None when the cursor file is up to date, else seconds until `save_cursor()` will write it (0: now)."""
+        if self._lock_fd is None or self._acked_seq == self._saved_seq:
+            return None
+        return self._cursor_every.wait_s(self._clock())
+
+    def save_cursor(self, *, force: bool = False) -> bool:
+        """Write the acknowledgement to the cursor file if it moved and the interval allows (`force`: now).
+        Returns whether it wrote."""
+        if self._lock_fd is None or self._acked_seq == self._saved_seq:
+            return False
+        now = self._clock()
+        if not force and self._cursor_every.wait_s(now) > 0:
+            return False
+        self._cursor_every.done(now)
+        return self._write_cursor()
+
+    def _write_cursor(self) -> bool:
         body = _CURSOR.pack(self._acked_seq, zlib.crc32(self._acked_seq.to_bytes(8, "little")))
         tmp = self.directory / "cursor.tmp"
         try:
@@ -571,10 +653,12 @@ class Journal:
                 log.warning("journal_cursor_write_failed", extra={
                     "dir": str(self.directory), "error": str(exc),
                     "consequence": "after a restart, entries since the last saved cursor are sent again"})
-            return
+            return False
+        self._saved_seq = self._acked_seq
         if self._cursor_failing:
             self._cursor_failing = False
             log.info("journal_cursor_write_recovered", extra={"dir": str(self.directory)})
+        return True
 
     def _delete_acked_segments(self) -> None:
         while len(self._segments) > 1 and (self._segments[0].empty or self._segments[0].last_seq <= self._acked_seq):
@@ -633,7 +717,7 @@ class Journal:
             if first_unacked is None and unacked_at is not None:
                 first_unacked = (seg.first_seq, unacked_at)
             segments.append(seg)
-        self._acked_seq = acked
+        self._acked_seq = self._saved_seq = acked
         self._next_seq = max(last_seq, acked) + 1
         self._durable_seq = self._next_seq - 1
         self._read_seq = acked

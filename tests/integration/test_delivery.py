@@ -405,3 +405,67 @@ async def test_idempotence_is_on_for_real_kafka_settings_and_off_for_the_embedde
         await wrong.start()
     assert not err.value.retriable and "enable_idempotence = false" in str(err.value)
     await wrong.close()
+
+
+SIGKILLED_STREAMING_CHILD = textwrap.dedent("""
+    import asyncio, sys
+    from pathlib import Path
+    from ingest.core.backoff import full_jitter
+    from ingest.io.delivery import Delivery
+    from ingest.io.journal import Journal
+    from tests.integration.test_delivery import record, sink_for
+
+    async def main(bootstrap: str, directory: str, topic: str, n: int) -> None:
+        # Only the first acknowledgement reaches the cursor file: the interval outlasts the test.
+        journal = Journal(Path(directory), fsync="batch", sync_interval_s=0.01, cursor_interval_s=3600,
+                          segment_bytes=64 * 1024, max_bytes=64 * 1024**2, cache_bytes=16 * 1024)
+        delivery = Delivery(sink_for(bootstrap), journal, queue_size=200, drain_batch_bytes=32 * 1024,
+                            backoff=lambda: full_jitter(0.02, 0.2))
+        await delivery.start()
+        told = False
+        for i in range(n):
+            await delivery.put(record(topic, i))
+            s = delivery.stats
+            if not told and s.records_out >= n // 4:
+                print("acked", s.records_out, "journaled", s.records_in - s.queued, flush=True)
+                told = True
+        await asyncio.Event().wait()  # until SIGKILL
+
+    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])))
+""")
+
+
+async def test_a_process_sigkilled_mid_stream_loses_nothing_acknowledged_or_journaled_and_resends_only_acked(
+    kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path, delivery_cleanup: list[Delivery]
+) -> None:
+    """Kafka up, records flowing, grouped fsyncs and a cursor saved only once: after the SIGKILL the restart
+    delivers every record reported acknowledged or journaled, and resends nothing Kafka had not acknowledged
+    already (the duplicates are bounded by what the broker held at the kill)."""
+    topic = f"{topic_prefix}sigkillstream"
+    n = 20_000
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", SIGKILLED_STREAMING_CHILD, kafka_broker.bootstrap_servers, str(tmp_path), topic,
+        str(n), cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE)
+    try:
+        assert child.stdout is not None
+        line = (await asyncio.wait_for(child.stdout.readline(), WAIT_S)).split()
+    finally:
+        child.kill()  # SIGKILL mid-stream: records acknowledged, in flight, journaled and queued
+        await child.wait()
+    assert line[0] == b"acked" and line[2] == b"journaled"
+    acked, journaled = int(line[1]), int(line[3])
+    assert 0 < acked <= journaled < n
+
+    before = await consume(kafka_broker.bootstrap_servers, [topic], acked)  # what Kafka acknowledged
+    delivery = delivery_for(sink_for(kafka_broker.bootstrap_servers), tmp_path)
+    delivery_cleanup.append(delivery)
+    await delivery.start()
+    resent = delivery.stats.journal_records
+    await delivery.flush(WAIT_S)
+    got = await consume(kafka_broker.bootstrap_servers, [topic], len(before) + resent)
+
+    delivered = {int.from_bytes(r.value[:8], "big") for r in got}
+    upto = max(delivered) + 1
+    assert upto >= journaled  # everything reported journaled (and so everything acknowledged) is there
+    assert_exactly_in_order(got, [record(topic, i) for i in range(upto)], max_duplicates=len(before))
+    assert len(got) - len(delivered) > 0  # the stale cursor did cost resends, of acknowledged records only

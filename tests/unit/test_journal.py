@@ -14,6 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from ingest.io.journal import (
     SEGMENT_HEADER_BYTES,
+    Interval,
     Journal,
     JournalEntry,
     JournalError,
@@ -339,3 +340,88 @@ def test_reading_from_disk_hands_over_to_the_cache_at_a_segment_boundary(tmp_pat
     journal.ack(7)
     assert journal.pending_entries == 0
     journal.close_sync()
+
+
+class FakeClock:
+    """Monotonic seconds that move only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_interval_is_due_at_once_then_at_most_once_per_interval() -> None:
+    every = Interval(0.25)
+    assert every.wait_s(5.0) == 0
+    every.done(5.0)
+    assert every.wait_s(5.125) == 0.125
+    assert every.wait_s(5.25) == 0
+
+
+def test_the_cursor_is_saved_at_most_once_per_interval_and_a_crash_resends_only_what_was_acked_since(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    journal = Journal(tmp_path / "j", fsync="never", cursor_interval_s=0.25, clock=clock)
+    journal.open()
+    for i in range(1, 6):
+        journal.append([record(i)])
+    journal.read(1 << 20)
+    journal.ack(1)  # the first acknowledgement is saved at once
+    assert journal.saved_seq == 1 and journal.cursor_wait_s() is None
+    clock.now += 0.125
+    journal.ack(3)  # within the interval: in memory only
+    assert (journal.acked_seq, journal.saved_seq) == (3, 1)
+    assert journal.cursor_wait_s() == 0.125
+    # A crash now (the files as a SIGKILL leaves them) resends entries 2-5: 2 and 3 were acknowledged
+    # within the last interval, 4 and 5 never were.
+    shutil.copytree(tmp_path / "j", tmp_path / "crashed")
+    crashed = opened(tmp_path / "crashed")
+    assert [e.seq for e in read_all(crashed)] == [2, 3, 4, 5]
+    crashed.close_sync()
+    clock.now += 0.125
+    assert journal.cursor_wait_s() == 0
+    assert journal.save_cursor() and journal.saved_seq == 3
+    journal.ack(5)
+    journal.close_sync()  # close saves the cursor whatever the interval
+    assert read_all(opened(tmp_path / "j")) == []
+
+
+async def test_fsync_batch_groups_syncs_at_most_once_per_interval_and_entries_wait_for_it(tmp_path: Path) -> None:
+    clock = FakeClock()
+    journal = Journal(tmp_path, fsync="batch", sync_interval_s=0.25, clock=clock)
+    await journal.start()
+    assert journal.sync_wait_s() == 0  # the new segment's directory entry
+    await journal.sync()
+    assert journal.sync_wait_s() is None  # nothing appended since: nothing to wait for
+    clock.now += 0.25
+    journal.append([record(1)])
+    assert journal.sync_wait_s() == 0
+    await journal.sync()
+    assert [e.seq for e in journal.read(1 << 20)] == [1]
+    journal.append([record(2)])
+    clock.now += 0.125
+    journal.append([record(3)])
+    assert journal.sync_wait_s() == 0.125  # the next fsync waits for the interval ...
+    assert journal.read(1 << 20) == []  # ... and so do the entries: nothing unsynced is sent
+    clock.now += 0.125
+    assert journal.sync_wait_s() == 0
+    await journal.sync()  # one fsync for both
+    assert [e.seq for e in journal.read(1 << 20)] == [2, 3]
+    assert journal.sync_wait_s() is None
+    await journal.close()
+
+
+async def test_intervals_of_zero_sync_and_save_on_every_call(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, fsync="batch", clock=FakeClock())
+    await journal.start()
+    for i in (1, 2):
+        journal.append([record(i)])
+        assert journal.sync_wait_s() == 0
+        await journal.sync()
+        journal.read(1 << 20)
+        journal.ack(i)
+        assert journal.saved_seq == i
+    await journal.close()
