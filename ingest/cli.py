@@ -147,6 +147,15 @@ with --channel, the exit code says how the range ended: 0 filled, 3 partial, 4 u
   okx-ingest tail okx.gaps okx.dlq --from 2026-11-24T10:00:00Z
   okx-ingest tail books --follow --format json --config okx-ingest.toml | jq .value.seqId
   okx-ingest tail trades --bootstrap 127.0.0.1:39092 --follow      (the address `demo` prints)""",
+    "archive": """examples:
+  okx-ingest archive --config okx-ingest.toml              (every topic into archive.url, until SIGTERM)
+  okx-ingest archive verify --date 2026-11-24 --config okx-ingest.toml
+  okx-ingest archive compact --date 2026-11-24 --config okx-ingest.toml""",
+    "replay": """examples:
+  okx-ingest replay --from 2026-11-24T10:00:00Z --to 2026-11-24T11:00:00Z --source var/archive --inst BTC-USDT
+  okx-ingest replay --from 2026-11-24T10:00Z --to 2026-11-24T10:05Z --book-snapshots 10:1000 --out books.jsonl
+  okx-ingest replay --from 2026-11-24T10:00Z --to 2026-11-25T00:00Z --format hftbacktest --out btc.npz
+  okx-ingest replay serve --port 8765 --from 2026-11-24T10:00Z --to 2026-11-24T11:00Z --speed 10""",
 }
 
 

@@ -468,4 +468,5 @@ async def test_a_process_sigkilled_mid_stream_loses_nothing_acknowledged_or_jour
     upto = max(delivered) + 1
     assert upto >= journaled  # everything reported journaled (and so everything acknowledged) is there
     assert_exactly_in_order(got, [record(topic, i) for i in range(upto)], max_duplicates=len(before))
-    assert len(got) - len(delivered) > 0  # the stale cursor did cost resends, of acknowledged records only
+    # Whether the stale cursor cost any resend depends on when the kill lands (after the last ack, nothing
+    # is resent): the bound above is the guarantee; the interval logic itself is tested on fake time.
