@@ -148,6 +148,9 @@ log_format = "text"
     # A last run catches up; then it is stopped cleanly (SIGTERM: drain, commit, exit 0).
     write_config(1_000_000)
     proc = start_archiver(config, log)
+    # Its signal handlers are in place once it says it started; a SIGTERM before that would be a test race
+    # (the archive may already be complete from the killed runs).
+    await until(lambda: log.read_text().count("archive_started") > kills, log)
     deadline = time.monotonic() + 90
     while set(archive_records(root)) != set(on_topics):
         assert time.monotonic() < deadline, f"archive incomplete; log:\n{tail(log)}"
