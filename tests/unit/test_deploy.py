@@ -47,13 +47,16 @@ def test_systemd_units_run_a_valid_command_with_credentials_from_loadcredential(
     argv = shlex.split(exec_start)
     assert argv[0].endswith("/okx-ingest")
     args = _parser().parse_args(argv[1:])
-    assert args.command in ("run", "backfill")
+    assert args.command in ("run", "backfill", "archive")
     env = dict(e.split("=", 1) for e in u.get("Environment", []))
-    loaded = {c.split(":", 1)[0] for c in u["LoadCredential"]}
-    for name in ENV_NAMES:
-        assert env[f"{name}_FILE"] == f"%d/{name.lower()}"  # %d is systemd's credentials directory
-        assert name.lower() in loaded
-    assert u["ExecReload"] == ["/bin/kill -HUP $MAINPID"]  # SIGHUP re-reads credentials
+    loaded = {c.split(":", 1)[0] for c in u.get("LoadCredential", [])}
+    if args.command == "archive":  # it never talks to OKX: no OKX key on its host process
+        assert not loaded and not any(f"{name}_FILE" in env for name in ENV_NAMES)
+    else:
+        for name in ENV_NAMES:
+            assert env[f"{name}_FILE"] == f"%d/{name.lower()}"  # %d is systemd's credentials directory
+            assert name.lower() in loaded
+        assert u["ExecReload"] == ["/bin/kill -HUP $MAINPID"]  # SIGHUP re-reads credentials
     assert u["KillSignal"] == ["SIGTERM"] and u["KillMode"] == ["mixed"]  # the daemon drains, then stops children
     _settings_env(env, monkeypatch)
 
@@ -78,21 +81,26 @@ def test_kubernetes_config_loads_and_containers_find_their_credentials(
     config = tmp_path / "okx-ingest.toml"
     config.write_text(configmap["data"]["okx-ingest.toml"])
     workloads = [d for d in docs if d["kind"] in ("StatefulSet", "Deployment")]
-    assert {w["metadata"]["name"] for w in workloads} == {"okx-ingest", "okx-ingest-backfill"}
-    # OKX's REST limits are per IP and per key across processes: their shares must not add up past 1.
-    processes = sum(w["spec"]["replicas"] for w in workloads)
+    assert {w["metadata"]["name"] for w in workloads} == {"okx-ingest", "okx-ingest-backfill", "okx-ingest-archive"}
+    # OKX's REST limits are per IP and per key across the processes that call OKX: shares must not add up past 1.
+    processes = sum(w["spec"]["replicas"] for w in workloads if w["metadata"]["name"] != "okx-ingest-archive")
     assert load_settings(config).okx.rest_limit_share * processes <= 1.0
+    assert load_settings(config).archive.url.startswith("s3://")  # a pod's disk does not outlive the pod
     for w in workloads:
         spec = w["spec"]["template"]["spec"]
         [container] = spec["containers"]
         args = _parser().parse_args(container["args"])
-        assert args.command in ("run", "backfill")
+        assert args.command in ("run", "backfill", "archive")
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
         secret_volumes = {v["name"] for v in spec["volumes"] if "secret" in v}
         env = {e["name"]: e.get("value") for e in container["env"]}
-        for name in ENV_NAMES:
-            path = Path(env[f"{name}_FILE"])
-            assert mounts.get(str(path.parent)) in secret_volumes, f"{name}_FILE is not on a secret volume"
+        credential_files = [f"{name}_FILE" for name in ENV_NAMES]
+        if args.command == "archive":  # no OKX key; S3 credentials (if any) from a secret volume
+            assert not set(credential_files) & env.keys()
+            credential_files = ["AWS_SHARED_CREDENTIALS_FILE"]
+        for var in credential_files:
+            path = Path(env[var])
+            assert mounts.get(str(path.parent)) in secret_volumes, f"{var} is not on a secret volume"
         probes = {container["livenessProbe"]["httpGet"]["path"], container["readinessProbe"]["httpGet"]["path"]}
         assert probes == {"/healthz", "/readyz"}
         _settings_env({k: v for k, v in env.items() if v is not None}, monkeypatch, config)
@@ -113,12 +121,21 @@ def test_systemd_units_do_not_restart_on_a_configuration_error(unit: Path) -> No
     assert u["RestartPreventExitStatus"] == ["2"]
 
 
-def test_recorder_and_backfill_worker_on_one_config_listen_on_different_ports() -> None:
-    """Both systemd units read the same file: the worker's health server must not take the recorder's port."""
+def test_recorder_backfill_worker_and_archiver_on_one_config_listen_on_different_ports() -> None:
+    """The systemd units read the same file: no service's health server may take another's port."""
     settings = load_settings(ROOT / "config" / "okx-ingest.toml")
-    assert settings.backfill.metrics_port != settings.obs.metrics_port
+    ports = [settings.obs.metrics_port, settings.backfill.metrics_port, settings.archive.metrics_port]
+    assert len(set(ports)) == 3
     configs = {_unit(u)["ExecStart"][0].split("--config", 1)[1].strip() for u in UNITS}
-    assert len(UNITS) == 2 and len(configs) == 1  # the case this guards: one file for both units
+    assert len(UNITS) == 3 and len(configs) == 1  # the case this guards: one file for every unit
+
+
+def test_archive_unit_waits_out_the_drain_before_systemd_kills_it() -> None:
+    """SIGKILL before the drain ends loses no record (nothing uncommitted is lost) but redoes work: give the
+    drain and the consumer's bounded stop their time."""
+    settings = load_settings(ROOT / "config" / "okx-ingest.toml")
+    [unit] = [u for u in UNITS if u.name == "okx-ingest-archive.service"]
+    assert int(_unit(unit)["TimeoutStopSec"][0]) >= settings.archive.drain_timeout_s + 10
 
 
 def test_kubernetes_metrics_listen_on_the_pod_ip_and_the_port_each_process_binds(
@@ -134,7 +151,8 @@ def test_kubernetes_metrics_listen_on_the_pod_ip_and_the_port_each_process_binds
         env = {e["name"]: e for e in container["env"]}
         assert env["OKX_INGEST__OBS__METRICS_HOST"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
         command = _parser().parse_args(container["args"]).command
-        bound = settings.obs.metrics_port if command == "run" else settings.backfill.metrics_port
+        bound = {"run": settings.obs.metrics_port, "backfill": settings.backfill.metrics_port,
+                 "archive": settings.archive.metrics_port}[command]
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["metrics"] == bound
         assert w["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(bound)

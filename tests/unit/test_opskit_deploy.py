@@ -86,11 +86,8 @@ def _offline_check(config: Path, env: dict[str, str] | None = None) -> subproces
 def test_every_compose_service_config_passes_the_offline_check(name: str) -> None:
     service = _ingest_services()[name]
     argv = service["command"]
-    if argv[0] in _subcommands():
-        assert _parser().parse_args(argv).command == argv[0]
-    else:
-        # `okx-ingest archive` ships with the archiver; until then its service is opt-in (a compose profile).
-        assert argv[0] == "archive" and service["profiles"] == ["archive"], argv
+    assert argv[0] in _subcommands() and _parser().parse_args(argv).command == argv[0], argv
+    assert "profiles" not in service, f"{name} must start with `docker compose up`"
     config = _host_path(service, argv[argv.index("--config") + 1])
     out = _offline_check(config)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -115,8 +112,9 @@ def test_compose_prometheus_config_loads_the_mounted_rules_and_scrapes_every_okx
     assert out.returncode == 0, out.stdout + out.stderr
     targets = {t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
     settings = load_settings(ROOT / "deploy" / "compose" / "config" / "okx-ingest.toml")
-    ports = {name: settings.backfill.metrics_port if name == "backfill" else settings.obs.metrics_port
-             for name in _ingest_services()}  # each process on the port it binds
+    bound = {"backfill": settings.backfill.metrics_port, "archive": settings.archive.metrics_port}
+    ports = {name: bound.get(name, settings.obs.metrics_port) for name in _ingest_services()}  # the port it binds
+    assert len(set(ports.values())) == len(ports)
     assert targets == {f"{name}:{port}" for name, port in ports.items()}
 
 
@@ -263,16 +261,19 @@ def test_kustomize_output_validates_against_the_kubernetes_schemas(overlay: str)
 
 
 def test_schema_validation_catches_a_broken_manifest() -> None:
-    [deployment] = [d for d in _kustomize(ROOT / "deploy" / "k8s") if d["kind"] == "Deployment"]
+    [deployment] = [d for d in _kustomize(ROOT / "deploy" / "k8s")
+                    if d["kind"] == "Deployment" and d["metadata"]["name"] == "okx-ingest-backfill"]
     deployment["spec"]["replicas"] = "two"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
 
 
 def test_production_overlay_sets_resources_security_and_spreads_replicas() -> None:
-    docs = {d["kind"]: d for d in _kustomize(ROOT / "deploy" / "k8s-production")}
-    for kind in ("StatefulSet", "Deployment"):
-        pod = docs[kind]["spec"]["template"]["spec"]
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in _kustomize(ROOT / "deploy" / "k8s-production")}
+    workloads = [("StatefulSet", "okx-ingest"), ("Deployment", "okx-ingest-backfill"),
+                 ("Deployment", "okx-ingest-archive")]
+    for workload in workloads:
+        pod = docs[workload]["spec"]["template"]["spec"]
         [container] = pod["containers"]
         assert container["image"].startswith("registry.example.com/okx-ingest:")
         resources = container["resources"]
@@ -286,6 +287,6 @@ def test_production_overlay_sets_resources_security_and_spreads_replicas() -> No
         mounts = {m["mountPath"] for m in container["volumeMounts"]}
         assert "/tmp" in mounts or any(e.get("value", "").startswith("/tmp") for e in container["env"])
     # The recorder keeps its journal on its volume; the base's volumes survive the patch.
-    recorder = docs["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
+    recorder = docs[("StatefulSet", "okx-ingest")]["spec"]["template"]["spec"]["containers"][0]
     assert {"/var/lib/okx-ingest", "/etc/okx-ingest", "/var/run/secrets/okx", "/tmp"} <= {
         m["mountPath"] for m in recorder["volumeMounts"]}
