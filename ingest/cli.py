@@ -156,21 +156,30 @@ with --channel, the exit code says how the range ended: 0 filled, 3 partial, 4 u
   okx-ingest replay --from 2026-11-24T10:00Z --to 2026-11-24T10:05Z --book-snapshots 10:1000 --out books.jsonl
   okx-ingest replay --from 2026-11-24T10:00Z --to 2026-11-25T00:00Z --format hftbacktest --out btc.npz
   okx-ingest replay serve --port 8765 --from 2026-11-24T10:00Z --to 2026-11-24T11:00Z --speed 10""",
+    "archive verify": """example:
+  okx-ingest archive verify --config okx-ingest.toml --date 2026-11-24
+exit code 0 when every file matches its manifest, 1 on any missing, corrupt, unlisted or overlapping file.""",
+    "archive compact": """example:
+  okx-ingest archive compact --config okx-ingest.toml --date 2026-11-24
+merges each partition's files below archive.compact_min_bytes; safe to run again or after an interruption.""",
 }
 
 
-def _user_help(parser: argparse.ArgumentParser) -> None:
-    """Put the user-facing description and the examples on the parser and each subcommand."""
-    parser.description = DESCRIPTION
-    parser.epilog = EXAMPLES[None]
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+def _user_help(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """Put the user-facing description and the examples on the parser and each (nested) subcommand, whose
+    examples are keyed by its full name (`archive verify`)."""
+    if not prefix:
+        parser.description = DESCRIPTION
+        parser.epilog = EXAMPLES[None]
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for name, sub in action.choices.items():
-                sub.epilog = EXAMPLES.get(name)
+                sub.epilog = EXAMPLES.get(prefix + name)
                 sub.formatter_class = argparse.RawDescriptionHelpFormatter
                 if sub.description is None:
                     sub.description = next((c.help for c in action._choices_actions if c.dest == name), None)
+                _user_help(sub, f"{prefix}{name} ")
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:

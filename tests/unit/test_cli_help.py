@@ -8,8 +8,18 @@ import pytest
 
 from ingest.cli import _parser, main
 
-COMMANDS = sorted(name for action in _parser()._actions if isinstance(action, argparse._SubParsersAction)
-                  for name in action.choices)
+
+def _commands(parser: argparse.ArgumentParser, prefix: str = "") -> list[str]:
+    """Every subcommand's full name, nested ones too (`archive verify`)."""
+    out: list[str] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out += [prefix + name, *_commands(sub, f"{prefix}{name} ")]
+    return out
+
+
+COMMANDS = sorted(_commands(_parser()))
 
 
 def help_of(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -24,11 +34,12 @@ def test_top_level_help_is_for_users_and_lists_every_command(capsys: pytest.Capt
     assert "okx-ingest demo" in text and "okx-ingest tail" in text
     for implementation_note in ("Imports are deferred", "import", "uvloop", "coroutine"):
         assert implementation_note not in text
-    assert set(COMMANDS) >= {"run", "demo", "simulate", "backfill", "check", "tail"}
+    assert set(COMMANDS) >= {"run", "demo", "simulate", "backfill", "check", "tail", "archive", "archive verify",
+                             "archive compact", "replay"}
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_help_has_an_example_of_itself(command: str, capsys: pytest.CaptureFixture[str]) -> None:
-    text = help_of([command], capsys)
+    text = help_of(command.split(), capsys)
     examples = text[text.index("example"):]
     assert f"okx-ingest {command}" in examples
