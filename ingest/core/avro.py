@@ -33,6 +33,7 @@ from fastavro.schema import to_parsing_canonical_form
 from fastavro.types import Schema as FastavroSchema
 
 from ingest.core.encoded import EncodedRecord
+from ingest.core.identity import EVENT_KEY_HEADER, event_key, has_event_key
 from ingest.core.records import STRUCT_BY_AVRO_NAME, OkxRecord, Record, topic_name
 from ingest.errors import IngestError
 
@@ -77,29 +78,34 @@ class AvroSchema:
 
 @dataclass(frozen=True)
 class SchemaSet:
-    """Every record schema by Avro full name, and by single-object fingerprint."""
+    """Every record schema by Avro full name, and by single-object fingerprint.
+
+    `previous`: schemas that earlier builds wrote with (the `previous/` folder beside the .avsc files), by
+    fingerprint. A value written with one is read with it and resolved to the current schema of its name
+    (Avro schema resolution: a field added since takes its default), so old records still decode.
+    """
 
     by_name: Mapping[str, AvroSchema]
+    previous: Mapping[bytes, AvroSchema] = field(default_factory=dict)
     by_fingerprint: Mapping[bytes, AvroSchema] = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "by_fingerprint", {s.fingerprint: s for s in self.by_name.values()})
+        for old in self.previous.values():
+            if old.name not in self.by_name:
+                raise SchemaError(f"previous schema {old.name} has no current schema of that name; restore the "
+                                  "current .avsc file or remove the previous one")
 
     @classmethod
     def from_directory(cls, directory: Path) -> SchemaSet:
-        """Load every `*.avsc` file of `directory`."""
+        """Load every `*.avsc` file of `directory`, and of its `previous/` folder as older writer schemas."""
         paths = sorted(directory.glob("*.avsc"))
         if not paths:
             raise SchemaError(f"no .avsc files in {directory}; reinstall okx-ingest or point at the schemas/ folder")
-        schemas: dict[str, AvroSchema] = {}
-        for path in paths:
-            try:
-                source = json.loads(path.read_text(encoding="utf-8"))
-                schema = AvroSchema.from_json(source)
-            except (OSError, ValueError, KeyError, fastavro.schema.SchemaParseException) as exc:
-                raise SchemaError(f"{path}: not a valid Avro schema ({exc}); fix or restore the file") from exc
-            schemas[schema.name] = schema
-        return cls(schemas)
+        schemas = {s.name: s for s in map(_load_schema, paths)}
+        previous = {s.fingerprint: s for s in map(_load_schema, sorted((directory / "previous").glob("*.avsc")))}
+        return cls(schemas, {fp: s for fp, s in previous.items() if fp not in {c.fingerprint for c in
+                                                                                  schemas.values()}})
 
     def __getitem__(self, name: str) -> AvroSchema:
         try:
@@ -112,6 +118,17 @@ class SchemaSet:
 
     def __len__(self) -> int:
         return len(self.by_name)
+
+    def previous_of(self, name: str) -> list[AvroSchema]:
+        """The older writer schemas of `name` (for values that do not name theirs by fingerprint)."""
+        return [s for s in self.previous.values() if s.name == name]
+
+
+def _load_schema(path: Path) -> AvroSchema:
+    try:
+        return AvroSchema.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, fastavro.schema.SchemaParseException) as exc:
+        raise SchemaError(f"{path}: not a valid Avro schema ({exc}); fix or restore the file") from exc
 
 
 def schema_directory() -> Path:
@@ -484,6 +501,7 @@ class _Plan:
     schema_header: tuple[str, bytes]
     record_id: Callable[[Record], str]
     ts_ms: Callable[[Record], int]
+    keyed: bool
 
 
 _SOURCE_HEADERS = {s: ("source", s.encode()) for s in ("ws", "rest", "ingest")}
@@ -519,23 +537,46 @@ class RecordEncoder:
             plan = _Plan(compile_encoder(schema), prefix, topic_name(self.topic_prefix, cls.TOPIC),
                          ("schema", schema.name.encode()),
                          attrgetter("record_id") if okx else cls.emission_id,
-                         attrgetter("ts") if okx else cls.kafka_ts_ms)
+                         attrgetter("ts") if okx else cls.kafka_ts_ms, has_event_key(cls))
             self._plans[cls] = plan
         return plan
 
     def value(self, record: Record) -> bytes:
         """The framed Avro value alone."""
         plan = self._plan(type(record))
+        if plan.keyed:
+            _finalise_event_key(record)
         return plan.encode(record, plan.prefix)
 
     def encode(self, record: Record) -> EncodedRecord:
-        """The record as Kafka will store it."""
+        """The record as Kafka will store it: the event key is computed here, where every record passes once."""
         plan = self._plans.get(type(record)) or self._plan(type(record))
         source = record.source_header()
-        headers = (plan.schema_header, ("record_id", plan.record_id(record).encode()),
-                   _SOURCE_HEADERS.get(source) or ("source", source.encode()))
+        if plan.keyed:
+            headers: tuple[tuple[str, bytes], ...] = (
+                plan.schema_header, ("record_id", plan.record_id(record).encode()),
+                _SOURCE_HEADERS.get(source) or ("source", source.encode()),
+                (EVENT_KEY_HEADER, _finalise_event_key(record).encode()))
+        else:
+            headers = (plan.schema_header, ("record_id", plan.record_id(record).encode()),
+                       _SOURCE_HEADERS.get(source) or ("source", source.encode()))
         return EncodedRecord(plan.topic, record.kafka_key(), plan.encode(record, plan.prefix), headers,
                              plan.ts_ms(record))
+
+
+def _finalise_event_key(record: Record) -> str:
+    """The record's event key, computed and stored in it when it has none yet.
+
+    Filled in place (msgspec's force_setattr) rather than copied: a copy of a frozen record costs a full
+    replace per record on the hot path, and the key is a pure function of the fields, so setting it once
+    changes no value the record already showed. Records are made by the normalizer and published once.
+    """
+    key: str | None = record.event_key  # type: ignore[attr-defined]
+    if key is None:
+        key = event_key(record)
+        assert key is not None  # plan.keyed: the type has a key function
+        msgspec.structs.force_setattr(record, "event_key", key)
+    return key
 
 
 def avro_body(record: Record, schemas: SchemaSet | None = None) -> bytes:
@@ -583,30 +624,50 @@ def decode_fields(value: bytes, schemas: SchemaSet | None = None, *, schema_name
     framing = read_framing(value)
     if framing.fingerprint is not None:
         schema = schemas.by_fingerprint.get(framing.fingerprint)
-        if schema is None:
+        if schema is not None:
+            return schema.name, _read_body(value, framing.body_offset, schema, None)
+        writer = schemas.previous.get(framing.fingerprint)
+        if writer is None:
             raise DecodeError(f"unknown schema fingerprint {framing.fingerprint.hex()}: written with a schema "
                               "these .avsc files do not have")
-    else:
-        name = schema_ids.get(framing.schema_id) if schema_ids is not None and framing.schema_id is not None \
-            else None
-        name = name or schema_name
-        if name is None:
-            raise DecodeError(f"Confluent schema id {framing.schema_id} and no way to resolve it: pass schema_ids "
-                              "or the Kafka `schema` header as schema_name")
-        try:
-            schema = schemas[name]
-        except SchemaError as exc:
-            raise DecodeError(str(exc)) from None
-    body = io.BytesIO(value[framing.body_offset:])
+        return writer.name, _read_body(value, framing.body_offset, schemas[writer.name], writer)
+    name = schema_ids.get(framing.schema_id) if schema_ids is not None and framing.schema_id is not None \
+        else None
+    name = name or schema_name
+    if name is None:
+        raise DecodeError(f"Confluent schema id {framing.schema_id} and no way to resolve it: pass schema_ids "
+                          "or the Kafka `schema` header as schema_name")
     try:
-        fields = fastavro.schemaless_reader(body, schema.parsed, None)
+        schema = schemas[name]
+    except SchemaError as exc:
+        raise DecodeError(str(exc)) from None
+    try:
+        return schema.name, _read_body(value, framing.body_offset, schema, None)
+    except DecodeError:
+        # A registry id does not say which version wrote the body: try the older schemas of that name.
+        for writer in schemas.previous_of(schema.name):
+            try:
+                return schema.name, _read_body(value, framing.body_offset, schema, writer)
+            except DecodeError:
+                continue
+        raise
+
+
+def _read_body(value: bytes, offset: int, schema: AvroSchema, writer: AvroSchema | None) -> dict[str, object]:
+    """The field values of the body at `offset`, written with `writer` (default: `schema`) and read as `schema`."""
+    body = io.BytesIO(value[offset:])
+    try:
+        if writer is None:
+            fields = fastavro.schemaless_reader(body, schema.parsed, None)
+        else:
+            fields = fastavro.schemaless_reader(body, writer.parsed, schema.parsed)
     except (EOFError, ValueError, IndexError, UnicodeDecodeError, StopIteration) as exc:
         raise DecodeError(f"corrupt {schema.name} body: {type(exc).__name__}: {exc}") from None
-    if body.tell() != len(value) - framing.body_offset:
-        raise DecodeError(f"{len(value) - framing.body_offset - body.tell()} trailing bytes after a {schema.name}")
+    if body.tell() != len(value) - offset:
+        raise DecodeError(f"{len(value) - offset - body.tell()} trailing bytes after a {schema.name}")
     if not isinstance(fields, dict):
         raise DecodeError(f"{schema.name} did not decode to a record")
-    return schema.name, fields
+    return fields
 
 
 def decode(value: bytes, schemas: SchemaSet | None = None, *, schema_name: str | None = None,

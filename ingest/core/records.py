@@ -163,9 +163,11 @@ class OkxRecord(Record, frozen=True, kw_only=True):
     recv_seq: int | None = None
     record_id: str
     if TYPE_CHECKING:
-        # Every subclass declares `extra` as its last field (the Avro order); declared here for type checkers
-        # only, because a field declared on the base would take the base's position.
+        # Every subclass declares `extra` and then `event_key` as its last fields (the Avro order); declared
+        # here for type checkers only, because a field declared on the base would take the base's position.
+        # `event_key` is computed by core/identity.py; the encoder fills it in when a record has none.
         extra: dict[str, str]
+        event_key: str | None
 
     def kafka_key(self) -> bytes | None:
         return None if self.inst_id is None else self.inst_id.encode()
@@ -203,6 +205,7 @@ class Trade(InstrumentRecord, frozen=True, kw_only=True):
     seq_id: int | None = None
     okx_source: str | None = None
     extra: dict[str, str] = {}
+    event_key: str | None = None
 
 
 class BookUpdate(InstrumentRecord, frozen=True, kw_only=True):
@@ -218,6 +221,7 @@ class BookUpdate(InstrumentRecord, frozen=True, kw_only=True):
     prev_seq_id: int | None = None
     checksum: int | None = None
     extra: dict[str, str] = {}
+    event_key: str | None = None
 
 
 class Ticker(InstrumentRecord, frozen=True, kw_only=True):
@@ -240,6 +244,7 @@ class Ticker(InstrumentRecord, frozen=True, kw_only=True):
     sod_utc0: str | None = None
     sod_utc8: str | None = None
     extra: dict[str, str] = {}
+    event_key: str | None = None
 
 
 class Candle(InstrumentRecord, frozen=True, kw_only=True):
@@ -258,6 +263,7 @@ class Candle(InstrumentRecord, frozen=True, kw_only=True):
     vol_ccy_quote: str | None = None
     confirm: bool | None = None
     extra: dict[str, str] = {}
+    event_key: str | None = None
 
 
 class MarkPrice(InstrumentRecord, frozen=True, kw_only=True):
@@ -268,6 +274,7 @@ class MarkPrice(InstrumentRecord, frozen=True, kw_only=True):
 
     mark_px: str
     extra: dict[str, str] = {}
+    event_key: str | None = None
 
 
 class IndexTicker(InstrumentRecord, frozen=True, kw_only=True):
@@ -283,6 +290,7 @@ class IndexTicker(InstrumentRecord, frozen=True, kw_only=True):
     sod_utc0: str | None = None
     sod_utc8: str | None = None
     extra: dict[str, str] = {}
+    event_key: str | None = None
 
 
 class FundingRate(InstrumentRecord, frozen=True, kw_only=True):
@@ -305,6 +313,7 @@ class FundingRate(InstrumentRecord, frozen=True, kw_only=True):
     sett_state: str | None = None
     sett_funding_rate: str | None = None
     extra: dict[str, str] = {}
+    event_key: str | None = None
 
 
 class OpenInterest(InstrumentRecord, frozen=True, kw_only=True):
@@ -317,6 +326,7 @@ class OpenInterest(InstrumentRecord, frozen=True, kw_only=True):
     oi_ccy: str | None = None
     oi_usd: str | None = None
     extra: dict[str, str] = {}
+    event_key: str | None = None
 
 
 class Liquidation(InstrumentRecord, frozen=True, kw_only=True):
@@ -334,6 +344,7 @@ class Liquidation(InstrumentRecord, frozen=True, kw_only=True):
     bk_loss: str | None = None
     ccy: str | None = None
     extra: dict[str, str] = {}
+    event_key: str | None = None
 
 
 class PriceLimit(InstrumentRecord, frozen=True, kw_only=True):
@@ -346,6 +357,7 @@ class PriceLimit(InstrumentRecord, frozen=True, kw_only=True):
     sell_lmt: str | None = None
     enabled: bool | None = None
     extra: dict[str, str] = {}
+    event_key: str | None = None
 
 
 class Instrument(InstrumentRecord, frozen=True, kw_only=True):
@@ -400,6 +412,7 @@ class Instrument(InstrumentRecord, frozen=True, kw_only=True):
     rpi_min_px_band: str | None = None
     upc_chg: str | None = None
     extra: dict[str, str] = {}
+    event_key: str | None = None
 
 
 class Order(InstrumentRecord, frozen=True, kw_only=True):
@@ -478,6 +491,7 @@ class Order(InstrumentRecord, frozen=True, kw_only=True):
     msg: str | None = None
     trade_quote_ccy: str | None = None
     extra: dict[str, str] = {}
+    event_key: str | None = None
 
     def kafka_key(self) -> bytes:
         return self.ord_id.encode()
@@ -515,6 +529,7 @@ class Fill(InstrumentRecord, frozen=True, kw_only=True):
     count: str | None = None
     trade_quote_ccy: str | None = None
     extra: dict[str, str] = {}
+    event_key: str | None = None
 
     def kafka_key(self) -> bytes:
         return self.ord_id.encode()
@@ -594,6 +609,7 @@ class Position(InstrumentRecord, frozen=True, kw_only=True):
     c_time: str | None = None
     u_time: str
     extra: dict[str, str] = {}
+    event_key: str | None = None
 
 
 class Balance(OkxRecord, frozen=True, kw_only=True):
@@ -666,6 +682,7 @@ class Balance(OkxRecord, frozen=True, kw_only=True):
     auto_lend_status: str | None = None
     auto_lend_mt_amt: str | None = None
     extra: dict[str, str] = {}
+    event_key: str | None = None
 
     def kafka_key(self) -> bytes:
         return (self.ccy or "account").encode()
@@ -726,6 +743,7 @@ class AlgoOrder(InstrumentRecord, frozen=True, kw_only=True):
     c_time: str | None = None
     u_time: str
     extra: dict[str, str] = {}
+    event_key: str | None = None
 
     def kafka_key(self) -> bytes:
         return self.algo_id.encode()
@@ -767,6 +785,7 @@ class GapEvent(Record, frozen=True, kw_only=True):
     attempts: int = 0
     records_filled: int | None = None
     note: str | None = None
+    event_key: str | None = None
 
     def kafka_key(self) -> bytes:
         return f"{self.channel}:{self.inst_id or self.inst_type or ''}".encode()
@@ -801,6 +820,7 @@ class DeadLetter(Record, frozen=True, kw_only=True):
     channel: str | None = None
     inst_id: str | None = None
     record_id: str
+    event_key: str | None = None
 
     def kafka_key(self) -> bytes:
         return (self.conn_id or "rest").encode()

@@ -10,11 +10,13 @@ partition, offset). Every source stream must already be sorted by it; `merge` is
 
 Views:
 - `recorded`: what the live recorder published (`source = ws`) and every gap, at its latest revision.
-- `repaired`: also the backfilled records (`source = rest`) in place, duplicates removed by recordId and by
-  natural key (trades: channel+instId+tradeId; books: channel+instId+seqId+action; orders: ordId+uTime;
-  fills: instId+tradeId+ordId), and gaps whose latest revision is `filled` dropped: they no longer
-  interrupt anything.
-Duplicates of one record share its exchange ts, so dedupe keeps keys of the current ts only: O(1) memory.
+- `repaired`: also the backfilled records (`source = rest`) in place, and gaps whose latest revision is
+  `filled` dropped: they no longer interrupt anything.
+Both views drop duplicates by recordId (one emission delivered twice) and by event key (core/identity.py:
+the same exchange event recorded twice, by two replicas, the two connections of a hand-over, or the stream
+and a backfill); the first in the order is kept. Records written before the `eventKey` field get theirs
+computed. Duplicates of one event share its exchange ts, so dedupe keeps keys of the current ts only: O(1)
+memory.
 
 Books: one `OrderBook` (incremental channels) or `SnapshotBook` (books5, bbo-tbt) per (channel, instId),
 fed with the recorder's seqId/prevSeqId rules (core/books.py). A snapshot or a checkpoint (action
@@ -41,19 +43,17 @@ import msgspec
 
 from ingest.core.archive_schema import DECIMAL_FIELDS, render_decimal
 from ingest.core.books import BookMessage, OrderBook, SnapshotBook
+from ingest.core.identity import record_event_key
 from ingest.core.records import (
     BookLevel,
     BookUpdate,
-    Fill,
     GapEvent,
     GapKind,
     GapStatus,
     OkxRecord,
-    Order,
     Record,
     Source,
     StreamPosition,
-    Trade,
 )
 from ingest.okx.channels import BOOK_CHANNELS, INCREMENTAL_BOOK_CHANNELS
 
@@ -172,21 +172,6 @@ def gap_entries(gaps: Iterable[tuple[GapEvent, str, int, int]], start: int, end:
 def merge(streams: Iterable[Iterable[Entry]]) -> Iterator[Entry]:
     """K-way merge of streams each sorted by ORDER_KEY (the merge of sorted streams is sorted)."""
     return heapq.merge(*streams, key=ORDER_KEY)
-
-
-def natural_key(record: OkxRecord) -> tuple[object, ...] | None:
-    """The key two copies of one fact share across ws and rest, or None when only recordId identifies it."""
-    if isinstance(record, Trade):
-        return ("t", record.channel, record.inst_id, record.trade_id)
-    if isinstance(record, BookUpdate):
-        if record.seq_id is None:
-            return None
-        return ("b", record.channel, record.inst_id, record.seq_id, str(record.action))
-    if isinstance(record, Order):
-        return ("o", record.ord_id, record.u_time)
-    if isinstance(record, Fill):
-        return ("f", record.inst_id, record.trade_id, record.ord_id)
-    return None
 
 
 def _book_message(rec: BookUpdate) -> BookMessage:
@@ -324,7 +309,8 @@ def replay_items(
     interval = book_snapshots.interval_ms if book_snapshots is not None else 0
     depth = book_snapshots.depth if book_snapshots is not None else 0
     next_boundary = -(-start // interval) * interval if interval else end
-    seen: set[object] = set()
+    seen: set[str] = set()  # recordIds of the current ts
+    seen_keys: set[str] = set()  # event keys of the current ts
     seen_ts: int | None = None
     pending_initial = initial_books
     for (ts, _recv, _t, _p, _o), rec in merge([*streams, gaps]):
@@ -357,17 +343,17 @@ def replay_items(
             continue
         if ts != seen_ts:
             seen.clear()
+            seen_keys.clear()
             seen_ts = ts
         rid = rec.record_id
         if rid in seen:
             continue
         seen.add(rid)
-        if repaired:
-            nk = natural_key(rec)
-            if nk is not None:
-                if nk in seen:
-                    continue
-                seen.add(nk)
+        ek = record_event_key(rec)
+        if ek is not None:
+            if ek in seen_keys:
+                continue
+            seen_keys.add(ek)
         if isinstance(rec, BookUpdate) and rec.channel in BOOK_CHANNELS:
             books.apply(rec)
         if ts >= start:

@@ -223,7 +223,7 @@ def test_encoded_record_has_topic_key_headers_and_timestamp() -> None:
     assert encoded.topic == "prod.okx.trades"
     assert encoded.key == b"BTC-USDT-SWAP"
     assert dict(encoded.headers) == {"schema": b"okx.ingest.v1.Trade", "record_id": b"public-0#3:12:0",
-                                     "source": b"ws"}
+                                     "source": b"ws", "event_key": b"trades:BTC-USDT-SWAP:2832749635"}
     assert encoded.ts_ms == 1786540435948
     gap = GapEvent(gap_id="g7", revision=1, kind=GapKind.TRADE_HOLE, status=GapStatus.FILLED, reason="r",
                    channel="trades", inst_id="BTC-USDT", before=StreamPosition(ts=1, trade_id=10),
@@ -231,7 +231,7 @@ def test_encoded_record_has_topic_key_headers_and_timestamp() -> None:
     encoded = RecordEncoder().encode(gap)
     assert (encoded.topic, encoded.key, encoded.ts_ms) == ("okx.gaps", b"trades:BTC-USDT", 4000)
     assert dict(encoded.headers) == {"schema": b"okx.ingest.v1.GapEvent", "record_id": b"gap:g7:1",
-                                     "source": b"ingest"}
+                                     "source": b"ingest", "event_key": b"gaps:g7:1"}
 
 
 def test_confluent_value_is_zero_then_big_endian_schema_id_then_body() -> None:

@@ -156,18 +156,19 @@ def test_decimal_rationale_is_in_the_docs_of_every_okx_record() -> None:
 COMMON = ["exchange", "channel", "instId", "instType", "ts", "recvTsNs", "source", "connId", "recvSeq", "recordId"]
 
 
-def test_every_market_and_private_record_starts_with_the_common_fields_and_ends_with_extra() -> None:
+def test_every_market_and_private_record_starts_with_the_common_fields_and_ends_with_extra_and_event_key() -> None:
     for path in SCHEMA_FILES:
         schema = load(path)
         if schema["name"] in ("GapEvent", "DeadLetter", "RawFrames", "RawFrame"):
             continue
         names = [f["name"] for f in schema["fields"]]
         assert names[: len(COMMON)] == COMMON, path.name
-        assert names[-1] == "extra", path.name
+        assert names[-2:] == ["extra", "eventKey"], path.name
         types_ = {f["name"]: f["type"] for f in schema["fields"]}
         assert types_["ts"] == "long" and types_["recvTsNs"] == "long"
         assert types_["instType"] == ["null", "string"] and types_["connId"] == ["null", "string"]
         assert types_["recvSeq"] == ["null", "long"] and types_["extra"] == {"type": "map", "values": "string"}
+        assert types_["eventKey"] == ["null", "string"]
         assert types_["instId"] == (["null", "string"] if schema["name"] == "Balance" else "string")
 
 
