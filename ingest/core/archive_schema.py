@@ -33,7 +33,8 @@ import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ingest.core import normalize as _normalize
+from ingest.core.normalize import checks as _checks
+from ingest.core.normalize import specs as _specs
 from ingest.core.records import (
     RECORD_TYPES,
     BookAction,
@@ -115,10 +116,10 @@ def _decimal_fields() -> dict[type[Record], frozenset[str]]:
     """Avro names of the decimal-string fields of each record type, taken from the normalizer's own field
     specs (so a field it starts checking as a decimal becomes a decimal column) plus its hand-written paths."""
     found: dict[type[Record], set[str]] = {cls: set() for cls in RECORD_TYPES}
-    for value in vars(_normalize).values():
-        if isinstance(value, _normalize._Spec):
+    for value in vars(_specs).values():
+        if isinstance(value, _checks._Spec):
             names = {f.name: f.encode_name for f in msgspec.structs.fields(value.cls)}
-            found[value.cls] |= {names[attr] for attr, kind in value.fields.values() if kind is _normalize.D}
+            found[value.cls] |= {names[attr] for attr, kind in value.fields.values() if kind is _checks.D}
     found[Trade] |= {"px", "sz"}
     found[Candle] |= {"o", "h", "l", "c", "vol", "volCcy", "volCcyQuote"}
     return {cls: frozenset(names) for cls, names in found.items()}

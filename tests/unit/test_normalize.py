@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ingest.core.normalize as normalize_module
+import ingest.core.normalize.specs as normalize_specs
 from ingest.core.avro import RecordEncoder, decode
 from ingest.core.events import InboundFrame
 from ingest.core.normalize import (
@@ -820,7 +821,7 @@ def test_a_trade_id_must_fit_the_long_that_gap_bounds_carry_on_both_paths(trade_
 def test_every_integer_field_the_normalizer_checks_is_a_long_in_its_schema() -> None:
     """The normalizer's integer check is the 64-bit range; a field of Avro type int would need a narrower one."""
     checked = 0
-    for spec in vars(normalize_module).values():
+    for spec in vars(normalize_specs).values():
         if not isinstance(spec, normalize_module._Spec):
             continue
         schema = ENCODER.schemas[spec.cls.AVRO_NAME].source
