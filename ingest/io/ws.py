@@ -933,12 +933,13 @@ class Connection:
         ws = link.ws
         assert ws is not None
         session = link.session
+        was_waiting = session.budget_at is not None
         for req in session.requests_to_send(self._monotonic()):
             await ws.send(req.payload.decode())
             self.counters.requests += 1
             log.debug("ws_request", extra={"conn": link.conn, "ws_name": self.name, "op": req.op, "id": req.id,
                                            "arg_count": len(req.args)})
-        if session.budget_at is not None:
+        if session.budget_at is not None and not was_waiting:  # one line per wait, not per wake-up
             log.warning("ws_budget_wait", extra={"conn": link.conn, "ws_name": self.name, "op": session.outbox[0].op,
                                                  "delay_s": round(session.budget_at - self._monotonic(), 3),
                                                  "limit": link.budget.limit})
