@@ -34,11 +34,23 @@ from ingest.config import Settings
 from ingest.core.backoff import full_jitter
 from ingest.core.clock import OffsetSample, ServerClock
 from ingest.core.ratelimit import SlidingWindow
+from ingest.core.rest_policy import (
+    CODE_TIMEOUT,
+    CODE_TRANSPORT,
+    BreakerNote,
+    Decision,
+    Envelope,
+    ErrorKind,
+    Verdict,
+    classify,
+    decide_answer,
+    decide_failure,
+    parse_envelope,
+)
 from ingest.credentials import CredentialStore
 from ingest.errors import CredentialError, IngestError, OkxApiError, ProtocolError
 from ingest.io.proxy import describe_proxy, proxy_for
 from ingest.io.tls import client_ssl_context, find_pin_error
-from ingest.okx import codes
 from ingest.okx.endpoints import DEMO_HEADER, REST_BASE, Environment
 from ingest.okx.signing import rest_sign, rest_timestamp
 
@@ -47,18 +59,6 @@ log = logging.getLogger(__name__)
 TIME_PATH = "/api/v5/public/time"
 ACCOUNT_CONFIG_PATH = "/api/v5/account/config"
 PUBLIC_PREFIXES = ("/api/v5/public/", "/api/v5/market/")
-
-#: Codes that mean "this key (or its use) is rejected": counted by the store's auth-failure guard.
-AUTH_FAILURE_CODES: frozenset[str] = frozenset(
-    {"50100", codes.ENV_MISMATCH, "50103", "50104", "50105", "50106", "50107", "50110", codes.INVALID_ACCESS_KEY,
-     codes.INVALID_ACCESS_TIMESTAMP, codes.INVALID_SIGNATURE, "50114", "50119", codes.REST_TIMESTAMP_EXPIRED}
-)
-#: The endpoint is unwell: retry with backoff and count towards its breaker.
-SERVER_FAILURE_CODES: frozenset[str] = frozenset(
-    {codes.SERVICE_UNAVAILABLE, "50004", codes.SYSTEM_BUSY, codes.SYSTEM_ERROR}
-)
-#: OKX asks us to slow down: retry after the window, without blaming the endpoint.
-SLOW_DOWN_CODES: frozenset[str] = frozenset({codes.RATE_LIMITED, codes.TOO_FREQUENT})
 
 #: What to do about an authentication failure, by code (SPEC 8.2).
 AUTH_FIXES: Mapping[str, str] = {
@@ -75,10 +75,6 @@ AUTH_FIXES: Mapping[str, str] = {
     "50114": "the authorization is invalid: check the key, secret and passphrase",
     "50119": "the API key does not exist (deleted?): create a new one and rotate the credential files",
 }
-
-CODE_TRANSPORT = "transport"
-CODE_TIMEOUT = "timeout"
-CODE_MALFORMED = "malformed"
 
 QueryValue = str | int | float | bool | None
 
@@ -428,43 +424,6 @@ class CircuitBreaker:
 
 
 @dataclass(frozen=True, slots=True)
-class Envelope:
-    """OKX's response envelope as far as it could be read."""
-
-    code: str
-    msg: str
-    data: list[object] | None
-
-
-def parse_envelope(http_status: int, body: bytes) -> Envelope:
-    """Read `{"code","msg","data"}` without trusting its shape (SPEC 8.2).
-
-    `code` becomes a string (the 404 shape has a number); a body that is not a JSON object gets the code
-    `http-<status>` and the start of the body as its message.
-    """
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        doc = None
-    if not isinstance(doc, dict):
-        snippet = body[:200].decode("utf-8", "replace").strip()
-        return Envelope(f"http-{http_status}", f"not an OKX JSON envelope: {snippet!r}", None)
-    raw_code = doc.get("code", doc.get("error_code"))
-    if isinstance(raw_code, bool) or not isinstance(raw_code, str | int):
-        code = CODE_MALFORMED if http_status < 300 else f"http-{http_status}"
-    else:
-        code = str(raw_code)
-    msg = doc.get("msg") or doc.get("error_message") or ""
-    msg = msg if isinstance(msg, str) else str(msg)
-    data = doc.get("data")
-    if not isinstance(data, list):
-        if code == "0":
-            return Envelope(CODE_MALFORMED, f"code 0 without a data array: {body[:200]!r}", None)
-        data = None
-    return Envelope(code, msg, data)
-
-
-@dataclass(frozen=True, slots=True)
 class RestResponse:
     """A successful OKX answer: its rows and when it was sent and received (local wall clock, epoch ms)."""
 
@@ -544,32 +503,6 @@ class RestTransportError(IngestError):
     """No usable answer from OKX (timeout, refused connection, broken stream) after the allowed attempts."""
 
     retriable = True
-
-
-class _Kind(enum.Enum):
-    OK = enum.auto()
-    SLOW_DOWN = enum.auto()
-    SERVER = enum.auto()
-    CLOCK = enum.auto()
-    ENV = enum.auto()
-    AUTH = enum.auto()
-    FATAL = enum.auto()
-
-
-def _classify(http_status: int, env: Envelope) -> _Kind:
-    if env.code == "0" and 200 <= http_status < 300 and env.data is not None:
-        return _Kind.OK
-    if env.code in SLOW_DOWN_CODES or (http_status == 429 and env.code not in SERVER_FAILURE_CODES):
-        return _Kind.SLOW_DOWN
-    if env.code in SERVER_FAILURE_CODES or http_status >= 500:
-        return _Kind.SERVER
-    if env.code == codes.REST_TIMESTAMP_EXPIRED:
-        return _Kind.CLOCK
-    if env.code == codes.ENV_MISMATCH:
-        return _Kind.ENV
-    if env.code in AUTH_FAILURE_CODES:
-        return _Kind.AUTH
-    return _Kind.FATAL
 
 
 @dataclass(frozen=True, slots=True)
@@ -782,70 +715,38 @@ class OkxRestClient:
                 self._counters.requests[(path, code)] += 1
                 self._audit(method, path, params, status, code, env, failure, sent_ms, recv_ms, attempt, waited,
                             signed, key_hint, okx_ts)
-
-                if failure is not None:
-                    pin_error = find_pin_error(failure)
-                    if pin_error is not None:
-                        breaker.on_neutral(is_probe)
-                        decided = True
-                        raise pin_error from None
-                    breaker.on_failure(f"{type(failure).__name__}: {failure}")
-                    decided = True
-                    retry_ok = idempotent or isinstance(failure, httpx.ConnectError | httpx.ConnectTimeout)
-                    if not retry_ok or attempt >= self._max_attempts:
-                        raise RestTransportError(
-                            f"no answer from OKX for {method} {path} after {attempt} attempt(s): "
-                            f"{type(failure).__name__}: {failure}; check the network and OKX's status"
-                        ) from failure
-                    await self._retry_pause(path, next(delays))
-                    continue
-
-                assert env is not None
-                kind = _classify(status, env)
-                if kind is _Kind.OK:
-                    breaker.on_success()
-                    decided = True
-                    if signed and self.credentials is not None:
-                        self.credentials.record_auth_success()
-                    assert env.data is not None
-                    return RestResponse(method, path, status, env.data, sent_ms, recv_ms)
-                if kind is _Kind.SLOW_DOWN:
-                    breaker.on_neutral(is_probe)
-                    decided = True
-                    # OKX counts more than we do (another process on this IP or key): pause the whole budget
-                    # past the window in which the refusal was counted, then retry with jitter on top.
-                    bucket.hold(limit.window_s)
-                    if attempt >= self._max_attempts:
-                        raise self._api_error(env, status, retriable=True)
-                    await self._retry_pause(path, limit.window_s + next(delays))
-                    continue
-                if kind is _Kind.SERVER:
-                    breaker.on_failure(f"HTTP {status}, OKX code {env.code}: {env.msg}"[:200])
-                    decided = True
-                    if not idempotent or attempt >= self._max_attempts:
-                        raise self._api_error(env, status, retriable=True)
-                    await self._retry_pause(path, next(delays))
-                    continue
-                # The endpoint answered: it is healthy, whatever it thinks of us.
-                breaker.on_success()
+                pin_error = find_pin_error(failure) if failure is not None else None
+                if env is None:
+                    d = decide_failure(pinned=pin_error is not None,
+                                       connect_failed=isinstance(failure, httpx.ConnectError | httpx.ConnectTimeout),
+                                       attempt=attempt, max_attempts=self._max_attempts, idempotent=idempotent)
+                else:
+                    d = decide_answer(classify(status, env), attempt=attempt, max_attempts=self._max_attempts,
+                                      idempotent=idempotent, signed=signed, window_s=limit.window_s,
+                                      can_resync=not clock_resynced and self.on_clock_expired is not None)
+                self._note(breaker, d, is_probe, status, env, failure)
                 decided = True
-                if kind is _Kind.CLOCK and not clock_resynced and self.on_clock_expired is not None:
+                if d.hold_budget:
+                    bucket.hold(d.pause_s)
+                if d.verdict is Verdict.RETURN:
+                    if d.key_ok and self.credentials is not None:
+                        self.credentials.record_auth_success()
+                    assert env is not None and env.data is not None
+                    return RestResponse(method, path, status, env.data, sent_ms, recv_ms)
+                if d.verdict is Verdict.RETRY:
+                    await self._retry_pause(path, d.pause_s + (next(delays) if d.backoff else 0.0))
+                    continue
+                if d.verdict is Verdict.RESYNC:
+                    assert self.on_clock_expired is not None
                     clock_resynced = True
                     log.warning("rest_clock_expired", extra={"path": path, "offset_ms": self.clock.offset_ms,
                                                              "action": "resync the clock and retry once"})
                     await self.on_clock_expired()
                     self._counters.retries[path] += 1
                     continue
-                # A timestamp refusal (50102) is the clock's fault, not the key's: never counted against the key.
-                if signed and kind in (_Kind.ENV, _Kind.AUTH) and self.credentials is not None:
+                if d.blames_key and env is not None and self.credentials is not None:
                     self.credentials.record_auth_failure(env.code)
-                if kind is _Kind.ENV:
-                    raise self._environment_error(env)
-                if kind is _Kind.CLOCK:
-                    raise OkxApiError(env.code, f"{env.msg} (the request's OKX-time timestamp was more than 30 s "
-                                      "off OKX's clock even after a resync: fix the host clock with NTP)",
-                                      http_status=status, retriable=False)
-                raise self._api_error(env, status, retriable=False)
+                raise self._error(d, method, path, attempt, status, env, failure, pin_error)
             finally:
                 if not decided:  # cancelled or failed before an outcome: free the probe slot
                     breaker.on_neutral(is_probe)
@@ -903,6 +804,38 @@ class OkxRestClient:
             return response.status_code, response.content, okx_ts, None
         finally:
             await response.aclose()
+
+    @staticmethod
+    def _note(breaker: CircuitBreaker, d: Decision, is_probe: bool, status: int, env: Envelope | None,
+              failure: BaseException | None) -> None:
+        """Tell the endpoint's breaker what the attempt showed."""
+        if d.breaker is BreakerNote.SUCCESS:
+            breaker.on_success()
+        elif d.breaker is BreakerNote.NEUTRAL:
+            breaker.on_neutral(is_probe)
+        elif env is not None:
+            breaker.on_failure(f"HTTP {status}, OKX code {env.code}: {env.msg}"[:200])
+        else:
+            breaker.on_failure(f"{type(failure).__name__}: {failure}")
+
+    def _error(self, d: Decision, method: str, path: str, attempt: int, status: int, env: Envelope | None,
+               failure: BaseException | None, pin_error: IngestError | None) -> IngestError:
+        """The error a RAISE decision stands for, saying what happened and what to do."""
+        if d.error is ErrorKind.PIN and pin_error is not None:
+            return pin_error
+        if d.error is ErrorKind.TRANSPORT or env is None:
+            error = RestTransportError(
+                f"no answer from OKX for {method} {path} after {attempt} attempt(s): "
+                f"{type(failure).__name__}: {failure}; check the network and OKX's status")
+            error.__cause__ = failure
+            return error
+        if d.error is ErrorKind.ENVIRONMENT:
+            return self._environment_error(env)
+        if d.error is ErrorKind.CLOCK:
+            return OkxApiError(env.code, f"{env.msg} (the request's OKX-time timestamp was more than 30 s "
+                               "off OKX's clock even after a resync: fix the host clock with NTP)",
+                               http_status=status, retriable=False)
+        return self._api_error(env, status, retriable=d.retriable)
 
     async def _retry_pause(self, path: str, delay: float) -> None:
         self._counters.retries[path] += 1

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
+from ingest.core.rest_policy import CODE_MALFORMED, parse_envelope
 from ingest.io.rest import (
-    CODE_MALFORMED,
     OKX_LIMITS,
     BreakerState,
     BucketKey,
@@ -19,7 +19,6 @@ from ingest.io.rest import (
     LimiterRegistry,
     LimitTable,
     Scope,
-    parse_envelope,
     realm_of,
 )
 
