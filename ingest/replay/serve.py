@@ -36,7 +36,8 @@ from ingest.okx.channels import Endpoint, SubArg, endpoint_for
 
 log = logging.getLogger(__name__)
 
-_RECEIVE_KEYS = ("exchange", "channel", "recvTsNs", "source", "connId", "recvSeq", "recordId", "extra", "action")
+_RECEIVE_KEYS = ("exchange", "channel", "recvTsNs", "source", "connId", "recvSeq", "recordId", "extra", "eventKey",
+                 "action")
 _SERVED = (Endpoint.PUBLIC, Endpoint.BUSINESS)
 
 
