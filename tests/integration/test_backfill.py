@@ -22,11 +22,11 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
@@ -65,6 +65,7 @@ SCALE = 0.05  # OKX's 2 s windows become 100 ms, in the simulator and in the cli
 WAIT_S = 60.0  # upper bound for any awaited condition: a hang fails the test instead of blocking the run
 GROUP = {"session_timeout_ms": 3000, "heartbeat_interval_ms": 300, "poll_timeout_ms": 200}
 MAIN = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
 PAUSED_REST_TIMEOUT_S = 5 * WAIT_S  # a paused worker's REST timeout: longer than all of the test's waits together
 
 
@@ -167,6 +168,17 @@ class ChildLog:
         except TimeoutError:
             raise AssertionError(f"no {marker!r} after {timeout_s} s:\n{self.tail()}") from None
         assert marker in self.text(), f"the child stopped before {marker!r}:\n{self.tail()}"
+
+    async def unless_it_ends(self, awaitable: Awaitable[T]) -> T:
+        """`awaitable`'s result; fails at once, with the child's output, if the child's output ends first (the
+        child died: waiting on for what it would have done only hides why)."""
+        task = asyncio.ensure_future(awaitable)
+        await asyncio.wait({task, self._reader}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise AssertionError(f"the child ended:\n{self.tail()}")
+        return task.result()
 
     async def close(self) -> None:
         async with asyncio.timeout(WAIT_S):
@@ -417,6 +429,7 @@ async def test_a_worker_killed_mid_gap_loses_nothing_and_its_successor_publishes
             "OKX_INGEST__BACKFILL__SESSION_TIMEOUT_MS": str(GROUP["session_timeout_ms"]),
             "OKX_INGEST__BACKFILL__HEARTBEAT_INTERVAL_MS": str(GROUP["heartbeat_interval_ms"]),
             "OKX_INGEST__BACKFILL__POLL_TIMEOUT_MS": str(GROUP["poll_timeout_ms"]),
+            "OKX_INGEST__BACKFILL__METRICS_PORT": "0",  # its default port may be taken by another worker
             "OKX_INGEST__OBS__METRICS_PORT": "0",
             "OKX_INGEST__OBS__LOG_FORMAT": "text",
         })
@@ -775,6 +788,7 @@ async def test_a_worker_paused_past_its_session_is_fenced_and_publishes_nothing_
             "OKX_INGEST__BACKFILL__HEARTBEAT_INTERVAL_MS": str(GROUP["heartbeat_interval_ms"]),
             "OKX_INGEST__BACKFILL__POLL_TIMEOUT_MS": str(GROUP["poll_timeout_ms"]),
             "OKX_INGEST__BACKFILL__REQUEST_TIMEOUT_S": str(PAUSED_REST_TIMEOUT_S),
+            "OKX_INGEST__BACKFILL__METRICS_PORT": "0",  # its default port may be taken by another worker
             "OKX_INGEST__OBS__METRICS_PORT": "0", "OKX_INGEST__OBS__LOG_FORMAT": "text",
         })
         a = await asyncio.create_subprocess_exec(sys.executable, "-m", "ingest.cli", "backfill", env=env, cwd=MAIN,
@@ -784,10 +798,11 @@ async def test_a_worker_paused_past_its_session_is_fenced_and_publishes_nothing_
         reader = TopicReader(kafka_broker.bootstrap_servers, topic_prefix)
         try:
             for page in range(3):  # A gets pages 1-3, one at a time, and asks for its 4th, which stays held
-                await sim.wait_until(lambda: held() == 1, timeout=WAIT_S)
+                await a_log.unless_it_ends(sim.wait_until(lambda: held() == 1, timeout=WAIT_S))
                 assert (answered(), sim.faults.rest_release(count=1, path=TRADES_PATH)) == (page, 1)
-            await sim.wait_until(lambda: held() == 1, timeout=WAIT_S)
-            before_pause = await reader.records(TopicKind.TRADES, Trade, at_least=300)  # pages 1-3: all it put
+            await a_log.unless_it_ends(sim.wait_until(lambda: held() == 1, timeout=WAIT_S))
+            before_pause = await a_log.unless_it_ends(  # pages 1-3: all it put
+                reader.records(TopicKind.TRADES, Trade, at_least=300))
             a.send_signal(signal.SIGSTOP)
             assert (len(before_pause), answered()) == (300, 3)
             sim.faults.clear()  # B's pages are answered at once; A's 4th stays held
