@@ -44,22 +44,27 @@ from ingest.config import WsSettings
 from ingest.core.backoff import full_jitter
 from ingest.core.clock import ServerClock
 from ingest.core.events import Inbound, InboundFrame, LinkEvent, LinkEventKind
-from ingest.core.keepalive import KeepaliveAction
 from ingest.core.plan import PlannedConnection
 from ingest.core.ratelimit import SlidingWindow
 from ingest.core.session import (
+    AbortLink,
     ChannelCount,
     CloseLink,
     ConnCountExceeded,
     Decision,
     Emit,
+    Entered,
     FailedArg,
+    LinkFailed,
+    LinkPhase,
     LinkSession,
     LoginAnswered,
     NoticeSeen,
     ParkedArg,
     Recovered,
+    Resubscribing,
     Retrying,
+    SendPing,
     Split,
     UnexpectedSeen,
 )
@@ -72,7 +77,6 @@ from ingest.core.wsproto import (
     LoginRefused,
     OkxEvent,
     OverlapAligner,
-    Request,
     arg_from_key,
     classify,
     counts_against_key,
@@ -213,7 +217,8 @@ class _Link:
         #: The decisions (protocol, budget, keepalive, owned args); the attributes below are its parts.
         self.session = LinkSession(args, schedule, max_request_bytes=settings.subscribe_max_bytes,
                                    requests_per_hour=settings.requests_per_hour, keepalive_s=settings.keepalive_s,
-                                   pong_timeout_s=settings.pong_timeout_s)
+                                   pong_timeout_s=settings.pong_timeout_s, login_timeout_s=settings.login_timeout_s,
+                                   subscribe_timeout_s=settings.subscribe_timeout_s)
         self.proto = self.session.proto
         self.budget = self.session.budget
         self.keepalive = self.session.keepalive
@@ -225,8 +230,7 @@ class _Link:
         self.recv_seq = 0
         self.live_since: float | None = None
         self.ended_at: float | None = None
-        self.login_result: asyncio.Future[LoggedIn | LoginRefused] = asyncio.get_running_loop().create_future()
-        self.progress = asyncio.Event()
+        #: Set when the driver must look at the session again (an answer came, a resubscribe was asked for).
         self.work = asyncio.Event()
         self.opened = asyncio.Event()
         self.live = asyncio.Event()
@@ -239,8 +243,9 @@ class _Link:
         self.abnormal = False
         #: Our close frame went first and OKX echoed it: it sent everything it had before closing.
         self.closed_by_us = False
-        #: The `CredentialStore.version` this link logged in with (None: not logged in yet).
+        #: The `CredentialStore.version` this link logged in with (None: not logged in yet), and its key's hint.
         self.creds_version: int | None = None
+        self.key_hint = ""
         #: Closing or shutting down: read to the end, never pause for the inbox.
         self.draining = False
 
@@ -297,11 +302,6 @@ async def _first_of(aws: list[Coroutine[Any, Any, Any]]) -> None:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _settled(future: asyncio.Future[Any]) -> None:
-    """Wait until `future` is done without cancelling it when this wait is cancelled."""
-    await asyncio.wait({future})
 
 
 def _cancel_current_task() -> None:
@@ -581,13 +581,11 @@ class Connection:
             await self._teardown(link)
 
     async def _read(self, link: _Link) -> None:
-        """Read until the socket closes; a watchdog pings after `keepalive_s` of silence and gives up
-        without `pong`. The read loop itself only stamps `last_rx`: no timer per message on the hot path."""
+        """Read until the socket closes. The read loop only stamps `last_rx` (no timer per message on the hot
+        path); the driver's keepalive decides from it."""
         ws = link.ws
         assert ws is not None
         now = self._monotonic
-        link.keepalive.last_rx = now()
-        watchdog = asyncio.create_task(self._keepalive(link), name=f"{link.conn}-keepalive")
         if ws.fast_lane:
             ws.tap = lambda data: self._fast_push(link, data)
         try:
@@ -617,29 +615,6 @@ class Connection:
             ws.tap = None  # nothing of this link reaches the pipeline after its reader ends
             if self._inbox is not None:
                 self._inbox.forget(link)
-            watchdog.cancel()
-            await asyncio.gather(watchdog, return_exceptions=True)
-
-    async def _keepalive(self, link: _Link) -> None:
-        """The watchdog (`ingest.core.keepalive`): text `ping` after `keepalive_s` of silence, abort the socket
-        when nothing answers within `pong_timeout_s`. Sleeps until the next deadline, never polls."""
-        ws = link.ws
-        assert ws is not None
-        ka = link.keepalive
-        while True:
-            action = ka.tick(self._monotonic(), link.backlogged)
-            if action is KeepaliveAction.ABORT:
-                self.counters.pong_timeouts += 1
-                link.end_reason = link.end_reason or f"no pong within {ka.pong_timeout_s}s"
-                link.abnormal = True
-                log.warning("ws_pong_timeout", extra={"conn": link.conn, "ws_name": self.name})
-                ws.abort()
-                return
-            if action is KeepaliveAction.PING:
-                await ws.send(PING)
-                self.counters.pings += 1
-                ka.pinged(self._monotonic())
-            await self._timer.sleep(ka.next_deadline() - self._monotonic())  # a timer, re-armed when it fires
 
     async def _drain(self, link: _Link) -> None:
         """Close the socket and hand every frame already received to the pipeline."""
@@ -855,17 +830,35 @@ class Connection:
 
     async def _carry_out(self, link: _Link, decision: Decision) -> None:
         """Do what the session decided for one outcome: wake waiters, log, emit, in the session's order."""
-        if decision.progress:
-            link.progress.set()
-        if decision.work:
+        if decision.progress or decision.work:
             link.work.set()
         base = {"conn": link.conn, "ws_name": self.name}
         for act in decision.actions:
             if isinstance(act, Emit):
                 await self._emit(act.kind, link, act.args, code=act.code, reason=act.reason)
             elif isinstance(act, LoginAnswered):
-                if not link.login_result.done():
-                    link.login_result.set_result(act.result)
+                await self._logged_in(link, act.result)
+            elif isinstance(act, Entered):
+                self._entered(link, act.phase)
+            elif isinstance(act, SendPing):
+                assert link.ws is not None
+                await link.ws.send(PING)
+                self.counters.pings += 1
+            elif isinstance(act, AbortLink):
+                self.counters.pong_timeouts += 1
+                link.end_reason = link.end_reason or act.reason
+                link.abnormal = True
+                log.warning("ws_pong_timeout", extra=base)
+                if link.ws is not None:
+                    link.ws.abort()
+            elif isinstance(act, LinkFailed):
+                if act.login:
+                    self.counters.login_failures += 1
+                raise _LinkFailure(act.reason)
+            elif isinstance(act, Resubscribing):
+                self.counters.resubscribes += len(act.args)
+                log.info("ws_resubscribe", extra={**base, "arg_count": len(act.args), "first_arg": str(act.args[0]),
+                                                  "reason": "; ".join(sorted(act.reasons))[:200]})
             elif isinstance(act, Recovered):
                 log.info("ws_subscribe_recovered", extra={**base, "arg": str(act.arg)})
             elif isinstance(act, Retrying):
@@ -902,22 +895,28 @@ class Connection:
     # ------------------------------------------------------------------------------------------ outbound
 
     async def _drive(self, link: _Link) -> None:
-        """Login, subscribe, then serve retries and resubscribes; a failure closes the socket."""
+        """The one outbound loop of a link: tick the session, carry out its decisions, send what the budget
+        allows, sleep until its next deadline (or until the reader brings work); a failure closes the socket."""
+        session = link.session
         try:
+            login = None
             if self.login:
-                await self._login(link)
-            self._set_link_state(link, ConnState.SUBSCRIBING)
-            link.session.subscribe()
-            await self._pump(link, "subscribe")
-            link.live_since = self._monotonic()
-            link.session.live = True
-            self._set_link_state(link, ConnState.LIVE)
-            link.live.set()
-            ov = self._overlap
-            if ov is not None and ov.new is link and ov.aligner is not None:
-                ov.aligner.mark_subscribed()
-                ov.update()
-            await self._serve(link)
+                assert self._credentials is not None
+                self._set_link_state(link, ConnState.LOGGING_IN)
+                creds = self._credentials.current()
+                link.creds_version, link.key_hint = self._credentials.version, creds.key_hint
+                login = link.proto.login(creds, self._clock.now_ms())
+            else:
+                self._set_link_state(link, ConnState.SUBSCRIBING)
+            session.start(login, self._monotonic())
+            while session.phase is not LinkPhase.ENDED:
+                link.work.clear()
+                session.tick(self._monotonic(), backlogged=link.backlogged,
+                             may_resubscribe=link is self._primary and self._overlap is None)
+                for decision in session.events():
+                    await self._carry_out(link, decision)
+                await self._send_due(link)
+                await _first_of([link.work.wait(), self._timer.sleep(session.next_deadline() - self._monotonic())])
         except _LinkFailure as failure:
             link.fatal = failure.fatal
             log.warning("ws_link_failed", extra={"conn": link.conn, "ws_name": self.name, "reason": failure.reason,
@@ -929,18 +928,33 @@ class Connection:
             log.exception("ws_driver_error", extra={"conn": link.conn, "ws_name": self.name})
             self._request_close(link, f"unexpected {type(exc).__name__}: {exc}")
 
-    async def _send(self, link: _Link, req: Request) -> None:
-        """Send one request within the connection's hourly budget, waiting for the window if it is spent."""
+    async def _send_due(self, link: _Link) -> None:
+        """Send the requests the session's hourly budget admits now; the rest wait for its next deadline."""
         ws = link.ws
         assert ws is not None
-        while (delay := link.session.request_delay(self._monotonic())) > 0:
-            log.warning("ws_budget_wait", extra={"conn": link.conn, "ws_name": self.name, "op": req.op,
-                                                 "delay_s": round(delay, 3), "limit": link.budget.limit})
-            await self._timer.sleep(delay)
-        await ws.send(req.payload.decode())
-        self.counters.requests += 1
-        log.debug("ws_request", extra={"conn": link.conn, "ws_name": self.name, "op": req.op, "id": req.id,
-                                       "arg_count": len(req.args)})
+        session = link.session
+        was_waiting = session.budget_at is not None
+        for req in session.requests_to_send(self._monotonic()):
+            await ws.send(req.payload.decode())
+            self.counters.requests += 1
+            log.debug("ws_request", extra={"conn": link.conn, "ws_name": self.name, "op": req.op, "id": req.id,
+                                           "arg_count": len(req.args)})
+        if session.budget_at is not None and not was_waiting:  # one line per wait, not per wake-up
+            log.warning("ws_budget_wait", extra={"conn": link.conn, "ws_name": self.name, "op": session.outbox[0].op,
+                                                 "delay_s": round(session.budget_at - self._monotonic(), 3),
+                                                 "limit": link.budget.limit})
+
+    def _entered(self, link: _Link, phase: LinkPhase) -> None:
+        if phase is LinkPhase.SUBSCRIBING:
+            self._set_link_state(link, ConnState.SUBSCRIBING)
+            return
+        link.live_since = self._monotonic()
+        self._set_link_state(link, ConnState.LIVE)
+        link.live.set()
+        ov = self._overlap
+        if ov is not None and ov.new is link and ov.aligner is not None:
+            ov.aligner.mark_subscribed()
+            ov.update()
 
     async def _wait_auth_pause(self, link: _Link) -> None:
         """Wait out a pause of signed traffic (repeated authentication failures, REST or WebSocket:
@@ -956,19 +970,11 @@ class Connection:
                                               "key": store.current().key_hint})
         await _first_of([self._timer.sleep(remaining), store.wait_changed(store.version)])
 
-    async def _login(self, link: _Link) -> None:
+    async def _logged_in(self, link: _Link, result: LoggedIn | LoginRefused) -> None:
+        """What OKX's login answer means for the key and the clock; a refusal ends the link."""
         assert self._credentials is not None
-        self._set_link_state(link, ConnState.LOGGING_IN)
-        creds = self._credentials.current()
-        link.creds_version = self._credentials.version
-        await self._send(link, link.proto.login(creds, self._clock.now_ms()))
-        await _first_of([_settled(link.login_result), self._timer.sleep(self.settings.login_timeout_s)])
-        if not link.login_result.done():
-            self.counters.login_failures += 1
-            raise _LinkFailure(f"no login answer within {self.settings.login_timeout_s}s")
-        result = link.login_result.result()
         if isinstance(result, LoggedIn):
-            log.info("ws_logged_in", extra={"conn": link.conn, "ws_name": self.name, "key": creds.key_hint,
+            log.info("ws_logged_in", extra={"conn": link.conn, "ws_name": self.name, "key": link.key_hint,
                                             "okx_conn_id": result.conn_id})
             self._credentials.record_auth_success()
             return
@@ -980,9 +986,9 @@ class Connection:
         what = f"login refused with {result.code} ({result.msg})"
         log.error("ws_login_refused", extra={"conn": link.conn, "ws_name": self.name, "code": result.code,
                                              "okx_msg": result.msg, "action": result.action.value,
-                                             "key": creds.key_hint})
+                                             "key": link.key_hint})
         if result.action is LoginAction.FATAL:
-            raise _LinkFailure(what, LoginRejected(self.name, self.url, result.code, result.msg, creds.key_hint))
+            raise _LinkFailure(what, LoginRejected(self.name, self.url, result.code, result.msg, link.key_hint))
         if result.action is LoginAction.RESYNC_CLOCK and self._resync_clock is not None:
             try:
                 await self._resync_clock()
@@ -992,62 +998,6 @@ class Connection:
                 log.warning("ws_clock_resync_failed", extra={"conn": link.conn, "ws_name": self.name,
                                                              "error": f"{type(exc).__name__}: {exc}"})
         raise _LinkFailure(what)
-
-    async def _pump(self, link: _Link, op: str) -> None:
-        """Send the outbox and wait until every `op` request is answered (or nothing moved for the timeout)."""
-        timeout = self.settings.subscribe_timeout_s
-        while True:
-            while link.outbox:
-                await self._send(link, link.outbox.pop(0))
-            if not link.proto.in_flight(op):
-                return
-            link.progress.clear()
-            await _first_of([link.progress.wait(), self._timer.sleep(timeout)])
-            if link.progress.is_set() or link.outbox:
-                continue
-            left = link.proto.abandon()
-            if op == "subscribe" and left and not link.owned:
-                raise _LinkFailure(f"no answer to subscribe within {timeout}s")
-            for arg in sorted(left):
-                await self._carry_out(link, link.session.no_answer(arg, timeout, self._monotonic()))
-            return
-
-    async def _serve(self, link: _Link) -> None:
-        """While live: retry args after transient refusals and run coalesced resubscribes."""
-        while True:
-            link.work.clear()
-            if link.outbox:
-                await self._pump(link, "subscribe")
-                continue
-            now = self._monotonic()
-            due = self.schedule.due_retries(now, link.proto.held)
-            if due:
-                link.session.subscribe(due)
-                await self._pump(link, "subscribe")
-                continue
-            if link is self._primary and self._overlap is None:
-                resub, next_resub = self.schedule.due_resubscribes(now, link.proto.held, link.proto.in_flight())
-                if resub:
-                    await self._resubscribe(link, resub)
-                    continue
-            else:
-                next_resub = None
-            wakeups = [t for t in (self.schedule.next_retry(), next_resub) if t is not None]
-            if wakeups:
-                await _first_of([link.work.wait(), self._timer.sleep(min(wakeups) - now)])
-            else:
-                await link.work.wait()
-
-    async def _resubscribe(self, link: _Link, args: list[SubArg]) -> None:
-        now = self._monotonic()
-        reasons = self.schedule.start_resubscribe(args, now)
-        self.counters.resubscribes += len(args)
-        log.info("ws_resubscribe", extra={"conn": link.conn, "ws_name": self.name, "arg_count": len(args),
-                                          "first_arg": str(args[0]), "reason": "; ".join(sorted(reasons))[:200]})
-        link.outbox.extend(link.proto.unsubscribe(args))
-        await self._pump(link, "unsubscribe")
-        link.session.subscribe(args)
-        await self._pump(link, "subscribe")
 
     # ------------------------------------------------------------------------------------------ 64008
 

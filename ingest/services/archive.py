@@ -52,6 +52,7 @@ from ingest.io.kafka_security import kafka_client_kwargs
 from ingest.io.readback import bootstrap_of
 from ingest.obs.health import HealthServer, Readiness
 from ingest.obs.metrics import counter, gauge, new_registry
+from ingest.runtime import EXIT_CONFIG, EXIT_OK, EXIT_TASK_DIED, Runtime, finish_task
 
 log = logging.getLogger("ingest.archive")
 
@@ -66,6 +67,8 @@ _REJECTED_SCHEMA = pa.schema([
 ], metadata={b"okx.archive.kind": REJECTED.encode(), b"okx.archive.version": str(SCHEMA_VERSION).encode()})
 #: Estimated buffer cost of one record beyond its Avro bytes (the decoded Struct and bookkeeping).
 RECORD_OVERHEAD = 400
+#: How long the Kafka consumer gets to leave its group cleanly on a stop.
+_CONSUMER_STOP_S = 10.0
 
 
 class _Reject(NamedTuple):
@@ -252,7 +255,7 @@ class Archiver:
         if not starting.done():  # asked to stop before Kafka answered
             starting.cancel()
             with contextlib.suppress(BaseException):
-                async with asyncio.timeout(10):
+                async with asyncio.timeout(_CONSUMER_STOP_S):
                     await consumer.stop()
             return
         starting.result()
@@ -277,7 +280,7 @@ class Archiver:
         finally:
             self._consumer = None
             with contextlib.suppress(Exception):
-                async with asyncio.timeout(10):
+                async with asyncio.timeout(_CONSUMER_STOP_S):
                     await consumer.stop()
 
     async def _drain(self) -> None:
@@ -623,9 +626,10 @@ def open_store(cfg: ArchiveSettings) -> ArchiveStore:
 
 
 async def run_archiver(settings: Settings, *, stop: asyncio.Event | None = None) -> int:
-    """`okx-ingest archive`: one member of the archive group until SIGTERM/SIGINT.
+    """`okx-ingest archive`: one member of the archive group until SIGTERM/SIGINT, on the shared `Runtime`.
 
-    0 on a clean stop, 1 when the consumer died, 2 on bad configuration (store missing, denied).
+    0 on a clean stop, 1 when the archiver died (or ended without being asked), 2 on bad configuration or an
+    `IngestError` (store missing, denied).
     """
     from ingest.services.process import configure_observability, install_signals
 
@@ -640,24 +644,30 @@ async def run_archiver(settings: Settings, *, stop: asyncio.Event | None = None)
         except IngestError as exc:
             log.error("archive_startup_failed", extra={"error": str(exc)})
             print(f"okx-ingest: {exc}", flush=True)
-            return 2
+            return EXIT_CONFIG
         archiver = Archiver(settings, store)
         registry, collector = new_registry()
         collector.add(archiver.metrics)
         health = HealthServer(registry, archiver.readiness, settings.obs.metrics_host, settings.archive.metrics_port)
         await health.start()
         log.info("archive_where", extra={"url": store.url, "query": query_hint(store)})
-        try:
-            await archiver.run(stop)
-        except IngestError as exc:
-            log.error("archive_failed", extra={"error": str(exc)})
-            return 2
-        except Exception as exc:
-            log.error("task_died", extra={"task": "archiver", "error": repr(exc)}, exc_info=exc)
-            return 1
+        # Its stop is bounded step by step (drain, consumer); the runtime bounds the whole and surfaces the cause.
+        budget_s = settings.archive.drain_timeout_s + 2 * _CONSUMER_STOP_S
+        async with Runtime("archive", stop_timeout_s=budget_s) as runtime:
+            archiver_stop = asyncio.Event()
+            task = runtime.spawn("archiver", archiver.run(archiver_stop), essential=True)
+            ended = await runtime.wait(stop)
+            archiver_stop.set()
+            if runtime.pop("archiver") is not None:
+                await finish_task(task, budget_s, what="archiver")
+        if isinstance(ended.error, IngestError):
+            log.error("archive_failed", extra={"error": str(ended.error)})
+            return EXIT_CONFIG
+        if ended.task is not None:
+            return EXIT_TASK_DIED  # the runtime logged the cause (task_died)
         log.info("archive_stopped", extra={"files": archiver.stats.files_written,
                                            "records": archiver.stats.records_written})
-        return 0
+        return EXIT_OK
     finally:
         if health is not None:
             await health.stop()

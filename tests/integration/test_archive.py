@@ -289,6 +289,28 @@ async def test_a_missing_bucket_at_start_is_a_clear_error_and_exit_2(
     assert "archive.url" in out and "no-such-bucket" in out and "Traceback" not in out
 
 
+async def test_the_archive_service_runs_until_asked_to_stop_then_exits_0_with_every_trade_archived_once(
+        kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path) -> None:
+    records = sample_records()
+    await publish(kafka_broker.bootstrap_servers, topic_prefix, records)
+    root = tmp_path / "archive"
+    trades = trades_of(records)
+    stop = asyncio.Event()
+    service = asyncio.create_task(run_archiver(settings_for(kafka_broker, topic_prefix, str(root)), stop=stop))
+
+    def archived() -> int:
+        files = list(root.glob("trades/**/*.parquet"))  # renamed into place only once complete
+        return q(f"select count(*) from read_parquet({[str(f) for f in files]})")[0][0] if files else 0
+
+    await until(lambda: service.done() or archived() == len(trades), what="every trade archived")
+    assert not service.done()  # the service keeps running until it is asked to stop
+    stop.set()
+    async with asyncio.timeout(60):
+        assert await service == 0
+    assert q(f"select count(*), count(distinct tradeId) from read_parquet('{root}/trades/**/*.parquet')") \
+        == [(len(trades), len(trades))]
+
+
 async def test_compact_merges_small_files_once_and_keeps_every_record(
         kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path) -> None:
     root = tmp_path / "archive"

@@ -2,7 +2,8 @@
 
 okx -> core -> io -> services -> supervisor -> cli: a module may import from its own layer and the ones
 before it, never from a later one. The simulator is the server side and never uses the client's I/O.
-Imports inside functions count too: a lazy import is still a dependency.
+Imports inside functions count too: a lazy import is still a dependency. The pure layers (okx, core) do no
+I/O at all: no sockets, no event loop, no files, no logging; time and randomness are passed in.
 """
 
 from __future__ import annotations
@@ -16,13 +17,27 @@ PACKAGE = Path(__file__).resolve().parents[2] / "ingest"
 
 #: Layer (a subpackage or top-level module of `ingest`) -> the layers it must not import from.
 FORBIDDEN: dict[str, frozenset[str]] = {
-    "okx": frozenset({"io", "services", "supervisor", "cli"}),
+    "okx": frozenset({"core", "io", "services", "supervisor", "cli"}),
     "core": frozenset({"io", "services", "supervisor", "cli"}),
     "sim": frozenset({"io", "services", "supervisor", "cli"}),
     "io": frozenset({"services", "supervisor", "cli"}),
     "services": frozenset({"supervisor", "cli"}),
     "config": frozenset({"io", "services", "supervisor", "cli"}),
 }
+
+
+#: What the pure layers must not import: sockets, event loops, threads, processes, clients, files, logs.
+IO_MODULES = frozenset({
+    "asyncio", "socket", "ssl", "selectors", "select", "subprocess", "threading", "multiprocessing", "signal",
+    "http", "urllib.request", "httpx", "aiohttp", "websockets", "aiokafka", "aiobotocore", "boto3",
+    "os", "shutil", "tempfile", "pathlib", "importlib.resources", "logging", "sqlite3",
+})
+PURE_LAYERS = ("okx", "core")
+#: The one place a pure module still reads files: the packaged .avsc schemas, loaded once per process
+#: (`core.avro.default_schemas`). Moving that load to the edge is the open part of the boundary work.
+KNOWN_IO: dict[str, frozenset[str]] = {"ingest/core/avro.py": frozenset({"pathlib", "importlib.resources"})}
+#: The order docs/ARCHITECTURE.md states and FORBIDDEN enforces.
+ORDER = ("okx", "core", "io", "services", "supervisor", "cli")
 
 
 def _layer(module: str) -> str | None:
@@ -75,6 +90,60 @@ def _violations() -> list[str]:
 
 def test_every_module_imports_only_from_its_own_or_an_earlier_layer() -> None:
     assert _violations() == []
+
+
+def _io_imports() -> list[str]:
+    bad: list[str] = []
+    for layer in PURE_LAYERS:
+        for path in sorted((PACKAGE / layer).rglob("*.py")):
+            rel = str(path.relative_to(PACKAGE.parent))
+            allowed = KNOWN_IO.get(rel, frozenset())
+            for line, target in _imports(path):
+                hit = next((m for m in IO_MODULES if target == m or target.startswith(m + ".")), None)
+                if hit is not None and hit not in allowed:
+                    bad.append(f"{rel}:{line} imports {target}")
+    return bad
+
+
+def test_the_pure_layers_do_no_io() -> None:
+    assert _io_imports() == []
+
+
+def test_the_known_io_exception_is_still_needed() -> None:
+    # When the schema load moves to the edge, the exception must go too (else it silently allows new I/O).
+    for rel, modules in KNOWN_IO.items():
+        imported = {t for _, t in _imports(PACKAGE.parent / rel)}
+        assert modules <= imported, f"{rel} no longer imports {sorted(modules - imported)}: drop it from KNOWN_IO"
+
+
+def test_the_forbidden_arrows_are_exactly_the_documented_order() -> None:
+    # Each layer of the chain is forbidden exactly the layers after it; the doc states the chain in this order.
+    for i, layer in enumerate(ORDER[:-2]):
+        assert FORBIDDEN[layer] == frozenset(ORDER[i + 1:]), layer
+    doc = (PACKAGE.parent / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    assert "`services -> core, io, okx`; `io -> core, okx`; `core -> okx`" in doc
+    assert "okx, core and config import nothing from io, services, supervisor or cli" in doc
+
+
+@pytest.mark.parametrize(("source", "target", "allowed"), [
+    ("ingest/core/x.py", "import asyncio", False),
+    ("ingest/core/x.py", "from socket import create_connection", False),
+    ("ingest/okx/x.py", "import logging", False),
+    ("ingest/core/x.py", "from pathlib import Path", False),
+    ("ingest/core/x.py", "import importlib.resources", False),
+    ("ingest/core/x.py", "from collections.abc import Iterator", True),
+    ("ingest/io/x.py", "import asyncio", True),
+])
+def test_the_io_check_sees_io_imports_in_pure_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      source: str, target: str, allowed: bool) -> None:
+    root = tmp_path / "ingest"
+    path = tmp_path / source
+    path.parent.mkdir(parents=True)
+    (root / "core").mkdir(exist_ok=True)
+    (root / "okx").mkdir(exist_ok=True)
+    path.write_text(f"def f() -> None:\n    {target}\n")
+    monkeypatch.setattr(__import__(__name__, fromlist=["PACKAGE"]), "PACKAGE", root)
+    assert (_io_imports() == []) is allowed
 
 
 @pytest.mark.parametrize(("source", "target", "allowed"), [
