@@ -9,9 +9,14 @@ Every method is blocking (call it from a thread); every failure is an OSError wi
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import fcntl
 import hashlib
 import os
+import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -26,6 +31,11 @@ from ingest.errors import ConfigError
 PARQUET_OPTIONS: dict[str, object] = {"compression": "zstd", "compression_level": 3, "use_dictionary": True,
                                       "write_statistics": True}
 TMP_SUFFIX = ".tmp"
+#: Lock files, one per date (`_locks/date=D.lock`): the archiver holds it shared while it writes a file and
+#: its manifest, `archive compact` exclusive for the whole date, so neither sees the other half-done.
+LOCKS = "_locks"
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,11 +140,7 @@ class ArchiveStore:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        _fsync_dir(directory)
 
     def write_parquet(self, rel_dir: str, name: str, table: pa.Table) -> WrittenFile:
         data = parquet_bytes(table)
@@ -167,6 +173,50 @@ class ArchiveStore:
         with contextlib.suppress(FileNotFoundError):
             self.fs.delete_file(self.path(rel))
 
+    @contextlib.contextmanager
+    def date_lock(self, date: str, *, exclusive: bool) -> Iterator[None]:
+        """Hold the lock of one date (blocking); a no-op on S3, which has no locks (see docs/ARCHIVE.md)."""
+        if not self.local:
+            yield
+            return
+        os.makedirs(self.path(LOCKS), exist_ok=True)
+        fd = os.open(self.path(f"{LOCKS}/date={date}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def swap_dirs(self, staged_rel: str, live_rel: str) -> None:
+        """Exchange two local directories in one rename (Linux `renameat2(RENAME_EXCHANGE)`), so a reader
+        listing `live_rel` sees the old files or the new ones, never a mix and never none; the old ones end up
+        at `staged_rel`. Both parents are fsynced."""
+        staged, live = self.path(staged_rel), self.path(live_rel)
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.renameat2(_AT_FDCWD, staged.encode(), _AT_FDCWD, live.encode(), _RENAME_EXCHANGE) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"cannot swap {staged} and {live}: {os.strerror(err)}")
+        for directory in {os.path.dirname(staged), os.path.dirname(live)}:
+            _fsync_dir(directory)
+
+    def link_into(self, src_rel: str, dst_rel: str) -> None:
+        """`dst_rel` as a second name of `src_rel` (local: a hard link, no copy; the bytes stay the same)."""
+        src, dst = self.path(src_rel), self.path(dst_rel)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                raise
+            shutil.copy2(src, dst)
+
+    def remove_tree(self, rel_dir: str) -> None:
+        if self.local:
+            shutil.rmtree(self.path(rel_dir), ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.delete_dir(self.path(rel_dir))
+
     def remove_temporaries(self, rel_dir: str) -> int:
         """Delete temporary files a killed writer left in `rel_dir` (local only); returns how many."""
         if not self.local:
@@ -177,6 +227,14 @@ class ArchiveStore:
                 self.delete(f"{rel_dir}/{name}")
                 n += 1
         return n
+
+
+def _fsync_dir(directory: str) -> None:
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def _short(exc: BaseException) -> str:
