@@ -35,6 +35,7 @@ from ingest.io.delivery import Delivery
 from ingest.io.inbox import Inbox
 from ingest.io.kafka import KafkaSink
 from ingest.io.measured import MeasuredSink
+from ingest.io.positions import PositionStore
 from ingest.io.rest import OkxRestClient
 from ingest.io.state import StreamStateFile
 from ingest.io.ws import ConnState
@@ -53,7 +54,7 @@ from ingest.runtime import (
     stop_task,
 )
 from ingest.services.clock import ClockService
-from ingest.services.cluster import ShardConnections
+from ingest.services.cluster import ClusterPositions, ShardConnections
 from ingest.services.connections import ConnectionManager, subscription_arg
 from ingest.services.permissions import require_safe_key
 from ingest.services.pipeline import Pipeline
@@ -115,6 +116,7 @@ class _Parts:
     reconciler: PrivateReconciler | None = None
     manager: ConnectionManager | ShardConnections | None = None
     membership: GroupMembership | None = None
+    positions: ClusterPositions | None = None
     health: HealthServer | None = None
     state: StreamStateFile | None = None
     extra_tasks: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
@@ -208,6 +210,12 @@ class Daemon:
         p.pipeline = Pipeline(inbox, p.delivery, encoder, resubscriber=p.manager, reconciler=p.reconciler,
                               shard=replica, publish_raw=s.kafka.publish_raw, max_record_bytes=s.kafka.max_record_bytes,
                               latency=self.ack_latency, book_checkpoint_s=s.okx.book_checkpoint_s)
+        if isinstance(p.manager, ShardConnections) and member is not None:
+            store = PositionStore(s.kafka, bootstrap_servers=self.bootstrap_servers,
+                                  client_id=f"{s.kafka.client_id}-{member}-positions")
+            await store.start()
+            p.positions = ClusterPositions(p.pipeline, p.delivery, store, p.manager, member,
+                                           s.cluster.position_interval_s)
         # Where the previous process of this shard left each stream: the time nobody recorded becomes gaps.
         p.state = StreamStateFile(s.journal.dir / f"{replica}.streams.json")
         saved = p.state.load() if member is None else None  # in cluster mode, positions live in Kafka
@@ -266,7 +274,10 @@ class Daemon:
             runtime.spawn("clock", p.clock_service.run())
             if p.reconciler is not None:
                 runtime.spawn("reconciler", p.reconciler.run())
-            runtime.spawn("state", self._save_state_loop())
+            if p.positions is None:
+                runtime.spawn("state", self._save_state_loop())
+            else:
+                runtime.spawn("positions", p.positions.run())
             if p.broker is not None:
                 runtime.spawn("embedded-broker", self._broker_loop(p.broker))
             if p.store is not None:
@@ -316,7 +327,11 @@ class Daemon:
         # the next start of this shard closes it with its first record (and the backfill fills it).
         log.info("streams_open_at_shutdown", extra={"count": len(p.pipeline.open_gaps())})
         await runtime.stop("state")
-        await bounded(self._save_state(), budget, what="saving stream state")
+        await runtime.stop("positions")
+        if p.positions is None:
+            await bounded(self._save_state(), budget, what="saving stream state")
+        else:  # the last acknowledged positions, for whoever records these shards next (this replica restarted)
+            await bounded(p.positions.save(), budget, what="saving stream positions")
         await runtime.close(CANCEL_GRACE_S)
         # 3. Delivery: flush to Kafka, or leave the rest journaled for the next start (close is bounded).
         await p.delivery.close()
@@ -373,6 +388,8 @@ class Daemon:
             await p.health.stop()
         if p.delivery is not None:
             await p.delivery.close()  # idempotent
+        if p.positions is not None:
+            await p.positions.store.close()
         if p.rest is not None:
             await p.rest.aclose()
         if p.broker is not None:

@@ -12,6 +12,8 @@ Pure, and the same in every replica (docs/CLUSTER.md):
   A replica leaving moves only its own shards; one joining takes only its quota.
 * `Ownership` / `may_publish`: a record of a shard is published only by the replica that owns the shard in the
   current generation; anything else is fenced (a zombie woken after its session expired).
+* `StreamPosition`: one stream's position as its owner writes it to the compacted `<prefix>positions` topic
+  (keyed by `position_key`), so whichever replica takes the shard over knows where its predecessor stopped.
 """
 
 from __future__ import annotations
@@ -20,9 +22,25 @@ import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import orjson
+
+from ingest.core.gaps import StreamCheckpoint
 from ingest.okx.channels import SubArg
 
-__all__ = ["Ownership", "assign", "may_publish", "moved", "shard_key", "shard_of", "shard_of_arg", "shards_of_args"]
+__all__ = [
+    "Ownership",
+    "StreamPosition",
+    "assign",
+    "decode_position",
+    "encode_position",
+    "may_publish",
+    "moved",
+    "position_key",
+    "shard_key",
+    "shard_of",
+    "shard_of_arg",
+    "shards_of_args",
+]
 
 
 def _hash64(text: str) -> int:
@@ -122,3 +140,41 @@ def may_publish(current: Ownership | None, member: str, generation: int, shard: 
         return False
     since = current.since.get(shard)
     return since is not None and since <= generation <= current.generation
+
+
+POSITION_FORMAT = 1
+
+
+def position_key(arg: SubArg) -> bytes:
+    """The key of a stream on the positions topic: its OKX arg as compact JSON with sorted keys."""
+    return orjson.dumps(arg.to_okx(), option=orjson.OPT_SORT_KEYS)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPosition:
+    """Where one stream stood at `saved_ts_ns`, every record up to it acknowledged by Kafka, and who wrote it."""
+
+    shard: int
+    member: str
+    generation: int
+    saved_ts_ns: int
+    checkpoint: StreamCheckpoint
+
+
+def encode_position(p: StreamPosition) -> bytes:
+    return orjson.dumps({"v": POSITION_FORMAT, "shard": p.shard, "member": p.member, "generation": p.generation,
+                         "saved_ts_ns": p.saved_ts_ns, "stream": p.checkpoint.to_json()})
+
+
+def decode_position(data: bytes | None) -> StreamPosition | None:
+    """The position in a value of the positions topic; None for a tombstone or anything it cannot read."""
+    if not data:
+        return None
+    try:
+        d = orjson.loads(data)
+        if d.get("v") != POSITION_FORMAT:
+            return None
+        return StreamPosition(int(d["shard"]), str(d["member"]), int(d["generation"]), int(d["saved_ts_ns"]),
+                              StreamCheckpoint.from_json(d["stream"]))
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        return None

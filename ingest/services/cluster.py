@@ -10,26 +10,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from ingest.config import OkxSettings, WsSettings
 from ingest.core.clock import ServerClock
-from ingest.core.cluster import shard_of_arg, shards_of_args
+from ingest.core.cluster import StreamPosition, shard_of_arg, shards_of_args
 from ingest.core.events import Inbound
 from ingest.credentials import CredentialStore
 from ingest.io.cluster import Assignment
+from ingest.io.delivery import Delivery
+from ingest.io.positions import PositionStore
+from ingest.io.state import SavedState
 from ingest.io.ws import Connection, ConnectLimiter
 from ingest.okx.channels import SubArg
 from ingest.runtime import CANCEL_GRACE_S
 from ingest.services.connections import ConnectionManager, ManagerStatus
+from ingest.services.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
-#: Called with a shard and its args before its connections start (restore positions) or after they stopped.
-ShardHook = Callable[[int, Sequence[SubArg]], Awaitable[None]]
+#: Called with the shards gained (and their args) before their connections start: restore their positions.
+GainHook = Callable[[Mapping[int, Sequence[SubArg]]], Awaitable[None]]
 
 
-async def _no_hook(shard: int, args: Sequence[SubArg]) -> None:
+async def _no_hook(gained: Mapping[int, Sequence[SubArg]]) -> None:
     return None
 
 
@@ -38,14 +43,14 @@ class ShardConnections:
 
     def __init__(self, okx: OkxSettings, ws: WsSettings, queue: asyncio.Queue[Inbound], args: Sequence[SubArg],
                  shards: int, *, credentials: CredentialStore | None = None, clock: ServerClock | None = None,
-                 resync_clock: Callable[[], Awaitable[None]] | None = None,
-                 before_start: ShardHook = _no_hook, after_stop: ShardHook = _no_hook) -> None:
+                 resync_clock: Callable[[], Awaitable[None]] | None = None) -> None:
         self._okx, self._ws, self._queue = okx, ws, queue
         self._credentials, self._clock, self._resync = credentials, clock, resync_clock
         self.shards = shards
         self.by_shard: Mapping[int, list[SubArg]] = shards_of_args(args, shards)
         self.limiter = ConnectLimiter(ws.connects_per_s)
-        self._before_start, self._after_stop = before_start, after_stop
+        #: Set by the owner of the positions (services/cluster.py ClusterPositions.restore).
+        self.on_gain: GainHook = _no_hook
         self._managers: dict[int, ConnectionManager] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._group: asyncio.TaskGroup | None = None
@@ -81,17 +86,19 @@ class ShardConnections:
             for shard in lost:
                 await self._stop(shard)
             self.owned, self.generation = assignment.shards, assignment.generation
-            for shard in gained:
-                await self._start(shard)
+            with_args = {s: self.by_shard[s] for s in gained if self.by_shard.get(s)}
+            if with_args:
+                await self.on_gain(with_args)
+            for shard in with_args:
+                self._start(shard)
             log.info("cluster_shards_applied", extra={
                 "generation": assignment.generation, "owned": len(self.owned), "gained": gained, "lost": lost,
                 "subscriptions": sum(len(self.by_shard.get(s, ())) for s in self.owned)})
 
-    async def _start(self, shard: int) -> None:
+    def _start(self, shard: int) -> None:
         args = self.by_shard.get(shard)
         if not args or self._group is None:
             return
-        await self._before_start(shard, args)
         manager = ConnectionManager(self._okx, self._ws, self._queue, credentials=self._credentials,
                                     clock=self._clock, resync_clock=self._resync, args=list(args),
                                     limiter=self.limiter, name_prefix=f"s{shard}-")
@@ -106,7 +113,6 @@ class ShardConnections:
         task.cancel()
         # Its sockets close after their last frame is queued (bounded by ws.shutdown_timeout_s in each).
         await asyncio.wait({task}, timeout=self._ws.shutdown_timeout_s + CANCEL_GRACE_S)
-        await self._after_stop(shard, self.by_shard.get(shard, ()))
 
     def request_resubscribe(self, arg: SubArg, reason: str) -> None:
         manager = self._managers.get(shard_of_arg(arg, self.shards))
@@ -122,3 +128,63 @@ class ShardConnections:
         for p in parts:
             stopped.update(p.stopped)
         return ManagerStatus(tuple(c for p in parts for c in p.connections), self.limiter.admitted, stopped)
+
+
+class ClusterPositions:
+    """The owner's side of `<prefix>positions`: every `interval_s`, the position of each stream of the shards it
+    owns, once every record before it is acknowledged by Kafka; and on a takeover, the positions of the gained
+    shards' streams restored into the pipeline, so the time nobody recorded them becomes gap events with the
+    pipeline's usual bounds (the predecessor's last acknowledged position -> the first record here)."""
+
+    def __init__(self, pipeline: Pipeline, delivery: Delivery, store: PositionStore, shards: ShardConnections,
+                 member: str, interval_s: float) -> None:
+        self.pipeline, self.delivery, self.store, self.shards = pipeline, delivery, store, shards
+        self.member = member
+        self.interval_s = interval_s
+        self.restored = 0
+        shards.on_gain = self.restore
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)  # a periodic timer, not synchronisation
+            try:
+                await self.save()
+            except Exception as exc:  # a position not written costs a longer takeover gap, never the recording
+                log.error("positions_not_saved", extra={"error": f"{type(exc).__name__}: {exc}"[:500]})
+
+    async def save(self) -> int:
+        """Write the acknowledged positions of the streams of the shards owned now; how many were written."""
+        generation, owned = self.shards.generation, self.shards.owned
+        await self.pipeline.between_batches()
+        streams, _ = self.pipeline.checkpoint()  # no await since: it matches what delivery was handed
+        saved_at, accepted = time.time_ns(), self.delivery.stats.records_in
+        # Acknowledged, not merely journaled: a replica that takes over reads Kafka, not this disk.
+        await self.delivery.wait_for(
+            lambda d: d.failed or d.records_in - d.queued - d.journal_records >= accepted)
+        if self.delivery.stats.failed or self.shards.generation != generation:
+            return 0  # a rebalance in between: the next save writes what is owned then
+        mine = []
+        for cp in streams:
+            shard = shard_of_arg(cp.arg, self.shards.shards)
+            if shard in owned and cp.arg in self.shards.by_shard.get(shard, ()):
+                mine.append(StreamPosition(shard, self.member, generation, saved_at, cp))
+        return await self.store.write(mine)
+
+    async def restore(self, gained: Mapping[int, Sequence[SubArg]]) -> None:
+        """Continue the streams of the shards gained where their last owner's acknowledged positions stand."""
+        try:
+            positions = await self.store.read()
+        except Exception as exc:
+            log.error("positions_unread", extra={"error": f"{type(exc).__name__}: {exc}"[:500],
+                                                 "effect": "the takeover gap of these shards is not reported"})
+            return
+        args = [a for s in gained.values() for a in s]
+        wanted = set(args)
+        restored = 0
+        for arg, p in positions.items():
+            if arg in wanted:
+                restored += self.pipeline.restore(SavedState(p.saved_ts_ns, (p.checkpoint,)), args)
+        self.restored += restored
+        log.info("positions_restored", extra={"shards": sorted(gained), "streams": restored,
+                                              "from": sorted({p.member for a, p in positions.items()
+                                                              if a in wanted})})

@@ -10,7 +10,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ingest.config import load_settings, require_cluster
-from ingest.core.cluster import Ownership, assign, may_publish, moved, shard_of, shard_of_arg, shards_of_args
+from ingest.core.cluster import (
+    Ownership,
+    StreamPosition,
+    assign,
+    decode_position,
+    encode_position,
+    may_publish,
+    moved,
+    position_key,
+    shard_of,
+    shard_of_arg,
+    shards_of_args,
+)
+from ingest.core.gaps import GapKind, Position, StreamCheckpoint
 from ingest.errors import ConfigError
 from ingest.okx.channels import SubArg
 
@@ -155,3 +168,13 @@ def test_cluster_refuses_the_embedded_broker_and_private_streams(tmp_path: Path)
     with pytest.raises(ConfigError) as err:
         require_cluster(s, {})
     assert err.value.key == "okx.private"
+
+
+def test_a_position_survives_the_positions_topic_and_garbage_is_ignored() -> None:
+    cp = StreamCheckpoint(SubArg("trades-all", inst_id="BTC-USDT"), Position(1_700_000_000_000, 42, None), "s3-x#1",
+                          "SPOT", GapKind.DISCONNECT, Position(1_700_000_000_000, 42, None), "s3-x#1", 7, "lost")
+    p = StreamPosition(3, "okx-ingest-1", 9, 123, cp)
+    assert decode_position(encode_position(p)) == p
+    assert position_key(cp.arg) == position_key(SubArg("trades-all", inst_id="BTC-USDT"))
+    for bad in (None, b"", b"{", b'{"v": 99}', b'{"v": 1, "shard": 1}', b"[]"):
+        assert decode_position(bad) is None
