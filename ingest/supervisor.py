@@ -54,7 +54,7 @@ from ingest.runtime import (
     stop_task,
 )
 from ingest.services.clock import ClockService
-from ingest.services.cluster import ClusterPositions, ShardConnections
+from ingest.services.cluster import ClusterPositions, FencedOutlet, ShardConnections
 from ingest.services.connections import ConnectionManager, subscription_arg
 from ingest.services.permissions import require_safe_key
 from ingest.services.pipeline import Pipeline
@@ -117,6 +117,7 @@ class _Parts:
     manager: ConnectionManager | ShardConnections | None = None
     membership: GroupMembership | None = None
     positions: ClusterPositions | None = None
+    fence: FencedOutlet | None = None
     health: HealthServer | None = None
     state: StreamStateFile | None = None
     extra_tasks: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
@@ -200,14 +201,18 @@ class Daemon:
                                           resync_clock=p.clock_service.resync, args=self._args)
         else:
             p.manager = ShardConnections(s.okx, s.ws, inbox, self._args, s.cluster.shards, credentials=p.store,
-                                         clock=clock, resync_clock=p.clock_service.resync)
+                                         clock=clock, resync_clock=p.clock_service.resync, member=member)
             p.membership = GroupMembership(s.cluster, s.kafka, member, p.manager.apply,
                                            bootstrap_servers=self.bootstrap_servers)
             await p.membership.ensure_topic()
         if s.okx.private and p.store is not None:
             # Reads the account over REST after every private (re)connect; results enter the same queue.
             p.reconciler = PrivateReconciler(p.rest, clock, inbox)
-        p.pipeline = Pipeline(inbox, p.delivery, encoder, resubscriber=p.manager, reconciler=p.reconciler,
+        outlet: Delivery | FencedOutlet = p.delivery
+        if isinstance(p.manager, ShardConnections) and p.membership is not None:
+            outlet = p.fence = FencedOutlet(p.delivery, p.manager, p.membership.lease,
+                                            topic_name(s.kafka.topic_prefix, TopicKind.GAPS))
+        p.pipeline = Pipeline(inbox, outlet, encoder, resubscriber=p.manager, reconciler=p.reconciler,
                               shard=replica, publish_raw=s.kafka.publish_raw, max_record_bytes=s.kafka.max_record_bytes,
                               latency=self.ack_latency, book_checkpoint_s=s.okx.book_checkpoint_s)
         if isinstance(p.manager, ShardConnections) and member is not None:
@@ -215,7 +220,8 @@ class Daemon:
                                   client_id=f"{s.kafka.client_id}-{member}-positions")
             await store.start()
             p.positions = ClusterPositions(p.pipeline, p.delivery, store, p.manager, member,
-                                           s.cluster.position_interval_s)
+                                           s.cluster.position_interval_s,
+                                           p.membership.lease if p.membership is not None else None)
         # Where the previous process of this shard left each stream: the time nobody recorded becomes gaps.
         p.state = StreamStateFile(s.journal.dir / f"{replica}.streams.json")
         saved = p.state.load() if member is None else None  # in cluster mode, positions live in Kafka
@@ -484,6 +490,7 @@ class Daemon:
         self._collector.add(self._rest_metrics)
         self._collector.add(self._private_metrics)
         self._collector.add(self._stream_metrics)
+        self._collector.add(self._cluster_metrics)
 
     def _pipeline_metrics(self) -> Iterable[Metric]:
         p = self.parts.pipeline
@@ -531,6 +538,33 @@ class Daemon:
         failures.add_metric(["encode"], st.unencodable_records)
         failures.add_metric(["stream_limit"], st.streams_refused)
         return [frames, records, dead, gaps, okx_errors, events, book, dups, inbox, state, failures]
+
+    def _cluster_metrics(self) -> Iterable[Metric]:
+        """Cluster mode: what this replica owns, in which generation, and what its fence and positions did."""
+        p = self.parts
+        m, shards = p.membership, p.manager
+        if m is None or not isinstance(shards, ShardConnections):
+            return []
+        owned = gauge("cluster_shards_owned", "Shards this replica records")
+        owned.add_metric([], len(shards.owned))
+        generation = gauge("cluster_generation", "Consumer-group generation of this replica's assignment")
+        generation.add_metric([], m.current.generation if m.current is not None else -1)
+        rebalances = counter("cluster_rebalances", "Assignments received (each rebalance of the group)")
+        rebalances.add_metric([], m.rebalances)
+        lease = gauge("cluster_lease_valid", "1 while this replica's session lease holds (else it publishes nothing)")
+        lease.add_metric([], int(m.lease.valid()))
+        out: list[Metric] = [owned, generation, rebalances, lease]
+        if p.fence is not None:
+            fenced = counter("cluster_fenced_records", "Records dropped because this replica no longer owned them")
+            fenced.add_metric([], p.fence.fenced)
+            out.append(fenced)
+        if p.positions is not None:
+            written = counter("cluster_positions_written", "Stream positions written to <prefix>positions")
+            written.add_metric([], p.positions.store.written)
+            restored = counter("cluster_positions_restored", "Streams continued from another owner's position")
+            restored.add_metric([], p.positions.restored)
+            out += [written, restored]
+        return out
 
     def _connection_metrics(self) -> Iterable[Metric]:
         m = self.parts.manager

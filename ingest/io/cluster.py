@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,10 +39,36 @@ _META_VERSION = 1
 
 @dataclass(frozen=True, slots=True)
 class Assignment:
-    """The shards this replica records from now on, in this group generation."""
+    """The shards this replica records from now on, in this group generation. `resumed` is False when this
+    replica's session had expired since its previous assignment: it was out of the group in between (paused,
+    partitioned), so even the shards it gets back were recorded by someone else meanwhile."""
 
     generation: int
     shards: frozenset[int]
+    resumed: bool = True
+
+
+class Lease:
+    """How long this replica may still act as a member: until a session timeout after the last heartbeat the
+    broker answered (timed from when it was sent, the earliest the broker can have seen it). A process paused
+    past that (SIGSTOP, a VM freeze) finds its lease expired the moment it runs again, before any heartbeat, while
+    the group has already given its shards to others."""
+
+    def __init__(self, session_s: float, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.session_s = session_s
+        self._monotonic = monotonic
+        self._since: float | None = None
+        self.expired_once = False
+
+    def renew(self, sent_at: float) -> None:
+        if self._since is None or sent_at > self._since:
+            self._since = sent_at
+
+    def valid(self) -> bool:
+        ok = self._since is not None and self._monotonic() < self._since + self.session_s
+        if not ok and self._since is not None:
+            self.expired_once = True
+        return ok
 
 
 #: Called once per completed rebalance with the new assignment (it may wait: the group waits for it).
@@ -137,6 +164,8 @@ class GroupMembership:
         self.rebalances = 0
         self.assigned = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
+        # A little short of the session: the broker's clock and ours drift, and the fence must close first.
+        self.lease = Lease(cluster.session_timeout_ms / 1000 * 0.9)
 
     def _kwargs(self) -> dict[str, Any]:
         return kafka_client_kwargs(self.kafka, bootstrap_servers=self._bootstrap,
@@ -178,6 +207,7 @@ class GroupMembership:
         consumer.subscribe([self.topic], listener=_Listener(self))
         self._consumer = consumer
         await consumer.start()
+        self._track_heartbeats(consumer)
         try:
             while True:
                 await consumer.getmany(timeout_ms=1_000)  # the control topic carries nothing we read yet
@@ -185,10 +215,31 @@ class GroupMembership:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(consumer.stop(), self.kafka.request_timeout_ms / 1000)
 
+    def _track_heartbeats(self, consumer: AIOKafkaConsumer) -> None:
+        """Renew the lease with every heartbeat the broker accepts. aiokafka keeps that fact in a local variable
+        of its heartbeat loop, so its (private, 0.11-0.14) `_do_heartbeat` is wrapped on this consumer only."""
+        coordinator = getattr(consumer, "_coordinator", None)
+        beat = getattr(coordinator, "_do_heartbeat", None)
+        if coordinator is None or beat is None:
+            log.warning("cluster_lease_untracked", extra={"effect": "the lease lasts from assignment to assignment"})
+            return
+
+        async def tracked() -> bool:
+            sent_at = time.monotonic()
+            ok = bool(await beat())
+            if ok and self.current is not None and self._generation() == self.current.generation:
+                self.lease.renew(sent_at)
+            return ok
+
+        coordinator._do_heartbeat = tracked
+
     async def _assigned(self, shards: frozenset[int]) -> None:
         self.rebalances += 1
         generation = self._generation()
-        self.current = Assignment(generation, shards)
+        resumed = not (self.lease.expired_once or (self.current is not None and not self.lease.valid()))
+        self.lease.expired_once = False
+        self.lease.renew(time.monotonic())  # the join that led here was answered: a member until a session on
+        self.current = Assignment(generation, shards, resumed)
         log.info("cluster_assigned", extra={"member": self.member, "generation": generation,
                                             "shards": sorted(shards)})
         await self._on_assignment(self.current)

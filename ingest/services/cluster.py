@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from ingest.config import OkxSettings, WsSettings
 from ingest.core.clock import ServerClock
-from ingest.core.cluster import StreamPosition, shard_of_arg, shards_of_args
+from ingest.core.cluster import Ownership, StreamPosition, may_publish, shard_of, shard_of_arg, shards_of_args
+from ingest.core.encoded import EncodedRecord
 from ingest.core.events import Inbound
 from ingest.credentials import CredentialStore
-from ingest.io.cluster import Assignment
+from ingest.io.cluster import Assignment, Lease
 from ingest.io.delivery import Delivery
 from ingest.io.positions import PositionStore
 from ingest.io.state import SavedState
@@ -26,7 +28,7 @@ from ingest.io.ws import Connection, ConnectLimiter
 from ingest.okx.channels import SubArg
 from ingest.runtime import CANCEL_GRACE_S
 from ingest.services.connections import ConnectionManager, ManagerStatus
-from ingest.services.pipeline import Pipeline
+from ingest.services.pipeline import Outlet, Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ class ShardConnections:
 
     def __init__(self, okx: OkxSettings, ws: WsSettings, queue: asyncio.Queue[Inbound], args: Sequence[SubArg],
                  shards: int, *, credentials: CredentialStore | None = None, clock: ServerClock | None = None,
-                 resync_clock: Callable[[], Awaitable[None]] | None = None) -> None:
+                 resync_clock: Callable[[], Awaitable[None]] | None = None, member: str = "") -> None:
         self._okx, self._ws, self._queue = okx, ws, queue
         self._credentials, self._clock, self._resync = credentials, clock, resync_clock
         self.shards = shards
@@ -58,6 +60,8 @@ class ShardConnections:
         self._lock = asyncio.Lock()
         self.owned: frozenset[int] = frozenset()
         self.generation = -1
+        self.member = member
+        self.ownership: Ownership | None = None
 
     @property
     def connections(self) -> tuple[Connection, ...]:
@@ -81,11 +85,17 @@ class ShardConnections:
         """Record exactly `assignment.shards` from now on: stop the shards lost (drained), start the ones gained."""
         await self._running.wait()
         async with self._lock:
-            lost = sorted(self.owned - assignment.shards)
-            gained = sorted(assignment.shards - self.owned)
+            # After an expired session every shard was someone else's meanwhile: start all afresh (positions).
+            before = self.owned if assignment.resumed else frozenset()
+            lost = sorted(self.owned - (before & assignment.shards))
+            gained = sorted(assignment.shards - before)
             for shard in lost:
                 await self._stop(shard)
             self.owned, self.generation = assignment.shards, assignment.generation
+            base = self.ownership if assignment.resumed and self.ownership is not None else None
+            self.ownership = (base.advance(assignment.generation, assignment.shards) if base is not None else
+                              Ownership(self.member, assignment.generation,
+                                        dict.fromkeys(assignment.shards, assignment.generation)))
             with_args = {s: self.by_shard[s] for s in gained if self.by_shard.get(s)}
             if with_args:
                 await self.on_gain(with_args)
@@ -137,11 +147,12 @@ class ClusterPositions:
     pipeline's usual bounds (the predecessor's last acknowledged position -> the first record here)."""
 
     def __init__(self, pipeline: Pipeline, delivery: Delivery, store: PositionStore, shards: ShardConnections,
-                 member: str, interval_s: float) -> None:
+                 member: str, interval_s: float, lease: Lease | None = None) -> None:
         self.pipeline, self.delivery, self.store, self.shards = pipeline, delivery, store, shards
         self.member = member
         self.interval_s = interval_s
         self.restored = 0
+        self.lease = lease
         shards.on_gain = self.restore
 
     async def run(self) -> None:
@@ -161,7 +172,8 @@ class ClusterPositions:
         # Acknowledged, not merely journaled: a replica that takes over reads Kafka, not this disk.
         await self.delivery.wait_for(
             lambda d: d.failed or d.records_in - d.queued - d.journal_records >= accepted)
-        if self.delivery.stats.failed or self.shards.generation != generation:
+        if self.delivery.stats.failed or self.shards.generation != generation or (
+                self.lease is not None and not self.lease.valid()):
             return 0  # a rebalance in between: the next save writes what is owned then
         mine = []
         for cp in streams:
@@ -188,3 +200,62 @@ class ClusterPositions:
         log.info("positions_restored", extra={"shards": sorted(gained), "streams": restored,
                                               "from": sorted({p.member for a, p in positions.items()
                                                               if a in wanted})})
+
+
+#: Connection ids in cluster mode start with their shard (`s17-public-0#...`, see ShardConnections._start).
+_CONN_SHARD = re.compile(rb"^s([0-9]+)-[^#]*#")
+
+
+def record_shard(record: EncodedRecord, gaps_topic: str, shards: int) -> int | None:
+    """The shard a record belongs to: by the connection that received it (raw frames, dead letters), the
+    instrument of a gap's stream, or the instrument key of market data; None when it names none."""
+    key = record.key
+    if not key:
+        return None
+    m = _CONN_SHARD.match(key)
+    if m is not None:
+        return int(m.group(1))
+    if record.topic == gaps_topic:
+        key = key.partition(b":")[2]
+        if not key:
+            return None
+    return shard_of(key.decode(errors="replace"), shards)
+
+
+class FencedOutlet:
+    """In front of delivery in cluster mode: a record goes on only while this replica's lease holds and it owns
+    the record's shard; it then carries `owner`, `generation` and `shard` headers. Anything else is dropped and
+    counted (`fenced`): a replica woken from a pause past its session publishes nothing for shards that moved,
+    even before its next heartbeat tells it so."""
+
+    def __init__(self, delivery: Outlet, shards: ShardConnections, lease: Lease, gaps_topic: str) -> None:
+        self.delivery, self.shards, self.lease = delivery, shards, lease
+        self.gaps_topic = gaps_topic
+        self.fenced = 0
+        self._member = shards.member.encode()
+
+    async def put_many(self, records: Sequence[EncodedRecord]) -> None:
+        own = self.shards.ownership
+        if own is None or not self.lease.valid():
+            self._drop(len(records), "lease expired" if own is not None else "no assignment")
+            return
+        out: list[EncodedRecord] = []
+        generation = str(own.generation).encode()
+        count = self.shards.shards
+        for rec in records:
+            shard = record_shard(rec, self.gaps_topic, count)
+            if shard is None:
+                out.append(rec._replace(headers=(*rec.headers, ("owner", self._member), ("generation", generation))))
+            elif may_publish(own, own.member, own.generation, shard):
+                out.append(rec._replace(headers=(*rec.headers, ("owner", self._member), ("generation", generation),
+                                                 ("shard", str(shard).encode()))))
+            else:
+                self._drop(1, f"shard {shard} not owned")
+        if out:
+            await self.delivery.put_many(out)
+
+    def _drop(self, n: int, why: str) -> None:
+        if n and not self.fenced:
+            log.warning("cluster_fenced", extra={"records": n, "why": why, "effect": "dropped: another replica owns "
+                                                 "them now (logged once; see the fenced metric)"})
+        self.fenced += n

@@ -75,6 +75,13 @@ async def test_three_replicas_record_every_subscription_exactly_once(
         seen = Counter((t.inst_id, t.trade_id) for t in trades)
         assert all(n == 1 for n in seen.values()), "no trade recorded by two replicas"
         assert set(seen) == {(inst, tid) for inst, ids in traded.items() for tid in ids}
+        owners = {r.daemon.parts.membership.member: _owned(r.daemon) for r in runs}  # type: ignore[union-attr]
+        for _, _, rec, headers in await TopicReader(kafka_broker.bootstrap_servers, topic_prefix).read(
+                TopicKind.TRADES, at_least=total):
+            assert isinstance(rec, Trade)
+            shard = shard_of(rec.inst_id, SHARDS)
+            assert int(headers["shard"]) == shard and int(headers["generation"]) >= 0
+            assert shard in owners[headers["owner"].decode()], "stamped by the replica that owns its shard"
 
 
 def _interior(g: GapEvent) -> set[int]:
