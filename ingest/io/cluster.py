@@ -52,19 +52,32 @@ class Lease:
     """How long this replica may still act as a member: until a session timeout after the last heartbeat the
     broker answered (timed from when it was sent, the earliest the broker can have seen it). A process paused
     past that (SIGSTOP, a VM freeze) finds its lease expired the moment it runs again, before any heartbeat, while
-    the group has already given its shards to others."""
+    the group has already given its shards to others.
+
+    While a rebalance this member takes part in is under way, aiokafka sends no heartbeats (the broker keeps the
+    member while its JoinGroup waits, up to the rebalance timeout): a join begun while the lease held holds it
+    until the join ends, so the shards kept through a rebalance are never fenced."""
 
     def __init__(self, session_s: float, monotonic: Callable[[], float] = time.monotonic) -> None:
         self.session_s = session_s
         self._monotonic = monotonic
         self._since: float | None = None
+        self._joining = False
         self.expired_once = False
+
+    def join_started(self) -> None:
+        self._joining = self.valid()
+
+    def join_ended(self) -> None:
+        self._joining = False
 
     def renew(self, sent_at: float) -> None:
         if self._since is None or sent_at > self._since:
             self._since = sent_at
 
     def valid(self) -> bool:
+        if self._joining:
+            return True
         ok = self._since is not None and self._monotonic() < self._since + self.session_s
         if not ok and self._since is not None:
             self.expired_once = True
@@ -216,8 +229,9 @@ class GroupMembership:
                 await asyncio.wait_for(consumer.stop(), self.kafka.request_timeout_ms / 1000)
 
     def _track_heartbeats(self, consumer: AIOKafkaConsumer) -> None:
-        """Renew the lease with every heartbeat the broker accepts. aiokafka keeps that fact in a local variable
-        of its heartbeat loop, so its (private, 0.11-0.14) `_do_heartbeat` is wrapped on this consumer only."""
+        """Renew the lease with every heartbeat the broker accepts, and hold it through a rebalance's join.
+        aiokafka keeps those facts inside its coordinator's loops, so its (private, 0.11-0.14) `_do_heartbeat`
+        and `_do_rejoin_group` are wrapped, on this consumer only."""
         coordinator = getattr(consumer, "_coordinator", None)
         beat = getattr(coordinator, "_do_heartbeat", None)
         if coordinator is None or beat is None:
@@ -232,6 +246,18 @@ class GroupMembership:
             return ok
 
         coordinator._do_heartbeat = tracked
+        rejoin = getattr(coordinator, "_do_rejoin_group", None)
+        if rejoin is None:
+            return
+
+        async def joining(subscription: object) -> bool:
+            self.lease.join_started()
+            try:
+                return bool(await rejoin(subscription))
+            finally:
+                self.lease.join_ended()
+
+        coordinator._do_rejoin_group = joining
 
     async def _assigned(self, shards: frozenset[int]) -> None:
         self.rebalances += 1

@@ -89,3 +89,20 @@ async def test_after_an_expired_session_the_shards_got_back_start_afresh() -> No
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
+
+
+def test_the_lease_holds_through_a_join_begun_in_time_and_not_through_one_begun_after_expiry() -> None:
+    clock = _Clock()
+    lease = Lease(5.0, monotonic=clock)
+    assert not lease.valid(), "no lease before the first heartbeat or assignment"
+    lease.renew(clock.now)
+    clock.now += 4
+    lease.join_started()  # a rebalance: aiokafka sends no heartbeat while its JoinGroup waits
+    clock.now += 10
+    assert lease.valid()
+    lease.join_ended()
+    assert not lease.valid() and lease.expired_once
+    lease.renew(clock.now)
+    clock.now += 6  # paused past the session, then the rejoin starts: it does not revive the lease
+    lease.join_started()
+    assert not lease.valid()
