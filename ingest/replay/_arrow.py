@@ -2,7 +2,7 @@
 
 The item path decodes every row into a Struct (`archive_schema.table_to_records`), which caps it near 30,000
 rows/s. Here the same flat rows (ingest/replay/formats.py) come from Arrow compute: filter by window, channel
-and view, dedupe by recordId and natural key (first in the order wins, as in `core/replay.py`), canonical
+and view, dedupe by recordId and event key (first in the order wins, as in `core/replay.py`), canonical
 decimal text, one sort over (ts, recvTsNs, topic, partition, offset, level). Gap items are few and come from
 the item path's own rendering. Used when the replay asks for nothing the item path alone computes (no book
 snapshots, no initial books) and reads only trades and books; tests prove the output equals the item path's.
@@ -81,7 +81,7 @@ def _common(table: pa.Table, kind_name: str) -> dict[str, pa.ChunkedArray | pa.A
 
 
 def _trades(table: pa.Table) -> pa.Table | None:
-    for name in ("count", "okxSource"):
+    for name in ("count", "okxSource", "eventKey"):
         col = table.column(name)
         if pc.any(pc.match_substring_regex(pc.fill_null(col, ""), r'["\\\x00-\x1f]')).as_py():
             return None  # text JSON must escape: leave it to the item path
@@ -90,7 +90,8 @@ def _trades(table: pa.Table) -> pa.Table | None:
     cols = _common(table, "trade")
     n = table.num_rows
     extra = pc.binary_join_element_wise('{"count":', _json_str(table.column("count")), ',"okxSource":',
-                                        _json_str(table.column("okxSource")), ',"extra":{}}', "")
+                                        _json_str(table.column("okxSource")), ',"extra":{},"eventKey":',
+                                        _json_str(table.column("eventKey")), "}", "")
     out = pa.table({
         **cols, "action": pa.nulls(n, pa.string()), "seqId": table.column("seqId"),
         "prevSeqId": pa.nulls(n, pa.int64()), "id": table.column("tradeId"), "side": table.column("side"),
@@ -99,9 +100,41 @@ def _trades(table: pa.Table) -> pa.Table | None:
         "_sts": cols["ts"], "_srecv": cols["recvTsNs"],
         "_topic": table.column("_topic"), "_partition": table.column("_partition"),
         "_offset": table.column("_offset"), "_row": pa.array(np.zeros(n, np.int64)),
-        "_rid": table.column("recordId"), "_nk": table.column("tradeId"),
+        "_rid": table.column("recordId"), "_nk": _trade_keys(table),
     })
     return out
+
+
+def _trade_keys(table: pa.Table) -> pa.ChunkedArray:
+    """The event key of each trade row: the stored one, else core/identity.py's rule (records written before
+    the field), `{channel}:{instId}:{tradeId}` and `:{count}` for an aggregate of more than one match."""
+    count = table.column("count")
+    suffix = pc.if_else(pc.or_kleene(pc.is_null(count), pc.is_in(count, value_set=pa.array(["", "1"]))), "",
+                        pc.binary_join_element_wise(":", count, ""))
+    computed = pc.binary_join_element_wise(table.column("channel"), ":", table.column("instId"), ":",
+                                           table.column("tradeId"), suffix, "")
+    return pc.coalesce(table.column("eventKey"), computed)
+
+
+def _book_keys(table: pa.Table) -> pa.ChunkedArray | None:
+    """The event key of each book row (core/identity.py's rule where none is stored), or None when a row has
+    no seqId (pre-2023 books are keyed by a digest of their levels: the item path computes those)."""
+    seq = table.column("seqId")
+    stored = table.column("eventKey")
+    if pc.any(pc.and_(pc.is_null(stored), pc.is_null(seq))).as_py():
+        return None
+    action = table.column("action")
+    head = pc.binary_join_element_wise(table.column("channel"), ":", table.column("instId"), ":",
+                                       seq.cast(pa.string()), "")
+    # OKX's no-change update repeats the previous seqId and has no levels (its one row has no side).
+    heartbeat = pc.fill_null(pc.and_(pc.and_(pc.equal(action, "update"), pc.equal(table.column("prevSeqId"), seq)),
+                                     pc.is_null(table.column("side"))), False)
+    ts = table.column("ts").cast(pa.int64()).cast(pa.string())
+    computed = pc.if_else(
+        pc.equal(action, "update"),
+        pc.if_else(heartbeat, pc.binary_join_element_wise(head, ":heartbeat:", ts, ""), head),
+        pc.binary_join_element_wise(head, ":", action, ""))
+    return pc.coalesce(stored, computed)
 
 
 def _has_extra(table: pa.Table) -> bool:
@@ -127,6 +160,9 @@ def _books(table: pa.Table) -> pa.Table | None:
     level = idx - run_start
     level_col = pa.array(level.astype(np.int32))
     level_col = pc.if_else(pc.is_null(side), pa.nulls(n, pa.int32()), level_col)
+    keys = _book_keys(table)
+    if keys is None:
+        return None
     checksum = table.column("checksum")
     extra = pc.binary_join_element_wise('{"checksum":', checksum.cast(pa.string()), "}", "")
     action = table.column("action")
@@ -140,7 +176,7 @@ def _books(table: pa.Table) -> pa.Table | None:
         "_topic": table.column("_topic"), "_partition": table.column("_partition"),
         "_offset": table.column("_offset"), "_row": pa.array(side_code * 1_000_000 + level),
         "_rid": table.column("recordId"),
-        "_nk": pc.binary_join_element_wise(table.column("seqId").cast(pa.string()), action, ":"),
+        "_nk": keys,
     })
     return out
 
@@ -180,7 +216,7 @@ def _slice(src: ArchiveSource, kinds: tuple[TopicKind, ...], start: int, end: in
     parts = [p.select(list(types)).cast(pa.schema([pa.field(k, v) for k, v in types.items()])) for p in parts]
     table = pa.concat_tables(parts).sort_by([(c, "ascending") for c in _SORT])
     table = table.append_column("_idx", pa.array(np.arange(table.num_rows)))
-    table = _dedupe_records(table, view)
+    table = _dedupe_records(table)
     out: pa.Table = table.select(FLAT_SCHEMA.names).cast(FLAT_SCHEMA)
     return out
 
@@ -224,9 +260,9 @@ def fast_batches(src: ArchiveSource, kinds: tuple[TopicKind, ...], start: int, e
     return run(first)
 
 
-def _dedupe_records(table: pa.Table, view: View) -> pa.Table:
-    """Whole records (all their level rows) that repeat an earlier one's recordId, or in the repaired view
-    its natural key, at the same exchange ts, are dropped."""
+def _dedupe_records(table: pa.Table) -> pa.Table:
+    """Whole records (all their level rows) that repeat an earlier one's recordId or event key at the same
+    exchange ts are dropped, in both views (as core/replay.py does)."""
     # One int64 per record: topic number, partition, offset (offsets stay far below 2**40).
     topics = pc.unique(table.column("_topic"))
     coord = pc.add(pc.add(pc.multiply(pc.index_in(table.column("_topic"), value_set=topics).cast(pa.int64()),
@@ -235,9 +271,9 @@ def _dedupe_records(table: pa.Table, view: View) -> pa.Table:
     table = table.append_column("_coord", coord)
     heads = _dedupe(table, ["_coord"])  # one row per record: its first in the order
     keep = _dedupe(heads, ["ts", "_rid"])
-    if view is View.REPAIRED:
-        nk = pc.binary_join_element_wise(keep.column("type"), keep.column("channel"), keep.column("instId"),
-                                         pc.fill_null(keep.column("_nk"), keep.column("_coord").cast(pa.string())), "|")
-        keep = _dedupe(keep.append_column("_nkey", nk), ["ts", "_nkey"])
+    # Gap rows have no event key: their own coordinates keep them apart.
+    ek = pc.binary_join_element_wise(keep.column("type"), pc.fill_null(keep.column("_nk"),
+                                     keep.column("_coord").cast(pa.string())), "|")
+    keep = _dedupe(keep.append_column("_ekey", ek), ["ts", "_ekey"])
     survivors = pc.is_in(table.column("_coord"), value_set=keep.column("_coord"))
     return table.filter(survivors)
