@@ -23,7 +23,18 @@ from typing import Any, Literal, Protocol, TypeVar
 import pyarrow as pa
 
 from ingest.config import KafkaSettings, Settings
-from ingest.core.records import BookAction, BookUpdate, GapEvent, GapStatus, OkxRecord, Record, Source, TopicKind
+from ingest.core.records import (
+    BookAction,
+    BookUpdate,
+    GapEvent,
+    GapStatus,
+    OkxRecord,
+    RawFrame,
+    RawFrames,
+    Record,
+    Source,
+    TopicKind,
+)
 from ingest.core.replay import (
     BookSnapshot,
     BookSnapshots,
@@ -39,7 +50,7 @@ from ingest.core.replay import (
 from ingest.errors import IngestError
 from ingest.okx.channels import BOOK_CHANNELS, INCREMENTAL_BOOK_CHANNELS, endpoint_for, is_candle
 from ingest.replay._archive import ArchiveSource
-from ingest.replay._kafka import KafkaReader, KafkaStreams, SourceError
+from ingest.replay._kafka import REORDER_MARGIN_MS, KafkaReader, KafkaStreams, SourceError
 
 __all__ = [
     "BookSnapshot",
@@ -368,6 +379,24 @@ class Replay:
             if fast is not None:
                 return fast
         return arrow_batches(iter(self), batch_size)
+
+    def raw_frames(self) -> dict[tuple[str, int], bytes]:
+        """The window's recorded frames (okx.raw, verbatim) by (connId, recvSeq), what `replay serve` sends
+        instead of re-rendering; empty when the source has none. Raw records carry receive time only, so the
+        read reaches REORDER_MARGIN_MS beyond the window on both sides. Held whole: serve's timeline is."""
+        out: dict[tuple[str, int], bytes] = {}
+        try:
+            streams, _ = self._reader.streams(TopicKind.RAW, self.start - REORDER_MARGIN_MS,
+                                              self.end + REORDER_MARGIN_MS, lambda _r: True, None, None)
+            for stream in streams:
+                for _key, rec in stream.open():
+                    if isinstance(rec, RawFrames):
+                        out.update(((rec.conn_id, f.recv_seq), f.payload) for f in rec.frames)
+                    elif isinstance(rec, RawFrame):
+                        out[(rec.conn_id, rec.recv_seq)] = rec.payload
+        finally:
+            self._reader.close()
+        return out
 
     def _items_from(self, lo: int) -> Iterator[Item]:
         """The item path over [lo, end), without the gaps that sort before `lo` (given already)."""

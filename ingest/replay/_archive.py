@@ -179,7 +179,7 @@ class ArchiveSource:
             if md is None:
                 continue
             n = md.num_row_groups
-            ts = [_stat(md, i, "ts") for i in range(n)]
+            ts = [_stat(md, i, "ts") or _stat(md, i, "_kafka_ts") for i in range(n)]
             offs = [_stat(md, i, "_offset") for i in range(n)]
             for i in range(n):
                 bounds = ts[i]
@@ -201,9 +201,9 @@ class ArchiveSource:
             table = self._row_group(path, md, kind, rg, skip_head, tail)
             if table is None:
                 return
-            if "ts" in table.column_names:
-                ts = table.column("ts").cast(pa.int64())
-                table = table.filter(pc.and_(pc.greater_equal(ts, lo), pc.less(ts, hi)))
+            # Records without an exchange ts (raw frames) are placed by their Kafka ts, as from Kafka.
+            ts = table.column("ts" if "ts" in table.column_names else "_kafka_ts").cast(pa.int64())
+            table = table.filter(pc.and_(pc.greater_equal(ts, lo), pc.less(ts, hi)))
             if table.num_rows == 0:
                 return
             order = [(c, "ascending") for c in _ORDER_COLUMNS if c in table.column_names]
