@@ -38,7 +38,9 @@ from ingest.okx.channels import Endpoint, SubArg, endpoint_for
 
 log = logging.getLogger(__name__)
 
-_RECEIVE_KEYS = ("exchange", "channel", "recvTsNs", "source", "connId", "recvSeq", "recordId", "extra", "action")
+#: Fields the recorder adds (receive side, its event key): never part of what OKX pushed.
+_RECEIVE_KEYS = ("exchange", "channel", "recvTsNs", "source", "connId", "recvSeq", "recordId", "extra", "action",
+                 "eventKey")
 _SERVED = (Endpoint.PUBLIC, Endpoint.BUSINESS)
 
 

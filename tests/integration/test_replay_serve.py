@@ -64,7 +64,7 @@ def _trade_id(push: dict[str, object]) -> str:
 
 
 def test_a_record_is_served_in_the_push_shape_okx_sent_it_in() -> None:
-    record = _trade(3)
+    record = msgspec.structs.replace(_trade(3), event_key="trades-all:BTC-USDT:3")  # the recorder's, not OKX's
     frame = render(record)
     assert orjson.loads(frame) == {"arg": {"channel": "trades-all", "instId": "BTC-USDT"},
                                    "data": [{"instId": "BTC-USDT", "tradeId": "3", "px": "100.50", "sz": "2",
