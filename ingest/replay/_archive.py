@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from ingest.core.archive_schema import parse_file_name, parse_partition_path, table_to_records
 from ingest.core.records import GapEvent, Record, TopicKind
-from ingest.core.replay import Entry, LazyStream, archive_gap, lazy_merge, sort_key
+from ingest.core.replay import Entry, LazyStream, archive_gap, sort_key
 from ingest.io.archive_store import ArchiveStore
 from ingest.replay._kafka import SourceError
 
@@ -281,11 +281,6 @@ class ArchiveSource:
         """`streams`, read whole (tests and small reads): sorted entry lists; whether nothing older exists."""
         streams, at_begin = self.streams(kind, lo, hi, keep, instruments)
         return [list(s.open()) for s in streams], at_begin
-
-    def merged(self, kind: TopicKind, lo: int, hi: int, keep: Callable[[Record], bool],
-               instruments: frozenset[str] | None = None) -> Iterator[Entry]:
-        """The window of one dataset as one sorted stream (bounded memory)."""
-        return lazy_merge(self.streams(kind, lo, hi, keep, instruments)[0])
 
     def read_gaps(self, instruments: frozenset[str] | None = None) -> list[tuple[GapEvent, str, int, int]]:
         found: list[tuple[GapEvent, str, int, int]] = []

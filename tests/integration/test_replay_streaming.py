@@ -8,22 +8,24 @@ replay is iterated (items counted, not kept): a window ten times longer must not
 from __future__ import annotations
 
 import asyncio
+import logging
 import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import msgspec
 import pyarrow.parquet as pq
 import pytest
 
 from ingest.config import Settings, load_settings
 from ingest.core.archive_schema import Coordinates, file_name, partition_key, records_to_table
-from ingest.core.records import BookAction, BookLevel, BookUpdate, Record, Source, TopicKind, Trade
+from ingest.core.records import BookAction, BookLevel, BookUpdate, GapEvent, GapStatus, Record, Source, TopicKind, Trade
 from ingest.core.replay import BookSnapshot
 from ingest.replay import _arrow as fast_path
 from ingest.replay import replay
 from ingest.replay.formats import item_object, jsonl_lines
 from tests.conftest import BrokerInfo
-from tests.integration.test_backfill import publish
+from tests.integration.test_backfill import publish, trade_gap
 
 T0 = 1_796_000_000_000  # a UTC midnight is far: every record sits in one date directory
 INST = "BTC-USDT"
@@ -185,3 +187,36 @@ async def test_a_mid_window_start_seeks_to_the_last_checkpoint_with_identical_bo
                                              book_snapshots=(5, 1_000)) if isinstance(i, BookSnapshot)]
     assert len(window) == (end - start) // 1_000 and window[0]["ts"] == start
     assert window == full
+
+
+async def test_kafka_streams_reorder_within_the_margin_and_merge_backfilled_records_in_place(
+    kafka_broker: BrokerInfo, topic_prefix: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    live = _trades(400, 1_000)
+    hole = {100, 101, 102}  # missed live, filled later by the backfill
+    late = live[250]  # reached the partition 5 s late (within the 60 s margin): still in its place
+    very_late = live[300]  # 120 s late: more out of order than the margin allows
+    published: list[Record] = [t for i, t in enumerate(live) if i not in hole | {250, 300}]
+    published.insert(255, late)
+    published.insert(420 - len(hole) - 2, very_late)
+    gap = msgspec.structs.replace(trade_gap("g1", INST, (10099, live[99].ts), (10103, live[103].ts)),
+                                  status=GapStatus.FILLED, revision=1, updated_ts_ns=(T0 + 500_000) * 1_000_000)
+    backfill = [msgspec.structs.replace(live[i], source=Source.REST, record_id=f"rest:trades-all:{i}") for i in hole]
+    await publish(kafka_broker.bootstrap_servers, topic_prefix, [*published, *backfill, gap])
+    settings = _settings(kafka_broker, topic_prefix)
+    source = f"kafka://{kafka_broker.bootstrap_servers}"
+
+    def ids(view: str) -> list[str | int]:
+        return [i.trade_id if isinstance(i, Trade) else i.gap_id for i in
+                replay(source, T0, T0 + 400_000, settings=settings, view=view)  # type: ignore[arg-type]
+                if isinstance(i, Trade | GapEvent)]
+
+    with caplog.at_level(logging.WARNING, logger="ingest.replay._kafka"):
+        repaired = await asyncio.to_thread(ids, "repaired")
+        recorded = await asyncio.to_thread(ids, "recorded")
+    everything = [str(10_000 + i) for i in range(400)]
+    assert repaired == [t for t in everything if t != "10300"]  # the hole filled in place, the late one placed
+    gap_at = recorded.index("g1")
+    assert recorded[:gap_at] + recorded[gap_at + 1:] == [t for i, t in enumerate(everything) if i not in hole | {300}]
+    assert recorded[gap_at - 1] == "10099"
+    assert "out of exchange-time order" in caplog.text  # the one it could not place is said, not silent
