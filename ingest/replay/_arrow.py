@@ -10,6 +10,7 @@ snapshots, no initial books) and reads only trades and books; tests prove the ou
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -22,6 +23,8 @@ from ingest.replay._archive import ArchiveSource
 from ingest.replay.formats import FLAT_SCHEMA, flat_rows
 
 FAST_KINDS = frozenset({TopicKind.TRADES, TopicKind.BOOKS})
+#: Rows per time slice of the window (a slice is sorted and deduped whole in Arrow, then streamed out).
+SLICE_TARGET_ROWS = 1_000_000
 _SORT = ["_sts", "_srecv", "_topic", "_partition", "_offset", "_row"]
 
 
@@ -48,7 +51,7 @@ def _read(src: ArchiveSource, kind: TopicKind, lo: int, hi: int, instruments: fr
           channels: frozenset[str] | None, view: View) -> pa.Table | None:
     tables = []
     for path in src._files(kind, lambda d: d >= _date(lo) and d <= _date(hi - 1), instruments):
-        t = src._table(path, kind, lo, hi)
+        t = src.window_table(path, kind, lo, hi)
         if t is not None and t.num_rows:
             tables.append(t)
     if not tables:
@@ -178,13 +181,10 @@ def _books(table: pa.Table) -> pa.Table | None:
     return out
 
 
-def fast_batches(src: ArchiveSource, kinds: tuple[TopicKind, ...], start: int, end: int, view: View,
-                 instruments: frozenset[str] | None, channels: frozenset[str] | None,
-                 gaps: Callable[[], list[Entry]], batch_size: int) -> Iterator[pa.RecordBatch] | None:
-    """The flat batches of the window, or None when this path cannot give exactly the item path's rows."""
-    kinds = tuple(k for k in kinds if k in src.kinds())  # datasets the archive does not have add nothing
-    if not set(kinds) <= FAST_KINDS:
-        return None
+def _slice(src: ArchiveSource, kinds: tuple[TopicKind, ...], start: int, end: int, view: View,
+           instruments: frozenset[str] | None, channels: frozenset[str] | None,
+           gaps: list[Entry]) -> pa.Table | None:
+    """The flat rows of [start, end) in order, or None when this path cannot give exactly the item path's rows."""
     parts = []
     for kind in kinds:
         table = _read(src, kind, start, end, instruments, channels, view)
@@ -195,7 +195,7 @@ def fast_batches(src: ArchiveSource, kinds: tuple[TopicKind, ...], start: int, e
             return None
         parts.append(flat)
     gap_rows = []
-    for (ts, recv, topic, part, off), gap in gaps():  # after the reads: unreadable files are gaps too
+    for (ts, recv, topic, part, off), gap in gaps:
         assert isinstance(gap, GapEvent)
         if view is View.REPAIRED and gap.status is GapStatus.FILLED:
             continue
@@ -208,7 +208,7 @@ def fast_batches(src: ArchiveSource, kinds: tuple[TopicKind, ...], start: int, e
         parts.append(pa.table({name: pa.array(col, type=kinds_of.get(name)) for name, col in
                                zip(names, cols, strict=True)}))
     if not parts:
-        return iter(())
+        return FLAT_SCHEMA.empty_table()
     types = {f.name: f.type for f in FLAT_SCHEMA}
     types.update({"_sts": pa.int64(), "_srecv": pa.int64(), "_topic": pa.string(), "_partition": pa.int64(),
                   "_offset": pa.int64(), "_row": pa.int64(),
@@ -217,9 +217,47 @@ def fast_batches(src: ArchiveSource, kinds: tuple[TopicKind, ...], start: int, e
     table = pa.concat_tables(parts).sort_by([(c, "ascending") for c in _SORT])
     table = table.append_column("_idx", pa.array(np.arange(table.num_rows)))
     table = _dedupe_records(table)
-    flat = table.select(FLAT_SCHEMA.names).cast(FLAT_SCHEMA)
-    batches: list[pa.RecordBatch] = flat.to_batches(max_chunksize=batch_size)
-    return iter(batches)
+    out: pa.Table = table.select(FLAT_SCHEMA.names).cast(FLAT_SCHEMA)
+    return out
+
+
+def fast_batches(src: ArchiveSource, kinds: tuple[TopicKind, ...], start: int, end: int, view: View,
+                 instruments: frozenset[str] | None, channels: frozenset[str] | None,
+                 gaps: Callable[[], list[Entry]], batch_size: int,
+                 items_from: Callable[[int], Iterator[pa.RecordBatch]] | None = None,
+                 ) -> Iterator[pa.RecordBatch] | None:
+    """The flat batches of the window, one time slice at a time; None when this path cannot give exactly the
+    item path's rows for the first slice. A later slice it cannot give continues with `items_from(slice start)`
+    (the item path from there, without the gaps already given).
+
+    Slices are independent: the order is by ts first and dedupe never looks across two exchange ts, so cutting
+    at ts boundaries changes nothing. Each slice holds about `SLICE_TARGET_ROWS` rows (estimated from the row
+    groups' statistics), so memory stays flat however long the window."""
+    kinds = tuple(k for k in kinds if k in src.kinds())  # datasets the archive does not have add nothing
+    if not set(kinds) <= FAST_KINDS:
+        return None
+    rows = sum(src.window_rows(kind, start, end, instruments) for kind in kinds)
+    width = max(1, -(-(end - start) * SLICE_TARGET_ROWS // max(rows, 1)))
+    bounds = [*range(start, end, width), end]
+    all_gaps = gaps()  # after the listing: missing files are gaps too
+    first = _slice(src, kinds, bounds[0], bounds[1], view, instruments, channels,
+                   [g for g in all_gaps if g[0][0] < bounds[1]])
+    if first is None:
+        return None
+
+    def run(first: pa.Table) -> Iterator[pa.RecordBatch]:
+        yield from first.to_batches(max_chunksize=batch_size)
+        for lo, hi in itertools.pairwise(bounds[1:]):
+            flat = _slice(src, kinds, lo, hi, view, instruments, channels,
+                          [g for g in all_gaps if lo <= g[0][0] < hi])
+            if flat is None:
+                if items_from is None:
+                    raise ValueError(f"the columns path cannot give the rows from ts {lo} on, and has no item path")
+                yield from items_from(lo)
+                return
+            yield from flat.to_batches(max_chunksize=batch_size)
+
+    return run(first)
 
 
 def _dedupe_records(table: pa.Table) -> pa.Table:
