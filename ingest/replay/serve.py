@@ -35,6 +35,7 @@ from ingest.core.records import BookUpdate, Candle, GapEvent, GapKind, OkxRecord
 from ingest.core.replay import CHECKPOINT, Item
 from ingest.okx import codes
 from ingest.okx.channels import Endpoint, SubArg, endpoint_for
+from ingest.runtime import CANCEL_GRACE_S, Ended, Runtime, bounded
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,8 @@ class ReplayServer:
         self._clients: set[_Client] = set()
         self._changed = asyncio.Event()
         self._runner: web.AppRunner | None = None
-        self._player: asyncio.Task[None] | None = None
+        #: Owns the player task: its stop is bounded and its failure surfaced (`wait`).
+        self._runtime = Runtime("replay-serve")
         self.finished = asyncio.Event()
         self.sent = 0
         self.disconnects = 0
@@ -133,18 +135,19 @@ class ReplayServer:
         site = web.TCPSite(self._runner, self.host, self._port)
         await site.start()
         self._port = int(self._runner.addresses[0][1])
-        self._player = asyncio.create_task(self._play(), name="replay-player")
+        self._runtime.spawn("player", self._play())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._player is not None:
-            self._player.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._player
+        await self._runtime.close(CANCEL_GRACE_S)
         for client in list(self._clients):
-            await client.ws.close()
+            await bounded(client.ws.close(), CANCEL_GRACE_S, what="replay client close")
         if self._runner is not None:
-            await self._runner.cleanup()
+            await bounded(self._runner.cleanup(), CANCEL_GRACE_S, what="replay server cleanup")
+
+    async def wait(self, stop: asyncio.Event) -> Ended:
+        """Serve until `stop` is set or the player fails (the timeline ending is not a reason to stop)."""
+        return await self._runtime.wait(stop)
 
     def _handler(self, endpoint: Endpoint) -> Any:
         async def handle(request: web.Request) -> web.WebSocketResponse:
@@ -292,6 +295,7 @@ class ReplayServer:
 def serve_main(args: argparse.Namespace, settings: Settings) -> int:
     """Run `okx-ingest replay serve` until Ctrl-C."""
     from ingest.replay import replay
+    from ingest.services.process import install_signals
 
     rp = replay(args.source, args.start, args.end, instruments=args.inst, channels=args.channel, view="recorded",
                 settings=settings, lenient=args.lenient, exact_decimals=True)
@@ -301,14 +305,13 @@ def serve_main(args: argparse.Namespace, settings: Settings) -> int:
         async with ReplayServer(iter(rp), host=args.host, port=args.port, speed=args.speed, frames=frames) as server:
             print(f"okx-ingest: replaying {len(server._timeline)} items ({len(frames)} recorded frames verbatim) on "
                   f"{server.ws_base}/ws/v5/{{public,business}}", flush=True)
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            import signal
-
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            await stop.wait()
-        return 0
+            stop, reload = asyncio.Event(), asyncio.Event()
+            remove_signals = install_signals(stop, reload)
+            try:
+                ended = await server.wait(stop)
+            finally:
+                remove_signals()
+        return ended.exit_code
 
     return asyncio.run(main())
 

@@ -154,3 +154,24 @@ async def test_the_windows_raw_frames_come_from_kafka_and_the_archive_alike(
     want = {("c1", 1): b'{"seq":1}', ("c1", 2): b'{"seq":2}', ("c1", 3): b'{"seq":3}', ("c2", 1): b'{"seq":1}',
             ("c2", 2): b'{"seq":2}'}
     assert from_kafka == from_archive == want
+
+
+async def test_the_server_keeps_serving_after_its_timeline_until_asked_to_stop() -> None:
+    async with ReplayServer([_trade(n) for n in range(3)], settle_s=0.0) as server:
+        stop = asyncio.Event()
+        waiting = asyncio.create_task(server.wait(stop))
+        async with websockets.connect(server.url(Endpoint.BUSINESS)) as ws:
+            await ws.send(orjson.dumps({"op": "subscribe", "args": [{"channel": "trades-all",
+                                                                     "instId": "BTC-USDT"}]}).decode())
+            assert (await _recv_json(ws))["event"] == "subscribe"
+            assert [_trade_id(await _recv_json(ws)) for _ in range(3)] == ["0", "1", "2"]
+            async with asyncio.timeout(5):
+                await server.finished.wait()
+            await ws.send("ping")  # the timeline is over; the server is not
+            async with asyncio.timeout(5):
+                assert await ws.recv() == "pong"
+        assert not waiting.done()
+        stop.set()
+        async with asyncio.timeout(5):
+            ended = await waiting
+        assert ended.task is None and ended.exit_code == 0
