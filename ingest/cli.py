@@ -34,6 +34,16 @@ def _iso_ms(value: str) -> int:
     return int(dt.timestamp() * 1000)
 
 
+def _iso_date(value: str) -> str:
+    """A UTC day as `YYYY-MM-DD` (the archive's `date=` partitions)."""
+    try:
+        if len(value) == 10:
+            return datetime.strptime(value, "%Y-%m-%d").date().isoformat()
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"not a date: {value!r} (use YYYY-MM-DD, a UTC day, e.g. 2026-12-01)")
+
+
 def _port(value: str) -> int:
     from ingest.sim.server import port_number
 
@@ -89,10 +99,11 @@ def _parser() -> argparse.ArgumentParser:
     ar_sub = ar.add_subparsers(dest="archive_command", required=False)
     verify = ar_sub.add_parser("verify", help="re-read files against their manifests; non-zero on any problem")
     verify.add_argument("--config", type=Path, default=None, dest="sub_config")
-    verify.add_argument("--date", default=None, help="YYYY-MM-DD (default: every date)")
+    verify.add_argument("--date", default=None, type=_iso_date, help="YYYY-MM-DD (default: every date)")
     compact = ar_sub.add_parser("compact", help="merge each partition's small files of one date")
     compact.add_argument("--config", type=Path, default=None, dest="sub_config")
-    compact.add_argument("--date", required=True, help="YYYY-MM-DD")
+    compact.add_argument("--date", required=True, type=_iso_date,
+                         help="YYYY-MM-DD, a UTC day that is over (today's is still being written)")
 
     from ingest.replay_cli import add_arguments as replay_arguments
 
@@ -280,18 +291,24 @@ def _archive(args: argparse.Namespace, settings: Any) -> int:
 
         return _run(run_archiver(settings))
     from ingest.services.archive import open_store
-    from ingest.services.archive_tools import compact, verify
+    from ingest.services.archive_tools import LiveDateError, compact, verify_report
 
     store = open_store(settings.archive)
+    where = f"{store.url}" + (f" for {args.date}" if args.date else "")
     if args.archive_command == "verify":
-        problems = verify(store, date=args.date)
-        for p in problems:
+        result = verify_report(store, date=args.date)
+        for p in result.problems:
             print(p, file=sys.stderr)
-        print(f"archive verify: {len(problems)} problem(s) in {store.url}", file=sys.stderr)
-        return 1 if problems else 0
-    report = compact(store, date=args.date, min_bytes=settings.archive.compact_min_bytes,
-                     target_bytes=settings.archive.compact_target_bytes)
-    print(f"archive compact: {report}", file=sys.stderr)
+        print(f"archive verify: {result.summary()} in {where}", file=sys.stderr)
+        return 1 if result.problems else 0
+    try:
+        report = compact(store, date=args.date, min_bytes=settings.archive.compact_min_bytes,
+                         target_bytes=settings.archive.compact_target_bytes)
+    except LiveDateError as exc:
+        print(f"okx-ingest archive compact: --date {exc}", file=sys.stderr)
+        return 2
+    print("archive compact: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in report.items())
+          + f" in {where}", file=sys.stderr)
     return 0
 
 

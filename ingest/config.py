@@ -594,6 +594,73 @@ class ArchiveSettings(_Section):
         default=512 * 1024**2, description="`archive compact`: merged files stay below this")
 
 
+_INSTANCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+
+
+class ClusterSettings(_Section):
+    """`[cluster]`: replicas split the shards through a Kafka consumer group (docs/CLUSTER.md); off without
+    `group_id` (one process records everything)."""
+
+    group_id: str | None = Field(
+        default=None, description="consumer group of the replicas on the control topic <prefix>shards; unset: no "
+                                  "cluster, this process records every subscription")
+    shards: Annotated[int, Field(gt=0, le=4096)] = Field(
+        default=64, description="shards the subscriptions are hashed onto (one control-topic partition each); "
+                                "the same in every replica, changed only with every replica stopped")
+    instance_id: str | None = Field(
+        default=None, description="this replica's static member name (group.instance.id); default: HOSTNAME "
+                                  "(the StatefulSet pod name)")
+    session_timeout_ms: Annotated[int, Field(ge=1000)] = Field(
+        default=10_000, description="a silent replica loses its shards after this long (takeover time)")
+    heartbeat_interval_ms: Annotated[int, Field(gt=0)] = 1_000
+    position_interval_s: Annotated[float, Field(gt=0)] = Field(
+        default=2.0, description="how often the owner writes its acknowledged stream positions to <prefix>positions")
+    copies: Annotated[int, Field(ge=1)] = Field(default=1, description="owners per shard; only 1 is implemented")
+
+    @field_validator("group_id")
+    @classmethod
+    def _group_named(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError(f"group_id is empty{_FIX_SEP}name the group (e.g. okx-ingest) or remove the key")
+        return v
+
+    @field_validator("instance_id")
+    @classmethod
+    def _instance_name(cls, v: str | None) -> str | None:
+        if v is not None and not _INSTANCE_RE.fullmatch(v):
+            raise ValueError(f"{v!r} is not a replica name{_FIX_SEP}use letters, digits, '.', '-' or '_' "
+                             "(e.g. the pod name okx-ingest-0)")
+        return v
+
+    @field_validator("copies")
+    @classmethod
+    def _one_copy(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError(f"copies = {v} is not implemented yet{_FIX_SEP}use copies = 1 (one owner per shard)")
+        return v
+
+    @model_validator(mode="after")
+    def _heartbeat_inside_session(self) -> ClusterSettings:
+        if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
+            raise ValueError("heartbeat_interval_ms must be at most a third of session_timeout_ms")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.group_id is not None
+
+    def member_name(self, environ: Mapping[str, str]) -> str:
+        """This replica's static member name: `instance_id`, else HOSTNAME; ConfigError when neither is usable."""
+        name = self.instance_id or environ.get("HOSTNAME", "").strip()
+        if not name:
+            raise ConfigError("cluster.instance_id", "no replica name (cluster.group_id is set, HOSTNAME is not)",
+                              "set OKX_INGEST__CLUSTER__INSTANCE_ID (e.g. the pod name okx-ingest-0)")
+        if not _INSTANCE_RE.fullmatch(name):
+            raise ConfigError("cluster.instance_id", f"HOSTNAME {name!r} is not a usable replica name",
+                              "set OKX_INGEST__CLUSTER__INSTANCE_ID to letters, digits, '.', '-' or '_'")
+        return name
+
+
 class ObsSettings(_Section):
     """Logging, metrics, health and Sentry."""
 
@@ -624,6 +691,7 @@ class Settings(BaseSettings):
     backfill: BackfillSettings = Field(default_factory=BackfillSettings)
     obs: ObsSettings = Field(default_factory=ObsSettings)
     archive: ArchiveSettings = Field(default_factory=ArchiveSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     shard: str = Field(default="0", description="name of this replica's shard; state is kept per shard")
 
     @field_validator("shard")
@@ -761,6 +829,21 @@ def _require_json(name: str, value: str, form: str) -> None:
         json.loads(value)
     except ValueError:
         raise ConfigError(name, "is not valid JSON", f"write it as {form}") from None
+
+
+def require_cluster(settings: Settings, environ: Mapping[str, str]) -> str | None:
+    """This replica's member name in cluster mode (None without `cluster.group_id`); ConfigError (exit 2) for a
+    combination cluster mode does not support yet."""
+    cluster = settings.cluster
+    if not cluster.enabled:
+        return None
+    if settings.okx.private:
+        raise ConfigError("okx.private", "private streams are not sharded (cluster.group_id is set)",
+                          "record the private streams with a separate recorder that has no cluster.group_id")
+    if settings.kafka.embedded:
+        raise ConfigError("kafka.bootstrap_servers", "the replicas of a cluster need one shared Kafka, not the "
+                          "embedded broker of each process", "set kafka.bootstrap_servers to the Kafka brokers")
+    return cluster.member_name(environ)
 
 
 def require_subscriptions(settings: Settings) -> None:

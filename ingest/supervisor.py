@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,17 +23,19 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.core import Metric
 
 from ingest import __version__
-from ingest.config import Settings, require_subscriptions
+from ingest.config import Settings, require_cluster, require_subscriptions
 from ingest.core.avro import RecordEncoder
 from ingest.core.clock import ServerClock
 from ingest.core.records import RECORD_TYPES, DeadLetterReason, GapKind, TopicKind, topic_name
 from ingest.credentials import CredentialStore
 from ingest.errors import IngestError
 from ingest.io.broker import EmbeddedBroker
+from ingest.io.cluster import GroupMembership
 from ingest.io.delivery import Delivery
 from ingest.io.inbox import Inbox
 from ingest.io.kafka import KafkaSink
 from ingest.io.measured import MeasuredSink
+from ingest.io.positions import PositionStore
 from ingest.io.rest import OkxRestClient
 from ingest.io.state import StreamStateFile
 from ingest.io.ws import ConnState
@@ -51,6 +54,7 @@ from ingest.runtime import (
     stop_task,
 )
 from ingest.services.clock import ClockService
+from ingest.services.cluster import ClusterPositions, FencedOutlet, ShardConnections
 from ingest.services.connections import ConnectionManager, subscription_arg
 from ingest.services.permissions import require_safe_key
 from ingest.services.pipeline import Pipeline
@@ -83,6 +87,8 @@ PRIVATE_ARGS: tuple[SubArg, ...] = (
 #: journal behind the pipeline are where records wait, and a full inbox pauses the sockets (back-pressure).
 INBOX_SIZE = 10_000
 STATE_SAVE_INTERVAL_S = 5.0
+#: Longest wait for the group consumer to close at shutdown (it sends no LeaveGroup: static membership).
+MEMBERSHIP_STOP_S = 5.0
 
 
 def wanted_args(settings: Settings) -> list[SubArg]:
@@ -108,7 +114,10 @@ class _Parts:
     delivery: Delivery | None = None
     pipeline: Pipeline | None = None
     reconciler: PrivateReconciler | None = None
-    manager: ConnectionManager | None = None
+    manager: ConnectionManager | ShardConnections | None = None
+    membership: GroupMembership | None = None
+    positions: ClusterPositions | None = None
+    fence: FencedOutlet | None = None
     health: HealthServer | None = None
     state: StreamStateFile | None = None
     extra_tasks: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
@@ -161,6 +170,9 @@ class Daemon:
         s = self.settings
         p = self.parts
         require_subscriptions(s)  # nothing to record is a configuration error (exit 2), not a task that ends
+        member = require_cluster(s, self._env if self._env is not None else os.environ)
+        #: Journal and state are per replica: the shard setting, or in cluster mode the member name.
+        replica = member or s.shard
         self.bootstrap_servers = await self._start_broker()
         p.store = self._start_credentials()
         clock = ServerClock(lambda: time.time_ns() // 1_000_000)
@@ -179,22 +191,40 @@ class Daemon:
             encoder = RecordEncoder(s.kafka.topic_prefix, schema_ids=await _register_schemas(s, encoder))
         sink = KafkaSink(s.kafka, bootstrap_servers=self.bootstrap_servers, topics=all_topics(s.kafka.topic_prefix))
         # The journal is per shard: replicas sharing a volume never replay each other's records.
-        journal = s.journal.model_copy(update={"dir": s.journal.dir / s.shard})
+        journal = s.journal.model_copy(update={"dir": s.journal.dir / replica})
         p.delivery = Delivery.from_settings(MeasuredSink(sink, self.ack_latency), journal, s.kafka)
         await p.delivery.start()
 
         inbox = Inbox(INBOX_SIZE)
-        p.manager = ConnectionManager(s.okx, s.ws, inbox, credentials=p.store, clock=clock,
-                                      resync_clock=p.clock_service.resync, args=self._args)
+        if member is None:
+            p.manager = ConnectionManager(s.okx, s.ws, inbox, credentials=p.store, clock=clock,
+                                          resync_clock=p.clock_service.resync, args=self._args)
+        else:
+            p.manager = ShardConnections(s.okx, s.ws, inbox, self._args, s.cluster.shards, credentials=p.store,
+                                         clock=clock, resync_clock=p.clock_service.resync, member=member)
+            p.membership = GroupMembership(s.cluster, s.kafka, member, p.manager.apply,
+                                           bootstrap_servers=self.bootstrap_servers)
+            await p.membership.ensure_topic()
         if s.okx.private and p.store is not None:
             # Reads the account over REST after every private (re)connect; results enter the same queue.
             p.reconciler = PrivateReconciler(p.rest, clock, inbox)
-        p.pipeline = Pipeline(inbox, p.delivery, encoder, resubscriber=p.manager, reconciler=p.reconciler,
-                              shard=s.shard, publish_raw=s.kafka.publish_raw, max_record_bytes=s.kafka.max_record_bytes,
+        outlet: Delivery | FencedOutlet = p.delivery
+        if isinstance(p.manager, ShardConnections) and p.membership is not None:
+            outlet = p.fence = FencedOutlet(p.delivery, p.manager, p.membership.lease,
+                                            topic_name(s.kafka.topic_prefix, TopicKind.GAPS))
+        p.pipeline = Pipeline(inbox, outlet, encoder, resubscriber=p.manager, reconciler=p.reconciler,
+                              shard=replica, publish_raw=s.kafka.publish_raw, max_record_bytes=s.kafka.max_record_bytes,
                               latency=self.ack_latency, book_checkpoint_s=s.okx.book_checkpoint_s)
+        if isinstance(p.manager, ShardConnections) and member is not None:
+            store = PositionStore(s.kafka, bootstrap_servers=self.bootstrap_servers,
+                                  client_id=f"{s.kafka.client_id}-{member}-positions")
+            await store.start()
+            p.positions = ClusterPositions(p.pipeline, p.delivery, store, p.manager, member,
+                                           s.cluster.position_interval_s,
+                                           p.membership.lease if p.membership is not None else None)
         # Where the previous process of this shard left each stream: the time nobody recorded becomes gaps.
-        p.state = StreamStateFile(s.journal.dir / f"{s.shard}.streams.json")
-        saved = p.state.load()
+        p.state = StreamStateFile(s.journal.dir / f"{replica}.streams.json")
+        saved = p.state.load() if member is None else None  # in cluster mode, positions live in Kafka
         if saved is not None:
             restored = p.pipeline.restore(saved, self._args)
             log.info("stream_state_restored", extra={"streams": restored, "saved_at_ns": saved.saved_ts_ns})
@@ -245,10 +275,15 @@ class Daemon:
         try:
             runtime.spawn("pipeline", p.pipeline.run(), essential=True)
             runtime.spawn("connections", p.manager.run(), essential=True)
+            if p.membership is not None:
+                runtime.spawn("membership", p.membership.run(), essential=True)
             runtime.spawn("clock", p.clock_service.run())
             if p.reconciler is not None:
                 runtime.spawn("reconciler", p.reconciler.run())
-            runtime.spawn("state", self._save_state_loop())
+            if p.positions is None:
+                runtime.spawn("state", self._save_state_loop())
+            else:
+                runtime.spawn("positions", p.positions.run())
             if p.broker is not None:
                 runtime.spawn("embedded-broker", self._broker_loop(p.broker))
             if p.store is not None:
@@ -277,6 +312,9 @@ class Daemon:
         assert p.pipeline is not None and p.delivery is not None
         budget = self.settings.journal.close_timeout_s
         ws_budget = self.settings.ws.shutdown_timeout_s + CANCEL_GRACE_S
+        # 0. No new assignment starts connections from here on (a static member does not leave the group: a
+        # restart within the session timeout gets its shards back).
+        await runtime.stop("membership", MEMBERSHIP_STOP_S)
         # 1. Sockets: the connection manager closes them after every received frame is in the queue.
         await runtime.stop("connections", ws_budget)
         # The reconciler next: a read it finishes now still reaches the queue before the drain below.
@@ -295,7 +333,11 @@ class Daemon:
         # the next start of this shard closes it with its first record (and the backfill fills it).
         log.info("streams_open_at_shutdown", extra={"count": len(p.pipeline.open_gaps())})
         await runtime.stop("state")
-        await bounded(self._save_state(), budget, what="saving stream state")
+        await runtime.stop("positions")
+        if p.positions is None:
+            await bounded(self._save_state(), budget, what="saving stream state")
+        else:  # the last acknowledged positions, for whoever records these shards next (this replica restarted)
+            await bounded(p.positions.save(), budget, what="saving stream positions")
         await runtime.close(CANCEL_GRACE_S)
         # 3. Delivery: flush to Kafka, or leave the rest journaled for the next start (close is bounded).
         await p.delivery.close()
@@ -352,6 +394,8 @@ class Daemon:
             await p.health.stop()
         if p.delivery is not None:
             await p.delivery.close()  # idempotent
+        if p.positions is not None:
+            await p.positions.store.close()
         if p.rest is not None:
             await p.rest.aclose()
         if p.broker is not None:
@@ -417,6 +461,12 @@ class Daemon:
             if refused:
                 details["subscriptions_refused"] = refused
                 reasons.append(f"{len(refused)} subscriptions refused by OKX (see subscriptions_refused)")
+        if p.membership is not None:
+            owned = p.membership.current
+            details["cluster"] = {"member": p.membership.member, "generation": owned.generation if owned else None,
+                                  "shards_owned": sorted(owned.shards) if owned else []}
+            if owned is None:
+                reasons.append("cluster: no shard assignment yet (joining the group)")
         if self.settings.kafka.embedded:
             # Ready (data flows), but say so: nothing recorded survives the process.
             details["kafka"] = "embedded (memory only: everything recorded is lost when the process stops)"
@@ -440,6 +490,7 @@ class Daemon:
         self._collector.add(self._rest_metrics)
         self._collector.add(self._private_metrics)
         self._collector.add(self._stream_metrics)
+        self._collector.add(self._cluster_metrics)
 
     def _pipeline_metrics(self) -> Iterable[Metric]:
         p = self.parts.pipeline
@@ -487,6 +538,33 @@ class Daemon:
         failures.add_metric(["encode"], st.unencodable_records)
         failures.add_metric(["stream_limit"], st.streams_refused)
         return [frames, records, dead, gaps, okx_errors, events, book, dups, inbox, state, failures]
+
+    def _cluster_metrics(self) -> Iterable[Metric]:
+        """Cluster mode: what this replica owns, in which generation, and what its fence and positions did."""
+        p = self.parts
+        m, shards = p.membership, p.manager
+        if m is None or not isinstance(shards, ShardConnections):
+            return []
+        owned = gauge("cluster_shards_owned", "Shards this replica records")
+        owned.add_metric([], len(shards.owned))
+        generation = gauge("cluster_generation", "Consumer-group generation of this replica's assignment")
+        generation.add_metric([], m.current.generation if m.current is not None else -1)
+        rebalances = counter("cluster_rebalances", "Assignments received (each rebalance of the group)")
+        rebalances.add_metric([], m.rebalances)
+        lease = gauge("cluster_lease_valid", "1 while this replica's session lease holds (else it publishes nothing)")
+        lease.add_metric([], int(m.lease.valid()))
+        out: list[Metric] = [owned, generation, rebalances, lease]
+        if p.fence is not None:
+            fenced = counter("cluster_fenced_records", "Records dropped because this replica no longer owned them")
+            fenced.add_metric([], p.fence.fenced)
+            out.append(fenced)
+        if p.positions is not None:
+            written = counter("cluster_positions_written", "Stream positions written to <prefix>positions")
+            written.add_metric([], p.positions.store.written)
+            restored = counter("cluster_positions_restored", "Streams continued from another owner's position")
+            restored.add_metric([], p.positions.restored)
+            out += [written, restored]
+        return out
 
     def _connection_metrics(self) -> Iterable[Metric]:
         m = self.parts.manager

@@ -5,8 +5,10 @@ items. It never reads a clock or does I/O, so Kafka and the archive give the sam
 
 Order (docs/REPLAY.md, "Order"): items are sorted by `ORDER_KEY` = (exchange ts ms, receive time ns, topic,
 partition, offset). Every source stream must already be sorted by it; `merge` is a k-way merge
-(`heapq.merge`), so memory is one entry per stream. A gap sorts at the exchange ts of its last good position
-(`before.ts`), so it appears right after the last record before the hole.
+(`heapq.merge`), so memory is one entry per stream; `lazy_merge` opens a stream only once the merge reaches its
+lower bound (an archive row group by its `ts` statistics), so a long window never has all its files open.
+A gap sorts at the exchange ts of its last good position (`before.ts`), so it appears right after the last
+record before the hole.
 
 Views:
 - `recorded`: what the live recorder published (`source = ws`) and every gap, at its latest revision.
@@ -33,11 +35,11 @@ from __future__ import annotations
 
 import enum
 import heapq
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from operator import itemgetter
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import msgspec
 
@@ -63,12 +65,14 @@ __all__ = [
     "BookSnapshots",
     "Entry",
     "Item",
+    "LazyStream",
     "SortKey",
     "View",
     "canonical",
     "gap_entries",
     "gap_position_ts",
     "latest_gaps",
+    "lazy_merge",
     "merge",
     "replay_items",
     "sort_key",
@@ -172,6 +176,43 @@ def gap_entries(gaps: Iterable[tuple[GapEvent, str, int, int]], start: int, end:
 def merge(streams: Iterable[Iterable[Entry]]) -> Iterator[Entry]:
     """K-way merge of streams each sorted by ORDER_KEY (the merge of sorted streams is sorted)."""
     return heapq.merge(*streams, key=ORDER_KEY)
+
+
+class LazyStream(NamedTuple):
+    """A sorted stream not opened yet: every entry `open()` yields has ts >= `lower`."""
+
+    lower: int
+    open: Callable[[], Iterator[Entry]]
+
+
+def lazy_merge(streams: Iterable[LazyStream]) -> Iterator[Entry]:
+    """K-way merge that opens each stream only when the merge reaches its lower bound.
+
+    Correct because an unopened stream holds nothing below its bound: while the smallest open entry is below
+    every pending bound, it is the smallest of all. Streams with bound <= the smallest open ts are opened first
+    (an equal ts may still sort before it by receive time). Memory: the streams whose ts ranges overlap the
+    current position, one entry each plus what each holds internally.
+    """
+    pending = sorted(streams, key=itemgetter(0), reverse=True)  # pop() takes the lowest bound
+    heap: list[tuple[SortKey, int, Entry, Iterator[Entry]]] = []
+    n = 0
+    while True:
+        while pending and (not heap or pending[-1].lower <= heap[0][0][0]):
+            it = pending.pop().open()
+            first = next(it, None)
+            if first is not None:
+                heapq.heappush(heap, (first[0], n, first, it))
+                n += 1
+        if not heap:
+            return
+        _key, _n, entry, it = heap[0]
+        yield entry
+        nxt = next(it, None)
+        if nxt is None:
+            heapq.heappop(heap)
+        else:
+            heapq.heapreplace(heap, (nxt[0], n, nxt, it))
+            n += 1
 
 
 def _book_message(rec: BookUpdate) -> BookMessage:

@@ -23,21 +23,34 @@ from typing import Any, Literal, Protocol, TypeVar
 import pyarrow as pa
 
 from ingest.config import KafkaSettings, Settings
-from ingest.core.records import BookAction, BookUpdate, GapEvent, GapStatus, OkxRecord, Record, Source, TopicKind
+from ingest.core.records import (
+    BookAction,
+    BookUpdate,
+    GapEvent,
+    GapStatus,
+    OkxRecord,
+    RawFrame,
+    RawFrames,
+    Record,
+    Source,
+    TopicKind,
+)
 from ingest.core.replay import (
     BookSnapshot,
     BookSnapshots,
     Entry,
     Item,
+    LazyStream,
     View,
     gap_entries,
     gap_position_ts,
+    lazy_merge,
     replay_items,
 )
 from ingest.errors import IngestError
 from ingest.okx.channels import BOOK_CHANNELS, INCREMENTAL_BOOK_CHANNELS, endpoint_for, is_candle
 from ingest.replay._archive import ArchiveSource
-from ingest.replay._kafka import KafkaReader, SourceError
+from ingest.replay._kafka import REORDER_MARGIN_MS, KafkaReader, KafkaStreams, SourceError
 
 __all__ = [
     "BookSnapshot",
@@ -115,12 +128,14 @@ class _Reader(Protocol):
 
     def gaps(self, instruments: frozenset[str] | None) -> list[tuple[GapEvent, str, int, int]]: ...
 
-    def read(self, kind: TopicKind, lo: int, hi: int, horizon: int, keep: Callable[[Record], bool],
-             instruments: frozenset[str] | None) -> tuple[list[list[Entry]], bool]: ...
+    def streams(self, kind: TopicKind, lo: int, hi: int, keep: Callable[[Record], bool],
+                instruments: frozenset[str] | None, rest_horizon: int | None) -> tuple[list[LazyStream], bool]: ...
 
     def problems(self) -> list[GapEvent]: ...
 
     def instruments(self) -> set[str] | None: ...
+
+    def close(self) -> None: ...
 
 
 def _in_thread(coro: Coroutine[Any, Any, T]) -> T:
@@ -134,6 +149,7 @@ class _KafkaReader:
         self._reader = KafkaReader(kafka, bootstrap, exact_decimals=exact_decimals)
         self.name = f"kafka://{self._reader.bootstrap}"
         self._topics: set[str] | None = None
+        self._session: KafkaStreams | None = None
 
     def _has(self, kind: TopicKind) -> bool:
         if self._topics is None:
@@ -145,17 +161,24 @@ class _KafkaReader:
             return []
         return [g for g in _in_thread(self._reader.read_gaps()) if instruments is None or g[0].inst_id in instruments]
 
-    def read(self, kind: TopicKind, lo: int, hi: int, horizon: int, keep: Callable[[Record], bool],
-             instruments: frozenset[str] | None) -> tuple[list[list[Entry]], bool]:
+    def streams(self, kind: TopicKind, lo: int, hi: int, keep: Callable[[Record], bool],
+                instruments: frozenset[str] | None, rest_horizon: int | None) -> tuple[list[LazyStream], bool]:
         if not self._has(kind):
             return [], True
-        return _in_thread(self._reader.read(kind, lo, hi, horizon, keep))
+        if self._session is None:
+            self._session = KafkaStreams(self._reader)
+        return self._session.open(kind, lo, hi, keep, rest_horizon)
 
     def problems(self) -> list[GapEvent]:
         return []
 
     def instruments(self) -> set[str] | None:
         return None
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
 
 
 class _ArchiveReader:
@@ -173,9 +196,10 @@ class _ArchiveReader:
     def gaps(self, instruments: frozenset[str] | None) -> list[tuple[GapEvent, str, int, int]]:
         return self._source.read_gaps(instruments)
 
-    def read(self, kind: TopicKind, lo: int, hi: int, horizon: int, keep: Callable[[Record], bool],
-             instruments: frozenset[str] | None) -> tuple[list[list[Entry]], bool]:
-        return self._source.read(kind, lo, hi, horizon, keep, instruments)
+    def streams(self, kind: TopicKind, lo: int, hi: int, keep: Callable[[Record], bool],
+                instruments: frozenset[str] | None, rest_horizon: int | None) -> tuple[list[LazyStream], bool]:
+        # Backfilled rows need no horizon here: each row group is sorted whole, wherever its rows sit.
+        return self._source.streams(kind, lo, hi, keep, instruments)
 
     def problems(self) -> list[GapEvent]:
         return list(self._source.problems)
@@ -183,6 +207,9 @@ class _ArchiveReader:
     def instruments(self) -> set[str] | None:
         return {i for kind in self._source.kinds() if kind is not TopicKind.GAPS
                 for i in self._source.instruments(kind)}
+
+    def close(self) -> None:
+        pass
 
 
 def _open(source: str | Path | Settings, settings: Settings | None, lenient: bool, exact: bool,
@@ -209,7 +236,8 @@ class ReplayStats:
 
 
 class Replay:
-    """An iterable replay of one window; each iteration reads the source again (identically)."""
+    """An iterable replay of one window; each iteration reads the source again (identically), streaming:
+    memory does not grow with the window (docs/REPLAY.md, "Memory")."""
 
     def __init__(self, source: str | Path | Settings, start: int, end: int, *, instruments: frozenset[str] | None,
                  channels: frozenset[str] | None, view: View, book_snapshots: BookSnapshots | None,
@@ -221,10 +249,14 @@ class Replay:
         self.instruments, self.channels, self.view = instruments, channels, view
         self.book_snapshots = book_snapshots
         self.initial_books = initial_books
+        self._source, self._settings, self._lenient = source, settings, lenient
         self._reader = _open(source, settings, lenient, exact_decimals, (start, end))
         self.source_name = self._reader.name
         self.stats = ReplayStats()
         self.problems: list[GapEvent] = []
+        #: Where the last iteration began reading the books topic: the last snapshot or checkpoint before
+        #: `start` of the books it rebuilds (None: it read no history before `start`).
+        self.book_seek_ts: int | None = None
 
     def _keep(self, record: Record) -> bool:
         if isinstance(record, OkxRecord):
@@ -235,111 +267,149 @@ class Replay:
             return not (self.view is View.RECORDED and record.source is Source.REST)
         return True
 
-    def _book_streams(self, warm: list[list[Entry]], window: list[list[Entry]]) -> bool:
-        """True when every incremental book stream seen has a snapshot or checkpoint before its first window
-        record (or starts with one), so rebuilding from what was read gives valid books from `start`."""
-        synced: dict[tuple[str, str | None], bool] = {}
-        for stream in (*warm, *window):
-            for (ts, *_), rec in stream:
-                if not isinstance(rec, BookUpdate) or rec.channel not in INCREMENTAL_BOOK_CHANNELS:
-                    continue
-                key = (rec.channel, rec.inst_id)
-                resets = rec.source is Source.WS and str(rec.action) in (BookAction.SNAPSHOT, "checkpoint")
-                if ts < self.start:
-                    synced[key] = synced.get(key, False) or resets
-                elif key not in synced:
-                    synced[key] = resets
-        return all(synced.values())
-
-    def _load(self) -> tuple[list[list[Entry]], list[Entry]]:
+    def _raw_gaps(self) -> list[tuple[GapEvent, str, int, int]]:
         raw_gaps = self._reader.gaps(self.instruments)
         if self.channels is not None:
             raw_gaps = [g for g in raw_gaps if g[0].channel in self.channels]
+        return raw_gaps
+
+    def _plan(self) -> tuple[list[LazyStream], list[Entry]]:
+        """The window's lazy streams (nothing read yet but footers and offsets) and its gap entries."""
+        raw_gaps = self._raw_gaps()
         # Backfilled records for the window were written when their gap was filled: read until then.
-        horizon = self.end
-        for gap, *_ in raw_gaps:
-            if gap.status in (GapStatus.FILLED, GapStatus.PARTIAL) and gap_position_ts(gap) < self.end:
-                horizon = max(horizon, (gap.updated_ts_ns or gap.detected_ts_ns) // 1_000_000)
-        streams: list[list[Entry]] = []
+        rest_horizon: int | None = None
+        if self.view is View.REPAIRED:
+            for gap, *_ in raw_gaps:
+                if gap.status in (GapStatus.FILLED, GapStatus.PARTIAL) and gap_position_ts(gap) < self.end:
+                    filled = (gap.updated_ts_ns or gap.detected_ts_ns) // 1_000_000
+                    rest_horizon = max(rest_horizon or self.end, filled)
+        if self.instruments is not None:
+            self._check_instruments(self._reader.instruments())
+        streams: list[LazyStream] = []
+        self.book_seek_ts = None
         for kind in self.kinds:
-            window, _ = self._reader.read(kind, self.start, self.end, horizon, self._keep, self.instruments)
+            window, _ = self._reader.streams(kind, self.start, self.end, self._keep, self.instruments, rest_horizon)
             streams += window
             if kind is TopicKind.BOOKS and (self.book_snapshots is not None or self.initial_books):
-                streams += self._warmup(window)
+                seek = self.book_seek_ts = self._book_seek()
+                if seek is not None:
+                    warm, _ = self._reader.streams(kind, seek, self.start, self._keep, self.instruments, None)
+                    streams += warm
         self.problems = self._reader.problems()
-        self._check_instruments(streams)
         gaps = gap_entries([*raw_gaps, *((p, "_archive", 0, i) for i, p in enumerate(self.problems))],
                            self.start, self.end)
         return streams, gaps
 
-    def _check_instruments(self, streams: list[list[Entry]]) -> None:
+    def _check_instruments(self, known: set[str] | None) -> None:
         """An instrument the source never recorded is an error (a typo must not look like a quiet market)."""
-        if self.instruments is None:
-            return
-        known = self._reader.instruments()
-        if known is None:  # Kafka: what the window holds is what we know
-            known = {rec.inst_id for stream in streams for _, rec in stream
-                     if isinstance(rec, OkxRecord) and rec.inst_id is not None}
-            if not known:
-                return  # no data at all: the caller says so
+        if self.instruments is None or known is None or not known:
+            return  # Kafka: what the window holds is what we know, checked once it was read; no data at all: said
         missing = sorted(i for i in self.instruments if i not in known)
         if missing:
             have = ", ".join(sorted(i for i in known if i)[:20]) or "none"
             raise ReplayError(f"unknown instrument {', '.join(missing)}: {self.source_name} has no record of it "
                               f"between {_iso(self.start)} and {_iso(self.end)} (it has {have})")
 
-    def _warmup(self, window: list[list[Entry]]) -> list[list[Entry]]:
-        """Book records before `start`, back to each book's last snapshot or checkpoint (doubling lookback)."""
-        warm: list[list[Entry]] = []
+    def _book_seek(self) -> int | None:
+        """The ts of the earliest last snapshot or checkpoint before `start` among the incremental books with
+        records in the lookback (2 minutes, doubling up to a day until each has one): where the books topic is
+        read from. A scan that keeps no record: memory stays flat however far back it goes."""
+        last_reset: dict[tuple[str, str | None], int] = {}
+        seen: set[tuple[str, str | None]] = set()
         hi, lookback = self.start, BOOK_LOOKBACK_MS
         while True:
             lo = self.start - lookback
-            chunk, at_begin = self._reader.read(TopicKind.BOOKS, lo, hi, hi, self._keep, self.instruments)
-            warm += chunk
-            if at_begin or lookback >= BOOK_LOOKBACK_MAX_MS or self._book_streams(warm, window):
-                return warm
+            streams, at_begin = self._reader.streams(TopicKind.BOOKS, lo, hi, self._keep, self.instruments, None)
+            for stream in streams:
+                for (ts, *_), rec in stream.open():
+                    if not isinstance(rec, BookUpdate) or rec.channel not in INCREMENTAL_BOOK_CHANNELS:
+                        continue
+                    key = (rec.channel, rec.inst_id)
+                    seen.add(key)
+                    if rec.source is Source.WS and str(rec.action) in (BookAction.SNAPSHOT, "checkpoint"):
+                        last_reset[key] = max(last_reset.get(key, ts), ts)
+            if seen <= last_reset.keys() or at_begin or lookback >= BOOK_LOOKBACK_MAX_MS:
+                return min(last_reset.values(), default=None)
             hi, lookback = lo, lookback * 2
 
     def __iter__(self) -> Iterator[Item]:
-        streams, gaps = self._load()
         stats = self.stats = ReplayStats()
-        # The sources and _load filtered instruments and channels already, so archive problems (gaps named
-        # after a dataset, not a channel) pass.
-        for item in replay_items(streams, gaps, start=self.start, end=self.end, view=self.view,
-                                 book_snapshots=self.book_snapshots, initial_books=self.initial_books):
-            stats.items += 1
-            ts = gap_position_ts(item) if isinstance(item, GapEvent) else item.ts
-            if isinstance(item, GapEvent):
-                stats.gaps += 1
-            elif isinstance(item, BookSnapshot):
-                stats.snapshots += 1
-            if stats.first_ts is None:
-                stats.first_ts = ts
-            stats.last_ts = ts
-            yield item
+        try:
+            streams, gaps = self._plan()
+            seen: set[str] = set()
+            # The sources and _plan filtered instruments and channels already, so archive problems (gaps named
+            # after a dataset, not a channel) pass.
+            for item in replay_items([lazy_merge(streams)], gaps, start=self.start, end=self.end, view=self.view,
+                                     book_snapshots=self.book_snapshots, initial_books=self.initial_books):
+                stats.items += 1
+                if isinstance(item, GapEvent):
+                    ts = gap_position_ts(item)
+                    stats.gaps += 1
+                else:
+                    ts = item.ts
+                    if isinstance(item, BookSnapshot):
+                        stats.snapshots += 1
+                    elif item.inst_id is not None:
+                        seen.add(item.inst_id)
+                if stats.first_ts is None:
+                    stats.first_ts = ts
+                stats.last_ts = ts
+                yield item
+            self.problems = self._reader.problems()
+            if isinstance(self._reader, _KafkaReader):
+                self._check_instruments(seen)
+        finally:
+            self._reader.close()
 
     def batches(self, batch_size: int = 65_536) -> Iterator[pa.RecordBatch]:
         """The same stream as Arrow record batches of the flat row schema (docs/REPLAY.md, "Formats").
 
         From an archive, for trades and books without computed books, the rows come straight from the files'
-        columns (ingest/replay/_arrow.py); otherwise from the items.
+        columns (ingest/replay/_arrow.py), one time slice at a time; otherwise from the items. Both stream.
         """
         from ingest.replay.formats import arrow_batches
 
         if isinstance(self._reader, _ArchiveReader) and self.book_snapshots is None and not self.initial_books:
             from ingest.replay._arrow import fast_batches
 
-            self._check_instruments([])
+            self._check_instruments(self._reader.instruments())
             fast = fast_batches(self._reader.source, self.kinds, self.start, self.end, self.view,
-                                self.instruments, self.channels, self._gap_entries, batch_size)
+                                self.instruments, self.channels, self._gap_entries, batch_size,
+                                lambda lo: arrow_batches(self._items_from(lo), batch_size))
             if fast is not None:
                 return fast
         return arrow_batches(iter(self), batch_size)
 
+    def raw_frames(self) -> dict[tuple[str, int], bytes]:
+        """The window's recorded frames (okx.raw, verbatim) by (connId, recvSeq), what `replay serve` sends
+        instead of re-rendering; empty when the source has none. Raw records carry receive time only, so the
+        read reaches REORDER_MARGIN_MS beyond the window on both sides. Held whole: serve's timeline is."""
+        out: dict[tuple[str, int], bytes] = {}
+        try:
+            streams, _ = self._reader.streams(TopicKind.RAW, self.start - REORDER_MARGIN_MS,
+                                              self.end + REORDER_MARGIN_MS, lambda _r: True, None, None)
+            for stream in streams:
+                for _key, rec in stream.open():
+                    if isinstance(rec, RawFrames):
+                        out.update(((rec.conn_id, f.recv_seq), f.payload) for f in rec.frames)
+                    elif isinstance(rec, RawFrame):
+                        out[(rec.conn_id, rec.recv_seq)] = rec.payload
+        finally:
+            self._reader.close()
+        return out
+
+    def _items_from(self, lo: int) -> Iterator[Item]:
+        """The item path over [lo, end), without the gaps that sort before `lo` (given already)."""
+        rest = Replay(self._source, lo, self.end, instruments=self.instruments, channels=self.channels,
+                      view=self.view, book_snapshots=None, settings=self._settings, lenient=self._lenient,
+                      initial_books=False, exact_decimals=False)
+        for item in rest:
+            if not (isinstance(item, GapEvent) and gap_position_ts(item) < lo):
+                yield item
+        self.problems = rest.problems
+
     def _gap_entries(self) -> list[Entry]:
-        raw_gaps = self._reader.gaps(self.instruments)
-        if self.channels is not None:
-            raw_gaps = [g for g in raw_gaps if g[0].channel in self.channels]
+        raw_gaps = self._raw_gaps()
         self.problems = self._reader.problems()
         return gap_entries([*raw_gaps, *((p, "_archive", 0, i) for i, p in enumerate(self.problems))],
                            self.start, self.end)

@@ -4,6 +4,13 @@ Layout (docs/ARCHIVE.md): `{root}/{dataset}/date=YYYY-MM-DD/instId={instId}/{top
 .parquet`. A window reads the date directories it touches (exchange-time dates), of the instruments asked for,
 and converts rows back to records with the archive's own mapping (`ingest.core.archive_schema`), so a record
 is the same whether it comes from Kafka or from here. Files are only read, never written or moved.
+
+Streaming (`streams`): each row group whose `ts` statistics overlap the window is one lazy stream, opened by
+the merge only when it reaches the row group's first ts (core/replay.py `lazy_merge`), sorted on its own
+(a file is in offset order, not exchange-time order: backfilled rows sit later) and decoded `SLICE_ROWS` rows
+at a time. Memory is the row groups open at once (those whose ts ranges overlap the current position), never
+the window. A book record's level rows may straddle two row groups: the first one's stream reads the
+record's rows at the head of the next, which skips them (found from the `_offset` statistics).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import pyarrow.parquet as pq
 
 from ingest.core.archive_schema import parse_file_name, parse_partition_path, table_to_records
 from ingest.core.records import GapEvent, Record, TopicKind
-from ingest.core.replay import Entry, archive_gap, sort_key
+from ingest.core.replay import Entry, LazyStream, archive_gap, sort_key
 from ingest.io.archive_store import ArchiveStore
 from ingest.replay._kafka import SourceError
 
@@ -28,6 +35,24 @@ from ingest.replay._kafka import SourceError
 MANIFEST = "_manifest.json"
 
 _DAY_MS = 86_400_000
+#: Rows decoded into records at a time from an open row group (bounds the Python objects alive per stream).
+SLICE_ROWS = 4_096
+#: The columns of the total order, as the archive names them (rows of one record share them all).
+_ORDER_COLUMNS = ("ts", "recvTsNs", "_topic", "_partition", "_offset")
+
+
+def _stat(md: pq.FileMetaData, rg: int, column: str) -> tuple[int, int] | None:
+    """(min, max) physical values of an integer column in a row group, None without statistics."""
+    meta = md.row_group(rg)
+    for j in range(meta.num_columns):
+        col = meta.column(j)
+        if col.path_in_schema == column:
+            st = col.statistics
+            if st is None or not st.has_min_max:
+                return None
+            lo, hi = st.min_raw, st.max_raw
+            return (lo, hi) if isinstance(lo, int) and isinstance(hi, int) else None
+    return None
 
 
 def _date(ms: int) -> str:
@@ -129,10 +154,18 @@ class ArchiveSource:
             self._problem(path, kind, f"unreadable ({exc})")
             return None
 
-    def read(self, kind: TopicKind, lo: int, hi: int, horizon: int,
-             keep: Callable[[Record], bool], instruments: frozenset[str] | None = None
-             ) -> tuple[list[list[Entry]], bool]:
-        """Sorted entries with lo <= ts < hi, one list per file; and whether nothing older exists."""
+    def _metadata(self, path: str, kind: TopicKind) -> pq.FileMetaData | None:
+        try:
+            with self._fs.open_input_file(path) as f:
+                return pq.ParquetFile(f).metadata
+        except (pa.ArrowInvalid, OSError) as exc:
+            self._problem(path, kind, f"unreadable ({exc})")
+            return None
+
+    def streams(self, kind: TopicKind, lo: int, hi: int, keep: Callable[[Record], bool],
+                instruments: frozenset[str] | None = None) -> tuple[list[LazyStream], bool]:
+        """Lazy sorted streams of the entries with lo <= ts < hi, one per row group that may hold some (by
+        its statistics); and whether nothing older exists. Only file footers are read here."""
         first, last = _date(lo), _date(hi - 1)
         dates_present: list[str] = []
 
@@ -140,20 +173,114 @@ class ArchiveSource:
             dates_present.append(date)
             return first <= date <= last
 
-        out: list[list[Entry]] = []
+        out: list[LazyStream] = []
         for path in self._files(kind, in_window, instruments):
-            table = self._table(path, kind, lo, hi)
-            if table is None or table.num_rows == 0:
+            md = self._metadata(path, kind)
+            if md is None:
                 continue
-            entries: list[Entry] = []
-            for record, topic, part, off in table_to_records(table, kind):
-                if keep(record):  # decimals come back from decimal128 already canonical
-                    entries.append((sort_key(record, topic, part, off), record))
-            entries.sort(key=lambda e: e[0])
-            out.append(entries)
-        # Older data may sit in the first date's directory before lo: only a date before it proves nothing is.
+            n = md.num_row_groups
+            ts = [_stat(md, i, "ts") or _stat(md, i, "_kafka_ts") for i in range(n)]
+            offs = [_stat(md, i, "_offset") for i in range(n)]
+            for i in range(n):
+                bounds = ts[i]
+                if md.row_group(i).num_rows == 0 or (bounds is not None and (bounds[1] < lo or bounds[0] >= hi)):
+                    continue
+                prev, cur, nxt = offs[i - 1] if i else None, offs[i], offs[i + 1] if i + 1 < n else None
+                skip_head = prev is not None and cur is not None and cur[0] == prev[1]
+                tail = nxt is not None and cur is not None and nxt[0] == cur[1]
+                # A row group whose first record started in the previous one: that record sorts at its ts,
+                # which the previous stream yields; this one starts no earlier than its own minimum.
+                lower = max(lo, bounds[0]) if bounds is not None else lo
+                out.append(LazyStream(lower, self._opener(path, md, kind, i, skip_head, tail, lo, hi, keep)))
         at_begin = not dates_present or min(dates_present) > first
         return out, at_begin
+
+    def _opener(self, path: str, md: pq.FileMetaData, kind: TopicKind, rg: int, skip_head: bool, tail: bool,
+                lo: int, hi: int, keep: Callable[[Record], bool]) -> Callable[[], Iterator[Entry]]:
+        def entries() -> Iterator[Entry]:
+            table = self._row_group(path, md, kind, rg, skip_head, tail)
+            if table is None:
+                return
+            # Records without an exchange ts (raw frames) are placed by their Kafka ts, as from Kafka.
+            ts = table.column("ts" if "ts" in table.column_names else "_kafka_ts").cast(pa.int64())
+            table = table.filter(pc.and_(pc.greater_equal(ts, lo), pc.less(ts, hi)))
+            if table.num_rows == 0:
+                return
+            order = [(c, "ascending") for c in _ORDER_COLUMNS if c in table.column_names]
+            # Arrow's sort is stable: a book record's level rows stay together and in their order.
+            table = table.take(pc.sort_indices(table, sort_keys=order))
+            offsets = table.column("_offset").to_numpy()
+            n, at = table.num_rows, 0
+            while at < n:
+                stop = min(n, at + SLICE_ROWS)
+                while stop < n and offsets[stop] == offsets[stop - 1]:
+                    stop += 1  # never cut a record's rows
+                for record, topic, part, off in table_to_records(table.slice(at, stop - at), kind):
+                    if keep(record):  # decimals come back from decimal128 already canonical
+                        yield sort_key(record, topic, part, off), record
+                at = stop
+
+        return entries
+
+    def _row_group(self, path: str, md: pq.FileMetaData, kind: TopicKind, rg: int, skip_head: bool,
+                   tail: bool) -> pa.Table | None:
+        try:
+            with self._fs.open_input_file(path) as f:
+                pf = pq.ParquetFile(f, metadata=md)
+                table = pf.read_row_group(rg)
+                if skip_head:
+                    head = table.column("_offset")[0]
+                    table = table.filter(pc.not_equal(table.column("_offset"), head))
+                nxt_rg = rg + 1
+                while tail and table.num_rows and nxt_rg < md.num_row_groups:
+                    last = table.column("_offset")[-1]
+                    nxt = pf.read_row_group(nxt_rg)
+                    more = nxt.filter(pc.equal(nxt.column("_offset"), last))
+                    table = pa.concat_tables([table, more.cast(table.schema)])
+                    tail, nxt_rg = more.num_rows == nxt.num_rows, nxt_rg + 1  # a record over 3+ row groups
+            return table
+        except (pa.ArrowInvalid, OSError) as exc:
+            self._problem(path, kind, f"unreadable ({exc})")
+            return None
+
+    def _overlapping(self, md: pq.FileMetaData, lo: int, hi: int) -> list[int]:
+        """The row groups that may hold rows with lo <= ts < hi (all of them without statistics)."""
+        out = []
+        for i in range(md.num_row_groups):
+            bounds = _stat(md, i, "ts")
+            if md.row_group(i).num_rows and (bounds is None or (bounds[1] >= lo and bounds[0] < hi)):
+                out.append(i)
+        return out
+
+    def window_rows(self, kind: TopicKind, lo: int, hi: int, instruments: frozenset[str] | None) -> int:
+        """Rows of the row groups that overlap [lo, hi), from the footers alone (sizing `.batches()` slices)."""
+        first, last = _date(lo), _date(hi - 1)
+        total = 0
+        for path in self._files(kind, lambda d: first <= d <= last, instruments):
+            md = self._metadata(path, kind)
+            if md is not None:
+                total += sum(md.row_group(i).num_rows for i in self._overlapping(md, lo, hi))
+        return total
+
+    def window_table(self, path: str, kind: TopicKind, lo: int, hi: int) -> pa.Table | None:
+        """The file's rows with lo <= ts < hi, reading only the row groups whose statistics overlap."""
+        try:
+            with self._fs.open_input_file(path) as f:
+                pf = pq.ParquetFile(f)
+                groups = self._overlapping(pf.metadata, lo, hi)
+                table = pf.read_row_groups(groups) if groups else pf.schema_arrow.empty_table()
+            ts = table.column("ts").cast(pa.int64())
+            return table.filter(pc.and_(pc.greater_equal(ts, lo), pc.less(ts, hi)))
+        except (pa.ArrowInvalid, OSError) as exc:
+            self._problem(path, kind, f"unreadable ({exc})")
+            return None
+
+    def read(self, kind: TopicKind, lo: int, hi: int, horizon: int,
+             keep: Callable[[Record], bool], instruments: frozenset[str] | None = None
+             ) -> tuple[list[list[Entry]], bool]:
+        """`streams`, read whole (tests and small reads): sorted entry lists; whether nothing older exists."""
+        streams, at_begin = self.streams(kind, lo, hi, keep, instruments)
+        return [list(s.open()) for s in streams], at_begin
 
     def read_gaps(self, instruments: frozenset[str] | None = None) -> list[tuple[GapEvent, str, int, int]]:
         found: list[tuple[GapEvent, str, int, int]] = []

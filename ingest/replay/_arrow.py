@@ -2,7 +2,7 @@
 
 The item path decodes every row into a Struct (`archive_schema.table_to_records`), which caps it near 30,000
 rows/s. Here the same flat rows (ingest/replay/formats.py) come from Arrow compute: filter by window, channel
-and view, dedupe by recordId and natural key (first in the order wins, as in `core/replay.py`), canonical
+and view, dedupe by recordId and event key (first in the order wins, as in `core/replay.py`), canonical
 decimal text, one sort over (ts, recvTsNs, topic, partition, offset, level). Gap items are few and come from
 the item path's own rendering. Used when the replay asks for nothing the item path alone computes (no book
 snapshots, no initial books) and reads only trades and books; tests prove the output equals the item path's.
@@ -10,6 +10,7 @@ snapshots, no initial books) and reads only trades and books; tests prove the ou
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -22,6 +23,8 @@ from ingest.replay._archive import ArchiveSource
 from ingest.replay.formats import FLAT_SCHEMA, flat_rows
 
 FAST_KINDS = frozenset({TopicKind.TRADES, TopicKind.BOOKS})
+#: Rows per time slice of the window (a slice is sorted and deduped whole in Arrow, then streamed out).
+SLICE_TARGET_ROWS = 1_000_000
 _SORT = ["_sts", "_srecv", "_topic", "_partition", "_offset", "_row"]
 
 
@@ -48,7 +51,7 @@ def _read(src: ArchiveSource, kind: TopicKind, lo: int, hi: int, instruments: fr
           channels: frozenset[str] | None, view: View) -> pa.Table | None:
     tables = []
     for path in src._files(kind, lambda d: d >= _date(lo) and d <= _date(hi - 1), instruments):
-        t = src._table(path, kind, lo, hi)
+        t = src.window_table(path, kind, lo, hi)
         if t is not None and t.num_rows:
             tables.append(t)
     if not tables:
@@ -78,7 +81,7 @@ def _common(table: pa.Table, kind_name: str) -> dict[str, pa.ChunkedArray | pa.A
 
 
 def _trades(table: pa.Table) -> pa.Table | None:
-    for name in ("count", "okxSource"):
+    for name in ("count", "okxSource", "eventKey"):
         col = table.column(name)
         if pc.any(pc.match_substring_regex(pc.fill_null(col, ""), r'["\\\x00-\x1f]')).as_py():
             return None  # text JSON must escape: leave it to the item path
@@ -87,7 +90,8 @@ def _trades(table: pa.Table) -> pa.Table | None:
     cols = _common(table, "trade")
     n = table.num_rows
     extra = pc.binary_join_element_wise('{"count":', _json_str(table.column("count")), ',"okxSource":',
-                                        _json_str(table.column("okxSource")), ',"extra":{}}', "")
+                                        _json_str(table.column("okxSource")), ',"extra":{},"eventKey":',
+                                        _json_str(table.column("eventKey")), "}", "")
     out = pa.table({
         **cols, "action": pa.nulls(n, pa.string()), "seqId": table.column("seqId"),
         "prevSeqId": pa.nulls(n, pa.int64()), "id": table.column("tradeId"), "side": table.column("side"),
@@ -96,9 +100,41 @@ def _trades(table: pa.Table) -> pa.Table | None:
         "_sts": cols["ts"], "_srecv": cols["recvTsNs"],
         "_topic": table.column("_topic"), "_partition": table.column("_partition"),
         "_offset": table.column("_offset"), "_row": pa.array(np.zeros(n, np.int64)),
-        "_rid": table.column("recordId"), "_nk": table.column("tradeId"),
+        "_rid": table.column("recordId"), "_nk": _trade_keys(table),
     })
     return out
+
+
+def _trade_keys(table: pa.Table) -> pa.ChunkedArray:
+    """The event key of each trade row: the stored one, else core/identity.py's rule (records written before
+    the field), `{channel}:{instId}:{tradeId}` and `:{count}` for an aggregate of more than one match."""
+    count = table.column("count")
+    suffix = pc.if_else(pc.or_kleene(pc.is_null(count), pc.is_in(count, value_set=pa.array(["", "1"]))), "",
+                        pc.binary_join_element_wise(":", count, ""))
+    computed = pc.binary_join_element_wise(table.column("channel"), ":", table.column("instId"), ":",
+                                           table.column("tradeId"), suffix, "")
+    return pc.coalesce(table.column("eventKey"), computed)
+
+
+def _book_keys(table: pa.Table) -> pa.ChunkedArray | None:
+    """The event key of each book row (core/identity.py's rule where none is stored), or None when a row has
+    no seqId (pre-2023 books are keyed by a digest of their levels: the item path computes those)."""
+    seq = table.column("seqId")
+    stored = table.column("eventKey")
+    if pc.any(pc.and_(pc.is_null(stored), pc.is_null(seq))).as_py():
+        return None
+    action = table.column("action")
+    head = pc.binary_join_element_wise(table.column("channel"), ":", table.column("instId"), ":",
+                                       seq.cast(pa.string()), "")
+    # OKX's no-change update repeats the previous seqId and has no levels (its one row has no side).
+    heartbeat = pc.fill_null(pc.and_(pc.and_(pc.equal(action, "update"), pc.equal(table.column("prevSeqId"), seq)),
+                                     pc.is_null(table.column("side"))), False)
+    ts = table.column("ts").cast(pa.int64()).cast(pa.string())
+    computed = pc.if_else(
+        pc.equal(action, "update"),
+        pc.if_else(heartbeat, pc.binary_join_element_wise(head, ":heartbeat:", ts, ""), head),
+        pc.binary_join_element_wise(head, ":", action, ""))
+    return pc.coalesce(stored, computed)
 
 
 def _has_extra(table: pa.Table) -> bool:
@@ -124,6 +160,9 @@ def _books(table: pa.Table) -> pa.Table | None:
     level = idx - run_start
     level_col = pa.array(level.astype(np.int32))
     level_col = pc.if_else(pc.is_null(side), pa.nulls(n, pa.int32()), level_col)
+    keys = _book_keys(table)
+    if keys is None:
+        return None
     checksum = table.column("checksum")
     extra = pc.binary_join_element_wise('{"checksum":', checksum.cast(pa.string()), "}", "")
     action = table.column("action")
@@ -137,18 +176,15 @@ def _books(table: pa.Table) -> pa.Table | None:
         "_topic": table.column("_topic"), "_partition": table.column("_partition"),
         "_offset": table.column("_offset"), "_row": pa.array(side_code * 1_000_000 + level),
         "_rid": table.column("recordId"),
-        "_nk": pc.binary_join_element_wise(table.column("seqId").cast(pa.string()), action, ":"),
+        "_nk": keys,
     })
     return out
 
 
-def fast_batches(src: ArchiveSource, kinds: tuple[TopicKind, ...], start: int, end: int, view: View,
-                 instruments: frozenset[str] | None, channels: frozenset[str] | None,
-                 gaps: Callable[[], list[Entry]], batch_size: int) -> Iterator[pa.RecordBatch] | None:
-    """The flat batches of the window, or None when this path cannot give exactly the item path's rows."""
-    kinds = tuple(k for k in kinds if k in src.kinds())  # datasets the archive does not have add nothing
-    if not set(kinds) <= FAST_KINDS:
-        return None
+def _slice(src: ArchiveSource, kinds: tuple[TopicKind, ...], start: int, end: int, view: View,
+           instruments: frozenset[str] | None, channels: frozenset[str] | None,
+           gaps: list[Entry]) -> pa.Table | None:
+    """The flat rows of [start, end) in order, or None when this path cannot give exactly the item path's rows."""
     parts = []
     for kind in kinds:
         table = _read(src, kind, start, end, instruments, channels, view)
@@ -159,7 +195,7 @@ def fast_batches(src: ArchiveSource, kinds: tuple[TopicKind, ...], start: int, e
             return None
         parts.append(flat)
     gap_rows = []
-    for (ts, recv, topic, part, off), gap in gaps():  # after the reads: unreadable files are gaps too
+    for (ts, recv, topic, part, off), gap in gaps:
         assert isinstance(gap, GapEvent)
         if view is View.REPAIRED and gap.status is GapStatus.FILLED:
             continue
@@ -172,7 +208,7 @@ def fast_batches(src: ArchiveSource, kinds: tuple[TopicKind, ...], start: int, e
         parts.append(pa.table({name: pa.array(col, type=kinds_of.get(name)) for name, col in
                                zip(names, cols, strict=True)}))
     if not parts:
-        return iter(())
+        return FLAT_SCHEMA.empty_table()
     types = {f.name: f.type for f in FLAT_SCHEMA}
     types.update({"_sts": pa.int64(), "_srecv": pa.int64(), "_topic": pa.string(), "_partition": pa.int64(),
                   "_offset": pa.int64(), "_row": pa.int64(),
@@ -180,15 +216,53 @@ def fast_batches(src: ArchiveSource, kinds: tuple[TopicKind, ...], start: int, e
     parts = [p.select(list(types)).cast(pa.schema([pa.field(k, v) for k, v in types.items()])) for p in parts]
     table = pa.concat_tables(parts).sort_by([(c, "ascending") for c in _SORT])
     table = table.append_column("_idx", pa.array(np.arange(table.num_rows)))
-    table = _dedupe_records(table, view)
-    flat = table.select(FLAT_SCHEMA.names).cast(FLAT_SCHEMA)
-    batches: list[pa.RecordBatch] = flat.to_batches(max_chunksize=batch_size)
-    return iter(batches)
+    table = _dedupe_records(table)
+    out: pa.Table = table.select(FLAT_SCHEMA.names).cast(FLAT_SCHEMA)
+    return out
 
 
-def _dedupe_records(table: pa.Table, view: View) -> pa.Table:
-    """Whole records (all their level rows) that repeat an earlier one's recordId, or in the repaired view
-    its natural key, at the same exchange ts, are dropped."""
+def fast_batches(src: ArchiveSource, kinds: tuple[TopicKind, ...], start: int, end: int, view: View,
+                 instruments: frozenset[str] | None, channels: frozenset[str] | None,
+                 gaps: Callable[[], list[Entry]], batch_size: int,
+                 items_from: Callable[[int], Iterator[pa.RecordBatch]] | None = None,
+                 ) -> Iterator[pa.RecordBatch] | None:
+    """The flat batches of the window, one time slice at a time; None when this path cannot give exactly the
+    item path's rows for the first slice. A later slice it cannot give continues with `items_from(slice start)`
+    (the item path from there, without the gaps already given).
+
+    Slices are independent: the order is by ts first and dedupe never looks across two exchange ts, so cutting
+    at ts boundaries changes nothing. Each slice holds about `SLICE_TARGET_ROWS` rows (estimated from the row
+    groups' statistics), so memory stays flat however long the window."""
+    kinds = tuple(k for k in kinds if k in src.kinds())  # datasets the archive does not have add nothing
+    if not set(kinds) <= FAST_KINDS:
+        return None
+    rows = sum(src.window_rows(kind, start, end, instruments) for kind in kinds)
+    width = max(1, -(-(end - start) * SLICE_TARGET_ROWS // max(rows, 1)))
+    bounds = [*range(start, end, width), end]
+    all_gaps = gaps()  # after the listing: missing files are gaps too
+    first = _slice(src, kinds, bounds[0], bounds[1], view, instruments, channels,
+                   [g for g in all_gaps if g[0][0] < bounds[1]])
+    if first is None:
+        return None
+
+    def run(first: pa.Table) -> Iterator[pa.RecordBatch]:
+        yield from first.to_batches(max_chunksize=batch_size)
+        for lo, hi in itertools.pairwise(bounds[1:]):
+            flat = _slice(src, kinds, lo, hi, view, instruments, channels,
+                          [g for g in all_gaps if lo <= g[0][0] < hi])
+            if flat is None:
+                if items_from is None:
+                    raise ValueError(f"the columns path cannot give the rows from ts {lo} on, and has no item path")
+                yield from items_from(lo)
+                return
+            yield from flat.to_batches(max_chunksize=batch_size)
+
+    return run(first)
+
+
+def _dedupe_records(table: pa.Table) -> pa.Table:
+    """Whole records (all their level rows) that repeat an earlier one's recordId or event key at the same
+    exchange ts are dropped, in both views (as core/replay.py does)."""
     # One int64 per record: topic number, partition, offset (offsets stay far below 2**40).
     topics = pc.unique(table.column("_topic"))
     coord = pc.add(pc.add(pc.multiply(pc.index_in(table.column("_topic"), value_set=topics).cast(pa.int64()),
@@ -197,9 +271,9 @@ def _dedupe_records(table: pa.Table, view: View) -> pa.Table:
     table = table.append_column("_coord", coord)
     heads = _dedupe(table, ["_coord"])  # one row per record: its first in the order
     keep = _dedupe(heads, ["ts", "_rid"])
-    if view is View.REPAIRED:
-        nk = pc.binary_join_element_wise(keep.column("type"), keep.column("channel"), keep.column("instId"),
-                                         pc.fill_null(keep.column("_nk"), keep.column("_coord").cast(pa.string())), "|")
-        keep = _dedupe(keep.append_column("_nkey", nk), ["ts", "_nkey"])
+    # Gap rows have no event key: their own coordinates keep them apart.
+    ek = pc.binary_join_element_wise(keep.column("type"), pc.fill_null(keep.column("_nk"),
+                                     keep.column("_coord").cast(pa.string())), "|")
+    keep = _dedupe(keep.append_column("_ekey", ek), ["ts", "_ekey"])
     survivors = pc.is_in(table.column("_coord"), value_set=keep.column("_coord"))
     return table.filter(survivors)

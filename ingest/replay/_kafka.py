@@ -10,14 +10,25 @@ Reading stops early, before the end of a partition, once its records are past `h
 or later when a backfill wrote records for the window afterwards (their Kafka timestamps are their exchange
 ts, but they sit at offsets written at fill time), plus `reorder_margin_ms` for records that reached one
 partition slightly out of exchange-time order. Replay never writes: the consumer has no group and no commits.
+
+Streaming (`KafkaStreams`): a partition is near-sorted by exchange time, so each is read forward through a
+reorder heap that releases a record once the partition's Kafka timestamps are `REORDER_MARGIN_MS` past it:
+memory is one margin of records per partition, never the window. A record later than that (more out of order
+than the margin allows) cannot be placed and is dropped with a warning. Backfilled records (`source` header
+`rest`) are the exception by design, they sit at offsets written at fill time: the repaired view reads them in
+a second pass (headers only, decoding just the window's `rest` ones), sorted, as one extra stream per partition;
+its memory is what the backfill wrote for the window, not the window.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import heapq
+import logging
+import threading
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
@@ -25,13 +36,21 @@ from aiokafka.structs import TopicPartition
 
 from ingest.config import KafkaSettings
 from ingest.core.avro import DecodeError, decode
-from ingest.core.records import GapEvent, OkxRecord, Record, TopicKind, topic_name
-from ingest.core.replay import Entry, canonical, sort_key
+from ingest.core.records import GapEvent, OkxRecord, Record, Source, TopicKind, topic_name
+from ingest.core.replay import Entry, LazyStream, SortKey, canonical, sort_key
 from ingest.errors import ConfigError, IngestError
 from ingest.io.kafka_security import kafka_client_kwargs
 
-#: How far out of exchange-time order records of one partition may be (Kafka seeks and stops use it).
+#: How far out of exchange-time order records of one partition may be (Kafka seeks, stops and the reorder heap).
 REORDER_MARGIN_MS = 60_000
+#: Records fetched per step of a partition stream.
+FETCH_RECORDS = 2_000
+#: Bytes a fetch asks for per partition (4x that per response): what the client buffers is bounded by it,
+#: not by the window (aiokafka's defaults, 1 MiB and 50 MiB, would let one response hold most of a window).
+FETCH_BYTES = 256 * 1024
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class SourceError(IngestError):
@@ -73,9 +92,10 @@ class KafkaReader:
 
     async def _consumer(self) -> AIOKafkaConsumer:
         # A short fetch wait: a replay reads to the end of partitions, where the broker would otherwise hold
-        # every empty fetch for the default 500 ms.
+        # every empty fetch for the default 500 ms. Small fetches keep the client's buffers small.
         consumer = AIOKafkaConsumer(**self._kwargs, group_id=None, enable_auto_commit=False,
-                                    auto_offset_reset="earliest", fetch_max_wait_ms=50)
+                                    auto_offset_reset="earliest", fetch_max_wait_ms=50,
+                                    max_partition_fetch_bytes=FETCH_BYTES, fetch_max_bytes=FETCH_BYTES * 4)
         try:
             async with asyncio.timeout(self._timeout_s):
                 await consumer.start()
@@ -151,6 +171,47 @@ class KafkaReader:
         finally:
             await consumer.stop()
         return found
+
+    async def _fetch(self, consumer: AIOKafkaConsumer, tp: TopicPartition, end: int) -> list[Any] | None:
+        """The next messages of `tp` from its position; None at the end of the partition."""
+        loop = asyncio.get_running_loop()
+        since = loop.time()
+        while True:
+            batch = await consumer.getmany(tp, timeout_ms=100 if await consumer.position(tp) >= end else 2_000,
+                                           max_records=FETCH_RECORDS)
+            msgs = batch.get(tp) or []
+            if msgs:
+                return msgs
+            if await consumer.position(tp) >= end:
+                return None
+            if loop.time() - since > self._timeout_s:  # a broker that stopped answering, not a slow read
+                raise SourceError(f"reading {tp.topic}[{tp.partition}] from {self.bootstrap} made no progress for "
+                                  f"{self._timeout_s:.0f} s at offset {await consumer.position(tp)} of {end}")
+
+    def _entry(self, tp: TopicPartition, m: Any, lo: int, hi: int, keep: Callable[[Record], bool],
+               rest: bool | None = None) -> Entry | None:
+        """The message as an entry, if it is a record of ours in [lo, hi) that `keep` keeps; `rest`: only
+        backfilled ones (True), only the others (False), both (None); told by the header, before decoding."""
+        if m.value is None:
+            return None
+        headers = dict(m.headers)
+        source = headers.get("source")
+        if rest is not None and source is not None and (source == b"rest") is not rest:
+            return None
+        schema = headers.get("schema")
+        try:
+            record = decode(m.value, schema_name=schema.decode() if schema else None)
+        except DecodeError:
+            return None  # not a record of ours (another writer's message): replay reads, never judges
+        if rest is not None and source is None and isinstance(record, OkxRecord) and (
+                record.source is Source.REST) is not rest:
+            return None  # written before the source header: told by the record itself
+        key = sort_key(record, tp.topic, tp.partition, m.offset, m.timestamp)
+        if isinstance(record, OkxRecord) and not lo <= key[0] < hi:
+            return None
+        if not keep(record):
+            return None
+        return key, record if self._exact else canonical(record)
 
     async def _probe(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> Probe:
         consumer.seek(tp, offset)
@@ -244,3 +305,130 @@ class KafkaReader:
                 if keep(record):
                     out.append((key, record if self._exact else canonical(record)))
 
+
+
+class KafkaStreams:
+    """Sync, bounded-memory streams of one cluster, driven on a private event-loop thread (the replay API is
+    synchronous and may be called inside a running loop). `close` stops every consumer and the thread."""
+
+    def __init__(self, reader: KafkaReader) -> None:
+        self._reader = reader
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="replay-kafka", daemon=True)
+        self._thread.start()
+        self._consumers: list[AIOKafkaConsumer] = []
+        #: Records dropped for being later than the reorder margin allows (logged).
+        self.late = 0
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def close(self) -> None:
+        for consumer in self._consumers:
+            self.run(consumer.stop())
+        self._consumers.clear()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def open(self, kind: TopicKind, lo: int, hi: int, keep: Callable[[Record], bool],
+             rest_horizon: int | None) -> tuple[list[LazyStream], bool]:
+        """Streams of `kind` with lo <= ts < hi: per partition its live records (reorder heap) and, when
+        `rest_horizon` is set (the repaired view with filled gaps), its backfilled ones read up to that horizon;
+        and whether `lo` reached back to the start of every partition."""
+        return self.run(self._open(kind, lo, hi, keep, rest_horizon))
+
+    async def _open(self, kind: TopicKind, lo: int, hi: int, keep: Callable[[Record], bool],
+                    rest_horizon: int | None) -> tuple[list[LazyStream], bool]:
+        reader = self._reader
+        topic = reader.topic(kind)
+        consumer = await reader._consumer()
+        self._consumers.append(consumer)
+        try:
+            parts = consumer.partitions_for_topic(topic)
+            if not parts:
+                return [], True
+            tps = [TopicPartition(topic, p) for p in sorted(parts)]
+            consumer.assign(tps)
+            begins = await consumer.beginning_offsets(tps)
+            ends = await consumer.end_offsets(tps)
+            firsts = {tp: await reader._seek_time(consumer, tp, lo - REORDER_MARGIN_MS, begins[tp], ends[tp])
+                      for tp in tps}
+        except TimeoutError:
+            raise SourceError(f"reading {topic} from {reader.bootstrap} timed out") from None
+        except KafkaError as exc:
+            raise SourceError(f"reading {topic} from {reader.bootstrap} failed: {exc}") from None
+        at_begin = all(firsts[tp] <= begins[tp] for tp in tps)
+        rest_consumer = None
+        if rest_horizon is not None:  # its own positions: both passes of a partition run side by side
+            rest_consumer = await reader._consumer()
+            self._consumers.append(rest_consumer)
+            rest_consumer.assign(tps)
+        out: list[LazyStream] = []
+        for tp in tps:
+            out.append(LazyStream(lo, self._opener(self._live, consumer, tp, firsts[tp], ends[tp], lo, hi, keep,
+                                                   hi + REORDER_MARGIN_MS)))
+            if rest_consumer is not None and rest_horizon is not None:
+                out.append(LazyStream(lo, self._opener(self._rest, rest_consumer, tp, firsts[tp], ends[tp], lo, hi,
+                                                       keep, max(hi, rest_horizon) + REORDER_MARGIN_MS)))
+        return out, at_begin
+
+    def _opener(self, fn: Callable[..., Iterator[Entry]], *args: Any) -> Callable[[], Iterator[Entry]]:
+        return lambda: fn(*args)
+
+    def _messages(self, consumer: AIOKafkaConsumer, tp: TopicPartition, first: int, end: int,
+                  stop: int) -> Iterator[Any]:
+        """The partition's messages from `first` in offset order until one stamped past `stop` (or the end)."""
+        reader = self._reader
+        self.run(_seek(consumer, tp, first))
+        while True:
+            try:
+                msgs = self.run(reader._fetch(consumer, tp, end))
+            except TimeoutError:
+                raise SourceError(f"reading {tp.topic} from {reader.bootstrap} timed out") from None
+            except KafkaError as exc:
+                raise SourceError(f"reading {tp.topic} from {reader.bootstrap} failed: {exc}") from None
+            if msgs is None:
+                return
+            for m in msgs:
+                if m.timestamp > stop:
+                    return
+                yield m
+
+    def _live(self, consumer: AIOKafkaConsumer, tp: TopicPartition, first: int, end: int, lo: int, hi: int,
+              keep: Callable[[Record], bool], stop: int) -> Iterator[Entry]:
+        heap: list[tuple[SortKey, Record]] = []
+        high = -(1 << 62)  # the highest Kafka timestamp read so far
+        last: SortKey | None = None  # the last key released
+        for m in self._messages(consumer, tp, first, end, stop):
+            high = max(high, m.timestamp)
+            entry = self._reader._entry(tp, m, lo, hi, keep, rest=False)
+            if entry is not None:
+                if last is not None and entry[0] < last:
+                    self.late += 1
+                    if self.late in (1, 1000, 1_000_000):
+                        log.warning("replay: %s[%d] offset %d is more than %d ms out of exchange-time order; "
+                                    "dropped (%d so far)", tp.topic, tp.partition, m.offset, REORDER_MARGIN_MS,
+                                    self.late)
+                    continue
+                heapq.heappush(heap, entry)
+            while heap and heap[0][0][0] < high - REORDER_MARGIN_MS:
+                out = heapq.heappop(heap)
+                last = out[0]
+                yield out
+        while heap:
+            yield heapq.heappop(heap)
+
+    def _rest(self, consumer: AIOKafkaConsumer, tp: TopicPartition, first: int, end: int, lo: int, hi: int,
+              keep: Callable[[Record], bool], stop: int) -> Iterator[Entry]:
+        found: list[Entry] = []
+        for m in self._messages(consumer, tp, first, end, stop):
+            entry = self._reader._entry(tp, m, lo, hi, keep, rest=True)
+            if entry is not None:
+                found.append(entry)
+        found.sort(key=lambda e: e[0])
+        yield from found
+
+
+async def _seek(consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
+    consumer.seek(tp, offset)

@@ -2,8 +2,10 @@
 
 A trading bot's or the recorder's own code connects to `/ws/v5/public` and `/ws/v5/business` as to OKX,
 subscribes, answers pings, and receives the recorded pushes of its args in recorded order (the `recorded`
-view: what OKX sent, not what a backfill added later). Frames are re-rendered from the records in OKX's push
-shape (`{"arg": ..., "data": [...]}`, books with `action`), with OKX's exact strings when the source is Kafka.
+view: what OKX sent, not what a backfill added later). Where the recording has the frame itself (okx.raw: every
+inbound frame verbatim, matched to its records by connection and receive sequence), that frame is sent byte for
+byte, once, at its first record; otherwise the frame is re-rendered from the records in OKX's push shape
+(`{"arg": ..., "data": [...]}`, books with `action`), with OKX's exact strings when the source is Kafka.
 
 One timeline per server: a player walks the replay's items once. It starts when the client's subscriptions
 have settled (every arg of the window subscribed, or no new subscription for `settle_s`), then sends each
@@ -20,7 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +39,9 @@ from ingest.runtime import CANCEL_GRACE_S, Ended, Runtime, bounded
 
 log = logging.getLogger(__name__)
 
-_RECEIVE_KEYS = ("exchange", "channel", "recvTsNs", "source", "connId", "recvSeq", "recordId", "extra", "action")
+#: Fields the recorder adds (receive side, its event key): never part of what OKX pushed.
+_RECEIVE_KEYS = ("exchange", "channel", "recvTsNs", "source", "connId", "recvSeq", "recordId", "extra", "action",
+                 "eventKey")
 _SERVED = (Endpoint.PUBLIC, Endpoint.BUSINESS)
 
 
@@ -89,8 +93,12 @@ class ReplayServer:
     """The server (module docstring); `async with` it, then connect to `url(endpoint)`."""
 
     def __init__(self, items: Iterable[Item], *, host: str = "127.0.0.1", port: int = 0, speed: float = 0.0,
-                 settle_s: float = 1.0, resubscribe_timeout_s: float = 30.0) -> None:
+                 settle_s: float = 1.0, resubscribe_timeout_s: float = 30.0,
+                 frames: Mapping[tuple[str, int], bytes] | None = None) -> None:
         self._items = items
+        #: Recorded frames by (connId, recvSeq) (`Replay.raw_frames`): sent verbatim instead of re-rendered.
+        self._frames = frames or {}
+        self.verbatim = 0
         self.host, self._port, self.speed = host, port, speed
         self.settle_s, self.resubscribe_timeout_s = settle_s, resubscribe_timeout_s
         self._clients: set[_Client] = set()
@@ -235,6 +243,7 @@ class ReplayServer:
         loop = asyncio.get_running_loop()
         t0_wall: float | None = None
         t0_ts = 0
+        sent_frames: set[tuple[str, int]] = set()
         for item in self._timeline:
             if isinstance(item, GapEvent):
                 if item.kind is GapKind.DISCONNECT:
@@ -248,7 +257,17 @@ class ReplayServer:
                 if delay > 0:
                     await asyncio.sleep(delay)  # pacing to recorded exchange time, not synchronisation
             arg = _arg(item)
-            frame = render(item)
+            raw_key = (item.conn_id, item.recv_seq) if item.conn_id is not None and item.recv_seq is not None \
+                else None
+            raw = self._frames.get(raw_key) if raw_key is not None else None
+            if raw is not None and raw_key is not None:
+                if raw_key in sent_frames:
+                    continue  # a later row of a frame already sent whole
+                sent_frames.add(raw_key)
+                frame = raw.decode()
+                self.verbatim += 1
+            else:
+                frame = render(item)
             for client in [c for c in self._clients if arg in c.subs]:
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     await client.ws.send_str(frame)
@@ -282,9 +301,10 @@ def serve_main(args: argparse.Namespace, settings: Settings) -> int:
                 settings=settings, lenient=args.lenient, exact_decimals=True)
 
     async def main() -> int:
-        async with ReplayServer(iter(rp), host=args.host, port=args.port, speed=args.speed) as server:
-            print(f"okx-ingest: replaying {len(server._timeline)} items on {server.ws_base}/ws/v5/{{public,business}}",
-                  flush=True)
+        frames = await asyncio.to_thread(rp.raw_frames)
+        async with ReplayServer(iter(rp), host=args.host, port=args.port, speed=args.speed, frames=frames) as server:
+            print(f"okx-ingest: replaying {len(server._timeline)} items ({len(frames)} recorded frames verbatim) on "
+                  f"{server.ws_base}/ws/v5/{{public,business}}", flush=True)
             stop, reload = asyncio.Event(), asyncio.Event()
             remove_signals = install_signals(stop, reload)
             try:

@@ -21,12 +21,13 @@ import contextlib
 import datetime as dt
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 from aiokafka import AIOKafkaConsumer
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata, TopicPartition
@@ -45,16 +46,17 @@ from ingest.core.archive_schema import (
 )
 from ingest.core.avro import DecodeError, decode
 from ingest.core.backoff import full_jitter
-from ingest.core.records import BookUpdate, GapEvent, Record, TopicKind, Trade, topic_name
+from ingest.core.records import BookUpdate, GapEvent, RawFrames, Record, TopicKind, Trade, topic_name
 from ingest.errors import IngestError
 from ingest.io.archive_store import ArchiveStore, WrittenFile
 from ingest.io.kafka_security import kafka_client_kwargs
 from ingest.io.readback import bootstrap_of
 from ingest.obs.health import HealthServer, Readiness
-from ingest.obs.metrics import counter, gauge, new_registry
+from ingest.obs.metrics import counter, gauge, new_component_registry
 from ingest.runtime import EXIT_CONFIG, EXIT_OK, EXIT_TASK_DIED, Runtime, finish_task
 
 log = logging.getLogger("ingest.archive")
+_T = TypeVar("_T")
 
 REJECTED = "_rejected"
 MANIFEST = "_manifest.json"
@@ -65,7 +67,12 @@ _REJECTED_SCHEMA = pa.schema([
                                                                nullable=False),
     pa.field("key", pa.binary()), pa.field("value", pa.binary()),
 ], metadata={b"okx.archive.kind": REJECTED.encode(), b"okx.archive.version": str(SCHEMA_VERSION).encode()})
-#: Estimated buffer cost of one record beyond its Avro bytes (the decoded Struct and bookkeeping).
+#: The memory a buffered record costs, estimated from its Avro bytes: the decoded Struct holds every value
+#: as a Python object (a 142-byte trade is ~1.3 kB with its coordinates; a book level of ~16 Avro bytes, a
+#: tuple of four strings, ~190 B), so per Avro byte about 11x, plus a fixed part. Raw frames keep their
+#: payload as bytes (about 1x). tests/integration/test_archive_buffers.py measures the real objects.
+RECORD_EXPANSION = 12
+RAW_EXPANSION = 2
 RECORD_OVERHEAD = 400
 #: How long the Kafka consumer gets to leave its group cleanly on a stop.
 _CONSUMER_STOP_S = 10.0
@@ -81,7 +88,8 @@ class _Reject(NamedTuple):
 class _Buf:
     """One open file: the records of one Kafka partition for one directory."""
 
-    __slots__ = ("bucket", "coords", "items", "key", "last_seen", "nbytes", "opened", "tp")
+    __slots__ = ("avro_bytes", "bucket", "coords", "entered_ms", "items", "key", "last_seen", "last_ts", "nbytes",
+                 "opened", "tp")
 
     def __init__(self, key: PartitionKey, tp: TopicPartition, bucket: int, now: float) -> None:
         self.key = key
@@ -89,9 +97,12 @@ class _Buf:
         self.bucket = bucket
         self.items: list[Record | _Reject] = []
         self.coords: list[Coordinates] = []
-        self.nbytes = 0
+        self.nbytes = 0  # estimated memory of its records (what the shared budget counts)
+        self.avro_bytes = 0  # their Avro size (what `archive.max_file_bytes` counts)
         self.opened = now
         self.last_seen = now
+        self.last_ts = 0  # Kafka timestamp (ms) of its last record: the record time idle closing goes by
+        self.entered_ms = 0  # when its first record entered the system (receive time), for the lag
 
 
 @dataclass
@@ -144,21 +155,19 @@ def _stats_of(items: list[Record | _Reject]) -> dict[str, Any]:
 
 
 class Manifests:
-    """The `_manifest.json` of each directory, cached and rewritten atomically after each file."""
+    """The `_manifest.json` of each directory, rewritten atomically after each file.
+
+    Every update re-reads the manifest from the store (under the date's lock, held by the caller), never a
+    copy kept in memory: `archive compact` may have rewritten it since."""
 
     def __init__(self, store: ArchiveStore) -> None:
         self.store = store
-        self._cache: dict[PartitionKey, dict[str, Any]] = {}
 
     def load(self, key: PartitionKey) -> dict[str, Any]:
-        cached = self._cache.get(key)
-        if cached is not None:
-            return cached
         raw = self.store.read_bytes(f"{key.path()}/{MANIFEST}")
         doc: dict[str, Any] = orjson.loads(raw) if raw else {
             "dataset": key.dataset, "date": key.date, "instId": key.inst_id, "schemaVersion": SCHEMA_VERSION,
             "files": [], "gaps": []}
-        self._cache[key] = doc
         return doc
 
     def add_file(self, key: PartitionKey, written: WrittenFile, extra: dict[str, Any]) -> None:
@@ -193,8 +202,11 @@ class Manifests:
         self._save(key, doc)
 
     def _save(self, key: PartitionKey, doc: dict[str, Any]) -> None:
-        data = orjson.dumps(doc, option=orjson.OPT_INDENT_2)
-        self.store.write_atomic(self.store.path(f"{key.path()}/{MANIFEST}"), data)
+        self.store.write_atomic(self.store.path(f"{key.path()}/{MANIFEST}"), manifest_bytes(doc))
+
+
+def manifest_bytes(doc: dict[str, Any]) -> bytes:
+    return orjson.dumps(doc, option=orjson.OPT_INDENT_2)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -228,6 +240,10 @@ class Archiver:
         self._durable: dict[tuple[PartitionKey, TopicPartition], int] = {}
         self._next: dict[TopicPartition, int] = {}
         self._committed: dict[TopicPartition, int] = {}
+        #: The latest Kafka timestamp seen per partition: a file whose instrument has had no record for
+        #: `idle_close_s` of this record time closes, even while a backlog is consumed faster than real time.
+        self._tp_ts: dict[TopicPartition, int] = {}
+        self._last_entered_ms: dict[TopicPartition, int] = {}  # of the last record consumed, for the lag
         self._consumer: AIOKafkaConsumer | None = None
         self._backoff = full_jitter(self.cfg.retry_initial_s, self.cfg.retry_max_s)
         self._retry_at = 0.0
@@ -315,16 +331,17 @@ class Archiver:
             except (IngestError, ValueError, UnicodeDecodeError) as exc:
                 item = _Reject(f"undecodable: {exc}", None, msg.key, value)
                 key, bucket = self._rejected_key(msg.timestamp), 0
-            size = len(value or b"") + RECORD_OVERHEAD
-            await self._add(key, tp, bucket, item, coord, size, now)
+            await self._add(key, tp, bucket, item, coord, len(value or b""), now)
             self._next[tp] = msg.offset + 1
+        if msgs:
+            self._last_entered_ms[tp] = _entered_ms(item, coord)
 
     def _rejected_key(self, kafka_ts_ms: int) -> PartitionKey:
         date = dt.datetime.fromtimestamp(kafka_ts_ms / 1000, tz=dt.UTC).date().isoformat()
         return PartitionKey(REJECTED, date, NO_INST_ID)
 
     async def _add(self, key: PartitionKey, tp: TopicPartition, bucket: int, item: Record | _Reject,
-                   coord: Coordinates, size: int, now: float) -> None:
+                   coord: Coordinates, avro_size: int, now: float) -> None:
         slot = (key, tp)
         durable = self._durable.get(slot)
         if durable is not None and coord.offset <= durable:
@@ -339,15 +356,21 @@ class Archiver:
                 bucket = buf.bucket
         if buf is None:
             buf = self._bufs[slot] = _Buf(key, tp, bucket, now)
+            buf.entered_ms = _entered_ms(item, coord)
             self.stats.open_files = len(self._bufs)
         buf.items.append(item)
         buf.coords.append(coord)
+        size = avro_size * (RAW_EXPANSION if isinstance(item, RawFrames) else RECORD_EXPANSION) + RECORD_OVERHEAD
         buf.nbytes += size
+        buf.avro_bytes += avro_size
         buf.last_seen = now
+        buf.last_ts = coord.kafka_ts_ms
+        if coord.kafka_ts_ms > self._tp_ts.get(tp, 0):
+            self._tp_ts[tp] = coord.kafka_ts_ms
         self.stats.buffered_bytes += size
         if self.stats.buffered_bytes > self.stats.peak_buffered_bytes:
             self.stats.peak_buffered_bytes = self.stats.buffered_bytes
-        if buf.nbytes >= self.cfg.max_file_bytes:
+        if buf.avro_bytes >= self.cfg.max_file_bytes:
             await self._flush_due(final=False, only=[slot])
         elif self.stats.buffered_bytes >= self.cfg.max_buffer_bytes:
             await self._flush_due(final=False, only=self._largest())
@@ -389,9 +412,13 @@ class Archiver:
         data = self.store.read_bytes(f"{key.path()}/{name}")
         if data is None:
             return
-        rows = pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
-        self.manifests.add_file(key, WrittenFile(name, rows, len(data), hashlib.sha256(data).hexdigest()),
-                                {"recovered": True})
+        table = pq.read_table(pa.BufferReader(data), columns=["_offset"])
+        fc = parse_file_name(name)
+        extra: dict[str, Any] = {"recovered": True, "records": distinct_offsets(table)}
+        if fc is not None:
+            extra |= {"firstOffset": fc.first_offset, "lastOffset": fc.last_offset, "partition": fc.partition}
+        self.manifests.add_file(key, WrittenFile(name, table.num_rows, len(data), hashlib.sha256(data).hexdigest()),
+                                extra)
 
     def drop_partitions(self, tps: Iterable[TopicPartition]) -> None:
         """Forget buffers and recovered state of partitions that moved (uncommitted: the owner redoes them)."""
@@ -403,6 +430,8 @@ class Archiver:
         for tp in gone:
             self._next.pop(tp, None)
             self._committed.pop(tp, None)
+            self._tp_ts.pop(tp, None)
+            self._last_entered_ms.pop(tp, None)
         self.stats.open_files = len(self._bufs)
 
     # ---- writing files ------------------------------------------------------------------------------
@@ -410,9 +439,10 @@ class Archiver:
     def _due(self, final: bool) -> list[tuple[PartitionKey, TopicPartition]]:
         now = self._clock()
         cfg = self.cfg
+        idle_ms = cfg.idle_close_s * 1000
         due = [slot for slot, b in self._bufs.items()
-               if final or b.nbytes >= cfg.max_file_bytes or now - b.last_seen >= cfg.idle_close_s
-               or now - b.opened >= cfg.max_open_s]
+               if final or b.avro_bytes >= cfg.max_file_bytes or now - b.last_seen >= cfg.idle_close_s
+               or self._tp_ts.get(b.tp, 0) - b.last_ts >= idle_ms or now - b.opened >= cfg.max_open_s]
         if self.stats.buffered_bytes >= cfg.max_buffer_bytes:  # the shared budget: the largest files first
             due += [slot for slot in self._largest() if slot not in due]
         return due
@@ -428,10 +458,10 @@ class Archiver:
                 continue
             try:
                 if slot not in self._durable:  # first file of this slot in this process: what is there already
-                    self._durable[slot] = await asyncio.to_thread(self._recover, buf.key, buf.tp)
+                    self._durable[slot] = await asyncio.to_thread(self._locked, self._recover, buf.key, buf.tp)
                 self._drop_durable(buf, self._durable[slot])
                 if buf.items:
-                    await asyncio.to_thread(self._write, buf)
+                    await asyncio.to_thread(self._locked, self._write, buf.key, buf)
             except OSError as exc:
                 self._store_failed(exc)
                 return
@@ -471,9 +501,14 @@ class Archiver:
             "url": self.store.url, "error": self.stats.store_error, "retry_in_s": round(delay, 2),
             "note": "nothing committed; records are kept and retried"})
 
-    def _write(self, buf: _Buf) -> None:
+    def _locked(self, fn: Callable[..., _T], key: PartitionKey, *args: Any) -> _T:
+        """`fn(key, *args)` holding the shared lock of the key's date, so `archive compact` never swaps a
+        directory under a file and manifest being written (thread)."""
+        with self.store.date_lock(key.date, exclusive=False):
+            return fn(key, *args)
+
+    def _write(self, key: PartitionKey, buf: _Buf) -> None:
         """Convert, write the file, then its manifest (thread). Unfit records go to `_rejected` first."""
-        key = buf.key
         first, last = buf.coords[0].offset, buf.coords[-1].offset
         name = file_name(self._name_topic(buf.tp), buf.tp.partition, first, last)
         rejects: list[tuple[_Reject, Coordinates]] = []
@@ -496,9 +531,11 @@ class Archiver:
         if key.dataset == REJECTED:
             self.stats.records_rejected += len(rejects)
         written = self.store.write_parquet(key.path(), name, table)
-        self.manifests.add_file(key, written, {"records": len(buf.items), "firstOffset": first, "lastOffset": last,
-                                               "topic": buf.tp.topic, "partition": buf.tp.partition,
-                                               **_stats_of(buf.items)})
+        extra: dict[str, Any] = {"records": len(buf.items), "firstOffset": first, "lastOffset": last,
+                                 "topic": buf.tp.topic, "partition": buf.tp.partition, **_stats_of(buf.items)}
+        if rejects and key.dataset != REJECTED:
+            extra["rejected"] = len(rejects)  # counted in `records`, kept in _rejected instead of this file
+        self.manifests.add_file(key, written, extra)
         for item in buf.items:
             if isinstance(item, GapEvent) and item.inst_id is not None:
                 ds = dataset_of_channel(item.channel)
@@ -563,6 +600,22 @@ class Archiver:
         return Readiness(not reasons, tuple(reasons), {"open_files": len(self._bufs), "url": self.store.url,
                                                        "partitions": self.stats.partitions})
 
+    def lag_s(self, now_ms: int | None = None) -> float:
+        """How far the archive is behind Kafka: the age of the oldest record of this member's partitions not
+        yet in a durable file, by its receive time (Kafka's timestamp for records without one). Buffered
+        records count from the first of each open file; a partition with records still to fetch, from the
+        last record fetched (an upper bound by at most the gap to the next)."""
+        now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+        oldest = [b.entered_ms for b in self._bufs.values()]
+        consumer = self._consumer
+        if consumer is not None:
+            for tp, nxt in self._next.items():
+                high = consumer.highwater(tp)
+                if high is not None and high > nxt and tp in self._last_entered_ms:
+                    oldest.append(self._last_entered_ms[tp])
+        self.stats.lag_s = max(0.0, (now_ms - min(oldest)) / 1000) if oldest else 0.0
+        return self.stats.lag_s
+
     def metrics(self) -> list[Any]:
         s = self.stats
         out: list[Any] = []
@@ -581,6 +634,8 @@ class Archiver:
         for name, doc, gvalue in (
                 ("archive_buffered_bytes", "Estimated bytes of records waiting in open files", s.buffered_bytes),
                 ("archive_open_files", "Open (buffered) archive files", len(self._bufs)),
+                ("archive_lag_seconds", "Age of the oldest record not yet in a durable archive file (alert)",
+                 self.lag_s()),
                 ("archive_store_down", "1 while the archive store rejects writes (alert)",
                  int(s.store_error is not None))):
             g = gauge(name, doc)
@@ -600,6 +655,19 @@ def _rejected_table(rejects: list[tuple[_Reject, Coordinates]]) -> pa.Table:
         "key": pa.array([r.key for r, _ in rejects], pa.binary()),
         "value": pa.array([r.value for r, _ in rejects], pa.binary()),
     }).cast(_REJECTED_SCHEMA)
+
+
+def _entered_ms(item: Record | _Reject, coord: Coordinates) -> int:
+    """When a record entered the system: its receive time, else its Kafka timestamp (gaps, dead letters)."""
+    recv = getattr(item, "recv_ts_ns", None)
+    return recv // 1_000_000 if isinstance(recv, int) and recv > 0 else coord.kafka_ts_ms
+
+
+def distinct_offsets(table: pa.Table) -> int:
+    """How many Kafka records a file's table holds (book records span several rows with one `_offset`)."""
+    if "_offset" not in table.column_names:
+        return int(table.num_rows)
+    return int(pc.count_distinct(table.column("_offset")).as_py())
 
 
 def _bucket(ts_ms: int, rotate_s: int) -> int:
@@ -646,7 +714,7 @@ async def run_archiver(settings: Settings, *, stop: asyncio.Event | None = None)
             print(f"okx-ingest: {exc}", flush=True)
             return EXIT_CONFIG
         archiver = Archiver(settings, store)
-        registry, collector = new_registry()
+        registry, collector = new_component_registry("archive")
         collector.add(archiver.metrics)
         health = HealthServer(registry, archiver.readiness, settings.obs.metrics_host, settings.archive.metrics_port)
         await health.start()

@@ -10,6 +10,7 @@ a status snapshot for health checks and metrics.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import ssl
 import time
@@ -80,10 +81,14 @@ class ConnectionManager:
         monotonic: Callable[[], float] = time.monotonic,
         args: list[SubArg] | None = None,
         timer: Timer | None = None,
+        limiter: ConnectLimiter | None = None,
+        name_prefix: str = "",
     ) -> None:
         wanted = args if args is not None else [subscription_arg(s) for s in okx.all_subscriptions()]
         self.plan = plan_connections(
             wanted, PlanLimits(ws.args_per_connection, ws.depth_channels_per_connection, ws.subscribe_max_bytes))
+        if name_prefix:  # several managers in one process (cluster shards): connection ids stay unique
+            self.plan = tuple(dataclasses.replace(c, name=f"{name_prefix}{c.name}") for c in self.plan)
         needs_login = [c.name for c in self.plan if c.login]
         if needs_login and credentials is None:
             raise CredentialError(
@@ -94,7 +99,8 @@ class ConnectionManager:
         self._clock = clock or ServerClock(lambda: time.time_ns() // 1_000_000)
         #: One clock for every connection's timing decisions (tests inject fake time here).
         timer = timer if timer is not None else SystemTimer(monotonic)
-        self.limiter = ConnectLimiter(ws.connects_per_s, timer.now, sleep=timer.sleep)
+        #: Shared by every manager of a process when given: OKX's connect limit is per IP.
+        self.limiter = limiter or ConnectLimiter(ws.connects_per_s, timer.now, sleep=timer.sleep)
         urls = {c.name: endpoint_url(okx, ws, c.endpoint) for c in self.plan}
         if ssl_context is None and any(u.startswith("wss://") for u in urls.values()):
             ssl_context = client_ssl_context(okx.tls_spki_pins,

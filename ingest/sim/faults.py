@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -82,9 +83,10 @@ class FrameRule:
 
 @dataclass(slots=True)
 class RestRule:
-    """Answer the next `remaining` requests to `path` (None: any path) with an error, a 50011, or slowly."""
+    """Answer the next `remaining` requests to `path` (None: any path) with an error, a 50011, slowly, or only
+    once the test releases them."""
 
-    action: str  # "error" | "rate_limit" | "slow"
+    action: str  # "error" | "rate_limit" | "slow" | "hold"
     path: str | None
     remaining: int
     status: int = 503
@@ -157,6 +159,7 @@ class Faults:
         self.rest_rules: list[RestRule] = []
         self.login_rules: list[LoginRule] = []
         self.connect_rules: list[ConnectRule] = []
+        self._held: deque[tuple[str, asyncio.Future[None]]] = deque()
 
     # --- connections ------------------------------------------------------------------------------------
     def drop(self, kind: DropKind | str = DropKind.CLEAN, endpoint: Endpoint | str | None = None,
@@ -287,8 +290,43 @@ class Faults:
         """Delay the next `count` answers by `delay_s` seconds (then answer normally)."""
         self.rest_rules.append(RestRule("slow", path, count, delay_s=delay_s))
 
+    def rest_hold(self, count: int = 1_000_000, path: str | None = None) -> None:
+        """Hold the answers to the next `count` requests (to `path`) until `rest_release`: each request is
+        counted on arrival (`sim.wait_rest` wakes then) and answered normally once released. Unlike
+        `rest_slow`, the test, not the clock, decides when a client gets its answer."""
+        self.rest_rules.append(RestRule("hold", path, count))
+
+    def rest_held(self, path: str | None = None) -> int:
+        """How many requests (to `path`) are being held now."""
+        return sum(1 for p, fut in self._held if not fut.done() and (path is None or p == path))
+
+    def rest_release(self, count: int | None = None, path: str | None = None) -> int:
+        """Let the `count` oldest held requests (to `path`; None: all of them) be answered; returns how many."""
+        released = 0
+        for p, fut in self._held:
+            if count is not None and released >= count:
+                break
+            if not fut.done() and (path is None or p == path):
+                fut.set_result(None)
+                released += 1
+        self._held = deque(item for item in self._held if not item[1].done())
+        return released
+
+    async def hold_rest(self, path: str) -> None:
+        """Wait until this request is released (used by the simulator for a "hold" rule)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        item = (path, fut)
+        self._held.append(item)
+        self._hub.watch.notify()
+        try:
+            await fut
+        finally:
+            if item in self._held:
+                self._held.remove(item)
+
     def clear(self) -> None:
-        """Remove every pending rule (immediate faults already done stay done)."""
+        """Remove every pending rule (immediate faults already done stay done, and requests already held stay
+        held until `rest_release`, so a test can change the rules for newcomers without answering them)."""
         self.frame_rules.clear()
         self.rest_rules.clear()
         self.login_rules.clear()

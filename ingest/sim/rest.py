@@ -1,7 +1,7 @@
 """OKX's REST API as the simulator serves it: signed like OKX, limited like OKX, answering from the same
 trade log, book and account that the WebSocket side pushes.
 
-Order of checks per request: faults (slow, 5xx, injected 50011), then for private endpoints the signature
+Order of checks per request: faults (slow, held, 5xx, injected 50011), then for private endpoints the signature
 (HTTP 401, body without `data`), then the endpoint's sliding-window limit (50011 as HTTP 429 or 200), then
 the parameters. Paging follows SPEC 8.3: newest first, `after` = older than the cursor, `before` = newer,
 both exclusive.
@@ -128,6 +128,7 @@ class RestApi:
     async def handle(self, request: web.Request) -> web.Response:
         path = request.path
         self.stats.rest_requests[path] += 1
+        self.hub.watch.notify()  # waits on arrival (`wait_rest`) wake now, not only once it is answered
         body = await request.text()
         key = request.headers.get("OK-ACCESS-KEY", "")
         response = await self._answer(request, path, body, key)
@@ -148,6 +149,8 @@ class RestApi:
         for rule in self.hub.faults.take_rest(path):
             if rule.action == "slow":
                 await asyncio.sleep(rule.delay_s)
+            elif rule.action == "hold":
+                await self.hub.faults.hold_rest(path)
             elif rule.action == "error":
                 self.stats.rest_injected[path] += 1
                 if rule.body is not None:

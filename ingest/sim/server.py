@@ -102,6 +102,7 @@ class SimServer:
         log.info("okx simulator listening on %s", self.rest_base)
 
     async def stop(self) -> None:
+        self.faults.rest_release()  # a held request must not keep the server's shutdown waiting
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -278,7 +279,8 @@ class SimServer:
             return await conn.wait_closed()
 
     async def wait_rest(self, path: str, count: int = 1, timeout: float = 5.0) -> int:  # noqa: ASYNC109
-        """Return once `path` received at least `count` REST requests in all."""
+        """Return once `path` received at least `count` REST requests in all (woken on each arrival, before the
+        request is answered: a held or slow request counts at once)."""
         return await self.hub.watch.wait_for(
             lambda: self.stats.rest_requests[path] if self.stats.rest_requests[path] >= count else None, timeout)
 

@@ -79,6 +79,31 @@ async def _backfill_worker(sim: SimServer, bootstrap: str, prefix: str, journal:
                 await proc.wait()
 
 
+@asynccontextmanager
+async def _archive_member(bootstrap: str, prefix: str, root: Path) -> AsyncIterator[int]:
+    """`okx-ingest archive` as users run it, configured from the environment; yields its metrics port."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OKX_INGEST", "OKX_API"))}
+    env.update({
+        "OKX_INGEST__KAFKA__BOOTSTRAP_SERVERS": bootstrap, "OKX_INGEST__KAFKA__TOPIC_PREFIX": prefix,
+        "OKX_INGEST__ARCHIVE__URL": str(root), "OKX_INGEST__ARCHIVE__METRICS_PORT": str(port),
+        "OKX_INGEST__ARCHIVE__GROUP_ID": f"{prefix}archive", "OKX_INGEST__OBS__LOG_FORMAT": "text",
+    })
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "ingest.cli", "archive", env=env,
+                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        yield port
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(30):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
 async def test_every_metric_the_dashboard_and_alerts_query_is_exported_with_its_series_from_the_start(
         kafka_broker: BrokerInfo, sim: SimServer, topic_prefix: str, tmp_path: Path) -> None:
     settings = daemon_settings(sim, kafka_broker.bootstrap_servers, topic_prefix, tmp_path / "recorder",
@@ -109,7 +134,10 @@ async def test_every_metric_the_dashboard_and_alerts_query_is_exported_with_its_
                     await asyncio.sleep(0.2)  # polling the worker's endpoint
                     backfill = await _scrape(port)
 
-    exported = {s.name for s in recorder} | {s.name for s in backfill}
+        async with _archive_member(kafka_broker.bootstrap_servers, topic_prefix, tmp_path / "archive") as port:
+            archive = await _scrape_until(port, "okx_ingest_build_info")
+
+    exported = {s.name for s in recorder} | {s.name for s in backfill} | {s.name for s in archive}
     missing = {name: where for name, where in queried_metrics().items() if name not in exported}
     assert not missing, f"queried but not exported: {missing}"
 
@@ -133,6 +161,11 @@ async def test_every_metric_the_dashboard_and_alerts_query_is_exported_with_its_
     for status in ("filled", "partial", "unfillable"):
         assert bf[("okx_ingest_backfill_gaps_total", (("status", status),))] == 0
     assert bf[("okx_ingest_backfill_backlog_gaps", ())] == 0  # no gaps: nothing behind
+    ar = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in archive}
+    assert ar[("okx_ingest_build_info", (("component", "archive"), ("python", sys.version.split()[0]),
+                                         ("version", __version__)))] == 1
+    assert ar[("okx_ingest_archive_store_down", ())] == 0
+    assert ar[("okx_ingest_archive_lag_seconds", ())] >= 0
 
 
 async def test_readiness_and_metrics_say_when_the_memory_only_broker_is_in_use(

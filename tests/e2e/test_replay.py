@@ -367,7 +367,9 @@ async def test_replay_serve_round_trip_records_the_same_records_again_and_replay
     rec = recording
     items = replay(_kafka(rec), rec.start, rec.end, view="recorded", exact_decimals=True, settings=_settings(rec))
     prefix = f"again{secrets.token_hex(3)}."
-    async with ReplayServer(iter(items), settle_s=2.0) as server, \
+    frames = await asyncio.to_thread(items.raw_frames)  # the recorder's okx.raw: served verbatim
+    assert frames, "the recording publishes raw frames (kafka.publish_raw is on by default)"
+    async with ReplayServer(iter(items), settle_s=2.0, frames=frames) as server, \
             SimServer(SimConfig(instruments=INSTS, api_key=secrets.token_hex(16), api_secret=secrets.token_hex(32),
                                 passphrase=secrets.token_hex(8), auto_tick_s=None)) as rest:
         subs = [{"channel": c, "inst_id": i} for c in CHANNELS for i in INSTS]
@@ -378,6 +380,7 @@ async def test_replay_serve_round_trip_records_the_same_records_again_and_replay
                 await server.finished.wait()
             assert await daemon.shutdown() == 0
     assert server.disconnects >= 1, "the recorded disconnect must be served as one"
+    assert server.verbatim > 0, "recorded frames go out byte for byte"
     again = {k: await read_located(rec.bootstrap, prefix, k) for k in (TopicKind.TRADES, TopicKind.BOOKS,
                                                                           TopicKind.GAPS)}
     for kind in (TopicKind.TRADES, TopicKind.BOOKS):

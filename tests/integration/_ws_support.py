@@ -28,7 +28,7 @@ TRADES = SubArg("trades", inst_id=INST)
 def fast_ws(**overrides: object) -> WsSettings:
     """Short intervals so scenarios run in well under a second each (never used to synchronise)."""
     base: dict[str, object] = {
-        "keepalive_s": 0.2, "pong_timeout_s": 0.3, "backoff_min_s": 0.01, "backoff_max_s": 0.05,
+        "keepalive_s": 0.2, "pong_timeout_s": 1.0, "backoff_min_s": 0.01, "backoff_max_s": 0.05,
         "healthy_after_s": 0.0, "login_timeout_s": 2.0, "subscribe_timeout_s": 2.0, "notice_cutover_timeout_s": 5.0,
         "cutover_catchup_s": 2.0, "shutdown_timeout_s": 5.0, "close_timeout_s": 1.0,
     }

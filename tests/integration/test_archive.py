@@ -351,11 +351,11 @@ async def test_memory_is_bounded_by_the_shared_budget_whatever_the_number_of_ins
     records = [trade(f"I{i:04d}-USDT", j, DAY1 + j) for j in range(2) for i in range(1000)]
     await publish(kafka_broker.bootstrap_servers, topic_prefix, records)
     root = tmp_path / "archive"
-    budget = 60_000  # about 140 buffered trades for 1,000 open instruments
+    budget = 300_000  # about 140 buffered trades (by their estimated memory) for 1,000 open instruments
     settings = settings_for(kafka_broker, topic_prefix, str(root), max_buffer_bytes=budget, idle_close_s=1.0,
                             max_open_s=60)
     async with running(Archiver(settings, ArchiveStore.from_url(str(root)))) as archiver:
         await until(settled(archiver, len(records)), timeout_s=110)
-    assert archiver.stats.peak_buffered_bytes <= budget + 1_000  # never more than one record over the budget
+    assert archiver.stats.peak_buffered_bytes <= budget + 3_000  # never more than one record over the budget
     assert q(f"select count(distinct instId), count(*) from read_parquet('{root}/trades/**/*.parquet')") == [
         (1000, len(records))]

@@ -22,11 +22,11 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
@@ -65,6 +65,8 @@ SCALE = 0.05  # OKX's 2 s windows become 100 ms, in the simulator and in the cli
 WAIT_S = 60.0  # upper bound for any awaited condition: a hang fails the test instead of blocking the run
 GROUP = {"session_timeout_ms": 3000, "heartbeat_interval_ms": 300, "poll_timeout_ms": 200}
 MAIN = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+PAUSED_REST_TIMEOUT_S = 5 * WAIT_S  # a paused worker's REST timeout: longer than all of the test's waits together
 
 
 def now_ms() -> int:
@@ -132,6 +134,55 @@ async def until_both(a: RunningWorker, b: RunningWorker,
         raise AssertionError("a worker stopped")
     for waiter in done:
         waiter.result()
+
+
+class ChildLog:
+    """A child process's output, read as it comes: a test waits for a line instead of polling a file."""
+
+    def __init__(self, stream: asyncio.StreamReader) -> None:
+        self._lines: list[bytes] = []
+        self._changed = asyncio.Condition()
+        self._eof = False
+        self._reader = asyncio.create_task(self._read(stream), name="child-log")
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        while line := await stream.readline():
+            async with self._changed:
+                self._lines.append(line)
+                self._changed.notify_all()
+        async with self._changed:
+            self._eof = True
+            self._changed.notify_all()
+
+    def text(self) -> bytes:
+        return b"".join(self._lines)
+
+    def tail(self) -> str:
+        return self.text()[-3000:].decode(errors="replace")
+
+    async def wait_for(self, marker: bytes, timeout_s: float) -> None:
+        """Return once a line contains `marker`; fail if the child's output ends first or after `timeout_s`."""
+        try:
+            async with asyncio.timeout(timeout_s), self._changed:
+                await self._changed.wait_for(lambda: self._eof or marker in self.text())
+        except TimeoutError:
+            raise AssertionError(f"no {marker!r} after {timeout_s} s:\n{self.tail()}") from None
+        assert marker in self.text(), f"the child stopped before {marker!r}:\n{self.tail()}"
+
+    async def unless_it_ends(self, awaitable: Awaitable[T]) -> T:
+        """`awaitable`'s result; fails at once, with the child's output, if the child's output ends first (the
+        child died: waiting on for what it would have done only hides why)."""
+        task = asyncio.ensure_future(awaitable)
+        await asyncio.wait({task, self._reader}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise AssertionError(f"the child ended:\n{self.tail()}")
+        return task.result()
+
+    async def close(self) -> None:
+        async with asyncio.timeout(WAIT_S):
+            await self._reader
 
 
 @contextlib.asynccontextmanager
@@ -378,6 +429,7 @@ async def test_a_worker_killed_mid_gap_loses_nothing_and_its_successor_publishes
             "OKX_INGEST__BACKFILL__SESSION_TIMEOUT_MS": str(GROUP["session_timeout_ms"]),
             "OKX_INGEST__BACKFILL__HEARTBEAT_INTERVAL_MS": str(GROUP["heartbeat_interval_ms"]),
             "OKX_INGEST__BACKFILL__POLL_TIMEOUT_MS": str(GROUP["poll_timeout_ms"]),
+            "OKX_INGEST__BACKFILL__METRICS_PORT": "0",  # its default port may be taken by another worker
             "OKX_INGEST__OBS__METRICS_PORT": "0",
             "OKX_INGEST__OBS__LOG_FORMAT": "text",
         })
@@ -705,17 +757,25 @@ async def test_a_worker_paused_past_its_session_is_fenced_and_publishes_nothing_
     kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path
 ) -> None:
     """Worker A is paused (SIGSTOP: a stalled VM, a long GC) mid-gap; the group gives its partitions to B,
-    which fills the gap. When A resumes, it must publish nothing more for that gap and commit nothing."""
+    which fills the gap. When A resumes with a page in hand, it must publish nothing more for that gap and
+    commit nothing.
+
+    The simulator holds every page A asks for until the test releases it, so when A has what and for how long
+    it is paused are decided here, not by the machine's speed; A's REST timeout is far above anything the test
+    waits for, so the pause cannot turn its held page into a timeout and a retry."""
     async with SimServer(sim_config(rate_window_scale=1.0)) as sim:
         await sim.pump_trades("BTC-USDT", 3000)
         log = log_of(sim, "BTC-USDT")
         gap = trade_gap("long", "BTC-USDT", log[4], log[-5])
         inside = [tid for tid, _ in log[5:-5]]
         await publish(kafka_broker.bootstrap_servers, topic_prefix, [gap])
-        sim.faults.rest_slow(2.5, count=1_000_000, path=TRADES_PATH)  # every page answered 2.5 s late
+        sim.faults.rest_hold(path=TRADES_PATH)  # every page is answered only when the test says so
 
         def answered() -> int:  # the simulator logs a request once it has answered it
             return sum(1 for r in sim.stats.rest_log if r.path == TRADES_PATH)
+
+        def held() -> int:
+            return sim.faults.rest_held(TRADES_PATH)
 
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OKX_API", "OKX_INGEST"))}
         env.update({
@@ -727,41 +787,47 @@ async def test_a_worker_paused_past_its_session_is_fenced_and_publishes_nothing_
             "OKX_INGEST__BACKFILL__SESSION_TIMEOUT_MS": str(GROUP["session_timeout_ms"]),
             "OKX_INGEST__BACKFILL__HEARTBEAT_INTERVAL_MS": str(GROUP["heartbeat_interval_ms"]),
             "OKX_INGEST__BACKFILL__POLL_TIMEOUT_MS": str(GROUP["poll_timeout_ms"]),
+            "OKX_INGEST__BACKFILL__REQUEST_TIMEOUT_S": str(PAUSED_REST_TIMEOUT_S),
+            "OKX_INGEST__BACKFILL__METRICS_PORT": "0",  # its default port may be taken by another worker
             "OKX_INGEST__OBS__METRICS_PORT": "0", "OKX_INGEST__OBS__LOG_FORMAT": "text",
         })
-        log_path = tmp_path / "worker-a.log"
-        with log_path.open("wb") as out:
-            a = await asyncio.create_subprocess_exec(sys.executable, "-m", "ingest.cli", "backfill", env=env,
-                                                     cwd=MAIN, stdout=out, stderr=out)
+        a = await asyncio.create_subprocess_exec(sys.executable, "-m", "ingest.cli", "backfill", env=env, cwd=MAIN,
+                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        assert a.stdout is not None
+        a_log = ChildLog(a.stdout)
         reader = TopicReader(kafka_broker.bootstrap_servers, topic_prefix)
         try:
-            # A got its 3rd page and asked for its 4th, answered 2.5 s later. Pages 1-3 (300 rows) are all it
-            # put; once the topic holds them, A has nothing in flight: pause it now.
-            await sim.wait_until(lambda: answered() >= 3, timeout=WAIT_S)
-            before_pause = await reader.records(TopicKind.TRADES, Trade, at_least=300)
+            for page in range(3):  # A gets pages 1-3, one at a time, and asks for its 4th, which stays held
+                await a_log.unless_it_ends(sim.wait_until(lambda: held() == 1, timeout=WAIT_S))
+                assert (answered(), sim.faults.rest_release(count=1, path=TRADES_PATH)) == (page, 1)
+            await a_log.unless_it_ends(sim.wait_until(lambda: held() == 1, timeout=WAIT_S))
+            before_pause = await a_log.unless_it_ends(  # pages 1-3: all it put
+                reader.records(TopicKind.TRADES, Trade, at_least=300))
             a.send_signal(signal.SIGSTOP)
-            assert (len(before_pause), answered()) == (300, 3), "setup race: the 4th page came before the pause"
-            sim.faults.clear()  # for B; A's 4th request is already waiting out its delay
+            assert (len(before_pause), answered()) == (300, 3)
+            sim.faults.clear()  # B's pages are answered at once; A's 4th stays held
             async with running_worker(worker_settings(sim, kafka_broker, topic_prefix, tmp_path / "b"),
                                       rest_for(sim, scale=1.0), "b") as b:
                 stats_b = await b.until(lambda s: s.gaps_done >= 1)  # after A's session expired
-                await sim.wait_until(lambda: answered() >= 4 + stats_b.requests.get((TRADES_PATH, "0"), 0),
-                                     timeout=WAIT_S)  # A's 4th page is waiting in its socket
+                before = answered()
+                assert sim.faults.rest_release(path=TRADES_PATH) == 1
+                await sim.wait_until(lambda: answered() > before, timeout=WAIT_S)  # A's 4th page, in its socket
                 a.send_signal(signal.SIGCONT)  # A reads its 4th page at once, long after losing the partition
-                deadline = asyncio.get_running_loop().time() + WAIT_S
-                while b"backfill_fenced" not in log_path.read_bytes():  # polling a child's log file
-                    assert asyncio.get_running_loop().time() < deadline, log_path.read_text()[-3000:]
-                    assert a.returncode is None, log_path.read_text()[-3000:]
-                    await asyncio.sleep(0.05)
+                # Either its lease check refuses the page (backfill_fenced), or the group's revocation cancels
+                # the batch before the page reaches it; both come before the partitions are logged revoked.
+                await a_log.wait_for(b"backfill_partitions_revoked", WAIT_S)
                 a.send_signal(signal.SIGTERM)
                 async with asyncio.timeout(WAIT_S):
-                    assert await a.wait() == 0, log_path.read_text()[-3000:]
+                    assert await a.wait() == 0, a_log.tail()
         finally:
+            sim.faults.rest_release()
             if a.returncode is None:
                 a.send_signal(signal.SIGCONT)
                 a.kill()
                 await a.wait()
+            await a_log.close()
 
+    assert b"backfill_fenced" in a_log.text() or b"backfill_batch_abandoned" in a_log.text(), a_log.tail()
     assert stats_b.gaps_filled == 1 and stats_b.records_already_present == 300
     trades = await reader.records(TopicKind.TRADES, Trade)
     covered = coverage(trades)

@@ -21,7 +21,7 @@ import websockets
 from moto.server import ThreadedMotoServer
 
 from ingest.core.archive_schema import Coordinates
-from ingest.core.records import BookAction, BookUpdate, Source, TopicKind, Trade
+from ingest.core.records import BookAction, BookUpdate, Record, Source, TopicKind, Trade
 from ingest.io.broker import free_port
 from tests.e2e.replay_support import Located, write_archive
 
@@ -255,3 +255,40 @@ def test_archive_batches_from_columns_equal_the_rows_of_the_items(archive: Path,
     fast = pa.Table.from_batches(list(rp.batches()), schema=FLAT_SCHEMA)
     slow = pa.Table.from_batches(list(arrow_batches(iter(rp))), schema=FLAT_SCHEMA)
     assert fast.num_rows > 0 and fast.equals(slow)
+
+
+@pytest.mark.parametrize("view", ["repaired", "recorded"])
+@pytest.mark.parametrize("stored_keys", [True, False])
+def test_archive_batches_from_columns_keep_one_copy_of_an_event_two_replicas_recorded(
+        tmp_path: Path, view: str, stored_keys: bool) -> None:
+    """Two recordings of the same trades and book updates (another connection, so other recordIds) in one
+    archive: both paths keep the first copy of each event, with or without a stored `eventKey`."""
+    from ingest.core.identity import event_key
+    from ingest.replay import replay
+    from ingest.replay.formats import FLAT_SCHEMA, arrow_batches
+
+    def copy(rec: Record, conn: str) -> Record:
+        import msgspec
+
+        assert isinstance(rec, Trade | BookUpdate)
+        out = msgspec.structs.replace(rec, record_id=rec.record_id.replace("ws:", f"ws:{conn}"),
+                                      recv_ts_ns=rec.recv_ts_ns + 1 if conn == "z" else rec.recv_ts_ns)
+        return msgspec.structs.replace(out, event_key=event_key(out)) if stored_keys else out
+
+    root = tmp_path / "archive"
+    trades = [(copy(r, conn), Coordinates(c.topic, c.partition, c.offset * 2 + (conn == "z"), c.kafka_ts_ms))
+              for r, c in _trades() for conn in ("a", "z")]
+    books = [(copy(r, conn), Coordinates(c.topic, c.partition, c.offset * 2 + (conn == "z"), c.kafka_ts_ms))
+             for r, c in _books() for conn in ("a", "z")]
+    write_archive(root, TopicKind.TRADES, trades)
+    write_archive(root, TopicKind.BOOKS, books)
+    rp = replay(str(root), T0 - 1000, T0 + 1000, view=view)  # type: ignore[arg-type]
+    fast = pa.Table.from_batches(list(rp.batches()), schema=FLAT_SCHEMA)
+    slow = pa.Table.from_batches(list(arrow_batches(iter(rp))), schema=FLAT_SCHEMA)
+    assert fast.equals(slow)
+    trade_ids = [i for t, i in zip(fast.column("type").to_pylist(), fast.column("id").to_pylist(), strict=True)
+                 if t == "trade"]
+    assert trade_ids == [str(1000 + n) for n in range(40)]
+    book_ids = {i for t, i in zip(fast.column("type").to_pylist(), fast.column("id").to_pylist(), strict=True)
+                if t == "book_change"}
+    assert book_ids == {"ws:ab:1", "ws:ab:2"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import cast
 
 import msgspec
@@ -11,10 +12,28 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed
 
-from ingest.core.records import BookAction, BookUpdate, GapEvent, GapKind, GapStatus, Source, StreamPosition, Trade
+from ingest.config import load_settings
+from ingest.core.archive_schema import Coordinates
+from ingest.core.records import (
+    BookAction,
+    BookUpdate,
+    GapEvent,
+    GapKind,
+    GapStatus,
+    RawFrameEntry,
+    RawFrames,
+    Source,
+    StreamPosition,
+    TopicKind,
+    Trade,
+)
 from ingest.core.replay import Item
 from ingest.okx.channels import Endpoint
+from ingest.replay import replay
 from ingest.replay.serve import ReplayServer, _served, render
+from tests.conftest import BrokerInfo
+from tests.e2e.replay_support import write_archive
+from tests.integration.test_backfill import publish
 
 T0 = 1_796_000_000_000
 
@@ -45,7 +64,7 @@ def _trade_id(push: dict[str, object]) -> str:
 
 
 def test_a_record_is_served_in_the_push_shape_okx_sent_it_in() -> None:
-    record = _trade(3)
+    record = msgspec.structs.replace(_trade(3), event_key="trades-all:BTC-USDT:3")  # the recorder's, not OKX's
     frame = render(record)
     assert orjson.loads(frame) == {"arg": {"channel": "trades-all", "instId": "BTC-USDT"},
                                    "data": [{"instId": "BTC-USDT", "tradeId": "3", "px": "100.50", "sz": "2",
@@ -90,6 +109,51 @@ def test_only_what_okx_pushed_is_served_not_rest_records_or_the_recorders_checkp
     rest = msgspec.structs.replace(_trade(1), source=Source.REST)
     assert [_served(i) for i in (_trade(1), rest, book, msgspec.structs.replace(book, action=BookAction.UPDATE))] \
         == [True, False, False, True]
+
+
+async def test_a_recorded_frame_is_sent_verbatim_once_and_records_without_one_are_rendered() -> None:
+    rows = [msgspec.structs.replace(_trade(n), conn_id="c1", recv_seq=seq) for n, seq in ((0, 1), (1, 2), (2, 2),
+                                                                                           (3, 3))]
+    # What OKX sent for rows 1 and 2: one push with both, in OKX's own key order and spacing.
+    frame = (b'{"arg":{"channel":"trades-all","instId":"BTC-USDT"},"data":[{"instId":"BTC-USDT","tradeId":"1",'
+             b'"px":"100.50","sz":"2","side":"sell","ts":"' + str(T0 + 1).encode() + b'","count":"1"},{"instId":'
+             b'"BTC-USDT","tradeId":"2","px":"100.50","sz":"2","side":"sell","ts":"' + str(T0 + 2).encode() +
+             b'","count":"1"}]}')
+    frames = {("c1", 2): frame, ("other", 1): b"{}"}
+    async with ReplayServer(rows, settle_s=0.2, frames=frames) as server, \
+            websockets.connect(server.url(Endpoint.BUSINESS)) as ws:
+        await ws.send(orjson.dumps({"op": "subscribe", "args": [{"channel": "trades-all",
+                                                                 "instId": "BTC-USDT"}]}).decode())
+        assert (await _recv_json(ws))["event"] == "subscribe"
+        async with asyncio.timeout(5):
+            got = [await ws.recv() for _ in range(3)]
+            await server.finished.wait()
+    assert got[1] == frame.decode()  # byte for byte, once for its two rows
+    assert [_trade_id(orjson.loads(got[0])), _trade_id(orjson.loads(got[2]))] == ["0", "3"]  # rendered
+    assert server.verbatim == 1 and server.sent == 3
+
+
+def _raw(conn: str, seqs: range) -> RawFrames:
+    return RawFrames(conn_id=conn, name="public-0", endpoint="/ws/v5/public", frames=tuple(
+        RawFrameEntry(recv_seq=s, recv_ts_ns=(T0 + s) * 1_000_000, payload=b'{"seq":%d}' % s) for s in seqs))
+
+
+async def test_the_windows_raw_frames_come_from_kafka_and_the_archive_alike(
+    kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path,
+) -> None:
+    raws = [_raw("c1", range(1, 4)), _raw("c2", range(1, 3)),
+            _raw("late", range(10_000_000, 10_000_001))]  # received ~2.8 hours after the window: not in it
+    await publish(kafka_broker.bootstrap_servers, topic_prefix, raws)
+    settings = load_settings(None, kafka={"bootstrap_servers": kafka_broker.bootstrap_servers,
+                                          "topic_prefix": topic_prefix, "partitions": 1})
+    write_archive(tmp_path, TopicKind.RAW, [(r, Coordinates("okx.raw", 0, i, r.kafka_ts_ms()))
+                                           for i, r in enumerate(raws)])
+    from_kafka = await asyncio.to_thread(
+        lambda: replay(f"kafka://{kafka_broker.bootstrap_servers}", T0, T0 + 10, settings=settings).raw_frames())
+    from_archive = replay(str(tmp_path), T0, T0 + 10).raw_frames()
+    want = {("c1", 1): b'{"seq":1}', ("c1", 2): b'{"seq":2}', ("c1", 3): b'{"seq":3}', ("c2", 1): b'{"seq":1}',
+            ("c2", 2): b'{"seq":2}'}
+    assert from_kafka == from_archive == want
 
 
 async def test_the_server_keeps_serving_after_its_timeline_until_asked_to_stop() -> None:

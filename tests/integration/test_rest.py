@@ -33,12 +33,17 @@ from ingest.io.rest import (
 from ingest.okx.endpoints import Environment
 from ingest.services.clock import ClockService
 from ingest.services.permissions import KeyPermissionError, Permission, check_key_permissions
-from ingest.sim import KeyEnv, SimConfig, SimServer
+from ingest.sim import KeyEnv, ManualWall, SimConfig, SimServer
 
 SCALE = 0.05  # 2 s OKX windows become 100 ms, on the simulator and in the client alike
 BOOKS = "/api/v5/market/books"
 CONFIG = "/api/v5/account/config"
 BALANCE = "/api/v5/account/balance"
+
+
+#: The client's timeout where a test holds an answer past it: the held one times out whatever the machine's
+#: speed, and every other answer has that long, far more than a loopback request ever needs.
+HELD_TIMEOUT_S = 2.0
 
 
 def wall_ms() -> int:
@@ -203,14 +208,15 @@ async def test_two_clients_in_one_process_share_the_budget() -> None:
 
 async def test_server_errors_and_slow_answers_are_retried() -> None:
     async with running() as sim:
-        async with client_for(sim, timeout_s=0.2) as client:
+        async with client_for(sim, timeout_s=HELD_TIMEOUT_S) as client:
             # The simulator applies every pending rule to one request, so the faults go one at a time.
             sim.faults.rest_error(1, path=BOOKS, status=502, body="<html><body>502 Bad Gateway</body></html>")
             assert await client.get(BOOKS, {"instId": "BTC-USDT"})
             sim.faults.rest_error(1, path=BOOKS, status=503)
             assert await client.get(BOOKS, {"instId": "BTC-USDT"})
-            sim.faults.rest_slow(0.6, count=1, path=BOOKS)
+            sim.faults.rest_hold(count=1, path=BOOKS)  # answered only after the client gave up on it
             assert await client.get(BOOKS, {"instId": "BTC-USDT"})
+            assert sim.faults.rest_release(path=BOOKS) == 1
             requests = client.stats().requests
         assert requests == {(BOOKS, "http-502"): 1, (BOOKS, "50001"): 1, (BOOKS, "timeout"): 1, (BOOKS, "0"): 3}
         assert codes_seen(sim, BOOKS)[:4] == [(502, ""), (200, "0"), (503, "50001"), (200, "0")]
@@ -359,13 +365,24 @@ async def test_every_request_is_in_the_audit_log_once_and_no_secret_is_anywhere(
 
 
 async def test_signed_requests_never_wait_for_a_connection_after_signing() -> None:
-    """More signed requests than connections, behind slow answers: each is signed only once a connection is
-    free, so none outlives OKX's timestamp window while queued (50102 "Timestamp request expired")."""
-    config = sim_config(auth_window_s=0.5)
+    """More signed requests than connections, behind held answers: each is signed only once a connection is
+    free, so none outlives OKX's timestamp window while queued (50102 "Timestamp request expired").
+
+    Time is the test's: both sides read one manual clock, and each request is held while the clock moves on by
+    two thirds of the window, so a request signed when queued would be three windows old by the last answer."""
+    wall = ManualWall(wall_ms())
+    config = sim_config(wall_ms=wall, auth_window_s=30.0)
+    step_ms = 20_000
     async with running(config) as sim:
-        sim.faults.rest_slow(0.2, count=8, path=BALANCE)
-        async with client_for(sim, credentials=store_for(sim.config), max_connections=1, max_attempts=1,
-                              limits=LimitTable(window_scale=SCALE)) as client:
-            results = await asyncio.gather(*(client.get(BALANCE) for _ in range(8)))
+        sim.faults.rest_hold(count=8, path=BALANCE)
+        async with client_for(sim, credentials=store_for(sim.config), clock=ServerClock(wall), max_connections=1,
+                              max_attempts=1, limits=LimitTable(window_scale=SCALE)) as client:
+            calls = asyncio.gather(*(client.get(BALANCE) for _ in range(8)))
+            for answered in range(8):
+                await sim.wait_until(lambda: sim.faults.rest_held(BALANCE) == 1)  # one connection: one at a time
+                assert len(codes_seen(sim, BALANCE)) == answered
+                wall.ms += step_ms  # while the request waits for its answer; the rest wait for the connection
+                assert sim.faults.rest_release(path=BALANCE) == 1
+            results = await calls
         assert len(results) == 8
         assert [code for _, code in codes_seen(sim, BALANCE)] == ["0"] * 8

@@ -184,6 +184,37 @@ async def test_slow_rest_answers_are_held_back_then_answered(sim: SimServer) -> 
         assert (status, body["code"]) == (200, "0")
 
 
+async def test_held_rest_answers_wait_until_the_test_releases_them(sim: SimServer) -> None:
+    """`rest_hold` gives a test the moment of each answer: held requests are counted on arrival, answered
+    only when released (oldest first), and `clear()` changes the rules for newcomers without answering them."""
+    path = "/api/v5/market/books"
+    url = f"{sim.rest_base}{path}?instId=BTC-USDT"
+
+    def answered() -> int:
+        return sum(1 for r in sim.stats.rest_log if r.path == path)
+
+    sim.faults.rest_hold(count=2, path=path)
+    async with aiohttp.ClientSession() as session:
+        held = {asyncio.create_task(get_json(session, url)) for _ in range(2)}
+        assert await sim.wait_rest(path, count=2) == 2  # woken by the arrivals, nothing answered yet
+        await sim.wait_until(lambda: sim.faults.rest_held(path) == 2)
+        assert (await get_json(session, sim.rest_base + "/api/v5/public/time"))[0] == 200  # other paths: not held
+        assert (await get_json(session, url))[0] == 200  # the rule held two: the third is answered at once
+        assert (answered(), sim.faults.rest_held(path)) == (1, 2)
+        assert sim.faults.rest_release(count=1, path=path) == 1
+        done, held = await asyncio.wait(held, return_when=asyncio.FIRST_COMPLETED)
+        assert [t.result()[0] for t in done] == [200] and sim.faults.rest_held(path) == 1
+        sim.faults.rest_hold(path=path)
+        sim.faults.clear()  # no rule left, but the request already held stays held
+        assert (await get_json(session, url))[0] == 200
+        assert (answered(), sim.faults.rest_held(path)) == (3, 1)
+        assert sim.faults.rest_release() == 1 and sim.faults.rest_release() == 0
+        (last,) = held
+        status, body = await last
+        assert (status, body["code"]) == (200, "0")
+    assert answered() == 4 and sim.stats.violations == 0
+
+
 async def test_faults_compose_a_storm_a_stall_and_a_sequence_gap_at_once(sim: SimServer) -> None:
     cfg = sim.config
     async with await Client.connect(sim.ws_url("public")) as books, \

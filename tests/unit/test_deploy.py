@@ -23,8 +23,13 @@ UNITS = sorted((DEPLOY / "systemd").glob("*.service"))
 
 
 def _unit(path: Path) -> dict[str, list[str]]:
+    """A unit's settings; a template's `%i` (instance) and `%H` (host) expanded as for `<unit>@9120` on `host-a`."""
+    return _unit_text(path.read_text().replace("%i", "9120").replace("%H", "host-a"))
+
+
+def _unit_text(text: str) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         if "=" in line and not line.lstrip().startswith(("#", "[")):
             key, _, value = line.partition("=")
             out.setdefault(key.strip(), []).append(value.strip())
@@ -127,7 +132,27 @@ def test_recorder_backfill_worker_and_archiver_on_one_config_listen_on_different
     ports = [settings.obs.metrics_port, settings.backfill.metrics_port, settings.archive.metrics_port]
     assert len(set(ports)) == 3
     configs = {_unit(u)["ExecStart"][0].split("--config", 1)[1].strip() for u in UNITS}
-    assert len(UNITS) == 3 and len(configs) == 1  # the case this guards: one file for every unit
+    assert len(UNITS) == 4 and len(configs) == 1  # the case this guards: one file for every unit
+
+
+def test_the_replica_template_gives_each_instance_its_own_member_name_state_and_port(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """okx-ingest@9120 and okx-ingest@9121 on one host: distinct member names, journals and metrics ports, one
+    group; `%i`/`%H` expanded as systemd would."""
+    [unit] = [u for u in UNITS if u.name == "okx-ingest@.service"]
+    names, ports, dirs = set(), set(), set()
+    for instance in ("9120", "9121"):
+        text = unit.read_text().replace("%i", instance).replace("%H", "host-a")
+        env = dict(e.split("=", 1) for e in _unit_text(text).get("Environment", []))
+        for key, value in env.items():
+            if key.startswith("OKX_INGEST__"):
+                monkeypatch.setenv(key, value)
+        settings = load_settings(ROOT / "config" / "okx-ingest.toml")
+        assert settings.cluster.enabled
+        names.add(settings.cluster.member_name({}))
+        ports.add(settings.obs.metrics_port)
+        dirs.add(settings.journal.dir)
+    assert names == {"host-a-9120", "host-a-9121"} and len(ports) == 2 and len(dirs) == 2
 
 
 def test_archive_unit_waits_out_the_drain_before_systemd_kills_it() -> None:

@@ -1,0 +1,108 @@
+"""The fence of cluster mode: what a replica publishes once its lease expired or its shards moved."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from ingest.config import OkxSettings, WsSettings
+from ingest.core.cluster import shard_of
+from ingest.core.encoded import EncodedRecord
+from ingest.core.events import Inbound
+from ingest.io.cluster import Assignment, Lease
+from ingest.services.cluster import FencedOutlet, ShardConnections, record_shard
+
+SHARDS = 8
+GAPS = "p.gaps"
+
+
+class _Capture:
+    """A capture outlet (what delivery would be handed)."""
+
+    def __init__(self) -> None:
+        self.records: list[EncodedRecord] = []
+
+    async def put_many(self, records: Sequence[EncodedRecord]) -> None:
+        self.records.extend(records)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _trade(inst: str) -> EncodedRecord:
+    return EncodedRecord("p.trades", inst.encode(), b"v", (("schema", b"okx.ingest.v1.Trade"),), 1)
+
+
+def test_a_record_belongs_to_the_shard_of_its_instrument_or_connection() -> None:
+    assert record_shard(_trade("BTC-USDT"), GAPS, SHARDS) == shard_of("BTC-USDT", SHARDS)
+    gap = EncodedRecord(GAPS, b"trades:ETH-USDT", b"v")
+    assert record_shard(gap, GAPS, SHARDS) == shard_of("ETH-USDT", SHARDS)
+    raw = EncodedRecord("p.raw", b"s5-public-0#1-ab12", b"v")
+    assert record_shard(raw, GAPS, SHARDS) == 5
+    assert record_shard(EncodedRecord("p.x", None, b"v"), GAPS, SHARDS) is None
+
+
+async def test_a_replica_whose_lease_expired_or_whose_shard_moved_publishes_nothing_for_it() -> None:
+    queue: asyncio.Queue[Inbound] = asyncio.Queue()
+    shards = ShardConnections(OkxSettings(instruments=[]), WsSettings(), queue, [], SHARDS, member="r0")
+    clock = _Clock()
+    lease = Lease(9.0, monotonic=clock)
+    capture = _Capture()
+    outlet = FencedOutlet(capture, shards, lease, GAPS)
+    mine, theirs = "BTC-USDT", next(f"I{i}" for i in range(100) if shard_of(f"I{i}", SHARDS) != shard_of(
+        "BTC-USDT", SHARDS))
+    runner = asyncio.create_task(shards.run())
+    try:
+        await outlet.put_many([_trade(mine)])
+        assert capture.records == [] and outlet.fenced == 1, "nothing before the first assignment"
+        await shards.apply(Assignment(4, frozenset({shard_of(mine, SHARDS)})))
+        lease.renew(clock.now)
+        await outlet.put_many([_trade(mine), _trade(theirs)])
+        assert [r.key for r in capture.records] == [mine.encode()]
+        assert dict(capture.records[0].headers) == {"schema": b"okx.ingest.v1.Trade", "owner": b"r0",
+                                                    "generation": b"4",
+                                                    "shard": str(shard_of(mine, SHARDS)).encode()}
+        # Paused past the session (SIGSTOP): on waking, before any heartbeat, its own shard is fenced too.
+        clock.now += 30
+        await outlet.put_many([_trade(mine)])
+        assert len(capture.records) == 1 and outlet.fenced == 3
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_after_an_expired_session_the_shards_got_back_start_afresh() -> None:
+    queue: asyncio.Queue[Inbound] = asyncio.Queue()
+    shards = ShardConnections(OkxSettings(instruments=[]), WsSettings(), queue, [], SHARDS, member="r0")
+    runner = asyncio.create_task(shards.run())
+    try:
+        await shards.apply(Assignment(1, frozenset({1, 2})))
+        await shards.apply(Assignment(2, frozenset({1, 3})))
+        assert shards.ownership is not None and dict(shards.ownership.since) == {1: 1, 3: 2}
+        await shards.apply(Assignment(5, frozenset({1}), resumed=False))
+        assert dict(shards.ownership.since) == {1: 5}
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
+def test_the_lease_holds_through_a_join_begun_in_time_and_not_through_one_begun_after_expiry() -> None:
+    clock = _Clock()
+    lease = Lease(5.0, monotonic=clock)
+    assert not lease.valid(), "no lease before the first heartbeat or assignment"
+    lease.renew(clock.now)
+    clock.now += 4
+    lease.join_started()  # a rebalance: aiokafka sends no heartbeat while its JoinGroup waits
+    clock.now += 10
+    assert lease.valid()
+    lease.join_ended()
+    assert not lease.valid() and lease.expired_once
+    lease.renew(clock.now)
+    clock.now += 6  # paused past the session, then the rejoin starts: it does not revive the lease
+    lease.join_started()
+    assert not lease.valid()
