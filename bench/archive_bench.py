@@ -96,6 +96,9 @@ class RunFigures:
     trades_archive_bytes: int
     zstd_bytes: int
     trades_zstd_bytes: int
+    avro_bytes: int
+    rows_total: int
+    trade_files: int
     rows: int
 
 
@@ -240,7 +243,9 @@ async def one_run(broker: EmbeddedBroker, run: int, n_trades: int, n_books: int)
             base_rps=n / base_cpu, arch_rps=n / arch_cpu, arch_wall_s=arch_wall, duck_rows_s=duck_rps,
             pa_rows_s=pa_rps, archive_bytes=dir_bytes(root), trades_archive_bytes=dir_bytes(root / "trades"),
             zstd_bytes=sum(zstd_batched(v) for v in values.values()),
-            trades_zstd_bytes=zstd_batched(values[f"{prefix}trades"]), rows=rows)
+            trades_zstd_bytes=zstd_batched(values[f"{prefix}trades"]), rows=rows,
+            avro_bytes=sum(len(v) for vs in values.values() for v in vs), rows_total=n,
+            trade_files=len(list((root / "trades").rglob("*.parquet"))))
 
 
 def report(runs: list[RunFigures], n: int) -> None:
@@ -257,6 +262,11 @@ def report(runs: list[RunFigures], n: int) -> None:
     print(f"archiving: Archiver {med(lambda r: r.arch_rps):,.0f} records/CPU-s {rng(lambda r: r.arch_rps)} = "
           f"{med(lambda r: r.arch_rps / r.base_rps):.3f}x baseline {rng(lambda r: r.arch_rps / r.base_rps, '.3f')}; "
           f"wall {med(lambda r: r.arch_wall_s):.1f} s; target >= 200,000/CPU-s")
+    print(f"writing: {med(lambda r: r.rows_total / r.arch_wall_s):,.0f} records/s wall "
+          f"{rng(lambda r: r.rows_total / r.arch_wall_s)}, "
+          f"Parquet {med(lambda r: r.archive_bytes / r.arch_wall_s) / 1e6:.2f} MB/s from "
+          f"{med(lambda r: r.avro_bytes / r.arch_wall_s) / 1e6:.2f} MB/s of Avro values "
+          f"({runs[0].trade_files} trade files for the day)")
     print(f"reading: pyarrow dataset read {med(lambda r: r.pa_rows_s):,.0f} rows/s {rng(lambda r: r.pa_rows_s)} "
           "(baseline)")
     print(f"reading: DuckDB scan {med(lambda r: r.duck_rows_s):,.0f} rows/s {rng(lambda r: r.duck_rows_s)} = "
