@@ -98,13 +98,16 @@ class ShardAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
     name = "okx-ingest-shards"
     version = 0
 
-    def __init__(self, member: str, topic: str) -> None:
+    def __init__(self, member: str, topic: str, lease: Lease | None = None) -> None:
         self.member = member
         self.topic = topic
         self.held: frozenset[int] = frozenset()
+        self._lease = lease
 
     def metadata(self, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:
-        info = {"v": _META_VERSION, "member": self.member, "held": sorted(self.held)}
+        # A member whose session expired claims nothing: others recorded its shards meanwhile and keep them.
+        expired = self._lease is not None and self._lease.expired_once
+        info = {"v": _META_VERSION, "member": self.member, "held": [] if expired else sorted(self.held)}
         return ConsumerProtocolMemberMetadata(self.version, sorted(topics), orjson.dumps(info))
 
     def assign(
@@ -172,13 +175,13 @@ class GroupMembership:
         self.topic = f"{kafka.topic_prefix}shards"
         self._on_assignment = on_assignment
         self._bootstrap = bootstrap_servers
-        self.assignor = ShardAssignor(member, self.topic)
         self.current: Assignment | None = None
         self.rebalances = 0
         self.assigned = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
         # A little short of the session: the broker's clock and ours drift, and the fence must close first.
         self.lease = Lease(cluster.session_timeout_ms / 1000 * 0.9)
+        self.assignor = ShardAssignor(member, self.topic, self.lease)
 
     def _kwargs(self) -> dict[str, Any]:
         return kafka_client_kwargs(self.kafka, bootstrap_servers=self._bootstrap,

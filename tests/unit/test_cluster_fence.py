@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+import orjson
+
 from ingest.config import OkxSettings, WsSettings
 from ingest.core.cluster import shard_of
 from ingest.core.encoded import EncodedRecord
 from ingest.core.events import Inbound
-from ingest.io.cluster import Assignment, Lease
+from ingest.io.cluster import Assignment, Lease, ShardAssignor
 from ingest.services.cluster import FencedOutlet, ShardConnections, record_shard
 
 SHARDS = 8
@@ -106,3 +108,15 @@ def test_the_lease_holds_through_a_join_begun_in_time_and_not_through_one_begun_
     clock.now += 6  # paused past the session, then the rejoin starts: it does not revive the lease
     lease.join_started()
     assert not lease.valid()
+
+
+def test_a_member_whose_session_expired_claims_none_of_its_old_shards() -> None:
+    clock = _Clock()
+    lease = Lease(5.0, monotonic=clock)
+    assignor = ShardAssignor("r0", "p.shards", lease)
+    assignor.held = frozenset({1, 2})
+    lease.renew(clock.now)
+    assert orjson.loads(assignor.metadata(["p.shards"]).user_data)["held"] == [1, 2]
+    clock.now += 30
+    lease.join_started()
+    assert orjson.loads(assignor.metadata(["p.shards"]).user_data)["held"] == []
