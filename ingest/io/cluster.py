@@ -69,6 +69,11 @@ class Lease:
         self._joining = self.valid()
 
     def join_ended(self) -> None:
+        """A join begun in time renews the lease as it ends: the broker answered it, even when with an error
+        (Tansu answers the joins of a rebalance round with "unknown member" and its rounds last about a
+        session, so without this a member in good standing would fence itself between two rounds)."""
+        if self._joining:
+            self.renew(self._monotonic())
         self._joining = False
 
     def renew(self, sent_at: float) -> None:
