@@ -62,26 +62,34 @@ class Lease:
         self.session_s = session_s
         self._monotonic = monotonic
         self._since: float | None = None
-        self._joining = False
+        self._join_at: float | None = None
         self.expired_once = False
 
+    #: How long a join begun in time holds the lease at most, in sessions (Tansu's rounds last about one): a
+    #: process paused in the middle of a join for longer is not taken for a member when it wakes.
+    JOIN_HOLD = 1.5
+
+    def _join_holds(self) -> bool:
+        return self._join_at is not None and self._monotonic() < self._join_at + self.session_s * self.JOIN_HOLD
+
     def join_started(self) -> None:
-        self._joining = self.valid()
+        self._join_at = None  # valid() below: the last heartbeat's lease alone
+        self._join_at = self._monotonic() if self.valid() else None
 
     def join_ended(self) -> None:
         """A join begun in time renews the lease as it ends: the broker answered it, even when with an error
         (Tansu answers the joins of a rebalance round with "unknown member" and its rounds last about a
         session, so without this a member in good standing would fence itself between two rounds)."""
-        if self._joining:
+        if self._join_holds():
             self.renew(self._monotonic())
-        self._joining = False
+        self._join_at = None
 
     def renew(self, sent_at: float) -> None:
         if self._since is None or sent_at > self._since:
             self._since = sent_at
 
     def valid(self) -> bool:
-        if self._joining:
+        if self._join_holds():
             return True
         ok = self._since is not None and self._monotonic() < self._since + self.session_s
         if not ok and self._since is not None:
