@@ -62,21 +62,34 @@ class Lease:
         self.session_s = session_s
         self._monotonic = monotonic
         self._since: float | None = None
-        self._joining = False
+        self._join_at: float | None = None
         self.expired_once = False
 
+    #: How long a join begun in time holds the lease at most, in sessions (Tansu's rounds last about one): a
+    #: process paused in the middle of a join for longer is not taken for a member when it wakes.
+    JOIN_HOLD = 1.5
+
+    def _join_holds(self) -> bool:
+        return self._join_at is not None and self._monotonic() < self._join_at + self.session_s * self.JOIN_HOLD
+
     def join_started(self) -> None:
-        self._joining = self.valid()
+        self._join_at = None  # valid() below: the last heartbeat's lease alone
+        self._join_at = self._monotonic() if self.valid() else None
 
     def join_ended(self) -> None:
-        self._joining = False
+        """A join begun in time renews the lease as it ends: the broker answered it, even when with an error
+        (Tansu answers the joins of a rebalance round with "unknown member" and its rounds last about a
+        session, so without this a member in good standing would fence itself between two rounds)."""
+        if self._join_holds():
+            self.renew(self._monotonic())
+        self._join_at = None
 
     def renew(self, sent_at: float) -> None:
         if self._since is None or sent_at > self._since:
             self._since = sent_at
 
     def valid(self) -> bool:
-        if self._joining:
+        if self._join_holds():
             return True
         ok = self._since is not None and self._monotonic() < self._since + self.session_s
         if not ok and self._since is not None:
@@ -98,13 +111,16 @@ class ShardAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
     name = "okx-ingest-shards"
     version = 0
 
-    def __init__(self, member: str, topic: str) -> None:
+    def __init__(self, member: str, topic: str, lease: Lease | None = None) -> None:
         self.member = member
         self.topic = topic
         self.held: frozenset[int] = frozenset()
+        self._lease = lease
 
     def metadata(self, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:
-        info = {"v": _META_VERSION, "member": self.member, "held": sorted(self.held)}
+        # A member whose session expired claims nothing: others recorded its shards meanwhile and keep them.
+        expired = self._lease is not None and self._lease.expired_once
+        info = {"v": _META_VERSION, "member": self.member, "held": [] if expired else sorted(self.held)}
         return ConsumerProtocolMemberMetadata(self.version, sorted(topics), orjson.dumps(info))
 
     def assign(
@@ -172,13 +188,13 @@ class GroupMembership:
         self.topic = f"{kafka.topic_prefix}shards"
         self._on_assignment = on_assignment
         self._bootstrap = bootstrap_servers
-        self.assignor = ShardAssignor(member, self.topic)
         self.current: Assignment | None = None
         self.rebalances = 0
         self.assigned = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
         # A little short of the session: the broker's clock and ours drift, and the fence must close first.
         self.lease = Lease(cluster.session_timeout_ms / 1000 * 0.9)
+        self.assignor = ShardAssignor(member, self.topic, self.lease)
 
     def _kwargs(self) -> dict[str, Any]:
         return kafka_client_kwargs(self.kafka, bootstrap_servers=self._bootstrap,

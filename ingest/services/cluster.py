@@ -56,8 +56,10 @@ class ShardConnections:
         self._managers: dict[int, ConnectionManager] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._group: asyncio.TaskGroup | None = None
-        self._running = asyncio.Event()
-        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._restart_all = False
+        #: The generation whose shards the connections last matched (tests and readiness follow it).
+        self.applied_generation = -1
         self.owned: frozenset[int] = frozenset()
         self.generation = -1
         self.member = member
@@ -71,39 +73,53 @@ class ShardConnections:
         return [a for s in sorted(self.owned) for a in self.by_shard.get(s, ())]
 
     async def run(self) -> None:
-        """Own the managers' tasks until cancelled; then every manager closes its sockets after its last frame."""
+        """Own the managers' tasks and carry out each new assignment, until cancelled; then every manager closes
+        its sockets after its last frame."""
         async with asyncio.TaskGroup() as group:
             self._group = group
-            self._running.set()
             try:
-                await asyncio.Event().wait()
+                while True:
+                    await self._wake.wait()
+                    self._wake.clear()
+                    await self._reconcile()
             finally:
                 self._group = None
-                self._running.clear()
 
     async def apply(self, assignment: Assignment) -> None:
-        """Record exactly `assignment.shards` from now on: stop the shards lost (drained), start the ones gained."""
-        await self._running.wait()
-        async with self._lock:
-            # After an expired session every shard was someone else's meanwhile: start all afresh (positions).
-            before = self.owned if assignment.resumed else frozenset()
-            lost = sorted(self.owned - (before & assignment.shards))
-            gained = sorted(assignment.shards - before)
-            for shard in lost:
-                await self._stop(shard)
-            self.owned, self.generation = assignment.shards, assignment.generation
-            base = self.ownership if assignment.resumed and self.ownership is not None else None
-            self.ownership = (base.advance(assignment.generation, assignment.shards) if base is not None else
-                              Ownership(self.member, assignment.generation,
-                                        dict.fromkeys(assignment.shards, assignment.generation)))
-            with_args = {s: self.by_shard[s] for s in gained if self.by_shard.get(s)}
-            if with_args:
-                await self.on_gain(with_args)
-            for shard in with_args:
+        """Own exactly `assignment.shards` from now on. Called from the rebalance listener, so it returns at once
+        (a member slow to finish its join misses heartbeats): the ownership, which the fence and the positions
+        follow, changes now; the connections follow in `run` (lost shards drained, gained ones started)."""
+        if not assignment.resumed:  # the session expired: every shard was someone else's meanwhile
+            self._restart_all = True
+        self.owned, self.generation = assignment.shards, assignment.generation
+        base = self.ownership if assignment.resumed and self.ownership is not None else None
+        self.ownership = (base.advance(assignment.generation, assignment.shards) if base is not None else
+                          Ownership(self.member, assignment.generation,
+                                    dict.fromkeys(assignment.shards, assignment.generation)))
+        self._wake.set()
+
+    async def _reconcile(self) -> None:
+        """Make the running managers those of the shards owned now."""
+        wanted = {s for s in self.owned if self.by_shard.get(s)}
+        running = set(self._tasks)
+        keep = set() if self._restart_all else running & wanted
+        self._restart_all = False
+        lost = sorted(running - keep)
+        gained = sorted(wanted - keep)
+        for shard in lost:
+            await self._stop(shard)
+        if gained:
+            # The positions of the streams gained, before their first frame reaches the pipeline.
+            await self.on_gain({s: self.by_shard[s] for s in gained})
+        for shard in gained:
+            if shard in self.owned:  # not lost again while the positions were read
                 self._start(shard)
-            log.info("cluster_shards_applied", extra={
-                "generation": assignment.generation, "owned": len(self.owned), "gained": gained, "lost": lost,
-                "subscriptions": sum(len(self.by_shard.get(s, ())) for s in self.owned)})
+        self.applied_generation = self.generation
+        log.info("cluster_shards_applied", extra={
+            "generation": self.generation, "owned": len(self.owned), "gained": gained, "lost": lost,
+            "subscriptions": sum(len(self.by_shard.get(s, ())) for s in self.owned)})
+        if set(self._tasks) != {s for s in self.owned if self.by_shard.get(s)}:
+            self._wake.set()  # the assignment changed meanwhile
 
     def _start(self, shard: int) -> None:
         args = self.by_shard.get(shard)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+import orjson
+
 from ingest.config import OkxSettings, WsSettings
 from ingest.core.cluster import shard_of
 from ingest.core.encoded import EncodedRecord
 from ingest.core.events import Inbound
-from ingest.io.cluster import Assignment, Lease
+from ingest.io.cluster import Assignment, Lease, ShardAssignor
 from ingest.services.cluster import FencedOutlet, ShardConnections, record_shard
 
 SHARDS = 8
@@ -98,11 +100,39 @@ def test_the_lease_holds_through_a_join_begun_in_time_and_not_through_one_begun_
     lease.renew(clock.now)
     clock.now += 4
     lease.join_started()  # a rebalance: aiokafka sends no heartbeat while its JoinGroup waits
-    clock.now += 10
+    clock.now += 6  # past the last heartbeat's session, within the join's hold (1.5 sessions)
     assert lease.valid()
-    lease.join_ended()
+    lease.join_ended()  # answered, if only with an error: a session from now
+    clock.now += 4.9
+    assert lease.valid()
+    clock.now += 0.2
     assert not lease.valid() and lease.expired_once
     lease.renew(clock.now)
     clock.now += 6  # paused past the session, then the rejoin starts: it does not revive the lease
     lease.join_started()
     assert not lease.valid()
+    lease.join_ended()
+    assert not lease.valid()
+
+
+def test_a_process_paused_in_the_middle_of_a_join_is_not_a_member_when_it_wakes() -> None:
+    clock = _Clock()
+    lease = Lease(5.0, monotonic=clock)
+    lease.renew(clock.now)
+    lease.join_started()
+    clock.now += 20  # SIGSTOP while the JoinGroup waited; SIGCONT
+    assert not lease.valid()
+    lease.join_ended()  # the join's answer arrives late: it renews nothing
+    assert not lease.valid()
+
+
+def test_a_member_whose_session_expired_claims_none_of_its_old_shards() -> None:
+    clock = _Clock()
+    lease = Lease(5.0, monotonic=clock)
+    assignor = ShardAssignor("r0", "p.shards", lease)
+    assignor.held = frozenset({1, 2})
+    lease.renew(clock.now)
+    assert orjson.loads(assignor.metadata(["p.shards"]).user_data)["held"] == [1, 2]
+    clock.now += 30
+    lease.join_started()
+    assert orjson.loads(assignor.metadata(["p.shards"]).user_data)["held"] == []
