@@ -34,6 +34,7 @@ import logging
 import secrets
 import ssl
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -45,7 +46,6 @@ from ingest.core.backoff import full_jitter
 from ingest.core.clock import ServerClock
 from ingest.core.events import Inbound, InboundFrame, LinkEvent, LinkEventKind
 from ingest.core.plan import PlannedConnection
-from ingest.core.ratelimit import SlidingWindow
 from ingest.core.session import (
     AbortLink,
     ChannelCount,
@@ -127,8 +127,12 @@ class LoginRejected(CredentialError):
 class ConnectLimiter:
     """At most `per_second` connection attempts per second for the whole process (OKX: 3 per second per IP).
 
-    Waiters are served in turn, so a reconnect storm of many connections spreads out evenly. A small
-    margin on the window absorbs network jitter between our clock and OKX's count.
+    OKX counts an attempt when it arrives, somewhere between our start and the end of the handshake, and how
+    long that takes varies (a TLS handshake, a busy event loop). So an attempt holds its place in the window
+    from its start (`acquire`) until `window` after its end (`release`): the next attempt that the window
+    admits starts after every earlier one OKX counted, whatever the delays in between. A small margin on the
+    window absorbs the difference between our clock and OKX's. Waiters are served in turn, so a reconnect
+    storm of many connections spreads out evenly.
     """
 
     def __init__(self, per_second: float, monotonic: Callable[[], float] = time.monotonic,
@@ -136,20 +140,39 @@ class ConnectLimiter:
         if per_second <= 0:
             raise ValueError(f"connects per second must be > 0, got {per_second}")
         limit, window = (int(per_second), 1.0) if per_second >= 1 else (1, 1.0 / per_second)
-        self.window = SlidingWindow(limit, window + margin_s)
+        self.limit = limit
+        self.window_s = window + margin_s
+        self._ends: deque[float] = deque()  # when the finished attempts still inside the window ended
+        self.in_flight = 0
         self._monotonic = monotonic
         self._sleep = sleep
         self._lock = asyncio.Lock()
+        self._ended = asyncio.Event()
         self.admitted = 0
 
     async def acquire(self) -> None:
+        """Wait for a place in the window; the caller must `release` it once the attempt ended (any way)."""
         async with self._lock:
             while True:
                 now = self._monotonic()
-                if self.window.try_acquire(now):
+                # The very sum the sleep below waits for: woken there, the place is free (no rounding spin).
+                while self._ends and self._ends[0] + self.window_s <= now:
+                    self._ends.popleft()
+                if len(self._ends) + self.in_flight < self.limit:
+                    self.in_flight += 1
                     self.admitted += 1
                     return
-                await self._sleep(self.window.delay(now))
+                if self._ends:  # the oldest finished attempt leaves the window first
+                    await self._sleep(self._ends[0] + self.window_s - now)
+                else:  # every place is held by an attempt still running: wait for one to end
+                    self._ended.clear()
+                    await self._ended.wait()
+
+    def release(self) -> None:
+        """The attempt `acquire` admitted ended now (connected, refused, failed or cancelled)."""
+        self.in_flight -= 1
+        self._ends.append(self._monotonic())
+        self._ended.set()
 
 
 @dataclass(slots=True)
@@ -551,11 +574,14 @@ class Connection:
         self._set_link_state(link, ConnState.CONNECTING)
         await self._limiter.acquire()
         try:
-            link.ws = await open_tapped(self.url, open_timeout=self.settings.connect_timeout_s,
-                                        close_timeout=self.settings.close_timeout_s,
-                                        max_size=self.settings.max_message_bytes,
-                                        compression=self.settings.compression, ssl_context=self._ssl,
-                                        proxy=self._proxy)
+            try:
+                link.ws = await open_tapped(self.url, open_timeout=self.settings.connect_timeout_s,
+                                            close_timeout=self.settings.close_timeout_s,
+                                            max_size=self.settings.max_message_bytes,
+                                            compression=self.settings.compression, ssl_context=self._ssl,
+                                            proxy=self._proxy)
+            finally:
+                self._limiter.release()  # OKX counted the attempt by now, whatever its outcome
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
             self.counters.connect_failures += 1
             pin = find_pin_error(exc)

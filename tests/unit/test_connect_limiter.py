@@ -1,0 +1,72 @@
+"""The process-wide WebSocket connect limiter against OKX's count of 3 connection requests per second per IP.
+
+OKX counts an attempt when it arrives, which may be anywhere between our start and the end of the handshake;
+on fake time, attempts whose handshakes take long must still never put four arrivals in one second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ingest.io.ws import ConnectLimiter
+
+
+class VirtualClock:
+    """Monotonic time that moves only when someone sleeps on it (or the test moves it)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    async def sleep(self, delay: float) -> None:
+        self.now += max(0.0, delay)
+        await asyncio.sleep(0)
+
+
+async def settle() -> None:
+    """Let every ready task run until it waits again (no timer involved: the clock is virtual)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def test_an_attempt_holds_its_place_until_a_window_after_its_handshake_ended() -> None:
+    clock = VirtualClock()
+    limiter = ConnectLimiter(3, clock.monotonic, sleep=clock.sleep)
+    for _ in range(3):
+        await limiter.acquire()
+    fourth = asyncio.create_task(limiter.acquire())
+    await settle()
+    assert not fourth.done()  # three handshakes still running: OKX may not even have counted them yet
+    clock.now = 0.8
+    limiter.release()  # the first ends at 0.8 s: OKX may have counted it as late as that
+    await fourth
+    assert clock.now >= 0.8 + 1.0  # admitting it at 1.05 s could put four arrivals in one second
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 2), st.floats(0, 1)), min_size=1, max_size=25))
+def test_no_second_ever_holds_more_than_three_arrivals_whatever_the_handshakes_take(
+    attempts: list[tuple[float, float]]
+) -> None:
+    """Attempts one after another (a reconnect loop): each takes `duration` and OKX counts it at any point of
+    it (`where`, a fraction); the arrivals OKX counts never exceed 3 in any second."""
+
+    async def run() -> list[float]:
+        clock = VirtualClock()
+        limiter = ConnectLimiter(3, clock.monotonic, margin_s=0.0, sleep=clock.sleep)
+        arrivals = []
+        for duration, where in attempts:
+            await limiter.acquire()
+            start = clock.now
+            clock.now += duration
+            arrivals.append(start + where * duration)
+            limiter.release()
+        return arrivals
+
+    arrivals = sorted(asyncio.run(run()))
+    assert all(later - earlier >= 1.0 for earlier, later in zip(arrivals, arrivals[3:], strict=False))
