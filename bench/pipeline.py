@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import multiprocessing as mp
 import os
 import secrets
@@ -432,6 +433,10 @@ async def mixed_run(args: argparse.Namespace, n: int, bootstrap: str, journal_ex
 
                 sampler = asyncio.create_task(sample())
                 assert isinstance(rec.pipeline, TimingPipeline)
+                # CPU time of this thread, not wall time: the VM is shared
+                profiler = cProfile.Profile(time.thread_time) if args.profile else None
+                if profiler is not None:
+                    profiler.enable()
                 frames0, t0, c0 = rec.pipeline.frames, time.perf_counter(), time.process_time()
                 sent = await feeder.ticks(insts, MIXED_CHANNELS, args.mixed_s, MIXED_HZ)
                 timing = rec.pipeline
@@ -440,6 +445,9 @@ async def mixed_run(args: argparse.Namespace, n: int, bootstrap: str, journal_ex
                 await rec.delivery.wait_for(lambda s: counted.frames - frames0 >= sent and s.queued == 0
                                             and s.journal_entries == 0, 120)
                 t1, c1 = time.perf_counter(), time.process_time()
+                if profiler is not None:
+                    profiler.disable()
+                    profiler.dump_stats(f"{args.profile}.{n}")
                 sampling = False
                 await sampler
                 rss.append(rss_mb())
@@ -565,6 +573,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sync-interval-ms", type=int, default=None, help="journal.sync_interval_ms (0: every batch)")
     p.add_argument("--cursor-interval-ms", type=int, default=None,
                    help="journal.cursor_interval_ms (0: every acknowledgement)")
+    p.add_argument("--profile", metavar="PATH", default=None,
+                   help="cProfile the recorder's process during each mixed run into PATH.<instruments> (pstats)")
     p.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     p.add_argument("--no-raw", action="store_true", help="do not publish okx.raw")
     p.add_argument("--no-compression", action="store_true", help="no permessage-deflate (ws.compression = false)")

@@ -164,9 +164,9 @@ class _Side:
         """Apply levels in order; raises InvalidOperation/IndexError on an unreadable one (book then stale)."""
         levels, keys, dec = self.levels, self.keys, self.dec
         for level in updates:
-            px = level[0]
+            px, sz = level[0], level[1]
             key = dec.get(px)
-            if _is_zero_size(level[1]):
+            if sz == "0" or not sz.strip("0."):  # _is_zero_size, inlined: this loop runs per level
                 if key is None:
                     key = Decimal(px)
                 old = levels.pop(key, None)
@@ -180,9 +180,10 @@ class _Side:
                 if not key.is_finite() or key <= 0:
                     raise InvalidOperation(f"price {px!r}")
                 dec[px] = key
-            if key not in levels:
+            count = len(levels)
+            levels[key] = level if type(level) is tuple else tuple(level)
+            if len(levels) != count:  # a new price: one dict operation instead of a lookup and a store
                 insort(keys, key)
-            levels[key] = tuple(level)
 
     def ascending(self, n: int | None) -> list[Level]:
         keys = self.keys if n is None else self.keys[:n]

@@ -507,6 +507,7 @@ def test_a_bug_in_a_channel_handler_costs_one_frame_not_the_pipeline(
     def broken(*_: object) -> list[OkxRecord]:
         raise RuntimeError("boom")
     monkeypatch.setitem(normalize_module._ROW_HANDLERS, "tickers", broken)
+    monkeypatch.delitem(normalize_module._FAST_PATHS, b"tickers")  # the reference path's handler is the one broken
     letter = dead(normalize(frame(lines(shared_okx, "tickers.jsonl")[0])))
     assert letter.reason_code is DeadLetterReason.INTERNAL_ERROR and "boom" in letter.reason
     monkeypatch.setitem(normalize_module._FAST_PATHS, b"trades", broken)
@@ -591,6 +592,41 @@ def test_fast_path_and_reference_path_agree_on_every_recorded_frame(shared_okx: 
     assert compared > 800
 
 
+def test_ticker_fast_path_takes_real_tickers_and_gives_the_reference_records(shared_okx: Path) -> None:
+    from ingest.core.normalize.fast import _fast_tickers
+
+    taken = 0
+    for name in ("tickers.jsonl", "tardis_tickers.jsonl", "ccxt_2026_tickers.jsonl"):
+        for data in pushes(shared_okx, name):
+            fast = _fast_tickers(frame(data))
+            if fast is not None:
+                taken += 1
+                assert fast == normalize_module._normalize(frame(data))
+    assert taken > 10  # the fast path is the one real tickers take, not a fallback every time
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("askPx", ""), ("askPx", "1|2"), ("askPx", "1e3"), ("askPx", "1e999"), ("askPx", "-0.5"), ("askPx", None),
+    ("ts", "12a"), ("ts", ""), ("instId", "ETH-USDT"), ("instType", 5), ("sodUtc8", "NaN"), ("newField", "x")])
+def test_ticker_edge_values_give_what_the_reference_path_gives(shared_okx: Path, field: str, value: object) -> None:
+    def change(msg: dict[str, Any]) -> None:
+        msg["data"][0][field] = value
+
+    data = edit(pushes(shared_okx, "tickers.jsonl")[0], change)
+    assert normalize(frame(data)) == normalize_module._normalize(frame(data))
+
+
+def test_ticker_without_optional_fields_keeps_them_null(shared_okx: Path) -> None:
+    def change(msg: dict[str, Any]) -> None:
+        for key in ("last", "bidPx", "instType"):
+            del msg["data"][0][key]
+
+    data = edit(pushes(shared_okx, "tickers.jsonl")[0], change)
+    ticker = only(normalize(frame(data)))
+    assert isinstance(ticker, Ticker) and (ticker.last, ticker.bid_px, ticker.inst_type) == (None, None, None)
+    assert ticker.ask_px is not None and normalize(frame(data)) == normalize_module._normalize(frame(data))
+
+
 RESULT_TYPES = (TradePush, BookPush, RecordPush, OkxEvent, DeadLetter)
 
 
@@ -665,7 +701,8 @@ def corpus(shared_okx: Path) -> list[bytes]:
 @pytest.fixture(scope="module")
 def hot_corpus(shared_okx: Path) -> list[bytes]:
     names = ["trades.jsonl", "cryptofeed_2022_trades.jsonl", "tardis_trades-all.jsonl", "books5.jsonl",
-             "tardis_books-l2-tbt.jsonl", "tardis_bbo-tbt.jsonl", "okx_docs_examples/okxdoc_2026zh_books.jsonl"]
+             "tardis_books-l2-tbt.jsonl", "tardis_bbo-tbt.jsonl", "okx_docs_examples/okxdoc_2026zh_books.jsonl",
+             "tickers.jsonl", "tardis_tickers.jsonl", "ccxt_2026_tickers.jsonl"]
     return [data for name in names for data in lines(shared_okx, name) if len(data) < 4000]
 
 

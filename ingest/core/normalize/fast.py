@@ -1,4 +1,4 @@
-"""The msgspec fast paths of trades and books, most of the traffic."""
+"""The msgspec fast paths of trades, books and tickers, most of the traffic."""
 
 from __future__ import annotations
 
@@ -22,19 +22,20 @@ from ingest.core.normalize.reference import (
     _TRADE_CHANNELS,
     _cached_sub_arg,
 )
-from ingest.core.normalize.results import BookPush, TradePush, TradeRef
+from ingest.core.normalize.results import BookPush, RecordPush, TradePush, TradeRef
 from ingest.core.records import (
     BookAction,
     BookLevel,
     BookUpdate,
     OkxRecord,
     Source,
+    Ticker,
     Trade,
 )
 from ingest.okx.channels import BOOK_CHANNELS, SNAPSHOT_BOOK_CHANNELS, SubArg
 
-# Trades and books are most of the traffic. Their frames are decoded straight into typed Structs (msgspec checks
-# the types, the required fields and the 4-string levels in C), checked with one regex per row or book side,
+# Trades, books and tickers are most of the traffic. Their frames are decoded straight into typed Structs (msgspec
+# checks the types, the required fields and the 4-string levels in C), checked with one regex per row or book side,
 # and become records by copying a per-instrument template. Anything unusual (an unknown field, a null, an
 # exponent-notation decimal, a bad value) returns None, and the generic path, which is the reference, decides.
 # tests/unit/test_normalize.py checks that both paths give equal results.
@@ -82,7 +83,39 @@ class _FastBooks(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     action: str | msgspec.UnsetType = _UNSET
 
 
+_Text = str | msgspec.UnsetType
+
+
+class _FastTicker(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    instId: str
+    ts: str
+    instType: _Text = _UNSET
+    last: _Text = _UNSET
+    lastSz: _Text = _UNSET
+    askPx: _Text = _UNSET
+    askSz: _Text = _UNSET
+    bidPx: _Text = _UNSET
+    bidSz: _Text = _UNSET
+    open24h: _Text = _UNSET
+    high24h: _Text = _UNSET
+    low24h: _Text = _UNSET
+    volCcy24h: _Text = _UNSET
+    vol24h: _Text = _UNSET
+    sodUtc0: _Text = _UNSET
+    sodUtc8: _Text = _UNSET
+
+
+class _FastTickers(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    arg: _FastArg
+    data: list[_FastTicker]
+
+
 _TRADES_DECODER = msgspec.json.Decoder(_FastTrades)
+_TICKERS_DECODER = msgspec.json.Decoder(_FastTickers)
+# The decimals of one ticker row ("" allowed: none of them is required) joined by "|", one regex per count of
+# present fields: a "|" inside a value adds a separator, so it cannot pass.
+_TICKER_DECIMALS = [re.compile("").fullmatch] + [
+    re.compile(rf"(?:{_D})?(?:\|(?:{_D})?){{{n - 1}}}").fullmatch for n in range(1, 14)]
 _BOOKS_DECODER = msgspec.json.Decoder(_FastBooks)
 # tradeId|px|sz|ts in one regex call; a "|" inside a value adds a separator, so it cannot pass.
 _TRADE_NUMBERS = re.compile(rf"-?[0-9]{{1,30}}\|{_D}\|{_D}\|[0-9]{{1,18}}").fullmatch
@@ -100,6 +133,8 @@ def _template(cls: type[R], channel: str, inst_id: str) -> tuple[R, SubArg]:
         if cls is Trade:
             template = Trade(channel=channel, inst_id=inst_id, ts=0, recv_ts_ns=0, source=Source.WS, record_id="",
                              trade_id="", px="", sz="", side="")
+        elif cls is Ticker:
+            template = Ticker(channel=channel, inst_id=inst_id, ts=0, recv_ts_ns=0, source=Source.WS, record_id="")
         else:
             template = BookUpdate(channel=channel, inst_id=inst_id, ts=0, recv_ts_ns=0, source=Source.WS,
                                   record_id="", action=BookAction.SNAPSHOT, asks=(), bids=())
@@ -180,9 +215,41 @@ def _fast_books(frame: InboundFrame) -> BookPush | None:
     return BookPush(arg=sub, records=tuple(records))
 
 
-_FAST_PATHS: dict[bytes, Callable[[InboundFrame], TradePush | BookPush | None]] = {
+def _fast_tickers(frame: InboundFrame) -> RecordPush | None:
+    try:
+        push = _TICKERS_DECODER.decode(frame.data)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None
+    channel = push.arg.channel
+    inst_id = push.arg.instId
+    if channel != "tickers":
+        return None
+    template, sub = _template(Ticker, channel, inst_id)
+    replace = msgspec.structs.replace
+    prefix = f"{frame.conn}:{frame.recv_seq}:"
+    records: list[OkxRecord] = []
+    for i, row in enumerate(push.data):
+        values = (row.last, row.lastSz, row.askPx, row.askSz, row.bidPx, row.bidSz, row.open24h, row.high24h,
+                  row.low24h, row.volCcy24h, row.vol24h, row.sodUtc0, row.sodUtc8)
+        present = [v for v in values if v is not _UNSET]
+        if row.instId != inst_id or _EPOCH_MS(row.ts) is None \
+                or _TICKER_DECIMALS[len(present)]("|".join(present)) is None:
+            return None
+        last, last_sz, ask_px, ask_sz, bid_px, bid_sz, open24h, high24h, low24h, vol_ccy24h, vol24h, sod0, sod8 = (
+            None if v is _UNSET else v for v in values)
+        records.append(replace(template, ts=int(row.ts), recv_ts_ns=frame.recv_ts_ns, conn_id=frame.conn,
+                               recv_seq=frame.recv_seq, record_id=f"{prefix}{i}",
+                               inst_type=None if row.instType is _UNSET else row.instType, last=last,
+                               last_sz=last_sz, ask_px=ask_px, ask_sz=ask_sz, bid_px=bid_px, bid_sz=bid_sz,
+                               open24h=open24h, high24h=high24h, low24h=low24h, vol_ccy24h=vol_ccy24h,
+                               vol24h=vol24h, sod_utc0=sod0, sod_utc8=sod8, extra={}))
+    return RecordPush(arg=sub, records=tuple(records))
+
+
+_FAST_PATHS: dict[bytes, Callable[[InboundFrame], TradePush | BookPush | RecordPush | None]] = {
     **{c.encode(): _fast_trades for c in _TRADE_CHANNELS},
     **{c.encode(): _fast_books for c in BOOK_CHANNELS},
+    b"tickers": _fast_tickers,
 }
 _FAST_PREFIX = b'{"arg":{"channel":"'
 
