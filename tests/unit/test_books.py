@@ -6,7 +6,7 @@ import importlib.util
 import json
 import random
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from types import ModuleType
@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from msgspec.structs import replace  # BookMessage is a msgspec Struct (one is built per book message)
 
 from ingest.core.books import (
     BookMessage,
