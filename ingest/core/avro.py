@@ -10,20 +10,18 @@ straight-line code per field, about 3x faster than fastavro's generic writer on 
 bench/normalize_bench.py). tests/unit/test_avro.py proves it writes exactly fastavro's bytes for every schema.
 Reading always goes through fastavro, the reference implementation.
 
-Schemas are read from disk once (the only I/O in this module), from `ingest/schemas`, a link to the
-top-level `schemas/` directory that is also packaged with the wheel.
+This module reads no files: it parses the .avsc documents it is handed (`SchemaSet.from_documents`). The
+packaged files are read by `ingest.io.schemas`, which the package root registers as the default source
+(`set_default_source`), so `decode(value)` and `RecordEncoder()` still work without arguments.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.resources
 import io
-import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from operator import attrgetter
-from pathlib import Path
 from typing import Any, cast
 
 import fastavro
@@ -32,6 +30,7 @@ from fastavro.schema import fingerprint as _fastavro_fingerprint
 from fastavro.schema import to_parsing_canonical_form
 from fastavro.types import Schema as FastavroSchema
 
+from ingest.core import schema_source
 from ingest.core.encoded import EncodedRecord
 from ingest.core.identity import EVENT_KEY_HEADER, event_key, has_event_key
 from ingest.core.records import STRUCT_BY_AVRO_NAME, OkxRecord, Record, topic_name
@@ -97,15 +96,18 @@ class SchemaSet:
                                   "current .avsc file or remove the previous one")
 
     @classmethod
-    def from_directory(cls, directory: Path) -> SchemaSet:
-        """Load every `*.avsc` file of `directory`, and of its `previous/` folder as older writer schemas."""
-        paths = sorted(directory.glob("*.avsc"))
-        if not paths:
-            raise SchemaError(f"no .avsc files in {directory}; reinstall okx-ingest or point at the schemas/ folder")
-        schemas = {s.name: s for s in map(_load_schema, paths)}
-        previous = {s.fingerprint: s for s in map(_load_schema, sorted((directory / "previous").glob("*.avsc")))}
-        return cls(schemas, {fp: s for fp, s in previous.items() if fp not in {c.fingerprint for c in
-                                                                                  schemas.values()}})
+    def from_documents(cls, current: Mapping[str, object], previous: Mapping[str, object] | None = None, *,
+                       where: str = "the schema folder") -> SchemaSet:
+        """Parse .avsc documents (origin, e.g. the file path -> its JSON), `previous` as older writer schemas.
+
+        An error names the origin of the document at fault, so a broken file can be found and fixed.
+        """
+        if not current:
+            raise SchemaError(f"no .avsc files in {where}; reinstall okx-ingest or point at the schemas/ folder")
+        schemas = {s.name: s for s in (parse_schema(origin, doc) for origin, doc in current.items())}
+        old = {s.fingerprint: s for s in (parse_schema(origin, doc) for origin, doc in (previous or {}).items())}
+        fresh = {c.fingerprint for c in schemas.values()}
+        return cls(schemas, {fp: s for fp, s in old.items() if fp not in fresh})
 
     def __getitem__(self, name: str) -> AvroSchema:
         try:
@@ -124,22 +126,35 @@ class SchemaSet:
         return [s for s in self.previous.values() if s.name == name]
 
 
-def _load_schema(path: Path) -> AvroSchema:
+def parse_schema(origin: str, document: object) -> AvroSchema:
+    """One .avsc document as an AvroSchema; `origin` (its file) names it in the error."""
     try:
-        return AvroSchema.from_json(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, KeyError, fastavro.schema.SchemaParseException) as exc:
-        raise SchemaError(f"{path}: not a valid Avro schema ({exc}); fix or restore the file") from exc
+        if not isinstance(document, dict):
+            raise ValueError("not a JSON object")
+        return AvroSchema.from_json(document)
+    except (ValueError, KeyError, TypeError, fastavro.schema.SchemaParseException) as exc:
+        raise SchemaError(f"{origin}: not a valid Avro schema ({exc}); fix or restore the file") from exc
 
 
-def schema_directory() -> Path:
-    """Where the packaged .avsc files are (`ingest/schemas`, a link to the repository's `schemas/`)."""
-    return Path(str(importlib.resources.files("ingest").joinpath("schemas")))
+def set_default_source(source: Callable[[], SchemaSet] | SchemaSet) -> None:
+    """Register where `default_schemas()` comes from: a loader called once on first use, or a loaded set.
+
+    The package root registers `ingest.io.schemas.packaged_schemas` (the file reader lives at the edge);
+    a tool with its own schema folder registers that instead. A new registration replaces the cached set.
+    """
+    if isinstance(source, SchemaSet):
+        schema_source.register(None, source)
+    else:
+        schema_source.register(source)
 
 
-@functools.cache
 def default_schemas() -> SchemaSet:
-    """The packaged schemas, loaded once per process."""
-    return SchemaSet.from_directory(schema_directory())
+    """The registered schemas (by default the packaged ones), loaded once per process on first use."""
+    found = schema_source.current()
+    if found is None:
+        raise SchemaError("no default schemas registered: import the ingest package (it registers the packaged "
+                          "ones), call ingest.core.avro.set_default_source, or pass schemas=")
+    return found
 
 
 # ---------------------------------------------------------------------------------------------- encoding

@@ -24,7 +24,6 @@ from ingest.core.avro import (
     RecordEncoder,
     decode,
     default_schemas,
-    schema_directory,
 )
 from ingest.core.events import InboundFrame
 from ingest.core.identity import EVENT_KEY_HEADER, canonical_number, event_key, has_event_key, record_event_key
@@ -54,6 +53,7 @@ from ingest.core.records import (
     Trade,
 )
 from ingest.core.replay import View, replay_items, sort_key
+from ingest.io.schemas import schema_directory
 from ingest.okx.channels import Endpoint
 from ingest.sim import SimConfig
 from ingest.sim import frames as sim_frames

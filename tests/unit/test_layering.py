@@ -33,9 +33,6 @@ IO_MODULES = frozenset({
     "os", "shutil", "tempfile", "pathlib", "importlib.resources", "logging", "sqlite3",
 })
 PURE_LAYERS = ("okx", "core")
-#: The one place a pure module still reads files: the packaged .avsc schemas, loaded once per process
-#: (`core.avro.default_schemas`). Moving that load to the edge is the open part of the boundary work.
-KNOWN_IO: dict[str, frozenset[str]] = {"ingest/core/avro.py": frozenset({"pathlib", "importlib.resources"})}
 #: The order docs/ARCHITECTURE.md states and FORBIDDEN enforces.
 ORDER = ("okx", "core", "io", "services", "supervisor", "cli")
 
@@ -97,23 +94,15 @@ def _io_imports() -> list[str]:
     for layer in PURE_LAYERS:
         for path in sorted((PACKAGE / layer).rglob("*.py")):
             rel = str(path.relative_to(PACKAGE.parent))
-            allowed = KNOWN_IO.get(rel, frozenset())
             for line, target in _imports(path):
                 hit = next((m for m in IO_MODULES if target == m or target.startswith(m + ".")), None)
-                if hit is not None and hit not in allowed:
+                if hit is not None:
                     bad.append(f"{rel}:{line} imports {target}")
     return bad
 
 
 def test_the_pure_layers_do_no_io() -> None:
     assert _io_imports() == []
-
-
-def test_the_known_io_exception_is_still_needed() -> None:
-    # When the schema load moves to the edge, the exception must go too (else it silently allows new I/O).
-    for rel, modules in KNOWN_IO.items():
-        imported = {t for _, t in _imports(PACKAGE.parent / rel)}
-        assert modules <= imported, f"{rel} no longer imports {sorted(modules - imported)}: drop it from KNOWN_IO"
 
 
 def test_the_forbidden_arrows_are_exactly_the_documented_order() -> None:

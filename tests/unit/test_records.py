@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingest.core.avro import RecordEncoder, decode, default_schemas, schema_directory
+from ingest.core.avro import RecordEncoder, decode, default_schemas
 from ingest.core.records import (
     LEGACY_RECORD_TYPES,
     NAMESPACE,
@@ -45,6 +45,7 @@ from ingest.core.records import (
     avro_field_name,
     topic_name,
 )
+from ingest.io.schemas import load_schemas, packaged_schemas, schema_directory
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA_FILES = sorted((REPO / "schemas").glob("*.avsc"))
@@ -329,13 +330,34 @@ def test_installed_package_reads_the_same_schema_files_as_the_repository() -> No
     assert packaged.resolve() == (REPO / "schemas").resolve()
     assert sorted(p.name for p in packaged.glob("*.avsc")) == [p.name for p in SCHEMA_FILES]
     assert len(default_schemas()) == len(SCHEMA_FILES)
+    # Core reads no files: its default is the set the package root registered, read by io.schemas.
+    assert default_schemas() is packaged_schemas()
 
 
 def test_schema_loading_fails_loudly_on_a_broken_file(tmp_path: Path) -> None:
-    from ingest.core.avro import SchemaError, SchemaSet
+    from ingest.core.avro import SchemaError
 
     (tmp_path / "bad.avsc").write_text('{"type": "record", "name": "X", "fields": [{"name": "a"}]}')
     with pytest.raises(SchemaError, match=r"bad\.avsc"):
-        SchemaSet.from_directory(tmp_path)
+        load_schemas(tmp_path)
+    (tmp_path / "bad.avsc").write_text('{"type": "record", ')
+    with pytest.raises(SchemaError, match=r"bad\.avsc"):
+        load_schemas(tmp_path)
     with pytest.raises(SchemaError, match=r"no \.avsc files"):
-        SchemaSet.from_directory(tmp_path / "missing")
+        load_schemas(tmp_path / "missing")
+
+
+def test_a_registered_schema_set_replaces_the_packaged_default(tmp_path: Path) -> None:
+    from ingest.core import avro
+
+    (tmp_path / "trade.avsc").write_bytes((schema_directory() / "trade.avsc").read_bytes())
+    mine = load_schemas(tmp_path)
+    try:
+        avro.set_default_source(mine)
+        assert avro.default_schemas() is mine and RecordEncoder().schemas is mine
+        assert [s.name for s in mine] == ["okx.ingest.v1.Trade"]
+        with pytest.raises(avro.SchemaError, match="no schema named"):
+            RecordEncoder().schemas["okx.ingest.v1.Ticker"]
+    finally:
+        avro.set_default_source(packaged_schemas)
+    assert avro.default_schemas() is packaged_schemas()
