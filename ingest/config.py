@@ -613,6 +613,10 @@ class ClusterSettings(_Section):
     session_timeout_ms: Annotated[int, Field(ge=1000)] = Field(
         default=10_000, description="a silent replica loses its shards after this long (takeover time)")
     heartbeat_interval_ms: Annotated[int, Field(gt=0)] = 1_000
+    static_membership: bool = Field(
+        default=True, description="join as a static member (group.instance.id = the replica's name), so a restart "
+                                  "within the session timeout keeps its shards; false: a dynamic member (a restart "
+                                  "moves shards; for brokers that mishandle static members, see docs/CLUSTER.md)")
     position_interval_s: Annotated[float, Field(gt=0)] = Field(
         default=2.0, description="how often the owner writes its acknowledged stream positions to <prefix>positions")
     copies: Annotated[int, Field(ge=1)] = Field(default=1, description="owners per shard; only 1 is implemented")

@@ -229,7 +229,7 @@ class GroupMembership:
     async def run(self) -> None:
         s = self.settings
         consumer = AIOKafkaConsumer(
-            **self._kwargs(), group_id=s.group_id, group_instance_id=self.member,
+            **self._kwargs(), group_id=s.group_id, group_instance_id=self.member if s.static_membership else None,
             session_timeout_ms=s.session_timeout_ms, heartbeat_interval_ms=s.heartbeat_interval_ms,
             partition_assignment_strategy=(self.assignor,), enable_auto_commit=False,
             auto_offset_reset="latest", metadata_max_age_ms=60_000)

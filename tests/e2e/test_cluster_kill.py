@@ -34,7 +34,7 @@ SESSION_MS = 6000
 TAKEOVER_S = 30.0
 
 
-def _config(path: Path, sim: SimServer, broker: BrokerInfo, prefix: str) -> Path:
+def _config(path: Path, sim: SimServer, broker: BrokerInfo, prefix: str, *, static: bool = True) -> Path:
     path.write_text(f"""
 [okx]
 ws_base_url = "{sim.ws_base}"
@@ -65,6 +65,10 @@ shards = {SHARDS}
 session_timeout_ms = {SESSION_MS}
 heartbeat_interval_ms = 500
 position_interval_s = 0.5
+# Tansu loses track of a static member that joins a group already formed (its heartbeats are answered "unknown
+# member" after every round, so the group rebalances for ever; plain aiokafka consumers show it too):
+# docs/CLUSTER.md, "Brokers". Takeover after a death does not depend on static membership.
+static_membership = {str(static).lower()}
 """.replace("'", '"'))
     return path
 
@@ -176,17 +180,13 @@ def _sim() -> SimServer:
                      host="127.0.0.1", port=0)
 
 
-@pytest.mark.xfail(reason="Tansu: a group of static members rebalances again right after every round (it answers "
-                          "their heartbeats with unknown member); a replica killed while its JoinGroup is pending can "
-                          "leave the round unfinished for longer than the 30 s promised. Passes when the kill falls "
-                          "outside that window; on real Kafka the session timeout removes it", strict=False)
 @pytest.mark.timeout(420)
 async def test_sigkill_of_a_replica_its_streams_come_back_and_the_backfill_leaves_every_trade_once(
     kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path
 ) -> None:
     reader = TopicReader(kafka_broker.bootstrap_servers, topic_prefix)
     async with _sim() as sim:
-        config = _config(tmp_path / "okx-ingest.toml", sim, kafka_broker, topic_prefix)
+        config = _config(tmp_path / "okx-ingest.toml", sim, kafka_broker, topic_prefix, static=False)
         with _replicas(["rec-0", "rec-1", "rec-2"], config, tmp_path) as reps:
             await _until(lambda: _split(reps, sim), reps, 180, "three replicas splitting the shards")
             first = {i: len(list(sim.market.trades(i))) for i in INSTS}  # nothing traded before the split
