@@ -120,6 +120,7 @@ from ingest.core.normalize import (
 )
 from ingest.core.orders import BoundedSeen
 from ingest.core.records import DeadLetter, GapEvent, GapStatus, OkxRecord, Record, TopicKind, topic_name
+from ingest.core.rest_limits import CircuitOpenError
 from ingest.core.rest_policy import AUTH_FAILURE_CODES
 from ingest.credentials import CredentialStore, credentials_present
 from ingest.errors import ConfigError, CredentialError, DeliveryError, IngestError, OkxApiError, ProtocolError
@@ -129,7 +130,7 @@ from ingest.io.journal import Journal
 from ingest.io.kafka import KafkaSink, describe
 from ingest.io.readback import TOPIC_OF_KIND as _TOPIC
 from ingest.io.readback import ReadbackError, TopicReadback, bootstrap_of, consumer_options
-from ingest.io.rest import CircuitOpenError, OkxRestClient
+from ingest.io.rest import OkxRestClient
 from ingest.io.sink import EncodedRecord
 from ingest.okx.channels import candle_bar
 from ingest.runtime import Runtime, bounded, finish_task, stop_task
