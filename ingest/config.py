@@ -496,7 +496,7 @@ class JournalSettings(_Section):
 
 
 class BackfillSettings(_Section):
-    """The REST backfill worker (`okx-ingest backfill`, services/backfill.py)."""
+    """The REST backfill worker (`okx-ingest backfill`, services/backfill/)."""
 
     group_id: str = "okx-ingest-backfill"
     concurrency: Annotated[int, Field(gt=0)] = Field(

@@ -1,6 +1,6 @@
 """Backfill planning, pure: which gaps to fetch together, how to walk OKX's history, what to publish.
 
-The worker (`services/backfill.py`) passes gap events and REST pages in; every decision is made here, with
+The worker (`services/backfill/`) passes gap events and REST pages in; every decision is made here, with
 time passed in and no I/O.
 
 Windows (what one gap asks for, in its stream's own coordinates; conventions of core/gaps.py):

@@ -3,7 +3,8 @@
 `ingest.io.rest.OkxRestClient.request` sends, waits and sleeps; the decision it carries out comes from
 here: `decide_answer` for an answer OKX gave (judged by the body's `code`, not the HTTP status: 50011
 comes as 200 and as 429), `decide_failure` for no answer at all. Each decision also says what the
-endpoint's circuit breaker should learn from it and whether the key is to blame.
+endpoint's circuit breaker (`core/rest_limits.CircuitBreaker`) should learn from it and whether the key is to
+blame.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Reading back what a data topic already holds for one stream, so a backfill publishes only what is missing.
 
-Kafka I/O for the backfill worker (`ingest.services.backfill`, module docstring "exactly once"); what counts
+Kafka I/O for the backfill worker (`ingest.services.backfill`, package docstring "exactly once"); what counts
 as present (natural keys, the scope's time bounds) is decided in `ingest.core.backfill`.
 """
 

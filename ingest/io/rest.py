@@ -11,13 +11,14 @@
   envelope is parsed defensively (401 without `data`, 404 with a numeric code, proxies' HTML).
 * Retries use full-jitter backoff; authentication failures are never retried blindly; a circuit breaker per
   endpoint stops hammering a failing endpoint.
+* The policy is pure and lives in core: the limit table and the breaker in `ingest.core.rest_limits` (the
+  breaker reports its transitions, logged and counted here), the answer's meaning in `ingest.core.rest_policy`.
 * One audit line per HTTP request (`rest_request`), without headers: no secret can appear in it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import random
 import time
@@ -34,6 +35,15 @@ from ingest.config import Settings
 from ingest.core.backoff import full_jitter
 from ingest.core.clock import OffsetSample, ServerClock
 from ingest.core.ratelimit import SlidingWindow
+from ingest.core.rest_limits import (
+    TIME_PATH,
+    BreakerEvent,
+    BreakerState,
+    CircuitBreaker,
+    EndpointLimit,
+    LimitTable,
+    Scope,
+)
 from ingest.core.rest_policy import (
     CODE_TIMEOUT,
     CODE_TRANSPORT,
@@ -56,10 +66,6 @@ from ingest.okx.signing import rest_sign, rest_timestamp
 
 log = logging.getLogger(__name__)
 
-TIME_PATH = "/api/v5/public/time"
-ACCOUNT_CONFIG_PATH = "/api/v5/account/config"
-PUBLIC_PREFIXES = ("/api/v5/public/", "/api/v5/market/")
-
 #: What to do about an authentication failure, by code (SPEC 8.2).
 AUTH_FIXES: Mapping[str, str] = {
     "50100": "the API key is frozen: unfreeze it or create a new one on OKX's API page",
@@ -80,90 +86,6 @@ QueryValue = str | int | float | bool | None
 
 
 # --------------------------------------------------------------------------------------------- limits
-
-
-class Scope(enum.StrEnum):
-    """Whose budget a limit is: OKX counts public endpoints per IP (some per IP and instType), private per user."""
-
-    IP = "ip"
-    IP_INST_TYPE = "ip+instType"
-    USER = "user"
-
-
-@dataclass(frozen=True, slots=True)
-class EndpointLimit:
-    """At most `limit` requests per `window_s` seconds, counted per `scope`."""
-
-    limit: int
-    window_s: float
-    scope: Scope
-
-    @property
-    def private(self) -> bool:
-        return self.scope is Scope.USER
-
-
-#: SPEC 8.3, OKX's documented REST limits ([EN] 2025, unchanged in [ZH] 2026).
-OKX_LIMITS: Mapping[str, EndpointLimit] = {
-    TIME_PATH: EndpointLimit(10, 2.0, Scope.IP),
-    "/api/v5/public/instruments": EndpointLimit(20, 2.0, Scope.IP_INST_TYPE),
-    "/api/v5/market/trades": EndpointLimit(100, 2.0, Scope.IP),
-    "/api/v5/market/history-trades": EndpointLimit(20, 2.0, Scope.IP),
-    "/api/v5/market/candles": EndpointLimit(40, 2.0, Scope.IP),
-    "/api/v5/market/history-candles": EndpointLimit(20, 2.0, Scope.IP),
-    "/api/v5/market/books": EndpointLimit(40, 2.0, Scope.IP),
-    "/api/v5/market/books-full": EndpointLimit(10, 2.0, Scope.IP),
-    # OKX counts it per IP and instId; counted per IP here, which never exceeds that.
-    "/api/v5/public/funding-rate-history": EndpointLimit(10, 2.0, Scope.IP),
-    "/api/v5/trade/fills": EndpointLimit(60, 2.0, Scope.USER),
-    "/api/v5/trade/fills-history": EndpointLimit(10, 2.0, Scope.USER),
-    "/api/v5/trade/orders-history": EndpointLimit(40, 2.0, Scope.USER),
-    "/api/v5/trade/orders-pending": EndpointLimit(60, 2.0, Scope.USER),
-    "/api/v5/trade/orders-history-archive": EndpointLimit(20, 2.0, Scope.USER),
-    "/api/v5/account/balance": EndpointLimit(10, 2.0, Scope.USER),
-    "/api/v5/account/positions": EndpointLimit(10, 2.0, Scope.USER),
-    ACCOUNT_CONFIG_PATH: EndpointLimit(5, 2.0, Scope.USER),
-}
-#: For endpoints missing from the table: the smallest documented limit, so an unknown one is never overrun.
-UNKNOWN_LIMIT = EndpointLimit(5, 2.0, Scope.IP)
-
-
-class LimitTable:
-    """The limits this process obeys: OKX's table, optionally shared with other processes or scaled for tests.
-
-    `share` (okx.rest_limit_share) gives this process a fraction of each limit, for several daemons behind
-    one IP or one API key. `window_scale` lengthens (or, against the simulator, shortens) every window.
-    """
-
-    def __init__(
-        self,
-        limits: Mapping[str, EndpointLimit] = OKX_LIMITS,
-        *,
-        share: float = 1.0,
-        window_scale: float = 1.0,
-    ) -> None:
-        if not 0 < share <= 1 or window_scale <= 0:
-            raise ValueError(f"share must be in (0, 1] and window_scale > 0, got {share}, {window_scale}")
-        self._limits = dict(limits)
-        self.share = share
-        self.window_scale = window_scale
-
-    def _adjust(self, base: EndpointLimit) -> EndpointLimit:
-        return EndpointLimit(max(1, int(base.limit * self.share)), base.window_s * self.window_scale, base.scope)
-
-    def lookup(self, path: str) -> EndpointLimit:
-        """The limit of `path`; unknown paths get the smallest documented one, scoped by their prefix."""
-        base = self._limits.get(path)
-        if base is None:
-            scope = Scope.IP if path.startswith(PUBLIC_PREFIXES) else Scope.USER
-            base = EndpointLimit(UNKNOWN_LIMIT.limit, UNKNOWN_LIMIT.window_s, scope)
-        return self._adjust(base)
-
-    def known(self, path: str) -> bool:
-        return path in self._limits
-
-    def items(self) -> list[tuple[str, EndpointLimit]]:
-        return [(p, self._adjust(lim)) for p, lim in sorted(self._limits.items())]
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,108 +240,6 @@ class LimiterRegistry:
         return {k.label(): b.stats() for k, b in self._buckets.items()}
 
 
-# -------------------------------------------------------------------------------------------- breaker
-
-
-class BreakerState(enum.StrEnum):
-    CLOSED = "closed"
-    OPEN = "open"
-    HALF_OPEN = "half_open"
-
-
-class CircuitOpenError(IngestError):
-    """An endpoint failed repeatedly and is paused; retry after `retry_after_s` (or work on another endpoint)."""
-
-    retriable = True
-
-    def __init__(self, endpoint: str, failures: int, retry_after_s: float, last_failure: str | None = None, *,
-                 probing: bool = False) -> None:
-        self.endpoint = endpoint
-        #: Always > 0: how long to wait before asking again (the rest of the cooldown, or while the probe is
-        #: out the time it may take to decide), so no caller spins on an open breaker.
-        self.retry_after_s = retry_after_s
-        self.probing = probing
-        cause = f" (last: {last_failure})" if last_failure else ""
-        when = (f"a probe request is deciding whether it recovered; ask again in {retry_after_s:.1f} s" if probing
-                else f"the next probe is allowed in {retry_after_s:.1f} s")
-        super().__init__(
-            f"OKX endpoint {endpoint} is paused after {failures} consecutive failures{cause}; {when}. Check the "
-            "network and OKX's status page if this persists."
-        )
-
-
-class CircuitBreaker:
-    """Closed -> open after `failures` consecutive failures -> half-open after `cooldown_s` (one probe).
-
-    The probe's success closes the breaker; its failure opens it for another cooldown. Other callers get
-    CircuitOpenError while open or while the probe is out, so a sick endpoint sees one request per cooldown.
-    The error's `retry_after_s` is never 0: while the probe is out it is `probe_wait_s` (default: the
-    cooldown; the client passes its request timeout when shorter, the longest a probe can take to decide).
-    """
-
-    #: The shortest wait an open breaker asks for (the end of a cooldown can be a few microseconds away).
-    MIN_RETRY_S: ClassVar[float] = 0.01
-
-    def __init__(self, endpoint: str, failures: int, cooldown_s: float, monotonic: Callable[[], float],
-                 probe_wait_s: float | None = None) -> None:
-        self.endpoint = endpoint
-        self._threshold = failures
-        self._cooldown = cooldown_s
-        self._probe_wait = max(self.MIN_RETRY_S, min(cooldown_s, probe_wait_s) if probe_wait_s else cooldown_s)
-        self._monotonic = monotonic
-        self.consecutive_failures = 0
-        self._opened_at: float | None = None
-        self._probe_out = False
-        self.opened_total = 0
-        self.last_failure: str | None = None
-
-    @property
-    def state(self) -> BreakerState:
-        if self._opened_at is None:
-            return BreakerState.CLOSED
-        if self._monotonic() - self._opened_at >= self._cooldown:
-            return BreakerState.HALF_OPEN
-        return BreakerState.OPEN
-
-    def before_call(self) -> bool:
-        """Raise CircuitOpenError unless a call may go; True when this call is the half-open probe."""
-        state = self.state
-        if state is BreakerState.CLOSED:
-            return False
-        if state is BreakerState.HALF_OPEN and not self._probe_out:
-            self._probe_out = True
-            log.info("rest_breaker_probe", extra={"endpoint": self.endpoint})
-            return True
-        assert self._opened_at is not None
-        if state is BreakerState.HALF_OPEN:  # the probe is out: its answer decides, not the clock
-            raise CircuitOpenError(self.endpoint, self.consecutive_failures, self._probe_wait, self.last_failure,
-                                   probing=True)
-        remaining = max(self.MIN_RETRY_S, self._opened_at + self._cooldown - self._monotonic())
-        raise CircuitOpenError(self.endpoint, self.consecutive_failures, remaining, self.last_failure)
-
-    def on_success(self) -> None:
-        if self._opened_at is not None:
-            log.info("rest_breaker_closed", extra={"endpoint": self.endpoint})
-        self.consecutive_failures = 0
-        self._opened_at = None
-        self._probe_out = False
-
-    def on_failure(self, what: str = "") -> None:
-        self.consecutive_failures += 1
-        self.last_failure = what or self.last_failure
-        was_probe, self._probe_out = self._probe_out, False
-        if was_probe or (self._opened_at is None and self.consecutive_failures >= self._threshold):
-            self._opened_at = self._monotonic()
-            self.opened_total += 1
-            log.warning("rest_breaker_open", extra={"endpoint": self.endpoint, "failures": self.consecutive_failures,
-                                                    "cooldown_s": self._cooldown, "last_failure": self.last_failure})
-
-    def on_neutral(self, was_probe: bool) -> None:
-        """The call proved nothing (rate-limited, cancelled): let the next caller probe."""
-        if was_probe:
-            self._probe_out = False
-
-
 # ------------------------------------------------------------------------------------------- envelope
 
 
@@ -521,6 +341,7 @@ class RestStats:
 class _Counters:
     requests: Counter[tuple[str, str]] = field(default_factory=Counter)
     retries: Counter[str] = field(default_factory=Counter)
+    breaker_opened: Counter[str] = field(default_factory=Counter)
     waits: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     in_flight: int = 0
 
@@ -694,7 +515,7 @@ class OkxRestClient:
         while True:
             attempt += 1
             key_hint, key_id = self._signing_identity(method, path) if signed else (None, "")
-            is_probe = breaker.before_call()
+            is_probe = self._on_breaker(breaker, breaker.before_call()) is BreakerEvent.PROBING
             decided = False
             try:
                 bucket = self.registry.bucket(self._bucket_key(path, limit, params, key_id), limit)
@@ -756,7 +577,7 @@ class OkxRestClient:
         return RestStats(
             requests=dict(c.requests), retries=dict(c.retries), limiter_wait_s=dict(c.waits),
             breakers={p: b.state for p, b in self._breakers.items()},
-            breaker_opened={p: b.opened_total for p, b in self._breakers.items()}, in_flight=c.in_flight,
+            breaker_opened={p: c.breaker_opened[p] for p in self._breakers}, in_flight=c.in_flight,
         )
 
     def breaker_state(self, path: str) -> BreakerState:
@@ -805,18 +626,31 @@ class OkxRestClient:
         finally:
             await response.aclose()
 
-    @staticmethod
-    def _note(breaker: CircuitBreaker, d: Decision, is_probe: bool, status: int, env: Envelope | None,
+    def _note(self, breaker: CircuitBreaker, d: Decision, is_probe: bool, status: int, env: Envelope | None,
               failure: BaseException | None) -> None:
         """Tell the endpoint's breaker what the attempt showed."""
         if d.breaker is BreakerNote.SUCCESS:
-            breaker.on_success()
+            self._on_breaker(breaker, breaker.on_success())
         elif d.breaker is BreakerNote.NEUTRAL:
             breaker.on_neutral(is_probe)
         elif env is not None:
-            breaker.on_failure(f"HTTP {status}, OKX code {env.code}: {env.msg}"[:200])
+            self._on_breaker(breaker, breaker.on_failure(f"HTTP {status}, OKX code {env.code}: {env.msg}"[:200]))
         else:
-            breaker.on_failure(f"{type(failure).__name__}: {failure}")
+            self._on_breaker(breaker, breaker.on_failure(f"{type(failure).__name__}: {failure}"))
+
+    def _on_breaker(self, breaker: CircuitBreaker, event: BreakerEvent | None) -> BreakerEvent | None:
+        """Log and count a transition of `breaker` (the core breaker only reports it); returns `event`."""
+        if event is BreakerEvent.PROBING:
+            log.info("rest_breaker_probe", extra={"endpoint": breaker.endpoint})
+        elif event is BreakerEvent.CLOSED:
+            log.info("rest_breaker_closed", extra={"endpoint": breaker.endpoint})
+        elif event is BreakerEvent.OPENED:
+            self._counters.breaker_opened[breaker.endpoint] += 1
+            log.warning("rest_breaker_open", extra={"endpoint": breaker.endpoint,
+                                                    "failures": breaker.consecutive_failures,
+                                                    "cooldown_s": breaker.cooldown_s,
+                                                    "last_failure": breaker.last_failure})
+        return event
 
     def _error(self, d: Decision, method: str, path: str, attempt: int, status: int, env: Envelope | None,
                failure: BaseException | None, pin_error: IngestError | None) -> IngestError:

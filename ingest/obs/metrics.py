@@ -5,7 +5,7 @@ turns them into metric families only when Prometheus asks. Names follow Promethe
 (`okx_ingest_..._total` for counters, `_seconds` for durations, base units).
 
 Each process builds its registry with `new_component_registry(component)`: build info and process metrics come
-with it. Components so far: `recorder` (supervisor.py), `backfill` (services/backfill.py); the archiver takes
+with it. Components so far: `recorder` (supervisor.py), `backfill` (services/backfill/); the archiver takes
 `archive` and names its families `okx_ingest_archive_*` (README "Metrics" lists the reserved names), so the
 dashboard and alert rules in deploy/ can select every process the same way.
 """

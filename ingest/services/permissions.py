@@ -14,9 +14,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from ingest.config import OkxSettings
+from ingest.core.rest_limits import ACCOUNT_CONFIG_PATH
 from ingest.credentials import UnsafeKeyError
 from ingest.errors import CredentialError, IngestError, ProtocolError
-from ingest.io.rest import ACCOUNT_CONFIG_PATH, OkxRestClient
+from ingest.io.rest import OkxRestClient
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """What every long-running okx-ingest process does the same way: signals, credential rotation, observability.
 
-The recorder (`supervisor.py`) and the backfill worker (`services/backfill.py`) are separate processes with
+The recorder (`supervisor.py`) and the backfill worker (`services/backfill/`) are separate processes with
 separate jobs; their handling of SIGTERM/SIGINT/SIGHUP, of rotated secret files, and of logging and Sentry
 must not drift apart, so it lives here once.
 """

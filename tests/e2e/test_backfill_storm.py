@@ -16,7 +16,8 @@ from pathlib import Path
 from ingest.core.backfill import TRADES_PATH, covered_trade_ids
 from ingest.core.clock import ServerClock
 from ingest.core.records import GapEvent, GapStatus, Source, TopicKind, Trade
-from ingest.io.rest import LimiterRegistry, LimitTable, OkxRestClient
+from ingest.core.rest_limits import LimitTable
+from ingest.io.rest import LimiterRegistry, OkxRestClient
 from ingest.okx.channels import SubArg
 from ingest.sim import SimServer
 from tests.conftest import BrokerInfo

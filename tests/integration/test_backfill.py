@@ -50,10 +50,11 @@ from ingest.core.records import (
     TopicKind,
     Trade,
 )
+from ingest.core.rest_limits import LimitTable
 from ingest.credentials import CredentialStore
 from ingest.io.broker import EmbeddedBroker
 from ingest.io.journal import Journal
-from ingest.io.rest import LimiterRegistry, LimitTable, OkxRestClient
+from ingest.io.rest import LimiterRegistry, OkxRestClient
 from ingest.io.sink import EncodedRecord
 from ingest.okx.channels import SubArg
 from ingest.services.backfill import BackfillStats, BackfillWorker, backfill_range, discard_backlog

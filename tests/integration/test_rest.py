@@ -20,16 +20,10 @@ import pytest
 
 from ingest.config import OkxSettings
 from ingest.core.clock import ServerClock
+from ingest.core.rest_limits import BreakerState, CircuitOpenError, LimitTable
 from ingest.credentials import AuthFailureGuard, AuthPausedError, CredentialStore
 from ingest.errors import CredentialError, OkxApiError
-from ingest.io.rest import (
-    BreakerState,
-    CircuitOpenError,
-    LimiterRegistry,
-    LimitTable,
-    OkxRestClient,
-    QueryValue,
-)
+from ingest.io.rest import LimiterRegistry, OkxRestClient, QueryValue
 from ingest.okx.endpoints import Environment
 from ingest.services.clock import ClockService
 from ingest.services.permissions import KeyPermissionError, Permission, check_key_permissions

@@ -22,8 +22,9 @@ from ingest.core.backfill import Outcome, judge, plan_jobs, retry_delay
 from ingest.core.backoff import equal_jitter
 from ingest.core.clock import ServerClock
 from ingest.core.records import GapEvent, GapKind, GapStatus, StreamPosition
+from ingest.core.rest_limits import BreakerEvent, CircuitBreaker, CircuitOpenError
 from ingest.errors import CredentialError, IngestError, OkxApiError
-from ingest.io.rest import CircuitBreaker, CircuitOpenError, RestTransportError
+from ingest.io.rest import RestTransportError
 from ingest.io.sink import EncodedRecord
 from ingest.services.backfill import GapFiller, _Counters
 
@@ -49,7 +50,7 @@ def transient(kind: str) -> IngestError:
         breaker.before_call()
         breaker.on_failure("HTTP 503")
         breaker._monotonic.now += 0.5  # type: ignore[attr-defined]
-        assert breaker.before_call() is True
+        assert breaker.before_call() is BreakerEvent.PROBING
         with pytest.raises(CircuitOpenError) as info:
             breaker.before_call()
         return info.value
@@ -182,7 +183,7 @@ def test_a_breaker_whose_probe_is_in_flight_asks_callers_to_wait() -> None:
     breaker.before_call()
     breaker.on_failure("HTTP 503")
     clock.now += 5.0
-    assert breaker.before_call() is True  # the probe
+    assert breaker.before_call() is BreakerEvent.PROBING  # the probe
     with pytest.raises(CircuitOpenError, match="probe request is deciding") as info:
         breaker.before_call()
     assert info.value.probing and info.value.retry_after_s == 2.0

@@ -14,15 +14,10 @@ import httpx
 import pytest
 
 from ingest.core.clock import ServerClock
+from ingest.core.rest_limits import BreakerState, CircuitOpenError
 from ingest.credentials import AuthFailureGuard, AuthPausedError, CredentialStore
 from ingest.errors import CredentialError, OkxApiError
-from ingest.io.rest import (
-    BreakerState,
-    CircuitOpenError,
-    LimiterRegistry,
-    OkxRestClient,
-    RestTransportError,
-)
+from ingest.io.rest import LimiterRegistry, OkxRestClient, RestTransportError
 from ingest.okx.endpoints import Environment
 
 OK = {"code": "0", "msg": "", "data": [{"ok": "1"}]}
@@ -175,8 +170,9 @@ async def test_unknown_path_404_shape_is_an_error_not_a_crash(make_client: Calla
 
 
 async def test_breaker_opens_after_consecutive_failures_and_recovers_through_a_probe(
-        make_client: Callable[..., OkxRestClient], fake_time: FakeTime) -> None:
+        make_client: Callable[..., OkxRestClient], fake_time: FakeTime, caplog: pytest.LogCaptureFixture) -> None:
     script = Script(httpx.Response(503, text="unavailable"))
+    caplog.set_level(logging.INFO, logger="ingest.io.rest")
     async with make_client(script, max_attempts=10) as client:
         with pytest.raises(CircuitOpenError) as info:
             await client.get(BOOKS)
@@ -195,7 +191,13 @@ async def test_breaker_opens_after_consecutive_failures_and_recovers_through_a_p
         assert client.breaker_state(BOOKS) is BreakerState.HALF_OPEN
         assert await client.get(BOOKS) == [{"ok": "1"}]
         assert client.breaker_state(BOOKS) is BreakerState.CLOSED
-        assert client.stats().breaker_opened[BOOKS] == 1
+        assert client.stats().breaker_opened == {BOOKS: 1, "/api/v5/market/trades": 0}
+    # The core breaker only reports its transitions; the client logs each one.
+    transitions = [r for r in caplog.records if r.getMessage().startswith("rest_breaker")]
+    assert [r.getMessage() for r in transitions] == ["rest_breaker_open", "rest_breaker_probe", "rest_breaker_closed"]
+    opened = transitions[0].__dict__
+    assert (opened["endpoint"], opened["failures"], opened["cooldown_s"]) == (BOOKS, 3, 30.0)
+    assert "HTTP 503" in opened["last_failure"] and transitions[0].levelno == logging.WARNING
 
 
 async def test_timestamp_expired_resyncs_the_clock_once_then_retries(make_client: Callable[..., OkxRestClient]) -> None:

@@ -1,25 +1,23 @@
-"""Rate budgets, the circuit breaker and the envelope parser of the REST client, without a network."""
+"""The REST client's pure policy on fake time: OKX's limit table and the per-endpoint circuit breaker."""
 
 from __future__ import annotations
 
-import asyncio
-import random
-import time
+from dataclasses import dataclass, field
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from ingest.core.rest_policy import CODE_MALFORMED, parse_envelope
-from ingest.io.rest import (
+from ingest.core.rest_limits import (
     OKX_LIMITS,
+    PUBLIC_PREFIXES,
+    BreakerEvent,
     BreakerState,
-    BucketKey,
     CircuitBreaker,
     CircuitOpenError,
     EndpointLimit,
-    LimiterRegistry,
     LimitTable,
     Scope,
-    realm_of,
 )
 
 
@@ -33,9 +31,6 @@ class FakeMonotonic:
 
     def __call__(self) -> float:
         return self.now
-
-
-KEY = BucketKey(Scope.IP, "test", "/api/v5/market/books")
 
 
 # ------------------------------------------------------------------------------------------- the table
@@ -68,94 +63,53 @@ def test_share_and_window_scale_adjust_every_limit() -> None:
         LimitTable(share=1.5)
 
 
-def test_global_okx_hosts_share_one_budget_realm() -> None:
-    assert realm_of("https://openapi.okx.com") == realm_of("https://www.okx.com/") == "okx.com"
-    assert realm_of("https://us.okx.com") == "us.okx.com"
-    assert realm_of("http://127.0.0.1:8765") == "127.0.0.1:8765"
+PATHS = st.one_of(
+    st.sampled_from(sorted(OKX_LIMITS)),
+    st.builds(lambda prefix, tail: prefix + tail,
+              st.sampled_from([*PUBLIC_PREFIXES, "/api/v5/asset/", "/api/v5/trade/", "/"]),
+              st.text("abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=12)),
+)
+SHARES = st.floats(0.001, 1.0)
+SCALES = st.floats(0.001, 100.0)
 
 
-def test_registry_hands_out_one_bucket_per_key() -> None:
-    registry = LimiterRegistry()
-    a = registry.bucket(KEY, EndpointLimit(5, 2.0, Scope.IP))
-    assert registry.bucket(KEY, EndpointLimit(5, 2.0, Scope.IP)) is a
-    other = BucketKey(Scope.USER, "test", "/api/v5/trade/fills", "key-1")
-    assert registry.bucket(other, EndpointLimit(60, 2.0, Scope.USER)) is not a
-    assert LimiterRegistry.default() is LimiterRegistry.default()
+@settings(max_examples=300, deadline=None)
+@given(PATHS, SHARES, SCALES)
+def test_a_looked_up_limit_is_the_documented_one_shared_and_scaled_and_never_above_it(
+        path: str, share: float, scale: float) -> None:
+    table = LimitTable(share=share, window_scale=scale)
+    got = table.lookup(path)
+    base = OKX_LIMITS.get(path)
+    if base is None:  # unknown: the smallest documented limit, public or private by the prefix
+        assert not table.known(path)
+        assert got.scope is (Scope.IP if path.startswith(PUBLIC_PREFIXES) else Scope.USER)
+        base = EndpointLimit(min(lim.limit for lim in OKX_LIMITS.values()), 2.0, got.scope)
+    assert 1 <= got.limit <= base.limit
+    assert got.limit == max(1, int(base.limit * share))
+    assert got.window_s == pytest.approx(base.window_s * scale)
+    assert got.scope is base.scope and got.private is (got.scope is Scope.USER)
+    assert (path, got) in table.items() or not table.known(path)
 
 
-# ------------------------------------------------------------------------------------------ the bucket
+@settings(max_examples=200, deadline=None)
+@given(PATHS, SHARES, SHARES)
+def test_a_larger_share_never_gets_a_smaller_limit(path: str, a: float, b: float) -> None:
+    low, high = sorted((a, b))
+    assert LimitTable(share=low).lookup(path).limit <= LimitTable(share=high).lookup(path).limit
 
 
-async def test_bucket_never_lets_more_than_the_limit_arrive_in_any_window_whatever_the_latency() -> None:
-    """Slots are stamped when the answer arrives, so a request that reached the server late still counts."""
-    limit, window = 5, 0.05
-    bucket = LimiterRegistry().bucket(KEY, EndpointLimit(limit, window, Scope.IP))
-    rng = random.Random(7)
-    arrivals: list[float] = []
-
-    async def one() -> None:
-        await bucket.acquire()
-        try:
-            await asyncio.sleep(rng.uniform(0, 0.02))  # simulated network latency to the server
-            arrivals.append(time.monotonic())
-            await asyncio.sleep(rng.uniform(0, 0.02))  # and back
-        finally:
-            bucket.release()
-
-    await asyncio.gather(*(one() for _ in range(120)))
-    arrivals.sort()
-    assert len(arrivals) == 120
-    assert all(arrivals[i + limit] - arrivals[i] >= window for i in range(len(arrivals) - limit))
-    stats = bucket.stats()
-    assert stats.admitted_total == 120 and stats.in_flight == 0
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(sorted(OKX_LIMITS)), st.integers(1, 100))
+def test_n_processes_with_a_share_of_one_nth_never_overrun_okx_together(path: str, n: int) -> None:
+    documented = OKX_LIMITS[path].limit
+    if n <= documented:  # beyond that each still gets the floor of one request (documented in CONFIG)
+        assert n * LimitTable(share=1 / n).lookup(path).limit <= documented
 
 
-async def test_bucket_admits_waiters_in_arrival_order() -> None:
-    bucket = LimiterRegistry().bucket(KEY, EndpointLimit(2, 0.02, Scope.IP))
-    order: list[int] = []
-
-    async def one(i: int) -> None:
-        await bucket.acquire()
-        order.append(i)
-        bucket.release()
-
-    await asyncio.gather(*(one(i) for i in range(30)))
-    assert order == list(range(30))
-
-
-async def test_bucket_counts_requests_in_flight_against_the_limit() -> None:
-    clock = FakeMonotonic()
-    sleeps: list[float] = []
-
-    async def fake_sleep(seconds: float) -> None:
-        sleeps.append(seconds)
-        clock.now += seconds
-
-    bucket = LimiterRegistry(clock, fake_sleep).bucket(KEY, EndpointLimit(2, 2.0, Scope.IP))
-    await bucket.acquire()
-    await bucket.acquire()
-    waiter = asyncio.create_task(bucket.acquire())
-
-    def answer() -> None:  # runs after the waiter has queued: both slots in flight, nothing can expire
-        assert not waiter.done()
-        clock.now += 0.5
-        bucket.release()  # answered at 100.5: this slot frees at 102.5
-
-    asyncio.get_running_loop().call_soon(answer)
-    assert await waiter == pytest.approx(2.5)
-    assert sleeps == [pytest.approx(2.0)]
-
-
-async def test_hold_pauses_the_whole_budget() -> None:
-    clock = FakeMonotonic()
-
-    async def fake_sleep(seconds: float) -> None:
-        clock.now += seconds
-
-    bucket = LimiterRegistry(clock, fake_sleep).bucket(KEY, EndpointLimit(10, 2.0, Scope.IP))
-    bucket.hold(2.0)
-    assert await bucket.acquire() == pytest.approx(2.0)
-    bucket.release()
+@given(st.one_of(st.floats(max_value=0.0), st.floats(min_value=1.0001)), SCALES)
+def test_a_share_outside_zero_to_one_is_refused(share: float, scale: float) -> None:
+    with pytest.raises(ValueError, match="share"):
+        LimitTable(share=share, window_scale=scale)
 
 
 # ----------------------------------------------------------------------------------------- the breaker
@@ -165,71 +119,109 @@ def test_breaker_opens_after_consecutive_failures_and_probes_after_the_cooldown(
     clock = FakeMonotonic()
     breaker = CircuitBreaker("/api/v5/market/books", failures=3, cooldown_s=30.0, monotonic=clock)
     for _ in range(2):
-        assert breaker.before_call() is False
-        breaker.on_failure()
+        assert breaker.before_call() is None
+        assert breaker.on_failure() is None
     breaker.before_call()
-    breaker.on_success()  # a success in between resets the count
+    assert breaker.on_success() is None  # a success in between resets the count; nothing had opened
+    events = []
     for _ in range(3):
         breaker.before_call()
-        breaker.on_failure()
+        events.append(breaker.on_failure())
+    assert events == [None, None, BreakerEvent.OPENED]
     assert breaker.state is BreakerState.OPEN
     with pytest.raises(CircuitOpenError, match=r"paused after 3 consecutive failures.*30\.0 s") as info:
         breaker.before_call()
     assert info.value.retriable and info.value.retry_after_s == 30.0
     clock.now += 30.0
     assert state_of(breaker) is BreakerState.HALF_OPEN
-    assert breaker.before_call() is True  # the probe
+    assert breaker.before_call() is BreakerEvent.PROBING  # the probe
     with pytest.raises(CircuitOpenError):
         breaker.before_call()  # only one probe at a time
-    breaker.on_success()
-    assert state_of(breaker) is BreakerState.CLOSED and breaker.opened_total == 1
+    assert breaker.on_success() is BreakerEvent.CLOSED
+    assert state_of(breaker) is BreakerState.CLOSED
 
 
 def test_a_failed_probe_reopens_and_an_inconclusive_one_frees_the_probe_slot() -> None:
     clock = FakeMonotonic()
     breaker = CircuitBreaker("/x", failures=1, cooldown_s=5.0, monotonic=clock)
     breaker.before_call()
-    breaker.on_failure()
+    assert breaker.on_failure() is BreakerEvent.OPENED
     clock.now += 5.0
-    assert breaker.before_call() is True
+    assert breaker.before_call() is BreakerEvent.PROBING
     breaker.on_neutral(True)  # e.g. rate-limited: proves nothing
-    assert breaker.before_call() is True
-    breaker.on_failure()
-    assert breaker.state is BreakerState.OPEN and breaker.opened_total == 2
+    assert breaker.before_call() is BreakerEvent.PROBING
+    assert breaker.on_failure() is BreakerEvent.OPENED
+    assert breaker.state is BreakerState.OPEN
     clock.now += 5.0
     assert state_of(breaker) is BreakerState.HALF_OPEN
 
 
-# ---------------------------------------------------------------------------------------- the envelope
+@dataclass
+class _Run:
+    """A driven breaker's surroundings: fake time, the calls it admitted and not yet answered, failure history."""
+
+    clock: FakeMonotonic = field(default_factory=FakeMonotonic)
+    in_flight: list[bool] = field(default_factory=list)  # per admitted call: was it handed out as the probe
+    failures_since_success: int = 0
+    last_opened_at: float | None = None
 
 
-def test_success_envelope_gives_the_rows() -> None:
-    env = parse_envelope(200, b'{"code":"0","msg":"","data":[{"ts":"1597026383085"}]}')
-    assert (env.code, env.data) == ("0", [{"ts": "1597026383085"}])
+THRESHOLD, COOLDOWN, PROBE_WAIT = 3, 5.0, 2.0
+OPS = st.lists(st.one_of(
+    st.tuples(st.just("advance"), st.floats(0.0, 2 * COOLDOWN)),
+    st.tuples(st.sampled_from(["call", "success", "failure", "neutral"]), st.integers(0, 5)),
+), max_size=80)
 
 
-def test_auth_failure_without_data_is_read() -> None:
-    env = parse_envelope(401, b'{"msg":"Invalid OK-ACCESS-KEY","code":"50111"}')
-    assert (env.code, env.msg, env.data) == ("50111", "Invalid OK-ACCESS-KEY", None)
-
-
-def test_unknown_path_404_with_numeric_code_is_read() -> None:
-    body = b'{"code":404,"data":{},"detailMsg":"","error_code":"404","error_message":"Not Found","msg":"Not Found"}'
-    env = parse_envelope(404, body)
-    assert (env.code, env.msg, env.data) == ("404", "Not Found", None)
-
-
-def test_rate_limit_comes_as_200_and_as_429() -> None:
-    assert parse_envelope(200, b'{"msg":"Rate limit reached. Please refer to API documentation and throttle '
-                               b'requests accordingly","code":"50011","data":[]}').code == "50011"
-    assert parse_envelope(429, b'{"msg":"Too Many Requests","code":"50011"}').code == "50011"
-
-
-def test_non_json_and_odd_bodies_never_raise() -> None:
-    env = parse_envelope(502, b"<html><body>502 Bad Gateway</body></html>")
-    assert env.code == "http-502" and "Bad Gateway" in env.msg and env.data is None
-    assert parse_envelope(200, b"[1,2]").code == "http-200"
-    assert parse_envelope(200, b"").code == "http-200"
-    assert parse_envelope(200, b'{"code":"0","msg":""}').code == CODE_MALFORMED
-    assert parse_envelope(200, b'{"code":true,"data":[]}').code == CODE_MALFORMED
-    assert parse_envelope(503, b'{"msg":"x"}').code == "http-503"
+@settings(max_examples=400, deadline=None)
+@given(OPS)
+def test_whatever_the_answers_and_their_timing_the_breaker_keeps_its_contract(
+        ops: list[tuple[str, float | int]]) -> None:
+    """Admits only when closed or for one probe per cooldown; refuses with a positive wait; reports exactly
+    its transitions (which the client logs and counts), on fake time."""
+    run = _Run()
+    breaker = CircuitBreaker("/x", THRESHOLD, COOLDOWN, run.clock, probe_wait_s=PROBE_WAIT)
+    for op, arg in ops:
+        before, probe_out = breaker.state, breaker.probe_out
+        if op == "advance":
+            run.clock.now += float(arg)
+            continue
+        if op == "call":
+            try:
+                event = breaker.before_call()
+            except CircuitOpenError as refused:
+                assert before is not BreakerState.CLOSED
+                assert refused.retry_after_s >= CircuitBreaker.MIN_RETRY_S
+                assert refused.probing is (before is BreakerState.HALF_OPEN) and (refused.probing is probe_out)
+                assert refused.retry_after_s == PROBE_WAIT if refused.probing else refused.retry_after_s <= COOLDOWN
+                continue
+            # Admitted: while closed as a plain call, otherwise only as the one probe, a cooldown after opening.
+            assert event is (None if before is BreakerState.CLOSED else BreakerEvent.PROBING)
+            if event is BreakerEvent.PROBING:
+                assert not probe_out and breaker.probe_out
+                assert run.last_opened_at is not None and run.clock.now - run.last_opened_at >= COOLDOWN
+            run.in_flight.append(event is BreakerEvent.PROBING)
+            continue
+        if not run.in_flight:
+            continue
+        was_probe = run.in_flight.pop(int(arg) % len(run.in_flight))
+        if op == "success":
+            event = breaker.on_success()
+            assert event is (None if before is BreakerState.CLOSED else BreakerEvent.CLOSED)
+            assert breaker.state is BreakerState.CLOSED and breaker.consecutive_failures == 0
+            run.failures_since_success = 0
+        elif op == "failure":
+            run.failures_since_success += 1
+            event = breaker.on_failure(f"failure {run.failures_since_success}")
+            # A failure while the probe is out decides the probe (reopens); else the threshold opens it.
+            opens = probe_out or (before is BreakerState.CLOSED and run.failures_since_success >= THRESHOLD)
+            assert event is (BreakerEvent.OPENED if opens else None)
+            assert breaker.consecutive_failures == run.failures_since_success
+            assert breaker.last_failure == f"failure {run.failures_since_success}"
+            if event is BreakerEvent.OPENED:
+                run.last_opened_at = run.clock.now
+                assert breaker.state is BreakerState.OPEN
+            assert not breaker.probe_out
+        else:
+            breaker.on_neutral(was_probe)
+            assert breaker.state is before and breaker.probe_out is (probe_out and not was_probe)

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ingest.core.rest_policy import (
+    CODE_MALFORMED,
     AnswerKind,
     BreakerNote,
     ErrorKind,
@@ -114,3 +115,38 @@ def test_no_answer_is_retried_only_when_repeating_is_safe(pinned: bool, connect_
                        idempotent=idempotent)
     assert (d.verdict, d.error) == (verdict, error)
     assert d.breaker is (BreakerNote.NEUTRAL if pinned else BreakerNote.FAILURE)
+
+
+# ---------------------------------------------------------------------------------------- the envelope
+
+
+def test_success_envelope_gives_the_rows() -> None:
+    env = parse_envelope(200, b'{"code":"0","msg":"","data":[{"ts":"1597026383085"}]}')
+    assert (env.code, env.data) == ("0", [{"ts": "1597026383085"}])
+
+
+def test_auth_failure_without_data_is_read() -> None:
+    env = parse_envelope(401, b'{"msg":"Invalid OK-ACCESS-KEY","code":"50111"}')
+    assert (env.code, env.msg, env.data) == ("50111", "Invalid OK-ACCESS-KEY", None)
+
+
+def test_unknown_path_404_with_numeric_code_is_read() -> None:
+    body = b'{"code":404,"data":{},"detailMsg":"","error_code":"404","error_message":"Not Found","msg":"Not Found"}'
+    env = parse_envelope(404, body)
+    assert (env.code, env.msg, env.data) == ("404", "Not Found", None)
+
+
+def test_rate_limit_comes_as_200_and_as_429() -> None:
+    assert parse_envelope(200, b'{"msg":"Rate limit reached. Please refer to API documentation and throttle '
+                               b'requests accordingly","code":"50011","data":[]}').code == "50011"
+    assert parse_envelope(429, b'{"msg":"Too Many Requests","code":"50011"}').code == "50011"
+
+
+def test_non_json_and_odd_bodies_never_raise() -> None:
+    env = parse_envelope(502, b"<html><body>502 Bad Gateway</body></html>")
+    assert env.code == "http-502" and "Bad Gateway" in env.msg and env.data is None
+    assert parse_envelope(200, b"[1,2]").code == "http-200"
+    assert parse_envelope(200, b"").code == "http-200"
+    assert parse_envelope(200, b'{"code":"0","msg":""}').code == CODE_MALFORMED
+    assert parse_envelope(200, b'{"code":true,"data":[]}').code == CODE_MALFORMED
+    assert parse_envelope(503, b'{"msg":"x"}').code == "http-503"
