@@ -58,7 +58,7 @@ def committed_all(archiver: Archiver, n: int) -> Callable[[], bool]:
 
 
 def metric(archiver: Archiver, name: str) -> float:
-    return {m.name: m.samples[0].value for m in archiver.metrics()}[name]
+    return float({m.name: m.samples[0].value for m in archiver.metrics()}[name])
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root (CI runs as root)")
