@@ -95,8 +95,10 @@ from ingest.okx.channels import Endpoint, SubArg
 
 log = logging.getLogger(__name__)
 
-#: Part of every physical connection id, so an id is never reused, not even across restarts.
-PROCESS_TOKEN = f"{int(time.time()):x}{secrets.token_hex(3)}"
+def connection_token() -> str:
+    """Part of every physical connection id, drawn per `Connection` object: an id is never reused, not across
+    restarts and not across two recorders run one after the other in one process (tests, embedded restarts)."""
+    return f"{int(time.time()):x}{secrets.token_hex(3)}"
 
 
 class ConnState(enum.StrEnum):
@@ -367,7 +369,7 @@ class Connection:
         backoff: Callable[[], Iterator[float]] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         ssl_context: ssl.SSLContext | None = None,
-        token: str = PROCESS_TOKEN,
+        token: str | None = None,
         proxy: str | None = None,
         timer: Timer | None = None,
     ) -> None:
@@ -398,7 +400,7 @@ class Connection:
         #: The HTTP(S) proxy to tunnel through (io/proxy.py decides); None connects directly, never by websockets'
         #: own reading of the environment.
         self._proxy = proxy
-        self._token = token
+        self._token = token if token is not None else connection_token()
         self._generation = 0
         self._emit_lock = asyncio.Lock()
         self._tg: asyncio.TaskGroup | None = None

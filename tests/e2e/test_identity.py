@@ -28,8 +28,10 @@ KINDS = (TopicKind.TRADES, TopicKind.BOOKS, TopicKind.TICKERS, TopicKind.CANDLES
          TopicKind.FUNDING_RATES, TopicKind.OPEN_INTEREST)
 
 
-async def _record_window(broker: BrokerInfo, prefix: str, tmp_path: Path) -> dict[TopicKind, Counter[str]]:
-    """Record 60 market steps of the seeded simulator into `prefix`; the event keys read back, per topic."""
+async def _record_window(broker: BrokerInfo, prefix: str, tmp_path: Path
+                         ) -> tuple[dict[TopicKind, Counter[str]], set[str]]:
+    """Record 60 market steps of the seeded simulator into `prefix`; the event keys read back, per topic, and
+    every record id."""
     config = SimConfig(instruments=(SPOT, SWAP), seed=21, start_ms=START_MS, api_key=secrets.token_hex(16),
                        api_secret=secrets.token_hex(32), passphrase=secrets.token_hex(8))
     async with SimServer(config) as sim:
@@ -42,21 +44,25 @@ async def _record_window(broker: BrokerInfo, prefix: str, tmp_path: Path) -> dic
             assert await daemon.shutdown() == 0  # drains: everything received is in Kafka now
     reader = TopicReader(broker.bootstrap_servers, prefix)
     keys: dict[TopicKind, Counter[str]] = {}
+    ids: set[str] = set()
     for kind in KINDS:
         counter: Counter[str] = Counter()
         for _, _, rec, headers in await reader.read(kind):
             assert isinstance(rec, OkxRecord) and rec.event_key is not None, rec
             assert headers["event_key"] == rec.event_key.encode()
             counter[rec.event_key] += 1
+            ids.add(rec.record_id)
         keys[kind] = counter
-    return keys
+    return keys, ids
 
 
 async def test_two_recorder_runs_over_the_same_simulator_window_give_each_event_the_same_key(
     kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path
 ) -> None:
-    first = await _record_window(kafka_broker, f"{topic_prefix}a.", tmp_path / "a")
-    second = await _record_window(kafka_broker, f"{topic_prefix}b.", tmp_path / "b")
+    first, first_ids = await _record_window(kafka_broker, f"{topic_prefix}a.", tmp_path / "a")
+    second, second_ids = await _record_window(kafka_broker, f"{topic_prefix}b.", tmp_path / "b")
+    # The same events, but two recordings: their record ids never meet, although both ran in this one process.
+    assert first_ids and not first_ids & second_ids, sorted(first_ids & second_ids)[:3]
     for kind in KINDS:
         assert first[kind], f"nothing recorded on {kind.value}: the comparison would prove nothing"
         assert first[kind] == second[kind], kind
