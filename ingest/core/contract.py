@@ -147,10 +147,10 @@ class _Builder:
 
 def _json_default(value: object, where: str) -> object:
     """A Struct default as Avro JSON: enums by symbol, tuples as arrays, containers element by element."""
+    if isinstance(value, enum.Enum):  # before str: a StrEnum member is a str too
+        return value.value
     if value is None or isinstance(value, str | bool | int | float):
         return value
-    if isinstance(value, enum.Enum):
-        return value.value
     if isinstance(value, dict):
         return {str(k): _json_default(v, where) for k, v in value.items()}
     if isinstance(value, tuple | list):
