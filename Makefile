@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= config/okx-ingest.toml
 
-.PHONY: run test demo lint bench simulate clean compat lock bench-archive bench-replay
+.PHONY: run test demo lint bench simulate clean compat lock bench-archive bench-replay schemas
 
 # Exact versions with hashes (requirements-dev.lock = runtime + test tools; requirements.lock is the image's).
 LOCK   := requirements-dev.lock
@@ -38,6 +38,9 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check ingest tests bench
 	$(BIN)/mypy --strict ingest tests bench
+
+schemas: $(STAMP)  ## regenerate schemas/*.avsc from the Structs (ingest/core/records.py, record_docs.py)
+	$(BIN)/python -m ingest.io.schemas --write schemas
 
 compat:  ## the websockets/aiokafka internals we rely on, against the oldest and newest releases the pins allow
 	PYTHON=$(PYTHON) bash tests/compat.sh

@@ -1,7 +1,9 @@
-"""The record contract in Python: one frozen msgspec Struct per `schemas/*.avsc` record, field for field.
+"""The record contract in Python: one frozen msgspec Struct per record, the one source of `schemas/*.avsc`.
 
-Attributes are snake_case; their msgspec encode names are the camelCase Avro field names, which are OKX's own
-names wherever a field comes from OKX (`tests/unit/test_records.py` proves the mirror). Every record knows its
+Field order, types, nullability and defaults here are the Avro schema's: `core/contract.py` generates the
+.avsc files from these Structs and the docs in `core/record_docs.py` (`make schemas`; tests/unit/test_records.py
+fails while a committed file differs). Attributes are snake_case; their msgspec encode names are the camelCase
+Avro field names, which are OKX's own names wherever a field comes from OKX. Every record knows its
 Avro full name (`AVRO_NAME`), its topic kind (`TOPIC`), its Kafka key and the `record_id` header value, so the
 encoder needs nothing but the record. Decimals are the strings OKX sent: see docs/RECORDS.md for why.
 """
