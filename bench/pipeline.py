@@ -414,7 +414,7 @@ async def mixed_run(args: argparse.Namespace, n: int, bootstrap: str, journal_ex
     insts = [f"MIX{i}-USDT" for i in range(n)]
     feeder = Feeder(insts)
     try:
-        floor = await mixed_floor(feeder, insts, args.mixed_s, not args.no_compression)
+        floor = await mixed_floor(feeder, insts, args.mixed_floor_s or args.mixed_s, not args.no_compression)
         with tempfile.TemporaryDirectory(prefix="okx-bench-") as tmp:
             rec = await start_recorder(feeder.ws_base, bootstrap, insts, Path(tmp), not args.no_raw,
                                        not args.no_compression, journal_extra, MIXED_CHANNELS)
@@ -461,7 +461,7 @@ async def mixed_run(args: argparse.Namespace, n: int, bootstrap: str, journal_ex
             "cpu_us_per_msg": (c1 - c0) / frames * 1e6,
             "floor_cpu_us": floor.cpu_us_per_msg, "floor_frames_s": floor.msgs_s, "core_share": (c1 - c0) / (t1 - t0),
             "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99), "rss_start_mb": rss[0], "rss_end_mb": rss[-1],
-            "rss_peak_mb": max(rss)}
+            "rss_1min_mb": rss[min(60, len(rss) - 1)], "rss_peak_mb": max(rss)}
 
 
 def journal_extra(args: argparse.Namespace) -> dict[str, Any]:
@@ -570,6 +570,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--mixed", type=_int_list, default=[10, 100, 300],
                    help="instrument counts of the mixed load (comma-separated; empty string: skip it)")
     p.add_argument("--mixed-s", type=float, default=5.0, help="mixed load: seconds of market ticks per size")
+    p.add_argument("--mixed-floor-s", type=float, default=0.0,
+                   help="seconds of the bare client's run on the mixed load (default: --mixed-s); e.g. a 600 s soak "
+                        "of the mixed load against a 10 s floor")
     p.add_argument("--sync-interval-ms", type=int, default=None, help="journal.sync_interval_ms (0: every batch)")
     p.add_argument("--cursor-interval-ms", type=int, default=None,
                    help="journal.cursor_interval_ms (0: every acknowledgement)")
