@@ -250,6 +250,12 @@ class ArchiveStore:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.delete_dir(self.path(rel_dir))
 
+    def remove_empty_dir(self, rel_dir: str) -> None:
+        """Remove a local directory if it is empty (S3 has no directories: nothing to do)."""
+        if self.local:
+            with contextlib.suppress(OSError):  # not empty (in use), or already gone
+                os.rmdir(self.path(rel_dir))
+
     def remove_temporaries(self, rel_dir: str) -> int:
         """Delete temporary files a killed writer left in `rel_dir` (local only); returns how many."""
         if not self.local:

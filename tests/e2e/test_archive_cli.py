@@ -15,6 +15,7 @@ import pytest
 from ingest.core.records import Record
 from ingest.io.archive_store import ArchiveStore
 from ingest.services.archive import Archiver
+from ingest.services.archive_tools import STAGING
 from tests.conftest import BrokerInfo
 from tests.integration.test_archive import book, publish, q, running, settings_for, trade, until
 
@@ -95,6 +96,7 @@ async def test_verify_and_compact_leave_no_probe_in_the_archive(archive: Path) -
     out = okx_ingest("archive", "compact", "--config", str(archive), "--date", DATE, cwd=cwd)
     assert out.returncode == 0, out.stderr
     assert [p for p in tree() if "_probe" in str(p)] == []
+    assert not (root / STAGING).exists()  # nor compact's staging
 
 
 async def test_verify_exits_1_naming_a_corrupt_and_a_missing_file(archive: Path) -> None:
