@@ -293,7 +293,7 @@ def _archive(args: argparse.Namespace, settings: Any) -> int:
     from ingest.services.archive import open_store
     from ingest.services.archive_tools import LiveDateError, compact, verify_report
 
-    store = open_store(settings.archive)
+    store = open_store(settings.archive, write=args.archive_command != "verify")
     where = f"{store.url}" + (f" for {args.date}" if args.date else "")
     if args.archive_command == "verify":
         result = verify_report(store, date=args.date)

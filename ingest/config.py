@@ -114,6 +114,13 @@ def _check_host(value: str) -> str:
                      "such as 127.0.0.1, 0.0.0.0 (all interfaces) or the pod IP")
 
 
+def _check_not_below(section: BaseModel, high: str, low: str) -> None:
+    """`high` >= `low` (a retry or backoff ceiling and its first delay, a deadline and the wait inside it): one
+    rule and one message for every section's pair, the field names spelled once as the user writes them."""
+    if getattr(section, high) < getattr(section, low):
+        raise ValueError(f"{high} must be >= {low}")
+
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -213,8 +220,7 @@ class OkxSettings(_Section):
 
     @model_validator(mode="after")
     def _auth_pause_bounds(self) -> OkxSettings:
-        if self.auth_pause_max_s < self.auth_pause_initial_s:
-            raise ValueError("auth_pause_max_s must be >= auth_pause_initial_s")
+        _check_not_below(self, "auth_pause_max_s", "auth_pause_initial_s")
         return self
 
     def all_subscriptions(self) -> list[Subscription]:
@@ -272,8 +278,7 @@ class WsSettings(_Section):
 
     @model_validator(mode="after")
     def _bounds(self) -> WsSettings:
-        if self.backoff_max_s < self.backoff_min_s:
-            raise ValueError("backoff_max_s must be >= backoff_min_s")
+        _check_not_below(self, "backoff_max_s", "backoff_min_s")
         for key in ("public_url", "business_url", "private_url"):
             url = getattr(self, key)
             if url is not None and not url.startswith(("wss://", "ws://")):
@@ -441,8 +446,7 @@ class KafkaSettings(_Section):
     def _registry_matches_format(self) -> KafkaSettings:
         if self.wire_format is WireFormat.CONFLUENT and not self.schema_registry_url:
             raise ValueError("wire_format 'confluent' needs schema_registry_url")
-        if self.delivery_timeout_ms < self.request_timeout_ms:
-            raise ValueError("delivery_timeout_ms must be >= request_timeout_ms")
+        _check_not_below(self, "delivery_timeout_ms", "request_timeout_ms")
         return self
 
     @model_validator(mode="after")
@@ -550,8 +554,7 @@ class BackfillSettings(_Section):
 
     @model_validator(mode="after")
     def _retry_bounds(self) -> BackfillSettings:
-        if self.retry_max_s < self.retry_initial_s:
-            raise ValueError("retry_max_s must be >= retry_initial_s")
+        _check_not_below(self, "retry_max_s", "retry_initial_s")
         if self.heartbeat_interval_ms >= self.session_timeout_ms:
             raise ValueError("heartbeat_interval_ms must be < session_timeout_ms")
         return self

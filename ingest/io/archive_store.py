@@ -36,6 +36,8 @@ TMP_SUFFIX = ".tmp"
 #: Lock files, one per date (`_locks/date=D.lock`): the archiver holds it shared while it writes a file and
 #: its manifest, `archive compact` exclusive for the whole date, so neither sees the other half-done.
 LOCKS = "_locks"
+#: Name prefix of the start-up check's probe object, written in the root and deleted at once.
+PROBE_PREFIX = "_probe-"
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -109,8 +111,30 @@ class ArchiveStore:
 
     # ---- start-up check -----------------------------------------------------------------------------
 
+    def check_readable(self) -> None:
+        """The root can be listed: locally a directory or nothing yet (an empty archive), on S3 an existing
+        bucket; raises ConfigError naming the setting otherwise. Writes nothing (`archive verify` only reads)."""
+        if self.local:
+            if os.path.exists(self.root) and not os.path.isdir(self.root):
+                raise ConfigError("archive.url", f"{self.root} is not a directory",
+                                  "point it at the archive directory")
+            return
+        bucket = self.root.split("/", 1)[0]
+        try:
+            info = self.fs.get_file_info(bucket)
+        except OSError as exc:
+            raise ConfigError("archive.url", f"cannot reach bucket {bucket!r}: {_short(exc)}",
+                              "check the bucket name, archive.s3_endpoint_override and the AWS credentials "
+                              "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the instance role)"
+                              ) from None
+        if info.type == pafs.FileType.NotFound:
+            raise ConfigError("archive.url", f"bucket {bucket!r} does not exist", "create it or fix the name")
+
     def check_writable(self) -> None:
-        """Write, read and delete a probe object; raises ConfigError naming the setting when that fails."""
+        """Write, read and delete a probe object; raises ConfigError naming the setting when that fails.
+
+        The probe sits in the root itself, not in a directory of its own: deleting it leaves nothing behind,
+        and members starting together never remove a directory another one is about to write into."""
         if self.local:
             try:
                 os.makedirs(self.root, exist_ok=True)
@@ -118,17 +142,8 @@ class ArchiveStore:
                 raise ConfigError("archive.url", f"cannot create {self.root}: {exc.strerror or exc}",
                                   "point it at a writable directory") from None
         else:
-            bucket = self.root.split("/", 1)[0]
-            try:
-                info = self.fs.get_file_info(bucket)
-            except OSError as exc:
-                raise ConfigError("archive.url", f"cannot reach bucket {bucket!r}: {_short(exc)}",
-                                  "check the bucket name, archive.s3_endpoint_override and the AWS credentials "
-                                  "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the instance role)"
-                                  ) from None
-            if info.type == pafs.FileType.NotFound:
-                raise ConfigError("archive.url", f"bucket {bucket!r} does not exist", "create it or fix the name")
-        probe = self.path(f"_probe/{uuid.uuid4().hex}")
+            self.check_readable()
+        probe = self.path(f"{PROBE_PREFIX}{uuid.uuid4().hex}")
         try:
             self.write_atomic(probe, b"probe")
             self.fs.delete_file(probe)
@@ -240,6 +255,12 @@ class ArchiveStore:
         else:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.delete_dir(self.path(rel_dir))
+
+    def remove_empty_dir(self, rel_dir: str) -> None:
+        """Remove a local directory if it is empty (S3 has no directories: nothing to do)."""
+        if self.local:
+            with contextlib.suppress(OSError):  # not empty (in use), or already gone
+                os.rmdir(self.path(rel_dir))
 
     def remove_temporaries(self, rel_dir: str) -> int:
         """Delete temporary files a killed writer left in `rel_dir` (local only); returns how many."""

@@ -112,6 +112,21 @@ class KafkaReader:
         finally:
             await consumer.stop()
 
+    async def _assign(self, consumer: AIOKafkaConsumer, topic: str) -> tuple[
+            list[TopicPartition], dict[TopicPartition, int], dict[TopicPartition, int]]:
+        """Assign every partition of `topic` to `consumer` (in partition order) and return them with their
+        beginning and reported end offsets; no partitions (an absent topic) is `[]` and empty maps. Shared by
+        the whole-window read and the streams so both start from the same view of the topic; the reported end
+        may lag the last batch, which the reads handle (`_seek_time`, `_fetch`), not this."""
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            return [], {}, {}
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        begins = await consumer.beginning_offsets(tps)
+        ends = await consumer.end_offsets(tps)
+        return tps, begins, ends
+
     async def read(self, kind: TopicKind, lo: int, hi: int, horizon: int,
                    keep: Callable[[Record], bool]) -> tuple[list[list[Entry]], bool]:
         """Sorted entries of `kind` with lo <= ts < hi, one list per partition; and whether `lo` reached
@@ -121,13 +136,9 @@ class KafkaReader:
         try:
             # No overall deadline (a long window takes long): each wait has its own bound (metadata requests by
             # request_timeout_ms, reads by their progress deadline).
-            parts = consumer.partitions_for_topic(topic)
-            if not parts:
+            tps, begins, ends = await self._assign(consumer, topic)
+            if not tps:
                 return [], True
-            tps = [TopicPartition(topic, p) for p in sorted(parts)]
-            consumer.assign(tps)
-            begins = await consumer.beginning_offsets(tps)
-            ends = await consumer.end_offsets(tps)
             out: list[list[Entry]] = []
             at_begin = True
             for tp in tps:
@@ -345,13 +356,9 @@ class KafkaStreams:
         consumer = await reader._consumer()
         self._consumers.append(consumer)
         try:
-            parts = consumer.partitions_for_topic(topic)
-            if not parts:
+            tps, begins, ends = await reader._assign(consumer, topic)
+            if not tps:
                 return [], True
-            tps = [TopicPartition(topic, p) for p in sorted(parts)]
-            consumer.assign(tps)
-            begins = await consumer.beginning_offsets(tps)
-            ends = await consumer.end_offsets(tps)
             firsts = {tp: await reader._seek_time(consumer, tp, lo - REORDER_MARGIN_MS, begins[tp], ends[tp])
                       for tp in tps}
         except TimeoutError:

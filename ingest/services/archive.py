@@ -686,10 +686,14 @@ async def _wait(stop: asyncio.Event, seconds: float) -> None:
             await stop.wait()
 
 
-def open_store(cfg: ArchiveSettings) -> ArchiveStore:
-    """The configured store, checked writable (ConfigError naming archive.url otherwise)."""
+def open_store(cfg: ArchiveSettings, *, write: bool = True) -> ArchiveStore:
+    """The configured store, checked writable, or only readable with `write=False` (`archive verify`, which
+    must work with read-only access and change nothing); ConfigError naming archive.url otherwise."""
     store = ArchiveStore.from_url(cfg.url, endpoint_override=cfg.s3_endpoint_override, region=cfg.s3_region)
-    store.check_writable()
+    if write:
+        store.check_writable()
+    else:
+        store.check_readable()
     return store
 
 

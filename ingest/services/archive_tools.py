@@ -128,15 +128,26 @@ def compact(store: ArchiveStore, *, date: str, min_bytes: int, target_bytes: int
                             "writing it; compact days the archiver has finished with")
     report = {"partitions": 0, "merged_files": 0, "written_files": 0, "removed_leftovers": 0}
     with store.date_lock(date, exclusive=True):
-        store.remove_tree(f"{STAGING}/date={date}")  # an interrupted run's half-built or swapped-out directories
+        _clear_staging(store, date)  # an interrupted run's half-built or swapped-out directories
         for key in partitions(store, date):
             report["partitions"] += 1
             if store.local:
                 _compact_swap(store, key, min_bytes, target_bytes, report)
             else:
                 _compact_in_place(store, key, min_bytes, target_bytes, report)
-        store.remove_tree(f"{STAGING}/date={date}")
+        _clear_staging(store, date)
     return report
+
+
+def _clear_staging(store: ArchiveStore, date: str) -> None:
+    """Remove the date's staging (`_compact/<dataset>/date=D`, as `_compact_swap` lays it out), then
+    `_compact/<dataset>` and `_compact` if that left them empty: a compact leaves nothing behind. Another
+    date's compact may be using them (it holds only its own date's lock): a directory in use is not empty, and
+    one emptied meanwhile is recreated by its next write (every write there creates its parents)."""
+    for dataset in store.list_dirs(STAGING):
+        store.remove_tree(f"{STAGING}/{dataset}/date={date}")
+        store.remove_empty_dir(f"{STAGING}/{dataset}")
+    store.remove_empty_dir(STAGING)
 
 
 def _spans(names: set[str] | list[str]) -> dict[tuple[str, int], list[_Span]]:

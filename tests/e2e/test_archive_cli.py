@@ -15,6 +15,7 @@ import pytest
 from ingest.core.records import Record
 from ingest.io.archive_store import ArchiveStore
 from ingest.services.archive import Archiver
+from ingest.services.archive_tools import STAGING
 from tests.conftest import BrokerInfo
 from tests.integration.test_archive import book, publish, q, running, settings_for, trade, until
 
@@ -80,6 +81,24 @@ async def test_verify_then_compact_then_verify_through_the_command(archive: Path
     assert whole.returncode == 0 and "0 problem(s)" in whole.stderr
 
 
+async def test_verify_and_compact_leave_no_probe_in_the_archive(archive: Path) -> None:
+    """verify only reads (it writes no probe), compact deletes its start-up probe: no `_probe` is left."""
+    cwd = archive.parent
+    root = cwd / "archive"
+
+    def tree() -> list[Path]:
+        return sorted(p.relative_to(root) for p in root.rglob("*"))
+
+    before = tree()
+    out = okx_ingest("archive", "verify", "--config", str(archive), cwd=cwd)
+    assert out.returncode == 0, out.stderr
+    assert tree() == before
+    out = okx_ingest("archive", "compact", "--config", str(archive), "--date", DATE, cwd=cwd)
+    assert out.returncode == 0, out.stderr
+    assert [p for p in tree() if "_probe" in str(p)] == []
+    assert not (root / STAGING).exists()  # nor compact's staging
+
+
 async def test_verify_exits_1_naming_a_corrupt_and_a_missing_file(archive: Path) -> None:
     cwd = archive.parent
     files = sorted((cwd / "archive" / "trades" / f"date={DATE}" / "instId=BTC-USDT").glob("*.parquet"))
@@ -113,8 +132,8 @@ async def test_compact_of_today_is_refused_with_exit_2_and_changes_nothing(archi
     root = cwd / "archive"
     today = dt.datetime.now(dt.UTC).date().isoformat()
     (root / "trades" / f"date={today}").mkdir(parents=True)
-    def tree() -> list[Path]:  # (the start-up check leaves an empty `_probe/`)
-        return sorted(p.relative_to(root) for p in root.rglob("*") if p.relative_to(root).parts[0] != "_probe")
+    def tree() -> list[Path]:
+        return sorted(p.relative_to(root) for p in root.rglob("*"))
 
     before = tree()
     out = okx_ingest("archive", "compact", "--config", str(archive), "--date", today, cwd=cwd)

@@ -53,21 +53,15 @@ async def _scrape_until(port: int, ready: str, timeout_s: float = 60) -> list[Sa
 
 
 @asynccontextmanager
-async def _backfill_worker(sim: SimServer, bootstrap: str, prefix: str, journal: Path) -> AsyncIterator[int]:
-    """`okx-ingest backfill` as users run it, configured from the environment; yields its metrics port."""
-    port = free_port()
+async def _cli_child(subcommand: str, settings: dict[str, str]) -> AsyncIterator[None]:
+    """`okx-ingest <subcommand>` as users run it, configured only from the environment: `settings` over ours
+    minus any OKX_INGEST/OKX_API variable. Stopped as a service manager would (SIGTERM, killed after 30 s)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OKX_INGEST", "OKX_API"))}
-    env.update({
-        "OKX_INGEST__OKX__REST_BASE_URL": sim.rest_base, "OKX_INGEST__OKX__WS_BASE_URL": sim.ws_base,
-        "OKX_INGEST__KAFKA__BOOTSTRAP_SERVERS": bootstrap, "OKX_INGEST__KAFKA__TOPIC_PREFIX": prefix,
-        "OKX_INGEST__KAFKA__ENABLE_IDEMPOTENCE": "false", "OKX_INGEST__KAFKA__PARTITIONS": "3",
-        "OKX_INGEST__JOURNAL__DIR": str(journal), "OKX_INGEST__BACKFILL__METRICS_PORT": str(port),
-        "OKX_INGEST__OBS__LOG_FORMAT": "text", "OKX_INGEST__BACKFILL__GROUP_ID": f"{prefix}backfill",
-    })
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "ingest.cli", "backfill", env=env,
+    env.update(settings)
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "ingest.cli", subcommand, env=env,
                                                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     try:
-        yield port
+        yield
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
@@ -80,28 +74,29 @@ async def _backfill_worker(sim: SimServer, bootstrap: str, prefix: str, journal:
 
 
 @asynccontextmanager
-async def _archive_member(bootstrap: str, prefix: str, root: Path) -> AsyncIterator[int]:
-    """`okx-ingest archive` as users run it, configured from the environment; yields its metrics port."""
+async def _backfill_worker(sim: SimServer, bootstrap: str, prefix: str, journal: Path) -> AsyncIterator[int]:
+    """`okx-ingest backfill` against the simulator; yields its metrics port."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OKX_INGEST", "OKX_API"))}
-    env.update({
+    async with _cli_child("backfill", {
+        "OKX_INGEST__OKX__REST_BASE_URL": sim.rest_base, "OKX_INGEST__OKX__WS_BASE_URL": sim.ws_base,
+        "OKX_INGEST__KAFKA__BOOTSTRAP_SERVERS": bootstrap, "OKX_INGEST__KAFKA__TOPIC_PREFIX": prefix,
+        "OKX_INGEST__KAFKA__ENABLE_IDEMPOTENCE": "false", "OKX_INGEST__KAFKA__PARTITIONS": "3",
+        "OKX_INGEST__JOURNAL__DIR": str(journal), "OKX_INGEST__BACKFILL__METRICS_PORT": str(port),
+        "OKX_INGEST__OBS__LOG_FORMAT": "text", "OKX_INGEST__BACKFILL__GROUP_ID": f"{prefix}backfill",
+    }):
+        yield port
+
+
+@asynccontextmanager
+async def _archive_member(bootstrap: str, prefix: str, root: Path) -> AsyncIterator[int]:
+    """`okx-ingest archive` writing to a local archive root; yields its metrics port."""
+    port = free_port()
+    async with _cli_child("archive", {
         "OKX_INGEST__KAFKA__BOOTSTRAP_SERVERS": bootstrap, "OKX_INGEST__KAFKA__TOPIC_PREFIX": prefix,
         "OKX_INGEST__ARCHIVE__URL": str(root), "OKX_INGEST__ARCHIVE__METRICS_PORT": str(port),
         "OKX_INGEST__ARCHIVE__GROUP_ID": f"{prefix}archive", "OKX_INGEST__OBS__LOG_FORMAT": "text",
-    })
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "ingest.cli", "archive", env=env,
-                                                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-    try:
+    }):
         yield port
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(30):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
 
 
 async def test_every_metric_the_dashboard_and_alerts_query_is_exported_with_its_series_from_the_start(

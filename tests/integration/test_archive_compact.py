@@ -104,7 +104,7 @@ async def test_compact_swaps_each_directory_whole_keeps_every_record_once_and_ve
     trades = [r for r in records if isinstance(r, Trade)]
     ids = q(f"select recordId from read_parquet('{root}/trades/**/*.parquet')")
     assert sorted(r[0] for r in ids) == sorted(t.record_id for t in trades)  # every record exactly once
-    assert not (root / STAGING).exists() or not any((root / STAGING).rglob("*.parquet"))
+    assert not (root / STAGING).exists()  # a compact leaves no staging behind, not even empty directories
     again = compact(store, date="2026-12-01", min_bytes=1 << 20, target_bytes=1 << 30, now=AFTER_DAY2)
     assert again["merged_files"] == 0 and verify_report(store, "2026-12-01").records == before.records
 
@@ -113,6 +113,25 @@ async def test_compact_swaps_each_directory_whole_keeps_every_record_once_and_ve
         compact(store, date="2026-12-02", min_bytes=1 << 20, target_bytes=1 << 30, now=DURING_DAY2)
     day2_after = {d: n for d, n in parquet_names(root).items() if "date=2026-12-02" in str(d)}
     assert day2_before and day2_after == day2_before and verify(store, "2026-12-02") == []
+
+
+def test_compact_removes_what_an_interrupted_run_staged_for_its_date_and_keeps_other_dates(tmp_path: Path) -> None:
+    """A run killed mid-swap leaves `_compact/<dataset>/date=D/...`; the next compact of D removes it (and the
+    then empty `_compact/`), while another date's staging, which its own compact may be using, stays."""
+    root = tmp_path / "archive"
+    store = ArchiveStore.from_url(str(root))
+    leftovers = [root / STAGING / "trades" / "date=2026-12-01" / "instId=BTC-USDT" / "old.parquet",
+                 root / STAGING / "books" / "date=2026-12-01" / "instId=ETH-USDT" / "_manifest.json"]
+    other = root / STAGING / "trades" / "date=2026-11-30" / "instId=BTC-USDT" / "staged.parquet"
+    for path in [*leftovers, other]:
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x")
+    compact(store, date="2026-12-01", min_bytes=1 << 20, target_bytes=1 << 30, now=AFTER_DAY2)
+    assert sorted(p.relative_to(root) for p in (root / STAGING).rglob("*") if p.is_file()) == [
+        other.relative_to(root)]
+    assert not (root / STAGING / "books").exists()
+    compact(store, date="2026-11-30", min_bytes=1 << 20, target_bytes=1 << 30, now=AFTER_DAY2)
+    assert not (root / STAGING).exists()
 
 
 async def test_an_archiver_waits_for_compact_and_rereads_the_manifest_it_rewrote(

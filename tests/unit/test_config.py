@@ -56,6 +56,21 @@ def test_bad_config_names_key_and_fix(tmp_path: Path, text: str, key: str, fix: 
     assert fix in str(err.value)
 
 
+@pytest.mark.parametrize(("section", "high", "low"), [
+    ("okx", "auth_pause_max_s", "auth_pause_initial_s"),
+    ("ws", "backoff_max_s", "backoff_min_s"),
+    ("kafka", "delivery_timeout_ms", "request_timeout_ms"),
+    ("backfill", "retry_max_s", "retry_initial_s"),
+])
+def test_a_ceiling_below_its_start_is_refused_and_an_equal_one_accepted(
+        tmp_path: Path, section: str, high: str, low: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(_write(tmp_path, f"[{section}]\n{high} = 5\n{low} = 6\n"))
+    assert err.value.key == section
+    assert f"{high} must be >= {low}" in str(err.value)
+    load_settings(_write(tmp_path, f"[{section}]\n{high} = 6\n{low} = 6\n"))
+
+
 def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OKX_INGEST__KAFKA__TOPIC_PREFIX", "prod.okx.")
     s = load_settings(_write(tmp_path, '[kafka]\ntopic_prefix = "file."\n'))

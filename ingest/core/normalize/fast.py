@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, Protocol, TypeVar, cast
 
 import msgspec
 
@@ -110,6 +110,15 @@ class _FastTickers(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     data: list[_FastTicker]
 
 
+class _FastPush(Protocol):
+    """What the fast paths' push Structs share: the arg, read to gate the channel before any row."""
+
+    @property
+    def arg(self) -> _FastArg: ...
+
+
+P = TypeVar("P", bound=_FastPush)
+_TICKER_CHANNELS = frozenset({"tickers"})
 _TRADES_DECODER = msgspec.json.Decoder(_FastTrades)
 _TICKERS_DECODER = msgspec.json.Decoder(_FastTickers)
 # The decimals of one ticker row ("" allowed: none of them is required) joined by "|", one regex per count of
@@ -143,15 +152,22 @@ def _template(cls: type[R], channel: str, inst_id: str) -> tuple[R, SubArg]:
     return cast(R, cached[0]), cached[1]
 
 
-def _fast_trades(frame: InboundFrame) -> TradePush | None:
+def _decode(decoder: msgspec.json.Decoder[P], frame: InboundFrame, channels: frozenset[str]) -> P | None:
+    """The frame as its channel's fast Struct, or None (not that shape, or another channel) for the generic
+    path to decide. One gate for the three paths; it runs once per frame, never per field."""
     try:
-        push = _TRADES_DECODER.decode(frame.data)
+        push = decoder.decode(frame.data)
     except (msgspec.DecodeError, UnicodeDecodeError):
+        return None
+    return push if push.arg.channel in channels else None
+
+
+def _fast_trades(frame: InboundFrame) -> TradePush | None:
+    push = _decode(_TRADES_DECODER, frame, _TRADE_CHANNELS)
+    if push is None:
         return None
     channel = push.arg.channel
     inst_id = push.arg.instId
-    if channel not in _TRADE_CHANNELS:
-        return None
     template, sub = _template(Trade, channel, inst_id)
     replace = msgspec.structs.replace
     prefix = f"{frame.conn}:{frame.recv_seq}:"
@@ -183,14 +199,11 @@ def _fast_trades(frame: InboundFrame) -> TradePush | None:
 
 
 def _fast_books(frame: InboundFrame) -> BookPush | None:
-    try:
-        push = _BOOKS_DECODER.decode(frame.data)
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    push = _decode(_BOOKS_DECODER, frame, BOOK_CHANNELS)
+    if push is None:
         return None
     channel = push.arg.channel
     inst_id = push.arg.instId
-    if channel not in BOOK_CHANNELS:
-        return None
     if push.action == "update":
         action = BookAction.UPDATE
     elif push.action == "snapshot" or (push.action is _UNSET and channel in SNAPSHOT_BOOK_CHANNELS):
@@ -216,14 +229,11 @@ def _fast_books(frame: InboundFrame) -> BookPush | None:
 
 
 def _fast_tickers(frame: InboundFrame) -> RecordPush | None:
-    try:
-        push = _TICKERS_DECODER.decode(frame.data)
-    except (msgspec.DecodeError, UnicodeDecodeError):
+    push = _decode(_TICKERS_DECODER, frame, _TICKER_CHANNELS)
+    if push is None:
         return None
     channel = push.arg.channel
     inst_id = push.arg.instId
-    if channel != "tickers":
-        return None
     template, sub = _template(Ticker, channel, inst_id)
     replace = msgspec.structs.replace
     prefix = f"{frame.conn}:{frame.recv_seq}:"
