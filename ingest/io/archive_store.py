@@ -112,10 +112,15 @@ class ArchiveStore:
     # ---- start-up check -----------------------------------------------------------------------------
 
     def check_readable(self) -> None:
-        """The root can be listed: locally a directory or nothing yet (an empty archive), on S3 an existing
-        bucket; raises ConfigError naming the setting otherwise. Writes nothing (`archive verify` only reads)."""
+        """The root can be listed: locally an existing directory, on S3 an existing bucket; raises ConfigError
+        naming the setting otherwise. Writes nothing (`archive verify` only reads). A missing local root is an
+        error, not an empty archive: a mistyped path must not verify as "0 problems"."""
         if self.local:
-            if os.path.exists(self.root) and not os.path.isdir(self.root):
+            if not os.path.exists(self.root):
+                raise ConfigError("archive.url", f"{self.root} does not exist",
+                                  "point it at the archive directory (the archiver creates it with its first "
+                                  "file)")
+            if not os.path.isdir(self.root):
                 raise ConfigError("archive.url", f"{self.root} is not a directory",
                                   "point it at the archive directory")
             return

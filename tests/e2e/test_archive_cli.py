@@ -116,6 +116,16 @@ async def test_verify_exits_1_naming_a_corrupt_and_a_missing_file(archive: Path)
     assert pq.read_table(files[2]).num_rows > 0  # the others are untouched
 
 
+def test_verify_of_an_archive_that_does_not_exist_is_exit_2_naming_the_setting(tmp_path: Path) -> None:
+    """A mistyped path must not pass as an empty archive with "0 problem(s)"."""
+    config = tmp_path / "okx-ingest.toml"
+    config.write_text(f'[archive]\nurl = "{tmp_path / "archvie"}"\n')
+    out = okx_ingest("archive", "verify", "--config", str(config), cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert "archive.url" in out.stderr and "does not exist" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "archvie").exists()  # verify writes nothing, not even the directory
+
+
 @pytest.mark.parametrize("command", ["verify", "compact"])
 @pytest.mark.parametrize("date", ["2025-13-01", "01.06.2025", "2025-6-1", "yesterday"])
 def test_a_bad_date_is_exit_2_with_what_is_expected(tmp_path: Path, command: str, date: str) -> None:
