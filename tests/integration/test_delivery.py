@@ -138,7 +138,10 @@ async def test_every_compression_codec_delivers(
     kafka_broker: BrokerInfo, topic_prefix: str, codec: Compression
 ) -> None:
     topic = f"{topic_prefix}codec"
-    sink = sink_for(kafka_broker.bootstrap_servers, compression=codec)
+    # One bare write, no Delivery to retry it: patient timeouts (the fast ones are for outage tests; a loaded
+    # machine's first produce to a new topic has been seen to take longer than 2.5 s).
+    sink = sink_for(kafka_broker.bootstrap_servers, compression=codec, request_timeout_ms=10_000,
+                    delivery_timeout_ms=30_000)
     await sink.start()
     try:
         sent = [record(topic, i) for i in range(50)]

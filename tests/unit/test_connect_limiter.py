@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ingest.io.ws import ConnectLimiter
@@ -48,8 +48,13 @@ async def test_an_attempt_holds_its_place_until_a_window_after_its_handshake_end
     assert clock.now >= 0.8 + 1.0  # admitting it at 1.05 s could put four arrivals in one second
 
 
+#: Arrivals exactly a second apart are allowed; float sums land a hair either side of the boundary.
+EPS = 1e-9
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.floats(0, 2), st.floats(0, 1)), min_size=1, max_size=25))
+@example([(1.077366563754546, 0.0), (0.0, 0.0), (0.0, 0.0), (0.0, 0.0), (0.0, 0.0)])  # 2.0773.. - 1.0773.. < 1.0
 def test_no_second_ever_holds_more_than_three_arrivals_whatever_the_handshakes_take(
     attempts: list[tuple[float, float]]
 ) -> None:
@@ -69,4 +74,4 @@ def test_no_second_ever_holds_more_than_three_arrivals_whatever_the_handshakes_t
         return arrivals
 
     arrivals = sorted(asyncio.run(run()))
-    assert all(later - earlier >= 1.0 for earlier, later in zip(arrivals, arrivals[3:], strict=False))
+    assert all(later - earlier >= 1.0 - EPS for earlier, later in zip(arrivals, arrivals[3:], strict=False))
