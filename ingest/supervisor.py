@@ -538,6 +538,9 @@ class Daemon:
         lag = gauge("pipeline_lag_seconds",
                     "Age of the oldest frame or event received and not yet processed by the pipeline (0 when none)")
         lag.add_metric([], p.lag_s())
+        busy = counter("pipeline_busy_seconds", "Time the pipeline spent on batches rather than waiting for input "
+                       "(rate near 1: the core is saturated, the backlog waits in the sockets)")
+        busy.add_metric([], st.busy_s)
         state = gauge("pipeline_state_entries", "Entries of each per-stream map of the pipeline (all bounded)",
                       ("map",))
         for name, n in p.state_sizes().items():
@@ -547,7 +550,7 @@ class Daemon:
         failures.add_metric(["item"], st.item_failures)
         failures.add_metric(["encode"], st.unencodable_records)
         failures.add_metric(["stream_limit"], st.streams_refused)
-        return [frames, records, dead, gaps, okx_errors, events, book, dups, inbox, lag, state, failures]
+        return [frames, records, dead, gaps, okx_errors, events, book, dups, inbox, lag, busy, state, failures]
 
     def _cluster_metrics(self) -> Iterable[Metric]:
         """Cluster mode: what this replica owns, in which generation, and what its fence and positions did."""

@@ -131,6 +131,10 @@ class PipelineStats:
     #: Args acked after `max_streams` were held (their pushes are dead letters).
     streams_refused: int = 0
     last_frame_ns: int = 0
+    #: Seconds spent on batches (processing them and handing their records over), not waiting for input. Its
+    #: rate near 1 is a saturated core (or delivery holding the pipeline) even while the inbox stays short:
+    #: a pipeline that never waits reads its sockets only between bursts, so the backlog waits in TCP buffers.
+    busy_s: float = 0.0
     #: Private reconciliation: REST reads asked for, answers handled, rows published (by topic) and dropped.
     reconcile_requests: int = 0
     reconciliations: int = 0
@@ -328,9 +332,11 @@ class Pipeline:
             while len(items) < BATCH and not inbox.empty():
                 items.append(inbox.get_nowait())
             self._batch_received_ns = _received_ns(items[0])  # once per batch: the lag costs no frame anything
+            started = time.perf_counter()
             try:
                 await self.handle_many(items)
             finally:
+                self.stats.busy_s += time.perf_counter() - started
                 self._batch_received_ns = None
                 for _ in items:
                     inbox.task_done()

@@ -274,6 +274,7 @@ async def test_lag_counts_the_batch_the_pipeline_holds_while_the_outlet_makes_it
     await subscribe(pipe, SubArg("trades", "BTC-USDT"))
     inbox.put_nowait(_frame_at(t0, 1))
     inbox.put_nowait(_frame_at(t0 + 1_000_000_000, 2))
+    assert pipe.stats.busy_s == 0
     task = asyncio.create_task(pipe.run())
     try:
         await entered.wait()
@@ -285,6 +286,7 @@ async def test_lag_counts_the_batch_the_pipeline_holds_while_the_outlet_makes_it
         await asyncio.wait_for(inbox.join(), 5)
         assert [t.trade_id for t in out.records(Trade)] == ["1", "2", "3"]
         assert pipe.lag_s() == 0.0  # caught up
+        assert pipe.stats.busy_s > 0  # the batches' time, counted for the saturation metric
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
