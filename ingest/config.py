@@ -676,8 +676,8 @@ class ObsSettings(_Section):
         default=4, description="server-time probes per check; the one with the shortest round trip wins")
     max_pipeline_lag_s: Annotated[float, Field(gt=0)] = Field(
         default=5.0, description="/readyz turns not ready while the oldest frame received from OKX and not yet "
-        "processed is older than this (okx_ingest_pipeline_lag_seconds): the core does not keep up, so OKX may "
-        "close the connection with 4005 (a gap); record fewer instruments per shard")
+        "processed is older than this (okx_ingest_pipeline_lag_seconds): the pipeline is held or does not keep "
+        "up, the sockets pause, and OKX may close them with 4005 (a gap)")
 
     _host = field_validator("metrics_host")(_check_host)
 

@@ -484,8 +484,9 @@ class Daemon:
             details["pipeline_lag_s"] = round(lag, 3)
             limit = self.settings.obs.max_pipeline_lag_s
             if lag > limit:
-                reasons.append(f"pipeline lag {lag:.1f} s above obs.max_pipeline_lag_s ({limit:g} s): the core does "
-                               "not keep up with OKX (record fewer instruments per shard)")
+                reasons.append(f"pipeline lag {lag:.1f} s above obs.max_pipeline_lag_s ({limit:g} s): received "
+                               "frames wait to be recorded (delivery holds the pipeline, or the core does not keep "
+                               "up: record fewer instruments per shard)")
         if p.clock_service is not None and p.clock_service.health().value == "fail":
             reasons.append("clock offset to OKX above the limit: logins and signed requests fail (fix NTP)")
         return Readiness(not reasons and p.manager is not None, tuple(reasons), details)

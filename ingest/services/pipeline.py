@@ -342,9 +342,10 @@ class Pipeline:
                     inbox.task_done()
 
     def lag_s(self) -> float:
-        """How far behind OKX the pipeline is: the age of the oldest frame (or event) received and not yet
+        """How long what was received has waited: the age of the oldest frame (or event) received and not yet
         processed, i.e. of the batch in progress or else the queue's head; 0 when nothing waits. Read when
-        metrics or readiness are asked for, so it costs the data path nothing."""
+        metrics or readiness are asked for, so it costs the data path nothing. A backlog still in the sockets'
+        buffers is not received yet and not seen here (`stats.busy_s` shows a core that never waits)."""
         since = self._batch_received_ns
         if since is None:
             head = oldest(self.inbox)

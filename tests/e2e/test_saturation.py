@@ -100,7 +100,7 @@ async def test_a_pipeline_that_falls_behind_reports_its_lag_and_is_not_ready_unt
 
         held = HeldPipeline(pipeline, monkeypatch)
         await sim.tick(10)  # trades arrive; the pipeline takes the first batch and processes nothing
-        await held.holding.wait()
+        await asyncio.wait_for(held.holding.wait(), 30)
         behind = await _probe_until(port, lambda r: bool(_lag_reasons(r)))
         [reason] = _lag_reasons(behind)
         assert behind.status_code == 503 and behind.json()["ready"] is False
