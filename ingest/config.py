@@ -681,6 +681,10 @@ class ObsSettings(_Section):
     clock_fail_ms: Annotated[int, Field(gt=0)] = 25000
     clock_samples: Annotated[int, Field(gt=0, le=10)] = Field(
         default=4, description="server-time probes per check; the one with the shortest round trip wins")
+    max_pipeline_lag_s: Annotated[float, Field(gt=0)] = Field(
+        default=5.0, description="/readyz turns not ready while the oldest frame received from OKX and not yet "
+        "processed is older than this (okx_ingest_pipeline_lag_seconds): the pipeline is held or does not keep "
+        "up, the sockets pause, and OKX may close them with 4005 (a gap)")
 
     _host = field_validator("metrics_host")(_check_host)
 

@@ -479,6 +479,14 @@ class Daemon:
                 reasons.append("Kafka unreachable: recording to the journal")
             if d.journal_full:
                 reasons.append("journal full: back-pressure on the sockets")
+        if p.pipeline is not None:
+            lag = p.pipeline.lag_s()
+            details["pipeline_lag_s"] = round(lag, 3)
+            limit = self.settings.obs.max_pipeline_lag_s
+            if lag > limit:
+                reasons.append(f"pipeline lag {lag:.1f} s above obs.max_pipeline_lag_s ({limit:g} s): received "
+                               "frames wait to be recorded (delivery holds the pipeline, or the core does not keep "
+                               "up: record fewer instruments per shard)")
         if p.clock_service is not None and p.clock_service.health().value == "fail":
             reasons.append("clock offset to OKX above the limit: logins and signed requests fail (fix NTP)")
         return Readiness(not reasons and p.manager is not None, tuple(reasons), details)
@@ -528,6 +536,12 @@ class Daemon:
             events.add_metric([event], n)
         inbox = gauge("inbox_depth", "Frames and events waiting for the pipeline")
         inbox.add_metric([], p.inbox.qsize())
+        lag = gauge("pipeline_lag_seconds",
+                    "Age of the oldest frame or event received and not yet processed by the pipeline (0 when none)")
+        lag.add_metric([], p.lag_s())
+        busy = counter("pipeline_busy_seconds", "Time the pipeline spent on batches rather than waiting for input "
+                       "(rate near 1: the core is saturated, the backlog waits in the sockets)")
+        busy.add_metric([], st.busy_s)
         state = gauge("pipeline_state_entries", "Entries of each per-stream map of the pipeline (all bounded)",
                       ("map",))
         for name, n in p.state_sizes().items():
@@ -537,7 +551,7 @@ class Daemon:
         failures.add_metric(["item"], st.item_failures)
         failures.add_metric(["encode"], st.unencodable_records)
         failures.add_metric(["stream_limit"], st.streams_refused)
-        return [frames, records, dead, gaps, okx_errors, events, book, dups, inbox, state, failures]
+        return [frames, records, dead, gaps, okx_errors, events, book, dups, inbox, lag, busy, state, failures]
 
     def _cluster_metrics(self) -> Iterable[Metric]:
         """Cluster mode: what this replica owns, in which generation, and what its fence and positions did."""

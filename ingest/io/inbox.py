@@ -12,11 +12,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable, Hashable
+from typing import TypeVar
 
 from ingest.core.events import Inbound
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def oldest(queue: asyncio.Queue[T]) -> T | None:
+    """The item `queue.get()` would return next, left in place (None when empty): for the pipeline's lag,
+    read at scrape time, never on the hot path. asyncio.Queue keeps its FIFO in the deque `_queue` (every
+    CPython since 3.4; tests/unit/test_inbox.py checks it), which has no public peek."""
+    items: deque[T] | None = getattr(queue, "_queue", None)
+    return items[0] if items else None
 
 
 class Inbox(asyncio.Queue[Inbound]):

@@ -83,6 +83,7 @@ from ingest.core.records import (
 from ingest.core.records import GapKind as RecordGapKind
 from ingest.core.records import Position as PositionRecord
 from ingest.core.streams import Position, StreamOwners
+from ingest.io.inbox import oldest
 from ingest.io.sink import EncodedRecord
 from ingest.io.state import SavedState
 from ingest.okx import codes
@@ -130,6 +131,10 @@ class PipelineStats:
     #: Args acked after `max_streams` were held (their pushes are dead letters).
     streams_refused: int = 0
     last_frame_ns: int = 0
+    #: Seconds spent on batches (processing them and handing their records over), not waiting for input. Its
+    #: rate near 1 is a saturated core (or delivery holding the pipeline) even while the inbox stays short:
+    #: a pipeline that never waits reads its sockets only between bursts, so the backlog waits in TCP buffers.
+    busy_s: float = 0.0
     #: Private reconciliation: REST reads asked for, answers handled, rows published (by topic) and dropped.
     reconcile_requests: int = 0
     reconciliations: int = 0
@@ -222,6 +227,11 @@ _ORDER_RECORD = (Order, AlgoOrder)
 _MAY_OMIT = ("inst_family", "ccy", "extra_params")
 
 
+def _received_ns(item: Inbound) -> int:
+    """Local time (ns) an inbound item arrived: a frame's receive time, an event's or a REST answer's own."""
+    return item.recv_ts_ns if isinstance(item, InboundFrame) else item.ts_ns
+
+
 def _covers(held: SubArg, push: SubArg) -> bool:
     """Whether a push with arg `push` belongs to the subscription `held` (see Pipeline._holder)."""
     for name in ("inst_id", "inst_type", "inst_family", "ccy", "extra_params"):
@@ -307,6 +317,9 @@ class Pipeline:
         #: image on the topic (its snapshot or checkpoint); 0 turns them off.
         self._checkpoint_ns = int(book_checkpoint_s * 1e9)
         self._last_image_ns: dict[SubArg, int] = {}
+        #: Receive time (ns) of the first item of the batch being processed (taken from the queue but not yet
+        #: handed to the outlet), None between batches: with the queue's head, what `lag_s` reads.
+        self._batch_received_ns: int | None = None
 
     # ---- driving ------------------------------------------------------------------------------------
 
@@ -318,11 +331,28 @@ class Pipeline:
             items = [await inbox.get()]
             while len(items) < BATCH and not inbox.empty():
                 items.append(inbox.get_nowait())
+            self._batch_received_ns = _received_ns(items[0])  # once per batch: the lag costs no frame anything
+            started = time.perf_counter()
             try:
                 await self.handle_many(items)
             finally:
+                self.stats.busy_s += time.perf_counter() - started
+                self._batch_received_ns = None
                 for _ in items:
                     inbox.task_done()
+
+    def lag_s(self) -> float:
+        """How long what was received has waited: the age of the oldest frame (or event) received and not yet
+        processed, i.e. of the batch in progress or else the queue's head; 0 when nothing waits. Read when
+        metrics or readiness are asked for, so it costs the data path nothing. A backlog still in the sockets'
+        buffers is not received yet and not seen here (`stats.busy_s` shows a core that never waits)."""
+        since = self._batch_received_ns
+        if since is None:
+            head = oldest(self.inbox)
+            if head is None:
+                return 0.0
+            since = _received_ns(head)
+        return max(0.0, (self._now_ns() - since) / 1e9)
 
     def checkpoint(self) -> tuple[list[StreamCheckpoint], int | None]:
         """Every stream's position and open gap, and when private data last arrived (for `restore`)."""

@@ -28,6 +28,8 @@ class ConnStats:
     frames_sent: int = 0
     bytes_sent: int = 0
     frames_dropped: int = 0
+    #: Frames discarded when the outbound buffer overflowed (`max_queue_frames`, then close 4005).
+    frames_overflowed: int = 0
     close_code: int | None = None
     close_reason: str = ""
 

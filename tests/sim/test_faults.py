@@ -245,7 +245,29 @@ async def test_a_connection_whose_buffer_overflows_is_closed_with_4005() -> None
     async with SimServer(SimConfig(max_queue_frames=5, **creds())) as sim, \
             await Client.connect(sim.ws_url("public")) as c:
         await c.subscribe({"channel": "trades", "instId": "BTC-USDT"})
-        await sim.wait_subscribed({"channel": "trades"})
+        [conn_id] = await sim.wait_subscribed({"channel": "trades"})
         await sim.pump_trades("BTC-USDT", 20)
         assert await c.wait_closed() == 4005
         assert c.ws.close_reason == "Buffer is full, cannot write data."
+    assert sim.stats.connections[conn_id].frames_overflowed > 0
+
+
+async def test_a_client_that_stops_reading_gets_what_its_socket_took_then_4005_and_never_the_rest() -> None:
+    """OKX's slow-consumer rule with real sockets: the client reads nothing, TCP fills, the simulator's buffer
+    overflows; what was written before is still delivered, in order, then 4005; what overflowed never is."""
+    config = SimConfig(max_queue_frames=500, flush_timeout_s=0.05, compress=False, **creds())
+    async with SimServer(config) as sim, await Client.connect(sim.ws_url("business"), max_queue=4) as c:
+        await c.subscribe({"channel": "trades-all", "instId": "BTC-USDT"})
+        [conn_id] = await sim.wait_subscribed({"channel": "trades-all"})
+        stats = sim.stats.connections[conn_id]
+        async with asyncio.timeout(60):
+            while not stats.frames_overflowed:  # nothing is read meanwhile: the socket's buffers fill up
+                await sim.pump(sim.prepare_trades("BTC-USDT", 200), batch=100)
+        got: list[str] = []
+        with pytest.raises(websockets.ConnectionClosedError):
+            while True:
+                got += [t["tradeId"] for t in json.loads(await asyncio.wait_for(c.ws.recv(), 10))["data"]]
+        assert c.ws.close_code == 4005
+    sent = [r.trade_id for r in sim.market.trades("BTC-USDT")]
+    assert got == sent[:len(got)] and len(got) == stats.frames_sent - 1  # all but the ack, in order
+    assert len(sent) - len(got) >= stats.frames_overflowed > 0  # the rest never left

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
 from ingest.core.events import Inbound, LinkEvent, LinkEventKind
-from ingest.io.inbox import Inbox
+from ingest.io.inbox import Inbox, oldest
 
 
 def item(n: int) -> LinkEvent:
@@ -92,3 +93,17 @@ async def test_a_failing_resume_costs_neither_the_item_nor_the_other_resumes() -
     inbox.pause_until_room("fine", lambda: resumed.append("fine"))
     assert conn_of(inbox.get_nowait()) == "c1"
     assert resumed == ["fine"]
+
+
+@pytest.mark.parametrize("make", [lambda: Inbox(limit=2), asyncio.Queue], ids=["inbox", "plain-queue"])
+async def test_oldest_peeks_at_the_next_item_without_taking_it(make: Callable[[], asyncio.Queue[Inbound]]) -> None:
+    """The pipeline's lag reads the queue's head this way; it relies on asyncio.Queue's internal deque."""
+    queue = make()
+    assert oldest(queue) is None
+    for n in range(3):
+        queue.put_nowait(item(n))
+    head = oldest(queue)
+    assert head is not None and conn_of(head) == "c0" and queue.qsize() == 3
+    assert conn_of(queue.get_nowait()) == "c0"
+    head = oldest(queue)
+    assert head is not None and conn_of(head) == "c1"

@@ -226,3 +226,67 @@ async def test_between_batches_waits_while_records_are_still_being_handed_over()
     await asyncio.wait_for(waiter, 5)
     await handing
     assert len(out.encoded) == 1
+
+
+# ---------------------------------------------------------------------------------------------- lag
+
+
+def _frame_at(recv_ts_ns: int, tid: int) -> InboundFrame:
+    return InboundFrame("public-0#1", "public-0", Endpoint.PUBLIC, tid, recv_ts_ns, orjson.dumps(trade(tid)))
+
+
+async def test_lag_is_the_age_of_the_oldest_item_waiting_and_zero_when_none_waits() -> None:
+    t0 = 1_700_000_000_000_000_000
+    now = [t0]
+    inbox: asyncio.Queue[Inbound] = asyncio.Queue()
+    pipe = Pipeline(inbox, Capture(), RecordEncoder("okx."), publish_raw=False, now_ns=lambda: now[0])
+    assert pipe.lag_s() == 0.0  # nothing received: not behind
+    inbox.put_nowait(_frame_at(t0, 1))
+    inbox.put_nowait(_frame_at(t0 + 2_000_000_000, 2))
+    now[0] = t0 + 3_500_000_000
+    assert pipe.lag_s() == 3.5  # the oldest frame's age, not the newest's
+    inbox.get_nowait()
+    assert pipe.lag_s() == 1.5
+    inbox.get_nowait()
+    inbox.put_nowait(LinkEvent(LinkEventKind.DISCONNECTED, "public-0#1", "public-0", t0 + 3_000_000_000, ()))
+    assert pipe.lag_s() == 0.5  # an event waits like a frame, from its own time
+    inbox.get_nowait()
+    now[0] = t0 - 1  # a clock stepped back: never a negative lag
+    inbox.put_nowait(_frame_at(t0, 3))
+    assert pipe.lag_s() == 0.0
+
+
+async def test_lag_counts_the_batch_the_pipeline_holds_while_the_outlet_makes_it_wait() -> None:
+    """Frames taken from the queue but not yet handed over are still behind: a blocked outlet shows as lag."""
+    t0 = 1_700_000_000_000_000_000
+    now = [t0]
+    entered, gate = asyncio.Event(), asyncio.Event()
+
+    class Held(Capture):
+        async def put_many(self, records: Sequence[EncodedRecord]) -> None:
+            entered.set()
+            await gate.wait()
+            await super().put_many(records)
+
+    inbox: asyncio.Queue[Inbound] = asyncio.Queue()
+    out = Held()
+    pipe = Pipeline(inbox, out, RecordEncoder("okx."), publish_raw=False, now_ns=lambda: now[0])
+    await subscribe(pipe, SubArg("trades", "BTC-USDT"))
+    inbox.put_nowait(_frame_at(t0, 1))
+    inbox.put_nowait(_frame_at(t0 + 1_000_000_000, 2))
+    assert pipe.stats.busy_s == 0
+    task = asyncio.create_task(pipe.run())
+    try:
+        await entered.wait()
+        assert inbox.empty()  # both frames are in the batch the outlet holds
+        now[0] = t0 + 4_000_000_000
+        inbox.put_nowait(_frame_at(t0 + 3_000_000_000, 3))  # a newer one waits behind it
+        assert pipe.lag_s() == 4.0
+        gate.set()
+        await asyncio.wait_for(inbox.join(), 5)
+        assert [t.trade_id for t in out.records(Trade)] == ["1", "2", "3"]
+        assert pipe.lag_s() == 0.0  # caught up
+        assert pipe.stats.busy_s > 0  # the batches' time, counted for the saturation metric
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
