@@ -190,6 +190,8 @@ class GroupMembership:
         self._bootstrap = bootstrap_servers
         self.current: Assignment | None = None
         self.rebalances = 0
+        #: Heartbeats the broker accepted in the generation of the current assignment.
+        self.heartbeats = 0
         self.assigned = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
         # A little short of the session: the broker's clock and ours drift, and the fence must close first.
@@ -241,8 +243,10 @@ class GroupMembership:
             while True:
                 await consumer.getmany(timeout_ms=1_000)  # the control topic carries nothing we read yet
         finally:
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(consumer.stop(), self.kafka.request_timeout_ms / 1000)
+            except Exception as exc:  # the stop goes on; a member left behind must be visible
+                log.warning("cluster_stop_failed", extra={"member": self.member, "error": repr(exc)})
 
     def _track_heartbeats(self, consumer: AIOKafkaConsumer) -> None:
         """Renew the lease with every heartbeat the broker accepts, and hold it through a rebalance's join.
@@ -259,6 +263,7 @@ class GroupMembership:
             ok = bool(await beat())
             if ok and self.current is not None and self._generation() == self.current.generation:
                 self.lease.renew(sent_at)
+                self.heartbeats += 1
             return ok
 
         coordinator._do_heartbeat = tracked
