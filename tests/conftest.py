@@ -113,3 +113,20 @@ async def sim() -> AsyncIterator[SimServer]:
                        passphrase=secrets.token_hex(8), auto_tick_s=None)
     async with SimServer(config, host="127.0.0.1", port=0) as server:
         yield server
+
+
+@pytest.fixture
+def aws_env() -> Iterator[dict[str, str]]:
+    """Throwaway AWS credentials in this process's environment (for moto's S3 server), restored afterwards."""
+    env = {"AWS_ACCESS_KEY_ID": "testing-" + os.urandom(4).hex(), "AWS_SECRET_ACCESS_KEY": os.urandom(12).hex(),
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -95,24 +95,8 @@ async def test_a_disk_that_fills_up_mid_run_commits_nothing_leaves_no_partial_fi
         assert verify(store) == []
 
 
-@pytest.fixture
-def aws_env() -> Iterator[None]:
-    env = {"AWS_ACCESS_KEY_ID": "testing-" + os.urandom(4).hex(), "AWS_SECRET_ACCESS_KEY": os.urandom(12).hex(),
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 async def test_an_s3_store_that_goes_away_mid_run_commits_nothing_and_catches_up_when_it_is_back(
-        kafka_broker: BrokerInfo, topic_prefix: str, aws_env: None) -> None:
+        kafka_broker: BrokerInfo, topic_prefix: str, aws_env: dict[str, str]) -> None:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
