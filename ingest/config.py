@@ -596,6 +596,11 @@ class ArchiveSettings(_Section):
     compact_target_bytes: Annotated[int, Field(gt=0)] = Field(
         default=512 * 1024**2, description="`archive compact`: merged files stay below this")
 
+    @model_validator(mode="after")
+    def _retry_bounds(self) -> ArchiveSettings:
+        _check_not_below(self, "retry_max_s", "retry_initial_s")
+        return self
+
 
 _INSTANCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
@@ -708,8 +713,8 @@ class Settings(BaseSettings):
     @field_validator("shard")
     @classmethod
     def _shard_name(cls, v: str) -> str:
-        if not v or not all(c.isalnum() or c in "-_" for c in v):
-            raise ValueError("shard must be letters, digits, '-' or '_'")
+        if not v or not all((c.isascii() and c.isalnum()) or c in "-_" for c in v):
+            raise ValueError("shard must be ASCII letters, digits, '-' or '_'")
         return v
 
     @classmethod

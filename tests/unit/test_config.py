@@ -47,6 +47,7 @@ def test_real_kafka_turns_idempotence_on_by_default(tmp_path: Path) -> None:
          "'SCRAM-SHA-512'"),
         ('[kafka]\nsecurity_protocol = "SASL_SSL"\nsasl_mechanism = "OAUTHBEARER"\nsasl_oauth_provider = "oidc"\n',
          "kafka", "sasl_oauth_token_url"),
+        ('shard = "\u00e9ast"\n', "shard", "ASCII letters"),
     ],
 )
 def test_bad_config_names_key_and_fix(tmp_path: Path, text: str, key: str, fix: str) -> None:
@@ -61,6 +62,7 @@ def test_bad_config_names_key_and_fix(tmp_path: Path, text: str, key: str, fix: 
     ("ws", "backoff_max_s", "backoff_min_s"),
     ("kafka", "delivery_timeout_ms", "request_timeout_ms"),
     ("backfill", "retry_max_s", "retry_initial_s"),
+    ("archive", "retry_max_s", "retry_initial_s"),
 ])
 def test_a_ceiling_below_its_start_is_refused_and_an_equal_one_accepted(
         tmp_path: Path, section: str, high: str, low: str) -> None:
