@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= config/okx-ingest.toml
 
-.PHONY: run test demo lint bench simulate clean compat lock bench-archive bench-replay schemas
+.PHONY: run test demo lint bench simulate clean compat lock bench-archive bench-replay bench-cluster schemas
 
 # Exact versions with hashes (requirements-dev.lock = runtime + test tools; requirements.lock is the image's).
 LOCK   := requirements-dev.lock
@@ -50,6 +50,9 @@ bench: $(STAMP)
 
 bench-archive: $(STAMP)  ## the archive bench alone (docs/PERFORMANCE.md, "Archive"; 1.5-2.5 min, so not in `bench`)
 	$(BIN)/python -m bench.archive_bench $(ARCHIVE_BENCH_ARGS)
+
+bench-cluster: $(STAMP)  ## takeover, planned move, cluster vs single CPU (docs/PERFORMANCE.md, "Cluster"; ~10 min)
+	$(BIN)/python -m bench.cluster_bench $(CLUSTER_BENCH_ARGS)
 
 bench-replay: $(STAMP)  ## replay throughput as ratios to baselines of the same run (docs/PERFORMANCE.md, "Replay")
 	$(BIN)/python -m bench.replay_bench $(REPLAY_BENCH_ARGS)

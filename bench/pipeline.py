@@ -42,16 +42,19 @@ from ingest.core.avro import RecordEncoder
 from ingest.core.events import Inbound, InboundFrame
 from ingest.core.records import TopicKind, topic_name
 from ingest.io.broker import EmbeddedBroker
+from ingest.io.cluster import GroupMembership
 from ingest.io.delivery import Delivery
 from ingest.io.inbox import Inbox
 from ingest.io.kafka import KafkaSink
 from ingest.io.measured import MeasuredSink
+from ingest.io.positions import PositionStore
 from ingest.io.sink import EncodedRecord
 from ingest.obs.metrics import AckLatency
 from ingest.okx.channels import SubArg
+from ingest.services.cluster import ClusterPositions, FencedOutlet, ShardConnections
 from ingest.services.connections import ConnectionManager
 from ingest.services.pipeline import Pipeline
-from ingest.supervisor import INBOX_SIZE, all_topics
+from ingest.supervisor import INBOX_SIZE, all_topics, wanted_args
 
 # ---------------------------------------------------------------------------------------------- feeder process
 
@@ -251,11 +254,14 @@ class TimingSink:
 class Recorder:
     """The recorder's real parts, wired as the supervisor wires them (minus REST, health, credentials)."""
 
-    manager: ConnectionManager
+    manager: ConnectionManager | ShardConnections
     pipeline: Pipeline
     delivery: Delivery
     sink: TimingSink
     tasks: list[asyncio.Task[None]]
+    #: Cluster mode only (`start_recorder(cluster_group=...)`): the group membership and the positions' store.
+    membership: GroupMembership | None = None
+    positions: PositionStore | None = None
 
     async def close(self) -> None:
         for t in self.tasks:
@@ -263,30 +269,57 @@ class Recorder:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         await self.delivery.close()
+        if self.positions is not None:
+            await self.positions.close()
 
 
 async def start_recorder(ws_base: str, bootstrap: str, insts: Sequence[str], journal: Path,
                          publish_raw: bool, compression: bool, journal_extra: dict[str, Any] | None = None,
-                         channels: Sequence[str] = ("trades-all",)) -> Recorder:
+                         channels: Sequence[str] = ("trades-all",), cluster_group: str | None = None,
+                         ) -> Recorder:
+    """The recorder's parts; with `cluster_group`, wired as the supervisor wires cluster mode (shard connections,
+    group membership on the broker, the fence in front of delivery, positions written every interval), as the
+    group's only member: it owns every shard, so it records the same subscriptions as single mode."""
     subs = [{"channel": c, "inst_id": i} for i in insts for c in channels]
+    cluster: dict[str, Any] = {} if cluster_group is None else {"group_id": cluster_group, "static_membership": False}
     settings = load_settings(None, okx={"ws_base_url": ws_base, "channels": [], "subscriptions": subs},
                              ws={"compression": compression},
                              kafka={"bootstrap_servers": bootstrap, "enable_idempotence": False,
                                     "topic_prefix": f"bench{secrets.token_hex(3)}.", "publish_raw": publish_raw},
-                             journal={"dir": str(journal), **(journal_extra or {})})
-    sink = TimingSink(KafkaSink(settings.kafka, bootstrap_servers=bootstrap,
-                                topics=all_topics(settings.kafka.topic_prefix)),
-                      topic_name(settings.kafka.topic_prefix, TopicKind.TRADES))
+                             journal={"dir": str(journal), **(journal_extra or {})}, cluster=cluster)
+    prefix = settings.kafka.topic_prefix
+    sink = TimingSink(KafkaSink(settings.kafka, bootstrap_servers=bootstrap, topics=all_topics(prefix)),
+                      topic_name(prefix, TopicKind.TRADES))
     latency = AckLatency(CollectorRegistry())  # the receive -> ack histogram, as the supervisor wires it
     delivery = Delivery.from_settings(MeasuredSink(sink, latency), settings.journal, settings.kafka)
     await delivery.start()
     inbox = Inbox(INBOX_SIZE)
-    manager = ConnectionManager(settings.okx, settings.ws, inbox)
-    pipeline = TimingPipeline(inbox, delivery, RecordEncoder(settings.kafka.topic_prefix), resubscriber=manager,
+    if cluster_group is None:
+        manager: ConnectionManager | ShardConnections = ConnectionManager(settings.okx, settings.ws, inbox)
+        outlet: Delivery | FencedOutlet = delivery
+        membership = None
+    else:
+        member = f"bench-{secrets.token_hex(3)}"
+        args = wanted_args(settings)
+        manager = ShardConnections(settings.okx, settings.ws, inbox, args, settings.cluster.shards, member=member)
+        membership = GroupMembership(settings.cluster, settings.kafka, member, manager.apply,
+                                     bootstrap_servers=bootstrap)
+        await membership.ensure_topic()
+        outlet = FencedOutlet(delivery, manager, membership.lease, topic_name(prefix, TopicKind.GAPS))
+    pipeline = TimingPipeline(inbox, outlet, RecordEncoder(prefix), resubscriber=manager,
                               publish_raw=publish_raw, latency=latency)
     pipeline.recv_ns = sink.recv_ns
     tasks = [asyncio.create_task(pipeline.run()), asyncio.create_task(manager.run())]
-    return Recorder(manager, pipeline, delivery, sink, tasks)
+    store = None
+    if membership is not None and isinstance(manager, ShardConnections):
+        store = PositionStore(settings.kafka, bootstrap_servers=bootstrap)
+        await store.start()
+        positions = ClusterPositions(pipeline, delivery, store, manager, membership.member,
+                                     settings.cluster.position_interval_s, membership.lease)
+        tasks += [asyncio.create_task(membership.run()), asyncio.create_task(positions.run())]
+        async with asyncio.timeout(120):  # Tansu: a join takes about 3 s
+            await membership.assigned.wait()
+    return Recorder(manager, pipeline, delivery, sink, tasks, membership, store)
 
 
 def pct(values: Sequence[int], q: float) -> float:
