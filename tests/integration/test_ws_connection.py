@@ -431,6 +431,10 @@ async def test_a_login_that_gets_no_answer_times_out_and_is_retried() -> None:
     assert queue.empty()  # never subscribed, so nothing to report as disconnected
 
 
+def _logged(name: str, n: int) -> Callable[[list[logging.LogRecord]], bool]:
+    return lambda records: sum(1 for r in records if r.getMessage() == name) == n
+
+
 async def test_transient_subscribe_refusals_never_fail_an_arg_for_good() -> None:
     """A minute of OKX internal errors (64007) must not end a stream for the life of the process."""
     attempts: list[int] = []
@@ -457,15 +461,23 @@ async def test_transient_subscribe_refusals_never_fail_an_arg_for_good() -> None
         port = server.sockets[0].getsockname()[1]
         spec = PlannedConnection("public-0", Endpoint.PUBLIC, False, (TRADES,))
         queue: asyncio.Queue[Inbound] = asyncio.Queue()
+        timer = FakeTimer()
         conn = Connection(spec, f"ws://127.0.0.1:{port}/ws/v5/public", fast_ws(subscribe_retries=3), queue,
-                          limiter=ConnectLimiter(3))
+                          limiter=ConnectLimiter(3), timer=timer)
         events: list[LinkEvent] = []
-        async with running(conn.run()):
-            while not any(e.kind is SUBSCRIBED for e in events):
-                item = await asyncio.wait_for(queue.get(), timeout=10)
-                if isinstance(item, LinkEvent):
-                    events.append(item)
-    assert attempts[0] == 4 and len(attempts) >= 2  # quick retries spent, then the next connection tried again
+        with log_events() as logs:
+            async with running(conn.run()):
+                for n in (1, 2, 3):  # each refusal brings a quick retry, due backoff_max_s later on the fake clock
+                    await logs.wait_until(_logged("ws_subscribe_retry", n))
+                    await timer.advance(0.0625)
+                await logs.wait_until(_logged("ws_subscribe_parked", 1))
+                await logs.wait_until(lambda rs: any(getattr(r, "to", None) == "backing-off" for r in rs))
+                await timer.advance(0.0625)  # the reconnect's backoff, on the same clock
+                while not any(e.kind is SUBSCRIBED for e in events):
+                    item = await asyncio.wait_for(queue.get(), timeout=10)
+                    if isinstance(item, LinkEvent):
+                        events.append(item)
+    assert attempts == [4, 1]  # quick retries spent, then the next connection tried again at once
     assert [e.kind for e in events] == [SUBSCRIBED]  # never reported as failed for good
     assert conn.failed == {}
 
