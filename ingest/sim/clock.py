@@ -1,15 +1,22 @@
-"""The simulator's wall clock: injectable, and skewable by a fault.
+"""The simulator's clocks: the wall clock (injectable, skewable by a fault) and the timer of its rules.
 
 OKX judges every login and REST signature against its own clock and stamps every push with it, so
 one clock serves all three here. Tests inject `wall_ms` for deterministic timestamps; the clock-offset
 fault moves `offset_ms` so a client that never corrects from `/api/v5/public/time` falls outside the
 30 s window.
+
+The timed rules (the idle close, stalls, notices, request and connect windows, REST rate windows and
+delays, the tick loop, scenario times) read and sleep on one `SimTimer` instead, the event loop's by
+default. A test injects its own (`SimConfig(timer=...)`), shared with the client under test, to run
+OKX's 30 s idle close and the client's keepalive on the same fake time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 
 def system_wall_ms() -> int:
@@ -42,3 +49,23 @@ class ManualWall:
 
     def advance(self, ms: int) -> None:
         self.ms += ms
+
+
+class SimTimer(Protocol):
+    """Monotonic seconds, and a sleep measured on the same clock (the shape of `ingest.io.timer.Timer`)."""
+
+    def now(self) -> float: ...
+
+    async def sleep(self, delay: float) -> None: ...
+
+
+class LoopTimer:
+    """The running event loop's clock and `asyncio.sleep`: the simulator's default timer."""
+
+    __slots__ = ()
+
+    def now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    async def sleep(self, delay: float) -> None:
+        await asyncio.sleep(max(0.0, delay))

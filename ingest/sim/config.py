@@ -10,6 +10,8 @@ import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from ingest.sim.clock import SimTimer
+
 
 @dataclass(frozen=True, slots=True)
 class RestLimit:
@@ -75,6 +77,9 @@ class SimConfig:
     # time
     #: Injected wall clock (epoch ms); default time.time_ns() // 1e6. The clock-offset fault skews it.
     wall_ms: Callable[[], int] | None = None
+    #: Injected monotonic timer of every timed rule (idle close, stalls, notices, rate windows, the tick loop);
+    #: default the event loop's. A test shares a fake one with the client to run both on fake time.
+    timer: SimTimer | None = None
     #: When set, market timestamps are virtual: start_ms + step * tick_ms, fully reproducible.
     start_ms: int | None = None
     tick_ms: int = 100

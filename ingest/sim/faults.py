@@ -100,7 +100,7 @@ class RestRule:
 class LoginRule:
     code: str
     remaining: int | None
-    until: float | None  # loop time
+    until: float | None  # on the simulator's timer
 
 
 @dataclass(slots=True)
@@ -181,8 +181,7 @@ class Faults:
         """Stop sending anything (pushes, acks, pongs) on matching connections, without closing them, for
         `seconds` or until `unstall`. What would have been sent meanwhile is lost, and OKX's idle close is
         suspended, so only the client's own liveness check can notice."""
-        loop = asyncio.get_running_loop()
-        until = math.inf if seconds is None else loop.time() + seconds
+        until = math.inf if seconds is None else self._hub.timer.now() + seconds
         hit = self._hub.select(parse_endpoint(endpoint), conn_id)
         for conn in hit:
             conn.stalled_until = until
@@ -190,7 +189,7 @@ class Faults:
 
     def unstall(self, endpoint: Endpoint | str | None = None, conn_id: str | None = None) -> list[str]:
         hit = [c for c in self._hub.select(parse_endpoint(endpoint), conn_id) if c.stalled_until]
-        now = asyncio.get_running_loop().time()
+        now = self._hub.timer.now()
         for conn in hit:
             conn.stalled_until = 0.0
             conn.last_sent = now
@@ -265,7 +264,7 @@ class Faults:
     def reject_logins(self, code: str = codes.TIMESTAMP_EXPIRED, count: int | None = 1,
                       seconds: float | None = None) -> None:
         """Answer the next `count` logins (None: all) or all logins for `seconds` with error `code`."""
-        until = None if seconds is None else asyncio.get_running_loop().time() + seconds
+        until = None if seconds is None else self._hub.timer.now() + seconds
         self.login_rules.append(LoginRule(code, count if seconds is None else None, until))
 
     def clock_offset(self, ms: int) -> None:

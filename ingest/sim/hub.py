@@ -33,7 +33,7 @@ from ingest.sim import frames
 from ingest.sim.account import PrivatePush, ScriptedAccount
 from ingest.sim.book import Level, view_diff
 from ingest.sim.candles import CandleAcc, CandleMath, bar_next, bar_open
-from ingest.sim.clock import SimClock
+from ingest.sim.clock import LoopTimer, SimClock, SimTimer
 from ingest.sim.config import SimConfig
 from ingest.sim.faults import Faults, FrameKind
 from ingest.sim.market import AggTrade, InstrumentMarket, Market, StepResult
@@ -119,6 +119,8 @@ class Hub:
                  stats: SimStats) -> None:
         self.config = config
         self.clock = clock
+        #: What every timed rule reads and sleeps on (`SimConfig.timer`, else the event loop's clock).
+        self.timer: SimTimer = config.timer if config.timer is not None else LoopTimer()
         self.market = market
         self.account = account
         self.stats = stats
@@ -167,7 +169,7 @@ class Hub:
         if window is None:
             window = self._connect_windows[ip] = SlidingWindow(self.config.connect_limit,
                                                                self.config.connect_window_s)
-        if not window.try_acquire(asyncio.get_running_loop().time()):
+        if not window.try_acquire(self.timer.now()):
             # OKX allows 3 connection requests per second per IP; the excess is refused before the upgrade.
             self.stats.ws_connects_rejected += 1
             self.watch.notify()

@@ -9,7 +9,6 @@ both exclusive.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
@@ -148,7 +147,7 @@ class RestApi:
     async def _answer(self, request: web.Request, path: str, body: str, key: str) -> web.Response:
         for rule in self.hub.faults.take_rest(path):
             if rule.action == "slow":
-                await asyncio.sleep(rule.delay_s)
+                await self.hub.timer.sleep(rule.delay_s)
             elif rule.action == "hold":
                 await self.hub.faults.hold_rest(path)
             elif rule.action == "error":
@@ -209,7 +208,7 @@ class RestApi:
         window = self._windows.get(scope)
         if window is None:
             window = self._windows[scope] = SlidingWindow(limit.limit, limit.window_s)
-        now = asyncio.get_running_loop().time()
+        now = self.hub.timer.now()
         if not window.try_acquire(now):
             self.stats.rest_violations[path] += 1
             return self._rate_limited()

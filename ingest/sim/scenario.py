@@ -155,7 +155,7 @@ def apply_config(base: SimConfig, overrides: Mapping[str, object]) -> SimConfig:
     fields = {f.name: f for f in dataclasses.fields(SimConfig)}
     values: dict[str, Any] = {}
     for key, value in overrides.items():
-        if key not in fields or key in ("wall_ms", "rest_limits"):
+        if key not in fields or key in ("wall_ms", "timer", "rest_limits"):
             raise ScenarioError(f"config.{key} is not a settable SimConfig field")
         current = getattr(base, key)
         if isinstance(current, enum.Enum):
@@ -170,8 +170,8 @@ def apply_config(base: SimConfig, overrides: Mapping[str, object]) -> SimConfig:
 
 async def run_scenario(sim: SimServer, scenario: Scenario) -> None:
     """Run every step at its time (concurrently); a failing step is logged and does not stop the others."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
+    timer = sim.hub.timer
+    start = timer.now()
     results: dict[str, object] = {}
 
     async def run_step(step: ScenarioStep) -> None:
@@ -179,10 +179,10 @@ async def run_scenario(sim: SimServer, scenario: Scenario) -> None:
             target = step.at_tick
             await sim.wait_until(lambda: sim.market.steps >= target, timeout=None)
         if step.at_s is not None:
-            await asyncio.sleep(max(0.0, start + step.at_s - loop.time()))
+            await timer.sleep(start + step.at_s - timer.now())
         for n in range(step.times):
             if n:
-                await asyncio.sleep(step.every_s or 0.0)
+                await timer.sleep(step.every_s or 0.0)
             try:
                 result = await sim.call(step.do, _resolve(step.kwargs, results))
             except Exception:

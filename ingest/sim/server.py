@@ -127,18 +127,18 @@ class SimServer:
         return task
 
     async def _auto_tick(self, interval: float) -> None:
-        loop = asyncio.get_running_loop()
-        due = loop.time()
+        timer = self.hub.timer
+        due = timer.now()
         while True:
             try:
                 await self.tick(1)
             except Exception:
                 log.exception("simulator tick failed")
             due += interval
-            delay = due - loop.time()
+            delay = due - timer.now()
             if delay < -10 * interval:  # far behind (a slow machine): skip ahead instead of bursting
-                due = loop.time()
-            await asyncio.sleep(max(0.0, delay))
+                due = timer.now()
+            await timer.sleep(delay)
 
     # --- addresses ---------------------------------------------------------------------------------------------
     @property

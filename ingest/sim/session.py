@@ -91,12 +91,12 @@ class Conn:
         self.ip = ip
         self.ws = ws
         self.request = request
-        self.loop = asyncio.get_running_loop()
+        self.timer = hub.timer
         self.stats = ConnStats(conn_id, endpoint, ip)
         self.subs: dict[SubArg, dict[str, str]] = {}
         self.logged_in = False
-        self.last_sent = self.loop.time()
-        #: 0: not stalled; else loop time until which nothing is sent (inf: until unstalled).
+        self.last_sent = self.timer.now()
+        #: 0: not stalled; else the timer's time until which nothing is sent (inf: until unstalled).
         self.stalled_until = 0.0
         self.closing = False
         self.closed = False
@@ -107,7 +107,7 @@ class Conn:
         self._flushed = asyncio.Event()
         self._flushed.set()
         self._done = asyncio.Event()
-        self._timers: list[asyncio.TimerHandle] = []
+        self._timers: list[asyncio.Task[None]] = []
 
     def __hash__(self) -> int:
         return id(self)
@@ -116,10 +116,11 @@ class Conn:
     def stalled(self) -> bool:
         if not self.stalled_until:
             return False
-        if self.loop.time() < self.stalled_until:
+        now = self.timer.now()
+        if now < self.stalled_until:
             return True
         self.stalled_until = 0.0
-        self.last_sent = self.loop.time()
+        self.last_sent = now
         return False
 
     def send(self, frame: str) -> None:
@@ -188,7 +189,14 @@ class Conn:
         self._flushed.set()
 
     def schedule_close(self, delay_s: float, code: int, reason: str) -> None:
-        self._timers.append(self.loop.call_later(delay_s, self.close, code, reason))
+        """Close `delay_s` from now on the simulator's timer (cancelled if the connection ends first)."""
+        due = self.timer.now() + delay_s  # from now, not from when the task first runs
+
+        async def close_later() -> None:
+            await self.timer.sleep(due - self.timer.now())
+            self.close(code, reason)
+
+        self._timers.append(asyncio.create_task(close_later(), name=f"sim-close-{self.conn_id}"))
 
     async def flushed(self) -> None:
         """Return once everything queued so far was written to the socket (or the connection is gone)."""
@@ -214,7 +222,7 @@ class Conn:
                 await ws.send_str(item)
                 stats.frames_sent += 1
                 stats.bytes_sent += len(item)
-                self.last_sent = self.loop.time()
+                self.last_sent = self.timer.now()
         except (ConnectionError, RuntimeError):
             self.closing = True
         finally:
@@ -222,12 +230,12 @@ class Conn:
 
     async def _idle_watch(self) -> None:
         """OKX's rule: nothing pushed for `idle_timeout_s` (30 s) -> close 4004. Suspended while stalled."""
-        timeout = self.config.idle_timeout_s
+        timeout, timer = self.config.idle_timeout_s, self.timer
         while not self.closing:
-            now = self.loop.time()
+            now = timer.now()
             if self.stalled():
                 wait = self.stalled_until - now
-                await asyncio.sleep(timeout if math.isinf(wait) else min(wait, timeout))
+                await timer.sleep(timeout if math.isinf(wait) else min(wait, timeout))
                 continue
             due = self.last_sent + timeout
             if self._queue:
@@ -235,7 +243,7 @@ class Conn:
             if now >= due:
                 self.close(codes.CLOSE_IDLE, "No data received in 30s.")
                 return
-            await asyncio.sleep(due - now)
+            await timer.sleep(due - now)
 
     # --- lifecycle -----------------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -252,13 +260,13 @@ class Conn:
                     break
         finally:
             self.closing = True
-            for timer in self._timers:
-                timer.cancel()
+            for pending in self._timers:
+                pending.cancel()
             idle.cancel()
             if not writer.done():
                 self._wake.set()
                 writer.cancel()
-            await asyncio.gather(writer, idle, return_exceptions=True)
+            await asyncio.gather(writer, idle, *self._timers, return_exceptions=True)
             if self.close_code is None:
                 self.close_code = self.ws.close_code
             self.stats.close_code = self.close_code
@@ -295,7 +303,7 @@ class Conn:
             self.error(codes.INVALID_OP, f"Invalid op: {op}", req_id)
             return
         self.stats.requests += 1
-        if not self.budget.try_acquire(self.loop.time()):
+        if not self.budget.try_acquire(self.timer.now()):
             self.stats.budget_violations += 1
             self.error(codes.REQUESTS_TOO_FREQUENT, "Requests too frequent", req_id)
             if self.config.close_on_budget_exceeded:
@@ -322,7 +330,7 @@ class Conn:
         if self.config.reject_repeated_login and self.logged_in:
             self._login_failed(codes.REPEATED_LOGIN, req_id)
             return
-        forced = self.hub.faults.take_login(self.loop.time())
+        forced = self.hub.faults.take_login(self.timer.now())
         if forced is not None:
             self._login_failed(forced, req_id)
             return

@@ -56,43 +56,64 @@ class Keys:
 
 
 class FakeTimer:
-    """Monotonic time that moves only when the test says so (`ingest.io.timer.Timer`)."""
+    """Monotonic time that moves only when the test says so (`ingest.io.timer.Timer`, `ingest.sim.SimTimer`)."""
 
     def __init__(self, start: float = 1_000.0) -> None:
         self._now = start
         self._sleepers: dict[asyncio.Future[None], float] = {}
+        self._started: set[asyncio.Future[None]] = set()
         self._woken: set[asyncio.Future[None]] = set()
         self._all_resumed = asyncio.Event()
 
     def now(self) -> float:
         return self._now
 
-    async def sleep(self, delay: float) -> None:
+    def sleep(self, delay: float) -> Coroutine[Any, Any, None]:
+        """Not `async` on purpose: the wake-up time is fixed when called, i.e. on the `now()` the caller computed
+        `delay` from, not when the task that awaits it first runs (the test may move time in between)."""
         if delay <= 0:
-            await asyncio.sleep(0)
-            return
+            return asyncio.sleep(0)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._sleepers[fut] = self._now + delay
+        return self._wait(fut)
+
+    async def _wait(self, fut: asyncio.Future[None]) -> None:
+        self._started.add(fut)
         try:
             await fut
         finally:
-            del self._sleepers[fut]
+            self._sleepers.pop(fut, None)
+            self._started.discard(fut)
             if fut in self._woken:
                 self._woken.discard(fut)
                 if not self._woken:
                     self._all_resumed.set()
 
     async def advance(self, dt: float) -> None:
-        """Move time on by `dt` and let every sleeper that wakes run until it waits again."""
+        """Move time on by `dt` and wait until every sleeper that wakes has resumed (one whose task has not
+        started yet finds its wake-up already due when it does)."""
         self._now += dt
-        self._woken = {f for f, at in self._sleepers.items() if at <= self._now and not f.done()}
+        due = [f for f, at in self._sleepers.items() if at <= self._now]
+        self._woken = {f for f in due if f in self._started and not f.done()}
+        for f in due:
+            del self._sleepers[f]
+            if not f.done():
+                f.set_result(None)
         if not self._woken:
             return
         self._all_resumed.clear()
-        for f in self._woken:
-            f.set_result(None)
         async with asyncio.timeout(5):
             await self._all_resumed.wait()
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
+    """Wait for a condition on a connection's own state (its counters change without notifying anyone)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.001)  # polling a condition, not a fixed delay
 
 
 def local_clock() -> ServerClock:

@@ -14,6 +14,7 @@ import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
 from ingest.config import WsSettings
@@ -42,6 +43,7 @@ from ._ws_support import (
     rest_resync,
     running,
     trade_ids,
+    until,
 )
 
 SUBSCRIBED = LinkEventKind.SUBSCRIBED
@@ -162,35 +164,61 @@ async def test_on_fake_time_silence_brings_a_ping_and_a_missing_pong_a_reconnect
     assert rec.events(DISCONNECTED)[0].conn == first != second
 
 
+async def _answered(sim: SimServer, cid: str, conn: Connection, pings: int) -> None:
+    """OKX got ping number `pings` and the connection has its pong."""
+    await sim.wait_until(lambda: sim.stats.connections[cid].pings == pings)
+    await until(lambda: conn.counters.pongs == pings, f"pong {pings}")
+
+
 async def test_keepalive_keeps_an_idle_private_connection_alive_past_okx_idle_timeout() -> None:
+    # OKX's own numbers on fake time, shared by the simulator and the connection: OKX closes a connection it
+    # sent nothing on for 30 s; the shipped keepalive pings after 20 s of silence and wants the pong within 10 s.
+    # The account channel pushes nothing here, so only the pings' pongs can keep the connection open.
     keys = Keys()
-    # OKX closes a connection with nothing to push after 30 s; here 3 s, with market ticks only as a wake-up.
-    # The watchdog pings after 0.1 s of silence and looks for the pong pong_timeout_s later, so it pings about
-    # once a second: a loaded machine may delay a ping or a pong by most of a second and still be in time.
-    async with SimServer(keys.sim_config(idle_timeout_s=3.0, auto_tick_s=0.02)) as sim:
+    timer = FakeTimer()
+    async with SimServer(keys.sim_config(idle_timeout_s=30.0, timer=timer)) as sim:
         queue: asyncio.Queue[Inbound] = asyncio.Queue(10_000)
         rec = Recorder(queue)
-        conn = _private(sim, queue, keys, ws=fast_ws(keepalive_s=0.1, pong_timeout_s=1.0))
+        conn = _private(sim, queue, keys, ws=fast_ws(keepalive_s=20.0, pong_timeout_s=10.0), timer=timer)
         async with running(rec.run(), conn.run()):
             [cid] = await sim.wait_logged_in(endpoint="private")
             await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 1)
-            # Five pings, each at least pong_timeout_s after the one before: over 4 s, past the idle timeout.
-            await sim.wait_until(lambda: sim.stats.connections[cid].pings >= 5, timeout=30)
-            assert sim.connection(cid).open
-    assert sim.stats.ws_connects == 1
-    assert rec.events(DISCONNECTED)[0].reason == "shutdown"
-    assert conn.counters.pongs >= 5
+            # A client that never pings, connected at the same fake instant: OKX's idle timer is live on this clock.
+            async with connect(sim.ws_url(Endpoint.PUBLIC), ping_interval=None) as silent:
+                [silent_id] = await sim.wait_connections(endpoint="public")
+                pings = 0
+                for elapsed in range(10, 100, 10):  # 90 s of fake time, three idle timeouts
+                    await timer.advance(10.0)
+                    if elapsed == 30:  # the silent client is dropped at OKX's idle timeout, and only it
+                        assert await sim.wait_closed(silent_id) == 4004
+                    if elapsed % 20 == 0:  # 20 s of silence: a ping; its pong must arrive before the next step
+                        pings += 1
+                        await _answered(sim, cid, conn, pings)
+                    assert sim.hub.select(Endpoint.PRIVATE, cid), f"OKX closed the pinging connection at {elapsed} s"
+                assert silent.close_code == 4004
+    assert (pings, conn.counters.pongs, conn.counters.pong_timeouts) == (4, 4, 0)
+    assert conn.counters.connects == 1 and len(sim.connections("private", include_closed=True)) == 1
+    assert [e.reason for e in rec.events(DISCONNECTED)] == ["shutdown"]
 
 
 async def test_without_keepalive_okx_drops_the_idle_connection_with_4004_and_it_reconnects() -> None:
     keys = Keys()
-    async with SimServer(keys.sim_config(idle_timeout_s=0.2)) as sim:
+    timer = FakeTimer()
+    async with SimServer(keys.sim_config(idle_timeout_s=1.0, timer=timer)) as sim:
         queue: asyncio.Queue[Inbound] = asyncio.Queue(10_000)
         rec = Recorder(queue)
-        conn = _private(sim, queue, keys, ws=fast_ws(keepalive_s=5.0))
-        async with running(rec.run(), conn.run()):
-            await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 2)
+        conn = _private(sim, queue, keys, ws=fast_ws(keepalive_s=5.0), timer=timer)
+        with log_events() as logs:
+            async with running(rec.run(), conn.run()):
+                [cid] = await sim.wait_logged_in(endpoint="private")
+                await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 1)
+                await timer.advance(1.0)
+                assert await sim.wait_closed(cid) == 4004
+                await logs.wait_until(lambda rs: any(getattr(r, "to", None) == "backing-off" for r in rs))
+                await timer.advance(0.0625)  # past backoff_max_s: the backoff sleeps on the same fake clock
+                await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 2)
     assert rec.events(DISCONNECTED)[0].code == "4004"
+    assert conn.counters.pings == 0 and conn.counters.connects == 2
 
 
 async def test_a_connection_that_stays_down_is_retried_forever_within_the_connect_rate() -> None:
@@ -374,27 +402,37 @@ async def test_a_login_refused_for_a_wrong_key_stops_the_connection_without_retr
 
 async def test_a_login_that_gets_no_answer_times_out_and_is_retried() -> None:
     # The simulator always answers a login; a server that never does stands in for a stuck OKX gateway.
+    logins: list[asyncio.Event] = [asyncio.Event(), asyncio.Event()]
     connections = 0
-    second = asyncio.Event()
 
     async def silent(ws: ServerConnection) -> None:
         nonlocal connections
         connections += 1
-        if connections >= 2:
-            second.set()
-        async for _ in ws:
-            pass
+        async for msg in ws:
+            if b'"op":"login"' in (msg.encode() if isinstance(msg, str) else msg):
+                logins[min(connections, 2) - 1].set()
 
+    timer = FakeTimer()
     async with serve(silent, "127.0.0.1", 0) as server:
         port = server.sockets[0].getsockname()[1]
         spec = PlannedConnection("private-0", Endpoint.PRIVATE, True, (ACCOUNT,))
         queue: asyncio.Queue[Inbound] = asyncio.Queue(10)
-        conn = Connection(spec, f"ws://127.0.0.1:{port}/ws/v5/private", fast_ws(login_timeout_s=0.2), queue,
-                          limiter=ConnectLimiter(3), credentials=Keys().store())
-        async with running(conn.run()):
-            await asyncio.wait_for(second.wait(), timeout=5)
-    assert conn.counters.login_failures >= 1
+        conn = Connection(spec, f"ws://127.0.0.1:{port}/ws/v5/private", fast_ws(login_timeout_s=2.0), queue,
+                          limiter=ConnectLimiter(3), credentials=Keys().store(), timer=timer)
+        with log_events() as logs:
+            async with running(conn.run()):
+                await asyncio.wait_for(logins[0].wait(), timeout=5)
+                await timer.advance(2.0)  # login_timeout_s without an answer
+                await logs.wait_until(lambda rs: any(getattr(r, "to", None) == "backing-off" for r in rs))
+                assert conn.counters.login_failures == 1
+                await timer.advance(0.0625)  # past backoff_max_s: the backoff sleeps on the same fake clock
+                await asyncio.wait_for(logins[1].wait(), timeout=5)
+    assert connections == 2 and conn.counters.login_failures == 1
     assert queue.empty()  # never subscribed, so nothing to report as disconnected
+
+
+def _logged(name: str, n: int) -> Callable[[list[logging.LogRecord]], bool]:
+    return lambda records: sum(1 for r in records if r.getMessage() == name) == n
 
 
 async def test_transient_subscribe_refusals_never_fail_an_arg_for_good() -> None:
@@ -423,15 +461,23 @@ async def test_transient_subscribe_refusals_never_fail_an_arg_for_good() -> None
         port = server.sockets[0].getsockname()[1]
         spec = PlannedConnection("public-0", Endpoint.PUBLIC, False, (TRADES,))
         queue: asyncio.Queue[Inbound] = asyncio.Queue()
+        timer = FakeTimer()
         conn = Connection(spec, f"ws://127.0.0.1:{port}/ws/v5/public", fast_ws(subscribe_retries=3), queue,
-                          limiter=ConnectLimiter(3))
+                          limiter=ConnectLimiter(3), timer=timer)
         events: list[LinkEvent] = []
-        async with running(conn.run()):
-            while not any(e.kind is SUBSCRIBED for e in events):
-                item = await asyncio.wait_for(queue.get(), timeout=10)
-                if isinstance(item, LinkEvent):
-                    events.append(item)
-    assert attempts[0] == 4 and len(attempts) >= 2  # quick retries spent, then the next connection tried again
+        with log_events() as logs:
+            async with running(conn.run()):
+                for n in (1, 2, 3):  # each refusal brings a quick retry, due backoff_max_s later on the fake clock
+                    await logs.wait_until(_logged("ws_subscribe_retry", n))
+                    await timer.advance(0.0625)
+                await logs.wait_until(_logged("ws_subscribe_parked", 1))
+                await logs.wait_until(lambda rs: any(getattr(r, "to", None) == "backing-off" for r in rs))
+                await timer.advance(0.0625)  # the reconnect's backoff, on the same clock
+                while not any(e.kind is SUBSCRIBED for e in events):
+                    item = await asyncio.wait_for(queue.get(), timeout=10)
+                    if isinstance(item, LinkEvent):
+                        events.append(item)
+    assert attempts == [4, 1]  # quick retries spent, then the next connection tried again at once
     assert [e.kind for e in events] == [SUBSCRIBED]  # never reported as failed for good
     assert conn.failed == {}
 

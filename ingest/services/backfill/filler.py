@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from ingest.config import BackfillSettings
 from ingest.core.avro import RecordEncoder
@@ -57,6 +57,10 @@ from ingest.io.rest import OkxRestClient
 from ingest.io.sink import EncodedRecord
 from ingest.okx.channels import candle_bar
 from ingest.services.backfill.stats import _Counters
+
+#: A REST row as the walk reads it (an object, or a candle's array) and the record it becomes.
+_Row = TypeVar("_Row")
+_Rec = TypeVar("_Rec", bound=OkxRecord)
 
 #: One logger for the whole package, the name it had as one module (it is in every JSON log line).
 log = logging.getLogger("ingest.services.backfill")
@@ -331,70 +335,74 @@ class GapFiller:
             state.index += 1
 
     async def _trade_page(self, state: _JobState, walk: TradeWalk, query: dict[str, str], present: Present) -> None:
-        rows = await self.rest.get(walk.path, query)
-        recv_ns = time.time_ns()
-        state.requests += 1
-        good: list[tuple[Mapping[str, object], int, int]] = []
-        for item in rows:
-            tid, ts = _as_int(item.get("tradeId")), _as_int(item.get("ts"))
-            if tid is None or ts is None:
-                await self._reject(trade_from_rest(item, recv_ts_ns=recv_ns, channel=state.job.stream.channel))
-                continue
-            good.append((item, tid, ts))
-        walk.feed([(tid, ts) for _, tid, ts in good])
-        state.rows += len(good)
-        for row, tid, ts in sorted(good, key=lambda g: g[1]):
-            members = [m for m in state.job.members if m.contains(ts, tid)]
-            if members:
-                await self._offer(state, members, trade_from_rest(row, recv_ts_ns=recv_ns,
-                                                                  channel=state.job.stream.channel), present)
+        channel = state.job.stream.channel
+
+        def place(row: Mapping[str, object]) -> tuple[int, int | None] | None:
+            tid, ts = _as_int(row.get("tradeId")), _as_int(row.get("ts"))
+            return None if tid is None or ts is None else (ts, tid)
+
+        await self._history_page(
+            state, await self.rest.get(walk.path, query), place,
+            lambda row, recv_ns: trade_from_rest(row, recv_ts_ns=recv_ns, channel=channel),
+            lambda placed: walk.feed([(tid, ts) for ts, tid in placed if tid is not None]), present)
         self._report(state, walk.min_ts)
 
     async def _candle_page(self, state: _JobState, walk: CandleWalk, query: dict[str, str],
                            present: Present) -> None:
         stream = state.job.stream
-        assert stream.inst_id is not None
-        rows = await self.rest.get_arrays(walk.path, query)
-        recv_ns = time.time_ns()
-        state.requests += 1
-        good: list[tuple[list[object], int]] = []
-        for array in rows:
+        inst_id = stream.inst_id
+        assert inst_id is not None
+
+        def place(array: list[object]) -> tuple[int, int | None] | None:
             ts = _as_int(array[0]) if array else None
-            if ts is None:
-                await self._reject(candle_from_rest(array, inst_id=stream.inst_id, channel=stream.channel,
-                                                    recv_ts_ns=recv_ns))
-                continue
-            good.append((array, ts))
-        walk.feed([ts for _, ts in good])
-        state.rows += len(good)
-        for row, ts in sorted(good, key=lambda g: g[1]):
-            members = [m for m in state.job.members if m.contains(ts)]
-            if not members:
-                continue
-            record = candle_from_rest(row, inst_id=stream.inst_id, channel=stream.channel, recv_ts_ns=recv_ns)
-            if isinstance(record, DeadLetter) or record.confirm:
-                await self._offer(state, members, record, present)
+            return None if ts is None else (ts, None)
+
+        await self._history_page(
+            state, await self.rest.get_arrays(walk.path, query), place,
+            lambda array, recv_ns: candle_from_rest(array, inst_id=inst_id, channel=stream.channel,
+                                                    recv_ts_ns=recv_ns),
+            lambda placed: walk.feed([ts for ts, _ in placed]), present,
+            wanted=lambda record: isinstance(record, DeadLetter) or bool(record.confirm))  # only closed bars
         self._report(state, walk.min_ts)
 
     async def _funding_page(self, state: _JobState, walk: FundingWalk, query: dict[str, str],
                             present: Present) -> None:
-        rows = await self.rest.get(walk.path, query)
+        def place(row: Mapping[str, object]) -> tuple[int, int | None] | None:
+            ts = _as_int(row.get("fundingTime"))
+            return None if ts is None else (ts, None)
+
+        await self._history_page(
+            state, await self.rest.get(walk.path, query), place,
+            lambda row, recv_ns: funding_rate_from_rest(row, recv_ts_ns=recv_ns),
+            lambda placed: walk.feed([ts for ts, _ in placed]), present)
+        self._report(state, walk.min_ts)
+
+    async def _history_page(
+        self, state: _JobState, rows: Sequence[_Row], place: Callable[[_Row], tuple[int, int | None] | None],
+        build: Callable[[_Row, int], _Rec | DeadLetter], feed: Callable[[list[tuple[int, int | None]]], None],
+        present: Present, *, wanted: Callable[[_Rec | DeadLetter], bool] = lambda _: True,
+    ) -> None:
+        """The page step the trade, candle and funding walks share: a row is placed by its (ts, tradeId or
+        None) or rejected (never guessed into a gap); the walk is fed the placed rows; then, in the walk's
+        order (tradeId for trades, time otherwise), each row inside a gap is built and offered."""
         recv_ns = time.time_ns()
         state.requests += 1
-        good: list[tuple[Mapping[str, object], int]] = []
+        good: list[tuple[_Row, tuple[int, int | None]]] = []
         for row in rows:
-            ts = _as_int(row.get("fundingTime"))
-            if ts is None:
-                await self._reject(funding_rate_from_rest(row, recv_ts_ns=recv_ns))
+            at = place(row)
+            if at is None:
+                await self._reject(build(row, recv_ns))
                 continue
-            good.append((row, ts))
-        walk.feed([ts for _, ts in good])
+            good.append((row, at))
+        feed([at for _, at in good])
         state.rows += len(good)
-        for settled, ts in sorted(good, key=lambda g: g[1]):
-            members = [m for m in state.job.members if m.contains(ts)]
-            if members:
-                await self._offer(state, members, funding_rate_from_rest(settled, recv_ts_ns=recv_ns), present)
-        self._report(state, walk.min_ts)
+        for row, (ts, tid) in sorted(good, key=lambda g: g[1][0] if g[1][1] is None else g[1][1]):
+            members = [m for m in state.job.members if m.contains(ts, tid)]
+            if not members:
+                continue
+            record = build(row, recv_ns)
+            if wanted(record):
+                await self._offer(state, members, record, present)
 
     async def _private_page(self, state: _JobState, walk: CursorWalk, query: dict[str, str],
                             present: Present) -> None:
