@@ -30,7 +30,7 @@ from ingest.config import load_settings  # noqa: E402
 from ingest.core.archive_schema import Coordinates, file_name, partition_key, records_to_table  # noqa: E402
 from ingest.core.avro import RecordEncoder, decode  # noqa: E402
 from ingest.core.records import BookAction, BookLevel, BookUpdate, Record, Source, TopicKind, Trade  # noqa: E402
-from ingest.core.replay import Entry, replay_items, sort_key  # noqa: E402
+from ingest.core.replay import Books, Entry, replay_items, sort_key  # noqa: E402
 from ingest.io.broker import EmbeddedBroker  # noqa: E402
 from ingest.replay import replay  # noqa: E402
 
@@ -121,7 +121,7 @@ def book_figures(n_updates: int) -> None:
     changes = sum(len(r.bids) + len(r.asks) for r in records)
 
     def rebuild() -> int:
-        for _ in replay_items([entries], [], start=T0, end=T0 + n_updates + 1):
+        for _ in replay_items([entries], [], start=T0, end=T0 + n_updates + 1, books=Books()):
             pass
         return changes
 

@@ -24,12 +24,13 @@ import enum
 import re
 import types
 import typing
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from decimal import Decimal
 from typing import Any, NamedTuple
 from urllib.parse import quote, unquote
 
 import msgspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -38,6 +39,7 @@ from ingest.core.normalize import specs as _specs
 from ingest.core.records import (
     RECORD_TYPES,
     BookAction,
+    BookLevel,
     BookUpdate,
     Candle,
     RawFrameEntry,
@@ -481,24 +483,95 @@ def table_kind(table: pa.Table) -> TopicKind:
     return TopicKind(value.decode())
 
 
+def _decimal_texts(arr: pa.ChunkedArray | pa.Array) -> list[str | None]:
+    """`render_decimal` of every value, in bulk: Arrow renders a decimal128 with its scale's fractional digits
+    ("100.500000000000000000"), so trimming the zeros, then the point, is the canonical text. Arrow switches to
+    an exponent for values below 1e-6 ("1.0E-7") and renders zero as "0E-18": those go through Python."""
+    if not pa.types.is_decimal(arr.type) or arr.type.scale <= 0:
+        return [None if v is None else render_decimal(v) for v in arr.to_pylist()]
+    text = pc.cast(arr, pa.string())
+    out: list[str | None] = pc.utf8_rtrim(pc.utf8_rtrim(text, characters="0"), characters=".").to_pylist()
+    odd = pc.match_substring(text, "E")
+    if pc.any(odd).as_py():
+        values = arr.to_pylist()
+        for i in pc.indices_nonzero(pc.fill_null(odd, False)).to_pylist():
+            out[i] = render_decimal(values[i])
+    return out
+
+
 def _py_column(table: pa.Table, name: str, col: _Col) -> list[Any]:
     """A column as Python values; timestamps as integers of their unit, decimals canonical text."""
     arr = table.column(name)
     if col is _Col.TS_MS or col is _Col.TS_NS:
         return arr.cast(pa.int64()).to_pylist()  # type: ignore[no-any-return]
     if col is _Col.DEC:
-        return [None if v is None else render_decimal(v) for v in arr.to_pylist()]
+        return _decimal_texts(arr)
     if col is _Col.POSITION:
         return [None if v is None else StreamPosition(ts=v["ts"], trade_id=v["tradeId"], seq_id=v["seqId"])
                 for v in arr.to_pylist()]
     return arr.to_pylist()  # type: ignore[no-any-return]
 
 
+def _field_values(table: pa.Table, f: _Field) -> list[Any]:
+    """A column as the field's Python values (enums, dicts and raw frames built), nulls left as None."""
+    values = _py_column(table, f.name, f.col)
+    if f.enum_type is not None:
+        members: dict[Any, Any] = {m.value: m for m in f.enum_type}
+        enum_type = f.enum_type
+        return [v if v is None else members[v] if v in members else enum_type(v) for v in values]
+    if f.col is _Col.MAP:
+        return [v if v is None else dict(v) for v in values]
+    if f.col is _Col.FRAMES:
+        return [v if v is None else tuple(RawFrameEntry(recv_seq=e["recvSeq"], recv_ts_ns=e["recvTsNs"],
+                                                        payload=e["payload"]) for e in v) for v in values]
+    return values
+
+
+_MAKERS: dict[tuple[type[Record], tuple[str, ...]], Callable[..., Record]] = {}
+
+
+def _maker(cls: type[Record], attrs: tuple[str, ...]) -> Callable[..., Record]:
+    """`make(v0, v1, ...) == cls(attrs[0]=v0, ...)`: records are keyword-only, and one compiled call with
+    literal keywords per row is several times cheaper than building a kwargs dict per row."""
+    key = (cls, attrs)
+    fn = _MAKERS.get(key)
+    if fn is None:
+        assert all(a.isidentifier() for a in attrs)
+        params = ", ".join(f"v{i}" for i in range(len(attrs)))
+        call = ", ".join(f"{a}=v{i}" for i, a in enumerate(attrs))
+        scope: dict[str, Any] = {"cls": cls}
+        exec(f"def make({params}):\n    return cls({call})\n", scope)  # names checked above: struct fields
+        fn = _MAKERS[key] = scope["make"]
+    return fn
+
+
+def _columns(table: pa.Table, present: Sequence[_Field]) -> list[list[Any]] | None:
+    """Every present field's values, a null the `_empty` column names turned back into "", or None when a
+    non-nullable field has a null left (a column older files lack: the field's default applies, row by row)."""
+    n = table.num_rows
+    empties: list[list[str] | None] | None = None
+    if EMPTY_COLUMN in table.column_names and table.column(EMPTY_COLUMN).null_count < n:
+        empties = table.column(EMPTY_COLUMN).to_pylist()
+    out = []
+    for f in present:
+        values = _field_values(table, f)
+        if table.column(f.name).null_count:
+            if empties is not None:
+                for i, empty in enumerate(empties):
+                    if empty is not None and values[i] is None and f.name in empty:
+                        values[i] = ""
+            if not f.nullable and None in values:
+                return None
+        out.append(values)
+    return out
+
+
 def table_to_records(table: pa.Table, kind: TopicKind | None = None) -> Iterator[tuple[Record, str, int, int]]:
     """The records of an archive table with their Kafka (topic, partition, offset), in table order.
 
     Reverses `convert` exactly except decimal rendering. Columns a file lacks (written before a field was
-    added) take the field's default; columns this build does not know are ignored.
+    added) take the field's default; columns this build does not know are ignored. Columns are converted
+    whole, then each record is one call (the replay item path's hot loop, docs/PERFORMANCE.md "Replay").
     """
     kind = kind if kind is not None else table_kind(table)
     cls = RECORD_TYPE_BY_KIND[kind]
@@ -510,17 +583,86 @@ def table_to_records(table: pa.Table, kind: TopicKind | None = None) -> Iterator
     if table.schema.field("_kafka_ts").type != TS_MS:
         table = table.set_column(table.column_names.index("_kafka_ts"), "_kafka_ts",
                                  table.column("_kafka_ts").cast(TS_MS))
+    if cls is BookUpdate:
+        yield from _books_from_table(table, present)
+        return
+    columns = _columns(table, present)
+    coords = zip(table.column("_topic").to_pylist(), table.column("_partition").to_pylist(),
+                 table.column("_offset").to_pylist(), strict=True)
+    if columns is None:
+        yield from _records_by_row(table, cls, present, coords)
+        return
+    make = _maker(cls, tuple(f.attr for f in present))
+    for record, (topic, part, off) in zip(map(make, *columns), coords, strict=True):
+        yield record, topic, part, off
+
+
+def _records_by_row(table: pa.Table, cls: type[Record], present: Sequence[_Field],
+                    coords: Iterable[tuple[str, int, int]]) -> Iterator[tuple[Record, str, int, int]]:
+    """Row by row, each null of a non-nullable field left out so the field's default applies (old files)."""
+    n = table.num_rows
     cols = {f.name: _py_column(table, f.name, f.col) for f in present}
-    empties = table.column(EMPTY_COLUMN).to_pylist() if EMPTY_COLUMN in names else [None] * n
+    empties = table.column(EMPTY_COLUMN).to_pylist() if EMPTY_COLUMN in table.column_names else [None] * n
+    for i, (topic, part, off) in enumerate(coords):
+        yield cls(**_kwargs(present, cols, i, empties[i])), topic, part, off
+
+
+def _record_starts(table: pa.Table) -> list[int]:
+    """The first row of each record: rows of one record are contiguous and share their Kafka coordinates."""
+    n = table.num_rows
+    topics = np.asarray(pc.dictionary_encode(table.column("_topic")).combine_chunks().indices)
+    parts = np.asarray(table.column("_partition").cast(pa.int64()))
+    offs = np.asarray(table.column("_offset").cast(pa.int64()))
+    new = np.ones(n, bool)
+    if n > 1:
+        new[1:] = (topics[1:] != topics[:-1]) | (parts[1:] != parts[:-1]) | (offs[1:] != offs[:-1])
+    starts: list[int] = np.flatnonzero(new).tolist()
+    return starts
+
+
+def _books_from_table(table: pa.Table, present: Sequence[_Field]) -> Iterator[tuple[Record, str, int, int]]:
+    """Book records from their level rows: the record's fields from its first row, its levels in row order."""
+    n = table.num_rows
+    starts = _record_starts(table)
+    heads = table.take(pa.array(starts, pa.int64()))
+    columns = _columns(heads, present)
+    if columns is None:
+        yield from _books_by_row(table, present)
+        return
+    side = table.column("side").to_pylist()
+    px = _decimal_texts(table.column("px"))
+    sz = _decimal_texts(table.column("sz"))
+    liq = (pc.fill_null(table.column("liqOrders"), "0").to_pylist() if "liqOrders" in table.column_names
+           else ["0"] * n)
+    num = pc.fill_null(table.column("numOrders").cast(pa.string()), "None").to_pylist()
+    levels = typing.cast("list[BookLevel]", list(zip(px, sz, liq, num, strict=True)))  # level rows have px, sz
+    topics = heads.column("_topic").to_pylist()
+    parts = heads.column("_partition").to_pylist()
+    offs = heads.column("_offset").to_pylist()
+    make = _maker(BookUpdate, (*(f.attr for f in present), "asks", "bids"))
+    ends = [*starts[1:], n]
+    for k, row in enumerate(zip(*columns, strict=True)):
+        i, j = starts[k], ends[k]
+        if j - i == 1:
+            s = side[i]
+            asks: tuple[BookLevel, ...] = (levels[i],) if s == "ask" else ()
+            bids: tuple[BookLevel, ...] = (levels[i],) if s is not None and s != "ask" else ()
+        else:
+            sides = side[i:j]
+            lv = levels[i:j]
+            asks = tuple(x for x, s in zip(lv, sides, strict=True) if s == "ask")
+            bids = tuple(x for x, s in zip(lv, sides, strict=True) if s is not None and s != "ask")
+        yield make(*row, asks, bids), topics[k], parts[k], offs[k]
+
+
+def _books_by_row(table: pa.Table, present: Sequence[_Field]) -> Iterator[tuple[Record, str, int, int]]:
+    n = table.num_rows
+    cols = {f.name: _py_column(table, f.name, f.col) for f in present}
+    empties = table.column(EMPTY_COLUMN).to_pylist() if EMPTY_COLUMN in table.column_names else [None] * n
     topics = table.column("_topic").to_pylist()
     partitions = table.column("_partition").to_pylist()
     offsets = table.column("_offset").to_pylist()
-    if cls is BookUpdate:
-        yield from _books_from_rows(table, present, cols, empties, topics, partitions, offsets)
-        return
-    for i in range(n):
-        kwargs = _kwargs(present, cols, i, empties[i])
-        yield cls(**kwargs), topics[i], partitions[i], offsets[i]
+    yield from _books_from_rows(table, present, cols, empties, topics, partitions, offsets)
 
 
 def _kwargs(present: Iterable[_Field], cols: Mapping[str, list[Any]], i: int, empty: list[str] | None
