@@ -32,8 +32,8 @@ from fastavro.types import Schema as FastavroSchema
 
 from ingest.core import schema_source
 from ingest.core.encoded import EncodedRecord
-from ingest.core.identity import EVENT_KEY_HEADER, event_key, has_event_key
-from ingest.core.records import STRUCT_BY_AVRO_NAME, OkxRecord, Record, topic_name
+from ingest.core.identity import EVENT_KEY_HEADER, event_key, event_key_function, has_event_key
+from ingest.core.records import STRUCT_BY_AVRO_NAME, InstrumentRecord, OkxRecord, Record, topic_name
 from ingest.errors import IngestError
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
@@ -517,9 +517,67 @@ class _Plan:
     record_id: Callable[[Record], str]
     ts_ms: Callable[[Record], int]
     keyed: bool
+    #: The whole EncodedRecord of one record in one call (see `_full_encoder`).
+    full: Callable[[Record], EncodedRecord]
 
 
 _SOURCE_HEADERS = {s: ("source", s.encode()) for s in ("ws", "rest", "ingest")}
+
+
+def _full_encoder(cls: type[Record], body: Encoder, prefix: bytes, topic: str, schema_header: tuple[str, bytes],
+                  record_id: Callable[[Record], str], ts_ms: Callable[[Record], int],
+                  keyed: bool) -> Callable[[Record], EncodedRecord]:
+    """One function per record type that builds its EncodedRecord: key, headers, body and timestamp.
+
+    Every record passes here once, so what `RecordEncoder.encode` used to look up or call per record (the plan,
+    `source_header()`, `kafka_key()`, `emission_id()`, `kafka_ts_ms()`, the event key's helper) is resolved
+    once per type: for the OKX records (most of the traffic) the fields are read directly, which is what
+    those methods return. Same order as before: the event key is stored before the body is written (the
+    body holds it). tests/unit/test_avro.py checks the result against the methods for every record type.
+    """
+    src = _SOURCE_HEADERS
+    ek_header = EVENT_KEY_HEADER
+    force = msgspec.structs.force_setattr
+    rid = "record_id"
+    if keyed and issubclass(cls, OkxRecord) and cls.source_header is OkxRecord.source_header \
+            and cls.emission_id is OkxRecord.emission_id and cls.kafka_ts_ms is OkxRecord.kafka_ts_ms:
+        key_of = event_key_function(cls)
+        if cls.kafka_key is InstrumentRecord.kafka_key:
+            def okx_instrument(r: Any) -> EncodedRecord:
+                key = r.event_key
+                if key is None:
+                    key = key_of(r)
+                    force(r, "event_key", key)
+                source = r.source
+                return EncodedRecord(topic, r.inst_id.encode(), body(r, prefix),
+                                     (schema_header, (rid, r.record_id.encode()),
+                                      src.get(source) or ("source", source.encode()), (ek_header, key.encode())),
+                                     r.ts)
+            return okx_instrument
+        kafka_key = cls.kafka_key
+
+        def okx_record(r: Any) -> EncodedRecord:
+            key = r.event_key
+            if key is None:
+                key = key_of(r)
+                force(r, "event_key", key)
+            source = r.source
+            return EncodedRecord(topic, kafka_key(r), body(r, prefix),
+                                 (schema_header, (rid, r.record_id.encode()),
+                                  src.get(source) or ("source", source.encode()), (ek_header, key.encode())),
+                                 r.ts)
+        return okx_record
+
+    def generic(r: Record) -> EncodedRecord:
+        source = r.source_header()
+        if keyed:
+            headers: tuple[tuple[str, bytes], ...] = (
+                schema_header, (rid, record_id(r).encode()), src.get(source) or ("source", source.encode()),
+                (ek_header, _finalise_event_key(r).encode()))
+        else:
+            headers = (schema_header, (rid, record_id(r).encode()), src.get(source) or ("source", source.encode()))
+        return EncodedRecord(topic, r.kafka_key(), body(r, prefix), headers, ts_ms(r))
+    return generic
 
 
 class RecordEncoder:
@@ -535,6 +593,8 @@ class RecordEncoder:
         self.schemas = schemas if schemas is not None else default_schemas()
         self.schema_ids = dict(schema_ids) if schema_ids is not None else None
         self._plans: dict[type[Record], _Plan] = {}
+        #: Record type -> its `_full_encoder`, filled as types are first seen (read it, do not write it).
+        self.encoders: dict[type[Record], Callable[[Record], EncodedRecord]] = {}
 
     def _plan(self, cls: type[Record]) -> _Plan:
         plan = self._plans.get(cls)
@@ -549,12 +609,22 @@ class RecordEncoder:
                 prefix = CONFLUENT_MAGIC + schema_id.to_bytes(4, "big")
             # OKX records carry record_id and ts as fields: read them directly instead of calling methods
             okx = issubclass(cls, OkxRecord)
-            plan = _Plan(compile_encoder(schema), prefix, topic_name(self.topic_prefix, cls.TOPIC),
-                         ("schema", schema.name.encode()),
-                         attrgetter("record_id") if okx else cls.emission_id,
-                         attrgetter("ts") if okx else cls.kafka_ts_ms, has_event_key(cls))
+            body = compile_encoder(schema)
+            topic = topic_name(self.topic_prefix, cls.TOPIC)
+            header = ("schema", schema.name.encode())
+            record_id: Callable[[Record], str] = attrgetter("record_id") if okx else cls.emission_id
+            ts_ms: Callable[[Record], int] = attrgetter("ts") if okx else cls.kafka_ts_ms
+            keyed = has_event_key(cls)
+            plan = _Plan(body, prefix, topic, header, record_id, ts_ms, keyed,
+                         _full_encoder(cls, body, prefix, topic, header, record_id, ts_ms, keyed))
             self._plans[cls] = plan
+            self.encoders[cls] = plan.full
         return plan
+
+    def encoder_for(self, cls: type[Record]) -> Callable[[Record], EncodedRecord]:
+        """`encode` for records of `cls` alone: a hot loop looks it up in `encoders` and calls it directly."""
+        full = self.encoders.get(cls)
+        return full if full is not None else self._plan(cls).full
 
     def value(self, record: Record) -> bytes:
         """The framed Avro value alone."""
@@ -565,18 +635,8 @@ class RecordEncoder:
 
     def encode(self, record: Record) -> EncodedRecord:
         """The record as Kafka will store it: the event key is computed here, where every record passes once."""
-        plan = self._plans.get(type(record)) or self._plan(type(record))
-        source = record.source_header()
-        if plan.keyed:
-            headers: tuple[tuple[str, bytes], ...] = (
-                plan.schema_header, ("record_id", plan.record_id(record).encode()),
-                _SOURCE_HEADERS.get(source) or ("source", source.encode()),
-                (EVENT_KEY_HEADER, _finalise_event_key(record).encode()))
-        else:
-            headers = (plan.schema_header, ("record_id", plan.record_id(record).encode()),
-                       _SOURCE_HEADERS.get(source) or ("source", source.encode()))
-        return EncodedRecord(plan.topic, record.kafka_key(), plan.encode(record, plan.prefix), headers,
-                             plan.ts_ms(record))
+        full = self.encoders.get(type(record))
+        return (full if full is not None else self._plan(type(record)).full)(record)
 
 
 def _finalise_event_key(record: Record) -> str:

@@ -207,6 +207,11 @@ def has_event_key(cls: type[Record]) -> bool:
     return cls in _KEYS
 
 
+def event_key_function(cls: type[Record]) -> Callable[[Any], str]:
+    """The event key function of a keyed type (`has_event_key`), for callers that compute many keys of it."""
+    return _KEYS[cls]
+
+
 def event_key(record: Record) -> str | None:
     """The natural event key computed from `record`'s fields (module docstring); None for raw frames."""
     key = _KEYS.get(type(record))

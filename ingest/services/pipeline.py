@@ -410,12 +410,14 @@ class Pipeline:
         if out:
             records = self.stats.records
             encode = self._encoder.encode
+            encoders = self._encoder.encoders  # type -> its encoder, so a record costs one call to encode
             limit = self._max_record_bytes
             encoded = []
             counts: dict[TopicKind, int] = {}
             for rec in out:
                 try:
-                    enc = encode(rec)
+                    full = encoders.get(type(rec))
+                    enc = encode(rec) if full is None else full(rec)
                     if len(enc.value) > limit:
                         rec = self._oversize(rec, len(enc.value))
                         enc = encode(rec)

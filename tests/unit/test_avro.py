@@ -11,7 +11,7 @@ from typing import Any
 import fastavro
 import msgspec
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from ingest.core.avro import (
@@ -26,6 +26,7 @@ from ingest.core.avro import (
     default_schemas,
     read_framing,
 )
+from ingest.core.identity import event_key
 from ingest.core.records import (
     LEGACY_RECORD_TYPES,
     RECORD_TYPES,
@@ -232,6 +233,22 @@ def test_encoded_record_has_topic_key_headers_and_timestamp() -> None:
     assert (encoded.topic, encoded.key, encoded.ts_ms) == ("okx.gaps", b"trades:BTC-USDT", 4000)
     assert dict(encoded.headers) == {"schema": b"okx.ingest.v1.GapEvent", "record_id": b"gap:g7:1",
                                      "source": b"ingest", "event_key": b"gaps:g7:1"}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(any_record)
+def test_the_encoded_record_of_any_record_is_what_its_own_methods_say(record: Record) -> None:
+    # The encoder builds key, headers and timestamp per type without calling these methods: same answers.
+    assume(not isinstance(record, RawFrames) or record.frames)  # no frames: no timestamp, never published
+    given_key = getattr(record, "event_key", None)
+    key = given_key if given_key is not None else event_key(record)
+    encoded = RecordEncoder("p.").encode(record)
+    assert getattr(record, "event_key", None) == key  # stored in the record, so its body holds it
+    assert encoded == (f"p.{record.TOPIC.value}", record.kafka_key(), RecordEncoder("p.").value(record),
+                       (("schema", record.AVRO_NAME.encode()), ("record_id", record.emission_id().encode()),
+                        ("source", record.source_header().encode()),
+                        *((("event_key", key.encode()),) if key is not None else ())),
+                       record.kafka_ts_ms())
 
 
 def test_confluent_value_is_zero_then_big_endian_schema_id_then_body() -> None:
