@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
+import tempfile
 from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -317,9 +319,11 @@ def require_writable_dir(path: Path, key: str) -> None:
     configuration error at start-up rather than a crash of the delivery task later."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".okx-ingest-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # A name of its own: replicas started together on one host share journal.dir, and one fixed probe name
+        # let one unlink the other's probe (ENOENT) and refuse to start.
+        fd, probe = tempfile.mkstemp(prefix=".okx-ingest-write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         raise ConfigError(key, f"{str(path)!r} is not a writable directory ({exc.strerror or exc})",
                           "point it at a directory this user can write (not under a file, not read-only)") from None
