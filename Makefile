@@ -7,7 +7,8 @@ CONFIG ?= config/okx-ingest.toml
 
 .PHONY: run test demo lint bench simulate clean compat lock bench-archive bench-replay bench-cluster schemas
 
-# Exact versions with hashes (requirements-dev.lock = runtime + test tools; requirements.lock is the image's).
+# Exact versions with hashes (requirements-dev.lock = runtime + test tools; requirements.lock is the image's:
+# runtime + the msk extra, so an image can sign in to Amazon MSK with IAM).
 LOCK   := requirements-dev.lock
 
 $(STAMP): pyproject.toml $(LOCK)
@@ -19,7 +20,7 @@ $(STAMP): pyproject.toml $(LOCK)
 PIP_COMPILE := $(BIN)/pip-compile --quiet --strip-extras --generate-hashes --allow-unsafe --no-emit-index-url \
 	--no-emit-find-links
 lock: $(STAMP)  ## re-pin both locks after changing dependencies in pyproject.toml
-	$(PIP_COMPILE) -o requirements.lock pyproject.toml
+	$(PIP_COMPILE) --extra msk -o requirements.lock pyproject.toml
 	$(PIP_COMPILE) --extra dev -o requirements-dev.lock pyproject.toml
 
 run: $(STAMP)  ## the daemon against OKX, writing to the embedded broker unless configured otherwise
