@@ -756,3 +756,48 @@ def decode(value: bytes, schemas: SchemaSet | None = None, *, schema_name: str |
         return msgspec.convert(fields, cls)
     except msgspec.ValidationError as exc:
         raise DecodeError(f"{name} does not fit {cls.__name__}: {exc}") from None
+
+
+class Decoder:
+    """`decode` for a consumer of many values (the archiver): the same records and the same errors, minus the
+    per-value lookups.
+
+    Values framed with a current schema's fingerprint are read straight into that schema's Struct (schema
+    and class looked up once per fingerprint, no framing object, no copy of the body); anything else
+    (Confluent framing, an older writer schema, a value that fails) goes through `decode`, so behaviour
+    and error messages are exactly `decode`'s.
+    """
+
+    __slots__ = ("_plans", "_schemas")
+
+    def __init__(self, schemas: SchemaSet | None = None) -> None:
+        self._schemas = schemas
+        self._plans: dict[bytes, tuple[FastavroSchema, type[Record], str]] = {}
+
+    def _plan(self, fingerprint: bytes) -> tuple[FastavroSchema, type[Record], str] | None:
+        schemas = self._schemas if self._schemas is not None else default_schemas()
+        schema = schemas.by_fingerprint.get(fingerprint)
+        if schema is None:
+            return None
+        cls = STRUCT_BY_AVRO_NAME.get(schema.name)
+        if cls is None or not issubclass(cls, Record):
+            return None
+        plan = self._plans[fingerprint] = (schema.parsed, cls, schema.name)
+        return plan
+
+    def decode(self, value: bytes, *, schema_name: str | None = None) -> Record:
+        """The record Struct of one framed value; `schema_name` as for `decode` (Confluent framing only)."""
+        if value[:2] == SINGLE_OBJECT_MAGIC and len(value) >= 10:
+            fp = value[2:10]
+            plan = self._plans.get(fp) or self._plan(fp)
+            if plan is not None:
+                body = io.BytesIO(value)
+                body.seek(10)
+                try:
+                    fields = fastavro.schemaless_reader(body, plan[0], None)
+                    if body.tell() == len(value) and isinstance(fields, dict):
+                        return msgspec.convert(fields, plan[1])
+                except (EOFError, ValueError, IndexError, UnicodeDecodeError, StopIteration,
+                        msgspec.ValidationError):
+                    pass
+        return decode(value, self._schemas, schema_name=schema_name)

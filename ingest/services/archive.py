@@ -44,7 +44,7 @@ from ingest.core.archive_schema import (
     parse_file_name,
     partition_key,
 )
-from ingest.core.avro import DecodeError, decode
+from ingest.core.avro import CONFLUENT_MAGIC, DecodeError, Decoder
 from ingest.core.backoff import full_jitter
 from ingest.core.records import BookUpdate, GapEvent, RawFrames, Record, TopicKind, Trade, topic_name
 from ingest.errors import IngestError
@@ -249,6 +249,7 @@ class Archiver:
         self._retry_at = 0.0
         self.started = asyncio.Event()
         self._suffix = f"~{incarnation}" if incarnation else ""
+        self._decoder = Decoder()
 
     def _name_topic(self, tp: TopicPartition) -> str:
         return f"{tp.topic}{self._suffix}"
@@ -315,24 +316,54 @@ class Archiver:
     # ---- taking records -----------------------------------------------------------------------------
 
     async def _take(self, tp: TopicPartition, msgs: list[ConsumerRecord]) -> None:
+        """Decode and buffer one partition's fetched records. The common case (the record goes into the open
+        file of its slot, same bucket) is inline; opening, rotating, skipping and flushing go through `_add`."""
         now = self._clock()
+        decoder = self._decoder
+        rotate_ms = self.cfg.rotate_s * 1000
+        max_file = self.cfg.max_file_bytes
+        bufs = self._bufs
+        nxt = self._next
+        stats = self.stats
+        stats.records_in += len(msgs)
         for msg in msgs:
-            self.stats.records_in += 1
             coord = Coordinates(msg.topic, msg.partition, msg.offset, msg.timestamp)
             value: bytes | None = msg.value
             item: Record | _Reject
             try:
                 if value is None:
                     raise DecodeError("a record without a value")
-                schema = next((v.decode() for k, v in (msg.headers or ()) if k == "schema"), None)
-                item = decode(value, schema_name=schema)
+                # Only Confluent framing needs the header; single-object values name their schema themselves.
+                schema = _schema_header(msg.headers) if value[:1] == CONFLUENT_MAGIC else None
+                item = decoder.decode(value, schema_name=schema)
                 key = partition_key(item, msg.timestamp)
-                bucket = _bucket(getattr(item, "ts", msg.timestamp), self.cfg.rotate_s)
+                bucket = getattr(item, "ts", msg.timestamp) // rotate_ms
             except (IngestError, ValueError, UnicodeDecodeError) as exc:
                 item = _Reject(f"undecodable: {exc}", None, msg.key, value)
                 key, bucket = self._rejected_key(msg.timestamp), 0
-            await self._add(key, tp, bucket, item, coord, len(value or b""), now)
-            self._next[tp] = msg.offset + 1
+            avro_size = len(value or b"")
+            buf = bufs.get((key, tp))
+            if buf is not None and buf.bucket == bucket:  # the open file of its slot: nothing else to decide
+                buf.items.append(item)
+                buf.coords.append(coord)
+                size = avro_size * (RAW_EXPANSION if isinstance(item, RawFrames) else RECORD_EXPANSION) \
+                    + RECORD_OVERHEAD
+                buf.nbytes += size
+                buf.avro_bytes += avro_size
+                buf.last_seen = now
+                buf.last_ts = coord.kafka_ts_ms
+                if coord.kafka_ts_ms > self._tp_ts.get(tp, 0):
+                    self._tp_ts[tp] = coord.kafka_ts_ms
+                stats.buffered_bytes += size
+                if stats.buffered_bytes > stats.peak_buffered_bytes:
+                    stats.peak_buffered_bytes = stats.buffered_bytes
+                if buf.avro_bytes >= max_file:
+                    await self._flush_due(final=False, only=[(key, tp)])
+                elif stats.buffered_bytes >= self.cfg.max_buffer_bytes:
+                    await self._flush_due(final=False, only=self._largest())
+            else:
+                await self._add(key, tp, bucket, item, coord, avro_size, now)
+            nxt[tp] = msg.offset + 1
         if msgs:
             self._last_entered_ms[tp] = _entered_ms(item, coord)
 
@@ -670,8 +701,12 @@ def distinct_offsets(table: pa.Table) -> int:
     return int(pc.count_distinct(table.column("_offset")).as_py())
 
 
-def _bucket(ts_ms: int, rotate_s: int) -> int:
-    return ts_ms // (rotate_s * 1000)
+def _schema_header(headers: Iterable[tuple[str, bytes]] | None) -> str | None:
+    """The `schema` header (the Avro full name) of a Confluent-framed value."""
+    for k, v in headers or ():
+        if k == "schema":
+            return v.decode()
+    return None
 
 
 def _topics_pattern(topics: list[str]) -> str:

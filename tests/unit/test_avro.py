@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from ingest.core.avro import (
     DecodeError,
+    Decoder,
     Encoder,
     RecordEncoder,
     SchemaError,
@@ -150,6 +151,29 @@ def test_every_record_decodes_back_with_fastavro_and_the_avsc_files_alone(record
     value = ENCODER.value(record)
     assert consumer_decode(value) == plain(msgspec.to_builtins(record, builtin_types=(bytes,)))
     assert decode(value) == record
+    assert DECODER.decode(value) == record
+
+
+DECODER = Decoder()
+
+
+@pytest.mark.parametrize("value", [
+    b"", b"\x7b\x22a\x22", b"\xc3\x01" + b"\x00" * 8 + b"\x00", b"\x00\x00\x00\x00\x07\x00",
+    RecordEncoder().value(a_trade())[:-6], RecordEncoder().value(a_trade()) + b"\x00",
+    RecordEncoder().value(a_trade())[:12] + b"\xff" * 40,
+])
+def test_the_batch_decoder_fails_exactly_like_decode_on_values_that_are_not_records(value: bytes) -> None:
+    with pytest.raises(DecodeError) as expected:
+        decode(value)
+    with pytest.raises(DecodeError) as got:
+        DECODER.decode(value)
+    assert str(got.value) == str(expected.value)
+
+
+def test_the_batch_decoder_reads_confluent_values_by_their_schema_header() -> None:
+    trade = a_trade()
+    value = b"\x00\x00\x00\x00\x07" + avro_body(trade)
+    assert DECODER.decode(value, schema_name=trade.AVRO_NAME) == trade == decode(value, schema_name=trade.AVRO_NAME)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
