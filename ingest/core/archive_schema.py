@@ -269,7 +269,8 @@ def partition_key(record: Record, kafka_ts_ms: int) -> PartitionKey:
     ts = getattr(record, "ts", None)
     ms = ts if isinstance(ts, int) else kafka_ts_ms
     inst_id = getattr(record, "inst_id", None)
-    return PartitionKey(_DATASET.get(type(record)) or record.TOPIC.value, _date_of_hour(ms // 3_600_000), inst_id or NO_INST_ID)
+    dataset = _DATASET.get(type(record)) or record.TOPIC.value
+    return PartitionKey(dataset, _date_of_hour(ms // 3_600_000), inst_id or NO_INST_ID)
 
 
 @functools.lru_cache(maxsize=4096)
