@@ -22,6 +22,7 @@ import datetime as dt
 import decimal
 import enum
 import functools
+import keyword
 import re
 import types
 import typing
@@ -425,8 +426,12 @@ def convert(kind: TopicKind, records: Sequence[Record], coords: Sequence[Coordin
     arrays: dict[str, pa.Array] = {}
     # One C call per record (astuple) and one transposition, instead of a getattr per field and record.
     columns = list(zip(*map(msgspec.structs.astuple, records), strict=True)) if n else []
+    schema = arrow_schema(kind)
     for f, pos in zip(_FIELDS[cls], _POSITIONS[cls], strict=True):
-        arrays[f.name] = _column(f, list(columns[pos]) if n else [], empties, rejected)
+        arr = arrays[f.name] = _column(f, list(columns[pos]) if n else [], empties, rejected)
+        if arr.null_count and not schema.field(f.name).nullable:  # a hand-built record (`ts=None`): not castable
+            for i in pc.indices_nonzero(arr.is_null()).to_pylist():
+                rejected.setdefault(i, Rejected(i, f.name, "no value, and the column requires one"))
     arrays["_topic"] = pa.array([c.topic for c in coords], pa.string())
     arrays["_partition"] = pa.array([c.partition for c in coords], pa.int32())
     arrays["_offset"] = pa.array([c.offset for c in coords], pa.int64())
@@ -455,7 +460,6 @@ def convert(kind: TopicKind, records: Sequence[Record], coords: Sequence[Coordin
         bad = pa.array(sorted(rejected), pa.int64())
         row_owner = pa.array(owner, pa.int64()) if owner is not None else pa.array(range(n), pa.int64())
         record_table = record_table.filter(pc.invert(pc.is_in(row_owner, value_set=bad)))
-    schema = arrow_schema(kind)
     table = record_table.select(schema.names).cast(schema)
     return Converted(table, [rejected[i] for i in sorted(rejected)])
 
@@ -550,7 +554,13 @@ def _maker(cls: type[Record], attrs: tuple[str, ...]) -> Callable[..., Record]:
     key = (cls, attrs)
     fn = _MAKERS.get(key)
     if fn is None:
-        assert all(a.isidentifier() for a in attrs)
+        # The names are compiled into source below: only the class's own field names, never anything else
+        # (a real check, not an assert that `python -O` strips).
+        known = {f.name for f in msgspec.structs.fields(cls)}
+        bad = [a for a in attrs if a not in known or not a.isidentifier() or keyword.iskeyword(a)]
+        if bad or len(set(attrs)) != len(attrs):
+            raise ValueError(f"{cls.__name__}: cannot build a constructor for {attrs!r} (not its field names, "
+                             f"or repeated): {', '.join(map(repr, bad)) or 'repeated'}")
         params = ", ".join(f"v{i}" for i in range(len(attrs)))
         call = ", ".join(f"{a}=v{i}" for i, a in enumerate(attrs))
         scope: dict[str, Any] = {"cls": cls}

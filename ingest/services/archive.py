@@ -337,7 +337,8 @@ class Archiver:
                 schema = _schema_header(msg.headers) if value[:1] == CONFLUENT_MAGIC else None
                 item = decoder.decode(value, schema_name=schema)
                 key = partition_key(item, msg.timestamp)
-                bucket = getattr(item, "ts", msg.timestamp) // rotate_ms
+                ts = getattr(item, "ts", None)  # no exchange time (None too): by the Kafka time, as its date
+                bucket = (ts if isinstance(ts, int) else msg.timestamp) // rotate_ms
             except (IngestError, ValueError, UnicodeDecodeError) as exc:
                 item = _Reject(f"undecodable: {exc}", None, msg.key, value)
                 key, bucket = self._rejected_key(msg.timestamp), 0

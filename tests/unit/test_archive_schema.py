@@ -245,3 +245,32 @@ def test_a_file_written_before_a_field_was_added_reads_with_the_new_files(tmp_pa
     rel = duckdb.sql(f"select okxSource, _offset from read_parquet('{tmp_path}/*.parquet', union_by_name=true) "
                      "order by _offset")
     assert rel is not None and rel.fetchall() == [(trades[0].okx_source, 100), (None, 200)]
+
+
+@pytest.mark.parametrize("attrs", [
+    ("inst_id", "ts=0, **__import__('os').environ, px"),  # anything but a field name is compiled into source
+    ("inst_id", "no_such_field"), ("inst_id", "inst_id"), ("inst_id", "class"),
+])
+def test_the_generated_row_constructor_refuses_anything_but_the_records_own_field_names(attrs: tuple[str, ...]
+                                                                                        ) -> None:
+    """A real check (ValueError), not an assert that `python -O` strips before the names are exec'd."""
+    from ingest.core.archive_schema import _maker
+
+    with pytest.raises(ValueError, match="cannot build a constructor"):
+        _maker(Trade, attrs)
+
+
+def test_the_generated_row_constructor_builds_the_record_from_its_field_names(shared_okx: Path) -> None:
+    from ingest.core.archive_schema import _maker
+
+    trade = next(r for _, r in real_records(shared_okx) if isinstance(r, Trade))
+    names = tuple(f.name for f in msgspec.structs.fields(Trade))
+    assert _maker(Trade, names)(*msgspec.structs.astuple(trade)) == trade
+
+
+def test_a_record_missing_a_required_value_is_rejected_by_convert_and_the_others_kept(shared_okx: Path) -> None:
+    trades = [r for _, r in real_records(shared_okx) if isinstance(r, Trade)][:3]
+    timeless = msgspec.structs.replace(trades[1], ts=None)  # a hand-built record: the wire cannot carry it
+    got = convert(TopicKind.TRADES, [trades[0], timeless, trades[2]], coords(3))
+    assert [(r.index, r.field) for r in got.rejected] == [(1, "ts")]
+    assert got.table.column("recordId").to_pylist() == [trades[0].record_id, trades[2].record_id]
