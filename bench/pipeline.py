@@ -315,7 +315,8 @@ async def start_recorder(ws_base: str, bootstrap: str, insts: Sequence[str], jou
         store = PositionStore(settings.kafka, bootstrap_servers=bootstrap)
         await store.start()
         positions = ClusterPositions(pipeline, delivery, store, manager, membership.member,
-                                     settings.cluster.position_interval_s, membership.lease)
+                                     settings.cluster.position_interval_s, membership.lease,
+                                     fence=outlet if isinstance(outlet, FencedOutlet) else None)
         tasks += [asyncio.create_task(membership.run()), asyncio.create_task(positions.run())]
         async with asyncio.timeout(120):  # Tansu: a join takes about 3 s
             await membership.assigned.wait()

@@ -221,7 +221,8 @@ class Daemon:
             await store.start()
             p.positions = ClusterPositions(p.pipeline, p.delivery, store, p.manager, member,
                                            s.cluster.position_interval_s,
-                                           p.membership.lease if p.membership is not None else None)
+                                           p.membership.lease if p.membership is not None else None,
+                                           fence=p.fence)
         # Where the previous process of this shard left each stream: the time nobody recorded becomes gaps.
         p.state = StreamStateFile(s.journal.dir / f"{replica}.streams.json")
         saved = p.state.load() if member is None else None  # in cluster mode, positions live in Kafka
@@ -571,7 +572,10 @@ class Daemon:
         if p.fence is not None:
             fenced = counter("cluster_fenced_records", "Records dropped because this replica no longer owned them")
             fenced.add_metric([], p.fence.fenced)
-            out.append(fenced)
+            held = gauge("cluster_held_records", "Records of owned shards held while the lease is expired (published "
+                         "if the next assignment keeps the shard)")
+            held.add_metric([], p.fence.held)
+            out += [fenced, held]
         if p.positions is not None:
             written = counter("cluster_positions_written", "Stream positions written to <prefix>positions")
             written.add_metric([], p.positions.store.written)

@@ -163,8 +163,10 @@ class ClusterPositions:
     pipeline's usual bounds (the predecessor's last acknowledged position -> the first record here)."""
 
     def __init__(self, pipeline: Pipeline, delivery: Delivery, store: PositionStore, shards: ShardConnections,
-                 member: str, interval_s: float, lease: Lease | None = None) -> None:
+                 member: str, interval_s: float, lease: Lease | None = None,
+                 fence: FencedOutlet | None = None) -> None:
         self.pipeline, self.delivery, self.store, self.shards = pipeline, delivery, store, shards
+        self.fence = fence
         self.member = member
         self.interval_s = interval_s
         self.restored = 0
@@ -183,6 +185,10 @@ class ClusterPositions:
         """Write the acknowledged positions of the streams of the shards owned now; how many were written."""
         generation, owned = self.shards.generation, self.shards.owned
         await self.pipeline.between_batches()
+        if self.fence is not None:
+            # The pipeline's positions include what the fence holds for a lapsed lease: handed to delivery
+            # first, or (the lease still expired) no position is saved below.
+            await self.fence.release_held()
         streams, _ = self.pipeline.checkpoint()  # no await since: it matches what delivery was handed
         saved_at, accepted = time.time_ns(), self.delivery.stats.records_in
         # Acknowledged, not merely journaled: a replica that takes over reads Kafka, not this disk.
@@ -238,37 +244,144 @@ def record_shard(record: EncodedRecord, gaps_topic: str, shards: int) -> int | N
     return shard_of(key.decode(errors="replace"), shards)
 
 
+Headers = tuple[tuple[str, bytes], ...]
+
+
 class FencedOutlet:
     """In front of delivery in cluster mode: a record goes on only while this replica's lease holds and it owns
-    the record's shard; it then carries `owner`, `generation` and `shard` headers. Anything else is dropped and
-    counted (`fenced`): a replica woken from a pause past its session publishes nothing for shards that moved,
-    even before its next heartbeat tells it so."""
+    the record's shard; it then carries `owner`, `generation` and `shard` headers. Records of shards that moved
+    are dropped and counted (`fenced`): a replica woken from a pause past its session publishes nothing for
+    shards that moved, even before its next heartbeat tells it so.
 
-    def __init__(self, delivery: Outlet, shards: ShardConnections, lease: Lease, gaps_topic: str) -> None:
+    While the lease is expired but the assignment still names the shard, records are held, not dropped: the
+    broker may still count this member (a heartbeat late by less than the 10% margin of the lease, a broker
+    restart), and then keeps its shards, so nobody else records them. The next assignment decides: shards kept
+    without interruption get their held records published, in order, before anything newer; shards gone (or
+    every shard, after a rejoin with an expired session) drop them, the new owner's takeover gap covering them.
+    The hold is bounded (`hold_max_bytes`); what it cannot take is dropped and logged as lost."""
+
+    #: Entries of the instrument -> shard caches before they are cleared (keys are instruments and connection
+    #: ids: a handful per shard, so the bound only matters for a replica reconnecting for weeks).
+    CACHE_MAX = 65_536
+
+    def __init__(self, delivery: Outlet, shards: ShardConnections, lease: Lease, gaps_topic: str,
+                 hold_max_bytes: int = 64 << 20) -> None:
         self.delivery, self.shards, self.lease = delivery, shards, lease
         self.gaps_topic = gaps_topic
         self.fenced = 0
+        self.hold_max_bytes = hold_max_bytes
+        #: Records held while the lease was expired (see the class): (record, its generation, its shard).
+        self._held: list[tuple[EncodedRecord, int, int | None]] = []
+        self._held_bytes = 0
+        self._hold_logged = False
         self._member = shards.member.encode()
+        self._by_key: dict[bytes, int | None] = {}
+        self._by_gap_key: dict[bytes, int | None] = {}
+        # Derived from one Ownership (rebuilt when the assignment changes): shards publishable now, and the
+        # header tail of each (None: records that name no shard).
+        self._own: Ownership | None = None
+        self._tails: dict[int | None, Headers] = {}
+
+    @property
+    def held(self) -> int:
+        """Records held for an expired lease (the positions are not saved while any are)."""
+        return len(self._held)
+
+    def _shard(self, rec: EncodedRecord) -> int | None:
+        key = rec.key
+        if not key:
+            return None
+        cache = self._by_gap_key if rec.topic == self.gaps_topic else self._by_key
+        try:
+            return cache[key]
+        except KeyError:
+            shard = record_shard(rec, self.gaps_topic, self.shards.shards)
+            if len(cache) >= self.CACHE_MAX:
+                cache.clear()
+            cache[key] = shard
+            return shard
+
+    def _tails_for(self, own: Ownership) -> dict[int | None, Headers]:
+        if own is not self._own:
+            self._own = own
+            gen = str(own.generation).encode()
+            base = (("owner", self._member), ("generation", gen))
+            self._tails = {None: base}
+            for shard in own.since:
+                if may_publish(own, own.member, own.generation, shard):
+                    self._tails[shard] = (*base, ("shard", str(shard).encode()))
+        return self._tails
 
     async def put_many(self, records: Sequence[EncodedRecord]) -> None:
         own = self.shards.ownership
-        if own is None or not self.lease.valid():
-            self._drop(len(records), "lease expired" if own is not None else "no assignment")
+        if own is None:
+            self._drop(len(records), "no assignment")
             return
-        out: list[EncodedRecord] = []
-        generation = str(own.generation).encode()
-        count = self.shards.shards
+        if not self.lease.valid():
+            self._hold(own, records)
+            return
+        out: list[EncodedRecord] = self._release(own) if self._held else []
+        tails = self._tails_for(own)
+        shard_of_record = self._shard
+        dropped = 0
         for rec in records:
-            shard = record_shard(rec, self.gaps_topic, count)
-            if shard is None:
-                out.append(rec._replace(headers=(*rec.headers, ("owner", self._member), ("generation", generation))))
-            elif may_publish(own, own.member, own.generation, shard):
-                out.append(rec._replace(headers=(*rec.headers, ("owner", self._member), ("generation", generation),
-                                                 ("shard", str(shard).encode()))))
-            else:
-                self._drop(1, f"shard {shard} not owned")
+            tail = tails.get(shard_of_record(rec))
+            if tail is None:
+                dropped += 1
+                continue
+            out.append(EncodedRecord(rec.topic, rec.key, rec.value, rec.headers + tail, rec.ts_ms))
+        if dropped:
+            self._drop(dropped, "shard not owned")
         if out:
             await self.delivery.put_many(out)
+
+    async def release_held(self) -> None:
+        """Publish (or drop, see the class) what was held, once the lease is valid again: called between
+        batches by the positions' timer, so a quiet stream's held records do not wait for its next record."""
+        own = self.shards.ownership
+        if self._held and own is not None and self.lease.valid():
+            out = self._release(own)
+            if out:
+                await self.delivery.put_many(out)
+
+    def _hold(self, own: Ownership, records: Sequence[EncodedRecord]) -> None:
+        gen = own.generation
+        lost = 0
+        for rec in records:
+            shard = self._shard(rec)
+            if shard is not None and shard not in own.since:
+                lost += 1  # not ours even by the last assignment
+                continue
+            size = len(rec.value)
+            if self._held_bytes + size > self.hold_max_bytes:
+                lost += 1
+                if not self._hold_logged:
+                    self._hold_logged = True
+                    log.error("cluster_hold_full", extra={
+                        "held": len(self._held), "bytes": self._held_bytes,
+                        "effect": "records of owned shards dropped while the lease is expired: lost unless the "
+                                  "shard moves (its takeover gap is backfilled); see the fenced metric"})
+                continue
+            self._held.append((rec, gen, shard))
+            self._held_bytes += size
+        self._drop(lost, "lease expired")
+
+    def _release(self, own: Ownership) -> list[EncodedRecord]:
+        """The held records the current ownership still allows, stamped with the generation they were made in."""
+        out: list[EncodedRecord] = []
+        dropped = 0
+        for rec, gen, shard in self._held:
+            if shard is not None and not may_publish(own, own.member, gen, shard):
+                dropped += 1
+                continue
+            tail: Headers = (("owner", self._member), ("generation", str(gen).encode()))
+            if shard is not None:
+                tail = (*tail, ("shard", str(shard).encode()))
+            out.append(EncodedRecord(rec.topic, rec.key, rec.value, rec.headers + tail, rec.ts_ms))
+        log.info("cluster_hold_released", extra={"published": len(out), "dropped": dropped})
+        self._held, self._held_bytes, self._hold_logged = [], 0, False
+        self._drop(dropped, "held through an expired lease; the shard moved meanwhile")
+        return out
 
     def _drop(self, n: int, why: str) -> None:
         if n and not self.fenced:

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import orjson
 
 from ingest.config import OkxSettings, WsSettings
-from ingest.core.cluster import shard_of
+from ingest.core.cluster import StreamPosition, shard_of
 from ingest.core.encoded import EncodedRecord
 from ingest.core.events import Inbound
+from ingest.core.gaps import StreamCheckpoint
 from ingest.io.cluster import Assignment, Lease, ShardAssignor
-from ingest.services.cluster import FencedOutlet, ShardConnections, record_shard
+from ingest.io.delivery import DeliveryStats
+from ingest.okx.channels import SubArg
+from ingest.services.cluster import ClusterPositions, FencedOutlet, ShardConnections, record_shard
 
 SHARDS = 8
 GAPS = "p.gaps"
@@ -69,10 +73,56 @@ async def test_a_replica_whose_lease_expired_or_whose_shard_moved_publishes_noth
         assert dict(capture.records[0].headers) == {"schema": b"okx.ingest.v1.Trade", "owner": b"r0",
                                                     "generation": b"4",
                                                     "shard": str(shard_of(mine, SHARDS)).encode()}
-        # Paused past the session (SIGSTOP): on waking, before any heartbeat, its own shard is fenced too.
+        # Paused past the session (SIGSTOP): on waking, before any heartbeat, nothing goes out, its own shard's
+        # record is held; the rejoin after the expired session gives it fresh shards: what was held is dropped.
         clock.now += 30
+        await outlet.put_many([_trade(mine), _trade(theirs)])
+        assert len(capture.records) == 1 and outlet.fenced == 3 and outlet.held == 1
+        await shards.apply(Assignment(6, frozenset({shard_of(mine, SHARDS)}), resumed=False))
+        lease.renew(clock.now)
         await outlet.put_many([_trade(mine)])
-        assert len(capture.records) == 1 and outlet.fenced == 3
+        assert [dict(r.headers)["generation"] for r in capture.records] == [b"4", b"6"]
+        assert outlet.fenced == 4 and outlet.held == 0
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_records_held_through_a_lapsed_lease_go_out_first_when_the_shard_was_kept() -> None:
+    """The broker still counted the member (a heartbeat late by less than the lease's margin): nobody else
+    recorded its shards, so dropping what it received meanwhile would lose it with no gap to show."""
+    queue: asyncio.Queue[Inbound] = asyncio.Queue()
+    shards = ShardConnections(OkxSettings(instruments=[]), WsSettings(), queue, [], SHARDS, member="r0")
+    clock = _Clock()
+    lease = Lease(9.0, monotonic=clock)
+    capture = _Capture()
+    outlet = FencedOutlet(capture, shards, lease, GAPS, hold_max_bytes=3)
+    a, b = "BTC-USDT", next(f"I{i}" for i in range(100) if shard_of(f"I{i}", SHARDS) != shard_of("BTC-USDT", SHARDS))
+    runner = asyncio.create_task(shards.run())
+    try:
+        await shards.apply(Assignment(4, frozenset({shard_of(a, SHARDS), shard_of(b, SHARDS)})))
+        lease.renew(clock.now)
+        await outlet.put_many([_trade(a)])
+        clock.now += 10  # the lease lapses
+        held = [EncodedRecord("p.trades", k.encode(), v, (), 2) for k, v in ((a, b"1"), (b, b"2"), (a, b"3"))]
+        await outlet.put_many(held)
+        await outlet.put_many([EncodedRecord("p.trades", a.encode(), b"4", (), 3)])  # past hold_max_bytes: lost
+        assert len(capture.records) == 1 and outlet.held == 3 and outlet.fenced == 1
+        # The next heartbeat is answered and a rebalance keeps a's shard only: b's held record is dropped.
+        lease.renew(clock.now)
+        await shards.apply(Assignment(5, frozenset({shard_of(a, SHARDS)})))
+        await outlet.put_many([EncodedRecord("p.trades", a.encode(), b"5", (), 4)])
+        assert [r.value for r in capture.records] == [b"v", b"1", b"3", b"5"]
+        assert [dict(r.headers)["generation"] for r in capture.records] == [b"4", b"4", b"4", b"5"]
+        assert outlet.held == 0 and outlet.fenced == 2
+        # A quiet stream: the positions' timer releases what was held, with no new record to carry it.
+        clock.now += 10
+        await outlet.put_many([EncodedRecord("p.trades", a.encode(), b"6", (), 5)])
+        await outlet.release_held()
+        assert outlet.held == 1, "still expired: nothing released"
+        lease.renew(clock.now)
+        await outlet.release_held()
+        assert [r.value for r in capture.records][-1] == b"6" and outlet.held == 0
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
@@ -136,3 +186,60 @@ def test_a_member_whose_session_expired_claims_none_of_its_old_shards() -> None:
     clock.now += 30
     lease.join_started()
     assert orjson.loads(assignor.metadata(["p.shards"]).user_data)["held"] == []
+
+
+class _Pipeline:
+    """The pipeline's side of a positions save: its checkpoint names one stream of shard `shard`."""
+
+    def __init__(self, arg: SubArg) -> None:
+        self.arg = arg
+
+    async def between_batches(self) -> None:
+        return None
+
+    def checkpoint(self) -> tuple[list[StreamCheckpoint], None]:
+        return [StreamCheckpoint(self.arg, None, None, None)], None
+
+
+class _Delivery:
+    def __init__(self) -> None:
+        self.stats = DeliveryStats()
+        self.handed: list[EncodedRecord] = []
+
+    async def put_many(self, records: Sequence[EncodedRecord]) -> None:
+        self.handed.extend(records)
+        self.stats.records_in += len(records)  # acknowledged at once
+
+    async def wait_for(self, predicate: Callable[[DeliveryStats], bool]) -> None:
+        assert predicate(self.stats)
+
+
+class _Store:
+    def __init__(self) -> None:
+        self.saved: list[StreamPosition] = []
+
+    async def write(self, positions: list[StreamPosition]) -> int:
+        self.saved.extend(positions)
+        return len(positions)
+
+
+async def test_no_position_is_saved_past_records_still_held_for_a_lapsed_lease() -> None:
+    """A saved position says every record before it is on Kafka: with records held, a takeover starting from
+    it would never report them."""
+    arg = SubArg("trades", "BTC-USDT")
+    shard = shard_of("BTC-USDT", SHARDS)
+    queue: asyncio.Queue[Inbound] = asyncio.Queue()
+    shards = ShardConnections(OkxSettings(instruments=[]), WsSettings(), queue, [arg], SHARDS, member="r0")
+    clock = _Clock()
+    lease = Lease(9.0, monotonic=clock)
+    delivery, store = _Delivery(), _Store()
+    fence = FencedOutlet(delivery, shards, lease, GAPS)
+    positions = ClusterPositions(cast(Any, _Pipeline(arg)), cast(Any, delivery), cast(Any, store), shards, "r0",
+                                 2.0, lease, fence=fence)
+    await shards.apply(Assignment(4, frozenset({shard})))
+    clock.now += 30  # never renewed: expired
+    await fence.put_many([_trade("BTC-USDT")])
+    assert await positions.save() == 0 and store.saved == [] and delivery.handed == []
+    lease.renew(clock.now)
+    assert await positions.save() == 1, "renewed: the held record goes out first, then the position is saved"
+    assert [r.key for r in delivery.handed] == [b"BTC-USDT"] and store.saved[0].shard == shard
