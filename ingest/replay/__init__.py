@@ -135,6 +135,8 @@ class _Reader(Protocol):
 
     def instruments(self) -> set[str] | None: ...
 
+    def late(self) -> int: ...
+
     def close(self) -> None: ...
 
 
@@ -175,6 +177,9 @@ class _KafkaReader:
     def instruments(self) -> set[str] | None:
         return None
 
+    def late(self) -> int:
+        return self._session.late if self._session is not None else 0
+
     def close(self) -> None:
         if self._session is not None:
             self._session.close()
@@ -208,6 +213,9 @@ class _ArchiveReader:
         return {i for kind in self._source.kinds() if kind is not TopicKind.GAPS
                 for i in self._source.instruments(kind)}
 
+    def late(self) -> int:
+        return 0  # each row group is sorted whole: nothing arrives too late to place
+
     def close(self) -> None:
         pass
 
@@ -233,6 +241,9 @@ class ReplayStats:
     first_ts: int | None = None
     last_ts: int | None = None
     by_type: dict[str, int] = field(default_factory=dict)
+    #: Kafka records left out because they reached their partition more than REORDER_MARGIN_MS out of
+    #: exchange-time order (after later records had been yielded): counted so a hole is never silent.
+    late: int = 0
 
 
 class Replay:
@@ -252,6 +263,8 @@ class Replay:
         self._source, self._settings, self._lenient = source, settings, lenient
         self._reader = _open(source, settings, lenient, exact_decimals, (start, end))
         self.source_name = self._reader.name
+        #: Kafka: records can reach a partition too late to be placed (`stats.late`); an archive cannot.
+        self.from_kafka = isinstance(self._reader, _KafkaReader)
         self.stats = ReplayStats()
         self.problems: list[GapEvent] = []
         #: Where the last iteration began reading the books topic: the last snapshot or checkpoint before
@@ -359,6 +372,7 @@ class Replay:
             if isinstance(self._reader, _KafkaReader):
                 self._check_instruments(seen)
         finally:
+            stats.late = self._reader.late()
             self._reader.close()
 
     def batches(self, batch_size: int = 65_536) -> Iterator[pa.RecordBatch]:

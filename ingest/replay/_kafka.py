@@ -14,7 +14,8 @@ partition slightly out of exchange-time order. Replay never writes: the consumer
 Streaming (`KafkaStreams`): a partition is near-sorted by exchange time, so each is read forward through a
 reorder heap that releases a record once the partition's Kafka timestamps are `REORDER_MARGIN_MS` past it:
 memory is one margin of records per partition, never the window. A record later than that (more out of order
-than the margin allows) cannot be placed and is dropped with a warning. Backfilled records (`source` header
+than the margin allows) cannot be placed: it is left out, counted (`late`, the replay's `stats.late` and the
+CLI's summary line) and logged. Backfilled records (`source` header
 `rest`) are the exception by design, they sit at offsets written at fill time: the repaired view reads them in
 a second pass (headers only, decoding just the window's `rest` ones), sorted, as one extra stream per partition;
 its memory is what the backfill wrote for the window, not the window.

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
 import tracemalloc
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
+import orjson
 import pyarrow.parquet as pq
 import pytest
 
@@ -220,3 +224,41 @@ async def test_kafka_streams_reorder_within_the_margin_and_merge_backfilled_reco
     assert recorded[:gap_at] + recorded[gap_at + 1:] == [t for i, t in enumerate(everything) if i not in hole | {300}]
     assert recorded[gap_at - 1] == "10099"
     assert "out of exchange-time order" in caplog.text  # the one it could not place is said, not silent
+
+
+def _arrival_order(records: list[Trade], late_by_ms: dict[int, int]) -> list[Trade]:
+    """The order records reach their partition when record i arrives `late_by_ms[i]` after its exchange ts."""
+    order = sorted(range(len(records)), key=lambda i: (records[i].ts + late_by_ms.get(i, 0), i))
+    return [records[i] for i in order]
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+async def test_late_kafka_records_are_counted_in_the_api_and_the_cli_summary_never_silently_dropped(
+    kafka_broker: BrokerInfo, topic_prefix: str,
+) -> None:
+    """Two trades reach the partition 120 s late (a replica's clock jump): they cannot be placed, and both the
+    API (`stats.late`) and `okx-ingest replay`'s summary line say how many were left out."""
+    live = _trades(300, 1_000)
+    late = {100: 120_000, 150: 120_000}
+    await publish(kafka_broker.bootstrap_servers, topic_prefix, _arrival_order(live, late))
+    source = f"kafka://{kafka_broker.bootstrap_servers}"
+    kept = [t.trade_id for i, t in enumerate(live) if i not in late]
+
+    rp = replay(source, T0, T0 + 300_000, settings=_settings(kafka_broker, topic_prefix), channels=["trades-all"])
+    ids = await asyncio.to_thread(lambda: [i.trade_id for i in rp if isinstance(i, Trade)])
+    assert ids == kept
+    assert rp.stats.late == 2
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ingest.cli", "replay", "--from", _iso(T0), "--to", _iso(T0 + 300_000),
+        "--source", source, "--channel", "trades-all", stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "OKX_INGEST__KAFKA__TOPIC_PREFIX": topic_prefix})
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert [orjson.loads(line)["tradeId"] for line in out.splitlines()] == kept
+    summary = err.decode().strip().splitlines()[-1]
+    assert summary.startswith("replayed 298 items (0 gaps, 0 book snapshots)")
+    assert summary.endswith("; 2 late records left out (over 60 s out of exchange-time order)")
