@@ -144,9 +144,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     late = (f"; {s.late} late records left out (over {REORDER_MARGIN_MS // 1000} s out of exchange-time order)"
             if rp.from_kafka else "")
+    if s.late_lookback:
+        late += f", {s.late_lookback} more before --from left out of the books"
     if s.items == 0:
         print(f"okx-ingest: no data in {rp.source_name} between {args.start} and {args.end} "
-              f"(instruments {args.inst or 'all'}, channels {args.channel or 'all'}){late if s.late else ''}",
+              f"(instruments {args.inst or 'all'}, channels {args.channel or 'all'}){late if s.late or s.late_lookback else ''}",
               file=sys.stderr)
         return 0
     for problem in rp.problems:

@@ -262,3 +262,46 @@ async def test_late_kafka_records_are_counted_in_the_api_and_the_cli_summary_nev
     summary = err.decode().strip().splitlines()[-1]
     assert summary.startswith("replayed 298 items (0 gaps, 0 book snapshots)")
     assert summary.endswith("; 2 late records left out (over 60 s out of exchange-time order)")
+
+
+async def test_late_records_around_a_book_lookback_are_counted_once_and_never_applied(
+    kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path,
+) -> None:
+    """A window starting mid-day seeks back to the last checkpoint and reads the books from there. Three book
+    updates reach the partition late: B (70 s late) and A (120 s late) before `start`, C (90 s late) inside the
+    window. Each is left out of the books and counted exactly once: C as a window record left out, A and B as
+    lookback records the books could not take; none is applied, so the books equal the archive's without them."""
+    records = _books(9_000, 100, 600)  # a checkpoint every 60 s
+    start, end = T0 + 630_000, T0 + 720_000
+    at = {r.ts: i for i, r in enumerate(records)}
+    a, b, c = at[T0 + 610_000], at[T0 + 605_000], at[T0 + 670_000]
+    assert all(records[i].action is BookAction.UPDATE for i in (a, b, c))
+    delays = {b: 70_000, a: 120_000, c: 90_000}
+    order = sorted(range(len(records)), key=lambda i: (records[i].ts + delays.get(i, 0), i))
+    await publish(kafka_broker.bootstrap_servers, topic_prefix, [records[i] for i in order])
+    _write(tmp_path, TopicKind.BOOKS, [r for i, r in enumerate(records) if i not in delays])
+    settings = _settings(kafka_broker, topic_prefix)
+
+    rp = replay(f"kafka://{kafka_broker.bootstrap_servers}", start, end, settings=settings, channels=["books"],
+                book_snapshots=(5, 1_000))
+    from_kafka = await asyncio.to_thread(lambda: list(jsonl_lines(rp)))
+    assert rp.book_seek_ts == T0 + 600_000
+    assert (rp.stats.late, rp.stats.late_lookback) == (1, 2)
+
+    archive = replay(str(tmp_path), start, end, channels=["books"], book_snapshots=(5, 1_000))
+    assert from_kafka == list(jsonl_lines(archive))
+    snapshot_ts = [orjson.loads(line)["ts"] for line in from_kafka if b'"book_snapshot"' in line]
+    # B broke the chain at 605 s: no book until the checkpoint at 660 s (first in the 661 s snapshot); C broke
+    # it again at 670 s (the 670 s snapshot reflects what came before it).
+    assert snapshot_ts == list(range(T0 + 661_000, T0 + 671_000, 1_000))
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ingest.cli", "replay", "--from", _iso(start), "--to", _iso(end), "--source",
+        f"kafka://{kafka_broker.bootstrap_servers}", "--channel", "books", "--book-snapshots", "5:1000",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "OKX_INGEST__KAFKA__TOPIC_PREFIX": topic_prefix})
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert out.splitlines(keepends=True) == from_kafka
+    assert err.decode().strip().splitlines()[-1].endswith(
+        "; 1 late records left out (over 60 s out of exchange-time order), 2 more before --from left out of the books")
