@@ -147,9 +147,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if s.late_lookback:
         late += f", {s.late_lookback} more before --from left out of the books"
     if s.items == 0:
+        said = late if s.late or s.late_lookback else ""
         print(f"okx-ingest: no data in {rp.source_name} between {args.start} and {args.end} "
-              f"(instruments {args.inst or 'all'}, channels {args.channel or 'all'}){late if s.late or s.late_lookback else ''}",
-              file=sys.stderr)
+              f"(instruments {args.inst or 'all'}, channels {args.channel or 'all'}){said}", file=sys.stderr)
         return 0
     for problem in rp.problems:
         print(f"okx-ingest: {problem.reason} (replayed around it: --lenient)", file=sys.stderr)
