@@ -137,8 +137,7 @@ class ConnectLimiter:
     storm of many connections spreads out evenly.
     """
 
-    def __init__(self, per_second: float, monotonic: Callable[[], float] = time.monotonic,
-                 margin_s: float = 0.05, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+    def __init__(self, per_second: float, timer: Timer | None = None, *, margin_s: float = 0.05) -> None:
         if per_second <= 0:
             raise ValueError(f"connects per second must be > 0, got {per_second}")
         limit, window = (int(per_second), 1.0) if per_second >= 1 else (1, 1.0 / per_second)
@@ -146,8 +145,9 @@ class ConnectLimiter:
         self.window_s = window + margin_s
         self._ends: deque[float] = deque()  # when the finished attempts still inside the window ended
         self.in_flight = 0
-        self._monotonic = monotonic
-        self._sleep = sleep
+        #: The clock the window is measured and waited on: the connections' own (`Connection`'s timer), so a
+        #: reconnect's backoff and its wait for a place add up on one clock, fake in tests.
+        self._timer: Timer = timer if timer is not None else SystemTimer()
         self._lock = asyncio.Lock()
         self._ended = asyncio.Event()
         self.admitted = 0
@@ -156,7 +156,7 @@ class ConnectLimiter:
         """Wait for a place in the window; the caller must `release` it once the attempt ended (any way)."""
         async with self._lock:
             while True:
-                now = self._monotonic()
+                now = self._timer.now()
                 # The very sum the sleep below waits for: woken there, the place is free (no rounding spin).
                 while self._ends and self._ends[0] + self.window_s <= now:
                     self._ends.popleft()
@@ -165,7 +165,7 @@ class ConnectLimiter:
                     self.admitted += 1
                     return
                 if self._ends:  # the oldest finished attempt leaves the window first
-                    await self._sleep(self._ends[0] + self.window_s - now)
+                    await self._timer.sleep(self._ends[0] + self.window_s - now)
                 else:  # every place is held by an attempt still running: wait for one to end
                     self._ended.clear()
                     await self._ended.wait()
@@ -173,7 +173,7 @@ class ConnectLimiter:
     def release(self) -> None:
         """The attempt `acquire` admitted ended now (connected, refused, failed or cancelled)."""
         self.in_flight -= 1
-        self._ends.append(self._monotonic())
+        self._ends.append(self._timer.now())
         self._ended.set()
 
 
