@@ -26,7 +26,9 @@ from ingest.errors import CredentialError, IngestError
 from ingest.io.proxy import describe_proxy, proxy_for
 from ingest.io.timer import SystemTimer, Timer
 from ingest.io.tls import client_ssl_context
-from ingest.io.ws import Connection, ConnectionStatus, ConnectLimiter, ConnState, LoginRejected
+from ingest.io.ws import Connection
+from ingest.io.ws_limiter import ConnectLimiter
+from ingest.io.ws_link import ConnectionStatus, ConnState, LoginRejected
 from ingest.okx.channels import Endpoint, SubArg
 from ingest.okx.endpoints import ws_url
 

@@ -19,7 +19,7 @@ from ingest.config import WsSettings
 from ingest.core.clock import OffsetSample, ServerClock
 from ingest.core.events import Inbound, InboundFrame, LinkEvent, LinkEventKind
 from ingest.credentials import CredentialStore
-from ingest.io.ws import ConnectLimiter
+from ingest.io.ws_limiter import ConnectLimiter
 from ingest.okx.channels import SubArg
 from ingest.sim import SimConfig
 

@@ -24,7 +24,9 @@ from ingest.core.events import Inbound, InboundFrame, LinkEvent, LinkEventKind
 from ingest.core.plan import PlannedConnection
 from ingest.io.inbox import Inbox
 from ingest.io.rest import LimiterRegistry, OkxRestClient
-from ingest.io.ws import Connection, ConnectLimiter, LoginRejected
+from ingest.io.ws import Connection
+from ingest.io.ws_limiter import ConnectLimiter
+from ingest.io.ws_link import LoginRejected
 from ingest.okx.channels import Endpoint, SubArg
 from ingest.services.clock import ClockService
 from ingest.sim import SimServer

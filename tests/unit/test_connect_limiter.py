@@ -11,7 +11,7 @@ import asyncio
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from ingest.io.ws import ConnectLimiter
+from ingest.io.ws_limiter import ConnectLimiter
 
 
 class VirtualClock:
