@@ -140,14 +140,21 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     else:
         write_hftbacktest(_hftbacktest_items(items), sys.stdout.buffer if out_is_std else Path(args.out))
     s = rp.stats
+    from ingest.replay._kafka import REORDER_MARGIN_MS
+
+    late = (f"; {s.late} late records left out (over {REORDER_MARGIN_MS // 1000} s out of exchange-time order)"
+            if rp.from_kafka else "")
+    if s.late_lookback:
+        late += f", {s.late_lookback} more before --from left out of the books"
     if s.items == 0:
+        said = late if s.late or s.late_lookback else ""
         print(f"okx-ingest: no data in {rp.source_name} between {args.start} and {args.end} "
-              f"(instruments {args.inst or 'all'}, channels {args.channel or 'all'})", file=sys.stderr)
+              f"(instruments {args.inst or 'all'}, channels {args.channel or 'all'}){said}", file=sys.stderr)
         return 0
     for problem in rp.problems:
         print(f"okx-ingest: {problem.reason} (replayed around it: --lenient)", file=sys.stderr)
     print(f"replayed {s.items} items ({s.gaps} gaps, {s.snapshots} book snapshots) from "
-          f"{_iso(s.first_ts)} to {_iso(s.last_ts)} out of {rp.source_name}", file=sys.stderr)
+          f"{_iso(s.first_ts)} to {_iso(s.last_ts)} out of {rp.source_name}{late}", file=sys.stderr)
     return 0
 
 

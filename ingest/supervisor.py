@@ -38,7 +38,7 @@ from ingest.io.measured import MeasuredSink
 from ingest.io.positions import PositionStore
 from ingest.io.rest import OkxRestClient
 from ingest.io.state import StreamStateFile
-from ingest.io.ws import ConnState
+from ingest.io.ws_link import ConnState
 from ingest.obs.health import HealthServer, Readiness
 from ingest.obs.metrics import AckLatency, counter, gauge, new_component_registry
 from ingest.obs.redact import REDACTOR

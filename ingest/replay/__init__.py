@@ -41,6 +41,7 @@ from ingest.core.replay import (
     Entry,
     Item,
     LazyStream,
+    SortKey,
     View,
     gap_entries,
     gap_position_ts,
@@ -50,7 +51,7 @@ from ingest.core.replay import (
 from ingest.errors import IngestError
 from ingest.okx.channels import BOOK_CHANNELS, INCREMENTAL_BOOK_CHANNELS, endpoint_for, is_candle
 from ingest.replay._archive import ArchiveSource
-from ingest.replay._kafka import REORDER_MARGIN_MS, KafkaReader, KafkaStreams, SourceError
+from ingest.replay._kafka import REORDER_MARGIN_MS, KafkaReader, KafkaStreams, OnLate, SourceError
 
 __all__ = [
     "BookSnapshot",
@@ -129,7 +130,8 @@ class _Reader(Protocol):
     def gaps(self, instruments: frozenset[str] | None) -> list[tuple[GapEvent, str, int, int]]: ...
 
     def streams(self, kind: TopicKind, lo: int, hi: int, keep: Callable[[Record], bool],
-                instruments: frozenset[str] | None, rest_horizon: int | None) -> tuple[list[LazyStream], bool]: ...
+                instruments: frozenset[str] | None, rest_horizon: int | None,
+                on_late: OnLate = None) -> tuple[list[LazyStream], bool]: ...
 
     def problems(self) -> list[GapEvent]: ...
 
@@ -162,12 +164,13 @@ class _KafkaReader:
         return [g for g in _in_thread(self._reader.read_gaps()) if instruments is None or g[0].inst_id in instruments]
 
     def streams(self, kind: TopicKind, lo: int, hi: int, keep: Callable[[Record], bool],
-                instruments: frozenset[str] | None, rest_horizon: int | None) -> tuple[list[LazyStream], bool]:
+                instruments: frozenset[str] | None, rest_horizon: int | None,
+                on_late: OnLate = None) -> tuple[list[LazyStream], bool]:
         if not self._has(kind):
             return [], True
         if self._session is None:
             self._session = KafkaStreams(self._reader)
-        return self._session.open(kind, lo, hi, keep, rest_horizon)
+        return self._session.open(kind, lo, hi, keep, rest_horizon, on_late)
 
     def problems(self) -> list[GapEvent]:
         return []
@@ -197,8 +200,9 @@ class _ArchiveReader:
         return self._source.read_gaps(instruments)
 
     def streams(self, kind: TopicKind, lo: int, hi: int, keep: Callable[[Record], bool],
-                instruments: frozenset[str] | None, rest_horizon: int | None) -> tuple[list[LazyStream], bool]:
-        # Backfilled rows need no horizon here: each row group is sorted whole, wherever its rows sit.
+                instruments: frozenset[str] | None, rest_horizon: int | None,
+                on_late: OnLate = None) -> tuple[list[LazyStream], bool]:
+        # Backfilled rows need no horizon here, and nothing is ever late: each row group is sorted whole.
         return self._source.streams(kind, lo, hi, keep, instruments)
 
     def problems(self) -> list[GapEvent]:
@@ -233,6 +237,12 @@ class ReplayStats:
     first_ts: int | None = None
     last_ts: int | None = None
     by_type: dict[str, int] = field(default_factory=dict)
+    #: Kafka records of the window left out because they reached their partition more than REORDER_MARGIN_MS
+    #: out of exchange-time order (after later records had been yielded): counted so a hole is never silent.
+    late: int = 0
+    #: The same for book records before `start` (the lookback to the last checkpoint): not items of the
+    #: window, but the books missed them (a missed update breaks the chain until the next checkpoint).
+    late_lookback: int = 0
 
 
 class Replay:
@@ -252,6 +262,8 @@ class Replay:
         self._source, self._settings, self._lenient = source, settings, lenient
         self._reader = _open(source, settings, lenient, exact_decimals, (start, end))
         self.source_name = self._reader.name
+        #: Kafka: records can reach a partition too late to be placed (`stats.late`); an archive cannot.
+        self.from_kafka = isinstance(self._reader, _KafkaReader)
         self.stats = ReplayStats()
         self.problems: list[GapEvent] = []
         #: Where the last iteration began reading the books topic: the last snapshot or checkpoint before
@@ -288,17 +300,27 @@ class Replay:
         streams: list[LazyStream] = []
         self.book_seek_ts = None
         for kind in self.kinds:
-            window, _ = self._reader.streams(kind, self.start, self.end, self._keep, self.instruments, rest_horizon)
-            streams += window
+            lo = self.start
             if kind is TopicKind.BOOKS and (self.book_snapshots is not None or self.initial_books):
-                seek = self.book_seek_ts = self._book_seek()
-                if seek is not None:
-                    warm, _ = self._reader.streams(kind, seek, self.start, self._keep, self.instruments, None)
-                    streams += warm
+                self.book_seek_ts = self._book_seek()
+                lo = min(lo, self.book_seek_ts if self.book_seek_ts is not None else lo)
+            # Books seeking back are one read from the seek to the end, not a lookback then the window: each
+            # record is read, placed and counted (late or not) once; replay_items feeds what precedes `start`
+            # to the books only.
+            window, _ = self._reader.streams(kind, lo, self.end, self._keep, self.instruments, rest_horizon,
+                                             self._on_late)
+            streams += window
         self.problems = self._reader.problems()
         gaps = gap_entries([*raw_gaps, *((p, "_archive", 0, i) for i, p in enumerate(self.problems))],
                            self.start, self.end)
         return streams, gaps
+
+    def _on_late(self, key: SortKey) -> None:
+        """A Kafka record left out for arriving too late: a window record, or one of the books' lookback."""
+        if key[0] >= self.start:
+            self.stats.late += 1
+        else:
+            self.stats.late_lookback += 1
 
     def _check_instruments(self, known: set[str] | None) -> None:
         """An instrument the source never recorded is an error (a typo must not look like a quiet market)."""
@@ -313,7 +335,8 @@ class Replay:
     def _book_seek(self) -> int | None:
         """The ts of the earliest last snapshot or checkpoint before `start` among the incremental books with
         records in the lookback (2 minutes, doubling up to a day until each has one): where the books topic is
-        read from. A scan that keeps no record: memory stays flat however far back it goes."""
+        read from. A scan that keeps no record: memory stays flat however far back it goes. It counts no late
+        record either (no `on_late`): the read from the seek on meets the same records and counts them once."""
         last_reset: dict[tuple[str, str | None], int] = {}
         seen: set[tuple[str, str | None]] = set()
         hi, lookback = self.start, BOOK_LOOKBACK_MS

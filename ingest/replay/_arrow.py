@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 
 import numpy as np
 import pyarrow as pa
@@ -28,10 +29,28 @@ SLICE_TARGET_ROWS = 1_000_000
 _SORT = ["_sts", "_srecv", "_topic", "_partition", "_offset", "_row"]
 
 
+#: Below this magnitude Arrow renders a decimal with an exponent ("1.0000000000E-8"), like Java's BigDecimal.
+_PLAIN_FROM = Decimal("0.000001")
+
+
 def _canonical(arr: pa.ChunkedArray) -> pa.ChunkedArray:
     """archive_schema.render_decimal, vectorized: a decimal128(38, 18) casts to text with all 18 fractional
-    digits ("100.500000000000000000"), so trimming zeros then the point is exact; zero casts as "0E-18"."""
-    text = pc.utf8_rtrim(pc.utf8_rtrim(arr.cast(pa.string()), characters="0"), characters=".")
+    digits ("100.500000000000000000"), so trimming zeros then the point is exact; zero casts as "0E-18".
+
+    Values below 1e-6 (a size of 0.00000001 BTC, a meme coin's price) cast with an exponent: they are rendered
+    as 1 + |value| instead ("1.000000010000000000", plain and exact: 18 digits fit the scale), whose leading
+    "1" becomes "0" (and "-0" for a negative value). No Python per value: a whole column may be this small."""
+    text = arr.cast(pa.string())
+    magnitude = pc.abs(arr)
+    small = pc.fill_null(pc.less(magnitude, pa.scalar(_PLAIN_FROM, arr.type)), False)
+    if pc.any(small).as_py():
+        # Outside `small` the value is replaced by 0 so the narrower type (2 integer digits) always fits.
+        tiny = pc.if_else(small, magnitude, pa.scalar(Decimal(0), arr.type)).cast(pa.decimal128(20, 18))
+        shifted = pc.add(tiny, pa.scalar(Decimal(1), pa.decimal128(1, 0))).cast(pa.string())
+        sign = pc.if_else(pc.less(arr, pa.scalar(Decimal(0), arr.type)), "-", "")
+        plain = pc.binary_join_element_wise(sign, "0", pc.utf8_slice_codeunits(shifted, 1), "")
+        text = pc.if_else(small, plain, text)
+    text = pc.utf8_rtrim(pc.utf8_rtrim(text, characters="0"), characters=".")
     return pc.if_else(pc.equal(arr, pa.scalar(0, arr.type)), "0", text)
 
 

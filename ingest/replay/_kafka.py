@@ -14,10 +14,12 @@ partition slightly out of exchange-time order. Replay never writes: the consumer
 Streaming (`KafkaStreams`): a partition is near-sorted by exchange time, so each is read forward through a
 reorder heap that releases a record once the partition's Kafka timestamps are `REORDER_MARGIN_MS` past it:
 memory is one margin of records per partition, never the window. A record later than that (more out of order
-than the margin allows) cannot be placed and is dropped with a warning. Backfilled records (`source` header
-`rest`) are the exception by design, they sit at offsets written at fill time: the repaired view reads them in
-a second pass (headers only, decoding just the window's `rest` ones), sorted, as one extra stream per partition;
-its memory is what the backfill wrote for the window, not the window.
+than the margin allows) cannot be placed: it is left out and handed to the stream's `on_late` (the replay counts
+it: `stats.late`, the CLI's summary line) and logged. A probe (the book lookback's search for the last
+checkpoint) passes none: it keeps nothing, and the read that follows it counts the same records once.
+Backfilled records (`source` header `rest`) are the exception by design, they sit at offsets written at fill
+time: the repaired view reads them in a second pass (headers only, decoding just the window's `rest` ones),
+sorted, as one extra stream per partition; its memory is what the backfill wrote for the window, not the window.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ from ingest.io.kafka_security import kafka_client_kwargs
 
 #: How far out of exchange-time order records of one partition may be (Kafka seeks, stops and the reorder heap).
 REORDER_MARGIN_MS = 60_000
+#: Told the sort key of each record a stream left out for arriving too late to place (None: a probe, not counted).
+OnLate = Callable[[SortKey], None] | None
 #: Records fetched per step of a partition stream.
 FETCH_RECORDS = 2_000
 #: Bytes a fetch asks for per partition (4x that per response): what the client buffers is bounded by it,
@@ -328,7 +332,7 @@ class KafkaStreams:
         self._thread = threading.Thread(target=self._loop.run_forever, name="replay-kafka", daemon=True)
         self._thread.start()
         self._consumers: list[AIOKafkaConsumer] = []
-        #: Records dropped for being later than the reorder margin allows (logged).
+        #: Records left out for being later than the reorder margin allows, by the streams that count (logged).
         self.late = 0
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -343,14 +347,15 @@ class KafkaStreams:
         self._loop.close()
 
     def open(self, kind: TopicKind, lo: int, hi: int, keep: Callable[[Record], bool],
-             rest_horizon: int | None) -> tuple[list[LazyStream], bool]:
+             rest_horizon: int | None, on_late: OnLate = None) -> tuple[list[LazyStream], bool]:
         """Streams of `kind` with lo <= ts < hi: per partition its live records (reorder heap) and, when
         `rest_horizon` is set (the repaired view with filled gaps), its backfilled ones read up to that horizon;
-        and whether `lo` reached back to the start of every partition."""
-        return self.run(self._open(kind, lo, hi, keep, rest_horizon))
+        and whether `lo` reached back to the start of every partition. `on_late` is told every record left out
+        for arriving too late (module docstring)."""
+        return self.run(self._open(kind, lo, hi, keep, rest_horizon, on_late))
 
     async def _open(self, kind: TopicKind, lo: int, hi: int, keep: Callable[[Record], bool],
-                    rest_horizon: int | None) -> tuple[list[LazyStream], bool]:
+                    rest_horizon: int | None, on_late: OnLate) -> tuple[list[LazyStream], bool]:
         reader = self._reader
         topic = reader.topic(kind)
         consumer = await reader._consumer()
@@ -374,7 +379,7 @@ class KafkaStreams:
         out: list[LazyStream] = []
         for tp in tps:
             out.append(LazyStream(lo, self._opener(self._live, consumer, tp, firsts[tp], ends[tp], lo, hi, keep,
-                                                   hi + REORDER_MARGIN_MS)))
+                                                   hi + REORDER_MARGIN_MS, on_late)))
             if rest_consumer is not None and rest_horizon is not None:
                 out.append(LazyStream(lo, self._opener(self._rest, rest_consumer, tp, firsts[tp], ends[tp], lo, hi,
                                                        keep, max(hi, rest_horizon) + REORDER_MARGIN_MS)))
@@ -403,7 +408,7 @@ class KafkaStreams:
                 yield m
 
     def _live(self, consumer: AIOKafkaConsumer, tp: TopicPartition, first: int, end: int, lo: int, hi: int,
-              keep: Callable[[Record], bool], stop: int) -> Iterator[Entry]:
+              keep: Callable[[Record], bool], stop: int, on_late: OnLate) -> Iterator[Entry]:
         heap: list[tuple[SortKey, Record]] = []
         high = -(1 << 62)  # the highest Kafka timestamp read so far
         last: SortKey | None = None  # the last key released
@@ -412,10 +417,13 @@ class KafkaStreams:
             entry = self._reader._entry(tp, m, lo, hi, keep, rest=False)
             if entry is not None:
                 if last is not None and entry[0] < last:
+                    if on_late is None:
+                        continue  # a probe: the read that follows it counts this record
+                    on_late(entry[0])
                     self.late += 1
                     if self.late in (1, 1000, 1_000_000):
                         log.warning("replay: %s[%d] offset %d is more than %d ms out of exchange-time order; "
-                                    "dropped (%d so far)", tp.topic, tp.partition, m.offset, REORDER_MARGIN_MS,
+                                    "left out (%d so far)", tp.topic, tp.partition, m.offset, REORDER_MARGIN_MS,
                                     self.late)
                     continue
                 heapq.heappush(heap, entry)

@@ -24,7 +24,8 @@ from ingest.io.cluster import Assignment, Lease
 from ingest.io.delivery import Delivery
 from ingest.io.positions import PositionStore
 from ingest.io.state import SavedState
-from ingest.io.ws import Connection, ConnectLimiter
+from ingest.io.ws import Connection
+from ingest.io.ws_limiter import ConnectLimiter
 from ingest.okx.channels import SubArg
 from ingest.runtime import CANCEL_GRACE_S
 from ingest.services.connections import ConnectionManager, ManagerStatus

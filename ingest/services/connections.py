@@ -26,7 +26,9 @@ from ingest.errors import CredentialError, IngestError
 from ingest.io.proxy import describe_proxy, proxy_for
 from ingest.io.timer import SystemTimer, Timer
 from ingest.io.tls import client_ssl_context
-from ingest.io.ws import Connection, ConnectionStatus, ConnectLimiter, ConnState, LoginRejected
+from ingest.io.ws import Connection
+from ingest.io.ws_limiter import ConnectLimiter
+from ingest.io.ws_link import ConnectionStatus, ConnState, LoginRejected
 from ingest.okx.channels import Endpoint, SubArg
 from ingest.okx.endpoints import ws_url
 
@@ -100,7 +102,7 @@ class ConnectionManager:
         #: One clock for every connection's timing decisions (tests inject fake time here).
         timer = timer if timer is not None else SystemTimer(monotonic)
         #: Shared by every manager of a process when given: OKX's connect limit is per IP.
-        self.limiter = limiter or ConnectLimiter(ws.connects_per_s, timer.now, sleep=timer.sleep)
+        self.limiter = limiter or ConnectLimiter(ws.connects_per_s, timer)
         urls = {c.name: endpoint_url(okx, ws, c.endpoint) for c in self.plan}
         if ssl_context is None and any(u.startswith("wss://") for u in urls.values()):
             ssl_context = client_ssl_context(okx.tls_spki_pins,

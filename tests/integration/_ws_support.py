@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import secrets
 import time
@@ -18,6 +19,7 @@ from ingest.config import WsSettings
 from ingest.core.clock import OffsetSample, ServerClock
 from ingest.core.events import Inbound, InboundFrame, LinkEvent, LinkEventKind
 from ingest.credentials import CredentialStore
+from ingest.io.ws_limiter import ConnectLimiter
 from ingest.okx.channels import SubArg
 from ingest.sim import SimConfig
 
@@ -64,6 +66,7 @@ class FakeTimer:
         self._started: set[asyncio.Future[None]] = set()
         self._woken: set[asyncio.Future[None]] = set()
         self._all_resumed = asyncio.Event()
+        self._slept = asyncio.Event()
 
     def now(self) -> float:
         return self._now
@@ -75,6 +78,7 @@ class FakeTimer:
             return asyncio.sleep(0)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._sleepers[fut] = self._now + delay
+        self._slept.set()
         return self._wait(fut)
 
     async def _wait(self, fut: asyncio.Future[None]) -> None:
@@ -89,11 +93,34 @@ class FakeTimer:
                 if not self._woken:
                     self._all_resumed.set()
 
+    def wakeups(self) -> list[float]:
+        """When the pending sleepers wake, earliest first."""
+        return sorted(at for f, at in self._sleepers.items() if not f.done())
+
+    async def wakes_at(self, at: float, sleepers: int = 1, timeout: float = 5.0) -> None:  # noqa: ASYNC109
+        """Wait until `sleepers` sleeps end at exactly `at`: the schedule under test, not a guess at how long the
+        code needs (it fails naming what is scheduled instead)."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self.wakeups().count(at) < sleepers:
+                    self._slept.clear()
+                    await self._slept.wait()
+        except TimeoutError:
+            raise AssertionError(f"expected {sleepers} sleeper(s) due at {at}, scheduled: {self.wakeups()}") from None
+
+    async def advance_to(self, at: float, sleepers: int = 1) -> None:
+        """Once `sleepers` sleeps end at exactly `at`, move time there (see `advance`)."""
+        await self.wakes_at(at, sleepers)
+        await self._move_to(at)
+
     async def advance(self, dt: float) -> None:
         """Move time on by `dt` and wait until every sleeper that wakes has resumed (one whose task has not
         started yet finds its wake-up already due when it does)."""
-        self._now += dt
-        due = [f for f, at in self._sleepers.items() if at <= self._now]
+        await self._move_to(self._now + dt)
+
+    async def _move_to(self, at: float) -> None:
+        self._now = at
+        due = [f for f, when in self._sleepers.items() if when <= at]
         self._woken = {f for f in due if f in self._started and not f.done()}
         for f in due:
             del self._sleepers[f]
@@ -104,6 +131,31 @@ class FakeTimer:
         self._all_resumed.clear()
         async with asyncio.timeout(5):
             await self._all_resumed.wait()
+
+
+#: One step of fake time. Binary fractions add up exactly, so a scheduled time can be compared with `==`.
+STEP = 0.0625
+#: The connect window of `RecordedLimiter`: OKX's second plus one step of margin.
+WINDOW = 1.0 + STEP
+
+
+def steady_backoff(delay: float = STEP) -> Callable[[], Iterator[float]]:
+    """A reconnect backoff without jitter, so that a test can name every time it schedules."""
+    return lambda: itertools.repeat(delay)
+
+
+class RecordedLimiter(ConnectLimiter):
+    """OKX's 3 connects per second on the test's fake clock (window `WINDOW`), noting when it let each attempt
+    start."""
+
+    def __init__(self, timer: FakeTimer, per_second: float = 3) -> None:
+        super().__init__(per_second, timer, margin_s=STEP)
+        self._fake = timer
+        self.starts: list[float] = []
+
+    async def acquire(self) -> None:
+        await super().acquire()
+        self.starts.append(self._fake.now())
 
 
 async def until(predicate: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:

@@ -292,3 +292,60 @@ def test_archive_batches_from_columns_keep_one_copy_of_an_event_two_replicas_rec
     book_ids = {i for t, i in zip(fast.column("type").to_pylist(), fast.column("id").to_pylist(), strict=True)
                 if t == "book_change"}
     assert book_ids == {"ws:ab:1", "ws:ab:2"}
+
+
+#: (px, sz) below 1e-6, where Arrow's decimal text (and Python's str of a Decimal) switch to an exponent.
+_TINY = [("0.00000001", "0.0000001"), ("0.000000123", "12345.00000001"), ("0.00000099", "0.000000000000000001"),
+         ("100.5", "0.000001")]
+
+
+def _tiny_archive(root: Path) -> None:
+    trades: list[Located] = []
+    for n, (px, sz) in enumerate(_TINY):
+        t = Trade(channel="trades-all", inst_id=INSTS[0], ts=T0 + n * 10, recv_ts_ns=(T0 + n * 10) * 1_000_000 + 5,
+                  source=Source.WS, record_id=f"ws:c:{n}", trade_id=str(1000 + n), px=px, sz=sz, side="buy")
+        trades.append((t, Coordinates("okx.trades", 0, n, t.ts)))
+    book = BookUpdate(channel="books", inst_id=INSTS[0], ts=T0 + 5, recv_ts_ns=(T0 + 5) * 1_000_000,
+                      source=Source.WS, record_id="ws:b:1", action=BookAction.SNAPSHOT,
+                      bids=(("0.00000001", "0.00000002", "0", "1"),), asks=(("0.00000003", "7", "0", "1"),),
+                      seq_id=1, prev_seq_id=-1)
+    write_archive(root, TopicKind.TRADES, trades)
+    write_archive(root, TopicKind.BOOKS, [(book, Coordinates("okx.books", 0, 0, book.ts))])
+
+
+def test_prices_and_sizes_below_a_millionth_come_out_plain_and_exact_in_batches_jsonl_and_csv(tmp_path: Path) -> None:
+    """0.00000001 is a normal OKX size (1 satoshi); Arrow casts such a decimal to "1.0000000000E-8"."""
+    from ingest.replay import replay
+    from ingest.replay._arrow import fast_batches
+    from ingest.replay.formats import FLAT_SCHEMA, arrow_batches
+
+    root = tmp_path / "archive"
+    _tiny_archive(root)
+    want_trades = [list(x) for x in _TINY]
+    want_levels = [["0.00000001", "0.00000002"], ["0.00000003", "7"]]
+
+    rp = replay(str(root), T0 - 1000, T0 + 1000)
+    assert fast_batches(rp._reader.source, rp.kinds, rp.start, rp.end, rp.view, rp.instruments,  # type: ignore[attr-defined]
+                        rp.channels, list, 10) is not None, "the columns path must be the one taken"
+    fast = pa.Table.from_batches(list(rp.batches()), schema=FLAT_SCHEMA)
+    rows = [(t, [p, s]) for t, p, s in zip(fast.column("type").to_pylist(), fast.column("px").to_pylist(),
+                                            fast.column("sz").to_pylist(), strict=True)]
+    assert [ps for t, ps in rows if t == "trade"] == want_trades
+    assert [ps for t, ps in rows if t == "book_change"] == want_levels
+    assert fast.equals(pa.Table.from_batches(list(arrow_batches(iter(rp))), schema=FLAT_SCHEMA))
+
+    jsonl = _run(*_w("--source", str(root)))
+    assert jsonl.returncode == 0, jsonl.stderr
+    lines = [orjson.loads(x) for x in jsonl.stdout.splitlines()]
+    assert [[x["px"], x["sz"]] for x in lines if x["type"] == "trade"] == want_trades
+    (book,) = [x for x in lines if x["type"] == "book_change"]
+    assert [lv[:2] for lv in book["bids"] + book["asks"]] == want_levels
+    snaps = _run(*_w("--source", str(root), "--channel", "books", "--book-snapshots", "1:500"))
+    (snap,) = [x for x in map(orjson.loads, snaps.stdout.splitlines()) if x["type"] == "book_snapshot"]
+    assert snap["bids"] + snap["asks"] == want_levels
+
+    csv_out = _run(*_w("--source", str(root), "--format", "csv"))
+    assert csv_out.returncode == 0, csv_out.stderr
+    csv_rows = list(csv.DictReader(io.StringIO(csv_out.stdout)))
+    assert [[r["px"], r["sz"]] for r in csv_rows if r["type"] == "trade"] == want_trades
+    assert [[r["px"], r["sz"]] for r in csv_rows if r["type"] == "book_change"] == want_levels

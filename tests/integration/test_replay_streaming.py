@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
 import tracemalloc
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
+import orjson
 import pyarrow.parquet as pq
 import pytest
 
@@ -220,3 +224,84 @@ async def test_kafka_streams_reorder_within_the_margin_and_merge_backfilled_reco
     assert recorded[:gap_at] + recorded[gap_at + 1:] == [t for i, t in enumerate(everything) if i not in hole | {300}]
     assert recorded[gap_at - 1] == "10099"
     assert "out of exchange-time order" in caplog.text  # the one it could not place is said, not silent
+
+
+def _arrival_order(records: list[Trade], late_by_ms: dict[int, int]) -> list[Trade]:
+    """The order records reach their partition when record i arrives `late_by_ms[i]` after its exchange ts."""
+    order = sorted(range(len(records)), key=lambda i: (records[i].ts + late_by_ms.get(i, 0), i))
+    return [records[i] for i in order]
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+async def test_late_kafka_records_are_counted_in_the_api_and_the_cli_summary_never_silently_dropped(
+    kafka_broker: BrokerInfo, topic_prefix: str,
+) -> None:
+    """Two trades reach the partition 120 s late (a replica's clock jump): they cannot be placed, and both the
+    API (`stats.late`) and `okx-ingest replay`'s summary line say how many were left out."""
+    live = _trades(300, 1_000)
+    late = {100: 120_000, 150: 120_000}
+    await publish(kafka_broker.bootstrap_servers, topic_prefix, _arrival_order(live, late))
+    source = f"kafka://{kafka_broker.bootstrap_servers}"
+    kept = [t.trade_id for i, t in enumerate(live) if i not in late]
+
+    rp = replay(source, T0, T0 + 300_000, settings=_settings(kafka_broker, topic_prefix), channels=["trades-all"])
+    ids = await asyncio.to_thread(lambda: [i.trade_id for i in rp if isinstance(i, Trade)])
+    assert ids == kept
+    assert rp.stats.late == 2
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ingest.cli", "replay", "--from", _iso(T0), "--to", _iso(T0 + 300_000),
+        "--source", source, "--channel", "trades-all", stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "OKX_INGEST__KAFKA__TOPIC_PREFIX": topic_prefix})
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert [orjson.loads(line)["tradeId"] for line in out.splitlines()] == kept
+    summary = err.decode().strip().splitlines()[-1]
+    assert summary.startswith("replayed 298 items (0 gaps, 0 book snapshots)")
+    assert summary.endswith("; 2 late records left out (over 60 s out of exchange-time order)")
+
+
+async def test_late_records_around_a_book_lookback_are_counted_once_and_never_applied(
+    kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path,
+) -> None:
+    """A window starting mid-day seeks back to the last checkpoint and reads the books from there. Three book
+    updates reach the partition late: B (70 s late) and A (120 s late) before `start`, C (90 s late) inside the
+    window. Each is left out of the books and counted exactly once: C as a window record left out, A and B as
+    lookback records the books could not take; none is applied, so the books equal the archive's without them."""
+    records = _books(9_000, 100, 600)  # a checkpoint every 60 s
+    start, end = T0 + 630_000, T0 + 720_000
+    at = {r.ts: i for i, r in enumerate(records)}
+    a, b, c = at[T0 + 610_000], at[T0 + 605_000], at[T0 + 670_000]
+    assert all(records[i].action is BookAction.UPDATE for i in (a, b, c))
+    delays = {b: 70_000, a: 120_000, c: 90_000}
+    order = sorted(range(len(records)), key=lambda i: (records[i].ts + delays.get(i, 0), i))
+    await publish(kafka_broker.bootstrap_servers, topic_prefix, [records[i] for i in order])
+    _write(tmp_path, TopicKind.BOOKS, [r for i, r in enumerate(records) if i not in delays])
+    settings = _settings(kafka_broker, topic_prefix)
+
+    rp = replay(f"kafka://{kafka_broker.bootstrap_servers}", start, end, settings=settings, channels=["books"],
+                book_snapshots=(5, 1_000))
+    from_kafka = await asyncio.to_thread(lambda: list(jsonl_lines(rp)))
+    assert rp.book_seek_ts == T0 + 600_000
+    assert (rp.stats.late, rp.stats.late_lookback) == (1, 2)
+
+    archive = replay(str(tmp_path), start, end, channels=["books"], book_snapshots=(5, 1_000))
+    assert from_kafka == list(jsonl_lines(archive))
+    snapshot_ts = [orjson.loads(line)["ts"] for line in from_kafka if b'"book_snapshot"' in line]
+    # B broke the chain at 605 s: no book until the checkpoint at 660 s (first in the 661 s snapshot); C broke
+    # it again at 670 s (the 670 s snapshot reflects what came before it).
+    assert snapshot_ts == list(range(T0 + 661_000, T0 + 671_000, 1_000))
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ingest.cli", "replay", "--from", _iso(start), "--to", _iso(end), "--source",
+        f"kafka://{kafka_broker.bootstrap_servers}", "--channel", "books", "--book-snapshots", "5:1000",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "OKX_INGEST__KAFKA__TOPIC_PREFIX": topic_prefix})
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert out.splitlines(keepends=True) == from_kafka
+    assert err.decode().strip().splitlines()[-1].endswith(
+        "; 1 late records left out (over 60 s out of exchange-time order), 2 more before --from left out of the books")

@@ -24,16 +24,21 @@ from ingest.core.events import Inbound, InboundFrame, LinkEvent, LinkEventKind
 from ingest.core.plan import PlannedConnection
 from ingest.io.inbox import Inbox
 from ingest.io.rest import LimiterRegistry, OkxRestClient
-from ingest.io.ws import Connection, ConnectLimiter, LoginRejected
+from ingest.io.ws import Connection
+from ingest.io.ws_limiter import ConnectLimiter
+from ingest.io.ws_link import LoginRejected
 from ingest.okx.channels import Endpoint, SubArg
 from ingest.services.clock import ClockService
 from ingest.sim import SimServer
 
 from ._ws_support import (
     INST,
+    STEP,
     TRADES,
+    WINDOW,
     FakeTimer,
     Keys,
+    RecordedLimiter,
     Recorder,
     count,
     fast_ws,
@@ -42,6 +47,7 @@ from ._ws_support import (
     log_events,
     rest_resync,
     running,
+    steady_backoff,
     trade_ids,
     until,
 )
@@ -54,18 +60,21 @@ ACCOUNT = SubArg("account")
 
 
 def _public(sim: SimServer, queue: asyncio.Queue[Inbound], args: tuple[SubArg, ...] = (TRADES,),
-            ws: WsSettings | None = None, **kw: object) -> Connection:
+            ws: WsSettings | None = None, *, timer: FakeTimer | None = None, limiter: ConnectLimiter | None = None,
+            **kw: object) -> Connection:
+    """A public connection; with a `timer`, its connect limiter and every backoff run on that fake clock."""
     spec = PlannedConnection("public-0", Endpoint.PUBLIC, False, args)
-    return Connection(spec, sim.ws_url(Endpoint.PUBLIC), ws or fast_ws(), queue, limiter=ConnectLimiter(3),
-                      **kw)  # type: ignore[arg-type]
+    return Connection(spec, sim.ws_url(Endpoint.PUBLIC), ws or fast_ws(), queue,
+                      limiter=limiter or ConnectLimiter(3, timer), timer=timer, **kw)  # type: ignore[arg-type]
 
 
 def _private(sim: SimServer, queue: asyncio.Queue[Inbound], keys: Keys, args: tuple[SubArg, ...] = (ACCOUNT,),
-             ws: WsSettings | None = None, **kw: object) -> Connection:
+             ws: WsSettings | None = None, *, timer: FakeTimer | None = None,
+             limiter: ConnectLimiter | None = None, **kw: object) -> Connection:
     spec = PlannedConnection("private-0", Endpoint.PRIVATE, True, args)
     kw.setdefault("credentials", keys.store())
-    return Connection(spec, sim.ws_url(Endpoint.PRIVATE), ws or fast_ws(), queue, limiter=ConnectLimiter(3),
-                      **kw)  # type: ignore[arg-type]
+    return Connection(spec, sim.ws_url(Endpoint.PRIVATE), ws or fast_ws(), queue,
+                      limiter=limiter or ConnectLimiter(3, timer), timer=timer, **kw)  # type: ignore[arg-type]
 
 
 def _sim_trade_ids(sim: SimServer) -> list[int]:
@@ -86,20 +95,30 @@ def _seen_ids(rec: Recorder, conn: str | None = None) -> list[int]:
 async def test_every_kind_of_drop_is_followed_by_resubscription_and_a_gap_that_brackets_the_missed_trades(
     kind: str, close_code: str | None
 ) -> None:
+    timer = FakeTimer()
     async with SimServer(Keys().sim_config()) as sim:
         queue: asyncio.Queue[Inbound] = asyncio.Queue(10_000)
         rec = Recorder(queue)
-        conn = _public(sim, queue)
+        limiter = RecordedLimiter(timer)
+        conn = _public(sim, queue, ws=fast_ws(keepalive_s=0.25, pong_timeout_s=0.5), timer=timer, limiter=limiter,
+                       backoff=steady_backoff())
         async with running(rec.run(), conn.run()):
             await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 1)
             await sim.tick(30)
             before_drop = max(_sim_trade_ids(sim))
             await rec.wait_for(lambda i: before_drop in _seen_ids(rec))
+            t0 = timer.now()
             if kind == "stall":
                 sim.faults.stall(endpoint="public")  # silent: only our pong timeout can tell
             else:
                 sim.faults.drop(kind, endpoint="public")
             await sim.tick(30)  # trades nobody receives: the old socket is gone or silent
+            dropped = t0
+            if kind == "stall":  # a ping after keepalive_s of silence; no pong within pong_timeout_s: aborted
+                await timer.advance_to(t0 + 0.25)
+                dropped = t0 + 0.25 + 0.5
+                await timer.advance_to(dropped)
+            await timer.advance_to(dropped + STEP)  # the reconnect, one backoff step after the drop
             await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 2)
             await sim.tick(30)
             after = max(_sim_trade_ids(sim))
@@ -126,8 +145,9 @@ async def test_every_kind_of_drop_is_followed_by_resubscription_and_a_gap_that_b
     # Nothing was lost silently: every trade not received lies strictly inside the reported window.
     received = set(_seen_ids(rec))
     assert {t for t in _sim_trade_ids(sim) if t not in received} == set(missed)
-    if kind == "stall":
-        assert conn.counters.pong_timeouts == 1
+    assert limiter.starts == [t0, dropped + STEP]
+    assert conn.counters.pong_timeouts == (1 if kind == "stall" else 0)
+    assert conn.counters.pings == (1 if kind == "stall" else 0)
 
 
 async def test_on_fake_time_silence_brings_a_ping_and_a_missing_pong_a_reconnect() -> None:
@@ -222,13 +242,23 @@ async def test_without_keepalive_okx_drops_the_idle_connection_with_4004_and_it_
 
 
 async def test_a_connection_that_stays_down_is_retried_forever_within_the_connect_rate() -> None:
-    async with SimServer(Keys().sim_config()) as sim:
+    timer = FakeTimer()  # OKX counts connects on the same fake clock
+    async with SimServer(Keys().sim_config(timer=timer)) as sim:
         sim.faults.reject_connects(count=7, status=503)
         queue: asyncio.Queue[Inbound] = asyncio.Queue(10_000)
         rec = Recorder(queue)
-        conn = _public(sim, queue)
+        limiter = RecordedLimiter(timer)
+        conn = _public(sim, queue, timer=timer, limiter=limiter, backoff=steady_backoff())
         async with running(rec.run(), conn.run()):
+            t0 = timer.now()
+            # Each refusal is followed by one backoff step; a fourth attempt inside the window of the three before
+            # it waits (a second sleep) until the oldest of them left the window.
+            for at in (STEP, 2 * STEP, 3 * STEP, WINDOW, WINDOW + STEP, WINDOW + 2 * STEP, WINDOW + 3 * STEP,
+                       2 * WINDOW, 2 * WINDOW + STEP):
+                await timer.advance_to(t0 + at)
             await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 1)
+    assert limiter.starts == [t0 + at for at in (0, STEP, 2 * STEP, WINDOW, WINDOW + STEP, WINDOW + 2 * STEP,
+                                                 2 * WINDOW, 2 * WINDOW + STEP)]
     assert conn.counters.connect_failures == 7
     assert sim.stats.ws_connects_refused_by_fault == 7
     assert sim.stats.violations == 0
@@ -255,8 +285,8 @@ def _recording_backoff() -> tuple[list[list[float]], object]:
         drawn: list[float] = []
         made.append(drawn)
         while True:
-            drawn.append(0.001)
-            yield 0.001
+            drawn.append(STEP)
+            yield STEP
 
     return made, factory
 
@@ -265,19 +295,27 @@ def _recording_backoff() -> tuple[list[list[float]], object]:
 async def test_backoff_resets_only_after_the_connection_stayed_healthy(
     healthy_after_s: float, generators: int
 ) -> None:
-    async with SimServer(Keys().sim_config()) as sim:
+    timer = FakeTimer()
+    async with SimServer(Keys().sim_config(timer=timer)) as sim:
         sim.faults.reject_connects(count=3)
         queue: asyncio.Queue[Inbound] = asyncio.Queue(10_000)
         rec = Recorder(queue)
         made, factory = _recording_backoff()
-        conn = _public(sim, queue, ws=fast_ws(healthy_after_s=healthy_after_s), backoff=factory)
+        limiter = RecordedLimiter(timer)
+        conn = _public(sim, queue, ws=fast_ws(healthy_after_s=healthy_after_s), backoff=factory, timer=timer,
+                       limiter=limiter)
         async with running(rec.run(), conn.run()):
+            t0 = timer.now()
+            for at in (STEP, 2 * STEP, 3 * STEP, WINDOW):  # three refusals; the fourth attempt waits for a place
+                await timer.advance_to(t0 + at)
             await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 1)
             sim.faults.drop("abort")
+            await timer.advance_to(t0 + WINDOW + STEP)
             await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 2)
     # Three refused connects and one drop: four delays, from one generator unless the link was healthy.
     assert len(made) == generators
     assert sum(len(m) for m in made) == 4
+    assert limiter.starts == [t0 + at for at in (0, STEP, 2 * STEP, WINDOW, WINDOW + STEP)]
 
 
 # ---------------------------------------------------------------------------------------------- login
@@ -306,14 +344,19 @@ async def test_every_reconnect_logs_in_with_a_fresh_timestamp() -> None:
         clock = ServerClock(lambda: time.time_ns() // 1_000_000 + wall[0])  # `wall`: time passing
         queue: asyncio.Queue[Inbound] = asyncio.Queue(10_000)
         rec = Recorder(queue)
-        conn = _private(sim, queue, keys, clock=clock)
+        timer = FakeTimer()
+        limiter = RecordedLimiter(timer)
+        conn = _private(sim, queue, keys, clock=clock, timer=timer, limiter=limiter, backoff=steady_backoff())
         async with running(rec.run(), conn.run()):
             await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 1)
             # Ten minutes pass on both clocks; a cached login timestamp would now be 60006 "expired".
             wall[0] = 600_000
             sim.faults.clock_offset(600_000)
+            t0 = timer.now()
             sim.faults.drop("abort", endpoint="private")
+            await timer.advance_to(t0 + STEP)  # one backoff step after the drop
             await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 2)
+    assert limiter.starts == [t0, t0 + STEP]
     assert conn.counters.login_failures == 0
     assert [c.logins for c in sim.stats.connections.values()] == [1, 1]
 
@@ -333,9 +376,14 @@ async def test_a_login_refused_for_clock_skew_resyncs_from_server_time_and_succe
 
         queue: asyncio.Queue[Inbound] = asyncio.Queue(10_000)
         rec = Recorder(queue)
-        conn = _private(sim, queue, keys, clock=clock, resync_clock=counted_resync)
+        timer = FakeTimer()
+        limiter = RecordedLimiter(timer)
+        conn = _private(sim, queue, keys, clock=clock, resync_clock=counted_resync, timer=timer, limiter=limiter,
+                        backoff=steady_backoff())
         async with running(rec.run(), conn.run()):
+            await timer.advance_to(timer.now() + STEP)  # the refused login ended the link: one backoff step
             await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 1)
+    assert limiter.starts == [limiter.starts[0], limiter.starts[0] + STEP]
     assert calls == 1
     assert abs(clock.offset_ms - 120_000) < 2_000
     assert conn.counters.login_failures == 1
@@ -358,9 +406,12 @@ async def test_a_host_clock_jump_right_after_a_measurement_resyncs_at_once_and_i
             jump[0] = -120_000  # the host clock steps back two minutes (NTP) just after the measurement
             queue: asyncio.Queue[Inbound] = asyncio.Queue(10_000)
             rec = Recorder(queue)
-            conn = _private(sim, queue, keys, clock=clock, resync_clock=service.resync, credentials=store)
+            timer = FakeTimer()
+            conn = _private(sim, queue, keys, clock=clock, resync_clock=service.resync, credentials=store,
+                            timer=timer, backoff=steady_backoff())
             with caplog.at_level(logging.WARNING):
                 async with running(rec.run(), conn.run()):
+                    await timer.advance_to(timer.now() + STEP)  # no auth pause: the next login one step later
                     await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 1)
     assert conn.counters.login_failures == 1  # the first login, signed before anyone knew; the next one passed
     assert abs(clock.offset_ms - 120_000) < 2_000
@@ -417,16 +468,17 @@ async def test_a_login_that_gets_no_answer_times_out_and_is_retried() -> None:
         port = server.sockets[0].getsockname()[1]
         spec = PlannedConnection("private-0", Endpoint.PRIVATE, True, (ACCOUNT,))
         queue: asyncio.Queue[Inbound] = asyncio.Queue(10)
-        conn = Connection(spec, f"ws://127.0.0.1:{port}/ws/v5/private", fast_ws(login_timeout_s=2.0), queue,
-                          limiter=ConnectLimiter(3), credentials=Keys().store(), timer=timer)
-        with log_events() as logs:
-            async with running(conn.run()):
-                await asyncio.wait_for(logins[0].wait(), timeout=5)
-                await timer.advance(2.0)  # login_timeout_s without an answer
-                await logs.wait_until(lambda rs: any(getattr(r, "to", None) == "backing-off" for r in rs))
-                assert conn.counters.login_failures == 1
-                await timer.advance(0.0625)  # past backoff_max_s: the backoff sleeps on the same fake clock
-                await asyncio.wait_for(logins[1].wait(), timeout=5)
+        # Keepalive after the login timeout: what ends the silent link is the login deadline, not a missing pong.
+        ws = fast_ws(login_timeout_s=2.0, keepalive_s=20.0)
+        conn = Connection(spec, f"ws://127.0.0.1:{port}/ws/v5/private", ws, queue, limiter=ConnectLimiter(3, timer),
+                          credentials=Keys().store(), timer=timer, backoff=steady_backoff())
+        t0 = timer.now()
+        async with running(conn.run()):
+            await asyncio.wait_for(logins[0].wait(), timeout=5)
+            await timer.advance_to(t0 + 2.0)  # login_timeout_s without an answer
+            await timer.advance_to(t0 + 2.0 + STEP)  # the reconnect, one backoff step later
+            assert conn.counters.login_failures == 1
+            await asyncio.wait_for(logins[1].wait(), timeout=5)
     assert connections == 2 and conn.counters.login_failures == 1
     assert queue.empty()  # never subscribed, so nothing to report as disconnected
 
@@ -462,22 +514,24 @@ async def test_transient_subscribe_refusals_never_fail_an_arg_for_good() -> None
         spec = PlannedConnection("public-0", Endpoint.PUBLIC, False, (TRADES,))
         queue: asyncio.Queue[Inbound] = asyncio.Queue()
         timer = FakeTimer()
-        conn = Connection(spec, f"ws://127.0.0.1:{port}/ws/v5/public", fast_ws(subscribe_retries=3), queue,
-                          limiter=ConnectLimiter(3), timer=timer)
+        # Quick retries of one step each (min(backoff_max_s, 10 * backoff_min_s * 2**n)), reconnects one step too.
+        ws = fast_ws(subscribe_retries=3, backoff_min_s=STEP, backoff_max_s=STEP)
+        conn = Connection(spec, f"ws://127.0.0.1:{port}/ws/v5/public", ws, queue, limiter=ConnectLimiter(3, timer),
+                          timer=timer, backoff=steady_backoff())
         events: list[LinkEvent] = []
+        t0 = timer.now()
         with log_events() as logs:
             async with running(conn.run()):
-                for n in (1, 2, 3):  # each refusal brings a quick retry, due backoff_max_s later on the fake clock
-                    await logs.wait_until(_logged("ws_subscribe_retry", n))
-                    await timer.advance(0.0625)
+                for n in (1, 2, 3):  # each refusal brings a quick retry, one step after it on the fake clock
+                    await timer.advance_to(t0 + n * STEP)
                 await logs.wait_until(_logged("ws_subscribe_parked", 1))
-                await logs.wait_until(lambda rs: any(getattr(r, "to", None) == "backing-off" for r in rs))
-                await timer.advance(0.0625)  # the reconnect's backoff, on the same clock
+                await timer.advance_to(t0 + 4 * STEP)  # OKX closed the connection: the reconnect's backoff
                 while not any(e.kind is SUBSCRIBED for e in events):
                     item = await asyncio.wait_for(queue.get(), timeout=10)
                     if isinstance(item, LinkEvent):
                         events.append(item)
     assert attempts == [4, 1]  # quick retries spent, then the next connection tried again at once
+    assert _logged("ws_subscribe_retry", 3)(logs.seen)
     assert [e.kind for e in events] == [SUBSCRIBED]  # never reported as failed for good
     assert conn.failed == {}
 
@@ -488,9 +542,15 @@ async def test_a_transient_login_failure_is_retried_with_backoff() -> None:
         sim.faults.reject_logins(code="60009", count=2)
         queue: asyncio.Queue[Inbound] = asyncio.Queue(10_000)
         rec = Recorder(queue)
-        conn = _private(sim, queue, keys)
+        timer = FakeTimer()
+        limiter = RecordedLimiter(timer)
+        conn = _private(sim, queue, keys, timer=timer, limiter=limiter, backoff=steady_backoff())
         async with running(rec.run(), conn.run()):
+            t0 = timer.now()
+            await timer.advance_to(t0 + STEP)  # each refused login ends its link: one backoff step each
+            await timer.advance_to(t0 + 2 * STEP)
             await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 1)
+    assert limiter.starts == [t0, t0 + STEP, t0 + 2 * STEP]
     assert conn.counters.login_failures == 2
     assert sim.stats.ws_connects == 3
     assert rec.events(FAILED) == []
@@ -505,10 +565,12 @@ async def test_a_refused_arg_is_reported_once_and_never_retried_while_the_others
     async with SimServer(Keys().sim_config()) as sim:
         queue: asyncio.Queue[Inbound] = asyncio.Queue(10_000)
         rec = Recorder(queue)
-        conn = _public(sim, queue, args=(TRADES, bad, eth))
+        timer = FakeTimer()
+        conn = _public(sim, queue, args=(TRADES, bad, eth), timer=timer, backoff=steady_backoff())
         async with running(rec.run(), conn.run()):
             await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 2 and count(FAILED)(i) == 1)
             sim.faults.drop("abort")
+            await timer.advance_to(timer.now() + STEP)  # the reconnect, one backoff step after the drop
             await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 4)
             await sim.tick(20)
             last = max(_sim_trade_ids(sim))

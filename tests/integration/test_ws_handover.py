@@ -12,7 +12,8 @@ import pytest
 from ingest.core.events import Inbound, InboundFrame, LinkEvent, LinkEventKind
 from ingest.core.plan import PlannedConnection
 from ingest.core.wsproto import arg_from_key, push_arg_key
-from ingest.io.ws import Connection, ConnectLimiter
+from ingest.io.ws import Connection
+from ingest.io.ws_limiter import ConnectLimiter
 from ingest.okx.channels import Endpoint, SubArg
 from ingest.sim import SimServer
 

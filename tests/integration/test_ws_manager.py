@@ -18,7 +18,22 @@ from ingest.okx.endpoints import Environment
 from ingest.services.connections import ConnectionManager, endpoint_url
 from ingest.sim import SimServer
 
-from ._ws_support import INST, Keys, Recorder, count, fast_ws, local_clock, log_events, running
+from ._ws_support import (
+    INST,
+    STEP,
+    WINDOW,
+    FakeTimer,
+    Keys,
+    RecordedLimiter,
+    Recorder,
+    count,
+    fast_ws,
+    local_clock,
+    log_events,
+    running,
+    steady_backoff,
+    until,
+)
 
 SUBSCRIBED = LinkEventKind.SUBSCRIBED
 DISCONNECTED = LinkEventKind.DISCONNECTED
@@ -49,16 +64,22 @@ def test_channels_that_need_a_login_without_credentials_fail_at_startup_naming_t
 
 async def test_each_subscription_is_carried_by_its_endpoint_with_login_only_where_needed() -> None:
     keys = Keys()
-    async with SimServer(keys.sim_config()) as sim:
+    timer = FakeTimer()  # OKX counts connects on the same fake clock
+    async with SimServer(keys.sim_config(timer=timer)) as sim:
         okx = OkxSettings(ws_base_url=sim.ws_base, channels=[], subscriptions=_subs(
             ("trades", INST, None), ("candle1m", INST, None), ("trades-all", "ETH-USDT", None),
             ("books-l2-tbt", INST, None), ("account", None, None), ("orders", None, "ANY")))
         queue: asyncio.Queue[Inbound] = asyncio.Queue(10_000)
         rec = Recorder(queue)
-        manager = ConnectionManager(okx, fast_ws(), queue, credentials=keys.store(), clock=local_clock())
+        limiter = RecordedLimiter(timer)
+        manager = ConnectionManager(okx, fast_ws(), queue, credentials=keys.store(), clock=local_clock(),
+                                    timer=timer, limiter=limiter)
         assert sorted(c.name for c in manager.plan) == ["business-0", "private-0", "public-0", "public-login-0"]
         with log_events() as logs:
             async with running(rec.run(), manager.run()):
+                t0 = timer.now()
+                await until(lambda: len(limiter.starts) == 3 and limiter.in_flight == 0, "three handshakes")
+                await timer.advance_to(t0 + WINDOW)  # the fourth connection waits for OKX's next second
                 await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 6)
                 await sim.wait_subscribed({"channel": "candle1m"}, endpoint="business")
                 await sim.wait_subscribed({"channel": "trades-all"}, endpoint="business")
@@ -67,6 +88,7 @@ async def test_each_subscription_is_carried_by_its_endpoint_with_login_only_wher
                 await logs.wait_until(lambda rs: sum(1 for r in rs if r.getMessage() == "ws_state"
                                                      and getattr(r, "to", None) == "live") == 4)
                 assert manager.status().live == 4
+        assert limiter.starts == [t0, t0, t0, t0 + WINDOW]
         logged_in = {c.endpoint: c.logins for c in sim.stats.connections.values() if c.logins}
         assert logged_in == {Endpoint.PUBLIC: 1, Endpoint.PRIVATE: 1}
         # Shutdown balances every SUBSCRIBED with a DISCONNECTED.
@@ -76,17 +98,39 @@ async def test_each_subscription_is_carried_by_its_endpoint_with_login_only_wher
 
 
 async def test_a_reconnect_storm_of_many_connections_stays_within_okx_connect_rate_and_budget() -> None:
-    async with SimServer(Keys().sim_config()) as sim:
+    timer = FakeTimer()  # OKX counts connects on the same fake clock
+    async with SimServer(Keys().sim_config(timer=timer)) as sim:
         channels = ["trades", "tickers", "books5", "bbo-tbt"]
         okx = OkxSettings(ws_base_url=sim.ws_base, instruments=[INST, "ETH-USDT"], channels=channels)
         queue: asyncio.Queue[Inbound] = asyncio.Queue(10_000)
         rec = Recorder(queue)
-        manager = ConnectionManager(okx, fast_ws(args_per_connection=1, requests_per_hour=2), queue)
+        limiter = RecordedLimiter(timer)
+        # Timeouts beyond the storm's few seconds of fake time: only the limiter and the backoff are under test.
+        ws = fast_ws(args_per_connection=1, requests_per_hour=2, keepalive_s=20.0, pong_timeout_s=10.0,
+                     subscribe_timeout_s=10.0)
+        manager = ConnectionManager(okx, ws, queue, timer=timer, limiter=limiter, backoff=steady_backoff())
         assert len(manager.connections) == 8
+
+        async def advance_to(at: float, sleepers: int = 1) -> None:
+            # An attempt ends on the fake clock when its handshake ends: let them all end before time moves.
+            await until(lambda: limiter.in_flight == 0, "the handshakes under way")
+            await timer.advance_to(at, sleepers)
+
         async with running(rec.run(), manager.run()):
+            t0 = timer.now()
+            for at in (WINDOW, 2 * WINDOW):  # three places per window
+                await advance_to(t0 + at)
             await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 8, timeout=10)
             sim.faults.drop("abort")  # all eight at once
+            await advance_to(t0 + 2 * WINDOW + STEP, sleepers=8)  # eight backoffs of one step
+            # The window still holds the two connects of 2 * WINDOW: one place now, then as the window moves on.
+            for at in (3 * WINDOW, 3 * WINDOW + STEP, 4 * WINDOW, 4 * WINDOW + STEP, 5 * WINDOW):
+                await advance_to(t0 + at)
             await rec.wait_for(lambda i: count(SUBSCRIBED)(i) == 16, timeout=10)
+    w, s = WINDOW, STEP
+    assert limiter.starts == [t0 + at for at in (0, 0, 0, w, w, w, 2 * w, 2 * w,
+                                                 2 * w + s, 3 * w, 3 * w, 3 * w + s, 4 * w, 4 * w, 4 * w + s, 5 * w)]
+    assert all(later - earlier >= WINDOW for earlier, later in zip(limiter.starts, limiter.starts[3:], strict=False))
     assert sim.stats.ws_connects == 16
     assert sim.stats.ws_connects_rejected == 0  # never more than 3 connects in any second
     assert sim.stats.violations == 0

@@ -11,20 +11,20 @@ import asyncio
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from ingest.io.ws import ConnectLimiter
+from ingest.io.ws_limiter import ConnectLimiter
 
 
 class VirtualClock:
-    """Monotonic time that moves only when someone sleeps on it (or the test moves it)."""
+    """Monotonic time that moves only when someone sleeps on it (or the test moves it): an `io.timer.Timer`."""
 
     def __init__(self) -> None:
-        self.now = 0.0
+        self.t = 0.0
 
-    def monotonic(self) -> float:
-        return self.now
+    def now(self) -> float:
+        return self.t
 
     async def sleep(self, delay: float) -> None:
-        self.now += max(0.0, delay)
+        self.t += max(0.0, delay)
         await asyncio.sleep(0)
 
 
@@ -36,16 +36,16 @@ async def settle() -> None:
 
 async def test_an_attempt_holds_its_place_until_a_window_after_its_handshake_ended() -> None:
     clock = VirtualClock()
-    limiter = ConnectLimiter(3, clock.monotonic, sleep=clock.sleep)
+    limiter = ConnectLimiter(3, clock)
     for _ in range(3):
         await limiter.acquire()
     fourth = asyncio.create_task(limiter.acquire())
     await settle()
     assert not fourth.done()  # three handshakes still running: OKX may not even have counted them yet
-    clock.now = 0.8
+    clock.t = 0.8
     limiter.release()  # the first ends at 0.8 s: OKX may have counted it as late as that
     await fourth
-    assert clock.now >= 0.8 + 1.0  # admitting it at 1.05 s could put four arrivals in one second
+    assert clock.t >= 0.8 + 1.0  # admitting it at 1.05 s could put four arrivals in one second
 
 
 #: Arrivals exactly a second apart are allowed; float sums land a hair either side of the boundary.
@@ -63,12 +63,12 @@ def test_no_second_ever_holds_more_than_three_arrivals_whatever_the_handshakes_t
 
     async def run() -> list[float]:
         clock = VirtualClock()
-        limiter = ConnectLimiter(3, clock.monotonic, margin_s=0.0, sleep=clock.sleep)
+        limiter = ConnectLimiter(3, clock, margin_s=0.0)
         arrivals = []
         for duration, where in attempts:
             await limiter.acquire()
-            start = clock.now
-            clock.now += duration
+            start = clock.t
+            clock.t += duration
             arrivals.append(start + where * duration)
             limiter.release()
         return arrivals

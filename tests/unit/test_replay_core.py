@@ -7,9 +7,12 @@ from collections.abc import Sequence
 from decimal import Decimal
 from typing import cast
 
+import msgspec
+import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ingest.core.archive_schema import DECIMAL, render_decimal
 from ingest.core.records import (
     BookAction,
     BookLevel,
@@ -28,11 +31,13 @@ from ingest.core.replay import (
     BookSnapshots,
     Entry,
     View,
+    canonical,
     gap_entries,
     merge,
     replay_items,
     sort_key,
 )
+from ingest.replay._arrow import _canonical
 
 INST = "BTC-USDT"
 
@@ -256,3 +261,25 @@ def test_repaired_view_dedupes_orders_by_ordid_and_utime_and_keeps_distinct_upda
     items = list(replay_items([_entries(records, "okx.orders")], [], start=0, end=1000))
     assert [(i.ts, i.source) for i in items if isinstance(i, Order)] == [
         (100, Source.WS), (200, Source.WS), (300, Source.REST)]
+
+
+# ------------------------------------------------------------------------------------------------ decimals
+
+#: The largest decimal128(38, 18) value the archive stores (text: negating a Decimal rounds to 28 digits).
+_DEC_MAX = "99999999999999999999.999999999999999999"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.decimals(min_value=Decimal("-" + _DEC_MAX), max_value=Decimal(_DEC_MAX),
+                            places=18, allow_nan=False, allow_infinity=False), min_size=1, max_size=20)
+       | st.lists(st.integers(-10**12, 10**12).map(lambda n: Decimal(n).scaleb(-18)), min_size=1, max_size=20))
+def test_arrow_decimal_text_is_the_canonical_text_of_every_value_tiny_ones_too(values: list[Decimal]) -> None:
+    """The columns path of `.batches()` and the item path render every decimal alike, without an exponent."""
+    got = _canonical(pa.chunked_array([pa.array([*values, None], DECIMAL)])).to_pylist()
+    assert got == [*(render_decimal(v) for v in values), None]
+    assert not any("E" in g or "e" in g for g in got if g is not None)
+
+
+def test_kafka_decimal_strings_with_an_exponent_or_trailing_zeros_become_plain_canonical_text() -> None:
+    t = msgspec.structs.replace(_trade(1, 1), px="1E-8", sz="0.000000010")
+    assert (canonical(t).px, canonical(t).sz) == ("0.00000001", "0.00000001")
