@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= config/okx-ingest.toml
 
-.PHONY: run test demo lint bench simulate clean compat lock bench-archive bench-replay bench-cluster schemas
+.PHONY: run test demo lint bench simulate clean compat lock bench-archive bench-archive-memory bench-replay bench-cluster schemas
 
 # Exact versions with hashes (requirements-dev.lock = runtime + test tools; requirements.lock is the image's:
 # runtime + the msk extra, so an image can sign in to Amazon MSK with IAM).
@@ -51,6 +51,9 @@ bench: $(STAMP)
 
 bench-archive: $(STAMP)  ## the archive bench alone (docs/PERFORMANCE.md, "Archive"; 1.5-2.5 min, so not in `bench`)
 	$(BIN)/python -m bench.archive_bench $(ARCHIVE_BENCH_ARGS)
+
+bench-archive-memory: $(STAMP)  ## the archiver process's peak RSS at 1,000 instruments (docs/PERFORMANCE.md; ~1.5 min)
+	$(BIN)/python -m bench.archive_memory $(ARCHIVE_MEMORY_ARGS)
 
 bench-cluster: $(STAMP)  ## takeover, planned move, cluster vs single CPU (docs/PERFORMANCE.md, "Cluster"; ~10 min)
 	$(BIN)/python -m bench.cluster_bench $(CLUSTER_BENCH_ARGS)
