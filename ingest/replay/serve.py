@@ -7,8 +7,10 @@ inbound frame verbatim, matched to its records by connection and receive sequenc
 byte, once, at its first record; otherwise the frame is re-rendered from the records in OKX's push shape
 (`{"arg": ..., "data": [...]}`, books with `action`), with OKX's exact strings when the source is Kafka.
 
-One timeline per server: a player walks the replay's items once. It starts when the client's subscriptions
-have settled (every arg of the window subscribed, or no new subscription for `settle_s`), then sends each
+One timeline per server: a player walks the replay's items once, as they are read (`READ_AHEAD` items at a
+time, on a thread, the next chunk read while the current one plays: memory stays bounded whatever the window).
+It starts when the client's subscriptions have settled (every arg of the first chunk subscribed, or no new
+subscription for `settle_s`), then sends each
 record to the connections subscribed to its arg, either `speed` times real time (exchange time) or, with
 speed 0, as fast as the client reads (each send waits for the socket to drain). At a recorded disconnect (a
 `disconnect` gap of a subscribed arg) it drops that connection without a close frame, as a network loss
@@ -22,7 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,7 +112,40 @@ class ReplayServer:
         self.sent = 0
         self.disconnects = 0
         self._args: set[SubArg] = set()
-        self._timeline: list[Item] = []
+        self._source: Iterator[Item] = iter(())
+        self._ahead: list[Item] = []
+        #: Whether the first chunk read held the whole window (then `first_items` counts all of it).
+        self.whole_window_read = False
+
+    #: Items read (and held) at a time.
+    READ_AHEAD = 10_000
+
+    @property
+    def first_items(self) -> int:
+        """Items of the first chunk: the whole window's when `whole_window_read`."""
+        return len(self._ahead)
+
+    def _read_chunk(self) -> list[Item]:
+        out: list[Item] = []
+        for item in self._source:
+            if _served(item):
+                out.append(item)
+                if len(out) >= self.READ_AHEAD:
+                    break
+        return out
+
+    async def _timeline(self) -> AsyncIterator[Item]:
+        """The served items in order; the next chunk is read on a thread while the current one plays."""
+        chunk, self._ahead = self._ahead, []
+        while chunk:
+            following = asyncio.ensure_future(asyncio.to_thread(self._read_chunk))
+            try:
+                for item in chunk:
+                    yield item
+                chunk = await following
+            finally:
+                if not following.done():
+                    following.cancel()  # the thread ends with its chunk; nobody reads it
 
     @property
     def port(self) -> int:
@@ -124,9 +159,12 @@ class ReplayServer:
         return f"ws://{self.host}:{self._port}"
 
     async def __aenter__(self) -> ReplayServer:
-        # The window is read before the first client: a source error surfaces here, not mid-session.
-        self._timeline = await asyncio.to_thread(lambda: [i for i in self._items if _served(i)])
-        self._args = {_arg(i) for i in self._timeline if isinstance(i, OkxRecord)}
+        # The window's first chunk is read before the first client: a source error surfaces here, not
+        # mid-session (a corrupt file further on ends the player, which `wait` reports).
+        self._source = iter(self._items)
+        self._ahead = await asyncio.to_thread(self._read_chunk)
+        self.whole_window_read = len(self._ahead) < self.READ_AHEAD
+        self._args = {_arg(i) for i in self._ahead if isinstance(i, OkxRecord)}
         app = web.Application()
         for endpoint in _SERVED:
             app.router.add_get(endpoint.value, self._handler(endpoint))
@@ -244,7 +282,7 @@ class ReplayServer:
         t0_wall: float | None = None
         t0_ts = 0
         sent_frames: set[tuple[str, int]] = set()
-        for item in self._timeline:
+        async for item in self._timeline():
             if isinstance(item, GapEvent):
                 if item.kind is GapKind.DISCONNECT:
                     await self._disconnect(item)
@@ -303,7 +341,9 @@ def serve_main(args: argparse.Namespace, settings: Settings) -> int:
     async def main() -> int:
         frames = await asyncio.to_thread(rp.raw_frames)
         async with ReplayServer(iter(rp), host=args.host, port=args.port, speed=args.speed, frames=frames) as server:
-            print(f"okx-ingest: replaying {len(server._timeline)} items ({len(frames)} recorded frames verbatim) on "
+            count = (f"{server.first_items} items" if server.whole_window_read else
+                     f"more than {server.first_items:,} items (read as they are played)")
+            print(f"okx-ingest: replaying {count} ({len(frames)} recorded frames verbatim) on "
                   f"{server.ws_base}/ws/v5/{{public,business}}", flush=True)
             stop, reload = asyncio.Event(), asyncio.Event()
             remove_signals = install_signals(stop, reload)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
@@ -175,3 +176,33 @@ async def test_the_server_keeps_serving_after_its_timeline_until_asked_to_stop()
         async with asyncio.timeout(5):
             ended = await waiting
         assert ended.task is None and ended.exit_code == 0
+
+
+class _SmallReads(ReplayServer):
+    READ_AHEAD = 4
+
+
+async def test_a_window_larger_than_the_read_ahead_is_played_whole_while_reading_at_most_two_chunks_ahead() -> None:
+    """A day of every instrument does not fit in memory: the player reads as it plays."""
+    read: list[int] = []
+
+    def source() -> Iterator[Item]:
+        for n in range(23):
+            read.append(n)
+            yield _trade(n)
+
+    async with _SmallReads(source(), settle_s=0.0) as server:
+        assert len(read) == 4 and not server.whole_window_read, "only the first chunk before the first client"
+        async with websockets.connect(server.url(Endpoint.BUSINESS)) as ws:
+            await ws.send(orjson.dumps({"op": "subscribe", "args": [{"channel": "trades-all",
+                                                                     "instId": "BTC-USDT"}]}).decode())
+            assert (await _recv_json(ws))["event"] == "subscribe"
+            got = []
+            for _ in range(23):
+                got.append(int(_trade_id(await _recv_json(ws))))
+                assert len(read) <= got[-1] + 1 + 2 * _SmallReads.READ_AHEAD, "never more than two chunks ahead"
+            assert got == list(range(23))
+            async with asyncio.timeout(5):
+                await server.finished.wait()
+    async with ReplayServer([_trade(n) for n in range(3)], settle_s=0.0) as small:
+        assert small.whole_window_read and small.first_items == 3
