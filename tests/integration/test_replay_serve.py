@@ -206,3 +206,19 @@ async def test_a_window_larger_than_the_read_ahead_is_played_whole_while_reading
                 await server.finished.wait()
     async with ReplayServer([_trade(n) for n in range(3)], settle_s=0.0) as small:
         assert small.whole_window_read and small.first_items == 3
+
+
+async def test_a_source_error_past_the_first_chunk_ends_the_session_with_exit_1() -> None:
+    def source() -> Iterator[Item]:
+        yield from (_trade(n) for n in range(6))
+        raise OSError("archive file trades/x.parquet: corrupt")
+
+    async with _SmallReads(source(), settle_s=0.0) as server:
+        waiting = asyncio.create_task(server.wait(asyncio.Event()))
+        async with websockets.connect(server.url(Endpoint.BUSINESS)) as ws:
+            await ws.send(orjson.dumps({"op": "subscribe", "args": [{"channel": "trades-all",
+                                                                     "instId": "BTC-USDT"}]}).decode())
+            assert (await _recv_json(ws))["event"] == "subscribe"
+            async with asyncio.timeout(10):
+                ended = await waiting
+        assert ended.exit_code == 1 and isinstance(ended.error, OSError) and "corrupt" in str(ended.error)
