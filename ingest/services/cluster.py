@@ -19,6 +19,8 @@ from ingest.core.clock import ServerClock
 from ingest.core.cluster import Ownership, StreamPosition, may_publish, shard_of, shard_of_arg, shards_of_args
 from ingest.core.encoded import EncodedRecord
 from ingest.core.events import Inbound
+from ingest.core.handover import unit_of
+from ingest.core.identity import EVENT_KEY_HEADER
 from ingest.credentials import CredentialStore
 from ingest.io.cluster import Assignment, Lease
 from ingest.io.delivery import Delivery
@@ -28,6 +30,7 @@ from ingest.io.ws import Connection, ConnectLimiter
 from ingest.okx.channels import SubArg
 from ingest.runtime import CANCEL_GRACE_S
 from ingest.services.connections import ConnectionManager, ManagerStatus
+from ingest.services.handover import HANDOVER_GAP_REASON, Handovers
 from ingest.services.pipeline import Outlet, Pipeline
 
 log = logging.getLogger(__name__)
@@ -58,12 +61,19 @@ class ShardConnections:
         self._group: asyncio.TaskGroup | None = None
         self._wake = asyncio.Event()
         self._restart_all = False
+        self._hints: dict[int, str] = {}
+        #: Gained shards taken over by hand-over (their positions open a gap a completed hand-over drops).
+        self.prepared_from: dict[int, str] = {}
         #: The generation whose shards the connections last matched (tests and readiness follow it).
         self.applied_generation = -1
         self.owned: frozenset[int] = frozenset()
         self.generation = -1
         self.member = member
         self.ownership: Ownership | None = None
+        #: Make-before-break hand-over of planned moves (None: shards move as takeovers).
+        self.handovers: Handovers | None = None
+        #: Each shard's streams' last published position (the fence keeps it; a release starts from it).
+        self.last_published: dict[int, dict[str, int]] = {}
 
     @property
     def connections(self) -> tuple[Connection, ...]:
@@ -91,6 +101,12 @@ class ShardConnections:
         follow, changes now; the connections follow in `run` (lost shards drained, gained ones started)."""
         if not assignment.resumed:  # the session expired: every shard was someone else's meanwhile
             self._restart_all = True
+        elif self.handovers is not None and self.ownership is not None:
+            # Lost while alive and in good standing: keep recording them until the new owner has them.
+            self.handovers.lost(self.owned - assignment.shards, self.generation, self.last_published)
+        if self.handovers is not None:
+            self.handovers.regained(assignment.shards)
+        self._hints = dict(assignment.handover_from)
         self.owned, self.generation = assignment.shards, assignment.generation
         base = self.ownership if assignment.resumed and self.ownership is not None else None
         self.ownership = (base.advance(assignment.generation, assignment.shards) if base is not None else
@@ -100,7 +116,8 @@ class ShardConnections:
 
     async def _reconcile(self) -> None:
         """Make the running managers those of the shards owned now."""
-        wanted = {s for s in self.owned if self.by_shard.get(s)}
+        releasing = self.handovers.releasing if self.handovers is not None else frozenset()
+        wanted = {s for s in self.owned | releasing if self.by_shard.get(s)}
         running = set(self._tasks)
         keep = set() if self._restart_all else running & wanted
         self._restart_all = False
@@ -108,18 +125,37 @@ class ShardConnections:
         gained = sorted(wanted - keep)
         for shard in lost:
             await self._stop(shard)
+        if gained and self.handovers is not None:
+            self.prepared_from = await self.handovers.gained(gained, self.generation, self._hints)
         if gained:
             # The positions of the streams gained, before their first frame reaches the pipeline.
             await self.on_gain({s: self.by_shard[s] for s in gained})
         for shard in gained:
             if shard in self.owned:  # not lost again while the positions were read
+                if self.handovers is not None:
+                    self.handovers.started(shard)
                 self._start(shard)
         self.applied_generation = self.generation
         log.info("cluster_shards_applied", extra={
             "generation": self.generation, "owned": len(self.owned), "gained": gained, "lost": lost,
             "subscriptions": sum(len(self.by_shard.get(s, ())) for s in self.owned)})
-        if set(self._tasks) != {s for s in self.owned if self.by_shard.get(s)}:
+        releasing = self.handovers.releasing if self.handovers is not None else frozenset()
+        if set(self._tasks) != {s for s in self.owned | releasing if self.by_shard.get(s)}:
             self._wake.set()  # the assignment changed meanwhile
+
+    def wake(self, shard: int | None = None) -> None:
+        """Reconcile again (a release ended: its shard's connections close)."""
+        self._wake.set()
+
+    async def leave(self) -> None:
+        """A clean stop of a dynamic member: own nothing from now on and release every shard (the positions
+        are no longer written for them; the fence lets them through while they are released)."""
+        if self.handovers is None or self.ownership is None:
+            return
+        owned = self.owned
+        self.owned = frozenset()
+        self.ownership = Ownership(self.member, self.generation, {})
+        await self.handovers.leave(owned, self.generation, self.last_published)
 
     def _start(self, shard: int) -> None:
         args = self.by_shard.get(shard)
@@ -182,6 +218,8 @@ class ClusterPositions:
     async def save(self) -> int:
         """Write the acknowledged positions of the streams of the shards owned now; how many were written."""
         generation, owned = self.shards.generation, self.shards.owned
+        if self.shards.handovers is not None:  # held records are not on the topic: neither are their positions
+            owned = owned - self.shards.handovers.holding
         await self.pipeline.between_batches()
         streams, _ = self.pipeline.checkpoint()  # no await since: it matches what delivery was handed
         saved_at, accepted = time.time_ns(), self.delivery.stats.records_in
@@ -208,10 +246,12 @@ class ClusterPositions:
             return
         args = [a for s in gained.values() for a in s]
         wanted = set(args)
+        prepared = {a for s, sargs in gained.items() if s in self.shards.prepared_from for a in sargs}
         restored = 0
         for arg, p in positions.items():
             if arg in wanted:
-                restored += self.pipeline.restore(SavedState(p.saved_ts_ns, (p.checkpoint,)), args)
+                reason = HANDOVER_GAP_REASON if arg in prepared else "the recorder was not running"
+                restored += self.pipeline.restore(SavedState(p.saved_ts_ns, (p.checkpoint,)), args, reason=reason)
         self.restored += restored
         log.info("positions_restored", extra={"shards": sorted(gained), "streams": restored,
                                               "from": sorted({p.member for a, p in positions.items()
@@ -220,6 +260,16 @@ class ClusterPositions:
 
 #: Connection ids in cluster mode start with their shard (`s17-public-0#...`, see ShardConnections._start).
 _CONN_SHARD = re.compile(rb"^s([0-9]+)-[^#]*#")
+
+
+def _note_last(last: dict[int, dict[str, int]], shard: int, rec: EncodedRecord) -> None:
+    """Remember the stream's last published position (where a release of its shard starts from)."""
+    for name, value in rec.headers:
+        if name == EVENT_KEY_HEADER:
+            unit = unit_of(value.decode(errors="replace"))
+            if unit is not None and unit[1] is not None:
+                last.setdefault(shard, {})[unit[0]] = unit[1]
+            return
 
 
 def record_shard(record: EncodedRecord, gaps_topic: str, shards: int) -> int | None:
@@ -251,24 +301,58 @@ class FencedOutlet:
         self._member = shards.member.encode()
 
     async def put_many(self, records: Sequence[EncodedRecord]) -> None:
+        handovers = self.shards.handovers
+        if handovers is None:
+            await self._put(records, None)
+            return
+        async with handovers.lock:  # records a completed hand-over releases go out before later ones
+            await self._put(records, handovers)
+
+    async def _put(self, records: Sequence[EncodedRecord], handovers: Handovers | None) -> None:
         own = self.shards.ownership
-        if own is None or not self.lease.valid():
+        valid = own is not None and self.lease.valid()
+        if own is None or (not valid and (handovers is None or not handovers.releases)):
             self._drop(len(records), "lease expired" if own is not None else "no assignment")
             return
         out: list[EncodedRecord] = []
         generation = str(own.generation).encode()
         count = self.shards.shards
+        last = self.shards.last_published
         for rec in records:
             shard = record_shard(rec, self.gaps_topic, count)
             if shard is None:
-                out.append(rec._replace(headers=(*rec.headers, ("owner", self._member), ("generation", generation))))
-            elif may_publish(own, own.member, own.generation, shard):
-                out.append(rec._replace(headers=(*rec.headers, ("owner", self._member), ("generation", generation),
-                                                 ("shard", str(shard).encode()))))
-            else:
+                if valid:
+                    out.append(rec._replace(headers=(*rec.headers, ("owner", self._member),
+                                                     ("generation", generation))))
+                continue
+            owned = valid and may_publish(own, own.member, own.generation, shard)
+            if handovers is not None and handovers.involved(shard):
+                if not handovers.filter(shard, rec, owned):
+                    continue
+            elif not owned:
                 self._drop(1, f"shard {shard} not owned")
+                continue
+            if handovers is not None:
+                _note_last(last, shard, rec)
+            out.append(rec._replace(headers=(*rec.headers, ("owner", self._member), ("generation", generation),
+                                             ("shard", str(shard).encode()))))
         if out:
             await self.delivery.put_many(out)
+
+    async def deliver(self, records: Sequence[EncodedRecord]) -> None:
+        """Records a hand-over releases from its hold (already decided: stamped and delivered)."""
+        own = self.shards.ownership
+        generation = str(own.generation if own is not None else -1).encode()
+        count = self.shards.shards
+        out = []
+        for rec in records:
+            shard = record_shard(rec, self.gaps_topic, count)
+            if shard is not None:
+                _note_last(self.shards.last_published, shard, rec)
+            extra = () if shard is None else (("shard", str(shard).encode()),)
+            out.append(rec._replace(headers=(*rec.headers, ("owner", self._member), ("generation", generation),
+                                             *extra)))
+        await self.delivery.put_many(out)
 
     def _drop(self, n: int, why: str) -> None:
         if n and not self.fenced:
