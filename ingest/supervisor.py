@@ -223,6 +223,7 @@ class Daemon:
                                         topic_name(s.kafka.topic_prefix, TopicKind.GAPS))
                 p.handovers.deliver = p.fence.deliver
                 p.handovers.on_released = p.manager.wake
+                p.handovers.is_live = p.manager.shard_live
                 p.manager.handovers = p.handovers
         p.pipeline = Pipeline(inbox, outlet, encoder, resubscriber=p.manager, reconciler=p.reconciler,
                               shard=replica, publish_raw=s.kafka.publish_raw, max_record_bytes=s.kafka.max_record_bytes,

@@ -143,6 +143,14 @@ class ShardConnections:
         if set(self._tasks) != {s for s in self.owned | releasing if self.by_shard.get(s)}:
             self._wake.set()  # the assignment changed meanwhile
 
+    def shard_live(self, shard: int) -> bool:
+        """Whether every connection of a shard is live (its subscriptions acknowledged)."""
+        manager = self._managers.get(shard)
+        if manager is None:
+            return False
+        status = manager.status()
+        return bool(status.connections) and status.live == len(status.connections)
+
     def wake(self, shard: int | None = None) -> None:
         """Reconcile again (a release ended: its shard's connections close)."""
         self._wake.set()

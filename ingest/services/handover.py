@@ -78,6 +78,10 @@ class Handovers:
         self._windows: dict[int, Hold[EncodedRecord]] = {}
         self._monotonic = monotonic
         self.stats = HandoverStats()
+        #: Whether a shard's connections are all live (subscribed): `prepared` is timed from then, so a stream
+        #: quiet at the new owner is cut only once the new owner receives it.
+        self.is_live: Callable[[int], bool] = lambda shard: True
+        self._live: set[int] = set()
         #: Called when a release ended (the shard's connections can close now).
         self.on_released: Callable[[int], None] = lambda shard: None
         #: The fence's lock: records released from a hold go out before any later record of their shard.
@@ -219,6 +223,13 @@ class Handovers:
             await self.on_message(self.channel.messages.get_nowait())
         now = self._monotonic()
         for s, hold in list(self.holds.items()):
+            if s not in self._live:
+                if not self.is_live(s):
+                    if hold.expired(now):
+                        await self._fallback(s, "its connections did not come up in time")
+                    continue
+                self._live.add(s)
+                hold.started = now  # the quiet wait and the timeout count from the subscriptions
             if hold.ready(now, PREPARE_WAIT_S):
                 hold.prepared = True
                 await self._send(Prepared(s, self.member, hold.generation, hold.source, dict(hold.first),
@@ -254,6 +265,7 @@ class Handovers:
         async with self.lock:
             out, dropped = hold.release(msg.cuts)
             del self.holds[shard]
+            self._live.discard(shard)
             if hold.window:
                 self._windows[shard] = hold
             self.stats.dropped += dropped
@@ -277,6 +289,7 @@ class Handovers:
         hold = self.holds.get(shard)
         if hold is None:
             return
+        self._live.discard(shard)
         async with self.lock:
             del self.holds[shard]
             out = hold.fallback()
