@@ -616,8 +616,8 @@ class Daemon:
                 results.add_metric([result], n)
             buckets = [(str(b), sum(1 for d in h.stats.durations if d <= b)) for b in DURATION_BUCKETS]
             duration = HistogramMetricFamily(
-                "okx_ingest_cluster_handover_seconds", "Completed hand-overs, from the new owner's connections "
-                "starting to the old owner's released record", buckets=[*buckets, ("+Inf", len(h.stats.durations))],
+                "okx_ingest_cluster_handover_seconds", "Completed hand-overs, from the new owner's subscriptions "
+                "being live to the old owner's released record", buckets=[*buckets, ("+Inf", len(h.stats.durations))],
                 sum_value=sum(h.stats.durations))
             in_progress = gauge("cluster_handovers_in_progress", "Shards being handed over, by side", ("side",))
             in_progress.add_metric(["preparing"], len(h.holds))
