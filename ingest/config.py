@@ -631,7 +631,8 @@ class ClusterSettings(_Section):
     handover_timeout_s: Annotated[float, Field(ge=0, le=300)] = Field(
         default=20.0, description="longest make-before-break hand-over of a planned move (rolling restart, scale "
                                   "up or down); past it the move becomes a takeover (gap, backfill); 0: always a "
-                                  "takeover. A stopping dynamic member waits up to this long before its shutdown")
+                                  "takeover. A stopping dynamic member waits up to twice this long (for the new "
+                                  "owner's prepared record) before its shutdown")
 
     @field_validator("group_id")
     @classmethod

@@ -336,7 +336,8 @@ class Daemon:
             await bounded(p.manager.leave(), budget, what="announcing the hand-over")
         await runtime.stop("membership", MEMBERSHIP_STOP_S)
         if leaving and p.handovers is not None:
-            await p.handovers.wait_released(self.settings.cluster.handover_timeout_s + 1)
+            # Not shorter than a release: it waits up to twice the timeout for the new owner's `prepared`.
+            await p.handovers.wait_released(2 * self.settings.cluster.handover_timeout_s + 1)
         await runtime.stop("handover")
         # 1. Sockets: the connection manager closes them after every received frame is in the queue.
         await runtime.stop("connections", ws_budget)

@@ -255,12 +255,15 @@ class Hold(Generic[T]):
 @dataclass(slots=True)
 class Release:
     """One shard the old owner hands over: it lost it in `generation` (or is leaving) and publishes it until
-    every stream is cut, or until `deadline`."""
+    every stream is cut. It never cuts before the new owner's `prepared` (the new owner receives the streams
+    then): it waits up to 2 x `timeout_s` from `started` for it, and after it up to `timeout_s` for the overlap.
+    Only the first bound passing (no new owner came) cuts without `prepared`: a gap the next owner's positions
+    record, never a silent one."""
 
     shard: int
     generation: int
     streams: Collection[str]
-    deadline: float
+    timeout_s: float
     last: dict[str, int] = field(default_factory=dict)
     target: Prepared | None = None
     prepared_at: float | None = None
@@ -313,7 +316,11 @@ class Release:
             self.cuts.setdefault(stream, self.last.get(stream))
 
     def expired(self, now: float) -> bool:
-        return now >= self.deadline
+        """Whether the release gives up: no `prepared` within 2 x timeout of the loss, or no overlap within a
+        timeout of `prepared`."""
+        if self.prepared_at is None:
+            return now >= self.started + 2 * self.timeout_s
+        return now >= self.prepared_at + self.timeout_s
 
     def released(self, member: str, ts_ns: int) -> Released:
         assert self.target is not None

@@ -163,7 +163,8 @@ class ShardConnections:
         owned = self.owned
         self.owned = frozenset()
         self.ownership = Ownership(self.member, self.generation, {})
-        await self.handovers.leave(owned, self.generation, self.last_published)
+        await self.handovers.leave(owned, self.generation, self.last_published,
+                                   everything=owned >= frozenset(range(self.shards)))
 
     def _start(self, shard: int) -> None:
         args = self.by_shard.get(shard)

@@ -150,7 +150,7 @@ class Handovers:
         for s in shards:
             if s in self.releases or not self.streams.get(s):
                 continue
-            self.releases[s] = Release(s, generation, self.streams[s], now + self.timeout_s,
+            self.releases[s] = Release(s, generation, self.streams[s], self.timeout_s,
                                        dict(last.get(s, {})), started=now)
             log.info("handover_releasing", extra={"shard": s, "generation": generation})
 
@@ -189,12 +189,19 @@ class Handovers:
         if hold is not None:
             hold.started = self._monotonic()
 
-    async def leave(self, shards: Iterable[int], generation: int, last: Mapping[int, Mapping[str, int]]) -> None:
+    async def leave(self, shards: Iterable[int], generation: int, last: Mapping[int, Mapping[str, int]], *,
+                    everything: bool = False) -> None:
         """A clean stop: release every shard, and say so on each shard's control partition before leaving the
-        group, so whoever gets it next prepares it instead of taking it over."""
+        group, so whoever gets it next prepares it instead of taking it over. A member that owns `everything`
+        (every shard) is the last one: there is nobody to hand to, so it releases nothing (waiting for a
+        `prepared` that cannot come would only delay the stop by the whole bound)."""
         owned = sorted(shards)
         for s in list(self.holds):  # nothing is lost: what was held is published (the takeover path)
-            await self._fallback(s, "this replica is stopping")
+            await self._fallback(s, "this replica is stopping", announce=False)
+        if everything:
+            log.info("handover_not_needed", extra={"shards": len(owned),
+                                                   "why": "the last member owns every shard: nobody to hand to"})
+            return
         self.lost(owned, generation, last)
         for s in owned:
             await self._send(Leaving(s, self.member, generation, time.time_ns()))
@@ -226,7 +233,7 @@ class Handovers:
             if s not in self._live:
                 if not self.is_live(s):
                     if hold.expired(now):
-                        await self._fallback(s, "its connections did not come up in time")
+                        await self._fallback(s, "its connections did not come up in time", announce=True)
                     continue
                 self._live.add(s)
                 hold.started = now  # the quiet wait and the timeout count from the subscriptions
@@ -236,13 +243,18 @@ class Handovers:
                                           time.time_ns()))
                 log.info("handover_prepared", extra={"shard": s, "from": hold.source, "streams": len(hold.first)})
             elif hold.expired(now):
-                await self._fallback(s, "no released record in time")
+                await self._fallback(s, "no released record in time", announce=True)
         for s, rel in list(self.releases.items()):
             rel.tick(now, QUIET_CUT_S)
             if rel.done():
                 await self._send(rel.released(self.member, time.time_ns()))
                 self._end_release(s, "released", now - rel.started)
             elif rel.expired(now):
+                if rel.target is None:  # no new owner came: the cut is a gap, bounded by the positions topic
+                    log.error("handover_release_timeout", extra={
+                        "shard": s, "cuts": {k: rel.last.get(k) for k in rel.streams},
+                        "effect": "cut before any prepared record: the next owner's gap (from the positions topic) "
+                                  "covers it"})
                 self._end_release(s, "release_timeout", now - rel.started)
 
     async def on_message(self, msg: object) -> None:
@@ -285,7 +297,9 @@ class Handovers:
         if out:
             await self.deliver(out)
 
-    async def _fallback(self, shard: int, why: str) -> None:
+    async def _fallback(self, shard: int, why: str, *, announce: bool) -> None:
+        """Publish everything held (the takeover path). With `announce` (a timeout: this replica keeps the shard)
+        it also writes `taken`, so an old owner still releasing stops publishing instead of holding on."""
         hold = self.holds.get(shard)
         if hold is None:
             return
@@ -295,6 +309,8 @@ class Handovers:
             out = hold.fallback()
             if out and self.deliver is not None:
                 await self._deliver_released(shard, out)
+        if announce:
+            await self._send(Taken(shard, self.member, hold.generation, time.time_ns()))
         self.stats.results["fallback"] += 1
         log.warning("handover_fallback", extra={"shard": shard, "from": hold.source, "why": why,
                                                 "published": len(out),

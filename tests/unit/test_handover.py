@@ -56,7 +56,7 @@ def test_a_completed_hand_over_publishes_every_unit_exactly_once(
     hold: Hold[int] = Hold(1, "old", 5, [STREAM], started=0.0, timeout_s=10.0)
     for u in new_units[: len(new_units) - min(old_lag, len(new_units) - 1)]:
         hold.offer(STREAM, u, u)
-    rel = Release(1, 4, [STREAM], deadline=10.0, last={STREAM: old_until} if old_until else {})
+    rel = Release(1, 4, [STREAM], timeout_s=10.0, last={STREAM: old_until} if old_until else {})
     published = list(range(1, old_until + 1))
     prepared = Prepared(1, "new", 5, "old", dict(hold.first), 0)
     unit = old_until + 1
@@ -84,7 +84,7 @@ def test_a_completed_hand_over_publishes_every_unit_exactly_once(
 
 
 def test_a_stale_prepared_of_an_older_generation_does_not_count() -> None:
-    rel = Release(1, 6, [STREAM], deadline=10.0)
+    rel = Release(1, 6, [STREAM], timeout_s=10.0)
     assert not rel.on_prepared(Prepared(1, "new", 6, "old", {STREAM: 1}, 0), 0.0)
     assert rel.target is None
 
@@ -108,7 +108,7 @@ def test_a_completed_hand_over_drops_its_own_gap_and_what_the_old_owner_publishe
 
 
 def test_a_stream_quiet_at_the_new_owner_is_cut_at_the_old_owners_last_unit_after_the_grace() -> None:
-    rel = Release(1, 4, [STREAM, "trades-all:ETH-USDT"], deadline=10.0, last={"trades-all:ETH-USDT": 3})
+    rel = Release(1, 4, [STREAM, "trades-all:ETH-USDT"], timeout_s=10.0, last={"trades-all:ETH-USDT": 3})
     rel.on_prepared(Prepared(1, "new", 5, "old", {STREAM: 10}, 0), 1.0)
     assert rel.allow("trades-all:ETH-USDT", 4)
     rel.tick(1.5, 1.0)
@@ -117,3 +117,15 @@ def test_a_stream_quiet_at_the_new_owner_is_cut_at_the_old_owners_last_unit_afte
     assert rel.cuts["trades-all:ETH-USDT"] == 4 and not rel.allow("trades-all:ETH-USDT", 5)
     assert rel.allow(STREAM, 10) and rel.done() and rel.cuts[STREAM] == 10
     assert not rel.allow(STREAM, 11)
+
+
+def test_the_old_owner_waits_twice_the_timeout_for_prepared_and_then_a_timeout_for_the_overlap() -> None:
+    """A new owner slow to subscribe (throttled connects) still gets the stream: the old owner does not cut first."""
+    rel = Release(1, 4, [STREAM], timeout_s=10.0, started=100.0)
+    assert not rel.expired(119.9), "a timeout without prepared is not enough to cut"
+    assert rel.allow(STREAM, 5)
+    assert rel.expired(120.0), "twice the timeout without prepared: no new owner came"
+    late = Release(1, 4, [STREAM], timeout_s=10.0, started=100.0)
+    assert late.on_prepared(Prepared(1, "new", 5, "old", {STREAM: 9}, 0), 118.0)
+    assert not late.expired(127.9), "after prepared, a whole timeout for the overlap"
+    assert late.expired(128.0)

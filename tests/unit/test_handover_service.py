@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from ingest.core.avro import RecordEncoder
 from ingest.core.encoded import EncodedRecord
-from ingest.core.handover import ControlMessage, Prepared, Released
+from ingest.core.handover import ControlMessage, Leaving, Prepared, Released, Taken
 from ingest.core.identity import EVENT_KEY_HEADER
 from ingest.core.records import GapEvent, GapKind, GapStatus, StreamPosition
 from ingest.okx.channels import SubArg
@@ -79,6 +79,9 @@ async def test_without_released_in_time_the_new_owner_publishes_everything_it_he
     await h.step()
     assert out == held, "the fallback publishes all of it, in order, the gap (4 -> 9) included"
     assert h.stats.results["fallback"] == 1 and not h.holding
+    taken = channel.sent[-1]
+    assert isinstance(taken, Taken) and (taken.shard, taken.member, taken.generation) == (3, "new", 7), \
+        "the old owner is told to stop holding on"
     assert h.filter(3, _trade(11), owned=True), "then the shard is simply owned"
 
 
@@ -111,3 +114,39 @@ async def test_the_old_owner_publishes_up_to_the_new_owners_first_record_then_wr
     await h.step()
     assert channel.sent == [Released(3, "old", "new", 7, {STREAM: 8}, channel.sent[0].ts_ns)]
     assert ended == [3] and h.stats.results["released"] == 1
+
+
+async def test_the_old_owner_keeps_publishing_until_prepared_even_past_one_timeout_and_stops_on_taken() -> None:
+    h, channel, clock, _ = _service()
+    h.member = "old"
+    ended: list[int] = []
+    h.on_released = ended.append
+    h.lost([3], 6, {3: {STREAM: 5}})
+    clock.now += 15.0  # the new owner is still connecting
+    await h.step()
+    assert h.releasing == {3} and h.filter(3, _trade(6), owned=False), "not cut before the new owner has it"
+    channel.messages.put_nowait(Taken(3, "new", 7, 0))  # the new owner gave up waiting and took it over
+    await h.step()
+    assert ended == [3] and h.stats.results["release_preempted"] == 1
+    assert not h.filter(3, _trade(7), owned=False), "then the new owner alone publishes it"
+
+
+async def test_the_old_owner_without_any_new_owner_gives_up_after_twice_the_timeout() -> None:
+    h, _, clock, _ = _service()
+    h.member = "old"
+    h.lost([3], 6, {3: {STREAM: 5}})
+    clock.now += 19.9
+    await h.step()
+    assert h.releasing == {3}
+    clock.now += 0.2
+    await h.step()
+    assert not h.releasing and h.stats.results["release_timeout"] == 1
+
+
+async def test_the_last_member_stopping_with_every_shard_hands_nothing_over() -> None:
+    h, channel, _, _ = _service()
+    h.member = "old"
+    await h.leave([3], 6, {3: {STREAM: 5}}, everything=True)
+    assert not h.releasing and channel.sent == [], "nobody to hand to: no release to wait for"
+    await h.leave([3], 6, {3: {STREAM: 5}})
+    assert h.releasing == {3} and [type(m) for m in channel.sent] == [Leaving]
