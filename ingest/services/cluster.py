@@ -143,6 +143,12 @@ class ShardConnections:
         if set(self._tasks) != {s for s in self.owned | releasing if self.by_shard.get(s)}:
             self._wake.set()  # the assignment changed meanwhile
 
+    @property
+    def recording(self) -> frozenset[int]:
+        """Owned shards whose connections run here: a shard just assigned is not one until its positions were
+        restored and its connections started (until then this replica's state of its streams is stale)."""
+        return self.owned & frozenset(self._tasks)
+
     def shard_live(self, shard: int) -> bool:
         """Whether every connection of a shard is live (its subscriptions acknowledged)."""
         manager = self._managers.get(shard)
@@ -226,7 +232,9 @@ class ClusterPositions:
 
     async def save(self) -> int:
         """Write the acknowledged positions of the streams of the shards owned now; how many were written."""
-        generation, owned = self.shards.generation, self.shards.owned
+        # Not `owned`: a shard assigned a moment ago still has this replica's stale positions (from when it was
+        # here before), and writing them would overwrite its last owner's, which its restore is about to read.
+        generation, owned = self.shards.generation, self.shards.recording
         if self.shards.handovers is not None:  # held records are not on the topic: neither are their positions
             owned = owned - self.shards.handovers.holding
         await self.pipeline.between_batches()

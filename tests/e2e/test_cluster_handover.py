@@ -25,9 +25,12 @@ def _handover_config(tmp_path: Path, sim: SimServer, broker: BrokerInfo, prefix:
     return path
 
 
-def _stop(rep: _Replica) -> None:
+async def _stop(rep: _Replica) -> None:
+    """SIGTERM and wait for the exit off the event loop: the simulator (OKX) runs in this loop and keeps serving,
+    as the real one does, while a replica hands its shards over (a blocking wait froze it, so the new owners could
+    not connect before the old one had given up)."""
     rep.proc.terminate()
-    assert rep.proc.wait(60) == 0, rep.tail()
+    assert await asyncio.to_thread(rep.proc.wait, 60) == 0, rep.tail()
 
 
 async def _settled(reps: list[_Replica], sim: SimServer, what: str) -> None:
@@ -83,7 +86,7 @@ async def test_a_rolling_restart_of_three_replicas_hands_every_shard_over_withou
             start_ns, first = time.time_ns(), _counts(sim)
             async with _trading(sim):
                 for i, name in enumerate(names):
-                    _stop(reps[i])
+                    await _stop(reps[i])
                     others = [r for j, r in enumerate(reps) if j != i]
                     await _until(lambda o=others: sum(len(r.shards()) for r in o) == SHARDS  # type: ignore[misc]
                                  and _holders(sim) == Counter(dict.fromkeys(INSTS, 1)), others, 120,
@@ -92,7 +95,7 @@ async def test_a_rolling_restart_of_three_replicas_hands_every_shard_over_withou
                     await _settled(reps, sim, f"{name} back")
                 last = _counts(sim)
             for r in reps:
-                _stop(r)
+                await _stop(r)
         finally:
             for r in reps:
                 if r.proc.poll() is None:
@@ -119,11 +122,11 @@ async def test_scale_one_to_three_and_back_hands_every_shard_over_without_gap_or
                 reps += [_Replica(n, config, tmp_path / f"{n}.log") for n in ("rec-1", "rec-2")]
                 await _settled(reps, sim, "three replicas splitting the shards")
                 for rep in reps[:0:-1]:
-                    _stop(rep)
+                    await _stop(rep)
                     reps.remove(rep)
                     await _settled(reps, sim, f"{rep.name}'s shards moved")
                 last = _counts(sim)
-            _stop(reps[0])
+            await _stop(reps[0])
         finally:
             for r in reps:
                 if r.proc.poll() is None:

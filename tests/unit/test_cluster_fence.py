@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import orjson
 
@@ -12,6 +12,7 @@ from ingest.core.cluster import shard_of
 from ingest.core.encoded import EncodedRecord
 from ingest.core.events import Inbound
 from ingest.io.cluster import Assignment, Lease, ShardAssignor
+from ingest.okx.channels import SubArg
 from ingest.services.cluster import FencedOutlet, ShardConnections, record_shard
 
 SHARDS = 8
@@ -136,3 +137,38 @@ def test_a_member_whose_session_expired_claims_none_of_its_old_shards() -> None:
     clock.now += 30
     lease.join_started()
     assert orjson.loads(assignor.metadata(["p.shards"]).user_data)["held"] == []
+
+
+
+async def test_a_shard_just_assigned_is_not_recorded_here_until_its_positions_were_restored() -> None:
+    """Its positions are not written from this replica's stale state over its last owner's (which the restore
+    is reading): the positions writer follows `recording`, not the assignment."""
+    queue: asyncio.Queue[Inbound] = asyncio.Queue()
+    first = "BTC-USDT"
+    second = next(f"I{i}" for i in range(100) if shard_of(f"I{i}", SHARDS) != shard_of(first, SHARDS))
+    a, b = shard_of(first, SHARDS), shard_of(second, SHARDS)
+    okx = OkxSettings(instruments=[first, second], ws_base_url="ws://127.0.0.1:9")  # nothing listens there
+    args = [SubArg("trades-all", inst_id=first), SubArg("trades-all", inst_id=second)]
+    shards = ShardConnections(okx, WsSettings(), queue, args, SHARDS, member="r0")
+    during: list[tuple[frozenset[int], frozenset[int]]] = []
+    called = asyncio.Queue[None]()
+    restored = asyncio.Event()
+
+    async def restore(gained: Mapping[int, Sequence[SubArg]]) -> None:
+        during.append((frozenset(gained), shards.recording))
+        called.put_nowait(None)
+        await restored.wait()
+
+    shards.on_gain = restore
+    runner = asyncio.create_task(shards.run())
+    try:
+        await shards.apply(Assignment(1, frozenset({a})))
+        await called.get()
+        assert shards.owned == {a} and during == [(frozenset({a}), frozenset())], "assigned, restoring"
+        restored.set()
+        await shards.apply(Assignment(2, frozenset({a, b})))
+        await called.get()  # the round of generation 1 ended before this one's restore
+        assert during[1] == (frozenset({b}), frozenset({a})), "started: recorded here"
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
