@@ -163,14 +163,19 @@ class ShardConnections:
 
     async def leave(self) -> None:
         """A clean stop of a dynamic member: own nothing from now on and release every shard (the positions
-        are no longer written for them; the fence lets them through while they are released)."""
+        are no longer written for them; the fence lets them through while they are released). The last member
+        (owning every shard) has nobody to hand to and keeps them to the end."""
         if self.handovers is None or self.ownership is None:
             return
         owned = self.owned
+        if owned >= frozenset(range(self.shards)):
+            # The last member: nobody to hand to. It keeps owning every shard until its connections close, so
+            # what they still deliver is published and the stop writes their positions (for the next start).
+            await self.handovers.leave(owned, self.generation, self.last_published, everything=True)
+            return
         self.owned = frozenset()
         self.ownership = Ownership(self.member, self.generation, {})
-        await self.handovers.leave(owned, self.generation, self.last_published,
-                                   everything=owned >= frozenset(range(self.shards)))
+        await self.handovers.leave(owned, self.generation, self.last_published)
 
     def _start(self, shard: int) -> None:
         args = self.by_shard.get(shard)

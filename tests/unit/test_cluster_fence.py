@@ -14,6 +14,7 @@ from ingest.core.events import Inbound
 from ingest.io.cluster import Assignment, Lease, ShardAssignor
 from ingest.okx.channels import SubArg
 from ingest.services.cluster import FencedOutlet, ShardConnections, record_shard
+from ingest.services.handover import Handovers
 
 SHARDS = 8
 GAPS = "p.gaps"
@@ -172,3 +173,38 @@ async def test_a_shard_just_assigned_is_not_recorded_here_until_its_positions_we
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
+
+
+class _Channel:
+    """A control topic that only records what is written."""
+
+    def __init__(self) -> None:
+        self.sent: list[object] = []
+        self.messages: asyncio.Queue[object] = asyncio.Queue()
+        self.latest: dict[int, object] = {}
+
+    async def send(self, msg: object) -> None:
+        self.sent.append(msg)
+
+
+async def test_the_last_member_stopping_keeps_publishing_every_shard_until_its_connections_close() -> None:
+    """Nobody to hand to: no release, no `leaving`, and what its connections still deliver is published."""
+    queue: asyncio.Queue[Inbound] = asyncio.Queue()
+    shards = ShardConnections(OkxSettings(instruments=[]), WsSettings(), queue, [], SHARDS, member="r0")
+    channel = _Channel()
+    by_shard = {s: [SubArg("trades-all", inst_id=f"I{s}")] for s in range(SHARDS)}
+    shards.handovers = Handovers(channel, "r0", by_shard, 10.0, GAPS)  # type: ignore[arg-type]
+    clock = _Clock()
+    lease = Lease(9.0, monotonic=clock)
+    capture = _Capture()
+    outlet = FencedOutlet(capture, shards, lease, GAPS)
+    await shards.apply(Assignment(3, frozenset(range(SHARDS))))
+    lease.renew(clock.now)
+    await shards.leave()
+    assert channel.sent == [] and not shards.handovers.releasing
+    await outlet.put_many([_trade("BTC-USDT")])
+    assert [r.key for r in capture.records] == [b"BTC-USDT"] and outlet.fenced == 0
+    await shards.apply(Assignment(4, frozenset(range(SHARDS - 1))))  # a member joined: shard 7 moves to it
+    await shards.leave()
+    assert shards.owned == frozenset() and shards.handovers.releasing == frozenset(range(SHARDS)), \
+        "not the last member: it hands every shard over"
