@@ -74,6 +74,9 @@ class Handovers:
         self.streams = {s: [n for n in (stream_name(a) for a in args) if n is not None] for s, args in by_shard.items()}
         self.holds: dict[int, Hold[EncodedRecord]] = {}
         self.releases: dict[int, Release] = {}
+        #: A `prepared` for this replica or a `taken` read before this replica learnt it lost the shard (the
+        #: group's members learn a new assignment at different moments): applied to the release when it starts.
+        self._early: dict[int, Prepared | Taken] = {}
         #: Streams of shards released completely whose window after the cut is still open.
         self._windows: dict[int, Hold[EncodedRecord]] = {}
         self._monotonic = monotonic
@@ -150,9 +153,17 @@ class Handovers:
         for s in shards:
             if s in self.releases or not self.streams.get(s):
                 continue
-            self.releases[s] = Release(s, generation, self.streams[s], self.timeout_s,
-                                       dict(last.get(s, {})), started=now)
+            early = self._early.pop(s, None)
+            if isinstance(early, Taken) and early.generation > generation:
+                self.stats.results["release_preempted"] += 1
+                log.info("handover_release_ended", extra={"shard": s, "result": "release_preempted", "seconds": 0.0,
+                                                          "to": None, "why": f"{early.member} took it over"})
+                continue
+            rel = self.releases[s] = Release(s, generation, self.streams[s], self.timeout_s,
+                                             dict(last.get(s, {})), started=now)
             log.info("handover_releasing", extra={"shard": s, "generation": generation})
+            if isinstance(early, Prepared):  # the new owner was quicker than this replica's own assignment
+                rel.on_prepared(early, now)
 
     def regained(self, shards: Iterable[int]) -> None:
         """Shards assigned back while being released: they are simply kept (still recorded and published here)."""
@@ -260,13 +271,19 @@ class Handovers:
     async def on_message(self, msg: object) -> None:
         if isinstance(msg, Prepared):
             rel = self.releases.get(msg.shard)
-            if rel is not None and msg.source == self.member and msg.member != self.member:
-                rel.on_prepared(msg, self._monotonic())
+            if msg.source == self.member and msg.member != self.member:
+                if rel is not None:
+                    rel.on_prepared(msg, self._monotonic())
+                else:
+                    self._early[msg.shard] = msg
         elif isinstance(msg, Taken):
             rel = self.releases.get(msg.shard)
-            if rel is not None and msg.member != self.member and msg.generation > rel.generation:
-                rel.stop_now()
-                self._end_release(msg.shard, "release_preempted", self._monotonic() - rel.started)
+            if msg.member != self.member:
+                if rel is None:
+                    self._early[msg.shard] = msg
+                elif msg.generation > rel.generation:
+                    rel.stop_now()
+                    self._end_release(msg.shard, "release_preempted", self._monotonic() - rel.started)
         elif isinstance(msg, Released):
             hold = self.holds.get(msg.shard)
             if (hold is not None and msg.to == self.member and msg.member == hold.source

@@ -150,3 +150,27 @@ async def test_the_last_member_stopping_with_every_shard_hands_nothing_over() ->
     assert not h.releasing and channel.sent == [], "nobody to hand to: no release to wait for"
     await h.leave([3], 6, {3: {STREAM: 5}})
     assert h.releasing == {3} and [type(m) for m in channel.sent] == [Leaving]
+
+
+async def test_a_prepared_read_before_the_old_owner_learns_its_loss_still_counts() -> None:
+    """Members learn a new assignment at different moments: the new owner's `prepared` can come first."""
+    h, channel, _, _ = _service()
+    h.member = "old"
+    channel.messages.put_nowait(Prepared(3, "new", 7, "old", {STREAM: 8}, 0))
+    await h.step()
+    h.lost([3], 6, {3: {STREAM: 5}})
+    assert h.filter(3, _trade(7), owned=False) and h.filter(3, _trade(8), owned=False), "up to the cut"
+    assert not h.filter(3, _trade(9), owned=False), "the new owner publishes from here"
+    await h.step()
+    assert [type(m) for m in channel.sent] == [Released] and h.stats.results["released"] == 1
+
+
+async def test_a_taken_read_before_the_old_owner_learns_its_loss_means_no_release() -> None:
+    h, channel, _, _ = _service()
+    h.member = "old"
+    channel.messages.put_nowait(Taken(3, "new", 5, 0))  # a stale one: an older generation than this loss
+    channel.messages.put_nowait(Taken(3, "new", 7, 0))
+    await h.step()
+    h.lost([3], 6, {3: {STREAM: 5}})
+    assert not h.releasing and h.stats.results["release_preempted"] == 1
+    assert not h.filter(3, _trade(6), owned=False), "nothing of it published here any more"
