@@ -628,6 +628,11 @@ class ClusterSettings(_Section):
     position_interval_s: Annotated[float, Field(gt=0)] = Field(
         default=2.0, description="how often the owner writes its acknowledged stream positions to <prefix>positions")
     copies: Annotated[int, Field(ge=1)] = Field(default=1, description="owners per shard; only 1 is implemented")
+    handover_timeout_s: Annotated[float, Field(ge=0, le=300)] = Field(
+        default=20.0, description="longest make-before-break hand-over of a planned move (rolling restart, scale "
+                                  "up or down); past it the move becomes a takeover (gap, backfill); 0: always a "
+                                  "takeover. A stopping dynamic member waits up to twice this long (for the new "
+                                  "owner's prepared record) before its shutdown")
 
     @field_validator("group_id")
     @classmethod

@@ -20,7 +20,7 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import Metric
+from prometheus_client.core import HistogramMetricFamily, Metric
 
 from ingest import __version__
 from ingest.config import Settings, require_cluster, require_subscriptions
@@ -32,6 +32,7 @@ from ingest.errors import IngestError
 from ingest.io.broker import EmbeddedBroker
 from ingest.io.cluster import GroupMembership
 from ingest.io.delivery import Delivery
+from ingest.io.handover import ControlChannel
 from ingest.io.inbox import Inbox
 from ingest.io.kafka import KafkaSink
 from ingest.io.measured import MeasuredSink
@@ -56,6 +57,7 @@ from ingest.runtime import (
 from ingest.services.clock import ClockService
 from ingest.services.cluster import ClusterPositions, FencedOutlet, ShardConnections
 from ingest.services.connections import ConnectionManager, subscription_arg
+from ingest.services.handover import DURATION_BUCKETS, Handovers
 from ingest.services.permissions import require_safe_key
 from ingest.services.pipeline import Pipeline
 from ingest.services.private import PrivateReconciler
@@ -118,6 +120,7 @@ class _Parts:
     membership: GroupMembership | None = None
     positions: ClusterPositions | None = None
     fence: FencedOutlet | None = None
+    handovers: Handovers | None = None
     health: HealthServer | None = None
     state: StreamStateFile | None = None
     extra_tasks: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
@@ -212,6 +215,16 @@ class Daemon:
         if isinstance(p.manager, ShardConnections) and p.membership is not None:
             outlet = p.fence = FencedOutlet(p.delivery, p.manager, p.membership.lease,
                                             topic_name(s.kafka.topic_prefix, TopicKind.GAPS))
+            if s.cluster.handover_timeout_s > 0:
+                channel = ControlChannel(s.kafka, bootstrap_servers=self.bootstrap_servers,
+                                         client_id=f"{s.kafka.client_id}-{member}-handover")
+                await channel.start()
+                p.handovers = Handovers(channel, p.manager.member, p.manager.by_shard, s.cluster.handover_timeout_s,
+                                        topic_name(s.kafka.topic_prefix, TopicKind.GAPS))
+                p.handovers.deliver = p.fence.deliver
+                p.handovers.on_released = p.manager.wake
+                p.handovers.is_live = p.manager.shard_live
+                p.manager.handovers = p.handovers
         p.pipeline = Pipeline(inbox, outlet, encoder, resubscriber=p.manager, reconciler=p.reconciler,
                               shard=replica, publish_raw=s.kafka.publish_raw, max_record_bytes=s.kafka.max_record_bytes,
                               latency=self.ack_latency, book_checkpoint_s=s.okx.book_checkpoint_s)
@@ -278,6 +291,8 @@ class Daemon:
             runtime.spawn("connections", p.manager.run(), essential=True)
             if p.membership is not None:
                 runtime.spawn("membership", p.membership.run(), essential=True)
+            if p.handovers is not None:
+                runtime.spawn("handover", p.handovers.run(), essential=True)
             runtime.spawn("clock", p.clock_service.run())
             if p.reconciler is not None:
                 runtime.spawn("reconciler", p.reconciler.run())
@@ -314,8 +329,17 @@ class Daemon:
         budget = self.settings.journal.close_timeout_s
         ws_budget = self.settings.ws.shutdown_timeout_s + CANCEL_GRACE_S
         # 0. No new assignment starts connections from here on (a static member does not leave the group: a
-        # restart within the session timeout gets its shards back).
+        # restart within the session timeout gets its shards back). A dynamic member leaves, so its shards move
+        # now: it says so on their control partitions first and keeps recording them until they are handed over.
+        leaving = (p.handovers is not None and isinstance(p.manager, ShardConnections)
+                   and not self.settings.cluster.static_membership)
+        if leaving and isinstance(p.manager, ShardConnections):
+            await bounded(p.manager.leave(), budget, what="announcing the hand-over")
         await runtime.stop("membership", MEMBERSHIP_STOP_S)
+        if leaving and p.handovers is not None:
+            # Not shorter than a release: it waits up to twice the timeout for the new owner's `prepared`.
+            await p.handovers.wait_released(2 * self.settings.cluster.handover_timeout_s + 1)
+        await runtime.stop("handover")
         # 1. Sockets: the connection manager closes them after every received frame is in the queue.
         await runtime.stop("connections", ws_budget)
         # The reconciler next: a read it finishes now still reaches the queue before the drain below.
@@ -397,6 +421,8 @@ class Daemon:
             await p.delivery.close()  # idempotent
         if p.positions is not None:
             await p.positions.store.close()
+        if p.handovers is not None:
+            await p.handovers.channel.close()
         if p.rest is not None:
             await p.rest.aclose()
         if p.broker is not None:
@@ -466,6 +492,10 @@ class Daemon:
             owned = p.membership.current
             details["cluster"] = {"member": p.membership.member, "generation": owned.generation if owned else None,
                                   "shards_owned": sorted(owned.shards) if owned else []}
+            if p.handovers is not None:
+                details["cluster"]["handovers"] = {  # type: ignore[index]
+                    "preparing": sorted(p.handovers.holding), "releasing": sorted(p.handovers.releasing),
+                    **p.handovers.stats.results}
             if owned is None:
                 reasons.append("cluster: no shard assignment yet (joining the group)")
         if self.settings.kafka.embedded:
@@ -582,6 +612,22 @@ class Daemon:
             restored = counter("cluster_positions_restored", "Streams continued from another owner's position")
             restored.add_metric([], p.positions.restored)
             out += [written, restored]
+        h = p.handovers
+        if h is not None:
+            results = counter("cluster_handovers", "Planned hand-overs by result: completed / fallback (as the new "
+                              "owner: no released record in time, a takeover), released / release_timeout / "
+                              "release_preempted (as the old owner)", ("result",))
+            for result, n in h.stats.results.items():
+                results.add_metric([result], n)
+            buckets = [(str(b), sum(1 for d in h.stats.durations if d <= b)) for b in DURATION_BUCKETS]
+            duration = HistogramMetricFamily(
+                "okx_ingest_cluster_handover_seconds", "Completed hand-overs, from the new owner's subscriptions "
+                "being live to the old owner's released record", buckets=[*buckets, ("+Inf", len(h.stats.durations))],
+                sum_value=sum(h.stats.durations))
+            in_progress = gauge("cluster_handovers_in_progress", "Shards being handed over, by side", ("side",))
+            in_progress.add_metric(["preparing"], len(h.holds))
+            in_progress.add_metric(["releasing"], len(h.releases))
+            out += [results, duration, in_progress]
         return out
 
     def _connection_metrics(self) -> Iterable[Metric]:

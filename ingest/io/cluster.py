@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -46,6 +46,8 @@ class Assignment:
     generation: int
     shards: frozenset[int]
     resumed: bool = True
+    #: Shards gained from a member still in the group (the leader saw it hold them): taken over by hand-over.
+    handover_from: Mapping[int, str] = field(default_factory=dict)
 
 
 class Lease:
@@ -115,6 +117,8 @@ class ShardAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
         self.member = member
         self.topic = topic
         self.held: frozenset[int] = frozenset()
+        #: From the leader, with the last assignment: shard -> the live member that held it before.
+        self.handover_from: dict[int, str] = {}
         self._lease = lease
 
     def metadata(self, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:
@@ -144,12 +148,19 @@ class ShardAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
         log.info("cluster_plan", extra={"members": {m: len(ss) for m, ss in plan.items()}, "shards": shards})
         out = {member_id: ConsumerProtocolMemberAssignment(self.version, [], b"") for member_id in members}
         for name, ss in plan.items():
+            # A shard moving away from a member that is still here is handed over (make-before-break).
+            moving = {str(s): previous[s] for s in ss if previous.get(s, name) != name}
             out[names[name]] = ConsumerProtocolMemberAssignment(
-                self.version, [ConsumerProtocolMemberAssignment.Assignment(self.topic, list(ss))], b"")
+                self.version, [ConsumerProtocolMemberAssignment.Assignment(self.topic, list(ss))],
+                orjson.dumps({"v": _META_VERSION, "from": moving}))
         return out
 
     def on_assignment(self, assignment: ConsumerProtocolMemberAssignment) -> None:
         self.held = frozenset(p for t, ps in assignment.assignment if t == self.topic for p in ps)
+        info = _member_info(assignment.user_data or b"")
+        moving = info.get("from")
+        self.handover_from = ({int(s): str(m) for s, m in moving.items() if str(s).isdigit()}
+                              if isinstance(moving, dict) else {})
 
 
 def _member_info(data: bytes) -> dict[str, Any]:
@@ -286,7 +297,8 @@ class GroupMembership:
         resumed = not (self.lease.expired_once or (self.current is not None and not self.lease.valid()))
         self.lease.expired_once = False
         self.lease.renew(time.monotonic())  # the join that led here was answered: a member until a session on
-        self.current = Assignment(generation, shards, resumed)
+        hints = {s: m for s, m in self.assignor.handover_from.items() if s in shards and m != self.member}
+        self.current = Assignment(generation, shards, resumed, hints)
         log.info("cluster_assigned", extra={"member": self.member, "generation": generation,
                                             "shards": sorted(shards)})
         await self._on_assignment(self.current)

@@ -19,6 +19,8 @@ from ingest.core.clock import ServerClock
 from ingest.core.cluster import Ownership, StreamPosition, may_publish, shard_of, shard_of_arg, shards_of_args
 from ingest.core.encoded import EncodedRecord
 from ingest.core.events import Inbound
+from ingest.core.handover import unit_of
+from ingest.core.identity import EVENT_KEY_HEADER
 from ingest.credentials import CredentialStore
 from ingest.io.cluster import Assignment, Lease
 from ingest.io.delivery import Delivery
@@ -29,6 +31,7 @@ from ingest.io.ws_limiter import ConnectLimiter
 from ingest.okx.channels import SubArg
 from ingest.runtime import CANCEL_GRACE_S
 from ingest.services.connections import ConnectionManager, ManagerStatus
+from ingest.services.handover import HANDOVER_GAP_REASON, Handovers
 from ingest.services.pipeline import Outlet, Pipeline
 
 log = logging.getLogger(__name__)
@@ -59,12 +62,19 @@ class ShardConnections:
         self._group: asyncio.TaskGroup | None = None
         self._wake = asyncio.Event()
         self._restart_all = False
+        self._hints: dict[int, str] = {}
+        #: Gained shards taken over by hand-over (their positions open a gap a completed hand-over drops).
+        self.prepared_from: dict[int, str] = {}
         #: The generation whose shards the connections last matched (tests and readiness follow it).
         self.applied_generation = -1
         self.owned: frozenset[int] = frozenset()
         self.generation = -1
         self.member = member
         self.ownership: Ownership | None = None
+        #: Make-before-break hand-over of planned moves (None: shards move as takeovers).
+        self.handovers: Handovers | None = None
+        #: Each shard's streams' last published position (the fence keeps it; a release starts from it).
+        self.last_published: dict[int, dict[str, int]] = {}
 
     @property
     def connections(self) -> tuple[Connection, ...]:
@@ -92,6 +102,12 @@ class ShardConnections:
         follow, changes now; the connections follow in `run` (lost shards drained, gained ones started)."""
         if not assignment.resumed:  # the session expired: every shard was someone else's meanwhile
             self._restart_all = True
+        elif self.handovers is not None and self.ownership is not None:
+            # Lost while alive and in good standing: keep recording them until the new owner has them.
+            self.handovers.lost(self.owned - assignment.shards, self.generation, self.last_published)
+        if self.handovers is not None:
+            self.handovers.regained(assignment.shards)
+        self._hints = dict(assignment.handover_from)
         self.owned, self.generation = assignment.shards, assignment.generation
         base = self.ownership if assignment.resumed and self.ownership is not None else None
         self.ownership = (base.advance(assignment.generation, assignment.shards) if base is not None else
@@ -101,7 +117,8 @@ class ShardConnections:
 
     async def _reconcile(self) -> None:
         """Make the running managers those of the shards owned now."""
-        wanted = {s for s in self.owned if self.by_shard.get(s)}
+        releasing = self.handovers.releasing if self.handovers is not None else frozenset()
+        wanted = {s for s in self.owned | releasing if self.by_shard.get(s)}
         running = set(self._tasks)
         keep = set() if self._restart_all else running & wanted
         self._restart_all = False
@@ -109,18 +126,57 @@ class ShardConnections:
         gained = sorted(wanted - keep)
         for shard in lost:
             await self._stop(shard)
+        if gained and self.handovers is not None:
+            self.prepared_from = await self.handovers.gained(gained, self.generation, self._hints)
         if gained:
             # The positions of the streams gained, before their first frame reaches the pipeline.
             await self.on_gain({s: self.by_shard[s] for s in gained})
         for shard in gained:
             if shard in self.owned:  # not lost again while the positions were read
+                if self.handovers is not None:
+                    self.handovers.started(shard)
                 self._start(shard)
         self.applied_generation = self.generation
         log.info("cluster_shards_applied", extra={
             "generation": self.generation, "owned": len(self.owned), "gained": gained, "lost": lost,
             "subscriptions": sum(len(self.by_shard.get(s, ())) for s in self.owned)})
-        if set(self._tasks) != {s for s in self.owned if self.by_shard.get(s)}:
+        releasing = self.handovers.releasing if self.handovers is not None else frozenset()
+        if set(self._tasks) != {s for s in self.owned | releasing if self.by_shard.get(s)}:
             self._wake.set()  # the assignment changed meanwhile
+
+    @property
+    def recording(self) -> frozenset[int]:
+        """Owned shards whose connections run here: a shard just assigned is not one until its positions were
+        restored and its connections started (until then this replica's state of its streams is stale)."""
+        return self.owned & frozenset(self._tasks)
+
+    def shard_live(self, shard: int) -> bool:
+        """Whether every connection of a shard is live (its subscriptions acknowledged)."""
+        manager = self._managers.get(shard)
+        if manager is None:
+            return False
+        status = manager.status()
+        return bool(status.connections) and status.live == len(status.connections)
+
+    def wake(self, shard: int | None = None) -> None:
+        """Reconcile again (a release ended: its shard's connections close)."""
+        self._wake.set()
+
+    async def leave(self) -> None:
+        """A clean stop of a dynamic member: own nothing from now on and release every shard (the positions
+        are no longer written for them; the fence lets them through while they are released). The last member
+        (owning every shard) has nobody to hand to and keeps them to the end."""
+        if self.handovers is None or self.ownership is None:
+            return
+        owned = self.owned
+        if owned >= frozenset(range(self.shards)):
+            # The last member: nobody to hand to. It keeps owning every shard until its connections close, so
+            # what they still deliver is published and the stop writes their positions (for the next start).
+            await self.handovers.leave(owned, self.generation, self.last_published, everything=True)
+            return
+        self.owned = frozenset()
+        self.ownership = Ownership(self.member, self.generation, {})
+        await self.handovers.leave(owned, self.generation, self.last_published)
 
     def _start(self, shard: int) -> None:
         args = self.by_shard.get(shard)
@@ -184,7 +240,11 @@ class ClusterPositions:
 
     async def save(self) -> int:
         """Write the acknowledged positions of the streams of the shards owned now; how many were written."""
-        generation, owned = self.shards.generation, self.shards.owned
+        # Not `owned`: a shard assigned a moment ago still has this replica's stale positions (from when it was
+        # here before), and writing them would overwrite its last owner's, which its restore is about to read.
+        generation, owned = self.shards.generation, self.shards.recording
+        if self.shards.handovers is not None:  # held records are not on the topic: neither are their positions
+            owned = owned - self.shards.handovers.holding
         await self.pipeline.between_batches()
         if self.fence is not None:
             # The pipeline's positions include what the fence holds for a lapsed lease: handed to delivery
@@ -215,10 +275,12 @@ class ClusterPositions:
             return
         args = [a for s in gained.values() for a in s]
         wanted = set(args)
+        prepared = {a for s, sargs in gained.items() if s in self.shards.prepared_from for a in sargs}
         restored = 0
         for arg, p in positions.items():
             if arg in wanted:
-                restored += self.pipeline.restore(SavedState(p.saved_ts_ns, (p.checkpoint,)), args)
+                reason = HANDOVER_GAP_REASON if arg in prepared else "the recorder was not running"
+                restored += self.pipeline.restore(SavedState(p.saved_ts_ns, (p.checkpoint,)), args, reason=reason)
         self.restored += restored
         log.info("positions_restored", extra={"shards": sorted(gained), "streams": restored,
                                               "from": sorted({p.member for a, p in positions.items()
@@ -227,6 +289,16 @@ class ClusterPositions:
 
 #: Connection ids in cluster mode start with their shard (`s17-public-0#...`, see ShardConnections._start).
 _CONN_SHARD = re.compile(rb"^s([0-9]+)-[^#]*#")
+
+
+def _note_last(last: dict[int, dict[str, int]], shard: int, rec: EncodedRecord) -> None:
+    """Remember the stream's last published position (where a release of its shard starts from)."""
+    for name, value in rec.headers:
+        if name == EVENT_KEY_HEADER:
+            unit = unit_of(value.decode(errors="replace"))
+            if unit is not None and unit[1] is not None:
+                last.setdefault(shard, {})[unit[0]] = unit[1]
+            return
 
 
 def record_shard(record: EncodedRecord, gaps_topic: str, shards: int) -> int | None:
@@ -250,9 +322,10 @@ Headers = tuple[tuple[str, bytes], ...]
 
 class FencedOutlet:
     """In front of delivery in cluster mode: a record goes on only while this replica's lease holds and it owns
-    the record's shard; it then carries `owner`, `generation` and `shard` headers. Records of shards that moved
-    are dropped and counted (`fenced`): a replica woken from a pause past its session publishes nothing for
-    shards that moved, even before its next heartbeat tells it so.
+    the record's shard (or a hand-over of the shard lets it through, services/handover.py); it then carries
+    `owner`, `generation` and `shard` headers. Records of shards that moved are dropped and counted (`fenced`):
+    a replica woken from a pause past its session publishes nothing for shards that moved, even before its next
+    heartbeat tells it so.
 
     While the lease is expired but the assignment still names the shard, records are held, not dropped: the
     broker may still count this member (a heartbeat late by less than the 10% margin of the lease, a broker
@@ -278,14 +351,14 @@ class FencedOutlet:
         self._member = shards.member.encode()
         self._by_key: dict[bytes, int | None] = {}
         self._by_gap_key: dict[bytes, int | None] = {}
-        # Derived from one Ownership (rebuilt when the assignment changes): shards publishable now, and the
-        # header tail of each (None: records that name no shard).
+        # Derived from one Ownership (rebuilt when the assignment changes): the header tail of each shard
+        # publishable now (None: records that name no shard).
         self._own: Ownership | None = None
         self._tails: dict[int | None, Headers] = {}
 
     @property
     def held(self) -> int:
-        """Records held for an expired lease (the positions are not saved while any are)."""
+        """Records held for an expired lease (no position is saved while any are)."""
         return len(self._held)
 
     def _shard(self, rec: EncodedRecord) -> int | None:
@@ -305,45 +378,91 @@ class FencedOutlet:
     def _tails_for(self, own: Ownership) -> dict[int | None, Headers]:
         if own is not self._own:
             self._own = own
-            gen = str(own.generation).encode()
-            base = (("owner", self._member), ("generation", gen))
+            base = (("owner", self._member), ("generation", str(own.generation).encode()))
             self._tails = {None: base}
             for shard in own.since:
                 if may_publish(own, own.member, own.generation, shard):
                     self._tails[shard] = (*base, ("shard", str(shard).encode()))
         return self._tails
 
+    def _stamp(self, generation: int, shard: int | None) -> Headers:
+        tail: Headers = (("owner", self._member), ("generation", str(generation).encode()))
+        return tail if shard is None else (*tail, ("shard", str(shard).encode()))
+
     async def put_many(self, records: Sequence[EncodedRecord]) -> None:
+        handovers = self.shards.handovers
+        if handovers is None:
+            await self._put(records, None)
+            return
+        async with handovers.lock:  # records a completed hand-over releases go out before later ones
+            await self._put(records, handovers)
+
+    async def _put(self, records: Sequence[EncodedRecord], handovers: Handovers | None) -> None:
         own = self.shards.ownership
         if own is None:
             self._drop(len(records), "no assignment")
             return
-        if not self.lease.valid():
+        valid = self.lease.valid()
+        if not valid and (handovers is None or not handovers.releases):
             self._hold(own, records)
             return
-        out: list[EncodedRecord] = self._release(own) if self._held else []
-        tails = self._tails_for(own)
+        out: list[EncodedRecord] = self._release(own) if valid and self._held else []
+        tails = self._tails_for(own) if valid else {}
         shard_of_record = self._shard
+        last = self.shards.last_published if handovers is not None else None
+        hold: list[EncodedRecord] = []
         dropped = 0
         for rec in records:
-            tail = tails.get(shard_of_record(rec))
-            if tail is None:
-                dropped += 1
+            shard = shard_of_record(rec)
+            tail = tails.get(shard)
+            if shard is not None and handovers is not None and handovers.involved(shard):
+                if not handovers.filter(shard, rec, tail is not None):
+                    continue
+                if tail is None:
+                    tail = self._stamp(own.generation, shard)
+            elif tail is None:
+                if not valid and (shard is None or shard in own.since):
+                    hold.append(rec)  # the lease lapsed while a hand-over releases: held like the rest
+                else:
+                    dropped += 1
                 continue
+            if last is not None and shard is not None:
+                _note_last(last, shard, rec)
             out.append(EncodedRecord(rec.topic, rec.key, rec.value, rec.headers + tail, rec.ts_ms))
         if dropped:
             self._drop(dropped, "shard not owned")
+        if hold:
+            self._hold(own, hold)
         if out:
             await self.delivery.put_many(out)
+
+    async def deliver(self, records: Sequence[EncodedRecord]) -> None:
+        """Records a hand-over releases from its hold (already decided: stamped and delivered)."""
+        own = self.shards.ownership
+        generation = own.generation if own is not None else -1
+        out = []
+        for rec in records:
+            shard = self._shard(rec)
+            if shard is not None:
+                _note_last(self.shards.last_published, shard, rec)
+            out.append(EncodedRecord(rec.topic, rec.key, rec.value, rec.headers + self._stamp(generation, shard),
+                                     rec.ts_ms))
+        await self.delivery.put_many(out)
 
     async def release_held(self) -> None:
         """Publish (or drop, see the class) what was held, once the lease is valid again: called between
         batches by the positions' timer, so a quiet stream's held records do not wait for its next record."""
         own = self.shards.ownership
-        if self._held and own is not None and self.lease.valid():
+        if not self._held or own is None or not self.lease.valid():
+            return
+        handovers = self.shards.handovers
+        if handovers is None:
             out = self._release(own)
-            if out:
-                await self.delivery.put_many(out)
+        else:
+            async with handovers.lock:
+                out = self._release(own)
+        if out:
+            await self.delivery.put_many(out)
 
     def _hold(self, own: Ownership, records: Sequence[EncodedRecord]) -> None:
         gen = own.generation
@@ -371,14 +490,15 @@ class FencedOutlet:
         """The held records the current ownership still allows, stamped with the generation they were made in."""
         out: list[EncodedRecord] = []
         dropped = 0
+        last = self.shards.last_published if self.shards.handovers is not None else None
         for rec, gen, shard in self._held:
             if shard is not None and not may_publish(own, own.member, gen, shard):
                 dropped += 1
                 continue
-            tail: Headers = (("owner", self._member), ("generation", str(gen).encode()))
-            if shard is not None:
-                tail = (*tail, ("shard", str(shard).encode()))
-            out.append(EncodedRecord(rec.topic, rec.key, rec.value, rec.headers + tail, rec.ts_ms))
+            if last is not None and shard is not None:
+                _note_last(last, shard, rec)
+            out.append(EncodedRecord(rec.topic, rec.key, rec.value, rec.headers + self._stamp(gen, shard),
+                                     rec.ts_ms))
         log.info("cluster_hold_released", extra={"published": len(out), "dropped": dropped})
         self._held, self._held_bytes, self._hold_logged = [], 0, False
         self._drop(dropped, "held through an expired lease; the shard moved meanwhile")

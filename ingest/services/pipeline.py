@@ -358,7 +358,8 @@ class Pipeline:
         """Every stream's position and open gap, and when private data last arrived (for `restore`)."""
         return self._gaps.checkpoint(), max(self._private_last_ns.values(), default=None)
 
-    def restore(self, state: SavedState, args: Iterable[SubArg]) -> int:
+    def restore(self, state: SavedState, args: Iterable[SubArg], *, reason: str = "the recorder was not running"
+                ) -> int:
         """Continue where a previous process stopped: each stream still subscribed gets its last position and
         an open gap for the time nobody recorded it (closed by its first record, or filled by the private REST
         reconciliation). Returns how many streams were restored."""
@@ -366,7 +367,7 @@ class Pipeline:
         restored = 0
         for cp in state.streams:
             if cp.arg in wanted:
-                self._gaps.restore(cp, state.saved_ts_ns, "the recorder was not running")
+                self._gaps.restore(cp, state.saved_ts_ns, reason)
                 restored += 1
         if state.private_last_ns is not None:
             # The first private REST read reaches back to the last private frame the previous process saw.

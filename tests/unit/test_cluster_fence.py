@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import orjson
@@ -17,6 +17,7 @@ from ingest.io.cluster import Assignment, Lease, ShardAssignor
 from ingest.io.delivery import DeliveryStats
 from ingest.okx.channels import SubArg
 from ingest.services.cluster import ClusterPositions, FencedOutlet, ShardConnections, record_shard
+from ingest.services.handover import Handovers
 
 SHARDS = 8
 GAPS = "p.gaps"
@@ -229,17 +230,100 @@ async def test_no_position_is_saved_past_records_still_held_for_a_lapsed_lease()
     arg = SubArg("trades", "BTC-USDT")
     shard = shard_of("BTC-USDT", SHARDS)
     queue: asyncio.Queue[Inbound] = asyncio.Queue()
-    shards = ShardConnections(OkxSettings(instruments=[]), WsSettings(), queue, [arg], SHARDS, member="r0")
+    okx = OkxSettings(instruments=["BTC-USDT"], ws_base_url="ws://127.0.0.1:9")  # nothing listens there
+    shards = ShardConnections(okx, WsSettings(), queue, [arg], SHARDS, member="r0")
     clock = _Clock()
     lease = Lease(9.0, monotonic=clock)
     delivery, store = _Delivery(), _Store()
     fence = FencedOutlet(delivery, shards, lease, GAPS)
     positions = ClusterPositions(cast(Any, _Pipeline(arg)), cast(Any, delivery), cast(Any, store), shards, "r0",
                                  2.0, lease, fence=fence)
-    await shards.apply(Assignment(4, frozenset({shard})))
-    clock.now += 30  # never renewed: expired
-    await fence.put_many([_trade("BTC-USDT")])
-    assert await positions.save() == 0 and store.saved == [] and delivery.handed == []
+    gained = asyncio.Event()
+
+    async def restore(_: Mapping[int, Sequence[SubArg]]) -> None:
+        gained.set()  # its connections start as this returns
+
+    shards.on_gain = restore
+    runner = asyncio.create_task(shards.run())
+    try:
+        await shards.apply(Assignment(4, frozenset({shard})))
+        await gained.wait()
+        assert shards.recording == {shard}
+        clock.now += 30  # never renewed: expired
+        await fence.put_many([_trade("BTC-USDT")])
+        assert await positions.save() == 0 and store.saved == [] and delivery.handed == []
+        lease.renew(clock.now)
+        assert await positions.save() == 1, "renewed: the held record goes out first, then the position is saved"
+        assert [r.key for r in delivery.handed] == [b"BTC-USDT"] and store.saved[0].shard == shard
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_a_shard_just_assigned_is_not_recorded_here_until_its_positions_were_restored() -> None:
+    """Its positions are not written from this replica's stale state over its last owner's (which the restore
+    is reading): the positions writer follows `recording`, not the assignment."""
+    queue: asyncio.Queue[Inbound] = asyncio.Queue()
+    first = "BTC-USDT"
+    second = next(f"I{i}" for i in range(100) if shard_of(f"I{i}", SHARDS) != shard_of(first, SHARDS))
+    a, b = shard_of(first, SHARDS), shard_of(second, SHARDS)
+    okx = OkxSettings(instruments=[first, second], ws_base_url="ws://127.0.0.1:9")  # nothing listens there
+    args = [SubArg("trades-all", inst_id=first), SubArg("trades-all", inst_id=second)]
+    shards = ShardConnections(okx, WsSettings(), queue, args, SHARDS, member="r0")
+    during: list[tuple[frozenset[int], frozenset[int]]] = []
+    called = asyncio.Queue[None]()
+    restored = asyncio.Event()
+
+    async def restore(gained: Mapping[int, Sequence[SubArg]]) -> None:
+        during.append((frozenset(gained), shards.recording))
+        called.put_nowait(None)
+        await restored.wait()
+
+    shards.on_gain = restore
+    runner = asyncio.create_task(shards.run())
+    try:
+        await shards.apply(Assignment(1, frozenset({a})))
+        await called.get()
+        assert shards.owned == {a} and during == [(frozenset({a}), frozenset())], "assigned, restoring"
+        restored.set()
+        await shards.apply(Assignment(2, frozenset({a, b})))
+        await called.get()  # the round of generation 1 ended before this one's restore
+        assert during[1] == (frozenset({b}), frozenset({a})), "started: recorded here"
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
+class _Channel:
+    """A control topic that only records what is written."""
+
+    def __init__(self) -> None:
+        self.sent: list[object] = []
+        self.messages: asyncio.Queue[object] = asyncio.Queue()
+        self.latest: dict[int, object] = {}
+
+    async def send(self, msg: object) -> None:
+        self.sent.append(msg)
+
+
+async def test_the_last_member_stopping_keeps_publishing_every_shard_until_its_connections_close() -> None:
+    """Nobody to hand to: no release, no `leaving`, and what its connections still deliver is published."""
+    queue: asyncio.Queue[Inbound] = asyncio.Queue()
+    shards = ShardConnections(OkxSettings(instruments=[]), WsSettings(), queue, [], SHARDS, member="r0")
+    channel = _Channel()
+    by_shard = {s: [SubArg("trades-all", inst_id=f"I{s}")] for s in range(SHARDS)}
+    shards.handovers = Handovers(channel, "r0", by_shard, 10.0, GAPS)  # type: ignore[arg-type]
+    clock = _Clock()
+    lease = Lease(9.0, monotonic=clock)
+    capture = _Capture()
+    outlet = FencedOutlet(capture, shards, lease, GAPS)
+    await shards.apply(Assignment(3, frozenset(range(SHARDS))))
     lease.renew(clock.now)
-    assert await positions.save() == 1, "renewed: the held record goes out first, then the position is saved"
-    assert [r.key for r in delivery.handed] == [b"BTC-USDT"] and store.saved[0].shard == shard
+    await shards.leave()
+    assert channel.sent == [] and not shards.handovers.releasing
+    await outlet.put_many([_trade("BTC-USDT")])
+    assert [r.key for r in capture.records] == [b"BTC-USDT"] and outlet.fenced == 0
+    await shards.apply(Assignment(4, frozenset(range(SHARDS - 1))))  # a member joined: shard 7 moves to it
+    await shards.leave()
+    assert shards.owned == frozenset() and shards.handovers.releasing == frozenset(range(SHARDS)), \
+        "not the last member: it hands every shard over"
