@@ -44,6 +44,7 @@ from ingest.core.records import TopicKind, topic_name
 from ingest.io.broker import EmbeddedBroker
 from ingest.io.cluster import GroupMembership
 from ingest.io.delivery import Delivery
+from ingest.io.handover import ControlChannel
 from ingest.io.inbox import Inbox
 from ingest.io.kafka import KafkaSink
 from ingest.io.measured import MeasuredSink
@@ -53,6 +54,7 @@ from ingest.obs.metrics import AckLatency
 from ingest.okx.channels import SubArg
 from ingest.services.cluster import ClusterPositions, FencedOutlet, ShardConnections
 from ingest.services.connections import ConnectionManager
+from ingest.services.handover import Handovers
 from ingest.services.pipeline import Pipeline
 from ingest.supervisor import INBOX_SIZE, all_topics, wanted_args
 
@@ -271,6 +273,8 @@ class Recorder:
         await self.delivery.close()
         if self.positions is not None:
             await self.positions.close()
+        if isinstance(self.manager, ShardConnections) and self.manager.handovers is not None:
+            await self.manager.handovers.channel.close()
 
 
 async def start_recorder(ws_base: str, bootstrap: str, insts: Sequence[str], journal: Path,
@@ -306,6 +310,15 @@ async def start_recorder(ws_base: str, bootstrap: str, insts: Sequence[str], jou
                                      bootstrap_servers=bootstrap)
         await membership.ensure_topic()
         outlet = FencedOutlet(delivery, manager, membership.lease, topic_name(prefix, TopicKind.GAPS))
+        # The hand-overs of planned moves, as the supervisor wires them (on by default: cluster.handover_timeout_s).
+        channel = ControlChannel(settings.kafka, bootstrap_servers=bootstrap)
+        await channel.start()
+        handovers = Handovers(channel, manager.member, manager.by_shard, settings.cluster.handover_timeout_s,
+                              topic_name(prefix, TopicKind.GAPS))
+        handovers.deliver = outlet.deliver
+        handovers.on_released = manager.wake
+        handovers.is_live = manager.shard_live
+        manager.handovers = handovers
     pipeline = TimingPipeline(inbox, outlet, RecordEncoder(prefix), resubscriber=manager,
                               publish_raw=publish_raw, latency=latency)
     pipeline.recv_ns = sink.recv_ns
@@ -318,6 +331,8 @@ async def start_recorder(ws_base: str, bootstrap: str, insts: Sequence[str], jou
                                      settings.cluster.position_interval_s, membership.lease,
                                      fence=outlet if isinstance(outlet, FencedOutlet) else None)
         tasks += [asyncio.create_task(membership.run()), asyncio.create_task(positions.run())]
+        if manager.handovers is not None:
+            tasks.append(asyncio.create_task(manager.handovers.run()))
         async with asyncio.timeout(120):  # Tansu: a join takes about 3 s
             await membership.assigned.wait()
     return Recorder(manager, pipeline, delivery, sink, tasks, membership, store)

@@ -293,12 +293,47 @@ _CONN_SHARD = re.compile(rb"^s([0-9]+)-[^#]*#")
 
 def _note_last(last: dict[int, dict[str, int]], shard: int, rec: EncodedRecord) -> None:
     """Remember the stream's last published position (where a release of its shard starts from)."""
-    for name, value in rec.headers:
+    key = _event_key(rec.headers)
+    if key is not None:
+        _note_unit(last, shard, key)
+
+
+def _note_unit(last: dict[int, dict[str, int]], shard: int, key: bytes) -> bool:
+    unit = unit_of(key.decode(errors="replace"))
+    if unit is not None and unit[1] is not None:
+        last.setdefault(shard, {})[unit[0]] = unit[1]
+        return True
+    return False
+
+
+def _event_key(headers: Headers) -> bytes | None:
+    """The `event_key` header: fourth where the encoder puts it (schema, record_id, source, event_key)."""
+    if len(headers) > 3 and headers[3][0] == EVENT_KEY_HEADER:
+        return headers[3][1]
+    for name, value in headers:
         if name == EVENT_KEY_HEADER:
-            unit = unit_of(value.decode(errors="replace"))
-            if unit is not None and unit[1] is not None:
-                last.setdefault(shard, {})[unit[0]] = unit[1]
-            return
+            return value
+    return None
+
+
+def _note_batch(last: dict[int, dict[str, int]], published: Sequence[tuple[int, EncodedRecord]]) -> None:
+    """`_note_last` of every record, parsing only each stream's last event key of the batch (records of one
+    stream are in order, so the last with a position is the one that counts)."""
+    latest: dict[tuple[int, bytes], bytes] = {}
+    for shard, rec in published:
+        key = _event_key(rec.headers)
+        if key is not None:
+            latest[shard, key[:key.find(b":", key.find(b":") + 1)]] = key
+    todo = {slot for slot, key in latest.items() if not _note_unit(last, slot[0], key)}
+    if todo:  # its last record has no position (a book without seqId): the last one that has
+        for shard, rec in reversed(published):
+            key = _event_key(rec.headers)
+            if key is not None:
+                slot = (shard, key[:key.find(b":", key.find(b":") + 1)])
+                if slot in todo and _note_unit(last, shard, key):
+                    todo.discard(slot)
+                    if not todo:
+                        return
 
 
 def record_shard(record: EncodedRecord, gaps_topic: str, shards: int) -> int | None:
@@ -409,7 +444,7 @@ class FencedOutlet:
         out: list[EncodedRecord] = self._release(own) if valid and self._held else []
         tails = self._tails_for(own) if valid else {}
         shard_of_record = self._shard
-        last = self.shards.last_published if handovers is not None else None
+        noted: list[tuple[int, EncodedRecord]] | None = [] if handovers is not None else None
         hold: list[EncodedRecord] = []
         dropped = 0
         for rec in records:
@@ -426,9 +461,11 @@ class FencedOutlet:
                 else:
                     dropped += 1
                 continue
-            if last is not None and shard is not None:
-                _note_last(last, shard, rec)
+            if noted is not None and shard is not None:
+                noted.append((shard, rec))
             out.append(EncodedRecord(rec.topic, rec.key, rec.value, rec.headers + tail, rec.ts_ms))
+        if noted:
+            _note_batch(self.shards.last_published, noted)
         if dropped:
             self._drop(dropped, "shard not owned")
         if hold:

@@ -7,6 +7,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 import orjson
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ingest.config import OkxSettings, WsSettings
 from ingest.core.cluster import StreamPosition, shard_of
@@ -327,3 +329,21 @@ async def test_the_last_member_stopping_keeps_publishing_every_shard_until_its_c
     await shards.leave()
     assert shards.owned == frozenset() and shards.handovers.releasing == frozenset(range(SHARDS)), \
         "not the last member: it hands every shard over"
+
+
+@given(st.lists(st.tuples(st.sampled_from([1, 2]), st.sampled_from(["trades-all:A", "trades-all:B", "books:A"]),
+                          st.one_of(st.integers(-3, 50), st.just("x"))), max_size=30))
+def test_a_batch_notes_the_same_last_positions_as_its_records_one_by_one(rows: list[tuple[int, str, object]]) -> None:
+    """The fence parses only each stream's last event key of a batch: the positions a release starts from must
+    be those of noting every record (a last record without a position leaves the one before it)."""
+    from ingest.services.cluster import _note_batch, _note_last
+
+    batch = [(shard, EncodedRecord("p.t", b"k", b"v", (("schema", b"s"), ("record_id", b"r"), ("source", b"ws"),
+                                                       ("event_key", f"{stream}:{n}".encode()))))
+             for shard, stream, n in rows]
+    one_by_one: dict[int, dict[str, int]] = {}
+    for shard, rec in batch:
+        _note_last(one_by_one, shard, rec)
+    batched: dict[int, dict[str, int]] = {}
+    _note_batch(batched, batch)
+    assert batched == one_by_one
