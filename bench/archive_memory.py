@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.archive_bench import DAY, publish
@@ -114,8 +115,7 @@ class Sampler:
             await asyncio.sleep(self.every_s)  # sampling period, not synchronisation
 
 
-async def until(predicate: object, what: str, timeout_s: float, proc: subprocess.Popen[bytes]) -> None:
-    assert callable(predicate)
+async def until(predicate: Callable[[], bool], what: str, timeout_s: float, proc: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if proc.poll() is not None:

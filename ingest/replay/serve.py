@@ -114,16 +114,12 @@ class ReplayServer:
         self._args: set[SubArg] = set()
         self._source: Iterator[Item] = iter(())
         self._ahead: list[Item] = []
-        #: Whether the first chunk read held the whole window (then `first_items` counts all of it).
+        #: Items of the first chunk (read before the first client), and whether it held the whole window.
+        self.first_items = 0
         self.whole_window_read = False
 
     #: Items read (and held) at a time.
     READ_AHEAD = 10_000
-
-    @property
-    def first_items(self) -> int:
-        """Items of the first chunk: the whole window's when `whole_window_read`."""
-        return len(self._ahead)
 
     def _read_chunk(self) -> list[Item]:
         out: list[Item] = []
@@ -163,7 +159,8 @@ class ReplayServer:
         # mid-session (a corrupt file further on ends the player, which `wait` reports).
         self._source = iter(self._items)
         self._ahead = await asyncio.to_thread(self._read_chunk)
-        self.whole_window_read = len(self._ahead) < self.READ_AHEAD
+        self.first_items = len(self._ahead)
+        self.whole_window_read = self.first_items < self.READ_AHEAD
         self._args = {_arg(i) for i in self._ahead if isinstance(i, OkxRecord)}
         app = web.Application()
         for endpoint in _SERVED:

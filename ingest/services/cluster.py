@@ -291,13 +291,6 @@ class ClusterPositions:
 _CONN_SHARD = re.compile(rb"^s([0-9]+)-[^#]*#")
 
 
-def _note_last(last: dict[int, dict[str, int]], shard: int, rec: EncodedRecord) -> None:
-    """Remember the stream's last published position (where a release of its shard starts from)."""
-    key = _event_key(rec.headers)
-    if key is not None:
-        _note_unit(last, shard, key)
-
-
 def _note_unit(last: dict[int, dict[str, int]], shard: int, key: bytes) -> bool:
     unit = unit_of(key.decode(errors="replace"))
     if unit is not None and unit[1] is not None:
@@ -316,20 +309,26 @@ def _event_key(headers: Headers) -> bytes | None:
     return None
 
 
+def _stream_prefix(event_key: bytes) -> bytes:
+    """`channel:instId` of an event key, as bytes (what `unit_of` calls the stream)."""
+    return event_key[:event_key.find(b":", event_key.find(b":") + 1)]
+
+
 def _note_batch(last: dict[int, dict[str, int]], published: Sequence[tuple[int, EncodedRecord]]) -> None:
-    """`_note_last` of every record, parsing only each stream's last event key of the batch (records of one
-    stream are in order, so the last with a position is the one that counts)."""
+    """Remember each stream's last published position (where a release of its shard starts from), parsing
+    only each stream's last event key of the batch (records of one stream are in order, so the last with a
+    position is the one that counts)."""
     latest: dict[tuple[int, bytes], bytes] = {}
     for shard, rec in published:
         key = _event_key(rec.headers)
         if key is not None:
-            latest[shard, key[:key.find(b":", key.find(b":") + 1)]] = key
+            latest[shard, _stream_prefix(key)] = key
     todo = {slot for slot, key in latest.items() if not _note_unit(last, slot[0], key)}
     if todo:  # its last record has no position (a book without seqId): the last one that has
         for shard, rec in reversed(published):
             key = _event_key(rec.headers)
             if key is not None:
-                slot = (shard, key[:key.find(b":", key.find(b":") + 1)])
+                slot = (shard, _stream_prefix(key))
                 if slot in todo and _note_unit(last, shard, key):
                     todo.discard(slot)
                     if not todo:
@@ -413,11 +412,9 @@ class FencedOutlet:
     def _tails_for(self, own: Ownership) -> dict[int | None, Headers]:
         if own is not self._own:
             self._own = own
-            base = (("owner", self._member), ("generation", str(own.generation).encode()))
-            self._tails = {None: base}
-            for shard in own.since:
-                if may_publish(own, own.member, own.generation, shard):
-                    self._tails[shard] = (*base, ("shard", str(shard).encode()))
+            gen = own.generation
+            self._tails = {None: self._stamp(gen, None)}
+            self._tails.update((s, self._stamp(gen, s)) for s in own.since if may_publish(own, own.member, gen, s))
         return self._tails
 
     def _stamp(self, generation: int, shard: int | None) -> Headers:
@@ -478,12 +475,14 @@ class FencedOutlet:
         own = self.shards.ownership
         generation = own.generation if own is not None else -1
         out = []
+        noted: list[tuple[int, EncodedRecord]] = []
         for rec in records:
             shard = self._shard(rec)
             if shard is not None:
-                _note_last(self.shards.last_published, shard, rec)
+                noted.append((shard, rec))
             out.append(EncodedRecord(rec.topic, rec.key, rec.value, rec.headers + self._stamp(generation, shard),
                                      rec.ts_ms))
+        _note_batch(self.shards.last_published, noted)
         await self.delivery.put_many(out)
 
     async def release_held(self) -> None:
@@ -527,15 +526,17 @@ class FencedOutlet:
         """The held records the current ownership still allows, stamped with the generation they were made in."""
         out: list[EncodedRecord] = []
         dropped = 0
-        last = self.shards.last_published if self.shards.handovers is not None else None
+        noted: list[tuple[int, EncodedRecord]] = []
         for rec, gen, shard in self._held:
             if shard is not None and not may_publish(own, own.member, gen, shard):
                 dropped += 1
                 continue
-            if last is not None and shard is not None:
-                _note_last(last, shard, rec)
+            if shard is not None:
+                noted.append((shard, rec))
             out.append(EncodedRecord(rec.topic, rec.key, rec.value, rec.headers + self._stamp(gen, shard),
                                      rec.ts_ms))
+        if self.shards.handovers is not None:
+            _note_batch(self.shards.last_published, noted)
         log.info("cluster_hold_released", extra={"published": len(out), "dropped": dropped})
         self._held, self._held_bytes, self._hold_logged = [], 0, False
         self._drop(dropped, "held through an expired lease; the shard moved meanwhile")

@@ -336,7 +336,13 @@ async def test_the_last_member_stopping_keeps_publishing_every_shard_until_its_c
 def test_a_batch_notes_the_same_last_positions_as_its_records_one_by_one(rows: list[tuple[int, str, object]]) -> None:
     """The fence parses only each stream's last event key of a batch: the positions a release starts from must
     be those of noting every record (a last record without a position leaves the one before it)."""
-    from ingest.services.cluster import _note_batch, _note_last
+    from ingest.services.cluster import _event_key, _note_batch, _note_unit
+
+    def _note_last(last: dict[int, dict[str, int]], shard: int, rec: EncodedRecord) -> None:
+        """The rule, one record at a time: its stream's position, when its event key has one."""
+        key = _event_key(rec.headers)
+        if key is not None:
+            _note_unit(last, shard, key)
 
     batch = [(shard, EncodedRecord("p.t", b"k", b"v", (("schema", b"s"), ("record_id", b"r"), ("source", b"ws"),
                                                        ("event_key", f"{stream}:{n}".encode()))))
