@@ -627,7 +627,16 @@ class ClusterSettings(_Section):
                                   "moves shards; for brokers that mishandle static members, see docs/CLUSTER.md)")
     position_interval_s: Annotated[float, Field(gt=0)] = Field(
         default=2.0, description="how often the owner writes its acknowledged stream positions to <prefix>positions")
-    copies: Annotated[int, Field(ge=1)] = Field(default=1, description="owners per shard; only 1 is implemented")
+    copies: Annotated[int, Field(ge=1, le=4)] = Field(
+        default=1, description="replicas recording every shard at once (A/B feeds): the replicas split into this "
+                               "many groups, one per copy, each recording every shard; a gap event is raised only "
+                               "for what no other copy recorded (docs/CLUSTER.md, \"Copies\")")
+    copy_index: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="which copy this replica records (0 .. copies-1); default: the number that ends "
+                                  "the replica's name modulo copies (okx-ingest-3 -> copy 1 of 2)")
+    copy_gap_wait_s: Annotated[float, Field(gt=0, le=300)] = Field(
+        default=10.0, description="with copies > 1: how long a gap waits for another copy's positions to show it "
+                                  "recorded the gap's window (then the gap is dropped) before it is published")
     handover_timeout_s: Annotated[float, Field(ge=0, le=300)] = Field(
         default=20.0, description="longest make-before-break hand-over of a planned move (rolling restart, scale "
                                   "up or down); past it the move becomes a takeover (gap, backfill); 0: always a "
@@ -649,12 +658,12 @@ class ClusterSettings(_Section):
                              "(e.g. the pod name okx-ingest-0)")
         return v
 
-    @field_validator("copies")
-    @classmethod
-    def _one_copy(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError(f"copies = {v} is not implemented yet{_FIX_SEP}use copies = 1 (one owner per shard)")
-        return v
+    @model_validator(mode="after")
+    def _copy_in_range(self) -> ClusterSettings:
+        if self.copy_index is not None and self.copy_index >= self.copies:
+            raise ValueError(f"copy_index = {self.copy_index} is not below copies = {self.copies}{_FIX_SEP}set "
+                             f"copy_index to 0 .. {self.copies - 1}, or remove it (the replica's name decides)")
+        return self
 
     @model_validator(mode="after")
     def _heartbeat_inside_session(self) -> ClusterSettings:
@@ -665,6 +674,29 @@ class ClusterSettings(_Section):
     @property
     def enabled(self) -> bool:
         return self.group_id is not None
+
+    def copy_of(self, member: str) -> int:
+        """The copy this replica records: `copy_index`, else the number its name ends with modulo `copies` (StatefulSet
+        ordinals alternate between copies, so a scale-up adds to both); ConfigError for a name without one."""
+        if self.copies == 1:
+            return 0
+        if self.copy_index is not None:
+            return self.copy_index
+        m = re.search(r"([0-9]+)$", member)
+        if m is None:
+            raise ConfigError("cluster.copy_index", f"copies = {self.copies} and the replica name {member!r} does "
+                              "not end with a number",
+                              "set OKX_INGEST__CLUSTER__COPY_INDEX (0 .. copies-1) for each replica")
+        return int(m.group(1)) % self.copies
+
+    def group_of(self, copy: int) -> str:
+        """The consumer group of one copy: `group_id` itself with one copy (unchanged from before copies)."""
+        assert self.group_id is not None
+        return self.group_id if self.copies == 1 else f"{self.group_id}-copy{copy}"
+
+    def control_topic(self, prefix: str, copy: int) -> str:
+        """The control topic of one copy's group (its partitions are the shards; hand-over records go there)."""
+        return f"{prefix}shards" if self.copies == 1 else f"{prefix}shards-copy{copy}"
 
     def member_name(self, environ: Mapping[str, str]) -> str:
         """This replica's static member name: `instance_id`, else HOSTNAME; ConfigError when neither is usable."""

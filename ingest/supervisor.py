@@ -36,7 +36,7 @@ from ingest.io.handover import ControlChannel
 from ingest.io.inbox import Inbox
 from ingest.io.kafka import KafkaSink
 from ingest.io.measured import MeasuredSink
-from ingest.io.positions import PositionStore
+from ingest.io.positions import PositionStore, PositionTail
 from ingest.io.rest import OkxRestClient
 from ingest.io.state import StreamStateFile
 from ingest.io.ws_link import ConnState
@@ -57,6 +57,7 @@ from ingest.runtime import (
 from ingest.services.clock import ClockService
 from ingest.services.cluster import ClusterPositions, FencedOutlet, ShardConnections
 from ingest.services.connections import ConnectionManager, subscription_arg
+from ingest.services.copies import CopyArbiter
 from ingest.services.handover import DURATION_BUCKETS, Handovers
 from ingest.services.permissions import require_safe_key
 from ingest.services.pipeline import Pipeline
@@ -121,6 +122,9 @@ class _Parts:
     positions: ClusterPositions | None = None
     fence: FencedOutlet | None = None
     handovers: Handovers | None = None
+    #: With cluster.copies > 1: the other copies' positions, and the gate of this pipeline's gaps.
+    peers: PositionTail | None = None
+    arbiter: CopyArbiter | None = None
     health: HealthServer | None = None
     state: StreamStateFile | None = None
     extra_tasks: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
@@ -203,10 +207,12 @@ class Daemon:
             p.manager = ConnectionManager(s.okx, s.ws, inbox, credentials=p.store, clock=clock,
                                           resync_clock=p.clock_service.resync, args=self._args)
         else:
+            copy = s.cluster.copy_of(member)
             p.manager = ShardConnections(s.okx, s.ws, inbox, self._args, s.cluster.shards, credentials=p.store,
-                                         clock=clock, resync_clock=p.clock_service.resync, member=member)
+                                         clock=clock, resync_clock=p.clock_service.resync, member=member,
+                                         copy=copy if s.cluster.copies > 1 else None)
             p.membership = GroupMembership(s.cluster, s.kafka, member, p.manager.apply,
-                                           bootstrap_servers=self.bootstrap_servers)
+                                           bootstrap_servers=self.bootstrap_servers, copy=copy)
             await p.membership.ensure_topic()
         if s.okx.private and p.store is not None:
             # Reads the account over REST after every private (re)connect; results enter the same queue.
@@ -217,7 +223,8 @@ class Daemon:
                                             topic_name(s.kafka.topic_prefix, TopicKind.GAPS))
             if s.cluster.handover_timeout_s > 0:
                 channel = ControlChannel(s.kafka, bootstrap_servers=self.bootstrap_servers,
-                                         client_id=f"{s.kafka.client_id}-{member}-handover")
+                                         client_id=f"{s.kafka.client_id}-{member}-handover",
+                                         topic=p.membership.topic)
                 await channel.start()
                 p.handovers = Handovers(channel, p.manager.member, p.manager.by_shard, s.cluster.handover_timeout_s,
                                         topic_name(s.kafka.topic_prefix, TopicKind.GAPS))
@@ -232,10 +239,16 @@ class Daemon:
             store = PositionStore(s.kafka, bootstrap_servers=self.bootstrap_servers,
                                   client_id=f"{s.kafka.client_id}-{member}-positions")
             await store.start()
+            if p.manager.copy is not None:
+                p.peers = PositionTail(s.kafka, p.manager.copy, bootstrap_servers=self.bootstrap_servers,
+                                       client_id=f"{s.kafka.client_id}-{member}-copies")
+                await p.peers.start()
+                p.arbiter = CopyArbiter(p.peers, inbox, s.cluster.copy_gap_wait_s)
+                p.pipeline.gap_gate = p.arbiter.offer
             p.positions = ClusterPositions(p.pipeline, p.delivery, store, p.manager, member,
                                            s.cluster.position_interval_s,
                                            p.membership.lease if p.membership is not None else None,
-                                           fence=p.fence)
+                                           fence=p.fence, arbiter=p.arbiter)
         # Where the previous process of this shard left each stream: the time nobody recorded becomes gaps.
         p.state = StreamStateFile(s.journal.dir / f"{replica}.streams.json")
         saved = p.state.load() if member is None else None  # in cluster mode, positions live in Kafka
@@ -293,6 +306,9 @@ class Daemon:
                 runtime.spawn("membership", p.membership.run(), essential=True)
             if p.handovers is not None:
                 runtime.spawn("handover", p.handovers.run(), essential=True)
+            if p.peers is not None and p.arbiter is not None:
+                runtime.spawn("copy-positions", p.peers.run(), essential=True)
+                runtime.spawn("copy-arbiter", p.arbiter.run(), essential=True)
             runtime.spawn("clock", p.clock_service.run())
             if p.reconciler is not None:
                 runtime.spawn("reconciler", p.reconciler.run())
@@ -352,6 +368,11 @@ class Daemon:
                     await p.pipeline.inbox.join()
             except TimeoutError:
                 log.error("pipeline_drain_timeout", extra={"left": p.pipeline.inbox.qsize()})
+        if p.arbiter is not None:
+            # Gaps still held for another copy's positions: published now (the pipeline still runs).
+            await runtime.stop("copy-arbiter")
+            await p.arbiter.flush(budget)
+            await runtime.stop("copy-positions")
         if pipeline_task is not None:
             await stop_task(pipeline_task, what="pipeline")
         # Expected on a planned stop: the sockets are closed, so every stream has an open gap; it is saved and
@@ -423,6 +444,8 @@ class Daemon:
             await p.positions.store.close()
         if p.handovers is not None:
             await p.handovers.channel.close()
+        if p.peers is not None:
+            await p.peers.close()
         if p.rest is not None:
             await p.rest.aclose()
         if p.broker is not None:
@@ -492,6 +515,10 @@ class Daemon:
             owned = p.membership.current
             details["cluster"] = {"member": p.membership.member, "generation": owned.generation if owned else None,
                                   "shards_owned": sorted(owned.shards) if owned else []}
+            if p.arbiter is not None:
+                details["cluster"]["copy"] = {  # type: ignore[index]
+                    "copy": p.membership.copy, "group": p.membership.group_id, "gaps_held": p.arbiter.held,
+                    "gaps_covered": p.arbiter.covered, "gaps_raised": p.arbiter.raised}
             if p.handovers is not None:
                 details["cluster"]["handovers"] = {  # type: ignore[index]
                     "preparing": sorted(p.handovers.holding), "releasing": sorted(p.handovers.releasing),
@@ -628,6 +655,18 @@ class Daemon:
             in_progress.add_metric(["preparing"], len(h.holds))
             in_progress.add_metric(["releasing"], len(h.releases))
             out += [results, duration, in_progress]
+        a = p.arbiter
+        if a is not None:
+            copy = gauge("cluster_copy", "Which copy this replica records (cluster.copies > 1)")
+            copy.add_metric([], m.copy)
+            gaps = counter("cluster_copy_gaps", "Gaps this copy detected, by outcome: covered (another copy recorded "
+                           "the window: not raised) / raised (published for the backfill)", ("outcome",))
+            gaps.add_metric(["covered"], a.covered)
+            gaps.add_metric(["raised"], a.raised)
+            held = gauge("cluster_copy_gaps_held", "Gaps waiting for another copy's positions (at most "
+                         "cluster.copy_gap_wait_s)")
+            held.add_metric([], a.held)
+            out += [copy, gaps, held]
         return out
 
     def _connection_metrics(self) -> Iterable[Metric]:

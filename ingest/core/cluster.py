@@ -14,6 +14,8 @@ Pure, and the same in every replica (docs/CLUSTER.md):
   current generation; anything else is fenced (a zombie woken after its session expired).
 * `StreamPosition`: one stream's position as its owner writes it to the compacted `<prefix>positions` topic
   (keyed by `position_key`), so whichever replica takes the shard over knows where its predecessor stopped.
+* `copy_covers`: with `cluster.copies` > 1, whether another copy's position proves it recorded a gap's whole
+  window without a hole of its own (then the gap is no loss and is not raised).
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ from dataclasses import dataclass
 
 import orjson
 
-from ingest.core.gaps import StreamCheckpoint
+from ingest.core.gaps import TRADE_CHANNELS, Gap, Position, StreamCheckpoint
 from ingest.okx.channels import SubArg
 
 __all__ = [
     "Ownership",
     "StreamPosition",
     "assign",
+    "copy_covers",
     "decode_position",
     "encode_position",
     "may_publish",
@@ -145,9 +148,11 @@ def may_publish(current: Ownership | None, member: str, generation: int, shard: 
 POSITION_FORMAT = 1
 
 
-def position_key(arg: SubArg) -> bytes:
-    """The key of a stream on the positions topic: its OKX arg as compact JSON with sorted keys."""
-    return orjson.dumps(arg.to_okx(), option=orjson.OPT_SORT_KEYS)
+def position_key(arg: SubArg, copy: int = 0) -> bytes:
+    """The key of a stream on the positions topic: its OKX arg as compact JSON with sorted keys, and for a copy
+    other than 0 `|copy=N` after it (each copy keeps its own position of every stream)."""
+    key = orjson.dumps(arg.to_okx(), option=orjson.OPT_SORT_KEYS)
+    return key if not copy else key + f"|copy={copy}".encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,11 +164,13 @@ class StreamPosition:
     generation: int
     saved_ts_ns: int
     checkpoint: StreamCheckpoint
+    #: Which copy wrote it (`cluster.copies`; 0 with one copy).
+    copy: int = 0
 
 
 def encode_position(p: StreamPosition) -> bytes:
     return orjson.dumps({"v": POSITION_FORMAT, "shard": p.shard, "member": p.member, "generation": p.generation,
-                         "saved_ts_ns": p.saved_ts_ns, "stream": p.checkpoint.to_json()})
+                         "saved_ts_ns": p.saved_ts_ns, "stream": p.checkpoint.to_json(), "copy": p.copy})
 
 
 def decode_position(data: bytes | None) -> StreamPosition | None:
@@ -175,6 +182,33 @@ def decode_position(data: bytes | None) -> StreamPosition | None:
         if d.get("v") != POSITION_FORMAT:
             return None
         return StreamPosition(int(d["shard"]), str(d["member"]), int(d["generation"]), int(d["saved_ts_ns"]),
-                              StreamCheckpoint.from_json(d["stream"]))
+                              StreamCheckpoint.from_json(d["stream"]), int(d.get("copy", 0)))
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
         return None
+
+
+def _at_most(channel: str, a: Position, b: Position) -> bool | None:
+    """Whether `a` comes no later than `b` in one stream (None: the two cannot be compared): trades by tradeId,
+    books by seqId (both allocated by OKX per instrument, the same on every connection), anything else by ts."""
+    if channel in TRADE_CHANNELS and a.trade_id is not None and b.trade_id is not None:
+        return a.trade_id <= b.trade_id
+    if a.seq_id is not None and b.seq_id is not None and channel not in TRADE_CHANNELS:
+        return a.seq_id <= b.seq_id
+    if a.ts is not None and b.ts is not None:
+        return a.ts <= b.ts
+    return None
+
+
+def copy_covers(gap: Gap, peer: StreamPosition) -> bool:
+    """Whether another copy's acknowledged position proves it recorded everything `gap` may lack: its unbroken
+    run (`since` .. `last`) begins no later than the gap's `before` and reaches its `after`. A gap that did not
+    close (`after` None: a subscription that failed) is covered while the other copy's run is unbroken and was
+    saved after the gap was detected. A gap without `before` (nothing received yet) is never covered."""
+    cp = peer.checkpoint
+    if gap.before is None or cp.since is None or cp.last is None or cp.arg != gap.arg:
+        return False
+    if not _at_most(gap.channel, cp.since, gap.before):
+        return False
+    if gap.after is None:
+        return cp.open_kind is None and peer.saved_ts_ns >= gap.detected_ts_ns
+    return bool(_at_most(gap.channel, gap.after, cp.last))

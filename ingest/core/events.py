@@ -3,18 +3,20 @@
 Both travel through one bounded queue, so the pipeline sees a disconnect exactly between the last
 frame before it and the first frame after it; that order is what makes gap bounds right. The private
 reconciler (`services/private.py`) puts `RestRecords` into the same queue, so REST rows meet the same
-dedupe state as the pushes around them, in one order.
+dedupe state as the pushes around them, in one order; the copy arbiter (`services/copies.py`) puts there the
+gap events it decided to publish.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import msgspec
 
-from ingest.core.records import DeadLetter, OkxRecord
+from ingest.core.records import DeadLetter, GapEvent, OkxRecord
 from ingest.okx.channels import Endpoint, SubArg
 
 
@@ -89,7 +91,19 @@ class RestRecords:
     failed: bool = False
 
 
-Inbound = InboundFrame | LinkEvent | RestRecords
+@dataclass(frozen=True, slots=True)
+class DecidedGaps:
+    """Gap events held back while another copy's positions were checked (`cluster.copies` > 1) and found not to
+    cover them: published through the queue like everything else, so they keep the pipeline's accounting."""
+
+    records: tuple[GapEvent, ...]
+    ts_ns: int
+    #: Set by the pipeline once the records are handed to its outlet (until then the arbiter still holds the
+    #: streams' positions back, so a crash in between cannot lose the gaps).
+    handed: asyncio.Event = field(default_factory=asyncio.Event, compare=False)
+
+
+Inbound = InboundFrame | LinkEvent | RestRecords | DecidedGaps
 
 
 class Resubscriber(Protocol):

@@ -127,6 +127,8 @@ class _Stream:
     inst_type: str | None = None
     holders: set[str] = field(default_factory=set)
     open: _Open | None = None
+    #: Start of the unbroken run that ends at `last` (see StreamCheckpoint.since).
+    since: Position | None = None
 
 
 def _ascending(last: Position | None, pos: Position) -> bool:
@@ -152,10 +154,14 @@ class StreamCheckpoint:
     open_conn: str | None = None
     open_ts_ns: int | None = None
     open_reason: str = ""
+    #: Where this process's unbroken run of the stream began (its first record, or the first after its last
+    #: gap): with `last`, what it recorded without a hole (another copy's gap is checked against it).
+    since: Position | None = None
 
     def to_json(self) -> dict[str, object]:
         return {"arg": self.arg.to_okx(), "last": list(self.last) if self.last else None,
                 "last_conn": self.last_conn, "inst_type": self.inst_type,
+                "since": list(self.since) if self.since else None,
                 "open": None if self.open_kind is None else {
                     "kind": self.open_kind.value, "before": list(self.open_before) if self.open_before else None,
                     "conn": self.open_conn, "ts_ns": self.open_ts_ns, "reason": self.open_reason}}
@@ -165,6 +171,7 @@ class StreamCheckpoint:
         """Inverse of `to_json`; raises KeyError/ValueError/TypeError on anything malformed."""
         last = data.get("last")
         open_ = data.get("open")
+        since = data.get("since")
         return cls(
             SubArg.from_okx(data["arg"]), Position(*last) if last else None, data.get("last_conn"),
             data.get("inst_type"),
@@ -173,6 +180,7 @@ class StreamCheckpoint:
             open_.get("conn") if open_ else None,
             int(open_["ts_ns"]) if open_ and open_.get("ts_ns") is not None else None,
             str(open_.get("reason", "")) if open_ else "",
+            Position(*since) if since else None,
         )
 
 
@@ -309,12 +317,16 @@ class GapTracker:
             if arg.channel in INCREMENTAL_BOOK_CHANNELS and not snapshot:
                 return out
             o, st.open = st.open, None
-            out.append(self._make(arg, st, o, pos._replace(trade_id=first) if trades else pos, conn, recv_ts_ns))
+            st.since = pos._replace(trade_id=first) if trades else pos
+            out.append(self._make(arg, st, o, st.since, conn, recv_ts_ns))
         elif in_seq and first is not None and st.last is not None and st.last.trade_id is not None \
                 and first > st.last.trade_id + 1:
             o = _Open(GapKind.TRADE_HOLE, st.last, st.last_conn, recv_ts_ns,
                       f"tradeIds {st.last.trade_id + 1}..{first - 1} missing")
-            out.append(self._make(arg, st, o, pos._replace(trade_id=first), conn, recv_ts_ns))
+            st.since = pos._replace(trade_id=first)
+            out.append(self._make(arg, st, o, st.since, conn, recv_ts_ns))
+        elif st.since is None:
+            st.since = pos._replace(trade_id=first) if trades else pos
         # The common case (an in-sequence trade, or any non-trade record) keeps `pos` itself: no new object.
         st.last = pos if not trades or (in_seq and _ascending(st.last, pos)) else self._advance(
             st.last, pos, trades, in_seq)
@@ -342,7 +354,7 @@ class GapTracker:
             out.append(StreamCheckpoint(
                 arg, st.last, st.last_conn, st.inst_type,
                 o.kind if o else None, o.before if o else None, o.conn_before if o else None,
-                o.opened_ts_ns if o else None, o.reason if o else ""))
+                o.opened_ts_ns if o else None, o.reason if o else "", st.since))
         return out
 
     def restore(self, cp: StreamCheckpoint, saved_ts_ns: int, reason: str) -> None:
@@ -350,6 +362,7 @@ class GapTracker:
         (an unclean stop saved no gap: the recorder was not running from `saved_ts_ns` on)."""
         st = self._stream(cp.arg)
         st.last, st.last_conn = cp.last, cp.last_conn
+        st.since = None  # the run that ended at `last` was the previous process's, not one of this process
         st.inst_type = st.inst_type or cp.inst_type
         if cp.open_kind is not None:
             st.open = _Open(cp.open_kind, cp.open_before, cp.open_conn, cp.open_ts_ns or saved_ts_ns,

@@ -191,12 +191,15 @@ class GroupMembership:
     stops, so a restart within the session timeout gets its shards back without a rebalance."""
 
     def __init__(self, cluster: ClusterSettings, kafka: KafkaSettings, member: str, on_assignment: OnAssignment,
-                 *, bootstrap_servers: str | None = None) -> None:
+                 *, bootstrap_servers: str | None = None, copy: int = 0) -> None:
         assert cluster.group_id is not None
         self.settings = cluster
         self.kafka = kafka
         self.member = member
-        self.topic = f"{kafka.topic_prefix}shards"
+        #: With `cluster.copies` > 1 every copy is a group of its own, on a control topic of its own.
+        self.copy = copy
+        self.group_id = cluster.group_of(copy)
+        self.topic = cluster.control_topic(kafka.topic_prefix, copy)
         self._on_assignment = on_assignment
         self._bootstrap = bootstrap_servers
         self.current: Assignment | None = None
@@ -242,7 +245,7 @@ class GroupMembership:
     async def run(self) -> None:
         s = self.settings
         consumer = AIOKafkaConsumer(
-            **self._kwargs(), group_id=s.group_id, group_instance_id=self.member if s.static_membership else None,
+            **self._kwargs(), group_id=self.group_id, group_instance_id=self.member if s.static_membership else None,
             session_timeout_ms=s.session_timeout_ms, heartbeat_interval_ms=s.heartbeat_interval_ms,
             partition_assignment_strategy=(self.assignor,), enable_auto_commit=False,
             auto_offset_reset="latest", metadata_max_age_ms=60_000)

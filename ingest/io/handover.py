@@ -29,9 +29,10 @@ class ControlChannel:
     """Write and read hand-over records; `run()` reads until cancelled, into `messages` and `latest`."""
 
     def __init__(self, kafka: KafkaSettings, *, bootstrap_servers: str | None = None,
-                 client_id: str | None = None) -> None:
+                 client_id: str | None = None, topic: str | None = None) -> None:
         self.kafka = kafka
-        self.topic = f"{kafka.topic_prefix}shards"
+        #: The control topic of this replica's group (one per copy, `ClusterSettings.control_topic`).
+        self.topic = topic or f"{kafka.topic_prefix}shards"
         self._kwargs: dict[str, Any] = kafka_client_kwargs(kafka, bootstrap_servers=bootstrap_servers,
                                                            client_id=client_id)
         self._producer: AIOKafkaProducer | None = None

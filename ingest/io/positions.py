@@ -64,15 +64,17 @@ class PositionStore:
     async def write(self, positions: Iterable[StreamPosition]) -> int:
         """Write positions and wait for every acknowledgement; how many were written."""
         assert self._producer is not None, "start() first"
-        futures = [await self._producer.send(self.topic, encode_position(p), key=position_key(p.checkpoint.arg))
+        futures = [await self._producer.send(self.topic, encode_position(p),
+                                             key=position_key(p.checkpoint.arg, p.copy))
                    for p in positions]
         if futures:
             await asyncio.gather(*futures)
         self.written += len(futures)
         return len(futures)
 
-    async def read(self, timeout_s: float = 30.0) -> dict[SubArg, StreamPosition]:
-        """The latest position of every stream on the topic (read from the beginning to its end now)."""
+    async def read(self, timeout_s: float = 30.0, *, copy: int = 0) -> dict[SubArg, StreamPosition]:
+        """The latest position of every stream on the topic written by `copy` (read from the beginning to its
+        end now)."""
         out: dict[SubArg, StreamPosition] = {}
         consumer = AIOKafkaConsumer(**self._kwargs, group_id=None, enable_auto_commit=False)
         async with asyncio.timeout(timeout_s):
@@ -91,7 +93,7 @@ class PositionStore:
                     for msgs in batch.values():
                         for m in msgs:
                             p = decode_position(m.value)
-                            if p is not None:
+                            if p is not None and p.copy == copy:
                                 out[p.checkpoint.arg] = p  # per key in offset order: the latest wins
             finally:
                 await consumer.stop()
@@ -102,3 +104,67 @@ class PositionStore:
         if producer is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(producer.stop(), self.kafka.request_timeout_ms / 1000)
+
+
+class PositionTail:
+    """The other copies' positions as they are written (`cluster.copies` > 1): reads `<prefix>positions` from
+    its beginning and then follows it, keeping each stream's latest position of every copy but `copy`. `run()`
+    until cancelled; `changed` is notified after every batch read."""
+
+    def __init__(self, kafka: KafkaSettings, copy: int, *, bootstrap_servers: str | None = None,
+                 client_id: str | None = None) -> None:
+        self.kafka = kafka
+        self.copy = copy
+        self.topic = f"{kafka.topic_prefix}positions"
+        self._kwargs: dict[str, Any] = kafka_client_kwargs(kafka, bootstrap_servers=bootstrap_servers,
+                                                           client_id=client_id)
+        self._consumer: AIOKafkaConsumer | None = None
+        #: Each stream's latest position per other copy.
+        self.latest: dict[SubArg, dict[int, StreamPosition]] = {}
+        self.changed = asyncio.Condition()
+        self.read_count = 0
+
+    async def start(self) -> None:
+        consumer = AIOKafkaConsumer(**self._kwargs, group_id=None, enable_auto_commit=False,
+                                    auto_offset_reset="earliest")
+        await consumer.start()
+        try:
+            async with asyncio.timeout(self.kafka.request_timeout_ms / 1000):
+                partitions = consumer.partitions_for_topic(self.topic)
+                while not partitions:
+                    await consumer._client.force_metadata_update()  # created a moment ago
+                    partitions = consumer.partitions_for_topic(self.topic)
+            tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+        except BaseException:
+            await consumer.stop()
+            raise
+        self._consumer = consumer
+
+    def positions(self, arg: SubArg) -> list[StreamPosition]:
+        """The other copies' latest positions of one stream."""
+        return list(self.latest.get(arg, {}).values())
+
+    async def run(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None, "start() first"
+        while True:
+            batch = await consumer.getmany(timeout_ms=200)
+            count = 0
+            for msgs in batch.values():
+                for m in msgs:
+                    p = decode_position(m.value)
+                    if p is not None and p.copy != self.copy:
+                        self.latest.setdefault(p.checkpoint.arg, {})[p.copy] = p
+                        count += 1
+            if count:
+                self.read_count += count
+                async with self.changed:
+                    self.changed.notify_all()
+
+    async def close(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(consumer.stop(), self.kafka.request_timeout_ms / 1000)

@@ -31,6 +31,7 @@ from ingest.io.ws_limiter import ConnectLimiter
 from ingest.okx.channels import SubArg
 from ingest.runtime import CANCEL_GRACE_S
 from ingest.services.connections import ConnectionManager, ManagerStatus
+from ingest.services.copies import CopyArbiter
 from ingest.services.handover import HANDOVER_GAP_REASON, Handovers
 from ingest.services.pipeline import Outlet, Pipeline
 
@@ -49,7 +50,8 @@ class ShardConnections:
 
     def __init__(self, okx: OkxSettings, ws: WsSettings, queue: asyncio.Queue[Inbound], args: Sequence[SubArg],
                  shards: int, *, credentials: CredentialStore | None = None, clock: ServerClock | None = None,
-                 resync_clock: Callable[[], Awaitable[None]] | None = None, member: str = "") -> None:
+                 resync_clock: Callable[[], Awaitable[None]] | None = None, member: str = "",
+                 copy: int | None = None) -> None:
         self._okx, self._ws, self._queue = okx, ws, queue
         self._credentials, self._clock, self._resync = credentials, clock, resync_clock
         self.shards = shards
@@ -70,6 +72,8 @@ class ShardConnections:
         self.owned: frozenset[int] = frozenset()
         self.generation = -1
         self.member = member
+        #: This replica's copy with `cluster.copies` > 1 (stamped on every record), else None.
+        self.copy = copy
         self.ownership: Ownership | None = None
         #: Make-before-break hand-over of planned moves (None: shards move as takeovers).
         self.handovers: Handovers | None = None
@@ -221,9 +225,12 @@ class ClusterPositions:
 
     def __init__(self, pipeline: Pipeline, delivery: Delivery, store: PositionStore, shards: ShardConnections,
                  member: str, interval_s: float, lease: Lease | None = None,
-                 fence: FencedOutlet | None = None) -> None:
+                 fence: FencedOutlet | None = None, arbiter: CopyArbiter | None = None) -> None:
         self.pipeline, self.delivery, self.store, self.shards = pipeline, delivery, store, shards
         self.fence = fence
+        #: With copies: streams with a gap held back keep their older position (services/copies.py).
+        self.arbiter = arbiter
+        self.copy = shards.copy or 0
         self.member = member
         self.interval_s = interval_s
         self.restored = 0
@@ -259,16 +266,17 @@ class ClusterPositions:
                 self.lease is not None and not self.lease.valid()):
             return 0  # a rebalance in between: the next save writes what is owned then
         mine = []
+        holding = self.arbiter.holding if self.arbiter is not None else frozenset()
         for cp in streams:
             shard = shard_of_arg(cp.arg, self.shards.shards)
-            if shard in owned and cp.arg in self.shards.by_shard.get(shard, ()):
-                mine.append(StreamPosition(shard, self.member, generation, saved_at, cp))
+            if shard in owned and cp.arg in self.shards.by_shard.get(shard, ()) and cp.arg not in holding:
+                mine.append(StreamPosition(shard, self.member, generation, saved_at, cp, self.copy))
         return await self.store.write(mine)
 
     async def restore(self, gained: Mapping[int, Sequence[SubArg]]) -> None:
         """Continue the streams of the shards gained where their last owner's acknowledged positions stand."""
         try:
-            positions = await self.store.read()
+            positions = await self.store.read(copy=self.copy)
         except Exception as exc:
             log.error("positions_unread", extra={"error": f"{type(exc).__name__}: {exc}"[:500],
                                                  "effect": "the takeover gap of these shards is not reported"})
@@ -419,6 +427,8 @@ class FencedOutlet:
 
     def _stamp(self, generation: int, shard: int | None) -> Headers:
         tail: Headers = (("owner", self._member), ("generation", str(generation).encode()))
+        if self.shards.copy is not None:
+            tail = (*tail, ("copy", str(self.shards.copy).encode()))
         return tail if shard is None else (*tail, ("shard", str(shard).encode()))
 
     async def put_many(self, records: Sequence[EncodedRecord]) -> None:

@@ -320,6 +320,10 @@ class Pipeline:
         #: Receive time (ns) of the first item of the batch being processed (taken from the queue but not yet
         #: handed to the outlet), None between batches: with the queue's head, what `lag_s` reads.
         self._batch_received_ns: int | None = None
+        #: With `cluster.copies` > 1: offered every gap before it is published; True keeps it back (it comes
+        #: back as `DecidedGaps` when no other copy covered it).
+        self.gap_gate: Callable[[Gap, GapEvent], bool] | None = None
+        self._handed: list[asyncio.Event] = []
 
     # ---- driving ------------------------------------------------------------------------------------
 
@@ -404,8 +408,11 @@ class Pipeline:
                     self._frame(item)
                 elif isinstance(item, LinkEvent):
                     self._link(item)
-                else:
+                elif isinstance(item, RestRecords):
                     self._rest(item)
+                else:  # gaps a copy arbiter held back, then decided to publish
+                    self._out.extend(item.records)
+                    self._handed.append(item.handed)
             except Exception as exc:
                 self._failed(item, exc)
         if out:
@@ -444,6 +451,10 @@ class Pipeline:
                 await self._outlet.put_many(encoded)
             finally:
                 self._putting.set()
+            if self._handed:
+                for handed in self._handed:
+                    handed.set()
+                self._handed.clear()
 
     def _failed(self, item: Inbound, exc: Exception) -> None:
         """The last-resort guard of one item: whatever went wrong, a frame ends as a dead letter (its bytes are
@@ -730,6 +741,8 @@ class Pipeline:
                                            "inst_id": gap.inst_id, "reason": gap.reason,
                                            "open": gap.after is None})
         record = gap_record(gap, self.shard)
+        if self.gap_gate is not None and self.gap_gate(gap, record):
+            return  # held: another copy may have recorded its window (services/copies.py)
         self._out.append(record)
         if gap.channel in REST_FILLED_CHANNELS and gap.after is not None \
                 and gap.kind in (TrackerGapKind.DISCONNECT, TrackerGapKind.CUTOVER):

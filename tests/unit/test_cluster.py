@@ -146,7 +146,8 @@ def test_cluster_without_a_replica_name_is_refused_naming_the_key(tmp_path: Path
 
 
 @pytest.mark.parametrize(("text", "key"), [
-    ("copies = 2", "cluster.copies"),
+    ("copies = 5", "cluster.copies"),
+    ("copies = 2\ncopy_index = 2", "cluster"),
     ("shards = 0", "cluster.shards"),
     ('instance_id = "a b"', "cluster.instance_id"),
     ('group_id = " "', "cluster.group_id"),
