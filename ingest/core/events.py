@@ -9,8 +9,8 @@ gap events it decided to publish.
 
 from __future__ import annotations
 
-import asyncio
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -98,9 +98,9 @@ class DecidedGaps:
 
     records: tuple[GapEvent, ...]
     ts_ns: int
-    #: Set by the pipeline once the records are handed to its outlet (until then the arbiter still holds the
+    #: Called by the pipeline once the records are handed to its outlet (until then the arbiter still holds the
     #: streams' positions back, so a crash in between cannot lose the gaps).
-    handed: asyncio.Event = field(default_factory=asyncio.Event, compare=False)
+    handed: Callable[[], None] = field(default=lambda: None, compare=False)
 
 
 Inbound = InboundFrame | LinkEvent | RestRecords | DecidedGaps

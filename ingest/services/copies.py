@@ -123,7 +123,8 @@ class CopyArbiter:
                 out.append(h)
         if not out:
             return 0
-        item = DecidedGaps(tuple(h.record for h in out), self._now_ns())
+        handed = asyncio.Event()
+        item = DecidedGaps(tuple(h.record for h in out), self._now_ns(), handed.set)
         await self.inbox.put(item)  # cancelled while the queue is full: they stay held (a stop flushes them)
         for h in out:
             self._held.pop(h.gap.gap_id, None)
@@ -133,7 +134,7 @@ class CopyArbiter:
                 log.info("gap_not_covered_by_copy", extra={
                     "gap_id": h.gap.gap_id, "channel": h.gap.channel, "inst_id": h.gap.inst_id,
                     "waited_s": self.wait_s, "effect": "published: no other copy showed the window recorded"})
-            await item.handed.wait()
+            await handed.wait()
         finally:
             for h in out:
                 self._release_stream(h.gap.arg)

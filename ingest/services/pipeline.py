@@ -323,7 +323,7 @@ class Pipeline:
         #: With `cluster.copies` > 1: offered every gap before it is published; True keeps it back (it comes
         #: back as `DecidedGaps` when no other copy covered it).
         self.gap_gate: Callable[[Gap, GapEvent], bool] | None = None
-        self._handed: list[asyncio.Event] = []
+        self._handed: list[Callable[[], None]] = []
 
     # ---- driving ------------------------------------------------------------------------------------
 
@@ -453,7 +453,7 @@ class Pipeline:
                 self._putting.set()
             if self._handed:
                 for handed in self._handed:
-                    handed.set()
+                    handed()
                 self._handed.clear()
 
     def _failed(self, item: Inbound, exc: Exception) -> None:

@@ -193,7 +193,7 @@ async def test_a_gap_nobody_covered_is_published_after_the_wait_and_holds_positi
     item = await inbox.get()
     assert isinstance(item, DecidedGaps) and item.records == (record,)
     assert arbiter.holding == {TRADES}, "still held: the pipeline has not handed the gap to delivery"
-    item.handed.set()
+    item.handed()
     assert await deciding == 1
     assert (arbiter.raised, arbiter.held, arbiter.holding) == (1, 0, frozenset())
 
@@ -205,7 +205,7 @@ async def test_a_stop_publishes_every_gap_still_held() -> None:
     async def pipeline() -> None:
         item = await inbox.get()
         assert isinstance(item, DecidedGaps)
-        item.handed.set()
+        item.handed()
 
     consumer = asyncio.create_task(pipeline())
     await arbiter.flush(5.0)
@@ -221,7 +221,7 @@ async def test_the_running_arbiter_publishes_a_gap_whose_wait_is_over() -> None:
     try:
         item = await asyncio.wait_for(inbox.get(), 5)
         assert isinstance(item, DecidedGaps) and [r.gap_id for r in item.records] == [TRADE_GAP.gap_id]
-        item.handed.set()
+        item.handed()
     finally:
         task.cancel()
 
