@@ -243,6 +243,10 @@ class ReplayStats:
     #: The same for book records before `start` (the lookback to the last checkpoint): not items of the
     #: window, but the books missed them (a missed update breaks the chain until the next checkpoint).
     late_lookback: int = 0
+    #: Recorded frames (okx.raw, from Kafka) left out of the last raw-frame read (`raw_frames`) for arriving
+    #: too late, as `late` counts records: `replay serve` re-renders the records they carried instead of sending
+    #: them verbatim. Set by that read, kept by the iterations that follow it (serve runs both at once).
+    late_raw: int = 0
 
 
 class Replay:
@@ -315,7 +319,7 @@ class Replay:
                            self.start, self.end)
         return streams, gaps
 
-    def _on_late(self, key: SortKey) -> None:
+    def _on_late(self, key: SortKey, _record: Record) -> None:
         """A Kafka record left out for arriving too late: a window record, or one of the books' lookback."""
         if key[0] >= self.start:
             self.stats.late += 1
@@ -355,8 +359,13 @@ class Replay:
                 return min(last_reset.values(), default=None)
             hi, lookback = lo, lookback * 2
 
+    def _new_stats(self) -> ReplayStats:
+        """Fresh counts for an iteration; the raw-frame read's count is its own (`ReplayStats.late_raw`)."""
+        self.stats = ReplayStats(late_raw=self.stats.late_raw)
+        return self.stats
+
     def __iter__(self) -> Iterator[Item]:
-        stats = self.stats = ReplayStats()
+        stats = self._new_stats()
         try:
             streams, gaps = self._plan()
             seen: set[str] = set()
@@ -406,11 +415,14 @@ class Replay:
     def raw_frames(self) -> dict[tuple[str, int], bytes]:
         """The window's recorded frames (okx.raw, verbatim) by (connId, recvSeq), what `replay serve` sends
         instead of re-rendering; empty when the source has none. Raw records carry receive time only, so the
-        read reaches REORDER_MARGIN_MS beyond the window on both sides. Held whole: serve's timeline is."""
+        read reaches REORDER_MARGIN_MS beyond the window on both sides. Held whole. Frames that reached Kafka too
+        late to place are counted in `stats.late_raw` (their records are re-rendered)."""
         out: dict[tuple[str, int], bytes] = {}
+        self.stats.late_raw = 0
         try:
             streams, _ = self._reader.streams(TopicKind.RAW, self.start - REORDER_MARGIN_MS,
-                                              self.end + REORDER_MARGIN_MS, lambda _r: True, None, None)
+                                              self.end + REORDER_MARGIN_MS, lambda _r: True, None, None,
+                                              self._on_late_raw)
             for stream in streams:
                 for _key, rec in stream.open():
                     if isinstance(rec, RawFrames):
@@ -420,6 +432,9 @@ class Replay:
         finally:
             self._reader.close()
         return out
+
+    def _on_late_raw(self, _key: SortKey, record: Record) -> None:
+        self.stats.late_raw += len(record.frames) if isinstance(record, RawFrames) else 1
 
     def _items_from(self, lo: int) -> Iterator[Item]:
         """The item path over [lo, end), without the gaps that sort before `lo` (given already)."""

@@ -24,9 +24,10 @@ import argparse
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+import sys
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import orjson
@@ -37,7 +38,11 @@ from ingest.core.records import BookUpdate, Candle, GapEvent, GapKind, OkxRecord
 from ingest.core.replay import CHECKPOINT, Item
 from ingest.okx import codes
 from ingest.okx.channels import Endpoint, SubArg, endpoint_for
+from ingest.replay._kafka import REORDER_MARGIN_MS
 from ingest.runtime import CANCEL_GRACE_S, Ended, Runtime, bounded
+
+if TYPE_CHECKING:
+    from ingest.replay import ReplayStats
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +101,16 @@ class ReplayServer:
 
     def __init__(self, items: Iterable[Item], *, host: str = "127.0.0.1", port: int = 0, speed: float = 0.0,
                  settle_s: float = 1.0, resubscribe_timeout_s: float = 30.0,
-                 frames: Mapping[tuple[str, int], bytes] | None = None) -> None:
+                 frames: Mapping[tuple[str, int], bytes] | None = None,
+                 on_finished: Callable[[ReplayServer], None] | None = None) -> None:
         self._items = items
+        #: Told when the timeline is played through (serve's end-of-session summary).
+        self._on_finished = on_finished
         #: Recorded frames by (connId, recvSeq) (`Replay.raw_frames`): sent verbatim instead of re-rendered.
         self._frames = frames or {}
+        #: Frames of the timeline sent as recorded, and re-rendered from their records (no recorded frame).
         self.verbatim = 0
+        self.rendered = 0
         self.host, self._port, self.speed = host, port, speed
         self.settle_s, self.resubscribe_timeout_s = settle_s, resubscribe_timeout_s
         self._clients: set[_Client] = set()
@@ -303,11 +313,16 @@ class ReplayServer:
                 self.verbatim += 1
             else:
                 frame = render(item)
+                self.rendered += 1
             for client in [c for c in self._clients if arg in c.subs]:
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     await client.ws.send_str(frame)
                     self.sent += 1
         self.finished.set()
+        log.info("replay_timeline_finished", extra={"sent": self.sent, "verbatim": self.verbatim,
+                                                    "rendered": self.rendered, "disconnects": self.disconnects})
+        if self._on_finished is not None:
+            self._on_finished(self)
 
     async def _disconnect(self, gap: GapEvent) -> None:
         arg = SubArg(gap.channel, gap.inst_id) if gap.inst_id else SubArg(gap.channel, inst_type=gap.inst_type)
@@ -327,6 +342,17 @@ class ReplayServer:
             log.warning("replay_resubscribe_timeout", extra={"subscriptions": missing})
 
 
+def session_summary(server: ReplayServer, stats: ReplayStats, from_kafka: bool) -> str:
+    """serve's end-of-session line: what went out, and (from Kafka) what was left out for arriving too late."""
+    end = "the window played through" if server.finished.is_set() else "stopped before the end of the window"
+    line = (f"okx-ingest: served {server.sent} pushes ({server.verbatim} recorded frames verbatim, "
+            f"{server.rendered} re-rendered), {server.disconnects} disconnects, {end}")
+    if from_kafka:
+        line += (f"; {stats.late} late records left out, {stats.late_raw} late raw frames left out (over "
+                 f"{REORDER_MARGIN_MS // 1000} s out of order; their records re-rendered)")
+    return line
+
+
 def serve_main(args: argparse.Namespace, settings: Settings) -> int:
     """Run `okx-ingest replay serve` until Ctrl-C."""
     from ingest.replay import replay
@@ -335,9 +361,13 @@ def serve_main(args: argparse.Namespace, settings: Settings) -> int:
     rp = replay(args.source, args.start, args.end, instruments=args.inst, channels=args.channel, view="recorded",
                 settings=settings, lenient=args.lenient, exact_decimals=True)
 
+    def summary(server: ReplayServer) -> None:
+        print(session_summary(server, rp.stats, rp.from_kafka), file=sys.stderr, flush=True)
+
     async def main() -> int:
         frames = await asyncio.to_thread(rp.raw_frames)
-        async with ReplayServer(iter(rp), host=args.host, port=args.port, speed=args.speed, frames=frames) as server:
+        async with ReplayServer(iter(rp), host=args.host, port=args.port, speed=args.speed, frames=frames,
+                                on_finished=summary) as server:
             count = (f"{server.first_items} items" if server.whole_window_read else
                      f"more than {server.first_items:,} items (read as they are played)")
             print(f"okx-ingest: replaying {count} ({len(frames)} recorded frames verbatim) on "
@@ -348,6 +378,8 @@ def serve_main(args: argparse.Namespace, settings: Settings) -> int:
                 ended = await server.wait(stop)
             finally:
                 remove_signals()
+            if not server.finished.is_set():
+                summary(server)  # stopped mid-window: what went out until then
         return ended.exit_code
 
     return asyncio.run(main())
