@@ -18,7 +18,7 @@ from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import pyarrow as pa
 
@@ -52,6 +52,9 @@ from ingest.errors import IngestError
 from ingest.okx.channels import BOOK_CHANNELS, INCREMENTAL_BOOK_CHANNELS, endpoint_for, is_candle
 from ingest.replay._archive import ArchiveSource
 from ingest.replay._kafka import REORDER_MARGIN_MS, KafkaReader, KafkaStreams, OnLate, SourceError
+
+if TYPE_CHECKING:
+    from ingest.replay._arrow import SliceCount
 
 __all__ = [
     "BookSnapshot",
@@ -405,9 +408,10 @@ class Replay:
             from ingest.replay._arrow import fast_batches
 
             self._check_instruments(self._reader.instruments())
+            self._new_stats()
             fast = fast_batches(self._reader.source, self.kinds, self.start, self.end, self.view,
                                 self.instruments, self.channels, self._gap_entries, batch_size,
-                                lambda lo: arrow_batches(self._items_from(lo), batch_size))
+                                lambda lo: arrow_batches(self._items_from(lo), batch_size), self._count_slice)
             if fast is not None:
                 return fast
         return arrow_batches(iter(self), batch_size)
@@ -441,10 +445,25 @@ class Replay:
         rest = Replay(self._source, lo, self.end, instruments=self.instruments, channels=self.channels,
                       view=self.view, book_snapshots=None, settings=self._settings, lenient=self._lenient,
                       initial_books=False, exact_decimals=False)
-        for item in rest:
+        from ingest.replay._arrow import SliceCount
+
+        for item in rest:  # counted as the iterator counts (the columns path counted the slices before `lo`)
             if not (isinstance(item, GapEvent) and gap_position_ts(item) < lo):
+                ts = gap_position_ts(item) if isinstance(item, GapEvent) else item.ts
+                self._count_slice(SliceCount(1, int(isinstance(item, GapEvent)), ts, ts))
                 yield item
         self.problems = rest.problems
+
+    def _count_slice(self, count: SliceCount) -> None:
+        """`.batches()` from the columns: a slice's (or, past one the columns cannot give, an item's) count added
+        to `stats` as the item iterator would have counted it."""
+        stats = self.stats
+        stats.items += count.items
+        stats.gaps += count.gaps
+        if stats.first_ts is None:
+            stats.first_ts = count.first_ts
+        if count.last_ts is not None:
+            stats.last_ts = count.last_ts
 
     def _gap_entries(self) -> list[Entry]:
         raw_gaps = self._raw_gaps()
