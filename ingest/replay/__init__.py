@@ -417,25 +417,30 @@ class Replay:
         return arrow_batches(iter(self), batch_size)
 
     def raw_frames(self) -> dict[tuple[str, int], bytes]:
-        """The window's recorded frames (okx.raw, verbatim) by (connId, recvSeq), what `replay serve` sends
-        instead of re-rendering; empty when the source has none. Raw records carry receive time only, so the
-        read reaches REORDER_MARGIN_MS beyond the window on both sides. Held whole. Frames that reached Kafka too
-        late to place are counted in `stats.late_raw` (their records are re-rendered)."""
-        out: dict[tuple[str, int], bytes] = {}
+        """The window's recorded frames (okx.raw, verbatim) by (connId, recvSeq), held whole (`raw_stream` read
+        to its end); empty when the source has none."""
+        return {key: payload for _ts, key, payload in self.raw_stream()}
+
+    def raw_stream(self) -> Iterator[tuple[int, tuple[str, int], bytes]]:
+        """The window's recorded frames (okx.raw, verbatim) in the order they reached the source (receive time),
+        read as they are consumed: (the Kafka ts in ms of the raw record that carried the frame, (connId,
+        recvSeq), payload), what `replay serve` sends instead of re-rendering. Raw records carry receive time
+        only, so the read reaches REORDER_MARGIN_MS beyond the window on both sides. It has a reader of its own,
+        so it runs beside an iteration of the items. Frames that reached Kafka too late to place are counted in
+        `stats.late_raw` (their records are re-rendered)."""
+        reader = _open(self._source, self._settings, self._lenient, False, (self.start, self.end))
         self.stats.late_raw = 0
         try:
-            streams, _ = self._reader.streams(TopicKind.RAW, self.start - REORDER_MARGIN_MS,
-                                              self.end + REORDER_MARGIN_MS, lambda _r: True, None, None,
-                                              self._on_late_raw)
-            for stream in streams:
-                for _key, rec in stream.open():
-                    if isinstance(rec, RawFrames):
-                        out.update(((rec.conn_id, f.recv_seq), f.payload) for f in rec.frames)
-                    elif isinstance(rec, RawFrame):
-                        out[(rec.conn_id, rec.recv_seq)] = rec.payload
+            streams, _ = reader.streams(TopicKind.RAW, self.start - REORDER_MARGIN_MS, self.end + REORDER_MARGIN_MS,
+                                        lambda _r: True, None, None, self._on_late_raw)
+            for (ts, *_), rec in lazy_merge(streams):
+                if isinstance(rec, RawFrames):
+                    for f in rec.frames:
+                        yield ts, (rec.conn_id, f.recv_seq), f.payload
+                elif isinstance(rec, RawFrame):
+                    yield ts, (rec.conn_id, rec.recv_seq), rec.payload
         finally:
-            self._reader.close()
-        return out
+            reader.close()
 
     def _on_late_raw(self, _key: SortKey, record: Record) -> None:
         self.stats.late_raw += len(record.frames) if isinstance(record, RawFrames) else 1

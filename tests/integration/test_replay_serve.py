@@ -213,6 +213,39 @@ async def test_a_window_larger_than_the_read_ahead_is_played_whole_while_reading
         assert small.whole_window_read and small.first_items == 3
 
 
+async def test_recorded_frames_are_read_as_they_are_played_never_more_than_a_margin_and_two_chunks_ahead() -> None:
+    """A day of okx.raw does not fit in memory either: frames are read a chunk at a time as the timeline reaches
+    their receive time, and let go once it is a margin past them. 200 trades 10 s apart, each with its recorded
+    frame: the 60 s margin spans 6 of them on each side."""
+    trades = [msgspec.structs.replace(_trade(n * 10_000), conn_id="c1", recv_seq=n + 1) for n in range(200)]
+    margin, chunk = 6, _SmallReads.READ_AHEAD
+    ahead: list[int] = []  # per frame read: how far past the records played it is
+    held: list[int] = []
+    server: _SmallReads | None = None
+
+    def frames() -> Iterator[tuple[int, tuple[str, int], bytes]]:
+        for n, t in enumerate(trades):
+            played = server.verbatim + server.rendered if server is not None else 0
+            ahead.append(n - played)
+            held.append(len(server.frames) if server is not None else 0)
+            yield t.ts, ("c1", n + 1), _recorded(t)
+
+    server = _SmallReads(trades, settle_s=0.0, frames=frames())
+    async with server, websockets.connect(server.url(Endpoint.BUSINESS)) as ws:
+        assert server.frames.read == chunk and not server.frames.done, "only the first chunk before the first client"
+        await ws.send(orjson.dumps({"op": "subscribe", "args": [{"channel": "trades-all",
+                                                                 "instId": "BTC-USDT"}]}).decode())
+        assert (await _recv_json(ws))["event"] == "subscribe"
+        pushes = [await _recv_json(ws) for _ in range(200)]
+        async with asyncio.timeout(5):
+            await server.finished.wait()
+    assert [_trade_id(p) for p in pushes] == [str(n * 10_000) for n in range(200)]
+    assert all("recorded" in p for p in pushes) and server.verbatim == 200  # every one verbatim, in its place
+    assert len(ahead) == 200
+    assert max(ahead) <= margin + 2 * chunk, "never more than the margin and two chunks ahead of the timeline"
+    assert max(held) <= 2 * margin + 1 + 2 * chunk, "frames a margin behind the timeline are let go"
+
+
 async def test_a_source_error_past_the_first_chunk_ends_the_session_with_exit_1() -> None:
     def source() -> Iterator[Item]:
         yield from (_trade(n) for n in range(6))
