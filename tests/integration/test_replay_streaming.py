@@ -154,14 +154,15 @@ def test_batches_in_slices_equal_one_slice_and_the_items(trade_archive: Path, mo
 
 def test_the_raw_frames_serve_reads_need_no_more_memory_for_a_ten_times_longer_window(tmp_path: Path) -> None:
     """`replay serve` reads okx.raw as it plays (`raw_stream`): a longer window costs no more memory to stream."""
+    pad = b"x" * 64
     raws: list[Record] = [RawFrames(conn_id="c1", name="public-0", endpoint="/ws/v5/public", frames=(
-        RawFrameEntry(recv_seq=n, recv_ts_ns=(T0 + n * 10) * 1_000_000, payload=b'{"n":%d,"pad":"%s"}' % (n, b"x" * 64)),
+        RawFrameEntry(recv_seq=n, recv_ts_ns=(T0 + n * 100) * 1_000_000, payload=b'{"n":%d,"pad":"%s"}' % (n, pad)),
     )) for n in range(44_000)]
     _write(tmp_path, TopicKind.RAW, raws)
-    short, long = (T0 + 60_000, T0 + 60_000 + 4_000 * 10), (T0 + 60_000, T0 + 60_000 + 32_000 * 10)
+    short, long = (T0 + 60_000, T0 + 60_000 + 400_000), (T0 + 60_000, T0 + 60_000 + 4_000_000)
     peak_short, n_short = _peak(lambda: _count(replay(str(tmp_path), *short).raw_stream()))
     peak_long, n_long = _peak(lambda: _count(replay(str(tmp_path), *long).raw_stream()))
-    assert (n_short, n_long) == (4_000 + 12_000, 32_000 + 12_000)  # and the 60 s margin on both sides
+    assert (n_short, n_long) == (4_000 + 1_200, 40_000 + 1_200)  # with the 60 s margin on both sides
     assert peak_long < 2 * peak_short, (peak_short, peak_long)
 
 
