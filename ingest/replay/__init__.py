@@ -246,7 +246,7 @@ class ReplayStats:
     #: The same for book records before `start` (the lookback to the last checkpoint): not items of the
     #: window, but the books missed them (a missed update breaks the chain until the next checkpoint).
     late_lookback: int = 0
-    #: Recorded frames (okx.raw, from Kafka) left out of the last raw-frame read (`raw_frames`) for arriving
+    #: Recorded frames (okx.raw, from Kafka) left out of the last raw-frame read (`raw_stream`) for arriving
     #: too late, as `late` counts records: `replay serve` re-renders the records they carried instead of sending
     #: them verbatim. Set by that read, kept by the iterations that follow it (serve runs both at once).
     late_raw: int = 0

@@ -252,11 +252,12 @@ def _slice(src: ArchiveSource, kinds: tuple[TopicKind, ...], start: int, end: in
     table = table.append_column("_idx", pa.array(np.arange(table.num_rows)))
     table = _dedupe_records(table)
     if count is not None and table.num_rows:
-        # An item is a record (one row per book level, all sharing its coordinates) or a gap (its own row).
+        # An item is a record (its level rows share its coordinates and are contiguous in the order) or a gap
+        # (its own row, never deduped: one revision per gap): count where the coordinates change.
+        coord = table.column("_coord").to_numpy()
         ts = table.column("ts")
-        count(SliceCount(pc.count_distinct(table.column("_coord")).as_py(),
-                         pc.sum(pc.equal(table.column("type"), "gap").cast(pa.int64())).as_py() or 0,
-                         ts[0].as_py(), ts[-1].as_py()))
+        count(SliceCount(int(np.count_nonzero(coord[1:] != coord[:-1])) + 1, len(gap_rows), ts[0].as_py(),
+                         ts[-1].as_py()))
     out: pa.Table = table.select(FLAT_SCHEMA.names).cast(FLAT_SCHEMA)
     return out
 

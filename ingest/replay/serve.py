@@ -147,9 +147,9 @@ class RawWindow:
     async def first(self) -> None:
         """Read the first chunk (before the server listens: a source error surfaces there)."""
         if not self._done:
-            self._take(await asyncio.to_thread(self._read_chunk))
+            self._add(await asyncio.to_thread(self._read_chunk))
 
-    def _take(self, chunk: list[RawEntry]) -> None:
+    def _add(self, chunk: list[RawEntry]) -> None:
         self.read += len(chunk)
         self._done = len(chunk) < self._chunk
         for ts, key, payload in chunk:
@@ -164,7 +164,7 @@ class RawWindow:
                 self._next = asyncio.ensure_future(asyncio.to_thread(self._read_chunk))
             chunk = await self._next
             self._next = None
-            self._take(chunk)
+            self._add(chunk)
             if not self._done:  # the next chunk is read while these are used
                 self._next = asyncio.ensure_future(asyncio.to_thread(self._read_chunk))
         order, held, sent, oldest = self._order, self._held, self._sent, ts - self._margin
