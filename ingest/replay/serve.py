@@ -174,8 +174,13 @@ class RawWindow:
             sent.discard(key)
 
     def close(self) -> None:
+        """Let the source go: its reader (Kafka consumers) closes now, or with its thread's chunk if one is read."""
         if self._next is not None and not self._next.done():
             self._next.cancel()  # the thread ends with its chunk; nobody reads it
+            return
+        close = getattr(self._source, "close", None)
+        if callable(close):
+            close()
 
 
 @dataclass(eq=False)
