@@ -18,7 +18,7 @@ from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import pyarrow as pa
 
@@ -52,6 +52,9 @@ from ingest.errors import IngestError
 from ingest.okx.channels import BOOK_CHANNELS, INCREMENTAL_BOOK_CHANNELS, endpoint_for, is_candle
 from ingest.replay._archive import ArchiveSource
 from ingest.replay._kafka import REORDER_MARGIN_MS, KafkaReader, KafkaStreams, OnLate, SourceError
+
+if TYPE_CHECKING:
+    from ingest.replay._arrow import SliceCount
 
 __all__ = [
     "BookSnapshot",
@@ -243,6 +246,10 @@ class ReplayStats:
     #: The same for book records before `start` (the lookback to the last checkpoint): not items of the
     #: window, but the books missed them (a missed update breaks the chain until the next checkpoint).
     late_lookback: int = 0
+    #: Recorded frames (okx.raw, from Kafka) left out of the last raw-frame read (`raw_stream`) for arriving
+    #: too late, as `late` counts records: `replay serve` re-renders the records they carried instead of sending
+    #: them verbatim. Set by that read, kept by the iterations that follow it (serve runs both at once).
+    late_raw: int = 0
 
 
 class Replay:
@@ -315,7 +322,7 @@ class Replay:
                            self.start, self.end)
         return streams, gaps
 
-    def _on_late(self, key: SortKey) -> None:
+    def _on_late(self, key: SortKey, _record: Record) -> None:
         """A Kafka record left out for arriving too late: a window record, or one of the books' lookback."""
         if key[0] >= self.start:
             self.stats.late += 1
@@ -355,8 +362,13 @@ class Replay:
                 return min(last_reset.values(), default=None)
             hi, lookback = lo, lookback * 2
 
+    def _new_stats(self) -> ReplayStats:
+        """Fresh counts for an iteration; the raw-frame read's count is its own (`ReplayStats.late_raw`)."""
+        self.stats = ReplayStats(late_raw=self.stats.late_raw)
+        return self.stats
+
     def __iter__(self) -> Iterator[Item]:
-        stats = self.stats = ReplayStats()
+        stats = self._new_stats()
         try:
             streams, gaps = self._plan()
             seen: set[str] = set()
@@ -396,40 +408,67 @@ class Replay:
             from ingest.replay._arrow import fast_batches
 
             self._check_instruments(self._reader.instruments())
+            self._new_stats()
             fast = fast_batches(self._reader.source, self.kinds, self.start, self.end, self.view,
                                 self.instruments, self.channels, self._gap_entries, batch_size,
-                                lambda lo: arrow_batches(self._items_from(lo), batch_size))
+                                lambda lo: arrow_batches(self._items_from(lo), batch_size), self._count_slice)
             if fast is not None:
                 return fast
         return arrow_batches(iter(self), batch_size)
 
     def raw_frames(self) -> dict[tuple[str, int], bytes]:
-        """The window's recorded frames (okx.raw, verbatim) by (connId, recvSeq), what `replay serve` sends
-        instead of re-rendering; empty when the source has none. Raw records carry receive time only, so the
-        read reaches REORDER_MARGIN_MS beyond the window on both sides. Held whole: serve's timeline is."""
-        out: dict[tuple[str, int], bytes] = {}
+        """The window's recorded frames (okx.raw, verbatim) by (connId, recvSeq), held whole (`raw_stream` read
+        to its end); empty when the source has none."""
+        return {key: payload for _ts, key, payload in self.raw_stream()}
+
+    def raw_stream(self) -> Iterator[tuple[int, tuple[str, int], bytes]]:
+        """The window's recorded frames (okx.raw, verbatim) in the order they reached the source (receive time),
+        read as they are consumed: (the Kafka ts in ms of the raw record that carried the frame, (connId,
+        recvSeq), payload), what `replay serve` sends instead of re-rendering. Raw records carry receive time
+        only, so the read reaches REORDER_MARGIN_MS beyond the window on both sides. It has a reader of its own,
+        so it runs beside an iteration of the items. Frames that reached Kafka too late to place are counted in
+        `stats.late_raw` (their records are re-rendered)."""
+        reader = _open(self._source, self._settings, self._lenient, False, (self.start, self.end))
+        self.stats.late_raw = 0
         try:
-            streams, _ = self._reader.streams(TopicKind.RAW, self.start - REORDER_MARGIN_MS,
-                                              self.end + REORDER_MARGIN_MS, lambda _r: True, None, None)
-            for stream in streams:
-                for _key, rec in stream.open():
-                    if isinstance(rec, RawFrames):
-                        out.update(((rec.conn_id, f.recv_seq), f.payload) for f in rec.frames)
-                    elif isinstance(rec, RawFrame):
-                        out[(rec.conn_id, rec.recv_seq)] = rec.payload
+            streams, _ = reader.streams(TopicKind.RAW, self.start - REORDER_MARGIN_MS, self.end + REORDER_MARGIN_MS,
+                                        lambda _r: True, None, None, self._on_late_raw)
+            for (ts, *_), rec in lazy_merge(streams):
+                if isinstance(rec, RawFrames):
+                    for f in rec.frames:
+                        yield ts, (rec.conn_id, f.recv_seq), f.payload
+                elif isinstance(rec, RawFrame):
+                    yield ts, (rec.conn_id, rec.recv_seq), rec.payload
         finally:
-            self._reader.close()
-        return out
+            reader.close()
+
+    def _on_late_raw(self, _key: SortKey, record: Record) -> None:
+        self.stats.late_raw += len(record.frames) if isinstance(record, RawFrames) else 1
 
     def _items_from(self, lo: int) -> Iterator[Item]:
         """The item path over [lo, end), without the gaps that sort before `lo` (given already)."""
         rest = Replay(self._source, lo, self.end, instruments=self.instruments, channels=self.channels,
                       view=self.view, book_snapshots=None, settings=self._settings, lenient=self._lenient,
                       initial_books=False, exact_decimals=False)
-        for item in rest:
+        from ingest.replay._arrow import SliceCount
+
+        for item in rest:  # counted as the iterator counts (the columns path counted the slices before `lo`)
             if not (isinstance(item, GapEvent) and gap_position_ts(item) < lo):
+                ts = gap_position_ts(item) if isinstance(item, GapEvent) else item.ts
+                self._count_slice(SliceCount(1, int(isinstance(item, GapEvent)), ts, ts))
                 yield item
         self.problems = rest.problems
+
+    def _count_slice(self, count: SliceCount) -> None:
+        """`.batches()` from the columns: a slice's (or, past one the columns cannot give, an item's) count added
+        to `stats` as the item iterator would have counted it."""
+        stats = self.stats
+        stats.items += count.items
+        stats.gaps += count.gaps
+        if stats.first_ts is None:
+            stats.first_ts = count.first_ts
+        if count.last_ts is not None:
+            stats.last_ts = count.last_ts
 
     def _gap_entries(self) -> list[Entry]:
         raw_gaps = self._raw_gaps()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator
 from decimal import Decimal
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +23,19 @@ from ingest.core.records import GapEvent, GapStatus, TopicKind
 from ingest.core.replay import Entry, View
 from ingest.replay._archive import ArchiveSource
 from ingest.replay.formats import FLAT_SCHEMA, flat_rows
+
+
+class SliceCount(NamedTuple):
+    """What a time slice holds as the item path counts it (`Replay.stats`): records and gaps, not rows."""
+
+    items: int
+    gaps: int
+    first_ts: int | None
+    last_ts: int | None
+
+
+#: Told each slice's count as it is given (before its batches are yielded).
+OnCount = Callable[[SliceCount], None] | None
 
 FAST_KINDS = frozenset({TopicKind.TRADES, TopicKind.BOOKS})
 #: Rows per time slice of the window (a slice is sorted and deduped whole in Arrow, then streamed out).
@@ -202,8 +216,9 @@ def _books(table: pa.Table) -> pa.Table | None:
 
 def _slice(src: ArchiveSource, kinds: tuple[TopicKind, ...], start: int, end: int, view: View,
            instruments: frozenset[str] | None, channels: frozenset[str] | None,
-           gaps: list[Entry]) -> pa.Table | None:
-    """The flat rows of [start, end) in order, or None when this path cannot give exactly the item path's rows."""
+           gaps: list[Entry], count: OnCount = None) -> pa.Table | None:
+    """The flat rows of [start, end) in order, or None when this path cannot give exactly the item path's rows;
+    `count` is told what they hold as items."""
     parts = []
     for kind in kinds:
         table = _read(src, kind, start, end, instruments, channels, view)
@@ -236,6 +251,13 @@ def _slice(src: ArchiveSource, kinds: tuple[TopicKind, ...], start: int, end: in
     table = pa.concat_tables(parts).sort_by([(c, "ascending") for c in _SORT])
     table = table.append_column("_idx", pa.array(np.arange(table.num_rows)))
     table = _dedupe_records(table)
+    if count is not None and table.num_rows:
+        # An item is a record (its level rows share its coordinates and are contiguous in the order) or a gap
+        # (its own row, never deduped: one revision per gap): count where the coordinates change.
+        coord = table.column("_coord").to_numpy()
+        ts = table.column("ts")
+        count(SliceCount(int(np.count_nonzero(coord[1:] != coord[:-1])) + 1, len(gap_rows), ts[0].as_py(),
+                         ts[-1].as_py()))
     out: pa.Table = table.select(FLAT_SCHEMA.names).cast(FLAT_SCHEMA)
     return out
 
@@ -243,11 +265,12 @@ def _slice(src: ArchiveSource, kinds: tuple[TopicKind, ...], start: int, end: in
 def fast_batches(src: ArchiveSource, kinds: tuple[TopicKind, ...], start: int, end: int, view: View,
                  instruments: frozenset[str] | None, channels: frozenset[str] | None,
                  gaps: Callable[[], list[Entry]], batch_size: int,
-                 items_from: Callable[[int], Iterator[pa.RecordBatch]] | None = None,
+                 items_from: Callable[[int], Iterator[pa.RecordBatch]] | None = None, count: OnCount = None,
                  ) -> Iterator[pa.RecordBatch] | None:
     """The flat batches of the window, one time slice at a time; None when this path cannot give exactly the
     item path's rows for the first slice. A later slice it cannot give continues with `items_from(slice start)`
-    (the item path from there, without the gaps already given).
+    (the item path from there, without the gaps already given). `count` is told each slice's items, gaps and
+    time span as the item path counts them (`Replay.stats`), before the slice's batches are yielded.
 
     Slices are independent: the order is by ts first and dedupe never looks across two exchange ts, so cutting
     at ts boundaries changes nothing. Each slice holds about `SLICE_TARGET_ROWS` rows (estimated from the row
@@ -260,7 +283,7 @@ def fast_batches(src: ArchiveSource, kinds: tuple[TopicKind, ...], start: int, e
     bounds = [*range(start, end, width), end]
     all_gaps = gaps()  # after the listing: missing files are gaps too
     first = _slice(src, kinds, bounds[0], bounds[1], view, instruments, channels,
-                   [g for g in all_gaps if g[0][0] < bounds[1]])
+                   [g for g in all_gaps if g[0][0] < bounds[1]], count)
     if first is None:
         return None
 
@@ -268,7 +291,7 @@ def fast_batches(src: ArchiveSource, kinds: tuple[TopicKind, ...], start: int, e
         yield from first.to_batches(max_chunksize=batch_size)
         for lo, hi in itertools.pairwise(bounds[1:]):
             flat = _slice(src, kinds, lo, hi, view, instruments, channels,
-                          [g for g in all_gaps if lo <= g[0][0] < hi])
+                          [g for g in all_gaps if lo <= g[0][0] < hi], count)
             if flat is None:
                 if items_from is None:
                     raise ValueError(f"the columns path cannot give the rows from ts {lo} on, and has no item path")

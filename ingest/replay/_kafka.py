@@ -15,8 +15,9 @@ Streaming (`KafkaStreams`): a partition is near-sorted by exchange time, so each
 reorder heap that releases a record once the partition's Kafka timestamps are `REORDER_MARGIN_MS` past it:
 memory is one margin of records per partition, never the window. A record later than that (more out of order
 than the margin allows) cannot be placed: it is left out and handed to the stream's `on_late` (the replay counts
-it: `stats.late`, the CLI's summary line) and logged. A probe (the book lookback's search for the last
-checkpoint) passes none: it keeps nothing, and the read that follows it counts the same records once.
+it: `stats.late`, the CLI's summary line; `stats.late_raw` for okx.raw frames, serve's summary) and logged.
+A probe (the book lookback's search for the last checkpoint) passes none: it keeps nothing, and the read that
+follows it counts the same records once.
 Backfilled records (`source` header `rest`) are the exception by design, they sit at offsets written at fill
 time: the repaired view reads them in a second pass (headers only, decoding just the window's `rest` ones),
 sorted, as one extra stream per partition; its memory is what the backfill wrote for the window, not the window.
@@ -45,8 +46,9 @@ from ingest.io.kafka_security import kafka_client_kwargs
 
 #: How far out of exchange-time order records of one partition may be (Kafka seeks, stops and the reorder heap).
 REORDER_MARGIN_MS = 60_000
-#: Told the sort key of each record a stream left out for arriving too late to place (None: a probe, not counted).
-OnLate = Callable[[SortKey], None] | None
+#: Told each entry a stream left out for arriving too late to place (None: a probe, not counted): its sort key
+#: and record (an okx.raw record carries several frames, and replay counts frames).
+OnLate = Callable[[SortKey, Record], None] | None
 #: Records fetched per step of a partition stream.
 FETCH_RECORDS = 2_000
 #: Bytes a fetch asks for per partition (4x that per response): what the client buffers is bounded by it,
@@ -222,7 +224,7 @@ class KafkaReader:
                 record.source is Source.REST) is not rest:
             return None  # written before the source header: told by the record itself
         key = sort_key(record, tp.topic, tp.partition, m.offset, m.timestamp)
-        if isinstance(record, OkxRecord) and not lo <= key[0] < hi:
+        if not lo <= key[0] < hi:  # raw frames too, by their Kafka ts: the archive bounds them the same way
             return None
         if not keep(record):
             return None
@@ -419,7 +421,7 @@ class KafkaStreams:
                 if last is not None and entry[0] < last:
                     if on_late is None:
                         continue  # a probe: the read that follows it counts this record
-                    on_late(entry[0])
+                    on_late(*entry)
                     self.late += 1
                     if self.late in (1, 1000, 1_000_000):
                         log.warning("replay: %s[%d] offset %d is more than %d ms out of exchange-time order; "

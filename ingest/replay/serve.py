@@ -6,6 +6,8 @@ view: what OKX sent, not what a backfill added later). Where the recording has t
 inbound frame verbatim, matched to its records by connection and receive sequence), that frame is sent byte for
 byte, once, at its first record; otherwise the frame is re-rendered from the records in OKX's push shape
 (`{"arg": ..., "data": [...]}`, books with `action`), with OKX's exact strings when the source is Kafka.
+The recorded frames are read as the timeline plays too (`RawWindow`): those received within a margin of the
+played exchange ts are held, so neither records nor frames grow with the window.
 
 One timeline per server: a player walks the replay's items once, as they are read (`READ_AHEAD` items at a
 time, on a thread, the next chunk read while the current one plays: memory stays bounded whatever the window).
@@ -22,11 +24,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import itertools
 import logging
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+import sys
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import orjson
@@ -37,7 +42,11 @@ from ingest.core.records import BookUpdate, Candle, GapEvent, GapKind, OkxRecord
 from ingest.core.replay import CHECKPOINT, Item
 from ingest.okx import codes
 from ingest.okx.channels import Endpoint, SubArg, endpoint_for
+from ingest.replay._kafka import REORDER_MARGIN_MS
 from ingest.runtime import CANCEL_GRACE_S, Ended, Runtime, bounded
+
+if TYPE_CHECKING:
+    from ingest.replay import ReplayStats
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +93,96 @@ def render(record: OkxRecord) -> str:
     return orjson.dumps({"arg": arg, "data": [body]}).decode()
 
 
+#: One recorded frame: the Kafka ts (ms) of the okx.raw record that carried it, its (connId, recvSeq), its bytes.
+RawEntry = tuple[int, tuple[str, int], bytes]
+
+
+class RawWindow:
+    """The recorded frames the player may need next, read as it plays (`Replay.raw_stream`).
+
+    A record's frame was received around its exchange ts, so the frames held are those whose raw record reached
+    Kafka within `margin_ms` of the played position (the rule that bounds the window's own read at its edges):
+    read ahead `chunk` frames at a time on a thread up to the position + margin, the next chunk read while these
+    are used, and dropped once the position is `margin_ms` past them. Memory: two margins of frames and two
+    chunks, whatever the window. A record whose frame is not held (received over a margin from its exchange ts,
+    as a long candle's updates are) is re-rendered. A Mapping (`held`) is held whole, as given.
+    """
+
+    def __init__(self, frames: Iterable[RawEntry] = (), *, chunk: int, margin_ms: int,
+                 held: Mapping[tuple[str, int], bytes] | None = None) -> None:
+        self._source = iter(frames)
+        self._chunk, self._margin = chunk, margin_ms
+        self._held: dict[tuple[str, int], bytes] = dict(held or {})
+        self._sent: set[tuple[str, int]] = set()
+        self._order: collections.deque[tuple[int, tuple[str, int]]] = collections.deque()
+        self._next: asyncio.Future[list[RawEntry]] | None = None
+        self._done = held is not None
+        self._read_to = -(1 << 62)  # the highest Kafka ts read so far
+        #: Frames read from the source so far.
+        self.read = 0
+
+    def __len__(self) -> int:
+        """Frames held (read and not yet sent or dropped), and the keys of the sent ones still in the margin."""
+        return len(self._held) + len(self._sent)
+
+    @property
+    def done(self) -> bool:
+        """Whether every frame of the source was read."""
+        return self._done
+
+    def take(self, key: tuple[str, int]) -> bytes | None:
+        """The frame, if held and not sent yet; from then on `was_sent` (its bytes are let go)."""
+        payload = self._held.pop(key, None)
+        if payload is not None:
+            self._sent.add(key)
+        return payload
+
+    def was_sent(self, key: tuple[str, int]) -> bool:
+        """Whether `take` gave the frame (a later row of it rides along), as long as it would still be held."""
+        return key in self._sent
+
+    def _read_chunk(self) -> list[RawEntry]:
+        return list(itertools.islice(self._source, self._chunk))
+
+    async def first(self) -> None:
+        """Read the first chunk (before the server listens: a source error surfaces there)."""
+        if not self._done:
+            self._add(await asyncio.to_thread(self._read_chunk))
+
+    def _add(self, chunk: list[RawEntry]) -> None:
+        self.read += len(chunk)
+        self._done = len(chunk) < self._chunk
+        for ts, key, payload in chunk:
+            self._held[key] = payload
+            self._order.append((ts, key))
+            self._read_to = max(self._read_to, ts)
+
+    async def advance(self, ts: int) -> None:
+        """Hold every frame up to `ts` + margin (reading on), drop those before `ts` - margin."""
+        while not self._done and self._read_to < ts + self._margin:
+            if self._next is None:
+                self._next = asyncio.ensure_future(asyncio.to_thread(self._read_chunk))
+            chunk = await self._next
+            self._next = None
+            self._add(chunk)
+            if not self._done:  # the next chunk is read while these are used
+                self._next = asyncio.ensure_future(asyncio.to_thread(self._read_chunk))
+        order, held, sent, oldest = self._order, self._held, self._sent, ts - self._margin
+        while order and order[0][0] < oldest:
+            key = order.popleft()[1]
+            held.pop(key, None)
+            sent.discard(key)
+
+    def close(self) -> None:
+        """Let the source go: its reader (Kafka consumers) closes now, or with its thread's chunk if one is read."""
+        if self._next is not None and not self._next.done():
+            self._next.cancel()  # the thread ends with its chunk; nobody reads it
+            return
+        close = getattr(self._source, "close", None)
+        if callable(close):
+            close()
+
+
 @dataclass(eq=False)
 class _Client:
     ws: web.WebSocketResponse
@@ -96,11 +195,19 @@ class ReplayServer:
 
     def __init__(self, items: Iterable[Item], *, host: str = "127.0.0.1", port: int = 0, speed: float = 0.0,
                  settle_s: float = 1.0, resubscribe_timeout_s: float = 30.0,
-                 frames: Mapping[tuple[str, int], bytes] | None = None) -> None:
+                 frames: Mapping[tuple[str, int], bytes] | Iterable[RawEntry] | None = None,
+                 on_finished: Callable[[ReplayServer], None] | None = None) -> None:
         self._items = items
-        #: Recorded frames by (connId, recvSeq) (`Replay.raw_frames`): sent verbatim instead of re-rendered.
-        self._frames = frames or {}
+        #: Told when the timeline is played through (serve's end-of-session summary).
+        self._on_finished = on_finished
+        #: Recorded frames, sent verbatim instead of re-rendered: a stream in Kafka order (`Replay.raw_stream`),
+        #: read as the timeline plays, or a Mapping by (connId, recvSeq) (`Replay.raw_frames`), held whole.
+        self.frames = RawWindow(chunk=self.READ_AHEAD, margin_ms=self.RAW_MARGIN_MS, held=frames) \
+            if isinstance(frames, Mapping) or frames is None else \
+            RawWindow(frames, chunk=self.READ_AHEAD, margin_ms=self.RAW_MARGIN_MS)
+        #: Frames of the timeline sent as recorded, and re-rendered from their records (no recorded frame).
         self.verbatim = 0
+        self.rendered = 0
         self.host, self._port, self.speed = host, port, speed
         self.settle_s, self.resubscribe_timeout_s = settle_s, resubscribe_timeout_s
         self._clients: set[_Client] = set()
@@ -118,8 +225,10 @@ class ReplayServer:
         self.first_items = 0
         self.whole_window_read = False
 
-    #: Items read (and held) at a time.
+    #: Items (and recorded frames) read (and held) at a time.
     READ_AHEAD = 10_000
+    #: Recorded frames are held from this long before the played exchange ts to this long after it.
+    RAW_MARGIN_MS = REORDER_MARGIN_MS
 
     def _read_chunk(self) -> list[Item]:
         out: list[Item] = []
@@ -162,6 +271,7 @@ class ReplayServer:
         self.first_items = len(self._ahead)
         self.whole_window_read = self.first_items < self.READ_AHEAD
         self._args = {_arg(i) for i in self._ahead if isinstance(i, OkxRecord)}
+        await self.frames.first()
         app = web.Application()
         for endpoint in _SERVED:
             app.router.add_get(endpoint.value, self._handler(endpoint))
@@ -175,6 +285,7 @@ class ReplayServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self._runtime.close(CANCEL_GRACE_S)
+        self.frames.close()
         for client in list(self._clients):
             await bounded(client.ws.close(), CANCEL_GRACE_S, what="replay client close")
         if self._runner is not None:
@@ -278,7 +389,7 @@ class ReplayServer:
         loop = asyncio.get_running_loop()
         t0_wall: float | None = None
         t0_ts = 0
-        sent_frames: set[tuple[str, int]] = set()
+        frames = self.frames
         async for item in self._timeline():
             if isinstance(item, GapEvent):
                 if item.kind is GapKind.DISCONNECT:
@@ -292,22 +403,27 @@ class ReplayServer:
                 if delay > 0:
                     await asyncio.sleep(delay)  # pacing to recorded exchange time, not synchronisation
             arg = _arg(item)
+            await frames.advance(item.ts)
             raw_key = (item.conn_id, item.recv_seq) if item.conn_id is not None and item.recv_seq is not None \
                 else None
-            raw = self._frames.get(raw_key) if raw_key is not None else None
-            if raw is not None and raw_key is not None:
-                if raw_key in sent_frames:
-                    continue  # a later row of a frame already sent whole
-                sent_frames.add(raw_key)
+            if raw_key is not None and frames.was_sent(raw_key):
+                continue  # a later row of a frame already sent whole
+            raw = frames.take(raw_key) if raw_key is not None else None
+            if raw is not None:
                 frame = raw.decode()
                 self.verbatim += 1
             else:
                 frame = render(item)
+                self.rendered += 1
             for client in [c for c in self._clients if arg in c.subs]:
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     await client.ws.send_str(frame)
                     self.sent += 1
         self.finished.set()
+        log.info("replay_timeline_finished", extra={"sent": self.sent, "verbatim": self.verbatim,
+                                                    "rendered": self.rendered, "disconnects": self.disconnects})
+        if self._on_finished is not None:
+            self._on_finished(self)
 
     async def _disconnect(self, gap: GapEvent) -> None:
         arg = SubArg(gap.channel, gap.inst_id) if gap.inst_id else SubArg(gap.channel, inst_type=gap.inst_type)
@@ -327,6 +443,17 @@ class ReplayServer:
             log.warning("replay_resubscribe_timeout", extra={"subscriptions": missing})
 
 
+def session_summary(server: ReplayServer, stats: ReplayStats, from_kafka: bool) -> str:
+    """serve's end-of-session line: what went out, and (from Kafka) what was left out for arriving too late."""
+    end = "the window played through" if server.finished.is_set() else "stopped before the end of the window"
+    line = (f"okx-ingest: served {server.sent} pushes ({server.verbatim} recorded frames verbatim, "
+            f"{server.rendered} re-rendered), {server.disconnects} disconnects, {end}")
+    if from_kafka:
+        line += (f"; {stats.late} late records left out, {stats.late_raw} late raw frames left out (over "
+                 f"{REORDER_MARGIN_MS // 1000} s out of order; their records re-rendered)")
+    return line
+
+
 def serve_main(args: argparse.Namespace, settings: Settings) -> int:
     """Run `okx-ingest replay serve` until Ctrl-C."""
     from ingest.replay import replay
@@ -335,19 +462,27 @@ def serve_main(args: argparse.Namespace, settings: Settings) -> int:
     rp = replay(args.source, args.start, args.end, instruments=args.inst, channels=args.channel, view="recorded",
                 settings=settings, lenient=args.lenient, exact_decimals=True)
 
+    def summary(server: ReplayServer) -> None:
+        print(session_summary(server, rp.stats, rp.from_kafka), file=sys.stderr, flush=True)
+
     async def main() -> int:
-        frames = await asyncio.to_thread(rp.raw_frames)
-        async with ReplayServer(iter(rp), host=args.host, port=args.port, speed=args.speed, frames=frames) as server:
+        async with ReplayServer(iter(rp), host=args.host, port=args.port, speed=args.speed,
+                                frames=rp.raw_stream(), on_finished=summary) as server:
             count = (f"{server.first_items} items" if server.whole_window_read else
                      f"more than {server.first_items:,} items (read as they are played)")
-            print(f"okx-ingest: replaying {count} ({len(frames)} recorded frames verbatim) on "
-                  f"{server.ws_base}/ws/v5/{{public,business}}", flush=True)
+            raw = server.frames
+            frames = (f"{raw.read} recorded frames verbatim" if raw.done else
+                      f"more than {raw.read:,} recorded frames verbatim, read as they are played")
+            print(f"okx-ingest: replaying {count} ({frames}) on {server.ws_base}/ws/v5/{{public,business}}",
+                  flush=True)
             stop, reload = asyncio.Event(), asyncio.Event()
             remove_signals = install_signals(stop, reload)
             try:
                 ended = await server.wait(stop)
             finally:
                 remove_signals()
+            if not server.finished.is_set():
+                summary(server)  # stopped mid-window: what went out until then
         return ended.exit_code
 
     return asyncio.run(main())

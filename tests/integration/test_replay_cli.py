@@ -21,7 +21,7 @@ import websockets
 from moto.server import ThreadedMotoServer
 
 from ingest.core.archive_schema import Coordinates
-from ingest.core.records import BookAction, BookUpdate, Record, Source, TopicKind, Trade
+from ingest.core.records import BookAction, BookUpdate, GapStatus, Record, Source, TopicKind, Trade
 from ingest.io.broker import free_port
 from tests.e2e.replay_support import Located, write_archive
 
@@ -349,3 +349,64 @@ def test_prices_and_sizes_below_a_millionth_come_out_plain_and_exact_in_batches_
     csv_rows = list(csv.DictReader(io.StringIO(csv_out.stdout)))
     assert [[r["px"], r["sz"]] for r in csv_rows if r["type"] == "trade"] == want_trades
     assert [[r["px"], r["sz"]] for r in csv_rows if r["type"] == "book_change"] == want_levels
+
+
+def _stats_archive(root: Path, extras_late: bool) -> None:
+    """Trades of both instruments (five recorded twice, by another connection), a book of two levels then one,
+    an open gap, a filled one, one that opens before the window and ends inside it; with `extras_late`, a last
+    trade with extra fields (the columns path leaves such a slice to the item path)."""
+    import msgspec
+
+    from tests.integration.test_backfill import trade_gap
+
+    trades = _trades()
+    twice = [(msgspec.structs.replace(r, record_id=f"ws:z:{r.trade_id}", recv_ts_ns=r.recv_ts_ns + 1),
+              Coordinates(c.topic, c.partition, 100 + c.offset, c.kafka_ts_ms))
+             for r, c in trades[10:15] if isinstance(r, Trade)]
+    late: list[Located] = []
+    if extras_late:
+        t = Trade(channel="trades-all", inst_id=INSTS[0], ts=T0 + 900, recv_ts_ns=(T0 + 900) * 1_000_000,
+                  source=Source.WS, record_id="ws:c:900", trade_id="1900", px="101", sz="1", side="buy",
+                  extra={"venue": "x"})
+        late.append((t, Coordinates("okx.trades", 0, 200, t.ts)))
+    write_archive(root, TopicKind.TRADES, [*trades, *twice, *late])
+    write_archive(root, TopicKind.BOOKS, _books())
+    gaps = [trade_gap("open", INSTS[0], (1004, T0 + 40), (1006, T0 + 60)),
+            msgspec.structs.replace(trade_gap("filled", INSTS[1], (1011, T0 + 110), (1013, T0 + 130)),
+                                    status=GapStatus.FILLED, revision=1),
+            trade_gap("before", INSTS[1], (900, T0 - 1500), (1001, T0 + 10))]
+    write_archive(root, TopicKind.GAPS, [(g, Coordinates("okx.gaps", 0, i, T0)) for i, g in enumerate(gaps)])
+
+
+@pytest.mark.parametrize("view", ["repaired", "recorded"])
+@pytest.mark.parametrize(("slice_rows", "extras_late"), [(1_000_000, False), (7, False), (7, True)],
+                         ids=["one slice", "slices", "slices then items"])
+def test_batches_from_the_archive_report_the_same_stats_as_the_item_iterator(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, view: str, slice_rows: int, extras_late: bool) -> None:
+    """`.stats` (the CLI's summary: items, gaps, time span) after `.batches()` equals what the iterator reports
+    for the same window, whether the rows come from the columns (in one time slice or several), or partly from
+    the item path (a slice the columns cannot give)."""
+    import dataclasses
+
+    from ingest.replay import _arrow, replay
+    from ingest.replay._arrow import fast_batches
+
+    root = tmp_path / "archive"
+    _stats_archive(root, extras_late)
+    monkeypatch.setattr(_arrow, "SLICE_TARGET_ROWS", slice_rows)
+    rp = replay(str(root), T0 - 1000, T0 + 1000, view=view)  # type: ignore[arg-type]
+    assert fast_batches(rp._reader.source, rp.kinds, rp.start, rp.end, rp.view, rp.instruments,  # type: ignore[attr-defined]
+                        rp.channels, list, 10) is not None, "the columns path must be the one taken first"
+    items = list(rp)
+    by_items = dataclasses.asdict(rp.stats)
+    gaps = 3 if view == "recorded" else 2
+    assert (by_items["items"], by_items["gaps"]) == (40 + 2 + gaps + extras_late, gaps)  # duplicates left out
+    assert by_items["first_ts"] == T0 - 1500 and by_items["last_ts"] == (T0 + 900 if extras_late else T0 + 390)
+    assert len(items) == by_items["items"]
+
+    only_batches = replay(str(root), T0 - 1000, T0 + 1000, view=view)  # type: ignore[arg-type]
+    rows = sum(b.num_rows for b in only_batches.batches(batch_size=5))
+    assert rows == 40 + 3 + gaps + extras_late  # a book record is a row per level
+    assert dataclasses.asdict(only_batches.stats) == by_items
+    rows = sum(b.num_rows for b in rp.batches(batch_size=5))  # after an iteration: its stats are replaced
+    assert dataclasses.asdict(rp.stats) == by_items

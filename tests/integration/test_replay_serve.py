@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import cast
 
@@ -29,6 +33,7 @@ from ingest.core.records import (
     Trade,
 )
 from ingest.core.replay import Item
+from ingest.io.broker import free_port
 from ingest.okx.channels import Endpoint
 from ingest.replay import replay
 from ingest.replay.serve import ReplayServer, _served, render
@@ -208,6 +213,39 @@ async def test_a_window_larger_than_the_read_ahead_is_played_whole_while_reading
         assert small.whole_window_read and small.first_items == 3
 
 
+async def test_recorded_frames_are_read_as_they_are_played_never_more_than_a_margin_and_two_chunks_ahead() -> None:
+    """A day of okx.raw does not fit in memory either: frames are read a chunk at a time as the timeline reaches
+    their receive time, and let go once it is a margin past them. 200 trades 10 s apart, each with its recorded
+    frame: the 60 s margin spans 6 of them on each side."""
+    trades = [msgspec.structs.replace(_trade(n * 10_000), conn_id="c1", recv_seq=n + 1) for n in range(200)]
+    margin, chunk = 6, _SmallReads.READ_AHEAD
+    ahead: list[int] = []  # per frame read: how far past the records played it is
+    held: list[int] = []
+    server: _SmallReads | None = None
+
+    def frames() -> Iterator[tuple[int, tuple[str, int], bytes]]:
+        for n, t in enumerate(trades):
+            played = server.verbatim + server.rendered if server is not None else 0
+            ahead.append(n - played)
+            held.append(len(server.frames) if server is not None else 0)
+            yield t.ts, ("c1", n + 1), _recorded(t)
+
+    server = _SmallReads(trades, settle_s=0.0, frames=frames())
+    async with server, websockets.connect(server.url(Endpoint.BUSINESS)) as ws:
+        assert server.frames.read == chunk and not server.frames.done, "only the first chunk before the first client"
+        await ws.send(orjson.dumps({"op": "subscribe", "args": [{"channel": "trades-all",
+                                                                 "instId": "BTC-USDT"}]}).decode())
+        assert (await _recv_json(ws))["event"] == "subscribe"
+        pushes = [await _recv_json(ws) for _ in range(200)]
+        async with asyncio.timeout(5):
+            await server.finished.wait()
+    assert [_trade_id(p) for p in pushes] == [str(n * 10_000) for n in range(200)]
+    assert all("recorded" in p for p in pushes) and server.verbatim == 200  # every one verbatim, in its place
+    assert len(ahead) == 200
+    assert max(ahead) <= margin + 2 * chunk, "never more than the margin and two chunks ahead of the timeline"
+    assert max(held) <= 2 * margin + 1 + 2 * chunk, "frames a margin behind the timeline are let go"
+
+
 async def test_a_source_error_past_the_first_chunk_ends_the_session_with_exit_1() -> None:
     def source() -> Iterator[Item]:
         yield from (_trade(n) for n in range(6))
@@ -222,3 +260,64 @@ async def test_a_source_error_past_the_first_chunk_ends_the_session_with_exit_1(
             async with asyncio.timeout(10):
                 ended = await waiting
         assert ended.exit_code == 1 and isinstance(ended.error, OSError) and "corrupt" in str(ended.error)
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _recorded(trade: Trade) -> bytes:
+    """The frame OKX sent for `trade`: its push with a key the renderer never writes, to tell the two apart."""
+    return orjson.dumps({**orjson.loads(render(trade)), "recorded": True})
+
+
+async def test_raw_frames_that_reach_kafka_too_late_are_counted_in_the_api_and_serves_summary_not_dropped_silently(
+    kafka_broker: BrokerInfo, topic_prefix: str,
+) -> None:
+    """300 trades a second apart, carried by 150 recorded okx.raw records of two frames each; one raw record
+    reached its partition 120 s late (more than the 60 s reorder margin). Its 2 frames cannot be placed: the API
+    (`stats.late_raw`) and `replay serve`'s end-of-session line count them, and their trades go out re-rendered."""
+    trades = [msgspec.structs.replace(_trade(n * 1_000), conn_id="c1", recv_seq=n + 1) for n in range(300)]
+    raws = [RawFrames(conn_id="c1", name="public-0", endpoint="/ws/v5/business", frames=tuple(
+        RawFrameEntry(recv_seq=t.recv_seq or 0, recv_ts_ns=t.recv_ts_ns, payload=_recorded(t))
+        for t in trades[k:k + 2])) for k in range(0, 300, 2)]
+    delay = {50: 120_000}  # the raw record of trades 100 and 101
+    arrival = sorted(range(len(raws)), key=lambda k: (raws[k].kafka_ts_ms() + delay.get(k, 0), k))
+    await publish(kafka_broker.bootstrap_servers, topic_prefix, [*trades, *(raws[k] for k in arrival)])
+    source = f"kafka://{kafka_broker.bootstrap_servers}"
+    settings = load_settings(None, kafka={"bootstrap_servers": kafka_broker.bootstrap_servers,
+                                          "topic_prefix": topic_prefix, "partitions": 1})
+
+    rp = replay(source, T0, T0 + 300_000, settings=settings)
+    frames = await asyncio.to_thread(rp.raw_frames)
+    assert len(frames) == 298 and ("c1", 101) not in frames and ("c1", 102) not in frames
+    assert rp.stats.late_raw == 2
+
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ingest.cli", "replay", "serve", "--port", str(port), "--from", _iso(T0), "--to",
+        _iso(T0 + 300_000), "--source", source, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "OKX_INGEST__KAFKA__TOPIC_PREFIX": topic_prefix})
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        async with asyncio.timeout(60):
+            banner = await proc.stdout.readline()
+        assert b"(298 recorded frames verbatim)" in banner, banner
+        async with websockets.connect(f"ws://127.0.0.1:{port}/ws/v5/business") as ws:
+            await ws.send(orjson.dumps({"op": "subscribe", "args": [{"channel": "trades-all",
+                                                                     "instId": "BTC-USDT"}]}).decode())
+            assert (await _recv_json(ws))["event"] == "subscribe"
+            pushes = [await _recv_json(ws) for _ in range(300)]
+            async with asyncio.timeout(30):  # printed once the timeline is played through (after the log lines)
+                while not (summary := (await proc.stderr.readline()).decode()).startswith("okx-ingest: served"):
+                    assert summary, "no summary line"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(30):
+            rc = await proc.wait()
+    assert rc == 0
+    assert [_trade_id(p) for p in pushes] == [str(n * 1_000) for n in range(300)]
+    assert [n for n, p in enumerate(pushes) if "recorded" not in p] == [100, 101]  # re-rendered, not lost
+    assert summary.strip() == ("okx-ingest: served 300 pushes (298 recorded frames verbatim, 2 re-rendered), "
+                               "0 disconnects, the window played through; 0 late records left out, 2 late raw "
+                               "frames left out (over 60 s out of order; their records re-rendered)")

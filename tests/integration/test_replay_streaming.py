@@ -23,7 +23,19 @@ import pytest
 
 from ingest.config import Settings, load_settings
 from ingest.core.archive_schema import Coordinates, file_name, partition_key, records_to_table
-from ingest.core.records import BookAction, BookLevel, BookUpdate, GapEvent, GapStatus, Record, Source, TopicKind, Trade
+from ingest.core.records import (
+    BookAction,
+    BookLevel,
+    BookUpdate,
+    GapEvent,
+    GapStatus,
+    RawFrameEntry,
+    RawFrames,
+    Record,
+    Source,
+    TopicKind,
+    Trade,
+)
 from ingest.core.replay import BookSnapshot
 from ingest.replay import _arrow as fast_path
 from ingest.replay import replay
@@ -80,7 +92,7 @@ def _write(root: Path, kind: TopicKind, records: list[Record]) -> None:
     topic = f"okx.{kind.value}"
     for first in range(0, len(records), FILE_ROWS):
         chunk = records[first:first + FILE_ROWS]
-        coords = [Coordinates(topic, 0, first + i, getattr(r, "ts", T0)) for i, r in enumerate(chunk)]
+        coords = [Coordinates(topic, 0, first + i, r.kafka_ts_ms()) for i, r in enumerate(chunk)]
         table = records_to_table(kind, chunk, coords)
         target = root / partition_key(chunk[0], coords[0].kafka_ts_ms).path() / file_name(
             topic, 0, coords[0].offset, coords[-1].offset)
@@ -138,6 +150,20 @@ def test_batches_in_slices_equal_one_slice_and_the_items(trade_archive: Path, mo
     flat_whole = [r for b in whole for r in b]
     assert [r for b in sliced for r in b] == flat_whole
     assert [int(r["id"]) for r in flat_whole] == list(range(10_000 + 1_235, 10_000 + 30_000))
+
+
+def test_the_raw_frames_serve_reads_need_no_more_memory_for_a_ten_times_longer_window(tmp_path: Path) -> None:
+    """`replay serve` reads okx.raw as it plays (`raw_stream`): a longer window costs no more memory to stream."""
+    pad = b"x" * 64
+    raws: list[Record] = [RawFrames(conn_id="c1", name="public-0", endpoint="/ws/v5/public", frames=(
+        RawFrameEntry(recv_seq=n, recv_ts_ns=(T0 + n * 100) * 1_000_000, payload=b'{"n":%d,"pad":"%s"}' % (n, pad)),
+    )) for n in range(44_000)]
+    _write(tmp_path, TopicKind.RAW, raws)
+    short, long = (T0 + 60_000, T0 + 60_000 + 400_000), (T0 + 60_000, T0 + 60_000 + 4_000_000)
+    peak_short, n_short = _peak(lambda: _count(replay(str(tmp_path), *short).raw_stream()))
+    peak_long, n_long = _peak(lambda: _count(replay(str(tmp_path), *long).raw_stream()))
+    assert (n_short, n_long) == (4_000 + 1_200, 40_000 + 1_200)  # with the 60 s margin on both sides
+    assert peak_long < 2 * peak_short, (peak_short, peak_long)
 
 
 async def test_kafka_replay_needs_no_more_memory_for_a_ten_times_longer_window(
