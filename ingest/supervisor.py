@@ -307,7 +307,8 @@ class Daemon:
             if p.handovers is not None:
                 runtime.spawn("handover", p.handovers.run(), essential=True)
             if p.peers is not None and p.arbiter is not None:
-                runtime.spawn("copy-positions", p.peers.run(), essential=True)
+                # Not essential: without the other copies' positions every gap is raised after its wait (safe).
+                runtime.spawn("copy-positions", p.peers.run())
                 runtime.spawn("copy-arbiter", p.arbiter.run(), essential=True)
             runtime.spawn("clock", p.clock_service.run())
             if p.reconciler is not None:

@@ -187,28 +187,31 @@ def decode_position(data: bytes | None) -> StreamPosition | None:
         return None
 
 
-def _at_most(channel: str, a: Position, b: Position) -> bool | None:
-    """Whether `a` comes no later than `b` in one stream (None: the two cannot be compared): trades by tradeId,
-    books by seqId (both allocated by OKX per instrument, the same on every connection), anything else by ts."""
-    if channel in TRADE_CHANNELS and a.trade_id is not None and b.trade_id is not None:
-        return a.trade_id <= b.trade_id
-    if a.seq_id is not None and b.seq_id is not None and channel not in TRADE_CHANNELS:
-        return a.seq_id <= b.seq_id
-    if a.ts is not None and b.ts is not None:
-        return a.ts <= b.ts
-    return None
+def _at_most(channel: str, a: Position, b: Position) -> bool:
+    """Whether `a` provably comes no later than `b` in one stream (False when that cannot be told). Trades by
+    tradeId only (both set: a negative id has none). Books by seqId and ts together (OKX allocates seqIds per
+    instrument, the same on every connection, but may restart them at maintenance: the ts catches a reset).
+    Anything else by ts, strictly (a ts may repeat across pushes, as a candle's bar start does, so an equal ts
+    proves nothing)."""
+    if channel in TRADE_CHANNELS:
+        return a.trade_id is not None and b.trade_id is not None and a.trade_id <= b.trade_id
+    if a.ts is None or b.ts is None:
+        return False
+    if a.seq_id is not None and b.seq_id is not None:
+        return a.seq_id <= b.seq_id and a.ts <= b.ts
+    return a.ts < b.ts
 
 
 def copy_covers(gap: Gap, peer: StreamPosition) -> bool:
     """Whether another copy's acknowledged position proves it recorded everything `gap` may lack: its unbroken
     run (`since` .. `last`) begins no later than the gap's `before` and reaches its `after`. A gap that did not
-    close (`after` None: a subscription that failed) is covered while the other copy's run is unbroken and was
-    saved after the gap was detected. A gap without `before` (nothing received yet) is never covered."""
+    close (`after` None: a subscription that failed) is covered while the other copy's run is unbroken and holds
+    data from after the gap was detected. A gap without `before` (nothing received yet) is never covered."""
     cp = peer.checkpoint
     if gap.before is None or cp.since is None or cp.last is None or cp.arg != gap.arg:
         return False
     if not _at_most(gap.channel, cp.since, gap.before):
         return False
     if gap.after is None:
-        return cp.open_kind is None and peer.saved_ts_ns >= gap.detected_ts_ns
-    return bool(_at_most(gap.channel, gap.after, cp.last))
+        return cp.open_kind is None and cp.last.ts is not None and cp.last.ts * 1_000_000 > gap.detected_ts_ns
+    return _at_most(gap.channel, gap.after, cp.last)

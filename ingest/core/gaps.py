@@ -248,6 +248,7 @@ class GapTracker:
             elif ev.kind is LinkEventKind.SUBSCRIBE_FAILED:
                 st.holders.discard(ev.conn)
                 why = f"subscribe failed on {ev.conn} (code {ev.code}): {ev.reason}"
+                st.since = None  # the run is broken: whatever comes next starts a new one
                 if st.open is not None:
                     o, st.open = st.open, None
                     out.append(self._make(arg, st, o, None, None, ev.ts_ns, f"{o.reason}; {why}"))
@@ -263,6 +264,7 @@ class GapTracker:
         if st is None or st.open is None:
             return None
         o, st.open = st.open, None
+        st.since = None  # recovered by REST, not received: the next record starts this process's new run
         return self._make(arg, st, o, after, conn_after, ts_ns, f"{o.reason}; {reason}")
 
     def on_book_break(self, arg: SubArg, conn: str, ts_ns: int, brk: BookBreak) -> None:
@@ -325,7 +327,8 @@ class GapTracker:
                       f"tradeIds {st.last.trade_id + 1}..{first - 1} missing")
             st.since = pos._replace(trade_id=first)
             out.append(self._make(arg, st, o, st.since, conn, recv_ts_ns))
-        elif st.since is None:
+        elif st.since is None or (in_seq and st.since.trade_id is None):
+            # A run of trades starts at its first positive tradeId (the only ones its bounds can be told by).
             st.since = pos._replace(trade_id=first) if trades else pos
         # The common case (an in-sequence trade, or any non-trade record) keeps `pos` itself: no new object.
         st.last = pos if not trades or (in_seq and _ascending(st.last, pos)) else self._advance(

@@ -258,6 +258,8 @@ class ClusterPositions:
             # first, or (the lease still expired) no position is saved below.
             await self.fence.release_held()
         streams, _ = self.pipeline.checkpoint()  # no await since: it matches what delivery was handed
+        # Streams with a gap the arbiter holds now: a gap it publishes during the wait below is not in `accepted`.
+        held = self.arbiter.holding if self.arbiter is not None else frozenset()
         saved_at, accepted = time.time_ns(), self.delivery.stats.records_in
         # Acknowledged, not merely journaled: a replica that takes over reads Kafka, not this disk.
         await self.delivery.wait_for(
@@ -266,7 +268,7 @@ class ClusterPositions:
                 self.lease is not None and not self.lease.valid()):
             return 0  # a rebalance in between: the next save writes what is owned then
         mine = []
-        holding = self.arbiter.holding if self.arbiter is not None else frozenset()
+        holding = held | self.arbiter.holding if self.arbiter is not None else held
         for cp in streams:
             shard = shard_of_arg(cp.arg, self.shards.shards)
             if shard in owned and cp.arg in self.shards.by_shard.get(shard, ()) and cp.arg not in holding:

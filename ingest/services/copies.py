@@ -127,7 +127,8 @@ class CopyArbiter:
         item = DecidedGaps(tuple(h.record for h in out), self._now_ns(), handed.set)
         await self.inbox.put(item)  # cancelled while the queue is full: they stay held (a stop flushes them)
         for h in out:
-            self._held.pop(h.gap.gap_id, None)
+            if self._held.get(h.gap.gap_id) is h:  # not replaced by a newer emission of it meanwhile
+                del self._held[h.gap.gap_id]
         try:
             self.raised += len(out)
             for h in out:

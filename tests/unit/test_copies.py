@@ -99,15 +99,48 @@ def _gap(arg: SubArg, before: Position | None, after: Position | None, detected:
                after, "test", "c0", "c1", 1, detected, arg)
 
 
-def test_tickers_compare_by_time_and_books_by_seq_id() -> None:
+def test_tickers_compare_by_time_and_books_by_seq_id_and_time() -> None:
     ticks = StreamCheckpoint(TICKERS, Position(500, None, None), "x", "SPOT", since=Position(100, None, None))
     assert copy_covers(_gap(TICKERS, Position(200, None, None), Position(400, None, None)), _position(ticks))
     assert not copy_covers(_gap(TICKERS, Position(50, None, None), Position(400, None, None)), _position(ticks))
     assert not copy_covers(_gap(TICKERS, Position(200, None, None), Position(600, None, None)), _position(ticks))
-    book = StreamCheckpoint(BOOKS, Position(9, None, 900), "x", "SPOT", since=Position(1, None, 100))
-    # A book's bounds are seqIds (OKX's, the same on every connection); its ts would say otherwise here.
-    assert copy_covers(_gap(BOOKS, Position(1_000, None, 200), Position(2_000, None, 800)), _position(book))
-    assert not copy_covers(_gap(BOOKS, Position(1, None, 200), Position(2, None, 901)), _position(book))
+    book = StreamCheckpoint(BOOKS, Position(900, None, 900), "x", "SPOT", since=Position(100, None, 100))
+    assert copy_covers(_gap(BOOKS, Position(200, None, 200), Position(800, None, 800)), _position(book))
+    assert not copy_covers(_gap(BOOKS, Position(200, None, 200), Position(901, None, 901)), _position(book))
+
+
+def test_a_book_seq_id_reset_is_never_taken_for_a_covered_window() -> None:
+    """OKX may restart a book's seqIds at maintenance: seqIds alone would call either side of a reset covered."""
+    after_reset = StreamCheckpoint(BOOKS, Position(250, None, 50), "x", "SPOT", since=Position(190, None, 10))
+    gap = _gap(BOOKS, Position(100, None, 1_000), Position(200, None, 30))  # before the reset -> after it
+    assert not copy_covers(gap, _position(after_reset)), "the other copy's run began after the gap began"
+    before_reset = StreamCheckpoint(BOOKS, Position(150, None, 2_000), "x", "SPOT", since=Position(50, None, 5))
+    assert not copy_covers(gap, _position(before_reset)), "the other copy's run ended before the gap ended"
+
+
+def test_an_equal_time_proves_nothing_for_streams_told_apart_by_time_alone() -> None:
+    candles = SubArg("candle1m", inst_id="BTC-USDT")
+    bar = StreamCheckpoint(candles, Position(60_000, None, None), "x", "SPOT", since=Position(0, None, None))
+    # Every push of one bar carries its start time: a push of the bar after `before` may be missing.
+    assert not copy_covers(_gap(candles, Position(0, None, None), Position(60_000, None, None)), _position(bar))
+
+
+def test_trades_are_told_apart_by_trade_id_only() -> None:
+    run = StreamCheckpoint(TRADES, Position(80, 8, None), "x", "SPOT", since=Position(10, None, None))
+    assert not copy_covers(TRADE_GAP, _position(run)), "a run that began without a tradeId proves nothing"
+    tracker = GapTracker()
+    tracker.on_record(TRADES, "c0", Position(10, -5, None), 10)  # a liquidation's negative id
+    tracker.on_record(TRADES, "c0", Position(20, 2, None), 20)
+    assert _checkpoint(tracker).since == Position(20, 2, None), "the run starts at its first positive tradeId"
+
+
+def test_a_failed_subscription_breaks_the_run() -> None:
+    tracker, _ = _record(set(), range(1, 4))
+    failed = LinkEvent(LinkEventKind.SUBSCRIBE_FAILED, "c0", "public-0", 35, (TRADES,), code="60018", reason="x")
+    assert tracker.on_link_event(failed)
+    assert _checkpoint(tracker).since is None
+    tracker.on_record(TRADES, "c1", Position(90, 9, None), 90)  # resumed: no open gap closes, a new run starts
+    assert _checkpoint(tracker).since == Position(90, 9, None)
 
 
 def test_a_gap_without_a_start_or_against_another_stream_is_never_covered() -> None:
@@ -119,12 +152,13 @@ def test_a_gap_without_a_start_or_against_another_stream_is_never_covered() -> N
 
 def test_a_gap_that_did_not_close_is_covered_while_the_other_copy_runs_unbroken_past_it() -> None:
     ticks = StreamCheckpoint(TICKERS, Position(500, None, None), "x", "SPOT", since=Position(100, None, None))
-    open_gap = _gap(TICKERS, Position(200, None, None), None, detected=1_000)
-    assert copy_covers(open_gap, _position(ticks, saved_ts_ns=1_500))
-    assert not copy_covers(open_gap, _position(ticks, saved_ts_ns=900)), "saved before the gap: proves nothing"
+    open_gap = _gap(TICKERS, Position(200, None, None), None, detected=400 * 1_000_000)
+    assert copy_covers(open_gap, _position(ticks))
+    stale = StreamCheckpoint(TICKERS, Position(300, None, None), "x", "SPOT", since=Position(100, None, None))
+    assert not copy_covers(open_gap, _position(stale)), "no data from after the gap was detected"
     broken = StreamCheckpoint(TICKERS, Position(500, None, None), "x", "SPOT", GapKind.DISCONNECT,
                               Position(500, None, None), "x", 1, "lost", since=Position(100, None, None))
-    assert not copy_covers(open_gap, _position(broken, saved_ts_ns=1_500))
+    assert not copy_covers(open_gap, _position(broken))
 
 
 def test_each_copy_keeps_its_own_position_of_a_stream() -> None:
