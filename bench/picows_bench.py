@@ -51,8 +51,10 @@ if TYPE_CHECKING:
     from bench.pipeline import ConnectionsFactory
 
 #: The rows of one round, in the report's order.
-WS_FLOOR, PICOWS_FLOOR, REC_WS, REC_PICOWS = "websockets floor", "picows floor", "recorder on websockets", \
-    "recorder on picows"
+WS_FLOOR = "websockets floor"
+PICOWS_FLOOR = "picows floor"
+REC_WS = "recorder on websockets"
+REC_PICOWS = "recorder on picows"
 _BOOKS_PER_CONN = 29  # as `bench.pipeline.mixed_floor` (and the recorder's default plan) packs books
 
 
@@ -64,6 +66,7 @@ def picows_missing() -> str | None:
 
 
 def _picows() -> ConnectionsFactory:
+    """The recorder's WebSocket side on picows (imported here: only a run with picows installed gets here)."""
     from bench.picows_link import PicowsConnections
 
     return PicowsConnections

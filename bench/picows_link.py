@@ -8,9 +8,10 @@ in the same order as the recorder's links (`core.events`): every text frame but 
 full inbox pauses the socket, as the fast lane does. What it leaves out, because a bench run never needs it:
 login, keepalive pings, reconnects, the request budget and 64008 hand-overs.
 
-picows has no permessage-deflate of its own: `Inflater` offers it in the handshake and inflates with zlib,
-as websockets does, so both transports read the same compressed bytes. picows is not a dependency of the
-project: `bench.picows_bench` imports this module only when picows is installed.
+picows has no permessage-deflate of its own: `open_reader` offers it in the handshake as websockets does
+(`DEFLATE_OFFER`) and `Inflater` inflates with zlib, so both transports read the same compressed bytes.
+picows is not a dependency of the project: `bench.picows_bench` imports this module only when picows is
+installed.
 """
 
 from __future__ import annotations
