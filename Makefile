@@ -5,7 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= config/okx-ingest.toml
 
-.PHONY: run test demo lint bench simulate clean compat lock bench-archive bench-archive-memory bench-replay bench-cluster schemas
+.PHONY: run test demo lint bench simulate clean compat lock bench-archive bench-archive-memory bench-replay bench-cluster \
+	bench-picows schemas
 
 # Exact versions with hashes (requirements-dev.lock = runtime + test tools; requirements.lock is the image's:
 # runtime + the msk extra, so an image can sign in to Amazon MSK with IAM).
@@ -48,6 +49,9 @@ compat:  ## the websockets/aiokafka internals we rely on, against the oldest and
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.pipeline $(BENCH_ARGS)
+
+bench-picows: $(STAMP)  ## the recorder on picows vs on websockets, with both floors (docs/PERFORMANCE.md; needs picows)
+	$(BIN)/python -m bench.picows_bench $(PICOWS_BENCH_ARGS)
 
 bench-archive: $(STAMP)  ## the archive bench alone (docs/PERFORMANCE.md, "Archive"; 1.5-2.5 min, so not in `bench`)
 	$(BIN)/python -m bench.archive_bench $(ARCHIVE_BENCH_ARGS)

@@ -27,17 +27,17 @@ import sys
 import tempfile
 import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection as Pipe
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import websockets
 from prometheus_client import CollectorRegistry
 
-from ingest.config import load_settings
+from ingest.config import OkxSettings, WsSettings, load_settings
 from ingest.core.avro import RecordEncoder
 from ingest.core.events import Inbound, InboundFrame
 from ingest.core.records import TopicKind, topic_name
@@ -252,11 +252,23 @@ class TimingSink:
         await self.inner.close()
 
 
+class Connections(Protocol):
+    """What the recorder needs of its WebSocket side: run until cancelled, resubscribe an arg on request."""
+
+    async def run(self) -> None: ...
+
+    def request_resubscribe(self, arg: SubArg, reason: str) -> None: ...
+
+
+#: Builds the WebSocket side in front of the inbox; `ConnectionManager` (websockets) unless a bench swaps it.
+ConnectionsFactory = Callable[[OkxSettings, WsSettings, Inbox], Connections]
+
+
 @dataclass
 class Recorder:
     """The recorder's real parts, wired as the supervisor wires them (minus REST, health, credentials)."""
 
-    manager: ConnectionManager | ShardConnections
+    manager: ConnectionManager | ShardConnections | Connections
     pipeline: Pipeline
     delivery: Delivery
     sink: TimingSink
@@ -280,10 +292,11 @@ class Recorder:
 async def start_recorder(ws_base: str, bootstrap: str, insts: Sequence[str], journal: Path,
                          publish_raw: bool, compression: bool, journal_extra: dict[str, Any] | None = None,
                          channels: Sequence[str] = ("trades-all",), cluster_group: str | None = None,
-                         ) -> Recorder:
+                         connections: ConnectionsFactory | None = None) -> Recorder:
     """The recorder's parts; with `cluster_group`, wired as the supervisor wires cluster mode (shard connections,
     group membership on the broker, the fence in front of delivery, positions written every interval), as the
-    group's only member: it owns every shard, so it records the same subscriptions as single mode."""
+    group's only member: it owns every shard, so it records the same subscriptions as single mode. `connections`
+    swaps the WebSocket side in single mode (`bench.picows_bench`: the same pipeline behind another reader)."""
     subs = [{"channel": c, "inst_id": i} for i in insts for c in channels]
     cluster: dict[str, Any] = {} if cluster_group is None else {"group_id": cluster_group, "static_membership": False}
     settings = load_settings(None, okx={"ws_base_url": ws_base, "channels": [], "subscriptions": subs},
@@ -299,7 +312,8 @@ async def start_recorder(ws_base: str, bootstrap: str, insts: Sequence[str], jou
     await delivery.start()
     inbox = Inbox(INBOX_SIZE)
     if cluster_group is None:
-        manager: ConnectionManager | ShardConnections = ConnectionManager(settings.okx, settings.ws, inbox)
+        manager: ConnectionManager | ShardConnections | Connections = (connections or ConnectionManager)(
+            settings.okx, settings.ws, inbox)
         outlet: Delivery | FencedOutlet = delivery
         membership = None
     else:
@@ -464,51 +478,60 @@ async def mixed_run(args: argparse.Namespace, n: int, bootstrap: str, journal_ex
     feeder = Feeder(insts)
     try:
         floor = await mixed_floor(feeder, insts, args.mixed_floor_s or args.mixed_s, not args.no_compression)
-        with tempfile.TemporaryDirectory(prefix="okx-bench-") as tmp:
-            rec = await start_recorder(feeder.ws_base, bootstrap, insts, Path(tmp), not args.no_raw,
-                                       not args.no_compression, journal_extra, MIXED_CHANNELS)
-            rec.sink.all_topics = True
-            try:
-                await feeder.ticks(insts, MIXED_CHANNELS, 1.0, MIXED_HZ)  # warm-up: snapshots, first updates
-                await rec.delivery.wait_for(lambda s: s.queued == 0 and s.journal_entries == 0, 120)
-                del rec.sink.latencies_ns[:]
-                rss = [rss_mb()]
-                sampling = True
-
-                async def sample() -> None:
-                    while sampling:
-                        rss.append(rss_mb())
-                        await asyncio.sleep(1.0)  # sampling interval
-
-                sampler = asyncio.create_task(sample())
-                assert isinstance(rec.pipeline, TimingPipeline)
-                # CPU time of this thread, not wall time: the VM is shared
-                profiler = cProfile.Profile(time.thread_time) if args.profile else None
-                if profiler is not None:
-                    profiler.enable()
-                frames0, t0, c0 = rec.pipeline.frames, time.perf_counter(), time.process_time()
-                sent = await feeder.ticks(insts, MIXED_CHANNELS, args.mixed_s, MIXED_HZ)
-                timing = rec.pipeline
-                assert isinstance(timing, TimingPipeline)
-                counted: TimingPipeline = timing
-                await rec.delivery.wait_for(lambda s: counted.frames - frames0 >= sent and s.queued == 0
-                                            and s.journal_entries == 0, 120)
-                t1, c1 = time.perf_counter(), time.process_time()
-                if profiler is not None:
-                    profiler.disable()
-                    profiler.dump_stats(f"{args.profile}.{n}")
-                sampling = False
-                await sampler
-                rss.append(rss_mb())
-            finally:
-                await rec.close()
+        out = await mixed_recorder(args, feeder, insts, bootstrap, journal_extra)
     finally:
         feeder.stop()
+    return {**out, "floor_cpu_us": floor.cpu_us_per_msg, "floor_frames_s": floor.msgs_s}
+
+
+async def mixed_recorder(args: argparse.Namespace, feeder: Feeder, insts: Sequence[str], bootstrap: str,
+                         journal_extra: dict[str, Any], connections: ConnectionsFactory | None = None,
+                         ) -> dict[str, float]:
+    """The recorder on the mixed load of `insts` (`connections`: its WebSocket side, websockets by default):
+    `args.mixed_s` seconds of market ticks after a second of warm-up; CPU per frame, latency, RSS."""
+    n = len(insts)
+    with tempfile.TemporaryDirectory(prefix="okx-bench-") as tmp:
+        rec = await start_recorder(feeder.ws_base, bootstrap, insts, Path(tmp), not args.no_raw,
+                                   not args.no_compression, journal_extra, MIXED_CHANNELS, connections=connections)
+        rec.sink.all_topics = True
+        try:
+            await feeder.ticks(insts, MIXED_CHANNELS, 1.0, MIXED_HZ)  # warm-up: snapshots, first updates
+            await rec.delivery.wait_for(lambda s: s.queued == 0 and s.journal_entries == 0, 120)
+            del rec.sink.latencies_ns[:]
+            rss = [rss_mb()]
+            sampling = True
+
+            async def sample() -> None:
+                while sampling:
+                    rss.append(rss_mb())
+                    await asyncio.sleep(1.0)  # sampling interval
+
+            sampler = asyncio.create_task(sample())
+            assert isinstance(rec.pipeline, TimingPipeline)
+            # CPU time of this thread, not wall time: the VM is shared
+            profiler = cProfile.Profile(time.thread_time) if args.profile else None
+            if profiler is not None:
+                profiler.enable()
+            frames0, t0, c0 = rec.pipeline.frames, time.perf_counter(), time.process_time()
+            sent = await feeder.ticks(insts, MIXED_CHANNELS, args.mixed_s, MIXED_HZ)
+            timing = rec.pipeline
+            assert isinstance(timing, TimingPipeline)
+            counted: TimingPipeline = timing
+            await rec.delivery.wait_for(lambda s: counted.frames - frames0 >= sent and s.queued == 0
+                                        and s.journal_entries == 0, 120)
+            t1, c1 = time.perf_counter(), time.process_time()
+            if profiler is not None:
+                profiler.disable()
+                profiler.dump_stats(f"{args.profile}.{n}")
+            sampling = False
+            await sampler
+            rss.append(rss_mb())
+        finally:
+            await rec.close()
     lat = rec.sink.latencies_ns
     frames = max(1, sent)
     return {"instruments": n, "frames": sent, "frames_s": frames / (t1 - t0),
-            "cpu_us_per_msg": (c1 - c0) / frames * 1e6,
-            "floor_cpu_us": floor.cpu_us_per_msg, "floor_frames_s": floor.msgs_s, "core_share": (c1 - c0) / (t1 - t0),
+            "cpu_us_per_msg": (c1 - c0) / frames * 1e6, "core_share": (c1 - c0) / (t1 - t0),
             "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99), "rss_start_mb": rss[0], "rss_end_mb": rss[-1],
             "rss_1min_mb": rss[min(60, len(rss) - 1)], "rss_peak_mb": max(rss)}
 
