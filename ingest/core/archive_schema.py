@@ -268,9 +268,14 @@ def partition_key(record: Record, kafka_ts_ms: int) -> PartitionKey:
     """The directory a record belongs in: UTC date of its exchange time (`ts`; records without one use the
     Kafka timestamp) and its instrument (`_none_` without one)."""
     ts = getattr(record, "ts", None)
-    ms = ts if isinstance(ts, int) else kafka_ts_ms
-    inst_id = getattr(record, "inst_id", None)
     dataset = _DATASET.get(type(record)) or record.TOPIC.value
+    return partition_key_of(dataset, ts if isinstance(ts, int) else None, getattr(record, "inst_id", None),
+                            kafka_ts_ms)
+
+
+def partition_key_of(dataset: str, ts: int | None, inst_id: str | None, kafka_ts_ms: int) -> PartitionKey:
+    """`partition_key` from the fields it reads (the archiver's bulk path has no record object)."""
+    ms = ts if ts is not None else kafka_ts_ms
     return PartitionKey(dataset, _date_of_hour(ms // 3_600_000), inst_id or NO_INST_ID)
 
 
@@ -478,6 +483,67 @@ def _order_counts(values: list[str | None], rejected: dict[int, Rejected]) -> pa
         else:
             out.append(n)
     return pa.array(out, pa.int64())
+
+
+#: Column kinds `convert_columns` builds from decoded columns (a dataset with any other keeps the record path).
+_COLUMNAR = frozenset({_Col.STR, _Col.DEC, _Col.INT, _Col.TS_MS, _Col.TS_NS, _Col.MAP})
+
+
+def columnar(kind: TopicKind) -> bool:
+    """Whether `convert_columns` can build this dataset's files (flat records: no book levels, no raw frames)."""
+    cls = RECORD_TYPE_BY_KIND[kind]
+    return cls is not BookUpdate and all(f.col in _COLUMNAR for f in _FIELDS[cls])
+
+
+def convert_columns(kind: TopicKind, decoded: pa.Table, coords: Sequence[Coordinates]) -> pa.Table | None:
+    """`convert` from the records' decoded columns (core/avro_batch.py: Avro field names, maps as lists of
+    {key, value}), for the archiver's bulk path: the same table `convert` makes of the same records, or None
+    where that needs the record path (a value that does not fit its column, a missing required value), which
+    then decides, record by record, with its rejections."""
+    cls = RECORD_TYPE_BY_KIND[kind]
+    n = decoded.num_rows
+    if n != len(coords) or not columnar(kind):
+        return None
+    schema = arrow_schema(kind)
+    arrays: dict[str, pa.Array | pa.ChunkedArray] = {}
+    empty_rows: dict[str, Any] = {}
+    try:
+        for f in _FIELDS[cls]:
+            col = decoded.column(f.name)
+            if f.col is _Col.DEC:
+                blank = pc.fill_null(pc.equal(col, ""), False)
+                if pc.any(blank).as_py():
+                    empty_rows[f.name] = blank
+                    col = pc.if_else(blank, pa.scalar(None, col.type), col)
+                arr = pc.cast(col, DECIMAL)
+            elif f.col is _Col.MAP:
+                lists = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+                lists = lists.cast(pa.list_(pa.struct([("key", pa.string()), ("value", pa.string())])))
+                if lists.null_count:
+                    return None
+                flat = lists.flatten()
+                arr = pa.MapArray.from_arrays(lists.offsets, flat.field("key"), flat.field("value"))
+            elif f.col is _Col.STR and f.enum_type is not None:
+                arr = pc.cast(col, pa.string())  # an enum arrives as a dictionary of its symbols
+            else:
+                arr = col if f.col is _Col.STR or f.col is _Col.INT else pc.cast(col, _ARROW[f.col])
+            if arr.null_count and not schema.field(f.name).nullable:
+                return None
+            arrays[f.name] = arr
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, KeyError):
+        return None
+    arrays["_topic"] = pa.array([c.topic for c in coords], pa.string())
+    arrays["_partition"] = pa.array([c.partition for c in coords], pa.int32())
+    arrays["_offset"] = pa.array([c.offset for c in coords], pa.int64())
+    arrays["_kafka_ts"] = pa.array([c.kafka_ts_ms for c in coords], pa.int64()).cast(TS_MS)
+    if empty_rows:  # "" in a decimal column: null there, its name in `_empty` (in field order, as `convert`)
+        masks = {name: m.to_pylist() for name, m in empty_rows.items()}
+        empties = [[name for name, m in masks.items() if m[i]] or None for i in range(n)]
+        arrays[EMPTY_COLUMN] = pa.array(empties, _EMPTY_LIST)
+    else:
+        arrays[EMPTY_COLUMN] = pa.nulls(n, _EMPTY_LIST)
+    out: pa.Table = pa.table(arrays).select(schema.names).cast(schema)
+    return out
 
 
 def records_to_table(kind: TopicKind, records: Sequence[Record], coords: Sequence[Coordinates]) -> pa.Table:

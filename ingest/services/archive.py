@@ -36,17 +36,32 @@ from ingest import __version__
 from ingest.config import ArchiveSettings, Settings
 from ingest.core.archive_schema import (
     NO_INST_ID,
+    RECORD_TYPE_BY_KIND,
     SCHEMA_VERSION,
+    Converted,
     Coordinates,
     PartitionKey,
+    columnar,
     convert,
+    convert_columns,
     file_name,
     parse_file_name,
     partition_key,
+    partition_key_of,
 )
-from ingest.core.avro import CONFLUENT_MAGIC, DecodeError, Decoder
+from ingest.core.avro import CONFLUENT_MAGIC, SINGLE_OBJECT_MAGIC, DecodeError, Decoder, default_schemas
+from ingest.core.avro_batch import BatchDecoder
 from ingest.core.backoff import full_jitter
-from ingest.core.records import BookUpdate, GapEvent, RawFrames, Record, TopicKind, Trade, topic_name
+from ingest.core.records import (
+    STRUCT_BY_AVRO_NAME,
+    BookUpdate,
+    GapEvent,
+    RawFrames,
+    Record,
+    TopicKind,
+    Trade,
+    topic_name,
+)
 from ingest.errors import IngestError
 from ingest.io.archive_store import ArchiveStore, WrittenFile
 from ingest.io.kafka_security import kafka_client_kwargs
@@ -85,6 +100,38 @@ class _Reject(NamedTuple):
     value: bytes | None
 
 
+class _Bulk:
+    """A record of a flat dataset decoded with its batch (core/avro_batch.py), kept as its value: what the archive
+    needs of it before its file is written (its directory, rotation, lag and manifest entry); the file is built
+    from the values again, in one batch (`Archiver._write`)."""
+
+    __slots__ = ("dataset", "inst_id", "kind", "recv_ts_ns", "seq_id", "trade_id", "ts", "value")
+
+    def __init__(self, kind: TopicKind, value: bytes, ts: int | None, inst_id: str | None, recv_ts_ns: int | None,
+                 seq_id: int | None, trade_id: str | None) -> None:
+        self.kind, self.dataset, self.value, self.ts, self.inst_id = kind, kind.value, value, ts, inst_id
+        self.recv_ts_ns, self.seq_id, self.trade_id = recv_ts_ns, seq_id, trade_id
+
+
+def _bulk_decoders() -> dict[bytes, tuple[BatchDecoder, TopicKind]]:
+    """The batch decoder of each current schema of a flat dataset, by its single-object fingerprint."""
+    out: dict[bytes, tuple[BatchDecoder, TopicKind]] = {}
+    kinds = {cls: kind for kind, cls in RECORD_TYPE_BY_KIND.items()}
+    for schema in default_schemas():
+        cls = STRUCT_BY_AVRO_NAME.get(schema.name)
+        kind = kinds.get(cls) if isinstance(cls, type) and issubclass(cls, Record) else None
+        if kind is None or not columnar(kind):
+            continue
+        decoder = BatchDecoder.of(schema)
+        if decoder is not None:
+            out[schema.fingerprint] = (decoder, kind)
+    return out
+
+
+def _pylist(table: pa.Table, name: str) -> list[Any]:
+    return table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
+
+
 class _Buf:
     """One open file: the records of one Kafka partition for one directory."""
 
@@ -95,7 +142,7 @@ class _Buf:
         self.key = key
         self.tp = tp
         self.bucket = bucket
-        self.items: list[Record | _Reject] = []
+        self.items: list[Record | _Bulk | _Reject] = []
         self.coords: list[Coordinates] = []
         self.nbytes = 0  # estimated memory of its records (what the shared budget counts)
         self.avro_bytes = 0  # their Avro size (what `archive.max_file_bytes` counts)
@@ -113,6 +160,8 @@ class ArchiveStats:
     records_written: int = 0
     records_skipped: int = 0
     records_rejected: int = 0
+    #: Records whose file was built in one batch from their values (core/avro_batch.py), not record by record.
+    records_bulk: int = 0
     files_written: int = 0
     bytes_written: int = 0
     buffered_bytes: int = 0
@@ -139,18 +188,39 @@ def dataset_of_channel(channel: str) -> str | None:
             "orders-algo": "algo_orders"}.get(channel)
 
 
-def _stats_of(items: list[Record | _Reject]) -> dict[str, Any]:
+def _stats_of(items: list[Record | _Bulk | _Reject]) -> dict[str, Any]:
     """first/last exchange time, seqId and tradeId of a file's records, for its manifest entry."""
     out: dict[str, Any] = {}
     ts = [t for r in items if isinstance(t := getattr(r, "ts", None), int)]
     if ts:
         out["firstTs"], out["lastTs"] = min(ts), max(ts)
-    seq = [r.seq_id for r in items if isinstance(r, BookUpdate | Trade) and r.seq_id is not None]
+    seq = [r.seq_id for r in items if (isinstance(r, BookUpdate | Trade) or (
+        isinstance(r, _Bulk) and r.kind is TopicKind.TRADES)) and r.seq_id is not None]
     if seq:
         out["firstSeqId"], out["lastSeqId"] = seq[0], seq[-1]
-    trade_ids = [r.trade_id for r in items if isinstance(r, Trade)]
+    trade_ids = [r.trade_id for r in items if isinstance(r, Trade) or (
+        isinstance(r, _Bulk) and r.kind is TopicKind.TRADES)]
     if trade_ids:
         out["firstTradeId"], out["lastTradeId"] = trade_ids[0], trade_ids[-1]
+    return out
+
+
+def _table_stats(kind: TopicKind, table: pa.Table) -> dict[str, Any]:
+    """`_stats_of` from a file's table built in bulk (its rows are its records, in offset order)."""
+    out: dict[str, Any] = {}
+    if not table.num_rows:
+        return out
+    if "ts" in table.column_names:
+        ts = table.column("ts").cast(pa.int64())
+        if ts.null_count < len(ts):
+            lo, hi = pc.min_max(ts).values()
+            out["firstTs"], out["lastTs"] = lo.as_py(), hi.as_py()
+    if kind is TopicKind.TRADES:
+        seq = table.column("seqId").drop_null()
+        if len(seq):
+            out["firstSeqId"], out["lastSeqId"] = seq[0].as_py(), seq[-1].as_py()
+        tid = table.column("tradeId")
+        out["firstTradeId"], out["lastTradeId"] = tid[0].as_py(), tid[-1].as_py()
     return out
 
 
@@ -250,6 +320,8 @@ class Archiver:
         self.started = asyncio.Event()
         self._suffix = f"~{incarnation}" if incarnation else ""
         self._decoder = Decoder()
+        self._bulk_decoders = _bulk_decoders()
+        self._keys: dict[tuple[str, int, str | None], PartitionKey] = {}
 
     def _name_topic(self, tp: TopicPartition) -> str:
         return f"{tp.topic}{self._suffix}"
@@ -326,18 +398,26 @@ class Archiver:
         nxt = self._next
         stats = self.stats
         stats.records_in += len(msgs)
-        for msg in msgs:
+        bulk = self._bulk(msgs)
+        keys = self._keys
+        for i, msg in enumerate(msgs):
             coord = Coordinates(msg.topic, msg.partition, msg.offset, msg.timestamp)
             value: bytes | None = msg.value
-            item: Record | _Reject
+            item: Record | _Bulk | _Reject
             try:
                 if value is None:
                     raise DecodeError("a record without a value")
-                # Only Confluent framing needs the header; single-object values name their schema themselves.
-                schema = _schema_header(msg.headers) if value[:1] == CONFLUENT_MAGIC else None
-                item = decoder.decode(value, schema_name=schema)
-                key = partition_key(item, msg.timestamp)
-                ts = getattr(item, "ts", None)  # no exchange time (None too): by the Kafka time, as its date
+                b = bulk[i] if bulk is not None else None
+                if b is not None:
+                    item, ts = b, b.ts
+                    slot_of = (b.dataset, (ts if ts is not None else msg.timestamp) // 3_600_000, b.inst_id)
+                    key = keys.get(slot_of) or self._key_of(slot_of, ts, msg.timestamp)
+                else:
+                    # Only Confluent framing needs the header; single-object values name their schema themselves.
+                    schema = _schema_header(msg.headers) if value[:1] == CONFLUENT_MAGIC else None
+                    item = decoder.decode(value, schema_name=schema)
+                    key = partition_key(item, msg.timestamp)
+                    ts = getattr(item, "ts", None)  # no exchange time (None too): by the Kafka time, as its date
                 bucket = (ts if isinstance(ts, int) else msg.timestamp) // rotate_ms
             except (IngestError, ValueError, UnicodeDecodeError) as exc:
                 item = _Reject(f"undecodable: {exc}", None, msg.key, value)
@@ -368,11 +448,63 @@ class Archiver:
         if msgs:
             self._last_entered_ms[tp] = _entered_ms(item, coord)
 
+    def _key_of(self, slot: tuple[str, int, str | None], ts: int | None, kafka_ts_ms: int) -> PartitionKey:
+        """The directory of a bulk record, cached by (dataset, hour, instrument): its date is its hour's."""
+        if len(self._keys) >= 100_000:
+            self._keys.clear()
+        key = self._keys[slot] = partition_key_of(slot[0], ts, slot[2], kafka_ts_ms)
+        return key
+
+    def _bulk(self, msgs: list[ConsumerRecord]) -> list[_Bulk | None] | None:
+        """The records of flat datasets among `msgs` decoded a batch per schema (None where a value is left to
+        the record path: too few of its schema, or a batch the batch decoder could not vouch for)."""
+        if len(msgs) < BatchDecoder.MIN_BATCH or not self._bulk_decoders:
+            return None
+        groups: dict[bytes, list[int]] = {}
+        decoders = self._bulk_decoders
+        for i, m in enumerate(msgs):
+            v = m.value
+            if v is not None and v[:2] == SINGLE_OBJECT_MAGIC and (fp := v[2:10]) in decoders:
+                groups.setdefault(fp, []).append(i)
+        out: list[_Bulk | None] | None = None
+        for fp, idx in groups.items():
+            if len(idx) < BatchDecoder.MIN_BATCH:
+                continue
+            batch, kind = decoders[fp]
+            values = [msgs[i].value for i in idx]
+            table = batch.decode(values)
+            if table is None:
+                continue
+            ts, inst, recv = _pylist(table, "ts"), _pylist(table, "instId"), _pylist(table, "recvTsNs")
+            seq, tid = _pylist(table, "seqId"), _pylist(table, "tradeId")
+            if out is None:
+                out = [None] * len(msgs)
+            for j, i in enumerate(idx):
+                out[i] = _Bulk(kind, values[j], ts[j], inst[j], recv[j], seq[j], tid[j])
+        return out
+
+    def _convert(self, kind: TopicKind, items: list[Record | _Bulk | _Reject], coords: list[Coordinates]
+                 ) -> tuple[Converted, bool]:
+        """The file's table: in one batch from the values when every record came in bulk (the same table as
+        `convert` makes), else record by record (bulk ones decoded on the way), with its rejections; and
+        whether it was built in bulk."""
+        if items and all(isinstance(r, _Bulk) for r in items):
+            values = [r.value for r in items if isinstance(r, _Bulk)]
+            entry = self._bulk_decoders.get(values[0][2:10])
+            decoded = entry[0].decode(values) if entry is not None else None
+            table = convert_columns(kind, decoded, coords) if decoded is not None else None
+            if table is not None:
+                self.stats.records_bulk += len(values)
+                return Converted(table, []), True
+        records = [self._decoder.decode(r.value) if isinstance(r, _Bulk) else r for r in items
+                   if not isinstance(r, _Reject)]
+        return convert(kind, records, coords), False
+
     def _rejected_key(self, kafka_ts_ms: int) -> PartitionKey:
         date = dt.datetime.fromtimestamp(kafka_ts_ms / 1000, tz=dt.UTC).date().isoformat()
         return PartitionKey(REJECTED, date, NO_INST_ID)
 
-    async def _add(self, key: PartitionKey, tp: TopicPartition, bucket: int, item: Record | _Reject,
+    async def _add(self, key: PartitionKey, tp: TopicPartition, bucket: int, item: Record | _Bulk | _Reject,
                    coord: Coordinates, avro_size: int, now: float) -> None:
         slot = (key, tp)
         durable = self._durable.get(slot)
@@ -544,12 +676,12 @@ class Archiver:
         first, last = buf.coords[0].offset, buf.coords[-1].offset
         name = file_name(self._name_topic(buf.tp), buf.tp.partition, first, last)
         rejects: list[tuple[_Reject, Coordinates]] = []
+        bulk = False
         if key.dataset == REJECTED:
             rejects = [(item, c) for item, c in zip(buf.items, buf.coords, strict=True) if isinstance(item, _Reject)]
             table = _rejected_table(rejects)
         else:
-            records = [r for r in buf.items if not isinstance(r, _Reject)]
-            converted = convert(TopicKind(key.dataset), records, buf.coords)
+            converted, bulk = self._convert(TopicKind(key.dataset), buf.items, buf.coords)
             table = converted.table
             if converted.rejected:
                 rejects = [(_Reject(f"does not fit: {r.reason}", r.field, None, None), buf.coords[r.index])
@@ -564,7 +696,8 @@ class Archiver:
             self.stats.records_rejected += len(rejects)
         written = self.store.write_parquet(key.path(), name, table)
         extra: dict[str, Any] = {"records": len(buf.items), "firstOffset": first, "lastOffset": last,
-                                 "topic": buf.tp.topic, "partition": buf.tp.partition, **_stats_of(buf.items)}
+                                 "topic": buf.tp.topic, "partition": buf.tp.partition,
+                                 **(_table_stats(TopicKind(key.dataset), table) if bulk else _stats_of(buf.items))}
         if rejects and key.dataset != REJECTED:
             extra["rejected"] = len(rejects)  # counted in `records`, kept in _rejected instead of this file
         self.manifests.add_file(key, written, extra)
@@ -689,7 +822,7 @@ def _rejected_table(rejects: list[tuple[_Reject, Coordinates]]) -> pa.Table:
     }).cast(_REJECTED_SCHEMA)
 
 
-def _entered_ms(item: Record | _Reject, coord: Coordinates) -> int:
+def _entered_ms(item: Record | _Bulk | _Reject, coord: Coordinates) -> int:
     """When a record entered the system: its receive time, else its Kafka timestamp (gaps, dead letters)."""
     recv = getattr(item, "recv_ts_ns", None)
     return recv // 1_000_000 if isinstance(recv, int) and recv > 0 else coord.kafka_ts_ms

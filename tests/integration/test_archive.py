@@ -180,6 +180,29 @@ async def test_records_land_once_in_hive_partitions_that_duckdb_and_polars_prune
     assert '"gapId": "g1"' in manifest and '"status": "filled"' in manifest
 
 
+async def test_files_built_in_bulk_hold_exactly_what_the_record_path_writes(
+        kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path) -> None:
+    """Trades are decoded a batch at a time (core/avro_batch.py): the archive must not differ by a byte of data."""
+    records: list[Record] = [trade(INSTS[i % 3], i, DAY1 + i * 10) for i in range(600)]
+    records += [msgspec.structs.replace(trade("BTC-USDT", 700, DAY1 + 7_000), px="", extra={"new": "1"}),
+                book("BTC-USDT", 0, DAY1 + 10)]
+    await publish(kafka_broker.bootstrap_servers, topic_prefix, records, garbage=1)
+    tables = {}
+    for mode in ("bulk", "records"):
+        root = tmp_path / mode
+        settings = settings_for(kafka_broker, topic_prefix, str(root), group_id=f"{topic_prefix}{mode}")
+        archiver = Archiver(settings, ArchiveStore.from_url(str(root)))
+        if mode == "records":
+            archiver._bulk_decoders = {}
+        async with running(archiver):
+            await until(settled(archiver, len(records) + 1), what="the archive to settle")
+        assert (archiver.stats.records_bulk > 500) is (mode == "bulk")
+        tables[mode] = pl.read_parquet(f"{root}/trades/**/*.parquet", hive_partitioning=True).sort(
+            "_partition", "_offset")
+        assert verify(ArchiveStore.from_url(str(root))) == []
+    assert tables["bulk"].equals(tables["records"]) and tables["bulk"].height == 601
+
+
 async def test_a_redo_from_the_start_adds_nothing_and_new_records_are_added_once(
         kafka_broker: BrokerInfo, topic_prefix: str, tmp_path: Path) -> None:
     records = sample_records(30)
