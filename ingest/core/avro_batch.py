@@ -72,8 +72,9 @@ def _long_len(col: pa.ChunkedArray | pa.Array) -> np.ndarray[Any, np.dtype[np.in
 
 
 def _string_len(col: pa.ChunkedArray | pa.Array) -> np.ndarray[Any, np.dtype[np.int64]]:
+    """Bytes of strings: the length (a zig-zag long) and the UTF-8 bytes."""
     n = np.asarray(pc.fill_null(pc.binary_length(col), 0).to_numpy(zero_copy_only=False), np.int64)
-    return _varint_len(n.view(np.uint64)) + n
+    return _varint_len((n << 1).view(np.uint64)) + n
 
 
 class _Unsupported(Exception):
