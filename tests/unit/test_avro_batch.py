@@ -41,7 +41,8 @@ def _same(values: list[bytes]) -> tuple[object, object]:
 trades = st.builds(
     Trade, channel=st.sampled_from(["trades", "trades-all"]), inst_id=TEXT, inst_type=st.none() | TEXT, ts=LONG,
     recv_ts_ns=LONG, source=st.sampled_from(list(Source)), conn_id=st.none() | TEXT, recv_seq=st.none() | LONG,
-    record_id=st.text(st.characters(codec="utf-8"), max_size=300), trade_id=TEXT, px=DEC, sz=DEC, side=TEXT, count=st.none() | TEXT, seq_id=st.none() | LONG,
+    record_id=st.text(st.characters(codec="utf-8"), max_size=300),
+    trade_id=TEXT, px=DEC, sz=DEC, side=TEXT, count=st.none() | TEXT, seq_id=st.none() | LONG,
     okx_source=st.none() | TEXT, extra=st.dictionaries(TEXT, TEXT, max_size=3),
     event_key=st.none() | st.text(st.characters(codec="utf-8"), min_size=60, max_size=70))  # lengths of 1-2 bytes
 
