@@ -45,7 +45,7 @@ import msgspec
 
 from ingest.core.archive_schema import DECIMAL_FIELDS, render_decimal
 from ingest.core.books import BookMessage, OrderBook, SnapshotBook
-from ingest.core.identity import record_event_key
+from ingest.core.identity import event_key_function, has_event_key
 from ingest.core.records import (
     BookLevel,
     BookUpdate,
@@ -357,6 +357,10 @@ def replay_items(
     seen_keys: set[str] = set()  # event keys of the current ts
     seen_ts: int | None = None
     pending_initial = initial_books
+    filtered = instruments is not None or channels is not None
+    rest = Source.REST
+    # record_event_key, inlined (the loop runs once per item): the stored key, else the type's own function.
+    key_functions: dict[type[Record], Callable[[Record], str] | None] = {}
     for (ts, _recv, _t, _p, _o), rec in merge([*streams, gaps]):
         if pending_initial and ts >= start:
             pending_initial = False
@@ -379,11 +383,11 @@ def replay_items(
             continue
         if not isinstance(rec, OkxRecord):
             continue
-        if (instruments is not None and rec.inst_id not in instruments) or (
+        if filtered and ((instruments is not None and rec.inst_id not in instruments) or (
             channels is not None and rec.channel not in channels
-        ):
+        )):
             continue
-        if rec.source is Source.REST and not repaired:
+        if rec.source is rest and not repaired:
             continue
         if ts != seen_ts:
             seen.clear()
@@ -393,7 +397,14 @@ def replay_items(
         if rid in seen:
             continue
         seen.add(rid)
-        ek = record_event_key(rec)
+        ek: str | None = getattr(rec, "event_key", None)
+        if ek is None:
+            cls = type(rec)
+            if cls in key_functions:
+                compute = key_functions[cls]
+            else:
+                compute = key_functions[cls] = event_key_function(cls) if has_event_key(cls) else None
+            ek = compute(rec) if compute is not None else None
         if ek is not None:
             if ek in seen_keys:
                 continue
