@@ -361,16 +361,22 @@ def replay_items(
     rest = Source.REST
     # record_event_key, inlined (the loop runs once per item): the stored key, else the type's own function.
     key_functions: dict[type[Record], Callable[[Record], str] | None] = {}
-    for (ts, _recv, _t, _p, _o), rec in merge([*streams, gaps]):
-        if pending_initial and ts >= start:
-            pending_initial = False
-            yield from books.snapshots(start, FULL_DEPTH)
-        if ts >= end:
-            break
-        while next_boundary <= ts:
-            yield from books.snapshots(next_boundary, depth)
-            next_boundary += interval
-        if isinstance(rec, GapEvent):
+    horizon = min(start if pending_initial else end, end, next_boundary)
+    sources = [*streams, gaps] if not isinstance(gaps, list) or gaps else list(streams)
+    for (ts, _recv, _t, _p, _o), rec in (sources[0] if len(sources) == 1 else merge(sources)):
+        if ts >= horizon:  # one comparison per item for the three bounds below
+            if pending_initial and ts >= start:
+                pending_initial = False
+                yield from books.snapshots(start, FULL_DEPTH)
+            if ts >= end:
+                break
+            while next_boundary <= ts:
+                yield from books.snapshots(next_boundary, depth)
+                next_boundary += interval
+            horizon = min(start if pending_initial else end, end, next_boundary)
+        if not isinstance(rec, OkxRecord):
+            if not isinstance(rec, GapEvent):
+                continue
             if repaired and rec.status is GapStatus.FILLED:
                 continue
             if (instruments is not None and rec.inst_id not in instruments) or (
@@ -380,8 +386,6 @@ def replay_items(
             if track_books and rec.channel in BOOK_CHANNELS:
                 books.invalidate(rec.channel, rec.inst_id)
             yield rec
-            continue
-        if not isinstance(rec, OkxRecord):
             continue
         if filtered and ((instruments is not None and rec.inst_id not in instruments) or (
             channels is not None and rec.channel not in channels

@@ -388,15 +388,16 @@ class Replay:
             for item in replay_items([lazy_merge(streams)], gaps, start=self.start, end=self.end, view=self.view,
                                      book_snapshots=self.book_snapshots, initial_books=self.initial_books):
                 stats.items += 1
-                if isinstance(item, GapEvent):
+                if isinstance(item, OkxRecord):  # most items: one check
+                    ts = item.ts
+                    if from_kafka and item.inst_id is not None:
+                        seen.add(item.inst_id)
+                elif isinstance(item, GapEvent):
                     ts = gap_position_ts(item)
                     stats.gaps += 1
                 else:
                     ts = item.ts
-                    if isinstance(item, BookSnapshot):
-                        stats.snapshots += 1
-                    elif from_kafka and item.inst_id is not None:
-                        seen.add(item.inst_id)
+                    stats.snapshots += 1
                 if stats.first_ts is None:
                     stats.first_ts = ts
                 stats.last_ts = ts

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from itertools import compress
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -224,12 +225,17 @@ class ArchiveSource:
                 return
             # Records without an exchange ts (raw frames) are placed by their Kafka ts, as from Kafka.
             ts = table.column("ts" if "ts" in table.column_names else "_kafka_ts").cast(pa.int64())
-            table = table.filter(pc.and_(pc.greater_equal(ts, lo), pc.less(ts, hi)))
+            inside = pc.and_(pc.greater_equal(ts, lo), pc.less(ts, hi))
+            if pc.all(inside, skip_nulls=False).as_py() is not True:  # a copy of every column: only when needed
+                table = table.filter(inside)
             if table.num_rows == 0:
                 return
             order = [(c, "ascending") for c in _ORDER_COLUMNS if c in table.column_names]
-            # Arrow's sort is stable: a book record's level rows stay together and in their order.
-            table = table.take(pc.sort_indices(table, sort_keys=order))
+            # Arrow's sort is stable: a book record's level rows stay together and in their order. A row group
+            # of live records is mostly in order already, and then needs no copy.
+            indices = pc.sort_indices(table, sort_keys=order)
+            if not (np.asarray(indices) == np.arange(len(indices))).all():
+                table = table.take(indices)
             offsets = table.column("_offset").to_numpy()
             n, at = table.num_rows, 0
             while at < n:
