@@ -393,15 +393,16 @@ def replay_items(
             continue
         if rec.source is rest and not repaired:
             continue
-        if ts != seen_ts:
-            seen.clear()
-            seen_keys.clear()
-            seen_ts = ts
         rid = rec.record_id
-        if rid in seen:
+        new_ts = ts != seen_ts
+        if new_ts:  # the first record of its ts is no duplicate: the sets start again with its keys
+            seen_ts = ts
+            seen = {rid}
+        elif rid in seen:
             continue
-        seen.add(rid)
-        ek: str | None = getattr(rec, "event_key", None)
+        else:
+            seen.add(rid)
+        ek = rec.event_key  # every market and private record type declares it (tests/unit/test_records.py)
         if ek is None:
             cls = type(rec)
             if cls in key_functions:
@@ -409,7 +410,9 @@ def replay_items(
             else:
                 compute = key_functions[cls] = event_key_function(cls) if has_event_key(cls) else None
             ek = compute(rec) if compute is not None else None
-        if ek is not None:
+        if new_ts:
+            seen_keys = set() if ek is None else {ek}
+        elif ek is not None:
             if ek in seen_keys:
                 continue
             seen_keys.add(ek)
