@@ -68,7 +68,7 @@ def _sort_keys(records: list[Record], heads: pa.Table, kind: TopicKind) -> Itera
     topics = heads.column("_topic").to_pylist()
     parts = heads.column("_partition").to_pylist()
     offs = heads.column("_offset").to_pylist()
-    if issubclass(RECORD_TYPE_BY_KIND[kind], OkxRecord):
+    if issubclass(RECORD_TYPE_BY_KIND[kind], OkxRecord) and {"ts", "recvTsNs"} <= set(heads.column_names):
         ts, recv = heads.column("ts"), heads.column("recvTsNs")
         if not ts.null_count and not recv.null_count:  # the records' own ts and recv_ts_ns
             return zip(ts.cast(pa.int64()).to_pylist(), recv.cast(pa.int64()).to_pylist(), topics, parts, offs,

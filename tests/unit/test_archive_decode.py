@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from ingest.core import archive_schema
 from ingest.core.archive_schema import Coordinates, records_to_table, table_records, table_to_records
 from ingest.core.records import BookAction, BookLevel, BookUpdate, Record, Source, Ticker, TopicKind, Trade
-from ingest.core.replay import canonical
+from ingest.core.replay import canonical, sort_key
+from ingest.replay._archive import _sort_keys
 
 T0 = 1_796_000_000_000
 # Few distinct values, so a column repeats them (each rendered once); zero and values below 1e-6 are the ones
@@ -150,3 +151,15 @@ def test_a_decimal_column_of_empty_strings_comes_back_as_empty_strings_not_the_d
     decoded, _ = table_records(table)
     assert decoded == by_row(table, Ticker) == [canonical(t) for t in tickers]
     assert {(t.last, t.bid_px, t.ask_sz) for t in decoded if isinstance(t, Ticker)} == {("", None, "1.5")}
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(trades(), books())
+def test_sort_keys_from_the_columns_equal_each_records_own_sort_key(trade_records: list[Trade],
+                                                                    book_records: list[BookUpdate]) -> None:
+    for kind, records in ((TopicKind.TRADES, trade_records), (TopicKind.BOOKS, book_records)):
+        table = through_parquet(records_to_table(kind, records, coords(len(records))))
+        decoded, heads = table_records(table)
+        coordinates = [(c.topic, c.partition, c.offset) for c in coords(len(records))]
+        assert list(_sort_keys(decoded, heads, kind)) == [sort_key(r, *c) for r, c in zip(decoded, coordinates,
+                                                                                           strict=True)]
