@@ -567,10 +567,34 @@ def table_kind(table: pa.Table) -> TopicKind:
     return TopicKind(value.decode())
 
 
+def _one_chunk(arr: pa.ChunkedArray | pa.Array) -> pa.Array:
+    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+
+
+def _shared(values: Sequence[Any], indices: pa.Array) -> list[Any]:
+    """`values[i]` for every index, None for a null one: one Python object per distinct value, shared by its
+    rows (equal values of immutable types), which is several times cheaper than one object per row."""
+    lookup = np.empty(len(values) + 1, dtype=object)
+    for k, v in enumerate(values):
+        lookup[k] = v  # element by element: numpy would unpack a tuple value into a row
+    shared: list[Any] = lookup[np.asarray(pc.fill_null(indices, len(values)))].tolist()
+    return shared
+
+
 def _decimal_texts(arr: pa.ChunkedArray | pa.Array) -> list[str | None]:
-    """`render_decimal` of every value, in bulk: Arrow renders a decimal128 with its scale's fractional digits
-    ("100.500000000000000000"), so trimming the zeros, then the point, is the canonical text. Arrow switches to
-    an exponent for values below 1e-6 ("1.0E-7") and renders zero as "0E-18": those go through Python."""
+    """`render_decimal` of every value, in bulk; each distinct value rendered once when values repeat (prices
+    and sizes do: a few distinct values per thousand rows)."""
+    if pa.types.is_decimal(arr.type) and arr.type.scale > 0 and len(arr) >= 64:
+        encoded = pc.dictionary_encode(_one_chunk(arr))
+        if 2 * len(encoded.dictionary) <= len(arr):
+            return _shared(_rendered(encoded.dictionary), encoded.indices)
+    return _rendered(arr)
+
+
+def _rendered(arr: pa.ChunkedArray | pa.Array) -> list[str | None]:
+    """Arrow renders a decimal128 with its scale's fractional digits ("100.500000000000000000"), so trimming
+    the zeros, then the point, is the canonical text. Arrow switches to an exponent for values below 1e-6
+    ("1.0E-7") and renders zero as "0E-18": those go through Python."""
     if not pa.types.is_decimal(arr.type) or arr.type.scale <= 0:
         return [None if v is None else render_decimal(v) for v in arr.to_pylist()]
     text = pc.cast(arr, pa.string())
@@ -596,13 +620,19 @@ def _py_column(table: pa.Table, name: str, col: _Col) -> list[Any]:
     return arr.to_pylist()  # type: ignore[no-any-return]
 
 
+def _member(enum_type: type[enum.Enum], value: Any) -> enum.Enum:
+    members: dict[Any, enum.Enum] = enum_type._value2member_map_
+    member = members.get(value)
+    return member if member is not None else enum_type(value)
+
+
 def _field_values(table: pa.Table, f: _Field) -> list[Any]:
     """A column as the field's Python values (enums, dicts and raw frames built), nulls left as None."""
-    values = _py_column(table, f.name, f.col)
     if f.enum_type is not None:
-        members: dict[Any, Any] = {m.value: m for m in f.enum_type}
+        encoded = pc.dictionary_encode(_one_chunk(table.column(f.name)))
         enum_type = f.enum_type
-        return [v if v is None else members[v] if v in members else enum_type(v) for v in values]
+        return _shared([_member(enum_type, v) for v in encoded.dictionary.to_pylist()], encoded.indices)
+    values = _py_column(table, f.name, f.col)
     if f.col is _Col.MAP:
         return [v if v is None else dict(v) for v in values]
     if f.col is _Col.FRAMES:
@@ -635,29 +665,83 @@ def _maker(cls: type[Record], attrs: tuple[str, ...]) -> Callable[..., Record]:
     return fn
 
 
-def _columns(table: pa.Table, present: Sequence[_Field]) -> list[list[Any]] | None:
-    """Every present field's values, a null the `_empty` column names turned back into "", or None when a
-    non-nullable field has a null left (a column older files lack: the field's default applies, row by row)."""
+class _Default(enum.Enum):
+    """A field without a default (its absence from a constructor call is an error)."""
+
+    NONE = enum.auto()
+
+
+def _defaults(cls: type[Record]) -> dict[str, Any]:
+    """Each field's default by attribute name; a factory's default as the factory (`dict` for `extra`)."""
+    out: dict[str, Any] = {}
+    for f in msgspec.structs.fields(cls):
+        if f.default is not msgspec.NODEFAULT:
+            out[f.name] = f.default
+        elif f.default_factory is not msgspec.NODEFAULT:
+            out[f.name] = f.default_factory
+        else:
+            out[f.name] = _Default.NONE
+    return out
+
+
+_DEFAULTS: dict[type[Record], dict[str, Any]] = {cls: _defaults(cls) for cls in RECORD_TYPES}
+
+
+def _left_to_default(table: pa.Table, cls: type[Record], f: _Field, emptied: frozenset[str]) -> bool:
+    """Whether every row of the field's column is what the record's default gives, so the constructor call
+    can leave the field out (msgspec fills it in C, a fresh `{}` per record for `extra`): null columns
+    (fields OKX does not send on a channel, columns older files lack), `exchange` always "okx", no extras."""
+    default = _DEFAULTS[cls][f.attr]
+    if default is _Default.NONE or f.name in emptied:
+        return False
+    arr = table.column(f.name)
+    if arr.null_count == len(arr):
+        # A nullable field is None there, which only a None default gives; a non-nullable one takes its
+        # default, as the row-by-row path (`_kwargs`) does.
+        return default is None or not f.nullable
+    if arr.null_count:
+        return False
+    if f.col is _Col.MAP:
+        return default is dict and all(int(np.asarray(c.offsets)[0]) == int(np.asarray(c.offsets)[-1])
+                                        for c in arr.chunks)
+    if f.col is _Col.STR and f.enum_type is None and isinstance(default, str):
+        return bool(pc.all(pc.equal(arr, default)).as_py())
+    return False
+
+
+def _columns(table: pa.Table, cls: type[Record], present: Sequence[_Field]
+             ) -> tuple[list[_Field], list[list[Any]]] | None:
+    """The fields a constructor call must pass and their values (a null the `_empty` column names turned
+    back into ""), the others left to their defaults (`_left_to_default`); or None when a non-nullable
+    field has a null left among values (the field's default applies, row by row)."""
     n = table.num_rows
     empties: list[list[str] | None] | None = None
+    emptied: frozenset[str] = frozenset()
     if EMPTY_COLUMN in table.column_names and table.column(EMPTY_COLUMN).null_count < n:
-        empties = table.column(EMPTY_COLUMN).to_pylist()
+        empty_col = table.column(EMPTY_COLUMN)
+        empties = empty_col.to_pylist()
+        emptied = frozenset(pc.unique(pc.list_flatten(empty_col)).to_pylist())
+    fields: list[_Field] = []
     out = []
     for f in present:
+        if _left_to_default(table, cls, f, emptied):
+            continue
         values = _field_values(table, f)
         if table.column(f.name).null_count:
-            if empties is not None:
+            if empties is not None and f.name in emptied:
                 for i, empty in enumerate(empties):
                     if empty is not None and values[i] is None and f.name in empty:
                         values[i] = ""
             if not f.nullable and None in values:
                 return None
+        fields.append(f)
         out.append(values)
-    return out
+    return fields, out
 
 
-def table_to_records(table: pa.Table, kind: TopicKind | None = None) -> Iterator[tuple[Record, str, int, int]]:
-    """The records of an archive table with their Kafka (topic, partition, offset), in table order.
+def table_records(table: pa.Table, kind: TopicKind | None = None) -> tuple[list[Record], pa.Table]:
+    """The records of an archive table in table order, and the table of their first rows: their Kafka
+    coordinates and sort columns (the table itself, but for books, whose records span one row per level).
 
     Reverses `convert` exactly except decimal rendering. Columns a file lacks (written before a field was
     added) take the field's default; columns this build does not know are ignored. Columns are converted
@@ -665,36 +749,40 @@ def table_to_records(table: pa.Table, kind: TopicKind | None = None) -> Iterator
     """
     kind = kind if kind is not None else table_kind(table)
     cls = RECORD_TYPE_BY_KIND[kind]
-    names = set(table.column_names)
-    present = [f for f in _FIELDS[cls] if f.name in names]
-    n = table.num_rows
-    if n == 0:
-        return
+    if table.num_rows == 0:
+        return [], table
     if table.schema.field("_kafka_ts").type != TS_MS:
         table = table.set_column(table.column_names.index("_kafka_ts"), "_kafka_ts",
                                  table.column("_kafka_ts").cast(TS_MS))
+    names = set(table.column_names)
+    present = [f for f in _FIELDS[cls] if f.name in names]
     if cls is BookUpdate:
-        yield from _books_from_table(table, present)
-        return
-    columns = _columns(table, present)
-    coords = zip(table.column("_topic").to_pylist(), table.column("_partition").to_pylist(),
-                 table.column("_offset").to_pylist(), strict=True)
-    if columns is None:
-        yield from _records_by_row(table, cls, present, coords)
-        return
-    make = _maker(cls, tuple(f.attr for f in present))
-    for record, (topic, part, off) in zip(map(make, *columns), coords, strict=True):
-        yield record, topic, part, off
+        return _books_from_table(table, present)
+    built = _columns(table, cls, present)
+    if built is None:
+        return _records_by_row(table, cls, present), table
+    fields, columns = built
+    make = _maker(cls, tuple(f.attr for f in fields))
+    records = list(map(make, *columns)) if columns else [make() for _ in range(table.num_rows)]
+    return records, table
 
 
-def _records_by_row(table: pa.Table, cls: type[Record], present: Sequence[_Field],
-                    coords: Iterable[tuple[str, int, int]]) -> Iterator[tuple[Record, str, int, int]]:
+def table_to_records(table: pa.Table, kind: TopicKind | None = None) -> Iterator[tuple[Record, str, int, int]]:
+    """The records of an archive table with their Kafka (topic, partition, offset), in table order
+    (`table_records`)."""
+    records, heads = table_records(table, kind)
+    if not records:
+        return iter(())
+    return zip(records, heads.column("_topic").to_pylist(), heads.column("_partition").to_pylist(),
+               heads.column("_offset").to_pylist(), strict=True)
+
+
+def _records_by_row(table: pa.Table, cls: type[Record], present: Sequence[_Field]) -> list[Record]:
     """Row by row, each null of a non-nullable field left out so the field's default applies (old files)."""
     n = table.num_rows
     cols = {f.name: _py_column(table, f.name, f.col) for f in present}
     empties = table.column(EMPTY_COLUMN).to_pylist() if EMPTY_COLUMN in table.column_names else [None] * n
-    for i, (topic, part, off) in enumerate(coords):
-        yield cls(**_kwargs(present, cols, i, empties[i])), topic, part, off
+    return [cls(**_kwargs(present, cols, i, empties[i])) for i in range(n)]
 
 
 def _record_starts(table: pa.Table) -> list[int]:
@@ -710,49 +798,56 @@ def _record_starts(table: pa.Table) -> list[int]:
     return starts
 
 
-def _books_from_table(table: pa.Table, present: Sequence[_Field]) -> Iterator[tuple[Record, str, int, int]]:
+def _level_bounds(side: pa.ChunkedArray, starts: list[int], n: int) -> tuple[list[int], list[int]] | None:
+    """Where each record's asks end and its bids end, when its rows are its asks then its bids (what
+    `convert` writes; a record without levels is one row with a null side); None for any other layout."""
+    is_ask = np.asarray(pc.fill_null(pc.equal(side, "ask"), False))
+    is_null = np.asarray(pc.is_null(side))
+    first = np.asarray(starts, np.int64)
+    lengths = np.diff(np.append(first, n))
+    rises = np.flatnonzero(is_ask[1:] & ~is_ask[:-1]) + 1  # an ask right after a bid: a new record's, or disorder
+    if len(rises) and not np.isin(rises, first).all():
+        return None
+    nulls = np.flatnonzero(is_null)
+    if len(nulls) and not (np.isin(nulls, first).all() and (lengths[np.searchsorted(first, nulls)] == 1).all()):
+        return None
+    ask_ends: list[int] = (first + np.add.reduceat(is_ask.astype(np.int64), first)).tolist()
+    bid_ends: list[int] = (first + lengths - np.add.reduceat(is_null.astype(np.int64), first)).tolist()
+    return ask_ends, bid_ends
+
+
+def _books_from_table(table: pa.Table, present: Sequence[_Field]) -> tuple[list[Record], pa.Table]:
     """Book records from their level rows: the record's fields from its first row, its levels in row order."""
     n = table.num_rows
     starts = _record_starts(table)
     heads = table.take(pa.array(starts, pa.int64()))
-    columns = _columns(heads, present)
-    if columns is None:
-        yield from _books_by_row(table, present)
-        return
-    side = table.column("side").to_pylist()
+    built = _columns(heads, BookUpdate, present)
+    bounds = _level_bounds(table.column("side"), starts, n) if built is not None else None
+    if built is None or bounds is None:
+        return _books_by_row(table, present), heads
+    fields, columns = built
     px = _decimal_texts(table.column("px"))
     sz = _decimal_texts(table.column("sz"))
     liq = (pc.fill_null(table.column("liqOrders"), "0").to_pylist() if "liqOrders" in table.column_names
            else ["0"] * n)
     num = pc.fill_null(table.column("numOrders").cast(pa.string()), "None").to_pylist()
-    levels = typing.cast("list[BookLevel]", list(zip(px, sz, liq, num, strict=True)))  # level rows have px, sz
-    topics = heads.column("_topic").to_pylist()
-    parts = heads.column("_partition").to_pylist()
-    offs = heads.column("_offset").to_pylist()
-    make = _maker(BookUpdate, (*(f.attr for f in present), "asks", "bids"))
-    ends = [*starts[1:], n]
-    for k, row in enumerate(zip(*columns, strict=True)):
-        i, j = starts[k], ends[k]
-        if j - i == 1:
-            s = side[i]
-            asks: tuple[BookLevel, ...] = (levels[i],) if s == "ask" else ()
-            bids: tuple[BookLevel, ...] = (levels[i],) if s is not None and s != "ask" else ()
-        else:
-            sides = side[i:j]
-            lv = levels[i:j]
-            asks = tuple(x for x, s in zip(lv, sides, strict=True) if s == "ask")
-            bids = tuple(x for x, s in zip(lv, sides, strict=True) if s is not None and s != "ask")
-        yield make(*row, asks, bids), topics[k], parts[k], offs[k]
+    # A tuple, so a record's levels are one slice each; level rows have px and sz.
+    levels = typing.cast("tuple[BookLevel, ...]", tuple(zip(px, sz, liq, num, strict=True)))
+    ask_ends, bid_ends = bounds
+    asks = [levels[i:m] for i, m in zip(starts, ask_ends, strict=True)]
+    bids = [levels[m:j] for m, j in zip(ask_ends, bid_ends, strict=True)]
+    make = _maker(BookUpdate, (*(f.attr for f in fields), "asks", "bids"))
+    return list(map(make, *columns, asks, bids)), heads
 
 
-def _books_by_row(table: pa.Table, present: Sequence[_Field]) -> Iterator[tuple[Record, str, int, int]]:
+def _books_by_row(table: pa.Table, present: Sequence[_Field]) -> list[Record]:
     n = table.num_rows
     cols = {f.name: _py_column(table, f.name, f.col) for f in present}
     empties = table.column(EMPTY_COLUMN).to_pylist() if EMPTY_COLUMN in table.column_names else [None] * n
     topics = table.column("_topic").to_pylist()
     partitions = table.column("_partition").to_pylist()
     offsets = table.column("_offset").to_pylist()
-    yield from _books_from_rows(table, present, cols, empties, topics, partitions, offsets)
+    return list(_books_from_rows(table, present, cols, empties, topics, partitions, offsets))
 
 
 def _kwargs(present: Iterable[_Field], cols: Mapping[str, list[Any]], i: int, empty: list[str] | None
@@ -779,7 +874,7 @@ def _kwargs(present: Iterable[_Field], cols: Mapping[str, list[Any]], i: int, em
 
 def _books_from_rows(table: pa.Table, present: Sequence[_Field], cols: Mapping[str, list[Any]],
                      empties: list[list[str] | None], topics: list[str], partitions: list[int], offsets: list[int]
-                     ) -> Iterator[tuple[Record, str, int, int]]:
+                     ) -> Iterator[Record]:
     side = table.column("side").to_pylist()
     px = _py_column(table, "px", _Col.DEC)
     sz = _py_column(table, "sz", _Col.DEC)
@@ -801,5 +896,5 @@ def _books_from_rows(table: pa.Table, present: Sequence[_Field], cols: Mapping[s
         kwargs = _kwargs(present, cols, i, empties[i])
         kwargs["asks"] = tuple(asks)
         kwargs["bids"] = tuple(bids)
-        yield BookUpdate(**kwargs), key[0], key[1], key[2]
+        yield BookUpdate(**kwargs)
         i = j

@@ -109,7 +109,10 @@ def _count_suffix(count: str | None) -> str:
 
 
 def _trade(rec: Trade) -> str:
-    return f"{rec.channel}:{rec.inst_id}:{rec.trade_id}{_count_suffix(rec.count)}"
+    count = rec.count  # _count_suffix, inlined: replay computes this key for every trade written without one
+    if count is None or count == "" or count == "1":
+        return f"{rec.channel}:{rec.inst_id}:{rec.trade_id}"
+    return f"{rec.channel}:{rec.inst_id}:{rec.trade_id}:{count}"
 
 
 def _levels_digest(asks: tuple[BookLevel, ...], bids: tuple[BookLevel, ...]) -> str:

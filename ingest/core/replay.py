@@ -45,7 +45,7 @@ import msgspec
 
 from ingest.core.archive_schema import DECIMAL_FIELDS, render_decimal
 from ingest.core.books import BookMessage, OrderBook, SnapshotBook
-from ingest.core.identity import record_event_key
+from ingest.core.identity import event_key_function, has_event_key
 from ingest.core.records import (
     BookLevel,
     BookUpdate,
@@ -357,16 +357,26 @@ def replay_items(
     seen_keys: set[str] = set()  # event keys of the current ts
     seen_ts: int | None = None
     pending_initial = initial_books
-    for (ts, _recv, _t, _p, _o), rec in merge([*streams, gaps]):
-        if pending_initial and ts >= start:
-            pending_initial = False
-            yield from books.snapshots(start, FULL_DEPTH)
-        if ts >= end:
-            break
-        while next_boundary <= ts:
-            yield from books.snapshots(next_boundary, depth)
-            next_boundary += interval
-        if isinstance(rec, GapEvent):
+    filtered = instruments is not None or channels is not None
+    rest = Source.REST
+    # record_event_key, inlined (the loop runs once per item): the stored key, else the type's own function.
+    key_functions: dict[type[Record], Callable[[Record], str] | None] = {}
+    horizon = min(start if pending_initial else end, end, next_boundary)
+    sources = [*streams, gaps] if not isinstance(gaps, list) or gaps else list(streams)
+    for (ts, _recv, _t, _p, _o), rec in (sources[0] if len(sources) == 1 else merge(sources)):
+        if ts >= horizon:  # one comparison per item for the three bounds below
+            if pending_initial and ts >= start:
+                pending_initial = False
+                yield from books.snapshots(start, FULL_DEPTH)
+            if ts >= end:
+                break
+            while next_boundary <= ts:
+                yield from books.snapshots(next_boundary, depth)
+                next_boundary += interval
+            horizon = min(start if pending_initial else end, end, next_boundary)
+        if not isinstance(rec, OkxRecord):
+            if not isinstance(rec, GapEvent):
+                continue
             if repaired and rec.status is GapStatus.FILLED:
                 continue
             if (instruments is not None and rec.inst_id not in instruments) or (
@@ -377,24 +387,32 @@ def replay_items(
                 books.invalidate(rec.channel, rec.inst_id)
             yield rec
             continue
-        if not isinstance(rec, OkxRecord):
-            continue
-        if (instruments is not None and rec.inst_id not in instruments) or (
+        if filtered and ((instruments is not None and rec.inst_id not in instruments) or (
             channels is not None and rec.channel not in channels
-        ):
+        )):
             continue
-        if rec.source is Source.REST and not repaired:
+        if rec.source is rest and not repaired:
             continue
-        if ts != seen_ts:
-            seen.clear()
-            seen_keys.clear()
-            seen_ts = ts
         rid = rec.record_id
-        if rid in seen:
+        new_ts = ts != seen_ts
+        if new_ts:  # the first record of its ts is no duplicate: the sets start again with its keys
+            seen_ts = ts
+            seen = {rid}
+        elif rid in seen:
             continue
-        seen.add(rid)
-        ek = record_event_key(rec)
-        if ek is not None:
+        else:
+            seen.add(rid)
+        ek = rec.event_key  # every market and private record type declares it (tests/unit/test_records.py)
+        if ek is None:
+            cls = type(rec)
+            if cls in key_functions:
+                compute = key_functions[cls]
+            else:
+                compute = key_functions[cls] = event_key_function(cls) if has_event_key(cls) else None
+            ek = compute(rec) if compute is not None else None
+        if new_ts:
+            seen_keys = set() if ek is None else {ek}
+        elif ek is not None:
             if ek in seen_keys:
                 continue
             seen_keys.add(ek)

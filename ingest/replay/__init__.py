@@ -132,7 +132,7 @@ class _Reader(Protocol):
 
     def gaps(self, instruments: frozenset[str] | None) -> list[tuple[GapEvent, str, int, int]]: ...
 
-    def streams(self, kind: TopicKind, lo: int, hi: int, keep: Callable[[Record], bool],
+    def streams(self, kind: TopicKind, lo: int, hi: int, keep: Callable[[Record], bool] | None,
                 instruments: frozenset[str] | None, rest_horizon: int | None,
                 on_late: OnLate = None) -> tuple[list[LazyStream], bool]: ...
 
@@ -141,6 +141,10 @@ class _Reader(Protocol):
     def instruments(self) -> set[str] | None: ...
 
     def close(self) -> None: ...
+
+
+def _keep_all(_record: Record) -> bool:
+    return True
 
 
 def _in_thread(coro: Coroutine[Any, Any, T]) -> T:
@@ -166,14 +170,14 @@ class _KafkaReader:
             return []
         return [g for g in _in_thread(self._reader.read_gaps()) if instruments is None or g[0].inst_id in instruments]
 
-    def streams(self, kind: TopicKind, lo: int, hi: int, keep: Callable[[Record], bool],
+    def streams(self, kind: TopicKind, lo: int, hi: int, keep: Callable[[Record], bool] | None,
                 instruments: frozenset[str] | None, rest_horizon: int | None,
                 on_late: OnLate = None) -> tuple[list[LazyStream], bool]:
         if not self._has(kind):
             return [], True
         if self._session is None:
             self._session = KafkaStreams(self._reader)
-        return self._session.open(kind, lo, hi, keep, rest_horizon, on_late)
+        return self._session.open(kind, lo, hi, keep if keep is not None else _keep_all, rest_horizon, on_late)
 
     def problems(self) -> list[GapEvent]:
         return []
@@ -202,7 +206,7 @@ class _ArchiveReader:
     def gaps(self, instruments: frozenset[str] | None) -> list[tuple[GapEvent, str, int, int]]:
         return self._source.read_gaps(instruments)
 
-    def streams(self, kind: TopicKind, lo: int, hi: int, keep: Callable[[Record], bool],
+    def streams(self, kind: TopicKind, lo: int, hi: int, keep: Callable[[Record], bool] | None,
                 instruments: frozenset[str] | None, rest_horizon: int | None,
                 on_late: OnLate = None) -> tuple[list[LazyStream], bool]:
         # Backfilled rows need no horizon here, and nothing is ever late: each row group is sorted whole.
@@ -277,6 +281,12 @@ class Replay:
         #: `start` of the books it rebuilds (None: it read no history before `start`).
         self.book_seek_ts: int | None = None
 
+    def _filter(self) -> Callable[[Record], bool] | None:
+        """What the sources are asked to keep: None (everything, no call per record) without a filter."""
+        if self.instruments is None and self.channels is None and self.view is View.REPAIRED:
+            return None
+        return self._keep
+
     def _keep(self, record: Record) -> bool:
         if isinstance(record, OkxRecord):
             if self.instruments is not None and record.inst_id not in self.instruments:
@@ -314,7 +324,7 @@ class Replay:
             # Books seeking back are one read from the seek to the end, not a lookback then the window: each
             # record is read, placed and counted (late or not) once; replay_items feeds what precedes `start`
             # to the books only.
-            window, _ = self._reader.streams(kind, lo, self.end, self._keep, self.instruments, rest_horizon,
+            window, _ = self._reader.streams(kind, lo, self.end, self._filter(), self.instruments, rest_horizon,
                                              self._on_late)
             streams += window
         self.problems = self._reader.problems()
@@ -349,7 +359,7 @@ class Replay:
         hi, lookback = self.start, BOOK_LOOKBACK_MS
         while True:
             lo = self.start - lookback
-            streams, at_begin = self._reader.streams(TopicKind.BOOKS, lo, hi, self._keep, self.instruments, None)
+            streams, at_begin = self._reader.streams(TopicKind.BOOKS, lo, hi, self._filter(), self.instruments, None)
             for stream in streams:
                 for (ts, *_), rec in stream.open():
                     if not isinstance(rec, BookUpdate) or rec.channel not in INCREMENTAL_BOOK_CHANNELS:
@@ -371,27 +381,29 @@ class Replay:
         stats = self._new_stats()
         try:
             streams, gaps = self._plan()
-            seen: set[str] = set()
+            seen: set[str] = set()  # the instruments yielded, checked against the asked ones (Kafka only)
+            from_kafka = isinstance(self._reader, _KafkaReader)
             # The sources and _plan filtered instruments and channels already, so archive problems (gaps named
             # after a dataset, not a channel) pass.
             for item in replay_items([lazy_merge(streams)], gaps, start=self.start, end=self.end, view=self.view,
                                      book_snapshots=self.book_snapshots, initial_books=self.initial_books):
                 stats.items += 1
-                if isinstance(item, GapEvent):
+                if isinstance(item, OkxRecord):  # most items: one check
+                    ts = item.ts
+                    if from_kafka and item.inst_id is not None:
+                        seen.add(item.inst_id)
+                elif isinstance(item, GapEvent):
                     ts = gap_position_ts(item)
                     stats.gaps += 1
                 else:
                     ts = item.ts
-                    if isinstance(item, BookSnapshot):
-                        stats.snapshots += 1
-                    elif item.inst_id is not None:
-                        seen.add(item.inst_id)
+                    stats.snapshots += 1
                 if stats.first_ts is None:
                     stats.first_ts = ts
                 stats.last_ts = ts
                 yield item
             self.problems = self._reader.problems()
-            if isinstance(self._reader, _KafkaReader):
+            if from_kafka:
                 self._check_instruments(seen)
         finally:
             self._reader.close()

@@ -16,18 +16,26 @@ record's rows at the head of the next, which skips them (found from the `_offset
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from itertools import compress
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ingest.core.archive_schema import parse_file_name, parse_partition_path, table_to_records
-from ingest.core.records import GapEvent, Record, TopicKind
-from ingest.core.replay import Entry, LazyStream, archive_gap, sort_key
+from ingest.core.archive_schema import (
+    RECORD_TYPE_BY_KIND,
+    parse_file_name,
+    parse_partition_path,
+    table_records,
+    table_to_records,
+)
+from ingest.core.records import GapEvent, OkxRecord, Record, TopicKind
+from ingest.core.replay import Entry, LazyStream, SortKey, archive_gap, sort_key
 from ingest.io.archive_store import ArchiveStore
 from ingest.replay._kafka import SourceError
 
@@ -53,6 +61,19 @@ def _stat(md: pq.FileMetaData, rg: int, column: str) -> tuple[int, int] | None:
             lo, hi = st.min_raw, st.max_raw
             return (lo, hi) if isinstance(lo, int) and isinstance(hi, int) else None
     return None
+
+
+def _sort_keys(records: list[Record], heads: pa.Table, kind: TopicKind) -> Iterable[SortKey]:
+    """`sort_key` of each record, from the columns it was built from (one zip, not a call per record)."""
+    topics = heads.column("_topic").to_pylist()
+    parts = heads.column("_partition").to_pylist()
+    offs = heads.column("_offset").to_pylist()
+    if issubclass(RECORD_TYPE_BY_KIND[kind], OkxRecord) and {"ts", "recvTsNs"} <= set(heads.column_names):
+        ts, recv = heads.column("ts"), heads.column("recvTsNs")
+        if not ts.null_count and not recv.null_count:  # the records' own ts and recv_ts_ns
+            return zip(ts.cast(pa.int64()).to_pylist(), recv.cast(pa.int64()).to_pylist(), topics, parts, offs,
+                       strict=True)
+    return map(sort_key, records, topics, parts, offs)
 
 
 def _date(ms: int) -> str:
@@ -162,10 +183,11 @@ class ArchiveSource:
             self._problem(path, kind, f"unreadable ({exc})")
             return None
 
-    def streams(self, kind: TopicKind, lo: int, hi: int, keep: Callable[[Record], bool],
+    def streams(self, kind: TopicKind, lo: int, hi: int, keep: Callable[[Record], bool] | None,
                 instruments: frozenset[str] | None = None) -> tuple[list[LazyStream], bool]:
         """Lazy sorted streams of the entries with lo <= ts < hi, one per row group that may hold some (by
-        its statistics); and whether nothing older exists. Only file footers are read here."""
+        its statistics), of the records `keep` keeps (None: all); and whether nothing older exists. Only file
+        footers are read here."""
         first, last = _date(lo), _date(hi - 1)
         dates_present: list[str] = []
 
@@ -196,28 +218,37 @@ class ArchiveSource:
         return out, at_begin
 
     def _opener(self, path: str, md: pq.FileMetaData, kind: TopicKind, rg: int, skip_head: bool, tail: bool,
-                lo: int, hi: int, keep: Callable[[Record], bool]) -> Callable[[], Iterator[Entry]]:
+                lo: int, hi: int, keep: Callable[[Record], bool] | None) -> Callable[[], Iterator[Entry]]:
         def entries() -> Iterator[Entry]:
             table = self._row_group(path, md, kind, rg, skip_head, tail)
             if table is None:
                 return
             # Records without an exchange ts (raw frames) are placed by their Kafka ts, as from Kafka.
             ts = table.column("ts" if "ts" in table.column_names else "_kafka_ts").cast(pa.int64())
-            table = table.filter(pc.and_(pc.greater_equal(ts, lo), pc.less(ts, hi)))
+            inside = pc.and_(pc.greater_equal(ts, lo), pc.less(ts, hi))
+            if pc.all(inside, skip_nulls=False).as_py() is not True:  # a copy of every column: only when needed
+                table = table.filter(inside)
             if table.num_rows == 0:
                 return
             order = [(c, "ascending") for c in _ORDER_COLUMNS if c in table.column_names]
-            # Arrow's sort is stable: a book record's level rows stay together and in their order.
-            table = table.take(pc.sort_indices(table, sort_keys=order))
+            # Arrow's sort is stable: a book record's level rows stay together and in their order. A row group
+            # of live records is mostly in order already, and then needs no copy.
+            indices = pc.sort_indices(table, sort_keys=order)
+            if not (np.asarray(indices) == np.arange(len(indices))).all():
+                table = table.take(indices)
             offsets = table.column("_offset").to_numpy()
             n, at = table.num_rows, 0
             while at < n:
                 stop = min(n, at + SLICE_ROWS)
                 while stop < n and offsets[stop] == offsets[stop - 1]:
                     stop += 1  # never cut a record's rows
-                for record, topic, part, off in table_to_records(table.slice(at, stop - at), kind):
-                    if keep(record):  # decimals come back from decimal128 already canonical
-                        yield sort_key(record, topic, part, off), record
+                # Decimals come back from decimal128 already canonical.
+                records, heads = table_records(table.slice(at, stop - at), kind)
+                keys = _sort_keys(records, heads, kind)
+                if keep is None:
+                    yield from zip(keys, records, strict=True)
+                else:
+                    yield from compress(zip(keys, records, strict=True), map(keep, records))
                 at = stop
 
         return entries
@@ -276,7 +307,7 @@ class ArchiveSource:
             return None
 
     def read(self, kind: TopicKind, lo: int, hi: int, horizon: int,
-             keep: Callable[[Record], bool], instruments: frozenset[str] | None = None
+             keep: Callable[[Record], bool] | None, instruments: frozenset[str] | None = None
              ) -> tuple[list[list[Entry]], bool]:
         """`streams`, read whole (tests and small reads): sorted entry lists; whether nothing older exists."""
         streams, at_begin = self.streams(kind, lo, hi, keep, instruments)

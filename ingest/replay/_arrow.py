@@ -1,11 +1,12 @@
 """`.batches()` straight from the archive's columns, for trades and books: no record is ever built.
 
-The item path decodes every row into a Struct (`archive_schema.table_to_records`), which caps it near 30,000
-rows/s. Here the same flat rows (ingest/replay/formats.py) come from Arrow compute: filter by window, channel
-and view, dedupe by recordId and event key (first in the order wins, as in `core/replay.py`), canonical
-decimal text, one sort over (ts, recvTsNs, topic, partition, offset, level). Gap items are few and come from
-the item path's own rendering. Used when the replay asks for nothing the item path alone computes (no book
-snapshots, no initial books) and reads only trades and books; tests prove the output equals the item path's.
+The item path decodes every record into a Struct (`archive_schema.table_records`): Python objects per record
+and level (docs/PERFORMANCE.md, "Replay"). Here the same flat rows (ingest/replay/formats.py) come from Arrow
+compute: filter by window, channel and view, dedupe by recordId and event key (first in the order wins, as in
+`core/replay.py`), canonical decimal text, one sort over (ts, recvTsNs, topic, partition, offset, level). Gap
+items are few and come from the item path's own rendering. Used when the replay asks for nothing the item path
+alone computes (no book snapshots, no initial books) and reads only trades and books; tests prove the output
+equals the item path's.
 """
 
 from __future__ import annotations
