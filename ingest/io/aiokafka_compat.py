@@ -17,6 +17,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import ProducerClosed
+from aiokafka.structs import TopicPartition
 
 from ingest.runtime import bounded
 
@@ -105,3 +106,16 @@ def membership(consumer: AIOKafkaConsumer) -> tuple[object, object, bool] | None
 
 
 _warned_membership = False
+
+
+async def assign_whole_topic(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """Assign every partition of `topic` to a started consumer (no group), refreshing the metadata until the
+    topic shows (one created a moment ago); the caller bounds the wait and seeks. The refresh is aiokafka's
+    private `_client.force_metadata_update` (public for 0.11 through 0.14 only as that)."""
+    partitions = consumer.partitions_for_topic(topic)
+    while not partitions:
+        await consumer._client.force_metadata_update()
+        partitions = consumer.partitions_for_topic(topic)
+    tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+    consumer.assign(tps)
+    return tps

@@ -16,10 +16,10 @@ import time
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.structs import TopicPartition
 
 from ingest.config import KafkaSettings
 from ingest.core.handover import CONTROL_KEY, ControlMessage, decode_control, encode_control
+from ingest.io.aiokafka_compat import assign_whole_topic
 from ingest.io.kafka_security import kafka_client_kwargs
 
 log = logging.getLogger(__name__)
@@ -53,12 +53,7 @@ class ControlChannel:
         await consumer.start()
         try:
             async with asyncio.timeout(self.kafka.request_timeout_ms / 1000):
-                partitions = consumer.partitions_for_topic(self.topic)
-                while not partitions:
-                    await consumer._client.force_metadata_update()  # created a moment ago
-                    partitions = consumer.partitions_for_topic(self.topic)
-            tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
-            consumer.assign(tps)
+                tps = await assign_whole_topic(consumer, self.topic)
             await consumer.seek_to_end(*tps)
         except BaseException:
             await consumer.stop()

@@ -16,10 +16,10 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.structs import TopicPartition
 
 from ingest.config import KafkaSettings
 from ingest.core.cluster import StreamPosition, decode_position, encode_position, position_key
+from ingest.io.aiokafka_compat import assign_whole_topic
 from ingest.io.kafka_security import kafka_client_kwargs
 from ingest.okx.channels import SubArg
 
@@ -80,12 +80,7 @@ class PositionStore:
         async with asyncio.timeout(timeout_s):
             await consumer.start()
             try:
-                partitions = consumer.partitions_for_topic(self.topic)
-                while not partitions:
-                    await consumer._client.force_metadata_update()  # a topic created a moment ago
-                    partitions = consumer.partitions_for_topic(self.topic)
-                tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
-                consumer.assign(tps)
+                tps = await assign_whole_topic(consumer, self.topic)
                 await consumer.seek_to_beginning(*tps)
                 ends = await consumer.end_offsets(tps)
                 while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
@@ -130,12 +125,7 @@ class PositionTail:
         await consumer.start()
         try:
             async with asyncio.timeout(self.kafka.request_timeout_ms / 1000):
-                partitions = consumer.partitions_for_topic(self.topic)
-                while not partitions:
-                    await consumer._client.force_metadata_update()  # created a moment ago
-                    partitions = consumer.partitions_for_topic(self.topic)
-            tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
-            consumer.assign(tps)
+                tps = await assign_whole_topic(consumer, self.topic)
             await consumer.seek_to_beginning(*tps)
         except BaseException:
             await consumer.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,3 +133,13 @@ class TopicReader:
 
     async def records(self, kind: TopicKind, cls: type[R], *, at_least: int = 0) -> list[R]:
         return [r for _, _, r, _ in await self.read(kind, at_least=at_least) if isinstance(r, cls)]
+
+
+def sim_holders(sim: SimServer) -> Counter[tuple[str, str]]:
+    """How many open simulator connections hold each (channel, instId)."""
+    out: Counter[tuple[str, str]] = Counter()
+    for c in sim.hub.conns.values():
+        if not c.closing:
+            for sub in c.subs:
+                out[(sub.channel, sub.inst_id or "")] += 1
+    return out

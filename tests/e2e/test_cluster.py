@@ -12,7 +12,7 @@ from ingest.core.records import GapEvent, TopicKind, Trade
 from ingest.sim import SimConfig, SimServer
 from ingest.supervisor import Daemon
 from tests.conftest import BrokerInfo
-from tests.e2e.harness import TopicReader, daemon_settings, running
+from tests.e2e.harness import TopicReader, daemon_settings, running, sim_holders
 
 INSTS = ("BTC-USDT", "ETH-USDT", "SOL-USDT", "XRP-USDT", "DOGE-USDT", "LTC-USDT")
 CHANNELS = ("trades-all", "tickers")
@@ -22,16 +22,6 @@ SHARDS = 8
 def _sim_config() -> SimConfig:
     return SimConfig(instruments=INSTS, seed=11, api_key=secrets.token_hex(16), api_secret=secrets.token_hex(32),
                      passphrase=secrets.token_hex(8), auto_tick_s=None)
-
-
-def _holders(sim: SimServer) -> Counter[tuple[str, str]]:
-    """How many open simulator connections hold each (channel, instId)."""
-    out: Counter[tuple[str, str]] = Counter()
-    for c in sim.hub.conns.values():
-        if not c.closing:
-            for s in c.subs:
-                out[(s.channel, s.inst_id or "")] += 1
-    return out
 
 
 def _owned(daemon: Daemon) -> frozenset[int]:
@@ -58,11 +48,11 @@ async def test_three_replicas_record_every_subscription_exactly_once(
         def split() -> bool:
             owned = [_owned(r.daemon) for r in runs]
             return (sorted(s for o in owned for s in o) == list(range(SHARDS)) and all(owned)
-                    and set(_holders(sim)) == wanted)
+                    and set(sim_holders(sim)) == wanted)
 
         # Connections follow assignments, so the simulator sees the last change of every rebalance.
         await sim.wait_until(lambda: True if split() else None, timeout=120)
-        holders = _holders(sim)
+        holders = sim_holders(sim)
         assert all(n == 1 for n in holders.values()), holders
         # Each replica holds exactly the instruments of its shards (all channels of one instId together).
         for r in runs:
@@ -108,7 +98,7 @@ async def test_a_stopped_replicas_streams_are_taken_over_and_the_window_nobody_r
             sim, kafka_broker.bootstrap_servers, topic_prefix, tmp_path / f"r{i}",
             okx={"instruments": list(INSTS), "channels": ["trades-all"]}, cluster=_cluster(topic_prefix, i))))
             for i in range(2)]
-        await sim.wait_until(lambda: True if set(_holders(sim)) == wanted and all(
+        await sim.wait_until(lambda: True if set(sim_holders(sim)) == wanted and all(
             _owned(r.daemon) for r in runs) else None, timeout=120)
         gone = {i for i in INSTS if shard_of(i, SHARDS) in _owned(runs[1].daemon)}
         assert gone
@@ -122,7 +112,7 @@ async def test_a_stopped_replicas_streams_are_taken_over_and_the_window_nobody_r
         await sim.wait_until(lambda: True if positions.store.written else None, timeout=30)
         await runs[1].shutdown()
         await sim.tick(10)  # traded while nobody records `gone`
-        await sim.wait_until(lambda: True if set(_holders(sim)) == wanted else None, timeout=60)
+        await sim.wait_until(lambda: True if set(sim_holders(sim)) == wanted else None, timeout=60)
         assert _owned(runs[0].daemon) == frozenset(range(SHARDS))
         await sim.tick(10)
         gaps = [g for g in await reader.records(TopicKind.GAPS, GapEvent, at_least=1)

@@ -16,7 +16,7 @@ from ingest.core.records import GapEvent, TopicKind, Trade
 from ingest.sim import SimConfig, SimServer
 from ingest.supervisor import Daemon
 from tests.conftest import BrokerInfo
-from tests.e2e.harness import TopicReader, daemon_settings, running
+from tests.e2e.harness import TopicReader, daemon_settings, running, sim_holders
 
 INSTS = ("BTC-USDT", "ETH-USDT", "SOL-USDT", "XRP-USDT")
 CHANNELS = ("trades-all", "tickers", "books")
@@ -26,15 +26,6 @@ SHARDS = 8
 def _sim_config() -> SimConfig:
     return SimConfig(instruments=INSTS, seed=23, api_key=secrets.token_hex(16), api_secret=secrets.token_hex(32),
                      passphrase=secrets.token_hex(8), auto_tick_s=None)
-
-
-def _holders(sim: SimServer) -> Counter[tuple[str, str]]:
-    out: Counter[tuple[str, str]] = Counter()
-    for c in sim.hub.conns.values():
-        if not c.closing:
-            for s in c.subs:
-                out[(s.channel, s.inst_id or "")] += 1
-    return out
 
 
 def _cluster(prefix: str, i: int, wait_s: float) -> dict[str, object]:
@@ -72,8 +63,8 @@ async def _start(sim: SimServer, stack: contextlib.AsyncExitStack, broker: Broke
         for i in range(2)]
     wanted = {(ch, inst) for ch in CHANNELS for inst in INSTS}
     # Each copy is a group of its own: its one member owns every shard, so every stream is held twice.
-    await sim.wait_until(lambda: True if set(_holders(sim)) == wanted and all(
-        n == 2 for n in _holders(sim).values()) else None, timeout=120)
+    await sim.wait_until(lambda: True if set(sim_holders(sim)) == wanted and all(
+        n == 2 for n in sim_holders(sim).values()) else None, timeout=120)
     daemons = [r.daemon for r in runs]
     for d in daemons:
         assert d.parts.membership is not None and d.parts.membership.current is not None
@@ -94,8 +85,8 @@ async def _cut(sim: SimServer, daemons: list[Daemon]) -> None:
         for conn_id in _sim_conns(sim, d):
             sim.faults.drop(kind="abort", conn_id=conn_id)
     await sim.tick(5)  # partly or wholly before they are subscribed again
-    await sim.wait_until(lambda: True if len(_holders(sim)) == len(INSTS) * len(CHANNELS) and all(
-        n == 2 for n in _holders(sim).values()) else None, timeout=60)
+    await sim.wait_until(lambda: True if len(sim_holders(sim)) == len(INSTS) * len(CHANNELS) and all(
+        n == 2 for n in sim_holders(sim).values()) else None, timeout=60)
     await sim.tick(5)  # closes every gap (books with their snapshot on subscribe)
 
 
