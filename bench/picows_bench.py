@@ -38,6 +38,7 @@ from bench.pipeline import (
     Feeder,
     Floor,
     floor_run,
+    int_list,
     journal_extra,
     mixed_floor,
     mixed_recorder,
@@ -267,13 +268,6 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected instrument counts like 10,100; got {text!r}") from None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="make bench-picows", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -281,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--messages", type=int, default=100_000, help="trades-all frames per flat-out run")
     p.add_argument("--rate", type=int, default=0, help="paced runs: msgs/s (default: half the ws recorder's flat out)")
     p.add_argument("--paced-s", type=float, default=5.0)
-    p.add_argument("--mixed", type=_int_list, default=[100],
+    p.add_argument("--mixed", type=int_list, default=[100],
                    help="instrument counts of the mixed load (comma-separated; empty string: skip it)")
     p.add_argument("--mixed-s", type=float, default=5.0, help="mixed load: seconds of market ticks per run")
     p.add_argument("--sync-interval-ms", type=int, default=None, help="journal.sync_interval_ms (0: every batch)")

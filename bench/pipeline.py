@@ -623,7 +623,7 @@ def report(args: argparse.Namespace, floor: Floor, thr: dict[str, float], paced:
                                       "mixed": list(mixed), "journal": extra}).decode())
 
 
-def _int_list(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -639,7 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--instruments", type=int, default=1, help="instruments in the soak run")
     p.add_argument("--soak-s", type=float, default=0.0, help="soak run length (e.g. 600 with --instruments 100)")
     p.add_argument("--soak-rate", type=int, default=5_000)
-    p.add_argument("--mixed", type=_int_list, default=[10, 100, 300],
+    p.add_argument("--mixed", type=int_list, default=[10, 100, 300],
                    help="instrument counts of the mixed load (comma-separated; empty string: skip it)")
     p.add_argument("--mixed-s", type=float, default=5.0, help="mixed load: seconds of market ticks per size")
     p.add_argument("--mixed-floor-s", type=float, default=0.0,
