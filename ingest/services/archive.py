@@ -41,6 +41,7 @@ from ingest.core.archive_schema import (
     Converted,
     Coordinates,
     PartitionKey,
+    Rejected,
     columnar,
     convert,
     convert_columns,
@@ -496,9 +497,25 @@ class Archiver:
             if table is not None:
                 self.stats.records_bulk += len(values)
                 return Converted(table, []), True
-        records = [self._decoder.decode(r.value) if isinstance(r, _Bulk) else r for r in items
-                   if not isinstance(r, _Reject)]
-        return convert(kind, records, coords), False
+        records: list[Record] = []
+        at: list[int] = []  # each record's index in `items` (and `coords`)
+        undecodable: list[Rejected] = []
+        for i, r in enumerate(items):
+            if isinstance(r, _Reject):
+                continue
+            if isinstance(r, _Bulk):
+                try:
+                    r = self._decoder.decode(r.value)
+                except IngestError as exc:  # read in bulk, refused one by one: kept in _rejected, never a crash
+                    undecodable.append(Rejected(i, "value", f"undecodable: {exc}"))
+                    continue
+            records.append(r)
+            at.append(i)
+        if not undecodable and len(at) == len(coords):
+            return convert(kind, records, coords), False
+        converted = convert(kind, records, [coords[i] for i in at])
+        rejected = [Rejected(at[r.index], r.field, r.reason) for r in converted.rejected] + undecodable
+        return Converted(converted.table, sorted(rejected, key=lambda r: r.index)), False
 
     def _rejected_key(self, kafka_ts_ms: int) -> PartitionKey:
         date = dt.datetime.fromtimestamp(kafka_ts_ms / 1000, tz=dt.UTC).date().isoformat()

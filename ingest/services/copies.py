@@ -126,9 +126,11 @@ class CopyArbiter:
         handed = asyncio.Event()
         item = DecidedGaps(tuple(h.record for h in out), self._now_ns(), handed.set)
         await self.inbox.put(item)  # cancelled while the queue is full: they stay held (a stop flushes them)
+        taken = []
         for h in out:
-            if self._held.get(h.gap.gap_id) is h:  # not replaced by a newer emission of it meanwhile
+            if self._held.get(h.gap.gap_id) is h:  # else replaced by a newer emission meanwhile (`offer` let go)
                 del self._held[h.gap.gap_id]
+                taken.append(h)
         try:
             self.raised += len(out)
             for h in out:
@@ -137,7 +139,7 @@ class CopyArbiter:
                     "waited_s": self.wait_s, "effect": "published: no other copy showed the window recorded"})
             await handed.wait()
         finally:
-            for h in out:
+            for h in taken:
                 self._release_stream(h.gap.arg)
         return len(out)
 

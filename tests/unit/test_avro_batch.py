@@ -95,3 +95,22 @@ def test_a_bulk_files_manifest_entry_is_the_record_paths(batch: list[Trade]) -> 
     if fitting:
         table = convert(TopicKind.TRADES, fitting, _coords(len(fitting))).table
         assert _table_stats(TopicKind.TRADES, table) == _stats_of(list(fitting))
+
+
+def test_a_bulk_value_the_record_path_refuses_is_rejected_and_the_file_keeps_the_rest(
+        tmp_path: Path, shared_okx: Path) -> None:
+    from ingest.config import Settings
+    from ingest.io.archive_store import ArchiveStore
+    from ingest.services.archive import Archiver, _Bulk
+
+    settings = Settings.model_validate({"kafka": {"bootstrap_servers": "127.0.0.1:1"},
+                                        "archive": {"url": str(tmp_path)}})
+    archiver = Archiver(settings, ArchiveStore.from_url(str(tmp_path)))
+    good = next(r for _, r in real_records(shared_okx) if isinstance(r, Trade))
+    value = ENCODER.encode(good).value
+    bad = _Bulk(TopicKind.TRADES, value[:10] + b"\xff" * 5, 1, "BTC-USDT", None, None, "1")
+    ok = _Bulk(TopicKind.TRADES, value, good.ts, good.inst_id, good.recv_ts_ns, good.seq_id, good.trade_id)
+    converted, bulk = archiver._convert(TopicKind.TRADES, [bad, ok], _coords(2))
+    assert not bulk and converted.table.num_rows == 1
+    assert [(r.index, r.field) for r in converted.rejected] == [(0, "value")]
+    assert converted.table.column("_offset").to_pylist() == [1_001]

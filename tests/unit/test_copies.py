@@ -274,3 +274,21 @@ def test_a_replicas_copy_comes_from_its_setting_or_the_number_ending_its_name(tm
     path.write_text('[kafka]\nbootstrap_servers = "k:9092"\n[cluster]\ngroup_id = "g"\n')
     one = load_settings(path).cluster
     assert (one.copy_of("x"), one.group_of(0), one.control_topic("okx.", 0)) == (0, "g", "okx.shards")
+
+
+async def test_a_gap_emitted_again_while_its_first_emission_is_published_stays_held() -> None:
+    peers, clock = _Peers(), _Clock()
+    inbox: asyncio.Queue[Inbound] = asyncio.Queue(maxsize=1)
+    inbox.put_nowait(DecidedGaps((), 0))  # the pipeline is behind: the next put waits
+    arbiter = CopyArbiter(peers, inbox, 10.0, clock=clock)
+    arbiter.offer(TRADE_GAP, gap_record(TRADE_GAP, "0"))
+    clock.now = 11.0
+    deciding = asyncio.create_task(arbiter.decide())
+    await asyncio.sleep(0)  # it waits for room in the queue
+    arbiter.offer(TRADE_GAP, gap_record(TRADE_GAP, "0"))  # the same gap, emitted again meanwhile
+    inbox.get_nowait()
+    item = await inbox.get()
+    assert isinstance(item, DecidedGaps)
+    item.handed()
+    await deciding
+    assert arbiter.held == 1 and arbiter.holding == {TRADES}, "the newer emission still holds its stream back"
