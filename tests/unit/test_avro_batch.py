@@ -114,3 +114,24 @@ def test_a_bulk_value_the_record_path_refuses_is_rejected_and_the_file_keeps_the
     assert not bulk and converted.table.num_rows == 1
     assert [(r.index, r.field) for r in converted.rejected] == [(0, "value")]
     assert converted.table.column("_offset").to_pylist() == [1_001]
+
+
+def test_every_real_frame_of_every_flat_dataset_gives_the_record_paths_table(shared_okx: Path) -> None:
+    from ingest.services.archive import _bulk_decoders
+
+    decoders = {kind: batch for batch, kind in _bulk_decoders().values()}
+    assert TopicKind.TRADES in decoders and TopicKind.TICKERS in decoders
+    by_kind: dict[TopicKind, list[bytes]] = {}
+    for _, rec in real_records(shared_okx):
+        if rec.TOPIC in decoders:
+            by_kind.setdefault(rec.TOPIC, []).append(ENCODER.encode(rec).value)
+    assert len(by_kind) >= 4, sorted(by_kind)
+    for kind, values in by_kind.items():
+        slow = convert(kind, [DECODER.decode(v) for v in values], _coords(len(values)))
+        decoded = decoders[kind].decode(values)
+        assert decoded is not None, kind
+        fast = convert_columns(kind, decoded, _coords(len(values)))
+        if slow.rejected:
+            assert fast is None, kind
+        else:
+            assert fast is not None and fast.equals(slow.table, check_metadata=True), kind
